@@ -1,0 +1,319 @@
+#include "cross_entropy.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <vector>
+
+namespace weighted_loss {
+namespace {
+
+using at::Tensor;
+
+DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kDouble: return DType::Float64;
+    case at::kFloat: return DType::Float32;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kHalf: return DType::Float16;
+    default: break;
+  }
+  TORCH_CHECK(false, "cross_entropy: input must be a floating point tensor (float64, float32, "
+              "bfloat16 or float16), got ", t.scalar_type());
+}
+
+at::ScalarType acc_type(const Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Reduction reduction_of(int64_t reduction) {
+  TORCH_CHECK(reduction >= 0 && reduction <= 2,
+              "cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  return static_cast<Reduction>(reduction);
+}
+
+// The logits as (outer, classes, inner) with one stride each, in a layout the kernels read in
+// place: stride_class == 1 (rows along the classes), or stride_inner == 1 (lanes along the
+// contiguous spatial axis). Anything else is copied to contiguous first.
+struct Layout {
+  Tensor input;
+  int64_t outer = 1, classes = 1, inner = 1;
+  int64_t stride_outer = 0, stride_class = 1, stride_inner = 1;
+};
+
+bool view_of(const Tensor& x, Layout& l) {
+  l.input = x;
+  if (x.dim() == 1) {
+    l.outer = 1;
+    l.classes = x.size(0);
+    l.inner = 1;
+    l.stride_outer = 0;
+    l.stride_class = x.stride(0);
+    l.stride_inner = 1;
+  } else {
+    l.outer = x.size(0);
+    l.stride_outer = x.stride(0);
+    l.classes = x.size(1);
+    l.stride_class = x.stride(1);
+    l.inner = 1;
+    l.stride_inner = 1;
+    // the spatial dims must collapse to one stride
+    int64_t last = -1;
+    for (int64_t d = 2; d < x.dim(); ++d) {
+      l.inner *= x.size(d);
+      if (x.size(d) == 1) continue;
+      if (last >= 0 && x.stride(last) != x.stride(d) * x.size(d)) return false;
+      last = d;
+    }
+    if (last >= 0) l.stride_inner = x.stride(last);
+  }
+  if (l.classes <= 1) l.stride_class = 1;
+  if (l.stride_class == 1) return true;
+  if (l.inner > 1) return l.stride_inner == 1;
+  if (l.stride_outer == 1 || l.outer <= 1) {
+    // (N, C) with N contiguous, e.g. a transposed (C, N): lanes along N
+    l.inner = l.outer;
+    l.stride_inner = 1;
+    l.outer = 1;
+    l.stride_outer = 0;
+    return true;
+  }
+  return false;
+}
+
+Layout layout_of(const Tensor& input) {
+  Layout l;
+  if (input.is_non_overlapping_and_dense() && view_of(input, l)) return l;
+  const bool ok = view_of(input.contiguous(), l);
+  TORCH_INTERNAL_ASSERT(ok);
+  return l;
+}
+
+void check_common(const Tensor& input, const Tensor& target, const char* op) {
+  dtype_of(input);
+  TORCH_CHECK(input.dim() >= 1, op, ": input must have at least one dimension (the classes), got "
+              "a 0-d tensor");
+  TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(),
+              " but input is on ", input.device());
+}
+
+Tensor check_weight(const std::optional<Tensor>& weight, const Tensor& input, int64_t classes,
+                    const char* op) {
+  if (!weight.has_value() || !weight->defined()) return Tensor();
+  const Tensor& w = *weight;
+  TORCH_CHECK(w.dim() == 1 && w.numel() == classes, op,
+              ": weight tensor should be defined either for all ", classes,
+              " classes or no classes but got weight tensor of shape: ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == input.scalar_type(), op, ": weight must have the input's dtype ",
+              input.scalar_type(), ", got ", w.scalar_type());
+  TORCH_CHECK(w.device() == input.device(), op, ": weight is on ", w.device(),
+              " but input is on ", input.device());
+  return w.contiguous();
+}
+
+void check_label_smoothing(double label_smoothing, const char* op) {
+  TORCH_CHECK(label_smoothing <= 1.0, op, ": label_smoothing must be between 0.0 and 1.0. Got: ",
+              label_smoothing);
+}
+
+// Class indices: (N, d...) for (N, C, d...) logits, () for (C,). Returns them as int64.
+Tensor check_index_target(const Tensor& input, const Tensor& target) {
+  const auto st = target.scalar_type();
+  TORCH_CHECK(st == at::kLong || st == at::kInt || st == at::kByte,
+              "cross_entropy: target with class indices must be int64, int32 or uint8, got ", st);
+  if (input.dim() == 1) {
+    TORCH_CHECK(target.dim() == 0, "cross_entropy: for unbatched input of shape ", input.sizes(),
+                " target must be 0-d, got shape ", target.sizes());
+  } else if (input.dim() == 2) {
+    TORCH_CHECK(target.dim() == 1, "cross_entropy: for input of shape ", input.sizes(),
+                " target must be 1-d, got shape ", target.sizes());
+    TORCH_CHECK_VALUE(target.size(0) == input.size(0), "Expected input batch_size (",
+                      input.size(0), ") to match target batch_size (", target.size(0), ").");
+  } else {
+    std::vector<int64_t> expected{input.size(0)};
+    for (int64_t d = 2; d < input.dim(); ++d) expected.push_back(input.size(d));
+    TORCH_CHECK(target.sizes() == at::IntArrayRef(expected), "cross_entropy: Expected target size ",
+                at::IntArrayRef(expected), ", got ", target.sizes());
+  }
+  return target.to(at::kLong).contiguous();
+}
+
+// Probability targets: the logits' shape and dtype, laid out with the logits' strides.
+Tensor check_prob_target(const Layout& l, const Tensor& input, const Tensor& target) {
+  TORCH_CHECK(target.sizes() == input.sizes(), "cross_entropy: target with class probabilities "
+              "must have the input's shape ", input.sizes(), ", got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == input.scalar_type(), "cross_entropy: target with class "
+              "probabilities must have the input's dtype ", input.scalar_type(), ", got ",
+              target.scalar_type());
+  TORCH_CHECK(l.classes > 0, "cross_entropy: input has no classes (size 0 along dimension ",
+              input.dim() == 1 ? 0 : 1, ")");
+  if (target.strides() == l.input.strides()) return target;
+  Tensor t = at::empty_like(l.input);
+  t.copy_(target);
+  return t;
+}
+
+std::vector<int64_t> row_shape(const Tensor& input) {
+  std::vector<int64_t> s;
+  for (int64_t d = 0; d < input.dim(); ++d) {
+    if (d != (input.dim() == 1 ? 0 : 1)) s.push_back(input.size(d));
+  }
+  return s;
+}
+
+CrossEntropyParams params_of(const Layout& l, const Tensor& target, const Tensor& weight,
+                             int64_t reduction, bool prob, int64_t ignore_index,
+                             double label_smoothing) {
+  CrossEntropyParams p{};
+  p.dtype = dtype_of(l.input);
+  p.outer = l.outer;
+  p.classes = l.classes;
+  p.inner = l.inner;
+  p.stride_outer = l.stride_outer;
+  p.stride_class = l.stride_class;
+  p.stride_inner = l.stride_inner;
+  p.reduction = reduction_of(reduction);
+  p.prob_target = prob;
+  p.ignore_index = ignore_index;
+  p.label_smoothing = label_smoothing;
+  p.input = l.input.data_ptr();
+  p.target = target.data_ptr();
+  p.weight = weight.defined() ? weight.data_ptr() : nullptr;
+  return p;
+}
+
+// The upstream gradient as the kernels read it: per row contiguous for reduction none.
+Tensor grad_of(const Tensor& grad_loss, const Tensor& input, Reduction reduction) {
+  TORCH_CHECK(grad_loss.scalar_type() == input.scalar_type(), "cross_entropy backward: grad_loss "
+              "must have the input's dtype ", input.scalar_type(), ", got ",
+              grad_loss.scalar_type());
+  if (reduction != Reduction::None) {
+    TORCH_CHECK(grad_loss.numel() == 1, "cross_entropy backward: grad_loss must be a scalar for a "
+                "reduced loss, got shape ", grad_loss.sizes());
+  }
+  return grad_loss.contiguous();
+}
+
+// A gradient written in the layout `l` the kernels use, handed back with the strides
+// empty_like(like) has (what the fake kernels promise).
+template <typename F>
+Tensor with_strides_of(const Tensor& like, const Layout& l, F&& run) {
+  Tensor out = at::empty_like(like);
+  if (out.strides() == l.input.strides()) {
+    run(out);
+    return out;
+  }
+  Tensor tmp = at::empty_like(l.input);
+  run(tmp);
+  out.copy_(tmp);
+  return out;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_impl(
+    const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+    int64_t reduction, int64_t ignore_index, double label_smoothing, const Launch& launch) {
+  check_common(input, target, "cross_entropy");
+  check_label_smoothing(label_smoothing, "cross_entropy");
+  const Tensor y = check_index_target(input, target);
+  const Layout l = layout_of(input);
+  const Tensor w = check_weight(weight, input, l.classes, "cross_entropy");
+  CrossEntropyParams p = params_of(l, y, w, reduction, false, ignore_index, label_smoothing);
+  const auto acc = input.options().dtype(acc_type(input));
+  Tensor loss = p.reduction == Reduction::None ? at::empty(target.sizes(), input.options())
+                                               : at::empty({}, input.options());
+  Tensor lse = at::empty({l.outer * l.inner}, acc);
+  Tensor total_weight = at::zeros({}, acc);
+  p.loss = loss.data_ptr();
+  p.lse = lse.data_ptr();
+  p.total_weight = total_weight.data_ptr();
+  launch(p);
+  return {loss, lse, total_weight};
+}
+
+Tensor cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& input,
+                                   const Tensor& target, const std::optional<Tensor>& weight,
+                                   const Tensor& lse, const Tensor& total_weight,
+                                   int64_t reduction, int64_t ignore_index,
+                                   double label_smoothing, const Launch& launch) {
+  check_common(input, target, "cross_entropy backward");
+  const Tensor y = check_index_target(input, target);
+  const Layout l = layout_of(input);
+  const Tensor w = check_weight(weight, input, l.classes, "cross_entropy backward");
+  CrossEntropyParams p = params_of(l, y, w, reduction, false, ignore_index, label_smoothing);
+  const Tensor g = grad_of(grad_loss, input, p.reduction);
+  TORCH_CHECK(lse.numel() == l.outer * l.inner && lse.scalar_type() == acc_type(input),
+              "cross_entropy backward: lse does not match the input");
+  const Tensor lse_c = lse.contiguous();
+  p.lse = lse_c.data_ptr();
+  p.total_weight = total_weight.data_ptr();
+  p.grad_loss = g.data_ptr();
+  return with_strides_of(input, l, [&](Tensor& out) {
+    p.grad_input = out.data_ptr();
+    launch(p);
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> cross_entropy_prob_forward_impl(
+    const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+    int64_t reduction, double label_smoothing, const Launch& launch) {
+  check_common(input, target, "cross_entropy");
+  check_label_smoothing(label_smoothing, "cross_entropy");
+  const Layout l = layout_of(input);
+  const Tensor t = check_prob_target(l, input, target);
+  const Tensor w = check_weight(weight, input, l.classes, "cross_entropy");
+  CrossEntropyParams p = params_of(l, t, w, reduction, true, -100, label_smoothing);
+  const auto acc = input.options().dtype(acc_type(input));
+  Tensor loss = p.reduction == Reduction::None ? at::empty(row_shape(input), input.options())
+                                               : at::empty({}, input.options());
+  Tensor lse = at::empty({l.outer * l.inner}, acc);
+  Tensor tsum = at::empty({l.outer * l.inner}, acc);
+  p.loss = loss.data_ptr();
+  p.lse = lse.data_ptr();
+  p.tsum = tsum.data_ptr();
+  launch(p);
+  return {loss, lse, tsum};
+}
+
+Tensor cross_entropy_prob_backward_impl(const Tensor& grad_loss, const Tensor& input,
+                                        const Tensor& target, const std::optional<Tensor>& weight,
+                                        const Tensor& lse, const Tensor& tsum, int64_t reduction,
+                                        double label_smoothing, const Launch& launch) {
+  check_common(input, target, "cross_entropy backward");
+  const Layout l = layout_of(input);
+  const Tensor t = check_prob_target(l, input, target);
+  const Tensor w = check_weight(weight, input, l.classes, "cross_entropy backward");
+  CrossEntropyParams p = params_of(l, t, w, reduction, true, -100, label_smoothing);
+  const Tensor g = grad_of(grad_loss, input, p.reduction);
+  TORCH_CHECK(lse.numel() == l.outer * l.inner && tsum.numel() == lse.numel(),
+              "cross_entropy backward: lse and tsum do not match the input");
+  const Tensor lse_c = lse.contiguous(), tsum_c = tsum.contiguous();
+  p.lse = lse_c.data_ptr();
+  p.tsum = tsum_c.data_ptr();
+  p.grad_loss = g.data_ptr();
+  return with_strides_of(input, l, [&](Tensor& out) {
+    p.grad_input = out.data_ptr();
+    launch(p);
+  });
+}
+
+Tensor cross_entropy_prob_target_backward_impl(const Tensor& grad_loss, const Tensor& input,
+                                               const std::optional<Tensor>& weight,
+                                               const Tensor& lse, int64_t reduction,
+                                               double label_smoothing, const Launch& launch) {
+  check_common(input, input, "cross_entropy target backward");
+  const Layout l = layout_of(input);
+  const Tensor w = check_weight(weight, input, l.classes, "cross_entropy target backward");
+  CrossEntropyParams p = params_of(l, l.input, w, reduction, true, -100, label_smoothing);
+  const Tensor g = grad_of(grad_loss, input, p.reduction);
+  const Tensor lse_c = lse.contiguous();
+  p.lse = lse_c.data_ptr();
+  p.grad_loss = g.data_ptr();
+  return with_strides_of(input, l, [&](Tensor& out) {
+    p.grad_target = out.data_ptr();
+    launch(p);
+  });
+}
+
+}  // namespace weighted_loss

@@ -1,0 +1,47 @@
+// Every schema of the weighted_loss namespace, and the Python module the package imports to load
+// this library. Kernels are registered per device in cpu/ and cuda/; fake kernels and autograd in
+// weighted_loss/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "cpu/kernels.h"
+
+extern "C" {  // NOLINT
+// An empty module: importing weighted_loss._C loads this shared library, which runs the
+// registrations below. The ops are reached through torch.ops.weighted_loss.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace {
+std::string cpu_capability() { return weighted_loss::cpu::kernels().name; }
+}  // namespace
+
+TORCH_LIBRARY(weighted_loss, m) {
+  // Class-index targets. Returns (loss, lse, total_weight): lse per row (float32, float64 for
+  // float64 logits), total_weight the weighted mean's divisor sum(weight[target]).
+  m.def(
+      "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, "
+      "int ignore_index, float label_smoothing) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
+      "Tensor lse, Tensor total_weight, int reduction, int ignore_index, float label_smoothing) "
+      "-> Tensor");
+  // Probability targets (the logits' shape). Returns (loss, lse, tsum): tsum per row is
+  // sum_c weight_c * target'_c, the softmax coefficient of the backward.
+  m.def(
+      "cross_entropy_prob_forward(Tensor input, Tensor target, Tensor? weight, int reduction, "
+      "float label_smoothing) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cross_entropy_prob_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
+      "Tensor lse, Tensor tsum, int reduction, float label_smoothing) -> Tensor");
+  m.def(
+      "cross_entropy_prob_target_backward(Tensor grad_loss, Tensor input, Tensor? weight, "
+      "Tensor lse, int reduction, float label_smoothing) -> Tensor");
+  // Which CPU kernel build runs here: DEFAULT, AVX2 or AVX512.
+  m.def("cpu_capability() -> str", &cpu_capability);
+}

@@ -1,0 +1,44 @@
+// Plain parameter structs shared by the CPU kernels, the CUDA kernels and the torch glue.
+// No torch types here: the .cu files include this header and compile without torch.
+#pragma once
+
+#include <cstdint>
+
+namespace weighted_loss {
+
+// Same numbering as at::Reduction.
+enum class Reduction : int32_t { None = 0, Mean = 1, Sum = 2 };
+
+enum class DType : int32_t { Float64 = 0, Float32 = 1, BFloat16 = 2, Float16 = 3 };
+
+// Cross-entropy over logits viewed as (outer, classes, inner): row r = o * inner + i holds the
+// `classes` logits input[o * stride_outer + c * stride_class + i * stride_inner]. A probability
+// target and every gradient of the logits' shape use the same strides (the glue guarantees it).
+// Per-row tensors (index target, per-row loss, lse, tsum) are contiguous over r.
+// `acc` below is float for float32/bfloat16/float16 logits and double for float64 logits.
+struct CrossEntropyParams {
+  DType dtype;
+  int64_t outer, classes, inner;
+  int64_t stride_outer, stride_class, stride_inner;
+  Reduction reduction;
+  bool prob_target;          // false: class indices (int64); true: probabilities (input dtype)
+  int64_t ignore_index;      // index targets only
+  double label_smoothing;    // <= 0 means none
+
+  const void* input;         // logits, dtype
+  const void* target;        // int64 rows, or probabilities in dtype with the logits' strides
+  const void* weight;        // (classes,) dtype, contiguous; nullptr when absent
+
+  // forward outputs
+  void* loss;                // rows of dtype (Reduction::None) or a 0-d dtype scalar
+  void* lse;                 // rows of acc: log-sum-exp of each row
+  void* total_weight;        // 0-d acc: the mean's divisor (sum of weight[target] or row count)
+  void* tsum;                // rows of acc, probability targets: sum_c weight_c * target'_c
+
+  // backward
+  const void* grad_loss;     // rows of dtype (None) or 0-d dtype
+  void* grad_input;          // logits' shape and strides, dtype
+  void* grad_target;         // probability target gradient, logits' shape and strides, dtype
+};
+
+}  // namespace weighted_loss

@@ -1,0 +1,110 @@
+"""Fake kernels (shapes for torch.compile / meta tensors) and autograd for the weighted_loss ops.
+
+The schemas live in csrc/ops.cpp. Each forward saves the per-row log-sum-exp (never an N x C
+tensor); the backward is an op of its own that recomputes the softmax from it.
+"""
+import torch
+
+_ops = torch.ops.weighted_loss
+_NONE = 0
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows(input):
+    n = 1 if input.dim() == 1 else input.shape[0]
+    for d in input.shape[2:]:
+        n = n * d
+    return n
+
+
+def _row_shape(input):
+    return () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+
+
+# ---------------------------------------------------------------- class-index targets
+
+@torch.library.register_fake("weighted_loss::cross_entropy_forward")
+def _(input, target, weight, reduction, ignore_index, label_smoothing):
+    acc = _acc_dtype(input.dtype)
+    loss = input.new_empty(target.shape if reduction == _NONE else ())
+    return loss, input.new_empty((_rows(input),), dtype=acc), input.new_empty((), dtype=acc)
+
+
+@torch.library.register_fake("weighted_loss::cross_entropy_backward")
+def _(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index,
+      label_smoothing):
+    return torch.empty_like(input)
+
+
+def _no_weight_grad(ctx, index):
+    if ctx.needs_input_grad[index]:
+        raise NotImplementedError(
+            "weighted_loss: the derivative for 'weight' is not implemented (as in PyTorch)")
+
+
+def _ce_setup(ctx, inputs, output):
+    input, target, weight, reduction, ignore_index, label_smoothing = inputs
+    _, lse, total_weight = output
+    ctx.save_for_backward(input, target, weight, lse, total_weight)
+    ctx.args = (reduction, ignore_index, label_smoothing)
+
+
+def _ce_backward(ctx, grad_loss, _grad_lse, _grad_total_weight):
+    input, target, weight, lse, total_weight = ctx.saved_tensors
+    _no_weight_grad(ctx, 2)
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        grad_input = _ops.cross_entropy_backward(grad_loss, input, target, weight, lse,
+                                                 total_weight, *ctx.args)
+    return grad_input, None, None, None, None, None
+
+
+torch.library.register_autograd("weighted_loss::cross_entropy_forward", _ce_backward,
+                                setup_context=_ce_setup)
+
+
+# ---------------------------------------------------------------- probability targets
+
+@torch.library.register_fake("weighted_loss::cross_entropy_prob_forward")
+def _(input, target, weight, reduction, label_smoothing):
+    acc = _acc_dtype(input.dtype)
+    loss = input.new_empty(_row_shape(input) if reduction == _NONE else ())
+    rows = _rows(input)
+    return loss, input.new_empty((rows,), dtype=acc), input.new_empty((rows,), dtype=acc)
+
+
+@torch.library.register_fake("weighted_loss::cross_entropy_prob_backward")
+def _(grad_loss, input, target, weight, lse, tsum, reduction, label_smoothing):
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("weighted_loss::cross_entropy_prob_target_backward")
+def _(grad_loss, input, weight, lse, reduction, label_smoothing):
+    return torch.empty_like(input)
+
+
+def _ce_prob_setup(ctx, inputs, output):
+    input, target, weight, reduction, label_smoothing = inputs
+    _, lse, tsum = output
+    ctx.save_for_backward(input, target, weight, lse, tsum)
+    ctx.args = (reduction, label_smoothing)
+
+
+def _ce_prob_backward(ctx, grad_loss, _grad_lse, _grad_tsum):
+    input, target, weight, lse, tsum = ctx.saved_tensors
+    _no_weight_grad(ctx, 2)
+    grad_input = grad_target = None
+    if ctx.needs_input_grad[0]:
+        grad_input = _ops.cross_entropy_prob_backward(grad_loss, input, target, weight, lse,
+                                                      tsum, *ctx.args)
+    if ctx.needs_input_grad[1]:
+        grad_target = _ops.cross_entropy_prob_target_backward(grad_loss, input, weight, lse,
+                                                              *ctx.args)
+    return grad_input, grad_target, None, None, None
+
+
+torch.library.register_autograd("weighted_loss::cross_entropy_prob_forward", _ce_prob_backward,
+                                setup_context=_ce_prob_setup)

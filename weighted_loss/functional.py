@@ -1,0 +1,52 @@
+"""Drop-in functional losses: same signatures and results as torch.nn.functional."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn import _reduction as _Reduction
+
+__all__ = ["cross_entropy"]
+
+_ops = torch.ops.weighted_loss
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Fused ``F.cross_entropy``: log-softmax, class-weight gather and (weighted) reduction in one
+    pass over the logits forward and one backward. Same arguments, results and corner cases.
+
+    ``input`` is ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` logits; ``target`` holds class
+    indices (int64, int32 or uint8, shape without the class dim) or class probabilities (the
+    input's shape). ``reduction="mean"`` divides by ``sum(weight[target])`` over non-ignored items
+    for class indices and by the number of items for probabilities.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
+    red = _Reduction.get_enum(reduction)
+    label_smoothing = float(label_smoothing)
+    if input.shape == target.shape:
+        # class probabilities, promoted together as PyTorch's arithmetic would
+        if not target.is_floating_point():
+            raise RuntimeError(
+                f"Expected floating point type for target with class probabilities, got {target.dtype}")
+        if ignore_index >= 0:
+            raise RuntimeError("ignore_index is not supported for floating point target")
+        if input.is_floating_point():
+            dtype = torch.promote_types(input.dtype, target.dtype)
+            input, target = input.to(dtype), target.to(dtype)
+            if weight is not None and weight.is_floating_point():
+                weight = weight.to(dtype)
+        loss, _, _ = _ops.cross_entropy_prob_forward(input, target, weight, red,
+                                                     max(label_smoothing, 0.0))
+        return loss
+    loss, _, _ = _ops.cross_entropy_forward(input, target, weight, red, int(ignore_index),
+                                            max(label_smoothing, 0.0))
+    return loss
