@@ -89,8 +89,13 @@ struct IO {
   }
 };
 
-template <typename acc_t>
-inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
+// exp for the softmax: at::vec's inlined polynomial for float (max error about 20 ulp, i.e.
+// 2.4e-6 relative, far below what the float32 loss and gradient resolve; Sleef's 1-ulp exp is an
+// out-of-line call and made the kernels compute-bound), Sleef's for double (gradcheck).
+inline Vectorized<float> vexp(const Vectorized<float>& v) {
+  return v.exp_u20();
+}
+inline Vectorized<double> vexp(const Vectorized<double>& v) {
   return v.exp();
 }
 
@@ -178,11 +183,53 @@ struct Ctx {
 
 constexpr int64_t kChunk = 2048;  // elements per L1-resident chunk of a row
 
+// Runs body(k, n, std::true_type) over the full blocks [k, k + B) of [0, count) and
+// body(k, n, std::false_type) once over the tail of n < B elements, if any.
+template <int64_t B, typename F>
+inline void for_blocks(int64_t count, F&& body) {
+  const int64_t nv = count - count % B;
+  for (int64_t k = 0; k < nv; k += B) body(k, B, std::true_type{});
+  if (nv < count) body(nv, count - nv, std::false_type{});
+}
+
+// The two halves of a block of n <= B elements: valid lanes from v, the rest from fill.
+template <typename Vec>
+inline void keep_valid(int64_t n, const Vec& fill, Vec& v0, Vec& v1) {
+  constexpr int64_t W = Vec::size();
+  v0 = Vec::set(fill, v0, std::min<int64_t>(n, W));
+  v1 = Vec::set(fill, v1, std::max<int64_t>(0, n - W));
+}
+
+template <typename acc_t>
+inline void load_weight(const acc_t* w, int64_t n, Vectorized<acc_t>& a, Vectorized<acc_t>& b) {
+  constexpr int64_t W = Vectorized<acc_t>::size();
+  if (n == 2 * W) {
+    a = Vectorized<acc_t>::loadu(w);
+    b = Vectorized<acc_t>::loadu(w + W);
+  } else {
+    a = Vectorized<acc_t>::loadu(w, std::min<int64_t>(n, W));
+    b = Vectorized<acc_t>::loadu(w + W, std::max<int64_t>(0, n - W));
+  }
+}
+
+template <typename acc_t>
+inline void store_acc(acc_t* p, int64_t n, const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) {
+  constexpr int64_t W = Vectorized<acc_t>::size();
+  if (n == 2 * W) {
+    a.store(p);
+    b.store(p + W);
+  } else {
+    a.store(p, std::min<int64_t>(n, W));
+    if (n > W) b.store(p + W, n - W);
+  }
+}
+
 // lse of one row; with kSmooth also a = sum_c w_c (x_c - ref); with kProb
-// a = sum_c w_c t'_c (x_c - ref) and S = sum_c w_c t'_c.
+// a = sum_c w_c t'_c (x_c - ref) and S = sum_c w_c t'_c. ref is the exp shift of the first chunk
+// (its max, or 0 if it is all -inf), so x - ref is finite for finite x.
 template <typename scalar_t, int M, bool HasW>
 inline void row_stats(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
-                      typename AccOf<scalar_t>::type ref, typename AccOf<scalar_t>::type& lse,
+                      typename AccOf<scalar_t>::type& ref, typename AccOf<scalar_t>::type& lse,
                       typename AccOf<scalar_t>::type& a_out, typename AccOf<scalar_t>::type& s_out) {
   using io = IO<scalar_t>;
   using acc_t = typename io::acc_t;
@@ -190,78 +237,80 @@ inline void row_stats(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t
   constexpr int64_t B = io::B;
   const int64_t C = cx.C;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  const Vec vref(ref), vts(cx.t_scale), vtsh(cx.t_shift);
-  Vec s0(0), s1(0), a0(0), a1(0), q0(0), q1(0);
-  acc_t s_t = 0, a_t = 0, q_t = 0;
+  const Vec vts(cx.t_scale), vtsh(cx.t_shift), vninf(ninf), vzero(0);
+  Vec s0(0), s1(0), a0(0), a1(0), q0(0), q1(0), vref;
   acc_t m = ninf;
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
     const int64_t n = std::min(kChunk, C - c0);
-    const int64_t nv = n - n % B;
     const scalar_t* xc = x + c0;
-    Vec m0(ninf), m1(ninf), v0, v1;
-    for (int64_t k = 0; k < nv; k += B) {
-      io::load(xc + k, v0, v1);
+    Vec m0(ninf), m1(ninf);
+    for_blocks<B>(n, [&](int64_t k, int64_t cnt, auto full) {
+      Vec v0, v1;
+      if constexpr (decltype(full)::value) {
+        io::load(xc + k, v0, v1);
+      } else {
+        io::load(xc + k, cnt, v0, v1);
+        keep_valid(cnt, vninf, v0, v1);
+      }
       m0 = at::vec::maximum(m0, v0);
       m1 = at::vec::maximum(m1, v1);
-    }
-    acc_t cm = hmax(at::vec::maximum(m0, m1));
-    for (int64_t k = nv; k < n; ++k) cm = max_nan(cm, static_cast<acc_t>(xc[k]));
-    const acc_t new_m = max_nan(m, cm);
+    });
+    const acc_t new_m = max_nan(m, hmax(at::vec::maximum(m0, m1)));
     if (c0 > 0) {
       // everything before was -inf (or NaN, which 0 * NaN keeps): its exp-sum is exactly 0
-      const acc_t f = (m == ninf) ? acc_t(0) : std::exp(m - new_m);
-      const Vec vf(f);
+      const Vec vf((m == ninf) ? acc_t(0) : std::exp(m - new_m));
       s0 = s0 * vf;
       s1 = s1 * vf;
-      s_t *= f;
     }
     m = new_m;
-    const acc_t shift = exp_shift(m);
-    const Vec vshift(shift);
-    for (int64_t k = 0; k < nv; k += B) {
-      io::load(xc + k, v0, v1);
-      s0 += vexp(v0 - vshift);
-      s1 += vexp(v1 - vshift);
-      if constexpr (M == kSmooth) {
-        if constexpr (HasW) {
-          const Vec w0 = Vec::loadu(cx.w + c0 + k), w1 = Vec::loadu(cx.w + c0 + k + io::W);
-          a0 = at::vec::fmadd(w0, v0 - vref, a0);
-          a1 = at::vec::fmadd(w1, v1 - vref, a1);
+    const Vec vshift(exp_shift(m));
+    if (c0 == 0) {
+      ref = exp_shift(m);
+      vref = vshift;
+    }
+    for_blocks<B>(n, [&](int64_t k, int64_t cnt, auto full) {
+      Vec v0, v1, e0, e1;
+      if constexpr (decltype(full)::value) {
+        io::load(xc + k, v0, v1);
+        e0 = v0;
+        e1 = v1;
+      } else {
+        io::load(xc + k, cnt, v0, v1);
+        e0 = v0;
+        e1 = v1;
+        keep_valid(cnt, vninf, e0, e1);
+      }
+      s0 += vexp(e0 - vshift);
+      s1 += vexp(e1 - vshift);
+      if constexpr (M != kPlain) {
+        Vec d0 = v0 - vref, d1 = v1 - vref;  // (x - ref); zero on the tail's invalid lanes
+        if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, d0, d1);
+        Vec w0(1), w1(1);
+        if constexpr (HasW) load_weight(cx.w + c0 + k, cnt, w0, w1);
+        if constexpr (M == kSmooth) {
+          a0 = at::vec::fmadd(w0, d0, a0);
+          a1 = at::vec::fmadd(w1, d1, a1);
         } else {
-          a0 += v0 - vref;
-          a1 += v1 - vref;
+          Vec t0, t1;
+          if constexpr (decltype(full)::value) {
+            io::load(t + c0 + k, t0, t1);
+          } else {
+            io::load(t + c0 + k, cnt, t0, t1);
+          }
+          t0 = w0 * at::vec::fmadd(t0, vts, vtsh);
+          t1 = w1 * at::vec::fmadd(t1, vts, vtsh);
+          if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, t0, t1);
+          a0 = at::vec::fmadd(t0, d0, a0);
+          a1 = at::vec::fmadd(t1, d1, a1);
+          q0 += t0;
+          q1 += t1;
         }
-      } else if constexpr (M == kProb) {
-        Vec t0, t1;
-        io::load(t + c0 + k, t0, t1);
-        t0 = at::vec::fmadd(t0, vts, vtsh);
-        t1 = at::vec::fmadd(t1, vts, vtsh);
-        if constexpr (HasW) {
-          t0 = t0 * Vec::loadu(cx.w + c0 + k);
-          t1 = t1 * Vec::loadu(cx.w + c0 + k + io::W);
-        }
-        a0 = at::vec::fmadd(t0, v0 - vref, a0);
-        a1 = at::vec::fmadd(t1, v1 - vref, a1);
-        q0 += t0;
-        q1 += t1;
       }
-    }
-    for (int64_t k = nv; k < n; ++k) {
-      const acc_t xv = static_cast<acc_t>(xc[k]);
-      s_t += std::exp(xv - shift);
-      const acc_t wv = HasW ? cx.w[c0 + k] : acc_t(1);
-      if constexpr (M == kSmooth) {
-        a_t += wv * (xv - ref);
-      } else if constexpr (M == kProb) {
-        const acc_t tv = (static_cast<acc_t>(t[c0 + k]) * cx.t_scale + cx.t_shift) * wv;
-        a_t += tv * (xv - ref);
-        q_t += tv;
-      }
-    }
+    });
   }
-  lse = exp_shift(m) + std::log(hsum(s0 + s1) + s_t);
-  a_out = hsum(a0 + a1) + a_t;
-  s_out = hsum(q0 + q1) + q_t;
+  lse = exp_shift(m) + std::log(hsum(s0 + s1));
+  a_out = hsum(a0 + a1);
+  s_out = hsum(q0 + q1);
 }
 
 // Per-row loss and the row's weight in the mean's divisor.
@@ -271,8 +320,7 @@ inline void row_forward(const Ctx<scalar_t>& cx, int64_t r, const scalar_t* x, c
                         typename AccOf<scalar_t>::type& wy, typename AccOf<scalar_t>::type& tsum) {
   using acc_t = typename AccOf<scalar_t>::type;
   if constexpr (M == kProb) {
-    const acc_t ref = static_cast<acc_t>(x[0]);
-    acc_t a, q;
+    acc_t ref, a, q;
     row_stats<scalar_t, M, HasW>(cx, x, t, ref, lse, a, q);
     loss = q * (lse - ref) - a;
     wy = 1;
@@ -284,8 +332,7 @@ inline void row_forward(const Ctx<scalar_t>& cx, int64_t r, const scalar_t* x, c
       return;
     }
     wy = HasW ? cx.w[yv] : acc_t(1);
-    const acc_t ref = static_cast<acc_t>(x[0]);
-    acc_t a, q;
+    acc_t ref, a, q;
     row_stats<scalar_t, M, HasW>(cx, x, t, ref, lse, a, q);
     const acc_t nll = lse - static_cast<acc_t>(x[yv * cx.p.stride_class]);
     if constexpr (M == kSmooth) {
@@ -299,6 +346,9 @@ inline void row_forward(const Ctx<scalar_t>& cx, int64_t r, const scalar_t* x, c
 
 // ---------------------------------------------------------------------------------------------
 // Work units and the deterministic reduction.
+
+// Most lanes of one unit of the lane layout (a multiple of every B).
+constexpr int64_t kMaxLanes = 1024;
 
 struct Units {
   int64_t count;   // number of units
@@ -317,7 +367,7 @@ inline Units lane_units(const CrossEntropyParams& p) {
   constexpr int64_t B = IO<scalar_t>::B;
   // lanes per unit: a (classes x lanes) tile of about 32 KiB stays in L1 between the two passes
   int64_t lanes = 32768 / std::max<int64_t>(1, p.classes * int64_t(sizeof(scalar_t)));
-  lanes = std::clamp<int64_t>(lanes - lanes % B, B, 16 * B);
+  lanes = std::clamp<int64_t>(lanes - lanes % B, B, kMaxLanes);
   const int64_t per_outer = (p.inner + lanes - 1) / lanes;
   return {p.outer * per_outer, lanes, per_outer};
 }
@@ -398,85 +448,138 @@ void forward_lanes(const Ctx<scalar_t>& cx) {
       const int64_t o = unit / u.per_outer;
       const int64_t i_begin = (unit % u.per_outer) * u.rows;
       const int64_t i_end = std::min(p.inner, i_begin + u.rows);
-      double sl = 0, sw = 0;
-      for (int64_t i0 = i_begin; i0 < i_end; i0 += B) {
-        const int64_t nl = std::min(B, i_end - i0);
-        const int64_t base = cx.offset(o, i0);
-        const scalar_t* x = cx.x + base;
-        Vec m0(ninf), m1(ninf), v0, v1;
-        for (int64_t c = 0; c < C; ++c) {
-          io::load(x + c * sC, nl, v0, v1);
-          m0 = at::vec::maximum(m0, v0);
-          m1 = at::vec::maximum(m1, v1);
+      const int64_t L = i_end - i_begin;
+      const scalar_t* xu = cx.x + cx.offset(o, i_begin);
+      // Class-major over the (C x L) tile, so each class row is read as one contiguous run;
+      // per-lane accumulators live in L1 buffers. Pass 1: per-lane max, then the exp shift.
+      alignas(64) acc_t sh[kMaxLanes], sm[kMaxLanes], aa[kMaxLanes], qq[kMaxLanes];
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t j = 0; j < L; j += B) {
+          Vec v0, v1;
+          io::load(xu + c * sC + j, std::min(B, L - j), v0, v1);
+          if (c > 0) {
+            v0 = at::vec::maximum(v0, Vec::loadu(sh + j));
+            v1 = at::vec::maximum(v1, Vec::loadu(sh + j + W));
+          }
+          v0.store(sh + j);
+          v1.store(sh + j + W);
         }
-        const Vec sh0 = Vec::blendv(m0, vzero, m0 == vninf);
-        const Vec sh1 = Vec::blendv(m1, vzero, m1 == vninf);
-        Vec r0, r1;
-        io::load(x, nl, r0, r1);  // ref = x_0
-        Vec s0(0), s1(0), a0(0), a1(0), q0(0), q1(0);
-        for (int64_t c = 0; c < C; ++c) {
-          io::load(x + c * sC, nl, v0, v1);
-          s0 += vexp(v0 - sh0);
-          s1 += vexp(v1 - sh1);
+      }
+      for (int64_t j = 0; j < L; j += W) {
+        const Vec m = Vec::loadu(sh + j);
+        Vec::blendv(m, vzero, m == vninf).store(sh + j);
+      }
+      // Pass 2: exp-sums and the smoothing / probability sums, relative to ref = the shift.
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t wc = HasW ? cx.w[c] : acc_t(1);
+        for (int64_t j = 0; j < L; j += B) {
+          const int64_t nl = std::min(B, L - j);
+          Vec v0, v1, s0(0), s1(0), a0(0), a1(0), q0(0), q1(0), r0v, r1v;
+          io::load(xu + c * sC + j, nl, v0, v1);
+          if (c > 0) {
+            s0 = Vec::loadu(sm + j);
+            s1 = Vec::loadu(sm + j + W);
+          }
+          r0v = Vec::loadu(sh + j);
+          r1v = Vec::loadu(sh + j + W);
+          s0 += vexp(v0 - r0v);
+          s1 += vexp(v1 - r1v);
+          s0.store(sm + j);
+          s1.store(sm + j + W);
+          if constexpr (M != kPlain) {
+            if (c > 0) {
+              a0 = Vec::loadu(aa + j);
+              a1 = Vec::loadu(aa + j + W);
+            }
+          }
           if constexpr (M == kSmooth) {
-            const Vec wc(HasW ? cx.w[c] : acc_t(1));
-            a0 = at::vec::fmadd(wc, v0 - r0, a0);
-            a1 = at::vec::fmadd(wc, v1 - r1, a1);
+            const Vec vw(wc);
+            a0 = at::vec::fmadd(vw, v0 - r0v, a0);
+            a1 = at::vec::fmadd(vw, v1 - r1v, a1);
           } else if constexpr (M == kProb) {
             Vec t0, t1;
-            io::load(cx.t + base + c * sC, nl, t0, t1);
-            t0 = at::vec::fmadd(t0, vts, vtsh);
-            t1 = at::vec::fmadd(t1, vts, vtsh);
-            if constexpr (HasW) {
-              const Vec wc(cx.w[c]);
-              t0 = t0 * wc;
-              t1 = t1 * wc;
+            io::load(cx.t + cx.offset(o, i_begin) + c * sC + j, nl, t0, t1);
+            const Vec vw(wc);
+            t0 = vw * at::vec::fmadd(t0, vts, vtsh);
+            t1 = vw * at::vec::fmadd(t1, vts, vtsh);
+            if (c > 0) {
+              q0 = Vec::loadu(qq + j);
+              q1 = Vec::loadu(qq + j + W);
             }
-            a0 = at::vec::fmadd(t0, v0 - r0, a0);
-            a1 = at::vec::fmadd(t1, v1 - r1, a1);
-            q0 += t0;
-            q1 += t1;
+            a0 = at::vec::fmadd(t0, v0 - r0v, a0);
+            a1 = at::vec::fmadd(t1, v1 - r1v, a1);
+            (q0 + t0).store(qq + j);
+            (q1 + t1).store(qq + j + W);
           }
-        }
-        acc_t lse[B], ref[B], a[B], q[B];
-        (sh0 + s0.log()).store(lse);
-        (sh1 + s1.log()).store(lse + W);
-        r0.store(ref);
-        r1.store(ref + W);
-        a0.store(a);
-        a1.store(a + W);
-        q0.store(q);
-        q1.store(q + W);
-        for (int64_t k = 0; k < nl; ++k) {
-          const int64_t r = o * p.inner + i0 + k;
-          acc_t loss, wy = 1;
-          if constexpr (M == kProb) {
-            loss = q[k] * (lse[k] - ref[k]) - a[k];
-            tsum_out[r] = q[k];
-          } else {
-            const int64_t yv = cx.checked_target(r);
-            if (yv < 0) {
-              lse[k] = loss = wy = 0;
-            } else {
-              wy = HasW ? cx.w[yv] : acc_t(1);
-              const acc_t nll = lse[k] - static_cast<acc_t>(x[yv * sC + k]);
-              if constexpr (M == kSmooth) {
-                loss = (acc_t(1) - cx.smooth) * wy * nll +
-                       cx.t_shift * (cx.w_sum * (lse[k] - ref[k]) - a[k]);
-              } else {
-                loss = wy * nll;
-              }
-            }
-          }
-          lse_out[r] = lse[k];
-          if (none) {
-            loss_out[r] = static_cast<scalar_t>(loss);
-          } else {
-            sl += loss;
-            sw += wy;
+          if constexpr (M != kPlain) {
+            a0.store(aa + j);
+            a1.store(aa + j + W);
           }
         }
       }
+      Vec vl(0), vw(0);
+      for (int64_t j = 0; j < L; j += B) {
+        const int64_t nl = std::min(B, L - j);
+        const int64_t i0 = i_begin + j;
+        const scalar_t* x = xu + j;
+        const Vec sh0 = Vec::loadu(sh + j), sh1 = Vec::loadu(sh + j + W);
+        const Vec s0 = Vec::loadu(sm + j), s1 = Vec::loadu(sm + j + W);
+        const Vec& r0v = sh0;
+        const Vec& r1v = sh1;
+        Vec a0(0), a1(0), q0(0), q1(0);
+        if constexpr (M != kPlain) {
+          a0 = Vec::loadu(aa + j);
+          a1 = Vec::loadu(aa + j + W);
+        }
+        if constexpr (M == kProb) {
+          q0 = Vec::loadu(qq + j);
+          q1 = Vec::loadu(qq + j + W);
+        }
+        const int64_t r0 = o * p.inner + i0;
+        Vec lse0 = sh0 + s0.log(), lse1 = sh1 + s1.log();
+        Vec l0, l1, wy0(1), wy1(1);
+        if constexpr (M == kProb) {
+          l0 = q0 * (lse0 - r0v) - a0;
+          l1 = q1 * (lse1 - r1v) - a1;
+          store_acc(tsum_out + r0, nl, q0, q1);
+        } else {
+          // per lane: the target's weight and logit; ignored lanes (and the tail) are masked
+          acc_t wy[B], xy[B], kp[B];
+          for (int64_t k = 0; k < nl; ++k) {
+            const int64_t yv = cx.checked_target(r0 + k);
+            wy[k] = yv < 0 ? acc_t(0) : HasW ? cx.w[yv] : acc_t(1);
+            xy[k] = yv < 0 ? acc_t(0) : static_cast<acc_t>(x[yv * sC + k]);
+            kp[k] = yv < 0 ? acc_t(0) : acc_t(1);
+          }
+          Vec xy0, xy1, kp0, kp1;
+          load_weight(wy, nl, wy0, wy1);
+          load_weight(xy, nl, xy0, xy1);
+          load_weight(kp, nl, kp0, kp1);
+          if constexpr (M == kSmooth) {
+            const Vec ks(acc_t(1) - cx.smooth), kt(cx.t_shift), kw(cx.w_sum);
+            l0 = ks * wy0 * (lse0 - xy0) + kt * (kw * (lse0 - r0v) - a0);
+            l1 = ks * wy1 * (lse1 - xy1) + kt * (kw * (lse1 - r1v) - a1);
+          } else {
+            l0 = wy0 * (lse0 - xy0);
+            l1 = wy1 * (lse1 - xy1);
+          }
+          const Vec keep0 = kp0 != vzero, keep1 = kp1 != vzero;
+          lse0 = Vec::blendv(vzero, lse0, keep0);
+          lse1 = Vec::blendv(vzero, lse1, keep1);
+          l0 = Vec::blendv(vzero, l0, keep0);
+          l1 = Vec::blendv(vzero, l1, keep1);
+        }
+        store_acc(lse_out + r0, nl, lse0, lse1);
+        if (none) {
+          io::store(loss_out + r0, nl, l0, l1);
+        } else {
+          keep_valid(nl, vzero, l0, l1);
+          keep_valid(nl, vzero, wy0, wy1);
+          vl = vl + l0 + l1;
+          vw = vw + wy0 + wy1;
+        }
+      }
+      const double sl = hsum(vl), sw = hsum(vw);
       part_loss[unit] = sl;
       part_w[unit] = sw;
     }
@@ -546,7 +649,6 @@ void backward_rows(const Ctx<scalar_t>& cx) {
   constexpr int64_t B = io::B, W = io::W;
   const auto& p = cx.p;
   const int64_t C = cx.C, rows = p.outer * p.inner;
-  const int64_t nv = C - C % B;
   const acc_t g_all = p.reduction == Reduction::None ? acc_t(0) : scalar_grad<scalar_t>(p);
   const Vec vts(cx.t_scale), vtsh(cx.t_shift);
   auto* gi = static_cast<scalar_t*>(p.grad_input);
@@ -563,37 +665,36 @@ void backward_rows(const Ctx<scalar_t>& cx) {
         continue;
       }
       const Vec vlse(rc.lse), vcp(rc.cp), vcw(rc.cw);
-      for (int64_t k = 0; k < nv; k += B) {
+      for_blocks<B>(C, [&](int64_t k, int64_t cnt, auto full) {
         Vec v0, v1;
-        io::load(x + k, v0, v1);
+        if constexpr (decltype(full)::value) {
+          io::load(x + k, v0, v1);
+        } else {
+          io::load(x + k, cnt, v0, v1);
+        }
         Vec g0 = vcp * vexp(v0 - vlse), g1 = vcp * vexp(v1 - vlse);
         if constexpr (M == kSmooth || M == kProb) {
           Vec w0(1), w1(1);
-          if constexpr (HasW) {
-            w0 = Vec::loadu(cx.w + k);
-            w1 = Vec::loadu(cx.w + k + W);
-          }
+          if constexpr (HasW) load_weight(cx.w + k, cnt, w0, w1);
           if constexpr (M == kProb) {
             Vec t0, t1;
-            io::load(t + k, t0, t1);
+            if constexpr (decltype(full)::value) {
+              io::load(t + k, t0, t1);
+            } else {
+              io::load(t + k, cnt, t0, t1);
+            }
             w0 = w0 * at::vec::fmadd(t0, vts, vtsh);
             w1 = w1 * at::vec::fmadd(t1, vts, vtsh);
           }
           g0 = g0 - vcw * w0;
           g1 = g1 - vcw * w1;
         }
-        io::store(gr + k, g0, g1);
-      }
-      for (int64_t k = nv; k < C; ++k) {
-        const acc_t xv = static_cast<acc_t>(x[k]);
-        acc_t gv = rc.cp * std::exp(xv - rc.lse);
-        if constexpr (M == kSmooth || M == kProb) {
-          acc_t wv = HasW ? cx.w[k] : acc_t(1);
-          if constexpr (M == kProb) wv *= static_cast<acc_t>(t[k]) * cx.t_scale + cx.t_shift;
-          gv -= rc.cw * wv;
+        if constexpr (decltype(full)::value) {
+          io::store(gr + k, g0, g1);
+        } else {
+          io::store(gr + k, cnt, g0, g1);
         }
-        gr[k] = static_cast<scalar_t>(gv);
-      }
+      });
       if constexpr (M != kProb) {
         // the target element once more, with its delta, so it is rounded once
         const acc_t xv = static_cast<acc_t>(x[rc.y]);
@@ -615,6 +716,7 @@ void backward_lanes(const Ctx<scalar_t>& cx) {
   const int64_t C = cx.C, sC = p.stride_class;
   const acc_t g_all = p.reduction == Reduction::None ? acc_t(0) : scalar_grad<scalar_t>(p);
   const Vec vts(cx.t_scale), vtsh(cx.t_shift);
+  const bool none = p.reduction == Reduction::None;
   auto* gi = static_cast<scalar_t*>(p.grad_input);
   const Units u = lane_units<scalar_t>(p);
   at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
@@ -622,55 +724,89 @@ void backward_lanes(const Ctx<scalar_t>& cx) {
       const int64_t o = unit / u.per_outer;
       const int64_t i_begin = (unit % u.per_outer) * u.rows;
       const int64_t i_end = std::min(p.inner, i_begin + u.rows);
-      for (int64_t i0 = i_begin; i0 < i_end; i0 += B) {
-        const int64_t nl = std::min(B, i_end - i0);
-        const int64_t base = cx.offset(o, i0);
-        // per-lane coefficients; ignored lanes keep cp = cw = gy = 0 and are masked to 0
-        acc_t lse[B] = {}, cp[B] = {}, cw[B] = {}, gy[B] = {}, yk[B], keep[B];
-        for (int64_t k = 0; k < B; ++k) {
-          yk[k] = -1;
-          keep[k] = 0;
+      const int64_t L = i_end - i_begin;
+      const int64_t base = cx.offset(o, i_begin);
+      // Per-lane coefficients (see row_coef) into L1 buffers, then the gradient class-major so
+      // each class row is read and written as one contiguous run. kp > 0 keeps a lane; ignored
+      // lanes get a zero gradient.
+      alignas(64) acc_t bl[kMaxLanes], bp[kMaxLanes], bw[kMaxLanes], by[kMaxLanes],
+          bg[kMaxLanes], bk[kMaxLanes];
+      for (int64_t j = 0; j < L; j += B) {
+        const int64_t nl = std::min(B, L - j);
+        const int64_t r0 = o * p.inner + i_begin + j;
+        Vec g0v(g_all), g1v(g_all);
+        if (none) io::load(static_cast<const scalar_t*>(p.grad_loss) + r0, nl, g0v, g1v);
+        Vec lse0, lse1;
+        load_weight(static_cast<const acc_t*>(p.lse) + r0, nl, lse0, lse1);
+        Vec cp0, cp1, cw0(0), cw1(0), gy0(0), gy1(0), y0(-1), y1(-1), k0(1), k1(1);
+        if constexpr (M == kProb) {
+          Vec q0, q1;
+          load_weight(static_cast<const acc_t*>(p.tsum) + r0, nl, q0, q1);
+          cp0 = g0v * q0;
+          cp1 = g1v * q1;
+          cw0 = g0v;
+          cw1 = g1v;
+        } else {
+          acc_t wy[B], yk[B];
+          for (int64_t k = 0; k < nl; ++k) {
+            const int64_t yv = cx.checked_target(r0 + k);
+            wy[k] = yv < 0 ? acc_t(0) : HasW ? cx.w[yv] : acc_t(1);
+            yk[k] = static_cast<acc_t>(yv);  // -1 for ignored lanes
+          }
+          Vec wy0, wy1;
+          load_weight(wy, nl, wy0, wy1);
+          load_weight(yk, nl, y0, y1);
+          const Vec ks(acc_t(1) - cx.smooth);
+          gy0 = g0v * ks * wy0;
+          gy1 = g1v * ks * wy1;
+          if constexpr (M == kSmooth) {
+            const Vec kt(cx.t_shift), kw(cx.t_shift * cx.w_sum);
+            cp0 = gy0 + g0v * kw;
+            cp1 = gy1 + g1v * kw;
+            cw0 = g0v * kt;
+            cw1 = g1v * kt;
+          } else {
+            cp0 = gy0;
+            cp1 = gy1;
+          }
+          k0 = Vec::blendv(Vec(0), Vec(1), y0 >= Vec(0));
+          k1 = Vec::blendv(Vec(0), Vec(1), y1 >= Vec(0));
         }
-        for (int64_t k = 0; k < nl; ++k) {
-          const auto rc = row_coef<scalar_t, M, HasW>(cx, o * p.inner + i0 + k, g_all);
-          if (rc.zero) continue;
-          lse[k] = rc.lse;
-          cp[k] = rc.cp;
-          cw[k] = rc.cw;
-          gy[k] = rc.gy;
-          yk[k] = static_cast<acc_t>(rc.y);
-          keep[k] = 1;
-        }
-        const Vec lse0 = Vec::loadu(lse), lse1 = Vec::loadu(lse + W);
-        const Vec cp0 = Vec::loadu(cp), cp1 = Vec::loadu(cp + W);
-        const Vec cw0 = Vec::loadu(cw), cw1 = Vec::loadu(cw + W);
-        const Vec gy0 = Vec::loadu(gy), gy1 = Vec::loadu(gy + W);
-        const Vec y0 = Vec::loadu(yk), y1 = Vec::loadu(yk + W);
-        const Vec keep0 = Vec::loadu(keep) == Vec(1), keep1 = Vec::loadu(keep + W) == Vec(1);
-        const Vec zero(0);
-        for (int64_t c = 0; c < C; ++c) {
+        lse0.store(bl + j), lse1.store(bl + j + W);
+        cp0.store(bp + j), cp1.store(bp + j + W);
+        cw0.store(bw + j), cw1.store(bw + j + W);
+        y0.store(by + j), y1.store(by + j + W);
+        gy0.store(bg + j), gy1.store(bg + j + W);
+        k0.store(bk + j), k1.store(bk + j + W);
+      }
+      const Vec zero(0);
+      for (int64_t c = 0; c < C; ++c) {
+        const Vec wc(HasW ? cx.w[c] : acc_t(1)), vc(static_cast<acc_t>(c));
+        for (int64_t j = 0; j < L; j += B) {
+          const int64_t nl = std::min(B, L - j);
+          const int64_t at = base + c * sC + j;
           Vec v0, v1;
-          io::load(cx.x + base + c * sC, nl, v0, v1);
-          Vec g0 = cp0 * vexp(v0 - lse0), g1 = cp1 * vexp(v1 - lse1);
+          io::load(cx.x + at, nl, v0, v1);
+          Vec g0 = Vec::loadu(bp + j) * vexp(v0 - Vec::loadu(bl + j));
+          Vec g1 = Vec::loadu(bp + j + W) * vexp(v1 - Vec::loadu(bl + j + W));
           if constexpr (M == kSmooth || M == kProb) {
-            Vec w0(HasW ? cx.w[c] : acc_t(1)), w1 = w0;
+            Vec w0 = wc, w1 = wc;
             if constexpr (M == kProb) {
               Vec t0, t1;
-              io::load(cx.t + base + c * sC, nl, t0, t1);
+              io::load(cx.t + at, nl, t0, t1);
               w0 = w0 * at::vec::fmadd(t0, vts, vtsh);
               w1 = w1 * at::vec::fmadd(t1, vts, vtsh);
             }
-            g0 = g0 - cw0 * w0;
-            g1 = g1 - cw1 * w1;
+            g0 = g0 - Vec::loadu(bw + j) * w0;
+            g1 = g1 - Vec::loadu(bw + j + W) * w1;
           }
           if constexpr (M != kProb) {
-            const Vec vc(static_cast<acc_t>(c));
-            g0 = g0 - (gy0 & (y0 == vc));
-            g1 = g1 - (gy1 & (y1 == vc));
-            g0 = Vec::blendv(zero, g0, keep0);
-            g1 = Vec::blendv(zero, g1, keep1);
+            g0 = g0 - (Vec::loadu(bg + j) & (Vec::loadu(by + j) == vc));
+            g1 = g1 - (Vec::loadu(bg + j + W) & (Vec::loadu(by + j + W) == vc));
+            g0 = Vec::blendv(zero, g0, Vec::loadu(bk + j) != zero);
+            g1 = Vec::blendv(zero, g1, Vec::loadu(bk + j + W) != zero);
           }
-          io::store(gi + base + c * sC, nl, g0, g1);
+          io::store(gi + at, nl, g0, g1);
         }
       }
     }
@@ -697,27 +833,32 @@ void target_backward(const Ctx<scalar_t>& cx) {
     return -g * cx.t_scale;
   };
   if (sC == 1) {
-    const int64_t nv = C - C % B;
     const Units u = row_units(p);
     at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
       for (int64_t r = b * u.rows; r < std::min(rows, e * u.rows); ++r) {
         const int64_t off = cx.offset(r / p.inner, r % p.inner);
         const acc_t k0 = coef(r), lse = lse_in[r];
         const Vec vk(k0), vlse(lse);
-        for (int64_t k = 0; k < nv; k += B) {
+        for_blocks<B>(C, [&](int64_t k, int64_t cnt, auto full) {
           Vec v0, v1;
-          io::load(cx.x + off + k, v0, v1);
+          if constexpr (decltype(full)::value) {
+            io::load(cx.x + off + k, v0, v1);
+          } else {
+            io::load(cx.x + off + k, cnt, v0, v1);
+          }
           Vec g0 = vk * (v0 - vlse), g1 = vk * (v1 - vlse);
           if constexpr (HasW) {
-            g0 = g0 * Vec::loadu(cx.w + k);
-            g1 = g1 * Vec::loadu(cx.w + k + W);
+            Vec w0, w1;
+            load_weight(cx.w + k, cnt, w0, w1);
+            g0 = g0 * w0;
+            g1 = g1 * w1;
           }
-          io::store(gt + off + k, g0, g1);
-        }
-        for (int64_t k = nv; k < C; ++k) {
-          const acc_t wv = HasW ? cx.w[k] : acc_t(1);
-          gt[off + k] = static_cast<scalar_t>(k0 * (static_cast<acc_t>(cx.x[off + k]) - lse) * wv);
-        }
+          if constexpr (decltype(full)::value) {
+            io::store(gt + off + k, g0, g1);
+          } else {
+            io::store(gt + off + k, cnt, g0, g1);
+          }
+        });
       }
     });
     return;

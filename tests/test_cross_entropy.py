@@ -1,0 +1,225 @@
+"""Parity of weighted_loss.cross_entropy with F.cross_entropy: values and both gradients, over
+shapes, dtypes, reductions, weights, ignore_index, label smoothing, target kinds and layouts."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import weighted_loss as wl
+
+SHAPES = {
+    "unbatched": (7,),
+    "NC": (33, 7),
+    "NC-longrow": (5, 2100),  # more than one 2048-element chunk, and a tail
+    "NCd": (3, 5, 37),  # spatial size not a multiple of the vector width
+    "NCHW": (2, 4, 5, 6),
+}
+LOW = (torch.bfloat16, torch.float16)
+
+
+def make(shape, dtype, kind, device, weighted, ignore, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[0] if len(shape) == 1 else shape[1]
+    x = (3 * torch.randn(shape, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
+    if kind == "prob":
+        t = torch.rand(shape, generator=g, dtype=torch.float64)
+        t = (t / t.sum(0 if len(shape) == 1 else 1, keepdim=True)).to(device=device, dtype=dtype)
+    else:
+        tshape = () if len(shape) == 1 else (shape[0], *shape[2:])
+        t = torch.randint(0, C, tshape, generator=g)
+        if ignore is not None and t.dim() > 0:
+            t[torch.rand(tshape, generator=g) < 0.3] = ignore
+        t = t.to(device)
+    w = None
+    if weighted:
+        w = (0.1 + torch.rand(C, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
+    return x, t, w
+
+
+def run(fn, x, t, w, grad_target=False, **kw):
+    x = x.detach().clone().requires_grad_(True)
+    t = t.detach().clone()
+    if grad_target:
+        t.requires_grad_(True)
+    loss = fn(x, t, weight=w, **kw)
+    go = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape)
+    go = go.to(device=loss.device, dtype=loss.dtype)
+    grads = torch.autograd.grad(loss, [x, t] if grad_target else [x], go)
+    return [loss.detach()] + [g.detach() for g in grads]
+
+
+def check_close(fused, native, ref, dtype):
+    """float32/64: fused == native to rounding. bfloat16/float16: fused's error against the float64
+    reference within twice PyTorch's own error in that dtype (plus a hair for exact zeros)."""
+    for a, b, r in zip(fused, native, native if ref is None else ref):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        if dtype in LOW:
+            err_f = (a.double() - r).abs().max().item() if a.numel() else 0.0
+            err_n = (b.double() - r).abs().max().item() if b.numel() else 0.0
+            scale = r.abs().max().item() if r.numel() else 0.0
+            assert err_f <= 2 * err_n + 1e-3 * scale + 1e-6, (err_f, err_n)
+        else:
+            tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(a, b, equal_nan=True, **tol)
+
+
+GRID = list(itertools.product(
+    SHAPES, ["index", "prob"], [False, True], [None, 2], [0.0, 0.15], ["none", "mean", "sum"],
+    [torch.float64, torch.float32, torch.bfloat16, torch.float16]))
+
+
+@pytest.mark.parametrize("shape,kind,weighted,ignore,ls,reduction,dtype", [
+    g for g in GRID if not (g[1] == "prob" and g[3] is not None)],
+    ids=lambda v: str(v).replace("torch.", ""))
+def test_parity(device, shape, kind, weighted, ignore, ls, reduction, dtype):
+    x, t, w = make(SHAPES[shape], dtype, kind, device, weighted, ignore)
+    kw = dict(reduction=reduction, label_smoothing=ls)
+    if ignore is not None:
+        kw["ignore_index"] = ignore
+    gt = kind == "prob"
+    fused = run(wl.cross_entropy, x, t, w, grad_target=gt, **kw)
+    native = run(F.cross_entropy, x, t, w, grad_target=gt, **kw)
+    ref = None
+    if dtype in LOW:
+        ref = run(F.cross_entropy, x.double(), t.double() if gt else t,
+                  None if w is None else w.double(), grad_target=gt, **kw)
+    check_close(fused, native, ref, dtype)
+
+
+@pytest.mark.parametrize("ignore_index", [255, -100, 0])
+def test_segmentation_ignore_index(device, ignore_index):
+    x, t, w = make((2, 19, 9, 11), torch.float32, "index", device, True, ignore_index)
+    for red in ("none", "mean", "sum"):
+        kw = dict(ignore_index=ignore_index, reduction=red)
+        check_close(run(wl.cross_entropy, x, t, w, **kw), run(F.cross_entropy, x, t, w, **kw),
+                    None, torch.float32)
+
+
+def _every_other(x):
+    buf = x.new_zeros(*x.shape, 2)
+    buf[..., 0] = x
+    return buf[..., 0]  # every stride doubled: not dense
+
+
+LAYOUTS = {
+    "transposed-NC": lambda x: x.t().contiguous().t(),  # (N, C) with N contiguous
+    "strided-NC": _every_other,
+    "channels-last": lambda x: x.contiguous(memory_format=torch.channels_last),
+    "permuted-NCHW": lambda x: x.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3),
+    "strided-NCHW": _every_other,
+    "expanded": lambda x: x[:1].expand_as(x),  # stride 0 on N
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layouts(device, layout, kind, dtype):
+    shape = (9, 6) if layout.endswith("-NC") else (3, 6, 5, 7)
+    x, t, w = make(shape, dtype, kind, device, True, None)
+    xv = LAYOUTS[layout](x)
+    x = xv.contiguous()
+    gt = kind == "prob"
+    if gt:
+        t = LAYOUTS[layout](t).contiguous() if layout == "expanded" else LAYOUTS[layout](t)
+    for red in ("none", "mean"):
+        kw = dict(reduction=red, label_smoothing=0.1)
+        fused = run(wl.cross_entropy, xv, t, w, grad_target=gt, **kw)
+        contiguous = run(wl.cross_entropy, x, t.contiguous(), w, grad_target=gt, **kw)
+        native = run(F.cross_entropy, xv, t, w, grad_target=gt, **kw)
+        for a, b in zip(fused, contiguous):  # other kernels, other summation order
+            torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                                       atol=1e-6 if dtype == torch.float32 else 1e-3)
+        check_close(fused, native, run(F.cross_entropy, x.double(), t.double() if gt else t,
+                                       w.double(), grad_target=gt, **kw), dtype)
+
+
+@pytest.mark.parametrize("tdtype", [torch.int32, torch.uint8])
+def test_index_dtypes(device, tdtype):
+    x, t, w = make((17, 9), torch.float32, "index", device, True, None)
+    a = run(wl.cross_entropy, x, t.to(tdtype), w, label_smoothing=0.2)
+    b = run(F.cross_entropy, x, t, w, label_smoothing=0.2)
+    check_close(a, b, None, torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_empty_batch(device, reduction, kind):
+    x, t, w = make((0, 5), torch.float32, kind, device, True, None)
+    a = wl.cross_entropy(x, t, weight=w, reduction=reduction)
+    b = F.cross_entropy(x, t, weight=w, reduction=reduction)
+    assert a.shape == b.shape
+    torch.testing.assert_close(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("ls", [0.0, 0.3])
+def test_all_ignored_mean_is_nan(device, weighted, ls):
+    x, t, w = make((6, 4), torch.float32, "index", device, weighted, None)
+    t = torch.full_like(t, -100)
+    a = run(wl.cross_entropy, x, t, w, label_smoothing=ls)
+    b = run(F.cross_entropy, x, t, w, label_smoothing=ls)
+    assert torch.isnan(a[0]) and torch.isnan(b[0])
+    torch.testing.assert_close(a[1], b[1])
+
+
+def test_nan_propagates(device):
+    x, t, w = make((4, 6), torch.float32, "index", device, True, None)
+    x[1, 3] = float("nan")
+    a = wl.cross_entropy(x, t, weight=w, reduction="none")
+    b = F.cross_entropy(x, t, weight=w, reduction="none")
+    assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.isnan(a[1])
+    assert torch.isnan(wl.cross_entropy(x, t, weight=w))
+
+
+def test_masked_logits(device):
+    # -inf logits (masked vocabulary), including a whole first chunk of a long row
+    x, t, w = make((3, 5000), torch.float32, "index", device, True, None)
+    x[:, :3000] = float("-inf")
+    t = torch.randint(3000, 5000, (3,), device=device)
+    for ls in (0.0, 0.1):
+        a = run(wl.cross_entropy, x, t, w, label_smoothing=ls, reduction="none")
+        b = run(F.cross_entropy, x, t, w, label_smoothing=ls, reduction="none")
+        check_close(a, b, None, torch.float32)
+
+
+def test_large_logit_offset(device):
+    x, t, w = make((8, 300), torch.float32, "index", device, True, None)
+    x = x + 1000
+    for ls in (0.0, 0.2):
+        a = run(wl.cross_entropy, x, t, w, label_smoothing=ls)
+        b = run(F.cross_entropy, x.double(), t, w.double(), label_smoothing=ls)
+        torch.testing.assert_close(a[0].double(), b[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a[1].double(), b[1], rtol=1e-4, atol=1e-7)
+
+
+def test_prob_target_promotion(device):
+    x, t, w = make((5, 4), torch.bfloat16, "prob", device, True, None)
+    t32 = t.float()
+    a = wl.cross_entropy(x, t32, weight=w)
+    b = F.cross_entropy(x, t32, weight=w)
+    assert a.dtype == b.dtype == torch.float32
+    torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_legacy_size_average_reduce(device):
+    x, t, w = make((6, 5), torch.float32, "index", device, True, None)
+    for sa, rd in [(None, False), (False, None), (True, True), (False, True)]:
+        with pytest.warns(UserWarning):
+            a = wl.cross_entropy(x, t, weight=w, size_average=sa, reduce=rd)
+        with pytest.warns(UserWarning):
+            b = F.cross_entropy(x, t, weight=w, size_average=sa, reduce=rd)
+        torch.testing.assert_close(a, b)
+
+
+def test_module_drop_in(device):
+    x, t, w = make((10, 6), torch.float32, "index", device, True, 1)
+    fused = wl.CrossEntropyLoss(weight=w, ignore_index=1, label_smoothing=0.1).to(device)
+    native = torch.nn.CrossEntropyLoss(weight=w, ignore_index=1, label_smoothing=0.1).to(device)
+    assert isinstance(fused, torch.nn.CrossEntropyLoss)
+    torch.testing.assert_close(fused(x, t), native(x, t))
+    assert fused.state_dict().keys() == native.state_dict().keys()
+    other = wl.CrossEntropyLoss(weight=torch.ones(6), ignore_index=1, label_smoothing=0.1)
+    other.load_state_dict(native.state_dict())
+    torch.testing.assert_close(other.to(device)(x, t), native(x, t))

@@ -1,0 +1,124 @@
+"""Side-by-side benchmark: fused weighted_loss vs native PyTorch, forward, backward and total.
+
+    python -m weighted_loss.bench [--device cpu|cuda] [--repeat 7] [--case NAME ...]
+
+Every case checks first that the fused loss and gradient match PyTorch's, then times the median of
+`repeat` runs after a warm-up. The bandwidth bound of a case is 3 x the bytes of the logits (read
+forward, read + gradient write backward) over the copy bandwidth measured in the same run.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import weighted_loss as wl
+
+# name, shape of the logits, dtype, number of classes, extra keyword arguments
+CASES = [
+    ("ce-8192x1000-f32", (8192, 1000), torch.float32, {}),
+    ("ce-4096x32000-bf16", (4096, 32000), torch.bfloat16, {}),
+    ("ce-2048x32000-f32-ls0.1", (2048, 32000), torch.float32, {"label_smoothing": 0.1}),
+    ("ce-seg-16x19x128x128-f32-ign255", (16, 19, 128, 128), torch.float32, {"ignore_index": 255}),
+]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn, device, repeat, warmup=2):
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device, nbytes=256 << 20, repeat=7):
+    """Bytes read + written per second by a large device copy."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src), device, repeat)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def make_inputs(shape, dtype, kwargs, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    x = torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+    tshape = (shape[0], *shape[2:])
+    y = torch.randint(0, C, tshape, generator=g)
+    if "ignore_index" in kwargs:
+        y[torch.rand(tshape, generator=g) < 0.1] = kwargs["ignore_index"]
+    counts = torch.bincount(y[(y >= 0) & (y < C)], minlength=C).float() + 1
+    weight = (counts.max() / counts).to(device=device, dtype=dtype)  # max(n)/n class weights
+    return x, y.to(device), weight
+
+
+def run_case(name, shape, dtype, kwargs, device, repeat):
+    x, y, w = make_inputs(shape, dtype, kwargs, device)
+    losses = {"fused": wl.cross_entropy, "native": F.cross_entropy}
+    out = {"case": name, "shape": list(shape), "dtype": str(dtype).replace("torch.", "")}
+    results = {}
+    for kind, fn in losses.items():
+        xr = x.detach().clone().requires_grad_(True)
+        loss = fn(xr, y, weight=w, **kwargs)
+        (grad,) = torch.autograd.grad(loss, xr)
+        results[kind] = (loss.detach().float(), grad.float())
+
+        def fwd():
+            return fn(xr, y, weight=w, **kwargs)
+
+        def fwd_bwd():
+            return torch.autograd.grad(fn(xr, y, weight=w, **kwargs), xr)
+
+        out[f"{kind}_fwd_ms"] = _median_ms(fwd, device, repeat)
+        out[f"{kind}_fwd_bwd_ms"] = _median_ms(fwd_bwd, device, repeat)
+        out[f"{kind}_bwd_ms"] = out[f"{kind}_fwd_bwd_ms"] - out[f"{kind}_fwd_ms"]
+        del xr, loss, grad
+    out["max_loss_diff"] = (results["fused"][0] - results["native"][0]).abs().max().item()
+    out["max_grad_diff"] = (results["fused"][1] - results["native"][1]).abs().max().item()
+    out["speedup"] = out["native_fwd_bwd_ms"] / out["fused_fwd_bwd_ms"]
+    out["bytes_min"] = 3 * x.numel() * x.element_size()
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--case", action="append", help="run only cases whose name contains this")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    bw = copy_bandwidth_gbs(device)
+    print(f"device {device} ({wl.cpu_capability() if device.type == 'cpu' else torch.cuda.get_device_name(device)}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, copy bandwidth {bw:.1f} GB/s")
+    hdr = (f"{'case':34} {'fused fwd':>9} {'bwd':>7} {'total':>7} | {'native fwd':>10} {'bwd':>7} "
+           f"{'total':>7} | {'speedup':>7} {'bound ms':>8} {'of bound':>8} | {'max |dloss|':>11} {'max |dgrad|':>11}")
+    print(hdr)
+    print("-" * len(hdr))
+    rows = []
+    for name, shape, dtype, kwargs in CASES:
+        if args.case and not any(c in name for c in args.case):
+            continue
+        r = run_case(name, shape, dtype, kwargs, device, args.repeat)
+        r["bound_ms"] = r["bytes_min"] / (bw * 1e9) * 1e3
+        r["bandwidth_fraction"] = r["bound_ms"] / r["fused_fwd_bwd_ms"]
+        rows.append(r)
+        print(f"{name:34} {r['fused_fwd_ms']:9.2f} {r['fused_bwd_ms']:7.2f} {r['fused_fwd_bwd_ms']:7.2f} | "
+              f"{r['native_fwd_ms']:10.2f} {r['native_bwd_ms']:7.2f} {r['native_fwd_bwd_ms']:7.2f} | "
+              f"{r['speedup']:6.2f}x {r['bound_ms']:8.2f} {100 * r['bandwidth_fraction']:7.0f}% | "
+              f"{r['max_loss_diff']:11.2e} {r['max_grad_diff']:11.2e}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
