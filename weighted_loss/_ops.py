@@ -108,3 +108,16 @@ def _ce_prob_backward(ctx, grad_loss, _grad_lse, _grad_tsum):
 
 torch.library.register_autograd("weighted_loss::cross_entropy_prob_forward", _ce_prob_backward,
                                 setup_context=_ce_prob_setup)
+
+
+# ---------------------------------------------------------------- second derivatives
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "weighted_loss: second derivatives (double backward) of the fused losses are not "
+        "implemented; use torch.nn.functional for higher-order gradients")
+
+
+for _name in ("cross_entropy_backward", "cross_entropy_prob_backward",
+              "cross_entropy_prob_target_backward"):
+    torch.library.register_autograd(f"weighted_loss::{_name}", _no_double_backward)

@@ -1,0 +1,248 @@
+"""The op layer: gradcheck in float64, torch.library.opcheck on every op, torch.compile with no
+graph break, errors that name the argument, determinism across runs and thread counts."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import weighted_loss as wl
+
+ops = torch.ops.weighted_loss
+
+
+def _inputs(shape, kind, device, dtype=torch.float64, seed=0, ignore=None):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[0] if len(shape) == 1 else shape[1]
+    x = torch.randn(shape, generator=g, dtype=dtype).to(device)
+    if kind == "prob":
+        t = torch.rand(shape, generator=g, dtype=dtype).to(device)
+    else:
+        tshape = () if len(shape) == 1 else (shape[0], *shape[2:])
+        t = torch.randint(0, C, tshape, generator=g)
+        if ignore is not None and t.dim():
+            t[0] = ignore
+        t = t.to(device)
+    w = (0.5 + torch.rand(C, generator=g, dtype=dtype)).to(device)
+    return x, t, w
+
+
+@pytest.mark.parametrize("shape", [(5,), (4, 6), (3, 4, 5)])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("ls", [0.0, 0.2])
+def test_gradcheck_index(device, shape, reduction, ls):
+    ignore = 1 if len(shape) > 1 else -100  # an unbatched ignored target would give NaN
+    x, t, w = _inputs(shape, "index", device, ignore=ignore)
+    x.requires_grad_(True)
+    f = lambda x: wl.cross_entropy(x, t, weight=w, ignore_index=ignore,  # noqa: E731
+                                   reduction=reduction, label_smoothing=ls)
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+@pytest.mark.parametrize("shape", [(5,), (4, 6), (3, 4, 5)])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("ls", [0.0, 0.2])
+def test_gradcheck_prob(device, shape, reduction, ls):
+    x, t, w = _inputs(shape, "prob", device)
+    x.requires_grad_(True)
+    t.requires_grad_(True)
+    f = lambda x, t: wl.cross_entropy(x, t, weight=w, reduction=reduction,  # noqa: E731
+                                      label_smoothing=ls)
+    assert torch.autograd.gradcheck(f, (x, t))
+
+
+def _opcheck_cases(device):
+    for dtype in (torch.float32, torch.float64):
+        for shape in [(6,), (5, 7), (2, 3, 4, 5)]:
+            x, t, w = _inputs(shape, "index", device, dtype, ignore=2)
+            for red in (0, 1, 2):
+                for weight in (None, w):
+                    for ls in (0.0, 0.1):
+                        yield ops.cross_entropy_forward, (x.requires_grad_(), t, weight, red, 2, ls)
+                        with torch.no_grad():
+                            loss, lse, tw = ops.cross_entropy_forward(x, t, weight, red, 2, ls)
+                        yield ops.cross_entropy_backward, (torch.ones_like(loss), x.detach(), t,
+                                                           weight, lse, tw, red, 2, ls)
+            x, t, w = _inputs(shape, "prob", device, dtype)
+            for red in (0, 1, 2):
+                for ls in (0.0, 0.1):
+                    yield ops.cross_entropy_prob_forward, (x.requires_grad_(), t.requires_grad_(),
+                                                           w, red, ls)
+                    with torch.no_grad():
+                        loss, lse, ts = ops.cross_entropy_prob_forward(x, t, w, red, ls)
+                    go = torch.ones_like(loss)
+                    yield ops.cross_entropy_prob_backward, (go, x.detach(), t.detach(), w, lse,
+                                                            ts, red, ls)
+                    yield ops.cross_entropy_prob_target_backward, (go, x.detach(), w, lse, red, ls)
+
+
+def test_opcheck(device):
+    n = 0
+    for op, args in _opcheck_cases(device):
+        torch.library.opcheck(op, args)
+        n += 1
+    assert n > 100
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_fullgraph(device, kind, dynamic):
+    torch._dynamo.reset()
+    x, t, w = _inputs((8, 5, 3), kind, device, torch.float32, ignore=None)
+
+    def step(x, t, w):
+        return wl.cross_entropy(x, t, weight=w, label_smoothing=0.1) * 2
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic)
+    xe = x.clone().requires_grad_(True)
+    xc = x.clone().requires_grad_(True)
+    le, lc = step(xe, t, w), compiled(xc, t, w)
+    torch.testing.assert_close(lc, le)
+    le.backward()
+    lc.backward()
+    torch.testing.assert_close(xc.grad, xe.grad)
+    # a new batch size with dynamic shapes, without a graph break
+    x2, t2, _ = _inputs((5, 5, 3), kind, device, torch.float32, seed=1)
+    torch.testing.assert_close(compiled(x2, t2, w), step(x2, t2, w))
+
+
+def test_module_compile(device):
+    torch._dynamo.reset()
+    x, t, w = _inputs((16, 10), "index", device, torch.float32)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 10), wl.CrossEntropyLoss(weight=w))
+    loss_fn = wl.CrossEntropyLoss(weight=w).to(device)
+    lin = torch.nn.Linear(10, 10).to(device)
+    f = torch.compile(lambda x, t: loss_fn(lin(x), t), fullgraph=True)
+    torch.testing.assert_close(f(x, t), loss_fn(lin(x), t))
+    del model
+
+
+# ------------------------------------------------------------------------------------ errors
+
+def _x(device, *shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("bad", [5, 7, -1, -2])
+def test_target_out_of_range(device, bad):
+    x = _x(device, 4, 5)
+    t = torch.tensor([0, 1, bad, 3], device=device)
+    with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+        wl.cross_entropy(x, t)
+    with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+        wl.cross_entropy(_x(device, 2, 5, 3), t[:3].repeat(2, 1).contiguous())
+
+
+def test_ignored_index_out_of_range_is_fine(device):
+    x = _x(device, 4, 5)
+    t = torch.tensor([0, 255, 2, 255], device=device)
+    torch.testing.assert_close(wl.cross_entropy(x, t, ignore_index=255),
+                               F.cross_entropy(x, t, ignore_index=255))
+
+
+@pytest.mark.parametrize("args,exc,match", [
+    (lambda d: (_x(d, 4, 5), torch.zeros(4, dtype=torch.long, device=d), torch.ones(4, device=d)),
+     RuntimeError, r"weight tensor should be defined either for all 5 classes.*\[4\]"),
+    (lambda d: (_x(d, 4, 5), torch.zeros(4, dtype=torch.long, device=d), torch.ones(1, 5, device=d)),
+     RuntimeError, r"weight tensor should be defined either for all 5 classes.*\[1, 5\]"),
+    (lambda d: (_x(d, 4, 5), torch.zeros(4, dtype=torch.long, device=d),
+                torch.ones(5, dtype=torch.float64, device=d)),
+     RuntimeError, "weight must have the input's dtype Float, got Double"),
+    (lambda d: (_x(d, 4, 5), torch.zeros(3, dtype=torch.long, device=d), None),
+     ValueError, r"Expected input batch_size \(4\) to match target batch_size \(3\)"),
+    (lambda d: (_x(d, 2, 3, 4), torch.zeros(2, 5, dtype=torch.long, device=d), None),
+     RuntimeError, r"Expected target size \[2, 4\], got \[2, 5\]"),
+    (lambda d: (torch.ones(4, 5, dtype=torch.long, device=d),
+                torch.zeros(4, dtype=torch.long, device=d), None),
+     RuntimeError, "input must be a floating point tensor.*got Long"),
+    (lambda d: (_x(d, 4, 5), torch.zeros(4, device=d), None),
+     RuntimeError, "target with class indices must be int64, int32 or uint8, got Float"),
+    (lambda d: (_x(d, 4, 5), torch.zeros(4, 5, dtype=torch.long, device=d), None),
+     RuntimeError, "Expected floating point type for target with class probabilities, got torch.int64"),
+    (lambda d: (torch.randn((), device=d), torch.tensor(0.5, device=d), None),
+     RuntimeError, "input must have at least one dimension"),
+])
+def test_errors(device, args, exc, match):
+    x, t, w = args(device)
+    with pytest.raises(exc, match=match):
+        wl.cross_entropy(x, t, weight=w)
+
+
+def test_error_label_smoothing(device):
+    x = _x(device, 4, 5)
+    t = torch.zeros(4, dtype=torch.long, device=device)
+    with pytest.raises(RuntimeError, match="label_smoothing must be between 0.0 and 1.0. Got: 1.5"):
+        wl.cross_entropy(x, t, label_smoothing=1.5)
+    with pytest.raises(RuntimeError, match="label_smoothing must be between 0.0 and 1.0. Got: 1.5"):
+        wl.cross_entropy(x, torch.rand(4, 5, device=device), label_smoothing=1.5)
+
+
+def test_error_reduction(device):
+    with pytest.raises(ValueError, match="bogus is not a valid value for reduction"):
+        wl.cross_entropy(_x(device, 4, 5), torch.zeros(4, dtype=torch.long, device=device),
+                         reduction="bogus")
+
+
+def test_error_prob_ignore_index(device):
+    with pytest.raises(RuntimeError, match="ignore_index is not supported for floating point target"):
+        wl.cross_entropy(_x(device, 4, 5), torch.rand(4, 5, device=device), ignore_index=3)
+
+
+def test_error_double_backward(device):
+    x = _x(device, 4, 5).requires_grad_()
+    loss = wl.cross_entropy(x, torch.zeros(4, dtype=torch.long, device=device))
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="second derivatives"):
+        g.sum().backward()
+
+
+def test_error_weight_requires_grad(device):
+    x = _x(device, 4, 5).requires_grad_()
+    w = torch.ones(5, device=device, requires_grad=True)
+    loss = wl.cross_entropy(x, torch.zeros(4, dtype=torch.long, device=device), weight=w)
+    with pytest.raises(NotImplementedError, match="derivative for 'weight' is not implemented"):
+        loss.backward()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_error_weight_device():
+    x = torch.randn(4, 5, device="cuda")
+    t = torch.zeros(4, dtype=torch.long, device="cuda")
+    with pytest.raises(RuntimeError, match="weight is on cpu but input is on cuda"):
+        wl.cross_entropy(x, t, weight=torch.ones(5))
+
+
+# ------------------------------------------------------------------------------- determinism
+
+DET_CASES = {
+    "rows": ((512, 3000), "index", {"label_smoothing": 0.1}),
+    "lanes": ((4, 19, 33, 45), "index", {"ignore_index": 3}),
+    "prob": ((300, 70), "prob", {}),
+    "bf16": ((256, 5000), "index", {}),
+}
+
+
+def _loss_and_grad(shape, kind, kw, device):
+    dtype = torch.bfloat16 if shape == (256, 5000) else torch.float32
+    x, t, w = _inputs(shape, kind, device, dtype, seed=3)
+    x.requires_grad_(True)
+    loss = wl.cross_entropy(x, t, weight=w, **kw)
+    (g,) = torch.autograd.grad(loss, x)
+    return loss.detach(), g
+
+
+@pytest.mark.parametrize("case", DET_CASES)
+def test_deterministic_runs_and_threads(case):
+    shape, kind, kw = DET_CASES[case]
+    threads = torch.get_num_threads()
+    try:
+        ref = _loss_and_grad(shape, kind, kw, "cpu")
+        for n in (1, 2, 3, threads):
+            torch.set_num_threads(n)
+            for _ in range(2):
+                loss, g = _loss_and_grad(shape, kind, kw, "cpu")
+                assert torch.equal(loss, ref[0]) and torch.equal(g, ref[1]), f"{n} threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpu_capability_reported():
+    assert wl.cpu_capability() in ("DEFAULT", "AVX2", "AVX512")
