@@ -181,7 +181,6 @@ struct Ctx {
 // ---------------------------------------------------------------------------------------------
 // Forward, class-contiguous rows.
 
-constexpr int64_t kChunk = 2048;  // elements per L1-resident chunk of a row
 
 // Runs body(k, n, std::true_type) over the full blocks [k, k + B) of [0, count) and
 // body(k, n, std::false_type) once over the tail of n < B elements, if any.
@@ -190,6 +189,13 @@ inline void for_blocks(int64_t count, F&& body) {
   const int64_t nv = count - count % B;
   for (int64_t k = 0; k < nv; k += B) body(k, B, std::true_type{});
   if (nv < count) body(nv, count - nv, std::false_type{});
+}
+
+// The lane layout reads each class row of a (C x lanes) tile as a short run, one run per 64 KiB
+// or so: too short for the hardware prefetcher to train on. Each load asks for the same class
+// row one tile ahead, which is the tile this thread reads next.
+inline void prefetch(const void* p) {
+  __builtin_prefetch(p, 0, 3);
 }
 
 // The two halves of a block of n <= B elements: valid lanes from v, the rest from fill.
@@ -224,93 +230,89 @@ inline void store_acc(acc_t* p, int64_t n, const Vectorized<acc_t>& a, const Vec
   }
 }
 
-// lse of one row; with kSmooth also a = sum_c w_c (x_c - ref); with kProb
-// a = sum_c w_c t'_c (x_c - ref) and S = sum_c w_c t'_c. ref is the exp shift of the first chunk
-// (its max, or 0 if it is all -inf), so x - ref is finite for finite x.
+// How far the max of a row may lie above the exp shift `ref` before sum exp(x - ref) could
+// overflow (C * e^60 < FLT_MAX for any C below 10^12).
+template <typename acc_t>
+constexpr acc_t kShiftSlack = std::is_same_v<acc_t, double> ? acc_t(600) : acc_t(60);
+
+// One pass over a row with a given shift: s = sum_c exp(x_c - ref), m = max_c x_c; with kSmooth
+// a = sum_c w_c (x_c - ref); with kProb a = sum_c w_c t'_c (x_c - ref) and q = sum_c w_c t'_c.
 template <typename scalar_t, int M, bool HasW>
-inline void row_stats(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
-                      typename AccOf<scalar_t>::type& ref, typename AccOf<scalar_t>::type& lse,
-                      typename AccOf<scalar_t>::type& a_out, typename AccOf<scalar_t>::type& s_out) {
+inline void row_pass(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
+                     typename AccOf<scalar_t>::type ref, typename AccOf<scalar_t>::type& s,
+                     typename AccOf<scalar_t>::type& m, typename AccOf<scalar_t>::type& a,
+                     typename AccOf<scalar_t>::type& q) {
   using io = IO<scalar_t>;
   using acc_t = typename io::acc_t;
   using Vec = typename io::Vec;
   constexpr int64_t B = io::B;
-  const int64_t C = cx.C;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  const Vec vts(cx.t_scale), vtsh(cx.t_shift), vninf(ninf), vzero(0);
-  Vec s0(0), s1(0), a0(0), a1(0), q0(0), q1(0), vref;
-  acc_t m = ninf;
-  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-    const int64_t n = std::min(kChunk, C - c0);
-    const scalar_t* xc = x + c0;
-    Vec m0(ninf), m1(ninf);
-    for_blocks<B>(n, [&](int64_t k, int64_t cnt, auto full) {
-      Vec v0, v1;
-      if constexpr (decltype(full)::value) {
-        io::load(xc + k, v0, v1);
-      } else {
-        io::load(xc + k, cnt, v0, v1);
-        keep_valid(cnt, vninf, v0, v1);
-      }
-      m0 = at::vec::maximum(m0, v0);
-      m1 = at::vec::maximum(m1, v1);
-    });
-    const acc_t new_m = max_nan(m, hmax(at::vec::maximum(m0, m1)));
-    if (c0 > 0) {
-      // everything before was -inf (or NaN, which 0 * NaN keeps): its exp-sum is exactly 0
-      const Vec vf((m == ninf) ? acc_t(0) : std::exp(m - new_m));
-      s0 = s0 * vf;
-      s1 = s1 * vf;
+  const Vec vref(ref), vts(cx.t_scale), vtsh(cx.t_shift), vninf(ninf), vzero(0);
+  Vec s0(0), s1(0), m0(ninf), m1(ninf), a0(0), a1(0), q0(0), q1(0);
+  for_blocks<B>(cx.C, [&](int64_t k, int64_t cnt, auto full) {
+    Vec v0, v1, e0, e1;
+    if constexpr (decltype(full)::value) {
+      io::load(x + k, v0, v1);
+      e0 = v0;
+      e1 = v1;
+    } else {
+      io::load(x + k, cnt, v0, v1);
+      e0 = v0;
+      e1 = v1;
+      keep_valid(cnt, vninf, e0, e1);  // -inf: no part in the max, exp gives 0
     }
-    m = new_m;
-    const Vec vshift(exp_shift(m));
-    if (c0 == 0) {
-      ref = exp_shift(m);
-      vref = vshift;
-    }
-    for_blocks<B>(n, [&](int64_t k, int64_t cnt, auto full) {
-      Vec v0, v1, e0, e1;
-      if constexpr (decltype(full)::value) {
-        io::load(xc + k, v0, v1);
-        e0 = v0;
-        e1 = v1;
+    m0 = at::vec::maximum(m0, e0);
+    m1 = at::vec::maximum(m1, e1);
+    s0 += vexp(e0 - vref);
+    s1 += vexp(e1 - vref);
+    if constexpr (M != kPlain) {
+      Vec d0 = v0 - vref, d1 = v1 - vref;
+      if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, d0, d1);
+      Vec w0(1), w1(1);
+      if constexpr (HasW) load_weight(cx.w + k, cnt, w0, w1);
+      if constexpr (M == kSmooth) {
+        a0 = at::vec::fmadd(w0, d0, a0);
+        a1 = at::vec::fmadd(w1, d1, a1);
       } else {
-        io::load(xc + k, cnt, v0, v1);
-        e0 = v0;
-        e1 = v1;
-        keep_valid(cnt, vninf, e0, e1);
-      }
-      s0 += vexp(e0 - vshift);
-      s1 += vexp(e1 - vshift);
-      if constexpr (M != kPlain) {
-        Vec d0 = v0 - vref, d1 = v1 - vref;  // (x - ref); zero on the tail's invalid lanes
-        if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, d0, d1);
-        Vec w0(1), w1(1);
-        if constexpr (HasW) load_weight(cx.w + c0 + k, cnt, w0, w1);
-        if constexpr (M == kSmooth) {
-          a0 = at::vec::fmadd(w0, d0, a0);
-          a1 = at::vec::fmadd(w1, d1, a1);
+        Vec t0, t1;
+        if constexpr (decltype(full)::value) {
+          io::load(t + k, t0, t1);
         } else {
-          Vec t0, t1;
-          if constexpr (decltype(full)::value) {
-            io::load(t + c0 + k, t0, t1);
-          } else {
-            io::load(t + c0 + k, cnt, t0, t1);
-          }
-          t0 = w0 * at::vec::fmadd(t0, vts, vtsh);
-          t1 = w1 * at::vec::fmadd(t1, vts, vtsh);
-          if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, t0, t1);
-          a0 = at::vec::fmadd(t0, d0, a0);
-          a1 = at::vec::fmadd(t1, d1, a1);
-          q0 += t0;
-          q1 += t1;
+          io::load(t + k, cnt, t0, t1);
         }
+        t0 = w0 * at::vec::fmadd(t0, vts, vtsh);
+        t1 = w1 * at::vec::fmadd(t1, vts, vtsh);
+        if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, t0, t1);
+        a0 = at::vec::fmadd(t0, d0, a0);
+        a1 = at::vec::fmadd(t1, d1, a1);
+        q0 += t0;
+        q1 += t1;
       }
-    });
+    }
+  });
+  s = hsum(s0 + s1);
+  m = hmax(at::vec::maximum(m0, m1));
+  a = hsum(a0 + a1);
+  q = hsum(q0 + q1);
+}
+
+// lse of one row, and the sums of row_pass relative to the returned ref. One pass shifted by the
+// row's first logit: exact unless a logit lies more than kShiftSlack above it (then the sum could
+// overflow) or the first logit is -inf; such rows, rare in practice, take a second pass shifted
+// by the row's max (its exp_shift: 0 if the row is all -inf).
+template <typename scalar_t, int M, bool HasW>
+inline void row_stats(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
+                      typename AccOf<scalar_t>::type& ref, typename AccOf<scalar_t>::type& lse,
+                      typename AccOf<scalar_t>::type& a_out, typename AccOf<scalar_t>::type& s_out) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  acc_t s, m;
+  ref = static_cast<acc_t>(x[0]);
+  row_pass<scalar_t, M, HasW>(cx, x, t, ref, s, m, a_out, s_out);
+  if (!(m - ref <= kShiftSlack<acc_t>)) {
+    ref = exp_shift(m);
+    row_pass<scalar_t, M, HasW>(cx, x, t, ref, s, m, a_out, s_out);
   }
-  lse = exp_shift(m) + std::log(hsum(s0 + s1));
-  a_out = hsum(a0 + a1);
-  s_out = hsum(q0 + q1);
+  lse = ref + std::log(s);
 }
 
 // Per-row loss and the row's weight in the mean's divisor.
@@ -450,82 +452,76 @@ void forward_lanes(const Ctx<scalar_t>& cx) {
       const int64_t i_end = std::min(p.inner, i_begin + u.rows);
       const int64_t L = i_end - i_begin;
       const scalar_t* xu = cx.x + cx.offset(o, i_begin);
-      // Class-major over the (C x L) tile, so each class row is read as one contiguous run;
-      // per-lane accumulators live in L1 buffers. Pass 1: per-lane max, then the exp shift.
-      alignas(64) acc_t sh[kMaxLanes], sm[kMaxLanes], aa[kMaxLanes], qq[kMaxLanes];
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t j = 0; j < L; j += B) {
-          Vec v0, v1;
-          io::load(xu + c * sC + j, std::min(B, L - j), v0, v1);
-          if (c > 0) {
-            v0 = at::vec::maximum(v0, Vec::loadu(sh + j));
-            v1 = at::vec::maximum(v1, Vec::loadu(sh + j + W));
-          }
-          v0.store(sh + j);
-          v1.store(sh + j + W);
-        }
+      const scalar_t* tu = M == kProb ? cx.t + cx.offset(o, i_begin) : nullptr;
+      // Class-major over the (C x L) tile, so each class row is read as one contiguous run, with
+      // per-lane accumulators in L1 buffers: one pass shifted by ref = the lane's first logit,
+      // and a second pass for the tile only if some lane needs it (see row_stats).
+      alignas(64) acc_t rf[kMaxLanes], mx[kMaxLanes], sm[kMaxLanes], aa[kMaxLanes], qq[kMaxLanes];
+      for (int64_t j = 0; j < L; j += B) {
+        Vec v0, v1;
+        io::load(xu + j, std::min(B, L - j), v0, v1);
+        v0.store(rf + j);
+        v1.store(rf + j + W);
       }
+      auto tile_pass = [&]() {
+        for (int64_t c = 0; c < C; ++c) {
+          const Vec wc(HasW ? cx.w[c] : acc_t(1));
+          for (int64_t j = 0; j < L; j += B) {
+            const int64_t nl = std::min(B, L - j);
+            const int64_t at = c * sC + j;
+            prefetch(xu + at + L);
+            if constexpr (M == kProb) prefetch(tu + at + L);
+            Vec v0, v1, m0 = vninf, m1 = vninf, s0(0), s1(0), a0(0), a1(0), q0(0), q1(0);
+            io::load(xu + at, nl, v0, v1);
+            if (c > 0) {
+              m0 = Vec::loadu(mx + j), m1 = Vec::loadu(mx + j + W);
+              s0 = Vec::loadu(sm + j), s1 = Vec::loadu(sm + j + W);
+            }
+            const Vec r0v = Vec::loadu(rf + j), r1v = Vec::loadu(rf + j + W);
+            at::vec::maximum(m0, v0).store(mx + j);
+            at::vec::maximum(m1, v1).store(mx + j + W);
+            (s0 + vexp(v0 - r0v)).store(sm + j);
+            (s1 + vexp(v1 - r1v)).store(sm + j + W);
+            if constexpr (M != kPlain) {
+              if (c > 0) {
+                a0 = Vec::loadu(aa + j), a1 = Vec::loadu(aa + j + W);
+              }
+              Vec f0 = wc, f1 = wc;  // the factor of (x - ref): w_c, or w_c t'_c
+              if constexpr (M == kProb) {
+                Vec t0, t1;
+                io::load(tu + at, nl, t0, t1);
+                f0 = f0 * at::vec::fmadd(t0, vts, vtsh);
+                f1 = f1 * at::vec::fmadd(t1, vts, vtsh);
+                if (c > 0) {
+                  q0 = Vec::loadu(qq + j), q1 = Vec::loadu(qq + j + W);
+                }
+                (q0 + f0).store(qq + j);
+                (q1 + f1).store(qq + j + W);
+              }
+              at::vec::fmadd(f0, v0 - r0v, a0).store(aa + j);
+              at::vec::fmadd(f1, v1 - r1v, a1).store(aa + j + W);
+            }
+          }
+        }
+      };
+      tile_pass();
+      bool again = false;
+      const Vec slack(kShiftSlack<acc_t>);
       for (int64_t j = 0; j < L; j += W) {
-        const Vec m = Vec::loadu(sh + j);
-        Vec::blendv(m, vzero, m == vninf).store(sh + j);
+        const Vec r = Vec::loadu(rf + j), m = Vec::loadu(mx + j);
+        const Vec ok = (m - r) <= slack;  // false for NaN too
+        const Vec shift = Vec::blendv(m, vzero, m == vninf);
+        Vec::blendv(shift, r, ok).store(rf + j);
+        again = again || ok.zero_mask() != 0;  // a bit per lane that is not ok
       }
-      // Pass 2: exp-sums and the smoothing / probability sums, relative to ref = the shift.
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t wc = HasW ? cx.w[c] : acc_t(1);
-        for (int64_t j = 0; j < L; j += B) {
-          const int64_t nl = std::min(B, L - j);
-          Vec v0, v1, s0(0), s1(0), a0(0), a1(0), q0(0), q1(0), r0v, r1v;
-          io::load(xu + c * sC + j, nl, v0, v1);
-          if (c > 0) {
-            s0 = Vec::loadu(sm + j);
-            s1 = Vec::loadu(sm + j + W);
-          }
-          r0v = Vec::loadu(sh + j);
-          r1v = Vec::loadu(sh + j + W);
-          s0 += vexp(v0 - r0v);
-          s1 += vexp(v1 - r1v);
-          s0.store(sm + j);
-          s1.store(sm + j + W);
-          if constexpr (M != kPlain) {
-            if (c > 0) {
-              a0 = Vec::loadu(aa + j);
-              a1 = Vec::loadu(aa + j + W);
-            }
-          }
-          if constexpr (M == kSmooth) {
-            const Vec vw(wc);
-            a0 = at::vec::fmadd(vw, v0 - r0v, a0);
-            a1 = at::vec::fmadd(vw, v1 - r1v, a1);
-          } else if constexpr (M == kProb) {
-            Vec t0, t1;
-            io::load(cx.t + cx.offset(o, i_begin) + c * sC + j, nl, t0, t1);
-            const Vec vw(wc);
-            t0 = vw * at::vec::fmadd(t0, vts, vtsh);
-            t1 = vw * at::vec::fmadd(t1, vts, vtsh);
-            if (c > 0) {
-              q0 = Vec::loadu(qq + j);
-              q1 = Vec::loadu(qq + j + W);
-            }
-            a0 = at::vec::fmadd(t0, v0 - r0v, a0);
-            a1 = at::vec::fmadd(t1, v1 - r1v, a1);
-            (q0 + t0).store(qq + j);
-            (q1 + t1).store(qq + j + W);
-          }
-          if constexpr (M != kPlain) {
-            a0.store(aa + j);
-            a1.store(aa + j + W);
-          }
-        }
-      }
+      if (again) tile_pass();
       Vec vl(0), vw(0);
       for (int64_t j = 0; j < L; j += B) {
         const int64_t nl = std::min(B, L - j);
         const int64_t i0 = i_begin + j;
         const scalar_t* x = xu + j;
-        const Vec sh0 = Vec::loadu(sh + j), sh1 = Vec::loadu(sh + j + W);
+        const Vec r0v = Vec::loadu(rf + j), r1v = Vec::loadu(rf + j + W);
         const Vec s0 = Vec::loadu(sm + j), s1 = Vec::loadu(sm + j + W);
-        const Vec& r0v = sh0;
-        const Vec& r1v = sh1;
         Vec a0(0), a1(0), q0(0), q1(0);
         if constexpr (M != kPlain) {
           a0 = Vec::loadu(aa + j);
@@ -536,7 +532,7 @@ void forward_lanes(const Ctx<scalar_t>& cx) {
           q1 = Vec::loadu(qq + j + W);
         }
         const int64_t r0 = o * p.inner + i0;
-        Vec lse0 = sh0 + s0.log(), lse1 = sh1 + s1.log();
+        Vec lse0 = r0v + s0.log(), lse1 = r1v + s1.log();
         Vec l0, l1, wy0(1), wy1(1);
         if constexpr (M == kProb) {
           l0 = q0 * (lse0 - r0v) - a0;
@@ -786,6 +782,8 @@ void backward_lanes(const Ctx<scalar_t>& cx) {
           const int64_t nl = std::min(B, L - j);
           const int64_t at = base + c * sC + j;
           Vec v0, v1;
+          prefetch(cx.x + at + L);
+          if constexpr (M == kProb) prefetch(cx.t + at + L);
           io::load(cx.x + at, nl, v0, v1);
           Vec g0 = Vec::loadu(bp + j) * vexp(v0 - Vec::loadu(bl + j));
           Vec g1 = Vec::loadu(bp + j + W) * vexp(v1 - Vec::loadu(bl + j + W));
@@ -882,6 +880,7 @@ void target_backward(const Ctx<scalar_t>& cx) {
         const Vec l0 = Vec::loadu(ll), l1 = Vec::loadu(ll + W);
         for (int64_t c = 0; c < C; ++c) {
           Vec v0, v1;
+          prefetch(cx.x + base + c * sC + u.rows);
           io::load(cx.x + base + c * sC, nl, v0, v1);
           Vec g0 = k0 * (v0 - l0), g1 = k1 * (v1 - l1);
           if constexpr (HasW) {
