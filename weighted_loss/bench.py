@@ -2,8 +2,9 @@
 
     python -m weighted_loss.bench [--device cpu|cuda] [--repeat 7] [--case NAME ...]
 
-Every case checks first that the fused loss and gradient match PyTorch's, then times the median of
-`repeat` runs after a warm-up. The bandwidth bound of a case is 3 x the bytes of the logits (read
+Every case computes the fused and the native loss and gradient once (their largest differences are
+printed), then times fused and native forward and forward+backward in alternation, `repeat` rounds
+after a warm-up, and reports medians (backward = forward+backward - forward). The bandwidth bound of a case is 3 x the bytes of the logits (read
 forward, read + gradient write backward) over the copy bandwidth measured in the same run.
 """
 import argparse
@@ -29,17 +30,18 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _time_ms(fn, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
 def _median_ms(fn, device, repeat, warmup=2):
     for _ in range(warmup):
         fn()
-    _sync(device)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(_time_ms(fn, device) for _ in range(repeat))
 
 
 def copy_bandwidth_gbs(device, nbytes=256 << 20, repeat=7):
@@ -64,26 +66,30 @@ def make_inputs(shape, dtype, kwargs, device, seed=0):
 
 
 def run_case(name, shape, dtype, kwargs, device, repeat):
+    """Fused and native timed in alternation (so both see the same machine noise)."""
     x, y, w = make_inputs(shape, dtype, kwargs, device)
     losses = {"fused": wl.cross_entropy, "native": F.cross_entropy}
     out = {"case": name, "shape": list(shape), "dtype": str(dtype).replace("torch.", "")}
-    results = {}
+    results, calls = {}, {}
     for kind, fn in losses.items():
         xr = x.detach().clone().requires_grad_(True)
         loss = fn(xr, y, weight=w, **kwargs)
         (grad,) = torch.autograd.grad(loss, xr)
         results[kind] = (loss.detach().float(), grad.float())
-
-        def fwd():
-            return fn(xr, y, weight=w, **kwargs)
-
-        def fwd_bwd():
-            return torch.autograd.grad(fn(xr, y, weight=w, **kwargs), xr)
-
-        out[f"{kind}_fwd_ms"] = _median_ms(fwd, device, repeat)
-        out[f"{kind}_fwd_bwd_ms"] = _median_ms(fwd_bwd, device, repeat)
+        calls[kind, "fwd"] = lambda fn=fn, xr=xr: fn(xr, y, weight=w, **kwargs)
+        calls[kind, "fwd_bwd"] = lambda fn=fn, xr=xr: torch.autograd.grad(
+            fn(xr, y, weight=w, **kwargs), xr)
+        del loss, grad
+    times = {k: [] for k in calls}
+    for k, f in calls.items():  # warm-up
+        f()
+    for _ in range(repeat):
+        for k, f in calls.items():
+            times[k].append(_time_ms(f, device))
+    for (kind, what), ts in times.items():
+        out[f"{kind}_{what}_ms"] = statistics.median(ts)
+    for kind in losses:
         out[f"{kind}_bwd_ms"] = out[f"{kind}_fwd_bwd_ms"] - out[f"{kind}_fwd_ms"]
-        del xr, loss, grad
     out["max_loss_diff"] = (results["fused"][0] - results["native"][0]).abs().max().item()
     out["max_grad_diff"] = (results["fused"][1] - results["native"][1]).abs().max().item()
     out["speedup"] = out["native_fwd_bwd_ms"] / out["fused_fwd_bwd_ms"]
@@ -94,7 +100,7 @@ def run_case(name, shape, dtype, kwargs, device, repeat):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--case", action="append", help="run only cases whose name contains this")
     args = ap.parse_args(argv)
     device = torch.device(args.device)

@@ -191,12 +191,15 @@ inline void for_blocks(int64_t count, F&& body) {
   if (nv < count) body(nv, count - nv, std::false_type{});
 }
 
-// The lane layout reads each class row of a (C x lanes) tile as a short run, one run per 64 KiB
-// or so: too short for the hardware prefetcher to train on. Each load asks for the same class
-// row one tile ahead, which is the tile this thread reads next.
+// The lane layout reads the classes of a block of lanes as short runs far apart in memory, too
+// short for the hardware prefetcher to train on: each load asks for the same class further along.
 inline void prefetch(const void* p) {
   __builtin_prefetch(p, 0, 3);
 }
+inline void prefetch_write(void* p) {
+  __builtin_prefetch(p, 1, 3);
+}
+constexpr int64_t kPrefetch = 256;  // elements ahead along a class row
 
 // The two halves of a block of n <= B elements: valid lanes from v, the rest from fill.
 template <typename Vec>
@@ -453,83 +456,52 @@ void forward_lanes(const Ctx<scalar_t>& cx) {
       const int64_t L = i_end - i_begin;
       const scalar_t* xu = cx.x + cx.offset(o, i_begin);
       const scalar_t* tu = M == kProb ? cx.t + cx.offset(o, i_begin) : nullptr;
-      // Class-major over the (C x L) tile, so each class row is read as one contiguous run, with
-      // per-lane accumulators in L1 buffers: one pass shifted by ref = the lane's first logit,
-      // and a second pass for the tile only if some lane needs it (see row_stats).
-      alignas(64) acc_t rf[kMaxLanes], mx[kMaxLanes], sm[kMaxLanes], aa[kMaxLanes], qq[kMaxLanes];
-      for (int64_t j = 0; j < L; j += B) {
-        Vec v0, v1;
-        io::load(xu + j, std::min(B, L - j), v0, v1);
-        v0.store(rf + j);
-        v1.store(rf + j + W);
-      }
-      auto tile_pass = [&]() {
-        for (int64_t c = 0; c < C; ++c) {
-          const Vec wc(HasW ? cx.w[c] : acc_t(1));
-          for (int64_t j = 0; j < L; j += B) {
-            const int64_t nl = std::min(B, L - j);
-            const int64_t at = c * sC + j;
-            prefetch(xu + at + L);
-            if constexpr (M == kProb) prefetch(tu + at + L);
-            Vec v0, v1, m0 = vninf, m1 = vninf, s0(0), s1(0), a0(0), a1(0), q0(0), q1(0);
-            io::load(xu + at, nl, v0, v1);
-            if (c > 0) {
-              m0 = Vec::loadu(mx + j), m1 = Vec::loadu(mx + j + W);
-              s0 = Vec::loadu(sm + j), s1 = Vec::loadu(sm + j + W);
-            }
-            const Vec r0v = Vec::loadu(rf + j), r1v = Vec::loadu(rf + j + W);
-            at::vec::maximum(m0, v0).store(mx + j);
-            at::vec::maximum(m1, v1).store(mx + j + W);
-            (s0 + vexp(v0 - r0v)).store(sm + j);
-            (s1 + vexp(v1 - r1v)).store(sm + j + W);
-            if constexpr (M != kPlain) {
-              if (c > 0) {
-                a0 = Vec::loadu(aa + j), a1 = Vec::loadu(aa + j + W);
-              }
-              Vec f0 = wc, f1 = wc;  // the factor of (x - ref): w_c, or w_c t'_c
-              if constexpr (M == kProb) {
-                Vec t0, t1;
-                io::load(tu + at, nl, t0, t1);
-                f0 = f0 * at::vec::fmadd(t0, vts, vtsh);
-                f1 = f1 * at::vec::fmadd(t1, vts, vtsh);
-                if (c > 0) {
-                  q0 = Vec::loadu(qq + j), q1 = Vec::loadu(qq + j + W);
-                }
-                (q0 + f0).store(qq + j);
-                (q1 + f1).store(qq + j + W);
-              }
-              at::vec::fmadd(f0, v0 - r0v, a0).store(aa + j);
-              at::vec::fmadd(f1, v1 - r1v, a1).store(aa + j + W);
-            }
-          }
-        }
-      };
-      tile_pass();
-      bool again = false;
-      const Vec slack(kShiftSlack<acc_t>);
-      for (int64_t j = 0; j < L; j += W) {
-        const Vec r = Vec::loadu(rf + j), m = Vec::loadu(mx + j);
-        const Vec ok = (m - r) <= slack;  // false for NaN too
-        const Vec shift = Vec::blendv(m, vzero, m == vninf);
-        Vec::blendv(shift, r, ok).store(rf + j);
-        again = again || ok.zero_mask() != 0;  // a bit per lane that is not ok
-      }
-      if (again) tile_pass();
       Vec vl(0), vw(0);
       for (int64_t j = 0; j < L; j += B) {
         const int64_t nl = std::min(B, L - j);
         const int64_t i0 = i_begin + j;
         const scalar_t* x = xu + j;
-        const Vec r0v = Vec::loadu(rf + j), r1v = Vec::loadu(rf + j + W);
-        const Vec s0 = Vec::loadu(sm + j), s1 = Vec::loadu(sm + j + W);
-        Vec a0(0), a1(0), q0(0), q1(0);
-        if constexpr (M != kPlain) {
-          a0 = Vec::loadu(aa + j);
-          a1 = Vec::loadu(aa + j + W);
-        }
-        if constexpr (M == kProb) {
-          q0 = Vec::loadu(qq + j);
-          q1 = Vec::loadu(qq + j + W);
+        // One pass down the classes of B lanes, shifted by ref = each lane's first logit; a
+        // second pass only if some lane needs it (see row_stats). Each load prefetches the
+        // same class a few blocks ahead: the class rows are runs far apart in memory, too short
+        // for the hardware prefetcher to pick up.
+        Vec r0v, r1v, m0, m1, s0, s1, a0, a1, q0, q1;
+        io::load(x, nl, r0v, r1v);
+        auto pass = [&]() {
+          m0 = m1 = vninf;
+          s0 = s1 = a0 = a1 = q0 = q1 = vzero;
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t at = c * sC;
+            prefetch(x + at + kPrefetch);
+            Vec v0, v1;
+            io::load(x + at, nl, v0, v1);
+            m0 = at::vec::maximum(m0, v0);
+            m1 = at::vec::maximum(m1, v1);
+            s0 += vexp(v0 - r0v);
+            s1 += vexp(v1 - r1v);
+            if constexpr (M != kPlain) {
+              Vec f0(HasW ? cx.w[c] : acc_t(1)), f1 = f0;  // factor of (x - ref): w_c or w_c t'_c
+              if constexpr (M == kProb) {
+                prefetch(tu + j + at + kPrefetch);
+                Vec t0, t1;
+                io::load(tu + j + at, nl, t0, t1);
+                f0 = f0 * at::vec::fmadd(t0, vts, vtsh);
+                f1 = f1 * at::vec::fmadd(t1, vts, vtsh);
+                q0 += f0;
+                q1 += f1;
+              }
+              a0 = at::vec::fmadd(f0, v0 - r0v, a0);
+              a1 = at::vec::fmadd(f1, v1 - r1v, a1);
+            }
+          }
+        };
+        pass();
+        const Vec slack(kShiftSlack<acc_t>);
+        const Vec ok0 = (m0 - r0v) <= slack, ok1 = (m1 - r1v) <= slack;  // false for NaN too
+        if ((ok0.zero_mask() | ok1.zero_mask()) != 0) {
+          r0v = Vec::blendv(Vec::blendv(m0, vzero, m0 == vninf), r0v, ok0);
+          r1v = Vec::blendv(Vec::blendv(m1, vzero, m1 == vninf), r1v, ok1);
+          pass();
         }
         const int64_t r0 = o * p.inner + i0;
         Vec lse0 = r0v + s0.log(), lse1 = r1v + s1.log();
@@ -722,19 +694,17 @@ void backward_lanes(const Ctx<scalar_t>& cx) {
       const int64_t i_end = std::min(p.inner, i_begin + u.rows);
       const int64_t L = i_end - i_begin;
       const int64_t base = cx.offset(o, i_begin);
-      // Per-lane coefficients (see row_coef) into L1 buffers, then the gradient class-major so
-      // each class row is read and written as one contiguous run. kp > 0 keeps a lane; ignored
-      // lanes get a zero gradient.
-      alignas(64) acc_t bl[kMaxLanes], bp[kMaxLanes], bw[kMaxLanes], by[kMaxLanes],
-          bg[kMaxLanes], bk[kMaxLanes];
       for (int64_t j = 0; j < L; j += B) {
         const int64_t nl = std::min(B, L - j);
         const int64_t r0 = o * p.inner + i_begin + j;
+        // Per-lane coefficients (see row_coef). An ignored lane gets lse = +inf and zero
+        // coefficients, so its gradient is 0 * exp(x - inf) = 0 (NaN for a NaN logit, as in
+        // PyTorch's log_softmax backward).
         Vec g0v(g_all), g1v(g_all);
         if (none) io::load(static_cast<const scalar_t*>(p.grad_loss) + r0, nl, g0v, g1v);
         Vec lse0, lse1;
         load_weight(static_cast<const acc_t*>(p.lse) + r0, nl, lse0, lse1);
-        Vec cp0, cp1, cw0(0), cw1(0), gy0(0), gy1(0), y0(-1), y1(-1), k0(1), k1(1);
+        Vec cp0, cp1, cw0(0), cw1(0), gy0(0), gy1(0), y0(-1), y1(-1);
         if constexpr (M == kProb) {
           Vec q0, q1;
           load_weight(static_cast<const acc_t*>(p.tsum) + r0, nl, q0, q1);
@@ -752,57 +722,47 @@ void backward_lanes(const Ctx<scalar_t>& cx) {
           Vec wy0, wy1;
           load_weight(wy, nl, wy0, wy1);
           load_weight(yk, nl, y0, y1);
-          const Vec ks(acc_t(1) - cx.smooth);
+          const Vec ks(acc_t(1) - cx.smooth), inf(std::numeric_limits<acc_t>::infinity());
+          lse0 = Vec::blendv(inf, lse0, y0 >= Vec(0));
+          lse1 = Vec::blendv(inf, lse1, y1 >= Vec(0));
           gy0 = g0v * ks * wy0;
           gy1 = g1v * ks * wy1;
           if constexpr (M == kSmooth) {
             const Vec kt(cx.t_shift), kw(cx.t_shift * cx.w_sum);
-            cp0 = gy0 + g0v * kw;
-            cp1 = gy1 + g1v * kw;
-            cw0 = g0v * kt;
-            cw1 = g1v * kt;
+            const Vec k0 = Vec::blendv(Vec(0), Vec(1), y0 >= Vec(0));
+            const Vec k1 = Vec::blendv(Vec(0), Vec(1), y1 >= Vec(0));
+            cp0 = gy0 + g0v * kw * k0;
+            cp1 = gy1 + g1v * kw * k1;
+            cw0 = g0v * kt * k0;
+            cw1 = g1v * kt * k1;
           } else {
             cp0 = gy0;
             cp1 = gy1;
           }
-          k0 = Vec::blendv(Vec(0), Vec(1), y0 >= Vec(0));
-          k1 = Vec::blendv(Vec(0), Vec(1), y1 >= Vec(0));
         }
-        lse0.store(bl + j), lse1.store(bl + j + W);
-        cp0.store(bp + j), cp1.store(bp + j + W);
-        cw0.store(bw + j), cw1.store(bw + j + W);
-        y0.store(by + j), y1.store(by + j + W);
-        gy0.store(bg + j), gy1.store(bg + j + W);
-        k0.store(bk + j), k1.store(bk + j + W);
-      }
-      const Vec zero(0);
-      for (int64_t c = 0; c < C; ++c) {
-        const Vec wc(HasW ? cx.w[c] : acc_t(1)), vc(static_cast<acc_t>(c));
-        for (int64_t j = 0; j < L; j += B) {
-          const int64_t nl = std::min(B, L - j);
+        for (int64_t c = 0; c < C; ++c) {
           const int64_t at = base + c * sC + j;
+          prefetch(cx.x + at + kPrefetch);
+          prefetch_write(gi + at + kPrefetch);
           Vec v0, v1;
-          prefetch(cx.x + at + L);
-          if constexpr (M == kProb) prefetch(cx.t + at + L);
           io::load(cx.x + at, nl, v0, v1);
-          Vec g0 = Vec::loadu(bp + j) * vexp(v0 - Vec::loadu(bl + j));
-          Vec g1 = Vec::loadu(bp + j + W) * vexp(v1 - Vec::loadu(bl + j + W));
+          Vec g0 = cp0 * vexp(v0 - lse0), g1 = cp1 * vexp(v1 - lse1);
           if constexpr (M == kSmooth || M == kProb) {
-            Vec w0 = wc, w1 = wc;
+            Vec w0(HasW ? cx.w[c] : acc_t(1)), w1 = w0;
             if constexpr (M == kProb) {
+              prefetch(cx.t + at + kPrefetch);
               Vec t0, t1;
               io::load(cx.t + at, nl, t0, t1);
               w0 = w0 * at::vec::fmadd(t0, vts, vtsh);
               w1 = w1 * at::vec::fmadd(t1, vts, vtsh);
             }
-            g0 = g0 - Vec::loadu(bw + j) * w0;
-            g1 = g1 - Vec::loadu(bw + j + W) * w1;
+            g0 = g0 - cw0 * w0;
+            g1 = g1 - cw1 * w1;
           }
           if constexpr (M != kProb) {
-            g0 = g0 - (Vec::loadu(bg + j) & (Vec::loadu(by + j) == vc));
-            g1 = g1 - (Vec::loadu(bg + j + W) & (Vec::loadu(by + j + W) == vc));
-            g0 = Vec::blendv(zero, g0, Vec::loadu(bk + j) != zero);
-            g1 = Vec::blendv(zero, g1, Vec::loadu(bk + j + W) != zero);
+            const Vec vc(static_cast<acc_t>(c));
+            g0 = g0 - (gy0 & (y0 == vc));
+            g1 = g1 - (gy1 & (y1 == vc));
           }
           io::store(gi + at, nl, g0, g1);
         }
