@@ -216,6 +216,8 @@ DET_CASES = {
     "rows": ((512, 3000), "index", {"label_smoothing": 0.1}),
     "lanes": ((4, 19, 33, 45), "index", {"ignore_index": 3}),
     "prob": ((300, 70), "prob", {}),
+    "prob-lanes": ((3, 7, 40, 41), "prob", {"label_smoothing": 0.2}),
+    "small-rows": ((5000, 19), "index", {"label_smoothing": 0.1}),
     "bf16": ((256, 5000), "index", {}),
 }
 

@@ -432,124 +432,135 @@ void forward_rows(const Ctx<scalar_t>& cx) {
 // ---------------------------------------------------------------------------------------------
 // Forward, lanes along the contiguous spatial axis of (N, C, d...).
 
+// One block of nl <= B lanes: lane k is row r0 + k, with its logit of class c at x[c * sC + k]
+// (and its target probability at t[c * sC + k]). Writes the rows' lse (tsum; loss for
+// Reduction::None) and adds the block's loss and divisor to vl and vw.
+template <typename scalar_t, int M, bool HasW>
+inline void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
+                                int64_t sC, int64_t nl, int64_t r0,
+                                Vectorized<typename AccOf<scalar_t>::type>& vl,
+                                Vectorized<typename AccOf<scalar_t>::type>& vw) {
+  using io = IO<scalar_t>;
+  using acc_t = typename io::acc_t;
+  using Vec = typename io::Vec;
+  constexpr int64_t B = io::B;
+  const auto& p = cx.p;
+  const int64_t C = cx.C;
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const Vec vts(cx.t_scale), vtsh(cx.t_shift), vninf(ninf), vzero(0);
+  auto* lse_out = static_cast<acc_t*>(p.lse);
+  auto* tsum_out = static_cast<acc_t*>(p.tsum);
+  auto* loss_out = static_cast<scalar_t*>(p.loss);
+  const bool none = p.reduction == Reduction::None;
+  // One pass down the classes of B lanes, shifted by ref = each lane's first logit; a
+  // second pass only if some lane needs it (see row_stats). Each load prefetches the
+  // same class a few blocks ahead: the class rows are runs far apart in memory, too short
+  // for the hardware prefetcher to pick up.
+  Vec r0v, r1v, m0, m1, s0, s1, a0, a1, q0, q1;
+  io::load(x, nl, r0v, r1v);
+  auto pass = [&]() {
+    m0 = m1 = vninf;
+    s0 = s1 = a0 = a1 = q0 = q1 = vzero;
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t at = c * sC;
+      prefetch(x + at + kPrefetch);
+      Vec v0, v1;
+      io::load(x + at, nl, v0, v1);
+      m0 = at::vec::maximum(m0, v0);
+      m1 = at::vec::maximum(m1, v1);
+      s0 += vexp(v0 - r0v);
+      s1 += vexp(v1 - r1v);
+      if constexpr (M != kPlain) {
+        Vec f0(HasW ? cx.w[c] : acc_t(1)), f1 = f0;  // factor of (x - ref): w_c or w_c t'_c
+        if constexpr (M == kProb) {
+          prefetch(t + at + kPrefetch);
+          Vec t0, t1;
+          io::load(t + at, nl, t0, t1);
+          f0 = f0 * at::vec::fmadd(t0, vts, vtsh);
+          f1 = f1 * at::vec::fmadd(t1, vts, vtsh);
+          q0 += f0;
+          q1 += f1;
+        }
+        a0 = at::vec::fmadd(f0, v0 - r0v, a0);
+        a1 = at::vec::fmadd(f1, v1 - r1v, a1);
+      }
+    }
+  };
+  pass();
+  const Vec slack(kShiftSlack<acc_t>);
+  const Vec ok0 = (m0 - r0v) <= slack, ok1 = (m1 - r1v) <= slack;  // false for NaN too
+  if ((ok0.zero_mask() | ok1.zero_mask()) != 0) {
+    r0v = Vec::blendv(Vec::blendv(m0, vzero, m0 == vninf), r0v, ok0);
+    r1v = Vec::blendv(Vec::blendv(m1, vzero, m1 == vninf), r1v, ok1);
+    pass();
+  }
+  Vec lse0 = r0v + s0.log(), lse1 = r1v + s1.log();
+  Vec l0, l1, wy0(1), wy1(1);
+  if constexpr (M == kProb) {
+    l0 = q0 * (lse0 - r0v) - a0;
+    l1 = q1 * (lse1 - r1v) - a1;
+    store_acc(tsum_out + r0, nl, q0, q1);
+  } else {
+    // per lane: the target's weight and logit; ignored lanes (and the tail) are masked
+    acc_t wy[B], xy[B], kp[B];
+    for (int64_t k = 0; k < nl; ++k) {
+      const int64_t yv = cx.checked_target(r0 + k);
+      wy[k] = yv < 0 ? acc_t(0) : HasW ? cx.w[yv] : acc_t(1);
+      xy[k] = yv < 0 ? acc_t(0) : static_cast<acc_t>(x[yv * sC + k]);
+      kp[k] = yv < 0 ? acc_t(0) : acc_t(1);
+    }
+    Vec xy0, xy1, kp0, kp1;
+    load_weight(wy, nl, wy0, wy1);
+    load_weight(xy, nl, xy0, xy1);
+    load_weight(kp, nl, kp0, kp1);
+    if constexpr (M == kSmooth) {
+      const Vec ks(acc_t(1) - cx.smooth), kt(cx.t_shift), kw(cx.w_sum);
+      l0 = ks * wy0 * (lse0 - xy0) + kt * (kw * (lse0 - r0v) - a0);
+      l1 = ks * wy1 * (lse1 - xy1) + kt * (kw * (lse1 - r1v) - a1);
+    } else {
+      l0 = wy0 * (lse0 - xy0);
+      l1 = wy1 * (lse1 - xy1);
+    }
+    const Vec keep0 = kp0 != vzero, keep1 = kp1 != vzero;
+    lse0 = Vec::blendv(vzero, lse0, keep0);
+    lse1 = Vec::blendv(vzero, lse1, keep1);
+    l0 = Vec::blendv(vzero, l0, keep0);
+    l1 = Vec::blendv(vzero, l1, keep1);
+  }
+  store_acc(lse_out + r0, nl, lse0, lse1);
+  if (none) {
+    io::store(loss_out + r0, nl, l0, l1);
+  } else {
+    keep_valid(nl, vzero, l0, l1);
+    keep_valid(nl, vzero, wy0, wy1);
+    vl = vl + l0 + l1;
+    vw = vw + wy0 + wy1;
+  }
+}
+
 template <typename scalar_t, int M, bool HasW>
 void forward_lanes(const Ctx<scalar_t>& cx) {
   using io = IO<scalar_t>;
   using acc_t = typename io::acc_t;
   using Vec = typename io::Vec;
-  constexpr int64_t B = io::B, W = io::W;
+  constexpr int64_t B = io::B;
   const auto& p = cx.p;
   const Units u = lane_units<scalar_t>(p);
-  const int64_t C = cx.C, sC = p.stride_class;
-  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   std::vector<double> part_loss(u.count, 0.0), part_w(u.count, 0.0);
-  auto* lse_out = static_cast<acc_t*>(p.lse);
-  auto* tsum_out = static_cast<acc_t*>(p.tsum);
-  auto* loss_out = static_cast<scalar_t*>(p.loss);
-  const bool none = p.reduction == Reduction::None;
-  const Vec vts(cx.t_scale), vtsh(cx.t_shift), vninf(ninf), vzero(0);
   at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
     for (int64_t unit = b; unit < e; ++unit) {
       const int64_t o = unit / u.per_outer;
       const int64_t i_begin = (unit % u.per_outer) * u.rows;
       const int64_t i_end = std::min(p.inner, i_begin + u.rows);
-      const int64_t L = i_end - i_begin;
-      const scalar_t* xu = cx.x + cx.offset(o, i_begin);
-      const scalar_t* tu = M == kProb ? cx.t + cx.offset(o, i_begin) : nullptr;
+      const int64_t off = cx.offset(o, i_begin);
       Vec vl(0), vw(0);
-      for (int64_t j = 0; j < L; j += B) {
-        const int64_t nl = std::min(B, L - j);
-        const int64_t i0 = i_begin + j;
-        const scalar_t* x = xu + j;
-        // One pass down the classes of B lanes, shifted by ref = each lane's first logit; a
-        // second pass only if some lane needs it (see row_stats). Each load prefetches the
-        // same class a few blocks ahead: the class rows are runs far apart in memory, too short
-        // for the hardware prefetcher to pick up.
-        Vec r0v, r1v, m0, m1, s0, s1, a0, a1, q0, q1;
-        io::load(x, nl, r0v, r1v);
-        auto pass = [&]() {
-          m0 = m1 = vninf;
-          s0 = s1 = a0 = a1 = q0 = q1 = vzero;
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t at = c * sC;
-            prefetch(x + at + kPrefetch);
-            Vec v0, v1;
-            io::load(x + at, nl, v0, v1);
-            m0 = at::vec::maximum(m0, v0);
-            m1 = at::vec::maximum(m1, v1);
-            s0 += vexp(v0 - r0v);
-            s1 += vexp(v1 - r1v);
-            if constexpr (M != kPlain) {
-              Vec f0(HasW ? cx.w[c] : acc_t(1)), f1 = f0;  // factor of (x - ref): w_c or w_c t'_c
-              if constexpr (M == kProb) {
-                prefetch(tu + j + at + kPrefetch);
-                Vec t0, t1;
-                io::load(tu + j + at, nl, t0, t1);
-                f0 = f0 * at::vec::fmadd(t0, vts, vtsh);
-                f1 = f1 * at::vec::fmadd(t1, vts, vtsh);
-                q0 += f0;
-                q1 += f1;
-              }
-              a0 = at::vec::fmadd(f0, v0 - r0v, a0);
-              a1 = at::vec::fmadd(f1, v1 - r1v, a1);
-            }
-          }
-        };
-        pass();
-        const Vec slack(kShiftSlack<acc_t>);
-        const Vec ok0 = (m0 - r0v) <= slack, ok1 = (m1 - r1v) <= slack;  // false for NaN too
-        if ((ok0.zero_mask() | ok1.zero_mask()) != 0) {
-          r0v = Vec::blendv(Vec::blendv(m0, vzero, m0 == vninf), r0v, ok0);
-          r1v = Vec::blendv(Vec::blendv(m1, vzero, m1 == vninf), r1v, ok1);
-          pass();
-        }
-        const int64_t r0 = o * p.inner + i0;
-        Vec lse0 = r0v + s0.log(), lse1 = r1v + s1.log();
-        Vec l0, l1, wy0(1), wy1(1);
-        if constexpr (M == kProb) {
-          l0 = q0 * (lse0 - r0v) - a0;
-          l1 = q1 * (lse1 - r1v) - a1;
-          store_acc(tsum_out + r0, nl, q0, q1);
-        } else {
-          // per lane: the target's weight and logit; ignored lanes (and the tail) are masked
-          acc_t wy[B], xy[B], kp[B];
-          for (int64_t k = 0; k < nl; ++k) {
-            const int64_t yv = cx.checked_target(r0 + k);
-            wy[k] = yv < 0 ? acc_t(0) : HasW ? cx.w[yv] : acc_t(1);
-            xy[k] = yv < 0 ? acc_t(0) : static_cast<acc_t>(x[yv * sC + k]);
-            kp[k] = yv < 0 ? acc_t(0) : acc_t(1);
-          }
-          Vec xy0, xy1, kp0, kp1;
-          load_weight(wy, nl, wy0, wy1);
-          load_weight(xy, nl, xy0, xy1);
-          load_weight(kp, nl, kp0, kp1);
-          if constexpr (M == kSmooth) {
-            const Vec ks(acc_t(1) - cx.smooth), kt(cx.t_shift), kw(cx.w_sum);
-            l0 = ks * wy0 * (lse0 - xy0) + kt * (kw * (lse0 - r0v) - a0);
-            l1 = ks * wy1 * (lse1 - xy1) + kt * (kw * (lse1 - r1v) - a1);
-          } else {
-            l0 = wy0 * (lse0 - xy0);
-            l1 = wy1 * (lse1 - xy1);
-          }
-          const Vec keep0 = kp0 != vzero, keep1 = kp1 != vzero;
-          lse0 = Vec::blendv(vzero, lse0, keep0);
-          lse1 = Vec::blendv(vzero, lse1, keep1);
-          l0 = Vec::blendv(vzero, l0, keep0);
-          l1 = Vec::blendv(vzero, l1, keep1);
-        }
-        store_acc(lse_out + r0, nl, lse0, lse1);
-        if (none) {
-          io::store(loss_out + r0, nl, l0, l1);
-        } else {
-          keep_valid(nl, vzero, l0, l1);
-          keep_valid(nl, vzero, wy0, wy1);
-          vl = vl + l0 + l1;
-          vw = vw + wy0 + wy1;
-        }
+      for (int64_t j = 0; j < i_end - i_begin; j += B) {
+        lanes_block_forward<scalar_t, M, HasW>(
+            cx, cx.x + off + j, M == kProb ? cx.t + off + j : nullptr, p.stride_class,
+            std::min(B, i_end - i_begin - j), o * p.inner + i_begin + j, vl, vw);
       }
-      const double sl = hsum(vl), sw = hsum(vw);
-      part_loss[unit] = sl;
-      part_w[unit] = sw;
+      part_loss[unit] = hsum(vl);
+      part_w[unit] = hsum(vw);
     }
   });
   finish_forward<scalar_t, acc_t>(p, part_loss, part_w);
@@ -674,17 +685,97 @@ void backward_rows(const Ctx<scalar_t>& cx) {
   });
 }
 
+// The gradient of one block of nl <= B lanes laid out as for lanes_block_forward, written to
+// g[c * sC + k].
 template <typename scalar_t, int M, bool HasW>
-void backward_lanes(const Ctx<scalar_t>& cx) {
+inline void lanes_block_backward(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
+                                 scalar_t* g, int64_t sC, int64_t nl, int64_t r0,
+                                 typename AccOf<scalar_t>::type g_all) {
   using io = IO<scalar_t>;
   using acc_t = typename io::acc_t;
   using Vec = typename io::Vec;
-  constexpr int64_t B = io::B, W = io::W;
+  constexpr int64_t B = io::B;
   const auto& p = cx.p;
-  const int64_t C = cx.C, sC = p.stride_class;
-  const acc_t g_all = p.reduction == Reduction::None ? acc_t(0) : scalar_grad<scalar_t>(p);
+  const int64_t C = cx.C;
   const Vec vts(cx.t_scale), vtsh(cx.t_shift);
   const bool none = p.reduction == Reduction::None;
+  // Per-lane coefficients (see row_coef). An ignored lane gets lse = +inf and zero
+  // coefficients, so its gradient is 0 * exp(x - inf) = 0 (NaN for a NaN logit, as in
+  // PyTorch's log_softmax backward).
+  Vec g0v(g_all), g1v(g_all);
+  if (none) io::load(static_cast<const scalar_t*>(p.grad_loss) + r0, nl, g0v, g1v);
+  Vec lse0, lse1;
+  load_weight(static_cast<const acc_t*>(p.lse) + r0, nl, lse0, lse1);
+  Vec cp0, cp1, cw0(0), cw1(0), gy0(0), gy1(0), y0(-1), y1(-1);
+  if constexpr (M == kProb) {
+    Vec q0, q1;
+    load_weight(static_cast<const acc_t*>(p.tsum) + r0, nl, q0, q1);
+    cp0 = g0v * q0;
+    cp1 = g1v * q1;
+    cw0 = g0v;
+    cw1 = g1v;
+  } else {
+    acc_t wy[B], yk[B];
+    for (int64_t k = 0; k < nl; ++k) {
+      const int64_t yv = cx.checked_target(r0 + k);
+      wy[k] = yv < 0 ? acc_t(0) : HasW ? cx.w[yv] : acc_t(1);
+      yk[k] = static_cast<acc_t>(yv);  // -1 for ignored lanes
+    }
+    Vec wy0, wy1;
+    load_weight(wy, nl, wy0, wy1);
+    load_weight(yk, nl, y0, y1);
+    const Vec ks(acc_t(1) - cx.smooth), inf(std::numeric_limits<acc_t>::infinity()), zero(0);
+    const Vec keep0 = y0 >= zero, keep1 = y1 >= zero;
+    lse0 = Vec::blendv(inf, lse0, keep0);
+    lse1 = Vec::blendv(inf, lse1, keep1);
+    // blended, not multiplied, to zero: g may be inf (a mean over nothing but ignored rows)
+    gy0 = Vec::blendv(zero, g0v * ks * wy0, keep0);
+    gy1 = Vec::blendv(zero, g1v * ks * wy1, keep1);
+    if constexpr (M == kSmooth) {
+      const Vec kt(cx.t_shift), kw(cx.t_shift * cx.w_sum);
+      cp0 = Vec::blendv(zero, gy0 + g0v * kw, keep0);
+      cp1 = Vec::blendv(zero, gy1 + g1v * kw, keep1);
+      cw0 = Vec::blendv(zero, g0v * kt, keep0);
+      cw1 = Vec::blendv(zero, g1v * kt, keep1);
+    } else {
+      cp0 = gy0;
+      cp1 = gy1;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t at = c * sC;
+    prefetch(x + at + kPrefetch);
+    prefetch_write(g + at + kPrefetch);
+    Vec v0, v1;
+    io::load(x + at, nl, v0, v1);
+    Vec g0 = cp0 * vexp(v0 - lse0), g1 = cp1 * vexp(v1 - lse1);
+    if constexpr (M == kSmooth || M == kProb) {
+      Vec w0(HasW ? cx.w[c] : acc_t(1)), w1 = w0;
+      if constexpr (M == kProb) {
+        prefetch(t + at + kPrefetch);
+        Vec t0, t1;
+        io::load(t + at, nl, t0, t1);
+        w0 = w0 * at::vec::fmadd(t0, vts, vtsh);
+        w1 = w1 * at::vec::fmadd(t1, vts, vtsh);
+      }
+      g0 = g0 - cw0 * w0;
+      g1 = g1 - cw1 * w1;
+    }
+    if constexpr (M != kProb) {
+      const Vec vc(static_cast<acc_t>(c));
+      g0 = g0 - (gy0 & (y0 == vc));
+      g1 = g1 - (gy1 & (y1 == vc));
+    }
+    io::store(g + at, nl, g0, g1);
+  }
+}
+
+template <typename scalar_t, int M, bool HasW>
+void backward_lanes(const Ctx<scalar_t>& cx) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  constexpr int64_t B = IO<scalar_t>::B;
+  const auto& p = cx.p;
+  const acc_t g_all = p.reduction == Reduction::None ? acc_t(0) : scalar_grad<scalar_t>(p);
   auto* gi = static_cast<scalar_t*>(p.grad_input);
   const Units u = lane_units<scalar_t>(p);
   at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
@@ -692,79 +783,110 @@ void backward_lanes(const Ctx<scalar_t>& cx) {
       const int64_t o = unit / u.per_outer;
       const int64_t i_begin = (unit % u.per_outer) * u.rows;
       const int64_t i_end = std::min(p.inner, i_begin + u.rows);
-      const int64_t L = i_end - i_begin;
-      const int64_t base = cx.offset(o, i_begin);
-      for (int64_t j = 0; j < L; j += B) {
-        const int64_t nl = std::min(B, L - j);
-        const int64_t r0 = o * p.inner + i_begin + j;
-        // Per-lane coefficients (see row_coef). An ignored lane gets lse = +inf and zero
-        // coefficients, so its gradient is 0 * exp(x - inf) = 0 (NaN for a NaN logit, as in
-        // PyTorch's log_softmax backward).
-        Vec g0v(g_all), g1v(g_all);
-        if (none) io::load(static_cast<const scalar_t*>(p.grad_loss) + r0, nl, g0v, g1v);
-        Vec lse0, lse1;
-        load_weight(static_cast<const acc_t*>(p.lse) + r0, nl, lse0, lse1);
-        Vec cp0, cp1, cw0(0), cw1(0), gy0(0), gy1(0), y0(-1), y1(-1);
-        if constexpr (M == kProb) {
-          Vec q0, q1;
-          load_weight(static_cast<const acc_t*>(p.tsum) + r0, nl, q0, q1);
-          cp0 = g0v * q0;
-          cp1 = g1v * q1;
-          cw0 = g0v;
-          cw1 = g1v;
-        } else {
-          acc_t wy[B], yk[B];
-          for (int64_t k = 0; k < nl; ++k) {
-            const int64_t yv = cx.checked_target(r0 + k);
-            wy[k] = yv < 0 ? acc_t(0) : HasW ? cx.w[yv] : acc_t(1);
-            yk[k] = static_cast<acc_t>(yv);  // -1 for ignored lanes
-          }
-          Vec wy0, wy1;
-          load_weight(wy, nl, wy0, wy1);
-          load_weight(yk, nl, y0, y1);
-          const Vec ks(acc_t(1) - cx.smooth), inf(std::numeric_limits<acc_t>::infinity());
-          lse0 = Vec::blendv(inf, lse0, y0 >= Vec(0));
-          lse1 = Vec::blendv(inf, lse1, y1 >= Vec(0));
-          gy0 = g0v * ks * wy0;
-          gy1 = g1v * ks * wy1;
-          if constexpr (M == kSmooth) {
-            const Vec kt(cx.t_shift), kw(cx.t_shift * cx.w_sum);
-            const Vec k0 = Vec::blendv(Vec(0), Vec(1), y0 >= Vec(0));
-            const Vec k1 = Vec::blendv(Vec(0), Vec(1), y1 >= Vec(0));
-            cp0 = gy0 + g0v * kw * k0;
-            cp1 = gy1 + g1v * kw * k1;
-            cw0 = g0v * kt * k0;
-            cw1 = g1v * kt * k1;
-          } else {
-            cp0 = gy0;
-            cp1 = gy1;
-          }
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t at = base + c * sC + j;
-          prefetch(cx.x + at + kPrefetch);
-          prefetch_write(gi + at + kPrefetch);
-          Vec v0, v1;
-          io::load(cx.x + at, nl, v0, v1);
-          Vec g0 = cp0 * vexp(v0 - lse0), g1 = cp1 * vexp(v1 - lse1);
-          if constexpr (M == kSmooth || M == kProb) {
-            Vec w0(HasW ? cx.w[c] : acc_t(1)), w1 = w0;
-            if constexpr (M == kProb) {
-              prefetch(cx.t + at + kPrefetch);
-              Vec t0, t1;
-              io::load(cx.t + at, nl, t0, t1);
-              w0 = w0 * at::vec::fmadd(t0, vts, vtsh);
-              w1 = w1 * at::vec::fmadd(t1, vts, vtsh);
-            }
-            g0 = g0 - cw0 * w0;
-            g1 = g1 - cw1 * w1;
-          }
-          if constexpr (M != kProb) {
-            const Vec vc(static_cast<acc_t>(c));
-            g0 = g0 - (gy0 & (y0 == vc));
-            g1 = g1 - (gy1 & (y1 == vc));
-          }
-          io::store(gi + at, nl, g0, g1);
+      const int64_t off = cx.offset(o, i_begin);
+      for (int64_t j = 0; j < i_end - i_begin; j += B) {
+        lanes_block_backward<scalar_t, M, HasW>(
+            cx, cx.x + off + j, M == kProb ? cx.t + off + j : nullptr, gi + off + j,
+            p.stride_class, std::min(B, i_end - i_begin - j), o * p.inner + i_begin + j, g_all);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Class-contiguous rows with few classes (a classifier with 10 classes, channels-last
+// segmentation): vectorizing along a row of 19 would spend more on per-row horizontal work than
+// on the row. Blocks of B rows are transposed into a small (C x B) tile on the stack and go
+// through the lane-layout code, one lane per row.
+
+constexpr int64_t kSmallClasses = 64;
+
+template <typename scalar_t>
+inline Units small_row_units(const CrossEntropyParams& p) {
+  constexpr int64_t B = IO<scalar_t>::B;
+  const int64_t rows = p.outer * p.inner;
+  int64_t per = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.classes));
+  per = (per + B - 1) / B * B;
+  return {(rows + per - 1) / per, per, 0};
+}
+
+// Offsets of the rows r0 .. r0 + nl - 1 (one division for the block, not one per row).
+template <typename scalar_t>
+inline void row_offsets(const Ctx<scalar_t>& cx, int64_t r0, int64_t nl, int64_t* off) {
+  int64_t o = r0 / cx.p.inner, i = r0 % cx.p.inner;
+  for (int64_t k = 0; k < nl; ++k) {
+    off[k] = cx.offset(o, i);
+    if (++i == cx.p.inner) {
+      i = 0;
+      ++o;
+    }
+  }
+}
+
+template <typename scalar_t>
+inline void gather_tile(const Ctx<scalar_t>& cx, const scalar_t* src, const int64_t* off,
+                        int64_t nl, scalar_t* tile) {
+  constexpr int64_t B = IO<scalar_t>::B;
+  for (int64_t k = 0; k < nl; ++k) {
+    const scalar_t* row = src + off[k];
+    for (int64_t c = 0; c < cx.C; ++c) tile[c * B + k] = row[c];
+  }
+}
+
+template <typename scalar_t, int M, bool HasW>
+void forward_small_rows(const Ctx<scalar_t>& cx) {
+  using io = IO<scalar_t>;
+  using acc_t = typename io::acc_t;
+  using Vec = typename io::Vec;
+  constexpr int64_t B = io::B;
+  const auto& p = cx.p;
+  const Units u = small_row_units<scalar_t>(p);
+  const int64_t rows = p.outer * p.inner;
+  std::vector<double> part_loss(u.count, 0.0), part_w(u.count, 0.0);
+  at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
+    alignas(64) scalar_t xt[kSmallClasses * B], tt[M == kProb ? kSmallClasses * B : 1];
+    for (int64_t unit = b; unit < e; ++unit) {
+      Vec vl(0), vw(0);
+      const int64_t r_end = std::min(rows, (unit + 1) * u.rows);
+      for (int64_t r0 = unit * u.rows; r0 < r_end; r0 += B) {
+        const int64_t nl = std::min(B, r_end - r0);
+        int64_t off[B];
+        row_offsets(cx, r0, nl, off);
+        gather_tile(cx, cx.x, off, nl, xt);
+        if constexpr (M == kProb) gather_tile(cx, cx.t, off, nl, tt);
+        lanes_block_forward<scalar_t, M, HasW>(cx, xt, tt, B, nl, r0, vl, vw);
+      }
+      part_loss[unit] = hsum(vl);
+      part_w[unit] = hsum(vw);
+    }
+  });
+  finish_forward<scalar_t, acc_t>(p, part_loss, part_w);
+}
+
+template <typename scalar_t, int M, bool HasW>
+void backward_small_rows(const Ctx<scalar_t>& cx) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  constexpr int64_t B = IO<scalar_t>::B;
+  const auto& p = cx.p;
+  const Units u = small_row_units<scalar_t>(p);
+  const int64_t rows = p.outer * p.inner;
+  const acc_t g_all = p.reduction == Reduction::None ? acc_t(0) : scalar_grad<scalar_t>(p);
+  auto* gi = static_cast<scalar_t*>(p.grad_input);
+  at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
+    alignas(64) scalar_t xt[kSmallClasses * B], gt[kSmallClasses * B],
+        tt[M == kProb ? kSmallClasses * B : 1];
+    for (int64_t unit = b; unit < e; ++unit) {
+      const int64_t r_end = std::min(rows, (unit + 1) * u.rows);
+      for (int64_t r0 = unit * u.rows; r0 < r_end; r0 += B) {
+        const int64_t nl = std::min(B, r_end - r0);
+        int64_t off[B];
+        row_offsets(cx, r0, nl, off);
+        gather_tile(cx, cx.x, off, nl, xt);
+        if constexpr (M == kProb) gather_tile(cx, cx.t, off, nl, tt);
+        lanes_block_backward<scalar_t, M, HasW>(cx, xt, tt, gt, B, nl, r0, g_all);
+        for (int64_t k = 0; k < nl; ++k) {
+          scalar_t* row = gi + off[k];
+          for (int64_t c = 0; c < cx.C; ++c) row[c] = gt[c * B + k];
         }
       }
     }
@@ -896,7 +1018,9 @@ void cross_entropy_forward(const CrossEntropyParams& p) {
     std::vector<typename AccOf<scalar_t>::type> w_buf;
     const Ctx<scalar_t> cx(p, w_buf);
     dispatch_mode(p, [&](auto mode, auto has_w) {
-      if (p.stride_class == 1) {
+      if (p.stride_class == 1 && p.classes <= kSmallClasses) {
+        forward_small_rows<scalar_t, decltype(mode)::value, decltype(has_w)::value>(cx);
+      } else if (p.stride_class == 1) {
         forward_rows<scalar_t, decltype(mode)::value, decltype(has_w)::value>(cx);
       } else {
         forward_lanes<scalar_t, decltype(mode)::value, decltype(has_w)::value>(cx);
@@ -911,7 +1035,9 @@ void cross_entropy_backward(const CrossEntropyParams& p) {
     std::vector<typename AccOf<scalar_t>::type> w_buf;
     const Ctx<scalar_t> cx(p, w_buf);
     dispatch_mode(p, [&](auto mode, auto has_w) {
-      if (p.stride_class == 1) {
+      if (p.stride_class == 1 && p.classes <= kSmallClasses) {
+        backward_small_rows<scalar_t, decltype(mode)::value, decltype(has_w)::value>(cx);
+      } else if (p.stride_class == 1) {
         backward_rows<scalar_t, decltype(mode)::value, decltype(has_w)::value>(cx);
       } else {
         backward_lanes<scalar_t, decltype(mode)::value, decltype(has_w)::value>(cx);
