@@ -197,8 +197,8 @@ Tensor grad_of(const Tensor& grad_loss, const Tensor& input, Reduction reduction
 // A gradient written in the layout `l` the kernels use, handed back with the strides
 // empty_like(like) has (what the fake kernels promise).
 template <typename F>
-Tensor with_strides_of(const Tensor& like, const Layout& l, F&& run) {
-  Tensor out = at::empty_like(like);
+Tensor with_strides_of(const Backend& backend, const Tensor& like, const Layout& l, F&& run) {
+  Tensor out = backend.empty_like(like);
   if (out.strides() == l.input.strides()) {
     run(out);
     return out;
@@ -213,7 +213,7 @@ Tensor with_strides_of(const Tensor& like, const Layout& l, F&& run) {
 
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_impl(
     const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-    int64_t reduction, int64_t ignore_index, double label_smoothing, const Launch& launch) {
+    int64_t reduction, int64_t ignore_index, double label_smoothing, const Backend& backend) {
   check_common(input, target, "cross_entropy");
   check_label_smoothing(label_smoothing, "cross_entropy");
   const Tensor y = check_index_target(input, target);
@@ -228,7 +228,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_impl(
   p.loss = loss.data_ptr();
   p.lse = lse.data_ptr();
   p.total_weight = total_weight.data_ptr();
-  launch(p);
+  backend.launch(p);
   return {loss, lse, total_weight};
 }
 
@@ -236,7 +236,7 @@ Tensor cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& input,
                                    const Tensor& target, const std::optional<Tensor>& weight,
                                    const Tensor& lse, const Tensor& total_weight,
                                    int64_t reduction, int64_t ignore_index,
-                                   double label_smoothing, const Launch& launch) {
+                                   double label_smoothing, const Backend& backend) {
   check_common(input, target, "cross_entropy backward");
   const Tensor y = check_index_target(input, target);
   const Layout l = layout_of(input);
@@ -249,15 +249,15 @@ Tensor cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& input,
   p.lse = lse_c.data_ptr();
   p.total_weight = total_weight.data_ptr();
   p.grad_loss = g.data_ptr();
-  return with_strides_of(input, l, [&](Tensor& out) {
+  return with_strides_of(backend, input, l, [&](Tensor& out) {
     p.grad_input = out.data_ptr();
-    launch(p);
+    backend.launch(p);
   });
 }
 
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_prob_forward_impl(
     const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-    int64_t reduction, double label_smoothing, const Launch& launch) {
+    int64_t reduction, double label_smoothing, const Backend& backend) {
   check_common(input, target, "cross_entropy");
   check_label_smoothing(label_smoothing, "cross_entropy");
   const Layout l = layout_of(input);
@@ -272,14 +272,14 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_prob_forward_impl(
   p.loss = loss.data_ptr();
   p.lse = lse.data_ptr();
   p.tsum = tsum.data_ptr();
-  launch(p);
+  backend.launch(p);
   return {loss, lse, tsum};
 }
 
 Tensor cross_entropy_prob_backward_impl(const Tensor& grad_loss, const Tensor& input,
                                         const Tensor& target, const std::optional<Tensor>& weight,
                                         const Tensor& lse, const Tensor& tsum, int64_t reduction,
-                                        double label_smoothing, const Launch& launch) {
+                                        double label_smoothing, const Backend& backend) {
   check_common(input, target, "cross_entropy backward");
   const Layout l = layout_of(input);
   const Tensor t = check_prob_target(l, input, target);
@@ -292,16 +292,16 @@ Tensor cross_entropy_prob_backward_impl(const Tensor& grad_loss, const Tensor& i
   p.lse = lse_c.data_ptr();
   p.tsum = tsum_c.data_ptr();
   p.grad_loss = g.data_ptr();
-  return with_strides_of(input, l, [&](Tensor& out) {
+  return with_strides_of(backend, input, l, [&](Tensor& out) {
     p.grad_input = out.data_ptr();
-    launch(p);
+    backend.launch(p);
   });
 }
 
 Tensor cross_entropy_prob_target_backward_impl(const Tensor& grad_loss, const Tensor& input,
                                                const std::optional<Tensor>& weight,
                                                const Tensor& lse, int64_t reduction,
-                                               double label_smoothing, const Launch& launch) {
+                                               double label_smoothing, const Backend& backend) {
   check_common(input, input, "cross_entropy target backward");
   const Layout l = layout_of(input);
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy target backward");
@@ -310,9 +310,9 @@ Tensor cross_entropy_prob_target_backward_impl(const Tensor& grad_loss, const Te
   const Tensor lse_c = lse.contiguous();
   p.lse = lse_c.data_ptr();
   p.grad_loss = g.data_ptr();
-  return with_strides_of(input, l, [&](Tensor& out) {
+  return with_strides_of(backend, input, l, [&](Tensor& out) {
     p.grad_target = out.data_ptr();
-    launch(p);
+    backend.launch(p);
   });
 }
 

@@ -13,34 +13,39 @@
 
 namespace weighted_loss {
 
-using Launch = std::function<void(const CrossEntropyParams&)>;
+// What a device gives the glue: the kernel launcher, and the allocator of gradients (shape and
+// strides as at::empty_like).
+struct Backend {
+  std::function<void(const CrossEntropyParams&)> launch;
+  std::function<at::Tensor(const at::Tensor&)> empty_like;
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_impl(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t reduction, int64_t ignore_index, double label_smoothing, const Launch& launch);
+    int64_t reduction, int64_t ignore_index, double label_smoothing, const Backend& backend);
 
 at::Tensor cross_entropy_backward_impl(const at::Tensor& grad_loss, const at::Tensor& input,
                                        const at::Tensor& target,
                                        const std::optional<at::Tensor>& weight,
                                        const at::Tensor& lse, const at::Tensor& total_weight,
                                        int64_t reduction, int64_t ignore_index,
-                                       double label_smoothing, const Launch& launch);
+                                       double label_smoothing, const Backend& backend);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward_impl(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t reduction, double label_smoothing, const Launch& launch);
+    int64_t reduction, double label_smoothing, const Backend& backend);
 
 at::Tensor cross_entropy_prob_backward_impl(const at::Tensor& grad_loss, const at::Tensor& input,
                                             const at::Tensor& target,
                                             const std::optional<at::Tensor>& weight,
                                             const at::Tensor& lse, const at::Tensor& tsum,
                                             int64_t reduction, double label_smoothing,
-                                            const Launch& launch);
+                                            const Backend& backend);
 
 at::Tensor cross_entropy_prob_target_backward_impl(const at::Tensor& grad_loss,
                                                    const at::Tensor& input,
                                                    const std::optional<at::Tensor>& weight,
                                                    const at::Tensor& lse, int64_t reduction,
-                                                   double label_smoothing, const Launch& launch);
+                                                   double label_smoothing, const Backend& backend);
 
 }  // namespace weighted_loss

@@ -170,7 +170,7 @@ struct Ctx {
   inline int64_t offset(int64_t o, int64_t i) const {
     return o * p.stride_outer + i * p.stride_inner;
   }
-  inline int64_t checked_target(int64_t r) const {
+  C10_ALWAYS_INLINE int64_t checked_target(int64_t r) const {
     const int64_t v = y[r];
     if (v == p.ignore_index) return -1;
     TORCH_CHECK_INDEX(v >= 0 && v < C, "Target ", v, " is out of bounds.");
@@ -436,7 +436,7 @@ void forward_rows(const Ctx<scalar_t>& cx) {
 // (and its target probability at t[c * sC + k]). Writes the rows' lse (tsum; loss for
 // Reduction::None) and adds the block's loss and divisor to vl and vw.
 template <typename scalar_t, int M, bool HasW>
-inline void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
+C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
                                 int64_t sC, int64_t nl, int64_t r0,
                                 Vectorized<typename AccOf<scalar_t>::type>& vl,
                                 Vectorized<typename AccOf<scalar_t>::type>& vw) {
@@ -448,6 +448,7 @@ inline void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar_t* x, cons
   const int64_t C = cx.C;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const Vec vts(cx.t_scale), vtsh(cx.t_shift), vninf(ninf), vzero(0);
+  const Vec slack(kShiftSlack<acc_t>);
   auto* lse_out = static_cast<acc_t*>(p.lse);
   auto* tsum_out = static_cast<acc_t*>(p.tsum);
   auto* loss_out = static_cast<scalar_t*>(p.loss);
@@ -456,20 +457,21 @@ inline void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar_t* x, cons
   // second pass only if some lane needs it (see row_stats). Each load prefetches the
   // same class a few blocks ahead: the class rows are runs far apart in memory, too short
   // for the hardware prefetcher to pick up.
-  Vec r0v, r1v, m0, m1, s0, s1, a0, a1, q0, q1;
+  Vec r0v, r1v, s0, s1, a0, a1, q0, q1;
   io::load(x, nl, r0v, r1v);
-  auto pass = [&]() {
-    m0 = m1 = vninf;
-    s0 = s1 = a0 = a1 = q0 = q1 = vzero;
+  for (int attempt = 0;; ++attempt) {
+    // accumulators local to the loop body, so they stay in registers
+    Vec lm0 = vninf, lm1 = vninf, ls0 = vzero, ls1 = vzero, la0 = vzero, la1 = vzero,
+        lq0 = vzero, lq1 = vzero;
     for (int64_t c = 0; c < C; ++c) {
       const int64_t at = c * sC;
       prefetch(x + at + kPrefetch);
       Vec v0, v1;
       io::load(x + at, nl, v0, v1);
-      m0 = at::vec::maximum(m0, v0);
-      m1 = at::vec::maximum(m1, v1);
-      s0 += vexp(v0 - r0v);
-      s1 += vexp(v1 - r1v);
+      lm0 = at::vec::maximum(lm0, v0);
+      lm1 = at::vec::maximum(lm1, v1);
+      ls0 += vexp(v0 - r0v);
+      ls1 += vexp(v1 - r1v);
       if constexpr (M != kPlain) {
         Vec f0(HasW ? cx.w[c] : acc_t(1)), f1 = f0;  // factor of (x - ref): w_c or w_c t'_c
         if constexpr (M == kProb) {
@@ -478,21 +480,19 @@ inline void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar_t* x, cons
           io::load(t + at, nl, t0, t1);
           f0 = f0 * at::vec::fmadd(t0, vts, vtsh);
           f1 = f1 * at::vec::fmadd(t1, vts, vtsh);
-          q0 += f0;
-          q1 += f1;
+          lq0 += f0;
+          lq1 += f1;
         }
-        a0 = at::vec::fmadd(f0, v0 - r0v, a0);
-        a1 = at::vec::fmadd(f1, v1 - r1v, a1);
+        la0 = at::vec::fmadd(f0, v0 - r0v, la0);
+        la1 = at::vec::fmadd(f1, v1 - r1v, la1);
       }
     }
-  };
-  pass();
-  const Vec slack(kShiftSlack<acc_t>);
-  const Vec ok0 = (m0 - r0v) <= slack, ok1 = (m1 - r1v) <= slack;  // false for NaN too
-  if ((ok0.zero_mask() | ok1.zero_mask()) != 0) {
-    r0v = Vec::blendv(Vec::blendv(m0, vzero, m0 == vninf), r0v, ok0);
-    r1v = Vec::blendv(Vec::blendv(m1, vzero, m1 == vninf), r1v, ok1);
-    pass();
+    s0 = ls0, s1 = ls1, a0 = la0, a1 = la1, q0 = lq0, q1 = lq1;
+    if (attempt == 1) break;
+    const Vec ok0 = (lm0 - r0v) <= slack, ok1 = (lm1 - r1v) <= slack;  // false for NaN too
+    if ((ok0.zero_mask() | ok1.zero_mask()) == 0) break;
+    r0v = Vec::blendv(Vec::blendv(lm0, vzero, lm0 == vninf), r0v, ok0);
+    r1v = Vec::blendv(Vec::blendv(lm1, vzero, lm1 == vninf), r1v, ok1);
   }
   Vec lse0 = r0v + s0.log(), lse1 = r1v + s1.log();
   Vec l0, l1, wy0(1), wy1(1);
@@ -688,7 +688,7 @@ void backward_rows(const Ctx<scalar_t>& cx) {
 // The gradient of one block of nl <= B lanes laid out as for lanes_block_forward, written to
 // g[c * sC + k].
 template <typename scalar_t, int M, bool HasW>
-inline void lanes_block_backward(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
+C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
                                  scalar_t* g, int64_t sC, int64_t nl, int64_t r0,
                                  typename AccOf<scalar_t>::type g_all) {
   using io = IO<scalar_t>;
