@@ -213,6 +213,18 @@ def test_legacy_size_average_reduce(device):
         torch.testing.assert_close(a, b)
 
 
+def test_module_copy_pickle(device):
+    import copy
+    import pickle
+
+    x, t, w = make((10, 6), torch.float32, "index", device, True, None)
+    m = wl.CrossEntropyLoss(weight=w, label_smoothing=0.05, reduction="sum")
+    for other in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert type(other) is wl.CrossEntropyLoss
+        torch.testing.assert_close(other(x, t), m(x, t))
+    assert m.to(torch.float64).weight.dtype == torch.float64
+
+
 def test_module_drop_in(device):
     x, t, w = make((10, 6), torch.float32, "index", device, True, 1)
     fused = wl.CrossEntropyLoss(weight=w, ignore_index=1, label_smoothing=0.1).to(device)

@@ -991,6 +991,15 @@ void dispatch_dtype(DType dt, F&& f) {
   TORCH_INTERNAL_ASSERT(false, "weighted_loss: unknown dtype");
 }
 
+// Which kernels read the layout: rows along contiguous classes, few-class rows through
+// transposed tiles, or lanes along the contiguous spatial axis.
+enum class Path { kRows, kSmallRows, kLanes };
+
+inline Path path_of(const CrossEntropyParams& p) {
+  if (p.stride_class != 1) return Path::kLanes;
+  return p.classes <= kSmallClasses ? Path::kSmallRows : Path::kRows;
+}
+
 template <typename F>
 void dispatch_mode(const CrossEntropyParams& p, F&& f) {
   const bool has_w = p.weight != nullptr;
@@ -1018,12 +1027,12 @@ void cross_entropy_forward(const CrossEntropyParams& p) {
     std::vector<typename AccOf<scalar_t>::type> w_buf;
     const Ctx<scalar_t> cx(p, w_buf);
     dispatch_mode(p, [&](auto mode, auto has_w) {
-      if (p.stride_class == 1 && p.classes <= kSmallClasses) {
-        forward_small_rows<scalar_t, decltype(mode)::value, decltype(has_w)::value>(cx);
-      } else if (p.stride_class == 1) {
-        forward_rows<scalar_t, decltype(mode)::value, decltype(has_w)::value>(cx);
-      } else {
-        forward_lanes<scalar_t, decltype(mode)::value, decltype(has_w)::value>(cx);
+      constexpr int M = decltype(mode)::value;
+      constexpr bool HasW = decltype(has_w)::value;
+      switch (path_of(p)) {
+        case Path::kSmallRows: return forward_small_rows<scalar_t, M, HasW>(cx);
+        case Path::kRows: return forward_rows<scalar_t, M, HasW>(cx);
+        case Path::kLanes: return forward_lanes<scalar_t, M, HasW>(cx);
       }
     });
   });
@@ -1035,12 +1044,12 @@ void cross_entropy_backward(const CrossEntropyParams& p) {
     std::vector<typename AccOf<scalar_t>::type> w_buf;
     const Ctx<scalar_t> cx(p, w_buf);
     dispatch_mode(p, [&](auto mode, auto has_w) {
-      if (p.stride_class == 1 && p.classes <= kSmallClasses) {
-        backward_small_rows<scalar_t, decltype(mode)::value, decltype(has_w)::value>(cx);
-      } else if (p.stride_class == 1) {
-        backward_rows<scalar_t, decltype(mode)::value, decltype(has_w)::value>(cx);
-      } else {
-        backward_lanes<scalar_t, decltype(mode)::value, decltype(has_w)::value>(cx);
+      constexpr int M = decltype(mode)::value;
+      constexpr bool HasW = decltype(has_w)::value;
+      switch (path_of(p)) {
+        case Path::kSmallRows: return backward_small_rows<scalar_t, M, HasW>(cx);
+        case Path::kRows: return backward_rows<scalar_t, M, HasW>(cx);
+        case Path::kLanes: return backward_lanes<scalar_t, M, HasW>(cx);
       }
     });
   });
