@@ -11,16 +11,18 @@
 //   probability target t, with t'_c = (1 - s) t_c + s / C and S = sum_c w_c t'_c:
 //     loss = -sum_c w_c t'_c (x_c - lse)
 //     dloss/dx_k = S p_k - w_k t'_k,        dloss/dt_k = -(1 - s) w_k (x_k - lse)
-// Sums of w_c (x_c - lse) are taken as W (lse - ref) - sum_c w_c (x_c - ref) with ref = x_0, so
-// a large common offset of the logits does not cancel catastrophically.
+// The forward reads each logit once, one exp per logit: lse = ref + log sum_c exp(x_c - ref) with
+// ref = the row's first logit, and a second pass shifted by the row's max only for the rare row
+// where that sum could overflow (see row_stats). Sums of w_c (x_c - lse) are taken as
+// W (lse - ref) - sum_c w_c (x_c - ref), so a large common offset of the logits does not cancel
+// catastrophically. The backward recomputes p from the saved lse and writes each gradient element
+// once.
 //
-// The forward reads each logit once from memory: a row is processed in chunks small enough for
-// L1, a max pass then an exp-sum pass over the chunk, rescaling the running sum when the max moves
-// (one exp per element, never two). The backward recomputes p from the saved lse and writes each
-// gradient element once. Layouts: class-contiguous rows (stride_class == 1) are vectorized along
-// the classes; otherwise the glue guarantees stride_inner == 1 and lanes run along the
-// contiguous spatial axis, reading (N, C, d...) in place. Reductions go through fixed blocks of
-// rows whose partial sums are added in block order: the same bits for any thread count.
+// Layouts (path_of): class-contiguous rows are vectorized along the classes; rows of at most
+// kSmallClasses classes are transposed B at a time into a small tile and take the lane code;
+// otherwise the glue guarantees stride_inner == 1 and lanes run along the contiguous spatial axis,
+// reading (N, C, d...) in place. Reductions go through fixed blocks of rows whose partial sums are
+// added in block order: the same bits for any thread count.
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -370,7 +372,7 @@ inline Units row_units(const CrossEntropyParams& p) {
 template <typename scalar_t>
 inline Units lane_units(const CrossEntropyParams& p) {
   constexpr int64_t B = IO<scalar_t>::B;
-  // lanes per unit: a (classes x lanes) tile of about 32 KiB stays in L1 between the two passes
+  // lanes per unit (the reduction's block): about 32 KiB of logits
   int64_t lanes = 32768 / std::max<int64_t>(1, p.classes * int64_t(sizeof(scalar_t)));
   lanes = std::clamp<int64_t>(lanes - lanes % B, B, kMaxLanes);
   const int64_t per_outer = (p.inner + lanes - 1) / lanes;
