@@ -540,32 +540,39 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
   }
 }
 
-template <typename scalar_t, int M, bool HasW>
-void forward_lanes(const Ctx<scalar_t>& cx) {
-  using io = IO<scalar_t>;
-  using acc_t = typename io::acc_t;
-  using Vec = typename io::Vec;
-  constexpr int64_t B = io::B;
-  const auto& p = cx.p;
-  const Units u = lane_units<scalar_t>(p);
-  std::vector<double> part_loss(u.count, 0.0), part_w(u.count, 0.0);
-  at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
+// The forward drivers of the lane code: `unit_body(unit, vl, vw)` adds one work unit's loss and
+// divisor to vl, vw; units run in parallel, and their partial sums are added in unit order.
+template <typename scalar_t, typename F>
+void forward_units(const Ctx<scalar_t>& cx, int64_t count, F&& unit_body) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  std::vector<double> part_loss(count, 0.0), part_w(count, 0.0);
+  at::parallel_for(0, count, 1, [&](int64_t b, int64_t e) {
     for (int64_t unit = b; unit < e; ++unit) {
-      const int64_t o = unit / u.per_outer;
-      const int64_t i_begin = (unit % u.per_outer) * u.rows;
-      const int64_t i_end = std::min(p.inner, i_begin + u.rows);
-      const int64_t off = cx.offset(o, i_begin);
-      Vec vl(0), vw(0);
-      for (int64_t j = 0; j < i_end - i_begin; j += B) {
-        lanes_block_forward<scalar_t, M, HasW>(
-            cx, cx.x + off + j, M == kProb ? cx.t + off + j : nullptr, p.stride_class,
-            std::min(B, i_end - i_begin - j), o * p.inner + i_begin + j, vl, vw);
-      }
+      Vectorized<acc_t> vl(0), vw(0);
+      unit_body(unit, vl, vw);
       part_loss[unit] = hsum(vl);
       part_w[unit] = hsum(vw);
     }
   });
-  finish_forward<scalar_t, acc_t>(p, part_loss, part_w);
+  finish_forward<scalar_t, acc_t>(cx.p, part_loss, part_w);
+}
+
+template <typename scalar_t, int M, bool HasW>
+void forward_lanes(const Ctx<scalar_t>& cx) {
+  constexpr int64_t B = IO<scalar_t>::B;
+  const auto& p = cx.p;
+  const Units u = lane_units<scalar_t>(p);
+  forward_units(cx, u.count, [&](int64_t unit, auto& vl, auto& vw) {
+    const int64_t o = unit / u.per_outer;
+    const int64_t i_begin = (unit % u.per_outer) * u.rows;
+    const int64_t i_end = std::min(p.inner, i_begin + u.rows);
+    const int64_t off = cx.offset(o, i_begin);
+    for (int64_t j = 0; j < i_end - i_begin; j += B) {
+      lanes_block_forward<scalar_t, M, HasW>(
+          cx, cx.x + off + j, M == kProb ? cx.t + off + j : nullptr, p.stride_class,
+          std::min(B, i_end - i_begin - j), o * p.inner + i_begin + j, vl, vw);
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -835,34 +842,31 @@ inline void gather_tile(const Ctx<scalar_t>& cx, const scalar_t* src, const int6
   }
 }
 
+// Rows r0 .. r0 + nl - 1 into (C x B) tiles: their offsets, logits and (Prob) target rows.
+template <typename scalar_t, bool Prob>
+inline void load_row_tile(const Ctx<scalar_t>& cx, int64_t r0, int64_t nl, int64_t* off,
+                          scalar_t* xt, scalar_t* tt) {
+  row_offsets(cx, r0, nl, off);
+  gather_tile(cx, cx.x, off, nl, xt);
+  if constexpr (Prob) gather_tile(cx, cx.t, off, nl, tt);
+}
+
 template <typename scalar_t, int M, bool HasW>
 void forward_small_rows(const Ctx<scalar_t>& cx) {
-  using io = IO<scalar_t>;
-  using acc_t = typename io::acc_t;
-  using Vec = typename io::Vec;
-  constexpr int64_t B = io::B;
+  constexpr int64_t B = IO<scalar_t>::B;
   const auto& p = cx.p;
   const Units u = small_row_units<scalar_t>(p);
   const int64_t rows = p.outer * p.inner;
-  std::vector<double> part_loss(u.count, 0.0), part_w(u.count, 0.0);
-  at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
+  forward_units(cx, u.count, [&](int64_t unit, auto& vl, auto& vw) {
     alignas(64) scalar_t xt[kSmallClasses * B], tt[M == kProb ? kSmallClasses * B : 1];
-    for (int64_t unit = b; unit < e; ++unit) {
-      Vec vl(0), vw(0);
-      const int64_t r_end = std::min(rows, (unit + 1) * u.rows);
-      for (int64_t r0 = unit * u.rows; r0 < r_end; r0 += B) {
-        const int64_t nl = std::min(B, r_end - r0);
-        int64_t off[B];
-        row_offsets(cx, r0, nl, off);
-        gather_tile(cx, cx.x, off, nl, xt);
-        if constexpr (M == kProb) gather_tile(cx, cx.t, off, nl, tt);
-        lanes_block_forward<scalar_t, M, HasW>(cx, xt, tt, B, nl, r0, vl, vw);
-      }
-      part_loss[unit] = hsum(vl);
-      part_w[unit] = hsum(vw);
+    const int64_t r_end = std::min(rows, (unit + 1) * u.rows);
+    for (int64_t r0 = unit * u.rows; r0 < r_end; r0 += B) {
+      const int64_t nl = std::min(B, r_end - r0);
+      int64_t off[B];
+      load_row_tile<scalar_t, M == kProb>(cx, r0, nl, off, xt, tt);
+      lanes_block_forward<scalar_t, M, HasW>(cx, xt, tt, B, nl, r0, vl, vw);
     }
   });
-  finish_forward<scalar_t, acc_t>(p, part_loss, part_w);
 }
 
 template <typename scalar_t, int M, bool HasW>
@@ -882,9 +886,7 @@ void backward_small_rows(const Ctx<scalar_t>& cx) {
       for (int64_t r0 = unit * u.rows; r0 < r_end; r0 += B) {
         const int64_t nl = std::min(B, r_end - r0);
         int64_t off[B];
-        row_offsets(cx, r0, nl, off);
-        gather_tile(cx, cx.x, off, nl, xt);
-        if constexpr (M == kProb) gather_tile(cx, cx.t, off, nl, tt);
+        load_row_tile<scalar_t, M == kProb>(cx, r0, nl, off, xt, tt);
         lanes_block_backward<scalar_t, M, HasW>(cx, xt, tt, gt, B, nl, r0, g_all);
         for (int64_t k = 0; k < nl; ++k) {
           scalar_t* row = gi + off[k];
