@@ -10,27 +10,7 @@ namespace {
 
 using at::Tensor;
 
-DType dtype_of(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kDouble: return DType::Float64;
-    case at::kFloat: return DType::Float32;
-    case at::kBFloat16: return DType::BFloat16;
-    case at::kHalf: return DType::Float16;
-    default: break;
-  }
-  TORCH_CHECK(false, "cross_entropy: input must be a floating point tensor (float64, float32, "
-              "bfloat16 or float16), got ", t.scalar_type());
-}
-
-at::ScalarType acc_type(const Tensor& input) {
-  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-Reduction reduction_of(int64_t reduction) {
-  TORCH_CHECK(reduction >= 0 && reduction <= 2,
-              "cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-  return static_cast<Reduction>(reduction);
-}
+constexpr const char* kOp = "cross_entropy";
 
 // The logits as (outer, classes, inner) with one stride each, in a layout the kernels read in
 // place: stride_class == 1 (rows along the classes), or stride_inner == 1 (lanes along the
@@ -90,7 +70,7 @@ Layout layout_of(const Tensor& input) {
 }
 
 void check_common(const Tensor& input, const Tensor& target, const char* op) {
-  dtype_of(input);
+  dtype_of(input, op);
   TORCH_CHECK(input.dim() >= 1, op, ": input must have at least one dimension (the classes), got "
               "a 0-d tensor");
   TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(),
@@ -165,14 +145,14 @@ CrossEntropyParams params_of(const Layout& l, const Tensor& target, const Tensor
                              int64_t reduction, bool prob, int64_t ignore_index,
                              double label_smoothing) {
   CrossEntropyParams p{};
-  p.dtype = dtype_of(l.input);
+  p.dtype = dtype_of(l.input, kOp);
   p.outer = l.outer;
   p.classes = l.classes;
   p.inner = l.inner;
   p.stride_outer = l.stride_outer;
   p.stride_class = l.stride_class;
   p.stride_inner = l.stride_inner;
-  p.reduction = reduction_of(reduction);
+  p.reduction = reduction_of(reduction, kOp);
   p.prob_target = prob;
   p.ignore_index = ignore_index;
   p.label_smoothing = label_smoothing;
@@ -197,7 +177,7 @@ Tensor grad_of(const Tensor& grad_loss, const Tensor& input, Reduction reduction
 // A gradient written in the layout `l` the kernels use, handed back with the strides
 // empty_like(like) has (what the fake kernels promise).
 template <typename F>
-Tensor with_strides_of(const Backend& backend, const Tensor& like, const Layout& l, F&& run) {
+Tensor with_strides_of(const CrossEntropyBackend& backend, const Tensor& like, const Layout& l, F&& run) {
   Tensor out = backend.empty_like(like);
   if (out.strides() == l.input.strides()) {
     run(out);
@@ -213,7 +193,7 @@ Tensor with_strides_of(const Backend& backend, const Tensor& like, const Layout&
 
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_impl(
     const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-    int64_t reduction, int64_t ignore_index, double label_smoothing, const Backend& backend) {
+    int64_t reduction, int64_t ignore_index, double label_smoothing, const CrossEntropyBackend& backend) {
   check_common(input, target, "cross_entropy");
   check_label_smoothing(label_smoothing, "cross_entropy");
   const Tensor y = check_index_target(input, target);
@@ -236,7 +216,7 @@ Tensor cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& input,
                                    const Tensor& target, const std::optional<Tensor>& weight,
                                    const Tensor& lse, const Tensor& total_weight,
                                    int64_t reduction, int64_t ignore_index,
-                                   double label_smoothing, const Backend& backend) {
+                                   double label_smoothing, const CrossEntropyBackend& backend) {
   check_common(input, target, "cross_entropy backward");
   const Tensor y = check_index_target(input, target);
   const Layout l = layout_of(input);
@@ -257,7 +237,7 @@ Tensor cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& input,
 
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_prob_forward_impl(
     const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-    int64_t reduction, double label_smoothing, const Backend& backend) {
+    int64_t reduction, double label_smoothing, const CrossEntropyBackend& backend) {
   check_common(input, target, "cross_entropy");
   check_label_smoothing(label_smoothing, "cross_entropy");
   const Layout l = layout_of(input);
@@ -279,7 +259,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_prob_forward_impl(
 Tensor cross_entropy_prob_backward_impl(const Tensor& grad_loss, const Tensor& input,
                                         const Tensor& target, const std::optional<Tensor>& weight,
                                         const Tensor& lse, const Tensor& tsum, int64_t reduction,
-                                        double label_smoothing, const Backend& backend) {
+                                        double label_smoothing, const CrossEntropyBackend& backend) {
   check_common(input, target, "cross_entropy backward");
   const Layout l = layout_of(input);
   const Tensor t = check_prob_target(l, input, target);
@@ -301,7 +281,7 @@ Tensor cross_entropy_prob_backward_impl(const Tensor& grad_loss, const Tensor& i
 Tensor cross_entropy_prob_target_backward_impl(const Tensor& grad_loss, const Tensor& input,
                                                const std::optional<Tensor>& weight,
                                                const Tensor& lse, int64_t reduction,
-                                               double label_smoothing, const Backend& backend) {
+                                               double label_smoothing, const CrossEntropyBackend& backend) {
   check_common(input, input, "cross_entropy target backward");
   const Layout l = layout_of(input);
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy target backward");

@@ -5,47 +5,42 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <functional>
 #include <optional>
 #include <tuple>
 
+#include "common.h"
 #include "params.h"
 
 namespace weighted_loss {
 
-// What a device gives the glue: the kernel launcher, and the allocator of gradients (shape and
-// strides as at::empty_like).
-struct Backend {
-  std::function<void(const CrossEntropyParams&)> launch;
-  std::function<at::Tensor(const at::Tensor&)> empty_like;
-};
+using CrossEntropyBackend = Backend<CrossEntropyParams>;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_impl(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t reduction, int64_t ignore_index, double label_smoothing, const Backend& backend);
+    int64_t reduction, int64_t ignore_index, double label_smoothing, const CrossEntropyBackend& backend);
 
 at::Tensor cross_entropy_backward_impl(const at::Tensor& grad_loss, const at::Tensor& input,
                                        const at::Tensor& target,
                                        const std::optional<at::Tensor>& weight,
                                        const at::Tensor& lse, const at::Tensor& total_weight,
                                        int64_t reduction, int64_t ignore_index,
-                                       double label_smoothing, const Backend& backend);
+                                       double label_smoothing, const CrossEntropyBackend& backend);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward_impl(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t reduction, double label_smoothing, const Backend& backend);
+    int64_t reduction, double label_smoothing, const CrossEntropyBackend& backend);
 
 at::Tensor cross_entropy_prob_backward_impl(const at::Tensor& grad_loss, const at::Tensor& input,
                                             const at::Tensor& target,
                                             const std::optional<at::Tensor>& weight,
                                             const at::Tensor& lse, const at::Tensor& tsum,
                                             int64_t reduction, double label_smoothing,
-                                            const Backend& backend);
+                                            const CrossEntropyBackend& backend);
 
 at::Tensor cross_entropy_prob_target_backward_impl(const at::Tensor& grad_loss,
                                                    const at::Tensor& input,
                                                    const std::optional<at::Tensor>& weight,
                                                    const at::Tensor& lse, int64_t reduction,
-                                                   double label_smoothing, const Backend& backend);
+                                                   double label_smoothing, const CrossEntropyBackend& backend);
 
 }  // namespace weighted_loss

@@ -42,6 +42,16 @@ TORCH_LIBRARY(weighted_loss, m) {
   m.def(
       "cross_entropy_prob_target_backward(Tensor grad_loss, Tensor input, Tensor? weight, "
       "Tensor lse, int reduction, float label_smoothing) -> Tensor");
+  // BCE with logits. weight and pos_weight broadcast against input as in PyTorch; target has the
+  // input's shape and dtype. The backward returns (grad_input, grad_target), each an empty (0,)
+  // tensor unless asked for.
+  m.def(
+      "binary_cross_entropy_with_logits_forward(Tensor input, Tensor target, Tensor? weight, "
+      "Tensor? pos_weight, int reduction) -> Tensor");
+  m.def(
+      "binary_cross_entropy_with_logits_backward(Tensor grad_loss, Tensor input, Tensor target, "
+      "Tensor? weight, Tensor? pos_weight, int reduction, bool input_grad, bool target_grad) "
+      "-> (Tensor, Tensor)");
   // Which CPU kernel build runs here: DEFAULT, AVX2 or AVX512.
   m.def("cpu_capability() -> str", &cpu_capability);
 }

@@ -41,4 +41,42 @@ struct CrossEntropyParams {
   void* grad_target;         // probability target gradient, logits' shape and strides, dtype
 };
 
+// Most dimensions of a broadcast weight's row index (after merging the dimensions that can be).
+constexpr int kMaxBroadcastDims = 8;
+
+// A weight broadcast against the elements of BinaryCrossEntropyParams without being expanded:
+// row r's offset is sum_d idx_d(r) * strides[d] over the rows' multi-index, and along a row the
+// weight steps by inner_stride, which is 0 (one value per row) or 1 (contiguous).
+struct BroadcastWeight {
+  const void* data;                     // acc dtype; nullptr when absent
+  int64_t inner_stride;
+  int64_t strides[kMaxBroadcastDims];   // per outer dimension, in elements; 0 where broadcast
+};
+
+// BCE with logits over `numel` elements: input, target and every elementwise output or gradient
+// are contiguous and share one index. The elements form rows of `inner` (the last row may be
+// cut short by numel); a row's multi-index runs over outer_sizes, outermost first.
+struct BinaryCrossEntropyParams {
+  DType dtype;
+  int64_t numel;
+  int64_t inner;
+  int32_t outer_dims;
+  int64_t outer_sizes[kMaxBroadcastDims];
+  BroadcastWeight weight;      // rescales each element's loss
+  BroadcastWeight pos_weight;  // weights the positive term: -pos_weight * t * log sigmoid(x)
+  Reduction reduction;
+
+  const void* input;           // logits, dtype
+  const void* target;          // probabilities in [0, 1], dtype
+
+  // forward output: numel of dtype (Reduction::None) or a 0-d dtype scalar
+  void* loss;
+
+  // backward
+  const void* grad_loss;       // numel of dtype, or one dtype value when grad_loss_scalar
+  bool grad_loss_scalar;       // a reduced loss, or an upstream gradient expanded from a scalar
+  void* grad_input;            // dtype, numel; nullptr when not wanted
+  void* grad_target;           // dtype, numel; nullptr when not wanted
+};
+
 }  // namespace weighted_loss

@@ -1,14 +1,18 @@
-"""Fused, class-weighted losses for PyTorch: drop-in replacements for F.cross_entropy and
-nn.CrossEntropyLoss with one forward and one backward pass over the logits."""
+"""Fused, class-weighted losses for PyTorch: drop-in replacements for F.cross_entropy,
+nn.CrossEntropyLoss, F.binary_cross_entropy_with_logits and nn.BCEWithLogitsLoss with one forward
+and one backward pass over the logits."""
 import torch  # noqa: F401  (loads libtorch and its OpenMP runtime before the extension)
 
 from . import _C  # noqa: F401  (registers the weighted_loss ops)
 from . import _ops  # noqa: F401  (fake kernels and autograd)
 from . import functional
-from .functional import cross_entropy
-from .modules import CrossEntropyLoss
+from .functional import binary_cross_entropy_with_logits, cross_entropy
+from .modules import BCEWithLogitsLoss, CrossEntropyLoss
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "functional", "cpu_capability"]
+__all__ = [
+    "cross_entropy", "CrossEntropyLoss", "binary_cross_entropy_with_logits", "BCEWithLogitsLoss",
+    "functional", "cpu_capability",
+]
 __version__ = "0.1.0"
 
 

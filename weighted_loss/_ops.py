@@ -1,7 +1,8 @@
 """Fake kernels (shapes for torch.compile / meta tensors) and autograd for the weighted_loss ops.
 
-The schemas live in csrc/ops.cpp. Each forward saves the per-row log-sum-exp (never an N x C
-tensor); the backward is an op of its own that recomputes the softmax from it.
+The schemas live in csrc/ops.cpp. Each cross-entropy forward saves the per-row log-sum-exp (never
+an N x C tensor); BCE saves only its inputs. Each backward is an op of its own that recomputes
+what it needs in one pass.
 """
 import torch
 
@@ -110,6 +111,47 @@ torch.library.register_autograd("weighted_loss::cross_entropy_prob_forward", _ce
                                 setup_context=_ce_prob_setup)
 
 
+# ---------------------------------------------------------------- BCE with logits
+
+@torch.library.register_fake("weighted_loss::binary_cross_entropy_with_logits_forward")
+def _(input, target, weight, pos_weight, reduction):
+    return input.new_empty(input.shape if reduction == _NONE else ())
+
+
+@torch.library.register_fake("weighted_loss::binary_cross_entropy_with_logits_backward")
+def _(grad_loss, input, target, weight, pos_weight, reduction, input_grad, target_grad):
+    # contiguous, as the kernels write them
+    grad_input = input.new_empty(input.shape if input_grad else (0,))
+    grad_target = input.new_empty(input.shape if target_grad else (0,))
+    return grad_input, grad_target
+
+
+def _bce_setup(ctx, inputs, output):
+    input, target, weight, pos_weight, reduction = inputs
+    ctx.save_for_backward(input, target, weight, pos_weight)
+    ctx.reduction = reduction
+
+
+def _bce_backward(ctx, grad_loss):
+    input, target, weight, pos_weight = ctx.saved_tensors
+    for index, name in ((2, "weight"), (3, "pos_weight")):
+        if ctx.needs_input_grad[index]:
+            raise NotImplementedError(
+                f"weighted_loss: the derivative for '{name}' is not implemented (as in PyTorch)")
+    need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_input = grad_target = None
+    if need_input or need_target:
+        gx, gt = _ops.binary_cross_entropy_with_logits_backward(
+            grad_loss, input, target, weight, pos_weight, ctx.reduction, need_input, need_target)
+        grad_input = gx if need_input else None
+        grad_target = gt if need_target else None
+    return grad_input, grad_target, None, None, None
+
+
+torch.library.register_autograd("weighted_loss::binary_cross_entropy_with_logits_forward",
+                                _bce_backward, setup_context=_bce_setup)
+
+
 # ---------------------------------------------------------------- second derivatives
 
 def _no_double_backward(ctx, *grads):
@@ -119,5 +161,5 @@ def _no_double_backward(ctx, *grads):
 
 
 for _name in ("cross_entropy_backward", "cross_entropy_prob_backward",
-              "cross_entropy_prob_target_backward"):
+              "cross_entropy_prob_target_backward", "binary_cross_entropy_with_logits_backward"):
     torch.library.register_autograd(f"weighted_loss::{_name}", _no_double_backward)

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-__all__ = ["cross_entropy"]
+__all__ = ["cross_entropy", "binary_cross_entropy_with_logits"]
 
 _ops = torch.ops.weighted_loss
 
@@ -50,3 +50,41 @@ def cross_entropy(
     loss, _, _ = _ops.cross_entropy_forward(input, target, weight, red, int(ignore_index),
                                             max(label_smoothing, 0.0))
     return loss
+
+
+def binary_cross_entropy_with_logits(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    pos_weight: Optional[Tensor] = None,
+) -> Tensor:
+    """Fused ``F.binary_cross_entropy_with_logits``: the stable log-sigmoid, ``pos_weight``,
+    ``weight`` and the reduction in one pass over the logits forward and one backward. Same
+    arguments, results and corner cases.
+
+    ``input`` has any shape (0-d included); ``target`` the same shape, probabilities in [0, 1].
+    ``weight`` and ``pos_weight`` broadcast against ``input`` as in PyTorch (``(C,)`` on the last
+    dim, ``(C, 1, 1)`` for ``(N, C, H, W)``, ``(N, 1)``, ...) and are read in place, not expanded.
+    The result has the target's dtype, as PyTorch's does.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
+    red = _Reduction.get_enum(reduction)
+    if target.size() != input.size():
+        raise ValueError(
+            f"Target size ({target.size()}) must be the same as input size ({input.size()})")
+    if torch.is_grad_enabled():
+        for name, w in (("weight", weight), ("pos_weight", pos_weight)):
+            if w is not None and w.requires_grad:
+                raise RuntimeError(
+                    "The function 'binary_cross_entropy_with_logits' is not differentiable with "
+                    f"respect to argument '{name}'. This input cannot have requires_grad True.")
+    out_dtype = target.dtype
+    if input.is_floating_point() and target.is_floating_point() and input.dtype != target.dtype:
+        dtype = torch.promote_types(input.dtype, target.dtype)
+        input, target = input.to(dtype), target.to(dtype)
+    loss = _ops.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight, red)
+    return loss if loss.dtype == out_dtype else loss.to(out_dtype)

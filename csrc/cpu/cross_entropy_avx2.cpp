@@ -1,23 +1,5 @@
-// AVX2 build of the CPU kernels. setup.py compiles every file with the same flags, so the ISA is
-// chosen here: the target pragma, before every include, compiles all code of this file (at::vec's
-// AVX2 specializations included) for AVX2 + FMA. GCC's pragma does not define the macros that
-// -mavx2 -mfma would, and sleef.h and at::vec test them, so they are defined by hand. The code runs
-// only after dispatch.cpp has seen that the CPU supports it.
+// AVX2 build of the cross-entropy CPU kernels; the ISA preamble must come before every include.
 #if defined(__x86_64__) || defined(_M_X64)
-#pragma GCC target("avx,avx2,fma,f16c,bmi,bmi2,popcnt")
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
+#include "isa_avx2.h"
 #include "cross_entropy_kernel.h"
 #endif

@@ -1,32 +1,5 @@
-// AVX-512 build of the CPU kernels (F, BW, VL, DQ: the subset PyTorch's AVX512 capability uses).
-// See cross_entropy_avx2.cpp for how a file picks its ISA.
+// AVX-512 build of the cross-entropy CPU kernels; the ISA preamble must come before every include.
 #if defined(__x86_64__) || defined(_M_X64)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx,avx2,fma,f16c,bmi,bmi2,popcnt")
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
-#ifndef __AVX512F__
-#define __AVX512F__ 1
-#endif
-#ifndef __AVX512BW__
-#define __AVX512BW__ 1
-#endif
-#ifndef __AVX512VL__
-#define __AVX512VL__ 1
-#endif
-#ifndef __AVX512DQ__
-#define __AVX512DQ__ 1
-#endif
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
+#include "isa_avx512.h"
 #include "cross_entropy_kernel.h"
 #endif

@@ -12,19 +12,19 @@ namespace {
 
 using at::Tensor;
 
-const Backend& forward_backend() {
-  static const Backend b{[](const CrossEntropyParams& p) { cpu::kernels().cross_entropy_forward(p); },
+const CrossEntropyBackend& forward_backend() {
+  static const CrossEntropyBackend b{[](const CrossEntropyParams& p) { cpu::kernels().cross_entropy_forward(p); },
                          cpu::empty_like_gradient};
   return b;
 }
-const Backend& backward_backend() {
-  static const Backend b{
+const CrossEntropyBackend& backward_backend() {
+  static const CrossEntropyBackend b{
       [](const CrossEntropyParams& p) { cpu::kernels().cross_entropy_backward(p); },
       cpu::empty_like_gradient};
   return b;
 }
-const Backend& target_backward_backend() {
-  static const Backend b{
+const CrossEntropyBackend& target_backward_backend() {
+  static const CrossEntropyBackend b{
       [](const CrossEntropyParams& p) { cpu::kernels().cross_entropy_target_backward(p); },
       cpu::empty_like_gradient};
   return b;

@@ -39,76 +39,13 @@
 
 #include "../params.h"
 #include "kernels.h"
+#include "vec_common.h"
 
 namespace weighted_loss::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
-
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-
-// Blocks of B = 2 vector widths of acc, loaded from and stored to scalar_t.
-template <typename scalar_t>
-struct IO {
-  using acc_t = typename AccOf<scalar_t>::type;
-  using Vec = Vectorized<acc_t>;
-  static constexpr int64_t W = Vec::size();
-  static constexpr int64_t B = 2 * W;
-  static constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
-
-  static inline void load(const scalar_t* p, Vec& a, Vec& b) {
-    if constexpr (kSame) {
-      a = Vec::loadu(p);
-      b = Vec::loadu(p + W);
-    } else {
-      at::vec::load_to_float<scalar_t>(p, a, b);
-    }
-  }
-  // n < B valid elements; the rest read as zero.
-  static inline void load(const scalar_t* p, int64_t n, Vec& a, Vec& b) {
-    if (n == B) return load(p, a, b);
-    acc_t tmp[B] = {};
-    for (int64_t k = 0; k < n; ++k) tmp[k] = static_cast<acc_t>(p[k]);
-    a = Vec::loadu(tmp);
-    b = Vec::loadu(tmp + W);
-  }
-  static inline void store(scalar_t* p, const Vec& a, const Vec& b) {
-    if constexpr (kSame) {
-      a.store(p);
-      b.store(p + W);
-    } else {
-      at::vec::convert_from_float<scalar_t>(a, b).store(p);
-    }
-  }
-  static inline void store(scalar_t* p, int64_t n, const Vec& a, const Vec& b) {
-    if (n == B) return store(p, a, b);
-    acc_t tmp[B];
-    a.store(tmp);
-    b.store(tmp + W);
-    for (int64_t k = 0; k < n; ++k) p[k] = static_cast<scalar_t>(tmp[k]);
-  }
-};
-
-// exp for the softmax: at::vec's inlined polynomial for float (max error about 20 ulp, i.e.
-// 2.4e-6 relative, far below what the float32 loss and gradient resolve; Sleef's 1-ulp exp is an
-// out-of-line call and made the kernels compute-bound), Sleef's for double (gradcheck).
-inline Vectorized<float> vexp(const Vectorized<float>& v) {
-  return v.exp_u20();
-}
-inline Vectorized<double> vexp(const Vectorized<double>& v) {
-  return v.exp();
-}
-
-template <typename acc_t>
-inline acc_t hsum(const Vectorized<acc_t>& v) {
-  acc_t tmp[Vectorized<acc_t>::size()];
-  v.store(tmp);
-  acc_t s = 0;
-  for (int64_t k = 0; k < Vectorized<acc_t>::size(); ++k) s += tmp[k];
-  return s;
-}
 
 // max that keeps a NaN once seen
 template <typename acc_t>
@@ -184,15 +121,6 @@ struct Ctx {
 // Forward, class-contiguous rows.
 
 
-// Runs body(k, n, std::true_type) over the full blocks [k, k + B) of [0, count) and
-// body(k, n, std::false_type) once over the tail of n < B elements, if any.
-template <int64_t B, typename F>
-inline void for_blocks(int64_t count, F&& body) {
-  const int64_t nv = count - count % B;
-  for (int64_t k = 0; k < nv; k += B) body(k, B, std::true_type{});
-  if (nv < count) body(nv, count - nv, std::false_type{});
-}
-
 // The lane layout reads the classes of a block of lanes as short runs far apart in memory, too
 // short for the hardware prefetcher to train on: each load asks for the same class further along.
 inline void prefetch(const void* p) {
@@ -202,38 +130,6 @@ inline void prefetch_write(void* p) {
   __builtin_prefetch(p, 1, 3);
 }
 constexpr int64_t kPrefetch = 256;  // elements ahead along a class row
-
-// The two halves of a block of n <= B elements: valid lanes from v, the rest from fill.
-template <typename Vec>
-inline void keep_valid(int64_t n, const Vec& fill, Vec& v0, Vec& v1) {
-  constexpr int64_t W = Vec::size();
-  v0 = Vec::set(fill, v0, std::min<int64_t>(n, W));
-  v1 = Vec::set(fill, v1, std::max<int64_t>(0, n - W));
-}
-
-template <typename acc_t>
-inline void load_weight(const acc_t* w, int64_t n, Vectorized<acc_t>& a, Vectorized<acc_t>& b) {
-  constexpr int64_t W = Vectorized<acc_t>::size();
-  if (n == 2 * W) {
-    a = Vectorized<acc_t>::loadu(w);
-    b = Vectorized<acc_t>::loadu(w + W);
-  } else {
-    a = Vectorized<acc_t>::loadu(w, std::min<int64_t>(n, W));
-    b = Vectorized<acc_t>::loadu(w + W, std::max<int64_t>(0, n - W));
-  }
-}
-
-template <typename acc_t>
-inline void store_acc(acc_t* p, int64_t n, const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) {
-  constexpr int64_t W = Vectorized<acc_t>::size();
-  if (n == 2 * W) {
-    a.store(p);
-    b.store(p + W);
-  } else {
-    a.store(p, std::min<int64_t>(n, W));
-    if (n > W) b.store(p + W, n - W);
-  }
-}
 
 // How far the max of a row may lie above the exp shift `ref` before sum exp(x - ref) could
 // overflow (C * e^60 < FLT_MAX for any C below 10^12).
@@ -274,7 +170,7 @@ inline void row_pass(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t*
       Vec d0 = v0 - vref, d1 = v1 - vref;
       if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, d0, d1);
       Vec w0(1), w1(1);
-      if constexpr (HasW) load_weight(cx.w + k, cnt, w0, w1);
+      if constexpr (HasW) load_acc(cx.w + k, cnt, w0, w1);
       if constexpr (M == kSmooth) {
         a0 = at::vec::fmadd(w0, d0, a0);
         a1 = at::vec::fmadd(w1, d1, a1);
@@ -512,9 +408,9 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
       kp[k] = yv < 0 ? acc_t(0) : acc_t(1);
     }
     Vec xy0, xy1, kp0, kp1;
-    load_weight(wy, nl, wy0, wy1);
-    load_weight(xy, nl, xy0, xy1);
-    load_weight(kp, nl, kp0, kp1);
+    load_acc(wy, nl, wy0, wy1);
+    load_acc(xy, nl, xy0, xy1);
+    load_acc(kp, nl, kp0, kp1);
     if constexpr (M == kSmooth) {
       const Vec ks(acc_t(1) - cx.smooth), kt(cx.t_shift), kw(cx.w_sum);
       l0 = ks * wy0 * (lse0 - xy0) + kt * (kw * (lse0 - r0v) - a0);
@@ -663,7 +559,7 @@ void backward_rows(const Ctx<scalar_t>& cx) {
         Vec g0 = vcp * vexp(v0 - vlse), g1 = vcp * vexp(v1 - vlse);
         if constexpr (M == kSmooth || M == kProb) {
           Vec w0(1), w1(1);
-          if constexpr (HasW) load_weight(cx.w + k, cnt, w0, w1);
+          if constexpr (HasW) load_acc(cx.w + k, cnt, w0, w1);
           if constexpr (M == kProb) {
             Vec t0, t1;
             if constexpr (decltype(full)::value) {
@@ -714,11 +610,11 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
   Vec g0v(g_all), g1v(g_all);
   if (none) io::load(static_cast<const scalar_t*>(p.grad_loss) + r0, nl, g0v, g1v);
   Vec lse0, lse1;
-  load_weight(static_cast<const acc_t*>(p.lse) + r0, nl, lse0, lse1);
+  load_acc(static_cast<const acc_t*>(p.lse) + r0, nl, lse0, lse1);
   Vec cp0, cp1, cw0(0), cw1(0), gy0(0), gy1(0), y0(-1), y1(-1);
   if constexpr (M == kProb) {
     Vec q0, q1;
-    load_weight(static_cast<const acc_t*>(p.tsum) + r0, nl, q0, q1);
+    load_acc(static_cast<const acc_t*>(p.tsum) + r0, nl, q0, q1);
     cp0 = g0v * q0;
     cp1 = g1v * q1;
     cw0 = g0v;
@@ -731,8 +627,8 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
       yk[k] = static_cast<acc_t>(yv);  // -1 for ignored lanes
     }
     Vec wy0, wy1;
-    load_weight(wy, nl, wy0, wy1);
-    load_weight(yk, nl, y0, y1);
+    load_acc(wy, nl, wy0, wy1);
+    load_acc(yk, nl, y0, y1);
     const Vec ks(acc_t(1) - cx.smooth), inf(std::numeric_limits<acc_t>::infinity()), zero(0);
     const Vec keep0 = y0 >= zero, keep1 = y1 >= zero;
     lse0 = Vec::blendv(inf, lse0, keep0);
@@ -933,7 +829,7 @@ void target_backward(const Ctx<scalar_t>& cx) {
           Vec g0 = vk * (v0 - vlse), g1 = vk * (v1 - vlse);
           if constexpr (HasW) {
             Vec w0, w1;
-            load_weight(cx.w + k, cnt, w0, w1);
+            load_acc(cx.w + k, cnt, w0, w1);
             g0 = g0 * w0;
             g1 = g1 * w1;
           }
@@ -983,17 +879,6 @@ void target_backward(const Ctx<scalar_t>& cx) {
 
 // ---------------------------------------------------------------------------------------------
 // Compile-time switches.
-
-template <typename F>
-void dispatch_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::Float64: return f(double{});
-    case DType::Float32: return f(float{});
-    case DType::BFloat16: return f(c10::BFloat16{});
-    case DType::Float16: return f(c10::Half{});
-  }
-  TORCH_INTERNAL_ASSERT(false, "weighted_loss: unknown dtype");
-}
 
 // Which kernels read the layout: rows along contiguous classes, few-class rows through
 // transposed tiles, or lanes along the contiguous spatial axis.

@@ -7,10 +7,11 @@
 namespace weighted_loss::cpu {
 namespace {
 
-#define WEIGHTED_LOSS_KERNELS(cap)                                                \
-  Kernels {                                                                       \
-    #cap, &cap::cross_entropy_forward, &cap::cross_entropy_backward,              \
-        &cap::cross_entropy_target_backward                                       \
+#define WEIGHTED_LOSS_KERNELS(cap)                                                     \
+  Kernels {                                                                            \
+    #cap, &cap::cross_entropy_forward, &cap::cross_entropy_backward,                   \
+        &cap::cross_entropy_target_backward, &cap::binary_cross_entropy_forward,       \
+        &cap::binary_cross_entropy_backward                                            \
   }
 
 enum Level { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };

@@ -5,11 +5,13 @@
 
 namespace weighted_loss::cpu {
 
-#define WEIGHTED_LOSS_DECLARE_KERNELS(cap)                        \
-  namespace cap {                                                 \
-  void cross_entropy_forward(const CrossEntropyParams& p);        \
-  void cross_entropy_backward(const CrossEntropyParams& p);       \
-  void cross_entropy_target_backward(const CrossEntropyParams& p); \
+#define WEIGHTED_LOSS_DECLARE_KERNELS(cap)                              \
+  namespace cap {                                                       \
+  void cross_entropy_forward(const CrossEntropyParams& p);              \
+  void cross_entropy_backward(const CrossEntropyParams& p);             \
+  void cross_entropy_target_backward(const CrossEntropyParams& p);      \
+  void binary_cross_entropy_forward(const BinaryCrossEntropyParams& p); \
+  void binary_cross_entropy_backward(const BinaryCrossEntropyParams& p);\
   }
 
 WEIGHTED_LOSS_DECLARE_KERNELS(DEFAULT)
@@ -24,6 +26,8 @@ struct Kernels {
   void (*cross_entropy_forward)(const CrossEntropyParams&);
   void (*cross_entropy_backward)(const CrossEntropyParams&);
   void (*cross_entropy_target_backward)(const CrossEntropyParams&);
+  void (*binary_cross_entropy_forward)(const BinaryCrossEntropyParams&);
+  void (*binary_cross_entropy_backward)(const BinaryCrossEntropyParams&);
 };
 
 // The widest set this CPU runs, capped by ATEN_CPU_CAPABILITY (default|avx2|avx512) as PyTorch's

@@ -1,0 +1,199 @@
+#include "binary_cross_entropy.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace weighted_loss {
+namespace {
+
+using at::Tensor;
+
+constexpr const char* kOp = "binary_cross_entropy_with_logits";
+
+// Rows shorter than this are slow to walk (a few vectors each); when the weights repeat row after
+// row, several rows are joined into one and the weights repeated to match.
+constexpr int64_t kMinRow = 512;
+
+void check_inputs(const Tensor& input, const Tensor& target, const char* op) {
+  dtype_of(input, op);
+  TORCH_CHECK(target.is_floating_point(), op, ": target must be a floating point tensor, got ",
+              target.scalar_type());
+  TORCH_CHECK_VALUE(target.sizes() == input.sizes(), "Target size (", target.sizes(),
+                    ") must be the same as input size (", input.sizes(), ")");
+  TORCH_CHECK(target.scalar_type() == input.scalar_type(), op, ": target must have the input's "
+              "dtype ", input.scalar_type(), ", got ", target.scalar_type());
+  TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(),
+              " but input is on ", input.device());
+}
+
+// A weight as the kernels read it: acc dtype, contiguous in its own shape. `strides` gets its
+// stride along each of the input's dimensions, 0 where it is broadcast.
+Tensor weight_of(const std::optional<Tensor>& weight, const Tensor& input, const char* name,
+                 std::vector<int64_t>& strides, const char* op) {
+  strides.assign(input.dim(), 0);
+  if (!weight.has_value() || !weight->defined()) return Tensor();
+  const Tensor& w = *weight;
+  TORCH_CHECK(w.is_floating_point(), op, ": ", name, " must be a floating point tensor, got ",
+              w.scalar_type());
+  TORCH_CHECK(w.device() == input.device(), op, ": ", name, " is on ", w.device(),
+              " but input is on ", input.device());
+  const int64_t nd = input.dim(), wd = w.dim();
+  bool ok = wd <= nd;
+  for (int64_t d = 0; ok && d < wd; ++d) {
+    const int64_t ws = w.size(d), is = input.size(nd - wd + d);
+    ok = ws == 1 || ws == is;
+  }
+  TORCH_CHECK(ok, op, ": ", name, " of shape ", w.sizes(),
+              " cannot be broadcast to the input's shape ", input.sizes());
+  Tensor c = w.to(acc_type(input)).contiguous();
+  for (int64_t d = 0; d < wd; ++d) {
+    if (c.size(d) != 1) strides[nd - wd + d] = c.stride(d);
+  }
+  return c;
+}
+
+struct Dim {
+  int64_t size, ws, ps;  // size, weight stride, pos_weight stride
+};
+
+// The input's dimensions with those of size 1 dropped and neighbours merged where both weights
+// step through them as through one: outermost first.
+std::vector<Dim> merged_dims(const Tensor& input, const std::vector<int64_t>& ws,
+                             const std::vector<int64_t>& ps) {
+  std::vector<Dim> out;  // innermost first while building
+  for (int64_t d = input.dim() - 1; d >= 0; --d) {
+    const int64_t size = input.size(d);
+    if (size == 1) continue;
+    if (!out.empty()) {
+      Dim& in = out.back();
+      if (ws[d] == in.ws * in.size && ps[d] == in.ps * in.size) {
+        in.size *= size;
+        continue;
+      }
+    }
+    out.push_back({size, ws[d], ps[d]});
+  }
+  std::reverse(out.begin(), out.end());
+  return out;
+}
+
+// Everything the kernels read, and the tensors that hold it.
+struct Prepared {
+  Tensor input, target, weight, pos_weight;
+  BinaryCrossEntropyParams p{};
+};
+
+Prepared prepare(const Tensor& input, const Tensor& target,
+                 const std::optional<Tensor>& weight, const std::optional<Tensor>& pos_weight,
+                 int64_t reduction, const char* op) {
+  check_inputs(input, target, op);
+  Prepared r;
+  std::vector<int64_t> ws, ps;
+  r.weight = weight_of(weight, input, "weight", ws, op);
+  r.pos_weight = weight_of(pos_weight, input, "pos_weight", ps, op);
+  std::vector<Dim> dims = merged_dims(input, ws, ps);
+  if (dims.size() > static_cast<size_t>(kMaxBroadcastDims) + 1) {
+    // Weights that vary along more dimensions than the kernels index: expand them in full (an
+    // input of 10 or more dimensions, each broadcast differently).
+    if (r.weight.defined()) r.weight = r.weight.expand(input.sizes()).contiguous();
+    if (r.pos_weight.defined()) r.pos_weight = r.pos_weight.expand(input.sizes()).contiguous();
+    std::vector<int64_t> full = input.contiguous().strides().vec();
+    dims = merged_dims(input, r.weight.defined() ? full : ws, r.pos_weight.defined() ? full : ps);
+  }
+  BinaryCrossEntropyParams& p = r.p;
+  p.dtype = dtype_of(input, op);
+  p.reduction = reduction_of(reduction, op);
+  p.numel = input.numel();
+  p.inner = 1;
+  p.outer_dims = 0;
+  int64_t w_inner = 0, p_inner = 0;
+  if (p.numel > 0 && !dims.empty()) {
+    const Dim in = dims.back();
+    p.inner = in.size;
+    w_inner = in.ws;
+    p_inner = in.ps;
+    // A contiguous weight steps by 1 along the last dimension it does not broadcast over.
+    TORCH_INTERNAL_ASSERT((w_inner == 0 || w_inner == 1) && (p_inner == 0 || p_inner == 1));
+    bool periodic = true;
+    for (size_t d = 0; d + 1 < dims.size(); ++d) {
+      p.outer_sizes[d] = dims[d].size;
+      p.weight.strides[d] = dims[d].ws;
+      p.pos_weight.strides[d] = dims[d].ps;
+      periodic = periodic && dims[d].ws == 0 && dims[d].ps == 0;
+    }
+    p.outer_dims = static_cast<int32_t>(dims.size() - 1);
+    if (periodic && p.outer_dims > 0 && p.inner < kMinRow) {
+      // Every row reads the same weights: rows of k * inner with the weights repeated k times.
+      const int64_t k = (kMinRow + p.inner - 1) / p.inner;
+      if (w_inner == 1) r.weight = r.weight.reshape({-1}).repeat({k});
+      if (p_inner == 1) r.pos_weight = r.pos_weight.reshape({-1}).repeat({k});
+      p.inner *= k;
+      p.outer_dims = 0;
+    }
+  }
+  r.input = input.contiguous();
+  r.target = target.contiguous();
+  p.input = r.input.data_ptr();
+  p.target = r.target.data_ptr();
+  p.weight.data = r.weight.defined() ? r.weight.data_ptr() : nullptr;
+  p.weight.inner_stride = w_inner;
+  p.pos_weight.data = r.pos_weight.defined() ? r.pos_weight.data_ptr() : nullptr;
+  p.pos_weight.inner_stride = p_inner;
+  return r;
+}
+
+}  // namespace
+
+Tensor binary_cross_entropy_forward_impl(const Tensor& input, const Tensor& target,
+                                         const std::optional<Tensor>& weight,
+                                         const std::optional<Tensor>& pos_weight,
+                                         int64_t reduction,
+                                         const BinaryCrossEntropyBackend& backend) {
+  Prepared r = prepare(input, target, weight, pos_weight, reduction, kOp);
+  Tensor loss = r.p.reduction == Reduction::None ? at::empty(input.sizes(), input.options())
+                                                 : at::empty({}, input.options());
+  r.p.loss = loss.data_ptr();
+  backend.launch(r.p);
+  return loss;
+}
+
+std::tuple<Tensor, Tensor> binary_cross_entropy_backward_impl(
+    const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+    const std::optional<Tensor>& weight, const std::optional<Tensor>& pos_weight,
+    int64_t reduction, bool input_grad, bool target_grad,
+    const BinaryCrossEntropyBackend& backend) {
+  constexpr const char* op = "binary_cross_entropy_with_logits backward";
+  Prepared r = prepare(input, target, weight, pos_weight, reduction, op);
+  BinaryCrossEntropyParams& p = r.p;
+  TORCH_CHECK(grad_loss.scalar_type() == input.scalar_type(), op, ": grad_loss must have the "
+              "input's dtype ", input.scalar_type(), ", got ", grad_loss.scalar_type());
+  TORCH_CHECK(grad_loss.device() == input.device(), op, ": grad_loss is on ", grad_loss.device(),
+              " but input is on ", input.device());
+  Tensor g;
+  if (p.reduction != Reduction::None) {
+    TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must be a scalar for a reduced loss, "
+                "got shape ", grad_loss.sizes());
+    g = grad_loss.contiguous();
+    p.grad_loss_scalar = true;
+  } else {
+    TORCH_CHECK(grad_loss.sizes() == input.sizes(), op, ": grad_loss must have the input's shape ",
+                input.sizes(), ", got ", grad_loss.sizes());
+    // The upstream gradient of loss.sum() / loss.mean() is one value expanded: read it once.
+    const auto st = grad_loss.strides();
+    p.grad_loss_scalar =
+        grad_loss.numel() > 0 && std::all_of(st.begin(), st.end(), [](int64_t s) { return s == 0; });
+    g = p.grad_loss_scalar ? grad_loss : grad_loss.contiguous();
+  }
+  p.grad_loss = g.data_ptr();
+  Tensor gx = input_grad ? backend.empty_like(r.input) : at::empty({0}, input.options());
+  Tensor gt = target_grad ? backend.empty_like(r.target) : at::empty({0}, input.options());
+  p.grad_input = input_grad ? gx.data_ptr() : nullptr;
+  p.grad_target = target_grad ? gt.data_ptr() : nullptr;
+  if (input_grad || target_grad) backend.launch(p);
+  return {gx, gt};
+}
+
+}  // namespace weighted_loss

@@ -1,0 +1,31 @@
+// Device-agnostic glue of the BCE-with-logits ops: argument checks that name the argument and the
+// value, the broadcast of weight and pos_weight as strides over rows of the input (never expanded),
+// output allocation. The device files pass the kernel launcher in.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+#include "common.h"
+#include "params.h"
+
+namespace weighted_loss {
+
+using BinaryCrossEntropyBackend = Backend<BinaryCrossEntropyParams>;
+
+at::Tensor binary_cross_entropy_forward_impl(const at::Tensor& input, const at::Tensor& target,
+                                             const std::optional<at::Tensor>& weight,
+                                             const std::optional<at::Tensor>& pos_weight,
+                                             int64_t reduction,
+                                             const BinaryCrossEntropyBackend& backend);
+
+// (grad_input, grad_target); a gradient not asked for is an empty (0,) tensor.
+std::tuple<at::Tensor, at::Tensor> binary_cross_entropy_backward_impl(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+    int64_t reduction, bool input_grad, bool target_grad,
+    const BinaryCrossEntropyBackend& backend);
+
+}  // namespace weighted_loss

@@ -1,0 +1,45 @@
+// Glue shared by the losses: what a device hands the device-agnostic glue, and the argument
+// conversions every op does.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <functional>
+
+#include "params.h"
+
+namespace weighted_loss {
+
+// What a device gives the glue: the kernel launcher, and the allocator of gradients (shape and
+// strides as at::empty_like).
+template <typename Params>
+struct Backend {
+  std::function<void(const Params&)> launch;
+  std::function<at::Tensor(const at::Tensor&)> empty_like;
+};
+
+inline DType dtype_of(const at::Tensor& t, const char* op) {
+  switch (t.scalar_type()) {
+    case at::kDouble: return DType::Float64;
+    case at::kFloat: return DType::Float32;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kHalf: return DType::Float16;
+    default: break;
+  }
+  TORCH_CHECK(false, op, ": input must be a floating point tensor (float64, float32, bfloat16 or "
+              "float16), got ", t.scalar_type());
+}
+
+// float32 accumulation, float64 for float64 data.
+inline at::ScalarType acc_type(const at::Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline Reduction reduction_of(int64_t reduction, const char* op) {
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, op,
+              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  return static_cast<Reduction>(reduction);
+}
+
+}  // namespace weighted_loss

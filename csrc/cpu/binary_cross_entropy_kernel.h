@@ -1,0 +1,360 @@
+// CPU kernels of the fused BCE with logits, written once against at::vec and compiled once per CPU
+// capability (binary_cross_entropy_{default,avx2,avx512}.cpp include this file). Include it from
+// those files only.
+//
+// Math, per element with logit x, target t in [0, 1], weight w and pos_weight P (1 when absent):
+//   loss  = w [ (1 - t) x - (1 + (P - 1) t) log sigmoid(x) ]                      (PyTorch's)
+//         = w [ (1 + (P - 1) t) log1p(e) + (1 - t) max(x, 0) + P t max(-x, 0) ],  e = exp(-|x|)
+//   (the log-sigmoid split on the sign of x, -log sigmoid(x) = max(-x, 0) + log1p(e)): no exp
+//   overflows and nothing cancels for |x| up to the dtype's range.
+//   dloss/dx = w [ (1 + (P - 1) t) sigmoid(x) - P t ],  sigmoid(x) = (x >= 0 ? 1 : e) / (1 + e)
+//   dloss/dt = w [ (P - 1) softplus(-x) - x ],  softplus(-x) = -log sigmoid(x)
+// Both passes read x and t once; the forward reduces in the same pass over fixed blocks of
+// kBlock elements whose partial sums are added in block order (the same bits for any thread
+// count); the backward writes each wanted gradient element once. Broadcast weights are read
+// through their strides (BroadcastWeight), never expanded.
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../params.h"
+#include "kernels.h"
+#include "vec_common.h"
+
+namespace weighted_loss::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+// Elements per reduction block, and blocks per parallel task (about 64K elements).
+constexpr int64_t kBlock = 4096;
+constexpr int64_t kGrainBlocks = 16;
+
+// log(1 + e) for e in [0, 1] (or NaN): 2 atanh(s) with s = e / (2 + e) <= 1/3, whose series
+// sum_k s^(2k+1) / (2k+1) reaches float precision by k = 6 (the next term is below 1.5e-8
+// relative). Inline and accurate for tiny e, where log(1 + e) would round to 0.
+inline Vectorized<float> log1p_unit(const Vectorized<float>& e) {
+  using V = Vectorized<float>;
+  const V s = e / (e + V(2.f));
+  const V s2 = s * s;
+  V r = V(1.f / 13.f);
+  r = at::vec::fmadd(r, s2, V(1.f / 11.f));
+  r = at::vec::fmadd(r, s2, V(1.f / 9.f));
+  r = at::vec::fmadd(r, s2, V(1.f / 7.f));
+  r = at::vec::fmadd(r, s2, V(1.f / 5.f));
+  r = at::vec::fmadd(r, s2, V(1.f / 3.f));
+  r = at::vec::fmadd(r, s2, V(1.f));
+  return (s + s) * r;
+}
+inline Vectorized<double> log1p_unit(const Vectorized<double>& e) {
+  return e.log1p();
+}
+
+// e = exp(-|x|), NaN where x is NaN (at::vec's fast exp clamps its argument and would turn a NaN
+// into a finite value).
+template <typename acc_t>
+inline Vectorized<acc_t> exp_neg_abs(const Vectorized<acc_t>& x) {
+  using V = Vectorized<acc_t>;
+  const V e = vexp(V(0) - x.abs());
+  return V::blendv(e, x, x != x);
+}
+
+// The loss of one vector of elements, without the weight w, as
+//   (1 + (P - 1) t) log1p(e) + (1 - t) max(x, 0) + P t max(-x, 0)
+// whose terms are all >= 0 for P >= 0: nothing cancels (softplus(x) - t x would lose log1p(e)
+// next to a large x).
+template <typename acc_t>
+inline Vectorized<acc_t> bce_loss(const Vectorized<acc_t>& x, const Vectorized<acc_t>& t,
+                                  const Vectorized<acc_t>& pw) {
+  using V = Vectorized<acc_t>;
+  const V zero(0), one(1);
+  const V sp = log1p_unit(exp_neg_abs(x));
+  const V lw = at::vec::fmadd(pw - one, t, one);
+  const V pos = (one - t) * at::vec::maximum(x, zero);
+  const V neg = pw * t * at::vec::maximum(zero - x, zero);
+  return at::vec::fmadd(lw, sp, pos + neg);
+}
+
+// One weight along a row segment: a vector load when contiguous, one value otherwise.
+template <typename acc_t, bool Contiguous>
+inline void load_weight(const acc_t* w, int64_t n, Vectorized<acc_t>& a, Vectorized<acc_t>& b) {
+  if constexpr (Contiguous) {
+    load_acc(w, n, a, b);
+  } else {
+    a = b = Vectorized<acc_t>(*w);
+  }
+}
+
+template <typename scalar_t>
+struct BceCtx {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const BinaryCrossEntropyParams& p;
+  const scalar_t* x;
+  const scalar_t* t;
+  const acc_t* w;    // the weight, or `one` when absent (inner stride 0)
+  const acc_t* pw;
+  acc_t one = 1;
+
+  explicit BceCtx(const BinaryCrossEntropyParams& prm) : p(prm) {
+    x = static_cast<const scalar_t*>(p.input);
+    t = static_cast<const scalar_t*>(p.target);
+    w = p.weight.data ? static_cast<const acc_t*>(p.weight.data) : &one;
+    pw = p.pos_weight.data ? static_cast<const acc_t*>(p.pos_weight.data) : &one;
+  }
+};
+
+// Calls seg(f, n, w, pw) for the row segments covering elements [f0, f1): n elements from f, with
+// each weight's pointer at element f. The rows' multi-index is counted up like an odometer
+// rather than divided out per row.
+template <typename scalar_t, typename F>
+inline void for_segments(const BceCtx<scalar_t>& cx, int64_t f0, int64_t f1, F&& seg) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const auto& p = cx.p;
+  const int64_t inner = p.inner;
+  int64_t r = f0 / inner, i = f0 % inner;
+  int64_t idx[kMaxBroadcastDims] = {};
+  int64_t ow = 0, opw = 0;
+  for (int d = p.outer_dims - 1; d >= 0; --d) {
+    idx[d] = r % p.outer_sizes[d];
+    r /= p.outer_sizes[d];
+    ow += idx[d] * p.weight.strides[d];
+    opw += idx[d] * p.pos_weight.strides[d];
+  }
+  const bool has_w = p.weight.data != nullptr, has_pw = p.pos_weight.data != nullptr;
+  for (int64_t f = f0; f < f1;) {
+    const int64_t n = std::min(inner - i, f1 - f);
+    const acc_t* w = has_w ? cx.w + ow + i * p.weight.inner_stride : cx.w;
+    const acc_t* pw = has_pw ? cx.pw + opw + i * p.pos_weight.inner_stride : cx.pw;
+    seg(f, n, w, pw);
+    f += n;
+    i = 0;
+    for (int d = p.outer_dims - 1; d >= 0; --d) {  // next row
+      ow += p.weight.strides[d];
+      opw += p.pos_weight.strides[d];
+      if (++idx[d] < p.outer_sizes[d]) break;
+      ow -= idx[d] * p.weight.strides[d];
+      opw -= idx[d] * p.pos_weight.strides[d];
+      idx[d] = 0;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+template <typename scalar_t, bool WC, bool PC, bool Store>
+inline void forward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
+                            const typename AccOf<scalar_t>::type* w,
+                            const typename AccOf<scalar_t>::type* pw,
+                            Vectorized<typename AccOf<scalar_t>::type>& s0,
+                            Vectorized<typename AccOf<scalar_t>::type>& s1) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  using Io = IO<scalar_t>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t B = Io::B;
+  const scalar_t* x = cx.x + f;
+  const scalar_t* t = cx.t + f;
+  auto* out = static_cast<scalar_t*>(cx.p.loss) + f;
+  for_blocks<B>(n, [&](int64_t k, int64_t cnt, auto full) {
+    V x0, x1, t0, t1, w0, w1, p0, p1;
+    if constexpr (decltype(full)::value) {
+      Io::load(x + k, x0, x1);
+      Io::load(t + k, t0, t1);
+    } else {
+      Io::load(x + k, cnt, x0, x1);
+      Io::load(t + k, cnt, t0, t1);
+    }
+    load_weight<acc_t, WC>(w + (WC ? k : 0), cnt, w0, w1);
+    load_weight<acc_t, PC>(pw + (PC ? k : 0), cnt, p0, p1);
+    V l0 = bce_loss(x0, t0, p0) * w0;
+    V l1 = bce_loss(x1, t1, p1) * w1;
+    if constexpr (Store) {
+      if constexpr (decltype(full)::value) {
+        Io::store(out + k, l0, l1);
+      } else {
+        Io::store(out + k, cnt, l0, l1);
+      }
+    } else {
+      if constexpr (!decltype(full)::value) keep_valid(cnt, V(0), l0, l1);
+      s0 += l0;
+      s1 += l1;
+    }
+  });
+}
+
+template <typename scalar_t, bool WC, bool PC>
+void forward(const BceCtx<scalar_t>& cx) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  using V = Vectorized<acc_t>;
+  const auto& p = cx.p;
+  const int64_t blocks = (p.numel + kBlock - 1) / kBlock;
+  if (p.reduction == Reduction::None) {
+    at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b, int64_t e) {
+      V s0(0), s1(0);
+      for_segments(cx, b * kBlock, std::min(p.numel, e * kBlock),
+                   [&](int64_t f, int64_t n, const acc_t* w, const acc_t* pw) {
+                     forward_segment<scalar_t, WC, PC, true>(cx, f, n, w, pw, s0, s1);
+                   });
+    });
+    return;
+  }
+  std::vector<double> part(blocks, 0.0);
+  at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b, int64_t e) {
+    for (int64_t blk = b; blk < e; ++blk) {
+      V s0(0), s1(0);
+      for_segments(cx, blk * kBlock, std::min(p.numel, (blk + 1) * kBlock),
+                   [&](int64_t f, int64_t n, const acc_t* w, const acc_t* pw) {
+                     forward_segment<scalar_t, WC, PC, false>(cx, f, n, w, pw, s0, s1);
+                   });
+      part[blk] = static_cast<double>(hsum(s0 + s1));
+    }
+  });
+  double total = 0;
+  for (const double v : part) total += v;
+  if (p.reduction == Reduction::Mean) total /= static_cast<double>(p.numel);  // 0/0: NaN, as torch
+  *static_cast<scalar_t*>(p.loss) = static_cast<scalar_t>(total);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward. g is the upstream gradient of the element's loss (divided by numel for the mean).
+
+template <typename scalar_t, bool WC, bool PC, bool GX, bool GT, bool GScalar>
+inline void backward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
+                             const typename AccOf<scalar_t>::type* w,
+                             const typename AccOf<scalar_t>::type* pw,
+                             typename AccOf<scalar_t>::type g_scalar) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  using Io = IO<scalar_t>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t B = Io::B;
+  const auto& p = cx.p;
+  const scalar_t* x = cx.x + f;
+  const scalar_t* t = cx.t + f;
+  const auto* gl = static_cast<const scalar_t*>(p.grad_loss) + f;
+  auto* gx = static_cast<scalar_t*>(p.grad_input) + f;
+  auto* gt = static_cast<scalar_t*>(p.grad_target) + f;
+  const V zero(0), one(1);
+  for_blocks<B>(n, [&](int64_t k, int64_t cnt, auto full) {
+    constexpr bool kFull = decltype(full)::value;
+    V x0, x1, t0, t1, w0, w1, p0, p1, g0, g1;
+    if constexpr (kFull) {
+      Io::load(x + k, x0, x1);
+      Io::load(t + k, t0, t1);
+    } else {
+      Io::load(x + k, cnt, x0, x1);
+      Io::load(t + k, cnt, t0, t1);
+    }
+    load_weight<acc_t, WC>(w + (WC ? k : 0), cnt, w0, w1);
+    load_weight<acc_t, PC>(pw + (PC ? k : 0), cnt, p0, p1);
+    if constexpr (GScalar) {
+      g0 = w0 * V(g_scalar);
+      g1 = w1 * V(g_scalar);
+    } else {
+      if constexpr (kFull) {
+        Io::load(gl + k, g0, g1);
+      } else {
+        Io::load(gl + k, cnt, g0, g1);
+      }
+      g0 = g0 * w0;
+      g1 = g1 * w1;
+    }
+    auto grads = [&](const V& xv, const V& tv, const V& pv, const V& gv, V& dx, V& dt) {
+      const V e = exp_neg_abs(xv);
+      if constexpr (GX) {
+        const V sig = V::blendv(e, one, xv >= zero) / (one + e);
+        const V lw = at::vec::fmadd(pv - one, tv, one);
+        dx = gv * at::vec::fmadd(lw, sig, zero - pv * tv);
+      }
+      if constexpr (GT) {
+        const V softplus_neg = at::vec::maximum(zero - xv, zero) + log1p_unit(e);
+        dt = gv * at::vec::fmadd(pv - one, softplus_neg, zero - xv);
+      }
+    };
+    V dx0, dx1, dt0, dt1;
+    grads(x0, t0, p0, g0, dx0, dt0);
+    grads(x1, t1, p1, g1, dx1, dt1);
+    if constexpr (kFull) {
+      if constexpr (GX) Io::store(gx + k, dx0, dx1);
+      if constexpr (GT) Io::store(gt + k, dt0, dt1);
+    } else {
+      if constexpr (GX) Io::store(gx + k, cnt, dx0, dx1);
+      if constexpr (GT) Io::store(gt + k, cnt, dt0, dt1);
+    }
+  });
+}
+
+template <typename scalar_t, bool WC, bool PC, bool GX, bool GT, bool GScalar>
+void backward(const BceCtx<scalar_t>& cx) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const auto& p = cx.p;
+  acc_t g = 0;
+  if constexpr (GScalar) {
+    g = static_cast<acc_t>(*static_cast<const scalar_t*>(p.grad_loss));
+    if (p.reduction == Reduction::Mean) g /= static_cast<acc_t>(p.numel);
+  }
+  const int64_t blocks = (p.numel + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b, int64_t e) {
+    for_segments(cx, b * kBlock, std::min(p.numel, e * kBlock),
+                 [&](int64_t f, int64_t n, const acc_t* w, const acc_t* pw) {
+                   backward_segment<scalar_t, WC, PC, GX, GT, GScalar>(cx, f, n, w, pw, g);
+                 });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compile-time switches: contiguous or per-row weights; which gradients; scalar upstream gradient.
+
+template <typename F>
+void dispatch_weights(const BinaryCrossEntropyParams& p, F&& f) {
+  const bool wc = p.weight.data != nullptr && p.weight.inner_stride == 1;
+  const bool pc = p.pos_weight.data != nullptr && p.pos_weight.inner_stride == 1;
+  if (wc) {
+    if (pc) return f(std::true_type{}, std::true_type{});
+    return f(std::true_type{}, std::false_type{});
+  }
+  if (pc) return f(std::false_type{}, std::true_type{});
+  return f(std::false_type{}, std::false_type{});
+}
+
+}  // namespace
+
+void binary_cross_entropy_forward(const BinaryCrossEntropyParams& p) {
+  if (p.numel == 0 && p.reduction == Reduction::None) return;
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const BceCtx<scalar_t> cx(p);
+    dispatch_weights(p, [&](auto wc, auto pc) {
+      forward<scalar_t, decltype(wc)::value, decltype(pc)::value>(cx);
+    });
+  });
+}
+
+void binary_cross_entropy_backward(const BinaryCrossEntropyParams& p) {
+  if (p.numel == 0) return;
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const BceCtx<scalar_t> cx(p);
+    dispatch_weights(p, [&](auto wc, auto pc) {
+      constexpr bool WC = decltype(wc)::value, PC = decltype(pc)::value;
+      auto with_g = [&](auto gx, auto gt) {
+        constexpr bool GX = decltype(gx)::value, GT = decltype(gt)::value;
+        if (p.grad_loss_scalar) {
+          backward<scalar_t, WC, PC, GX, GT, true>(cx);
+        } else {
+          backward<scalar_t, WC, PC, GX, GT, false>(cx);
+        }
+      };
+      if (p.grad_input != nullptr && p.grad_target != nullptr) {
+        with_g(std::true_type{}, std::true_type{});
+      } else if (p.grad_input != nullptr) {
+        with_g(std::true_type{}, std::false_type{});
+      } else if (p.grad_target != nullptr) {
+        with_g(std::false_type{}, std::true_type{});
+      }
+    });
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace weighted_loss::cpu

@@ -1,0 +1,143 @@
+// Vector helpers shared by the CPU kernels of both losses: the accumulation type, block loads and
+// stores between the storage dtype and acc, exp, horizontal sums, the dtype switch. Included by
+// the kernel headers inside their capability namespace (see cross_entropy_avx2.cpp), so each
+// capability gets its own copy.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "../params.h"
+
+namespace weighted_loss::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+// Blocks of B = 2 vector widths of acc, loaded from and stored to scalar_t.
+template <typename scalar_t>
+struct IO {
+  using acc_t = typename AccOf<scalar_t>::type;
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t W = Vec::size();
+  static constexpr int64_t B = 2 * W;
+  static constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
+
+  static inline void load(const scalar_t* p, Vec& a, Vec& b) {
+    if constexpr (kSame) {
+      a = Vec::loadu(p);
+      b = Vec::loadu(p + W);
+    } else {
+      at::vec::load_to_float<scalar_t>(p, a, b);
+    }
+  }
+  // n < B valid elements; the rest read as zero.
+  static inline void load(const scalar_t* p, int64_t n, Vec& a, Vec& b) {
+    if (n == B) return load(p, a, b);
+    acc_t tmp[B] = {};
+    for (int64_t k = 0; k < n; ++k) tmp[k] = static_cast<acc_t>(p[k]);
+    a = Vec::loadu(tmp);
+    b = Vec::loadu(tmp + W);
+  }
+  static inline void store(scalar_t* p, const Vec& a, const Vec& b) {
+    if constexpr (kSame) {
+      a.store(p);
+      b.store(p + W);
+    } else {
+      at::vec::convert_from_float<scalar_t>(a, b).store(p);
+    }
+  }
+  static inline void store(scalar_t* p, int64_t n, const Vec& a, const Vec& b) {
+    if (n == B) return store(p, a, b);
+    acc_t tmp[B];
+    a.store(tmp);
+    b.store(tmp + W);
+    for (int64_t k = 0; k < n; ++k) p[k] = static_cast<scalar_t>(tmp[k]);
+  }
+};
+
+// exp for the softmax: at::vec's inlined polynomial for float (max error about 20 ulp, i.e.
+// 2.4e-6 relative, far below what the float32 loss and gradient resolve; Sleef's 1-ulp exp is an
+// out-of-line call and made the kernels compute-bound), Sleef's for double (gradcheck).
+inline Vectorized<float> vexp(const Vectorized<float>& v) {
+  return v.exp_u20();
+}
+inline Vectorized<double> vexp(const Vectorized<double>& v) {
+  return v.exp();
+}
+
+template <typename acc_t>
+inline acc_t hsum(const Vectorized<acc_t>& v) {
+  acc_t tmp[Vectorized<acc_t>::size()];
+  v.store(tmp);
+  acc_t s = 0;
+  for (int64_t k = 0; k < Vectorized<acc_t>::size(); ++k) s += tmp[k];
+  return s;
+}
+
+// Runs body(k, n, std::true_type) over the full blocks [k, k + B) of [0, count) and
+// body(k, n, std::false_type) once over the tail of n < B elements, if any.
+template <int64_t B, typename F>
+inline void for_blocks(int64_t count, F&& body) {
+  const int64_t nv = count - count % B;
+  for (int64_t k = 0; k < nv; k += B) body(k, B, std::true_type{});
+  if (nv < count) body(nv, count - nv, std::false_type{});
+}
+
+// The two halves of a block of n <= B elements: valid lanes from v, the rest from fill.
+template <typename Vec>
+inline void keep_valid(int64_t n, const Vec& fill, Vec& v0, Vec& v1) {
+  constexpr int64_t W = Vec::size();
+  v0 = Vec::set(fill, v0, std::min<int64_t>(n, W));
+  v1 = Vec::set(fill, v1, std::max<int64_t>(0, n - W));
+}
+
+template <typename acc_t>
+inline void load_acc(const acc_t* w, int64_t n, Vectorized<acc_t>& a, Vectorized<acc_t>& b) {
+  constexpr int64_t W = Vectorized<acc_t>::size();
+  if (n == 2 * W) {
+    a = Vectorized<acc_t>::loadu(w);
+    b = Vectorized<acc_t>::loadu(w + W);
+  } else {
+    a = Vectorized<acc_t>::loadu(w, std::min<int64_t>(n, W));
+    b = Vectorized<acc_t>::loadu(w + W, std::max<int64_t>(0, n - W));
+  }
+}
+
+template <typename acc_t>
+inline void store_acc(acc_t* p, int64_t n, const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) {
+  constexpr int64_t W = Vectorized<acc_t>::size();
+  if (n == 2 * W) {
+    a.store(p);
+    b.store(p + W);
+  } else {
+    a.store(p, std::min<int64_t>(n, W));
+    if (n > W) b.store(p + W, n - W);
+  }
+}
+
+template <typename F>
+void dispatch_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::Float64: return f(double{});
+    case DType::Float32: return f(float{});
+    case DType::BFloat16: return f(c10::BFloat16{});
+    case DType::Float16: return f(c10::Half{});
+  }
+  TORCH_INTERNAL_ASSERT(false, "weighted_loss: unknown dtype");
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace weighted_loss::cpu
