@@ -13,9 +13,11 @@ using at::Tensor;
 
 constexpr const char* kOp = "binary_cross_entropy_with_logits";
 
-// Rows shorter than this are slow to walk (a few vectors each); when the weights repeat row after
-// row, several rows are joined into one and the weights repeated to match.
+// Rows shorter than kMinRow are slow to walk (a few vectors each); when the weights repeat row
+// after row, several rows are joined into one and the weights repeated to match: for inputs of
+// kJoinNumel elements or more, below which building the repeated weights costs more than it saves.
 constexpr int64_t kMinRow = 512;
+constexpr int64_t kJoinNumel = 1 << 16;
 
 void check_inputs(const Tensor& input, const Tensor& target, const char* op) {
   dtype_of(input, op);
@@ -125,7 +127,7 @@ Prepared prepare(const Tensor& input, const Tensor& target,
       periodic = periodic && dims[d].ws == 0 && dims[d].ps == 0;
     }
     p.outer_dims = static_cast<int32_t>(dims.size() - 1);
-    if (periodic && p.outer_dims > 0 && p.inner < kMinRow) {
+    if (periodic && p.outer_dims > 0 && p.inner < kMinRow && p.numel >= kJoinNumel) {
       // Every row reads the same weights: rows of k * inner with the weights repeated k times.
       const int64_t k = (kMinRow + p.inner - 1) / p.inner;
       if (w_inner == 1) r.weight = r.weight.reshape({-1}).repeat({k});

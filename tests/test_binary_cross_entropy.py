@@ -24,7 +24,8 @@ PATTERNS = {
     "N": ((37,), [None, (1,), (37,), ()]),
     "NC": ((33, 7), [None, (7,), (1, 7), (33, 1), (33, 7)]),
     "NC-long": ((5, 2100), [None, (2100,), (5, 1)]),  # rows of more than one block
-    "NC-few": ((300, 3), [None, (3,)]),  # few classes: rows joined, weights repeated
+    "NC-few": ((300, 3), [None, (3,)]),  # few classes: short rows
+    "NC-few-joined": ((22000, 3), [None, (3,)]),  # large enough for rows joined, weights repeated
     "NCHW": ((2, 5, 6, 7), [None, (5, 1, 1), (1, 5, 1, 1), (2, 1, 6, 7), (7,), (6, 1),
                             (2, 5, 6, 7)]),
 }

@@ -4,8 +4,10 @@
 
 Every case computes the fused and the native loss and gradient once (their largest differences are
 printed), then times fused and native forward and forward+backward in alternation, `repeat` rounds
-after a warm-up, and reports medians (backward = forward+backward - forward). The bandwidth bound of a case is 3 x the bytes of the logits (read
-forward, read + gradient write backward) over the copy bandwidth measured in the same run.
+after a warm-up, and reports medians (backward = forward+backward - forward). The bandwidth bound
+of a case is its minimal bytes over the copy bandwidth measured in the same run: for
+cross-entropy 3 x the logits (read forward, read + gradient write backward), for BCE 5 x the
+logits (logits and targets read forward and backward, gradient written).
 """
 import argparse
 import statistics
@@ -16,13 +18,20 @@ import torch.nn.functional as F
 
 import weighted_loss as wl
 
-# name, shape of the logits, dtype, number of classes, extra keyword arguments
+# name, loss, shape of the logits, dtype, extra keyword arguments
 CASES = [
-    ("ce-8192x1000-f32", (8192, 1000), torch.float32, {}),
-    ("ce-4096x32000-bf16", (4096, 32000), torch.bfloat16, {}),
-    ("ce-2048x32000-f32-ls0.1", (2048, 32000), torch.float32, {"label_smoothing": 0.1}),
-    ("ce-seg-16x19x128x128-f32-ign255", (16, 19, 128, 128), torch.float32, {"ignore_index": 255}),
+    ("ce-8192x1000-f32", "ce", (8192, 1000), torch.float32, {}),
+    ("ce-4096x32000-bf16", "ce", (4096, 32000), torch.bfloat16, {}),
+    ("ce-2048x32000-f32-ls0.1", "ce", (2048, 32000), torch.float32, {"label_smoothing": 0.1}),
+    ("ce-seg-16x19x128x128-f32-ign255", "ce", (16, 19, 128, 128), torch.float32,
+     {"ignore_index": 255}),
+    ("bce-8192x1000-f32-posw", "bce", (8192, 1000), torch.float32, {}),
+    ("bce-seg-16x5x128x128-f32-posw", "bce", (16, 5, 128, 128), torch.float32, {}),
 ]
+LOSSES = {
+    "ce": (wl.cross_entropy, F.cross_entropy),
+    "bce": (wl.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits),
+}
 
 
 def _sync(device):
@@ -52,34 +61,45 @@ def copy_bandwidth_gbs(device, nbytes=256 << 20, repeat=7):
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def make_inputs(shape, dtype, kwargs, device, seed=0):
+def make_inputs(loss, shape, dtype, kwargs, device, seed=0):
+    """Logits, targets and the keyword arguments of the loss, with weights computed from the
+    targets as users do: max(n)/n class weights for cross-entropy, pos_weight = #neg/#pos per
+    class for BCE (positives 1-30% depending on the class)."""
     g = torch.Generator().manual_seed(seed)
     C = shape[1]
     x = torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+    kwargs = dict(kwargs)
+    if loss == "bce":
+        rate = torch.linspace(0.01, 0.3, C).reshape(C, *([1] * (len(shape) - 2)))
+        y = (torch.rand(shape, generator=g) < rate).float()
+        dims = [d for d in range(len(shape)) if d != 1]
+        pos = y.sum(dims, keepdim=True).squeeze(0)
+        kwargs["pos_weight"] = ((y[0].numel() * shape[0] / C - pos) / pos.clamp(min=1)).to(device)
+        return x, y.to(device=device, dtype=dtype), kwargs
     tshape = (shape[0], *shape[2:])
     y = torch.randint(0, C, tshape, generator=g)
     if "ignore_index" in kwargs:
         y[torch.rand(tshape, generator=g) < 0.1] = kwargs["ignore_index"]
     counts = torch.bincount(y[(y >= 0) & (y < C)], minlength=C).float() + 1
-    weight = (counts.max() / counts).to(device=device, dtype=dtype)  # max(n)/n class weights
-    return x, y.to(device), weight
+    kwargs["weight"] = (counts.max() / counts).to(device=device, dtype=dtype)
+    return x, y.to(device), kwargs
 
 
-def run_case(name, shape, dtype, kwargs, device, repeat):
+def run_case(name, loss, shape, dtype, kwargs, device, repeat):
     """Fused and native timed in alternation (so both see the same machine noise)."""
-    x, y, w = make_inputs(shape, dtype, kwargs, device)
-    losses = {"fused": wl.cross_entropy, "native": F.cross_entropy}
-    out = {"case": name, "shape": list(shape), "dtype": str(dtype).replace("torch.", "")}
+    x, y, kw = make_inputs(loss, shape, dtype, kwargs, device)
+    losses = dict(zip(("fused", "native"), LOSSES[loss]))
+    out = {"case": name, "loss": loss, "shape": list(shape),
+           "dtype": str(dtype).replace("torch.", "")}
     results, calls = {}, {}
     for kind, fn in losses.items():
         xr = x.detach().clone().requires_grad_(True)
-        loss = fn(xr, y, weight=w, **kwargs)
-        (grad,) = torch.autograd.grad(loss, xr)
-        results[kind] = (loss.detach().float(), grad.float())
-        calls[kind, "fwd"] = lambda fn=fn, xr=xr: fn(xr, y, weight=w, **kwargs)
-        calls[kind, "fwd_bwd"] = lambda fn=fn, xr=xr: torch.autograd.grad(
-            fn(xr, y, weight=w, **kwargs), xr)
-        del loss, grad
+        value = fn(xr, y, **kw)
+        (grad,) = torch.autograd.grad(value, xr)
+        results[kind] = (value.detach().float(), grad.float())
+        calls[kind, "fwd"] = lambda fn=fn, xr=xr: fn(xr, y, **kw)
+        calls[kind, "fwd_bwd"] = lambda fn=fn, xr=xr: torch.autograd.grad(fn(xr, y, **kw), xr)
+        del value, grad
     times = {k: [] for k in calls}
     for k, f in calls.items():  # warm-up
         f()
@@ -93,7 +113,7 @@ def run_case(name, shape, dtype, kwargs, device, repeat):
     out["max_loss_diff"] = (results["fused"][0] - results["native"][0]).abs().max().item()
     out["max_grad_diff"] = (results["fused"][1] - results["native"][1]).abs().max().item()
     out["speedup"] = out["native_fwd_bwd_ms"] / out["fused_fwd_bwd_ms"]
-    out["bytes_min"] = 3 * x.numel() * x.element_size()
+    out["bytes_min"] = (3 if loss == "ce" else 5) * x.numel() * x.element_size()
     return out
 
 
@@ -112,10 +132,10 @@ def main(argv=None):
     print(hdr)
     print("-" * len(hdr))
     rows = []
-    for name, shape, dtype, kwargs in CASES:
+    for name, loss, shape, dtype, kwargs in CASES:
         if args.case and not any(c in name for c in args.case):
             continue
-        r = run_case(name, shape, dtype, kwargs, device, args.repeat)
+        r = run_case(name, loss, shape, dtype, kwargs, device, args.repeat)
         r["bound_ms"] = r["bytes_min"] / (bw * 1e9) * 1e3
         r["bandwidth_fraction"] = r["bound_ms"] / r["fused_fwd_bwd_ms"]
         rows.append(r)

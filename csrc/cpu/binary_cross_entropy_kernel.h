@@ -31,19 +31,18 @@ namespace {
 constexpr int64_t kBlock = 4096;
 constexpr int64_t kGrainBlocks = 16;
 
-// log(1 + e) for e in [0, 1] (or NaN): 2 atanh(s) with s = e / (2 + e) <= 1/3, whose series
-// sum_k s^(2k+1) / (2k+1) reaches float precision by k = 6 (the next term is below 1.5e-8
-// relative). Inline and accurate for tiny e, where log(1 + e) would round to 0.
+// log(1 + e) for e in [0, 1]: 2 atanh(s) with s = e / (2 + e) <= 1/3, and atanh(s) / s as a
+// degree-4 polynomial in s^2 on [0, 1/9] (least squares on Chebyshev nodes; 4e-9 off in exact
+// arithmetic, about 4 ulp in float). Inline, and accurate for tiny e, where log(1 + e) would
+// round to 0.
 inline Vectorized<float> log1p_unit(const Vectorized<float>& e) {
   using V = Vectorized<float>;
   const V s = e / (e + V(2.f));
   const V s2 = s * s;
-  V r = V(1.f / 13.f);
-  r = at::vec::fmadd(r, s2, V(1.f / 11.f));
-  r = at::vec::fmadd(r, s2, V(1.f / 9.f));
-  r = at::vec::fmadd(r, s2, V(1.f / 7.f));
-  r = at::vec::fmadd(r, s2, V(1.f / 5.f));
-  r = at::vec::fmadd(r, s2, V(1.f / 3.f));
+  V r = V(0.14087328f);
+  r = at::vec::fmadd(r, s2, V(0.13980709f));
+  r = at::vec::fmadd(r, s2, V(0.20012426f));
+  r = at::vec::fmadd(r, s2, V(0.33333158f));
   r = at::vec::fmadd(r, s2, V(1.f));
   return (s + s) * r;
 }
@@ -61,19 +60,18 @@ inline Vectorized<acc_t> exp_neg_abs(const Vectorized<acc_t>& x) {
 }
 
 // The loss of one vector of elements, without the weight w, as
-//   (1 + (P - 1) t) log1p(e) + (1 - t) max(x, 0) + P t max(-x, 0)
-// whose terms are all >= 0 for P >= 0: nothing cancels (softplus(x) - t x would lose log1p(e)
-// next to a large x).
+//   (1 + (P - 1) t) log1p(e) + (x >= 0 ? (1 - t) x : -P t x)
+// whose terms are both >= 0 for P >= 0: nothing cancels (softplus(x) - t x would lose log1p(e)
+// next to a large x). A NaN in x reaches the result through the second term.
 template <typename acc_t>
 inline Vectorized<acc_t> bce_loss(const Vectorized<acc_t>& x, const Vectorized<acc_t>& t,
                                   const Vectorized<acc_t>& pw) {
   using V = Vectorized<acc_t>;
   const V zero(0), one(1);
-  const V sp = log1p_unit(exp_neg_abs(x));
-  const V lw = at::vec::fmadd(pw - one, t, one);
-  const V pos = (one - t) * at::vec::maximum(x, zero);
-  const V neg = pw * t * at::vec::maximum(zero - x, zero);
-  return at::vec::fmadd(lw, sp, pos + neg);
+  const V sp = log1p_unit(vexp(zero - x.abs()));
+  const V a = one - t, b = pw * t;
+  const V lin = x * V::blendv(zero - b, a, x >= zero);
+  return at::vec::fmadd(a + b, sp, lin);
 }
 
 // One weight along a row segment: a vector load when contiguous, one value otherwise.
@@ -263,11 +261,11 @@ inline void backward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
       const V e = exp_neg_abs(xv);
       if constexpr (GX) {
         const V sig = V::blendv(e, one, xv >= zero) / (one + e);
-        const V lw = at::vec::fmadd(pv - one, tv, one);
-        dx = gv * at::vec::fmadd(lw, sig, zero - pv * tv);
+        const V b = pv * tv;
+        dx = gv * at::vec::fmadd((one - tv) + b, sig, zero - b);
       }
       if constexpr (GT) {
-        const V softplus_neg = at::vec::maximum(zero - xv, zero) + log1p_unit(e);
+        const V softplus_neg = at::vec::clamp_min(zero - xv, zero) + log1p_unit(e);
         dt = gv * at::vec::fmadd(pv - one, softplus_neg, zero - xv);
       }
     };
