@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -13,3 +17,24 @@ def device(request):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
+
+
+@pytest.fixture
+def both_builds(tmp_path):
+    """run(body) executes `body` (Python that fills the dict `out` with tensors, given `torch` and
+    `wl`) twice: in a subprocess whose CPU kernels are the DEFAULT (no AVX) build, forced with
+    ATEN_CPU_CAPABILITY, and here with the build in use. Returns (default_out, here_out)."""
+    def run(body):
+        script = tmp_path / "run.py"
+        script.write_text("import torch, weighted_loss as wl\nout = {}\n" + body +
+                          f"\nout['cap'] = wl.cpu_capability()\n"
+                          f"torch.save(out, {str(tmp_path / 'out.pt')!r})\n")
+        env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+        subprocess.run([sys.executable, str(script)], check=True, env=env)
+        base = torch.load(tmp_path / "out.pt")
+        assert base.pop("cap") == "DEFAULT"
+        import weighted_loss as wl
+        here = {}
+        exec(body, {"torch": torch, "wl": wl, "out": here})
+        return base, here
+    return run

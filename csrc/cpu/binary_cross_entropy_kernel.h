@@ -108,6 +108,27 @@ inline void load_weight(const acc_t* w, int64_t n, Vectorized<acc_t>& a, Vectori
   }
 }
 
+// One block of n <= B elements from k on, as acc: logits, targets, weights. Full: n == B.
+template <typename scalar_t, bool WC, bool PC, bool Full>
+inline void load_elements(const scalar_t* x, const scalar_t* t,
+                          const typename AccOf<scalar_t>::type* w,
+                          const typename AccOf<scalar_t>::type* pw, int64_t k, int64_t n,
+                          Vectorized<typename AccOf<scalar_t>::type> (&xv)[2],
+                          Vectorized<typename AccOf<scalar_t>::type> (&tv)[2],
+                          Vectorized<typename AccOf<scalar_t>::type> (&wv)[2],
+                          Vectorized<typename AccOf<scalar_t>::type> (&pv)[2]) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  if constexpr (Full) {
+    IO<scalar_t>::load(x + k, xv[0], xv[1]);
+    IO<scalar_t>::load(t + k, tv[0], tv[1]);
+  } else {
+    IO<scalar_t>::load(x + k, n, xv[0], xv[1]);
+    IO<scalar_t>::load(t + k, n, tv[0], tv[1]);
+  }
+  load_weight<acc_t, WC>(w + (WC ? k : 0), n, wv[0], wv[1]);
+  load_weight<acc_t, PC>(pw + (PC ? k : 0), n, pv[0], pv[1]);
+}
+
 template <typename scalar_t>
 struct BceCtx {
   using acc_t = typename AccOf<scalar_t>::type;
@@ -179,18 +200,10 @@ inline void forward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
   const scalar_t* t = cx.t + f;
   auto* out = static_cast<scalar_t*>(cx.p.loss) + f;
   for_blocks<B>(n, [&](int64_t k, int64_t cnt, auto full) {
-    V x0, x1, t0, t1, w0, w1, p0, p1;
-    if constexpr (decltype(full)::value) {
-      Io::load(x + k, x0, x1);
-      Io::load(t + k, t0, t1);
-    } else {
-      Io::load(x + k, cnt, x0, x1);
-      Io::load(t + k, cnt, t0, t1);
-    }
-    load_weight<acc_t, WC>(w + (WC ? k : 0), cnt, w0, w1);
-    load_weight<acc_t, PC>(pw + (PC ? k : 0), cnt, p0, p1);
-    V l0 = bce_loss(x0, t0, p0) * w0;
-    V l1 = bce_loss(x1, t1, p1) * w1;
+    V xv[2], tv[2], wv[2], pv[2];
+    load_elements<scalar_t, WC, PC, decltype(full)::value>(x, t, w, pw, k, cnt, xv, tv, wv, pv);
+    V l0 = bce_loss(xv[0], tv[0], pv[0]) * wv[0];
+    V l1 = bce_loss(xv[1], tv[1], pv[1]) * wv[1];
     if constexpr (Store) {
       if constexpr (decltype(full)::value) {
         Io::store(out + k, l0, l1);
@@ -259,27 +272,19 @@ inline void backward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
   const V zero(0), one(1);
   for_blocks<B>(n, [&](int64_t k, int64_t cnt, auto full) {
     constexpr bool kFull = decltype(full)::value;
-    V x0, x1, t0, t1, w0, w1, p0, p1, g0, g1;
-    if constexpr (kFull) {
-      Io::load(x + k, x0, x1);
-      Io::load(t + k, t0, t1);
-    } else {
-      Io::load(x + k, cnt, x0, x1);
-      Io::load(t + k, cnt, t0, t1);
-    }
-    load_weight<acc_t, WC>(w + (WC ? k : 0), cnt, w0, w1);
-    load_weight<acc_t, PC>(pw + (PC ? k : 0), cnt, p0, p1);
+    V xv[2], tv[2], wv[2], pv[2], g0, g1;
+    load_elements<scalar_t, WC, PC, kFull>(x, t, w, pw, k, cnt, xv, tv, wv, pv);
     if constexpr (GScalar) {
-      g0 = w0 * V(g_scalar);
-      g1 = w1 * V(g_scalar);
+      g0 = wv[0] * V(g_scalar);
+      g1 = wv[1] * V(g_scalar);
     } else {
       if constexpr (kFull) {
         Io::load(gl + k, g0, g1);
       } else {
         Io::load(gl + k, cnt, g0, g1);
       }
-      g0 = g0 * w0;
-      g1 = g1 * w1;
+      g0 = g0 * wv[0];
+      g1 = g1 * wv[1];
     }
     auto grads = [&](const V& xv, const V& tv, const V& pv, const V& gv, V& dx, V& dt) {
       const V e = exp_neg_abs(xv);
@@ -294,8 +299,8 @@ inline void backward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
       }
     };
     V dx0, dx1, dt0, dt1;
-    grads(x0, t0, p0, g0, dx0, dt0);
-    grads(x1, t1, p1, g1, dx1, dt1);
+    grads(xv[0], tv[0], pv[0], g0, dx0, dt0);
+    grads(xv[1], tv[1], pv[1], g1, dx1, dt1);
     if constexpr (kFull) {
       if constexpr (GX) Io::store(gx + k, dx0, dx1);
       if constexpr (GT) Io::store(gt + k, dt0, dt1);

@@ -6,17 +6,6 @@
 // that the CPU supports it.
 #pragma once
 #pragma GCC target("avx,avx2,fma,f16c,bmi,bmi2,popcnt")
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "isa_avx2_macros.h"
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2

@@ -2,18 +2,7 @@
 // subset PyTorch's AVX512 capability uses. See isa_avx2.h for how a file picks its ISA.
 #pragma once
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx,avx2,fma,f16c,bmi,bmi2,popcnt")
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "isa_avx2_macros.h"
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #endif
