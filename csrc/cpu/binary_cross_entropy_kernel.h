@@ -147,39 +147,84 @@ struct BceCtx {
   }
 };
 
-// Calls seg(f, n, w, pw) for the row segments covering elements [f0, f1): n elements from f, with
-// each weight's pointer at element f. The rows' multi-index is counted up like an odometer
-// rather than divided out per row.
-template <typename scalar_t, typename F>
-inline void for_segments(const BceCtx<scalar_t>& cx, int64_t f0, int64_t f1, F&& seg) {
-  using acc_t = typename AccOf<scalar_t>::type;
-  const auto& p = cx.p;
-  const int64_t inner = p.inner;
-  int64_t r = f0 / inner, i = f0 % inner;
+// Rows shorter than this are not walked row by row (a call and a partial block each): their
+// weights are gathered element by element into buffers of kChunk and read as contiguous.
+constexpr int64_t kGatherRow = 32;
+constexpr int64_t kChunk = 256;
+
+inline bool gathers(const BinaryCrossEntropyParams& p) {
+  return p.outer_dims > 0 && p.inner < kGatherRow;
+}
+
+// Where the weights of element f = r * inner + i are: each weight's offset for row r, from r's
+// multi-index over outer_sizes, counted up like an odometer from one division at the start.
+struct RowCursor {
+  const BinaryCrossEntropyParams& p;
+  int64_t i, ow = 0, opw = 0;
   int64_t idx[kMaxBroadcastDims] = {};
-  int64_t ow = 0, opw = 0;
-  for (int d = p.outer_dims - 1; d >= 0; --d) {
-    idx[d] = r % p.outer_sizes[d];
-    r /= p.outer_sizes[d];
-    ow += idx[d] * p.weight.strides[d];
-    opw += idx[d] * p.pos_weight.strides[d];
+
+  RowCursor(const BinaryCrossEntropyParams& prm, int64_t f) : p(prm) {
+    int64_t r = f / p.inner;
+    i = f % p.inner;
+    for (int d = p.outer_dims - 1; d >= 0; --d) {
+      idx[d] = r % p.outer_sizes[d];
+      r /= p.outer_sizes[d];
+      ow += idx[d] * p.weight.strides[d];
+      opw += idx[d] * p.pos_weight.strides[d];
+    }
   }
-  const bool has_w = p.weight.data != nullptr, has_pw = p.pos_weight.data != nullptr;
-  for (int64_t f = f0; f < f1;) {
-    const int64_t n = std::min(inner - i, f1 - f);
-    const acc_t* w = has_w ? cx.w + ow + i * p.weight.inner_stride : cx.w;
-    const acc_t* pw = has_pw ? cx.pw + opw + i * p.pos_weight.inner_stride : cx.pw;
-    seg(f, n, w, pw);
-    f += n;
+  inline int64_t w_off() const { return ow + i * p.weight.inner_stride; }
+  inline int64_t pw_off() const { return opw + i * p.pos_weight.inner_stride; }
+  inline void next_row() {
     i = 0;
-    for (int d = p.outer_dims - 1; d >= 0; --d) {  // next row
+    for (int d = p.outer_dims - 1; d >= 0; --d) {
       ow += p.weight.strides[d];
       opw += p.pos_weight.strides[d];
-      if (++idx[d] < p.outer_sizes[d]) break;
+      if (++idx[d] < p.outer_sizes[d]) return;
       ow -= idx[d] * p.weight.strides[d];
       opw -= idx[d] * p.pos_weight.strides[d];
       idx[d] = 0;
     }
+  }
+};
+
+// Calls seg(f, n, w, pw) on pieces covering elements [f0, f1): n elements from f, with each
+// present weight's values for them at w (pw): contiguous, or one value when the weight is constant
+// along the piece. Absent weights point at a single 1.
+template <typename scalar_t, typename F>
+inline void for_segments(const BceCtx<scalar_t>& cx, int64_t f0, int64_t f1, F&& seg) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const auto& p = cx.p;
+  const bool has_w = p.weight.data != nullptr, has_pw = p.pos_weight.data != nullptr;
+  RowCursor cur(p, f0);
+  if (gathers(p)) {
+    acc_t wbuf[kChunk], pbuf[kChunk];
+    auto gather = [](acc_t* dst, const acc_t* src, int64_t stride, int64_t n) {
+      if (stride == 0) {
+        std::fill_n(dst, n, *src);
+      } else {
+        std::copy_n(src, n, dst);
+      }
+    };
+    for (int64_t f = f0; f < f1; f += kChunk) {
+      const int64_t m = std::min(kChunk, f1 - f);
+      for (int64_t j = 0; j < m;) {
+        const int64_t n = std::min(p.inner - cur.i, m - j);
+        if (has_w) gather(wbuf + j, cx.w + cur.w_off(), p.weight.inner_stride, n);
+        if (has_pw) gather(pbuf + j, cx.pw + cur.pw_off(), p.pos_weight.inner_stride, n);
+        j += n;
+        cur.i += n;
+        if (cur.i == p.inner) cur.next_row();
+      }
+      seg(f, m, has_w ? wbuf : cx.w, has_pw ? pbuf : cx.pw);
+    }
+    return;
+  }
+  for (int64_t f = f0; f < f1;) {
+    const int64_t n = std::min(p.inner - cur.i, f1 - f);
+    seg(f, n, has_w ? cx.w + cur.w_off() : cx.w, has_pw ? cx.pw + cur.pw_off() : cx.pw);
+    f += n;
+    cur.next_row();
   }
 }
 
@@ -334,8 +379,9 @@ void backward(const BceCtx<scalar_t>& cx) {
 
 template <typename F>
 void dispatch_weights(const BinaryCrossEntropyParams& p, F&& f) {
-  const bool wc = p.weight.data != nullptr && p.weight.inner_stride == 1;
-  const bool pc = p.pos_weight.data != nullptr && p.pos_weight.inner_stride == 1;
+  const bool g = gathers(p);
+  const bool wc = p.weight.data != nullptr && (p.weight.inner_stride == 1 || g);
+  const bool pc = p.pos_weight.data != nullptr && (p.pos_weight.inner_stride == 1 || g);
   if (wc) {
     if (pc) return f(std::true_type{}, std::true_type{});
     return f(std::true_type{}, std::false_type{});
