@@ -388,6 +388,7 @@ DET_CASES = {
     "NC-pos_weight": ((2048, 1000), torch.float32, None, (1000,), "mean"),
     "NCHW-pos_weight": ((16, 5, 64, 64), torch.float32, (5, 1, 1), (5, 1, 1), "sum"),
     "bf16-flat": ((300_001,), torch.bfloat16, None, None, "mean"),
+    "short-rows-gathered": ((20000, 7), torch.float32, (20000, 1), (7,), "mean"),
 }
 
 
