@@ -427,3 +427,51 @@ def test_baseline_build_matches(both_builds):
         torch.testing.assert_close(here[shape][0], loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(here[shape][1], gx, rtol=1e-5, atol=1e-8)
         torch.testing.assert_close(here[shape][2], gt, rtol=1e-5, atol=1e-8)
+
+
+# ------------------------------------------------------------------------------------ CUDA
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_deterministic_runs(dtype):
+    """The last-block reduction adds the blocks' sums in a fixed order: the same bits every run."""
+    x, t, w, pw = make((4096, 1000), dtype, "cuda", (4096, 1), (1000,), seed=5)
+    ref = run(wl.binary_cross_entropy_with_logits, x, t, w, pw, "mean")
+    for _ in range(3):
+        got = run(wl.binary_cross_entropy_with_logits, x, t, w, pw, "mean")
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+@needs_cuda
+def test_cuda_unaligned_and_tails():
+    """Offsets that break 16-byte alignment, and sizes that leave a partial vector."""
+    x, t, w, pw = make((8, 1001), torch.bfloat16, "cuda", None, (1001,))
+    xs, ts = x.flatten()[3:], t.flatten()[3:]
+    for red in ("none", "sum"):
+        fused = run(wl.binary_cross_entropy_with_logits, xs, ts, None, None, red)
+        native = run(F.binary_cross_entropy_with_logits, xs, ts, None, None, red)
+        check_close(fused, native, reference(xs, ts, None, None, red), torch.bfloat16)
+
+
+@needs_cuda
+def test_cuda_graph_reduce_overhead():
+    """Current stream only and no host sync: forward and backward run under CUDA graphs."""
+    torch._dynamo.reset()
+    x, t, w, pw = make((256, 300), torch.float32, "cuda", (300,), (256, 1))
+
+    def loss_fn(x, t):
+        return wl.binary_cross_entropy_with_logits(x, t, w, pos_weight=pw)
+
+    compiled = torch.compile(loss_fn, mode="reduce-overhead")
+    for seed in range(3):
+        x2, t2, _, _ = make((256, 300), torch.float32, "cuda", seed=seed)
+        xa, xb = x2.clone().requires_grad_(True), x2.clone().requires_grad_(True)
+        la = compiled(xa, t2)
+        la.backward()
+        lb = loss_fn(xb, t2)
+        lb.backward()
+        torch.testing.assert_close(la.detach().clone(), lb.detach())
+        torch.testing.assert_close(xa.grad, xb.grad)

@@ -1,0 +1,20 @@
+// The CUDA launchers: a params struct and a stream in, a CUDA error out. Plain C++ with the CUDA
+// runtime API, so both the .cu files and the torch glue include it.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+
+#include "../params.h"
+
+namespace weighted_loss::cuda {
+
+// Bytes of device scratch the BCE forward needs (the reduction's per-block partial sums and its
+// done-counter); the glue allocates them on the launch stream.
+size_t binary_cross_entropy_forward_workspace(const BinaryCrossEntropyParams& p);
+cudaError_t binary_cross_entropy_forward(const BinaryCrossEntropyParams& p, void* workspace,
+                                         cudaStream_t stream);
+cudaError_t binary_cross_entropy_backward(const BinaryCrossEntropyParams& p, cudaStream_t stream);
+
+}  // namespace weighted_loss::cuda
