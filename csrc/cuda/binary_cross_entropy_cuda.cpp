@@ -19,12 +19,16 @@ at::Tensor empty_like_gradient(const at::Tensor& like) { return at::empty_like(l
 
 void launch_forward(const BinaryCrossEntropyParams& p) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // Scratch from the caching allocator: stream-ordered, so it is safe to free once the launch
-  // is queued, and it keeps the op capturable in a CUDA graph.
-  const auto bytes = static_cast<int64_t>(cuda::binary_cross_entropy_forward_workspace(p));
-  Tensor workspace = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(
-                                            at::kCUDA, c10::cuda::current_device()));
-  C10_CUDA_CHECK(cuda::binary_cross_entropy_forward(p, workspace.data_ptr(), stream));
+  // Scratch for the reduction, from the caching allocator: stream-ordered, so it may be freed
+  // once the launch is queued, and the op stays capturable in a CUDA graph.
+  Tensor workspace;
+  if (p.reduction != Reduction::None) {
+    const auto bytes = static_cast<int64_t>(cuda::binary_cross_entropy_forward_workspace(p));
+    workspace = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(
+                                       at::kCUDA, c10::cuda::current_device()));
+  }
+  C10_CUDA_CHECK(cuda::binary_cross_entropy_forward(
+      p, workspace.defined() ? workspace.data_ptr() : nullptr, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
