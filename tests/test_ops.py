@@ -123,6 +123,21 @@ def _x(device, *shape, dtype=torch.float32):
 
 @pytest.mark.parametrize("bad", [5, 7, -1, -2])
 def test_target_out_of_range(device, bad):
+    if device.type == "cuda":
+        # a device-side assert, as in PyTorch's CUDA kernels: it ends the CUDA context, so it runs
+        # in a process of its own
+        import subprocess
+        import sys
+        code = ("import torch, weighted_loss as wl\n"
+                "x = torch.randn(4, 5, device='cuda')\n"
+                f"t = torch.tensor([0, 1, {bad}, 3], device='cuda')\n"
+                "wl.cross_entropy(x, t)\n"
+                "torch.cuda.synchronize()\n")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert run.returncode != 0
+        assert "device-side assert" in run.stderr + run.stdout
+        assert "Target is out of bounds" in run.stderr + run.stdout
+        return
     x = _x(device, 4, 5)
     t = torch.tensor([0, 1, bad, 3], device=device)
     with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):

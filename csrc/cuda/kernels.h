@@ -10,6 +10,14 @@
 
 namespace weighted_loss::cuda {
 
+// Bytes of device scratch the cross-entropy forward needs (per-block partial sums and the
+// reduction's done-counter); the glue allocates them on the launch stream.
+size_t cross_entropy_forward_workspace(const CrossEntropyParams& p);
+cudaError_t cross_entropy_forward(const CrossEntropyParams& p, void* workspace,
+                                  cudaStream_t stream);
+cudaError_t cross_entropy_backward(const CrossEntropyParams& p, cudaStream_t stream);
+cudaError_t cross_entropy_target_backward(const CrossEntropyParams& p, cudaStream_t stream);
+
 // Bytes of device scratch the BCE forward needs (the reduction's per-block partial sums and its
 // done-counter); the glue allocates them on the launch stream.
 size_t binary_cross_entropy_forward_workspace(const BinaryCrossEntropyParams& p);
