@@ -20,8 +20,10 @@ status=0
 for f in "${files[@]}"; do
   for arch in 80 90; do
     log="$out/$(basename "$f").$arch.log"
-    # the flags setup.py gives nvcc
-    if ! "$nvcc" -std=c++17 -O3 --use_fast_math -DWEIGHTED_LOSS_CUDA -Icsrc \
+    # the flags setup.py gives nvcc, and those torch.utils.cpp_extension adds to them
+    if ! "$nvcc" -std=c++20 -O3 --use_fast_math -DWEIGHTED_LOSS_CUDA -Icsrc \
+        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+        -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
         -gencode "arch=compute_$arch,code=sm_$arch" \
         -Xptxas -v -c "$f" -o "$out/$(basename "$f").$arch.o" >"$log" 2>&1; then
       cat "$log"; echo "cuda-check: $f failed to compile for sm_$arch"; status=1; continue
