@@ -12,7 +12,7 @@ SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*
            setup.py pyproject.toml
 NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
 
-.PHONY: test bench build deps cuda-check clean
+.PHONY: test bench build deps cuda-check gpu-check clean
 
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
@@ -35,6 +35,11 @@ bench: build
 # register spill and prints registers per kernel.
 cuda-check:
 	@bash bench/cuda_check.sh "$(NVCC)"
+
+# On a GPU machine (no network): build against its torch, run the tests, benchmark fused vs native
+# vs torch.compile, write bench/results/<date>-<gpu>.{json,md}.
+gpu-check:
+	@bash bench/gpu_check.sh
 
 clean:
 	rm -rf build weighted_loss/*.so *.egg-info
