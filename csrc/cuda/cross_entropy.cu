@@ -64,17 +64,38 @@ struct Lse {
 
 // What a row's forward gathers besides the log-sum-exp: a = sum_c w_c t'_c (x_c - ref) and
 // q = sum_c w_c t'_c (t' = 1 for kSmooth, so q = W).
+// Label smoothing s as the kernels use it: t' = t * t_scale + t_shift = (1 - s) t + s / C.
+template <typename acc_t>
+struct Smoothing {
+  acc_t s, t_scale, t_shift;
+  __device__ __forceinline__ explicit Smoothing(const CrossEntropyParams& p)
+      : s(p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0)),
+        t_scale(acc_t(1) - s),
+        t_shift(s / static_cast<acc_t>(p.classes)) {}
+};
+
+// w_c t'_c of class c (t' = 1 without probability targets, w = 1 without weight).
+template <typename T, int M, bool HasW>
+__device__ __forceinline__ typename AccOf<T>::type class_term(
+    const CrossEntropyParams& p, int64_t c, typename AccOf<T>::type t,
+    const Smoothing<typename AccOf<T>::type>& sm) {
+  using acc_t = typename AccOf<T>::type;
+  const acc_t wc = HasW ? to_acc(static_cast<const T*>(p.weight)[c]) : acc_t(1);
+  return M == kProb ? wc * (t * sm.t_scale + sm.t_shift) : wc;
+}
+
 template <typename acc_t>
 struct Sums {
   acc_t a = 0, q = 0;
-};
-
-template <typename T>
-struct Row {
-  using acc_t = typename AccOf<T>::type;
-  const T* x;
-  const T* t;
-  int64_t stride;  // between classes
+  template <typename T, int M, bool HasW>
+  __device__ __forceinline__ void add(const CrossEntropyParams& p, int64_t c, acc_t x, acc_t t,
+                                      acc_t ref, const Smoothing<acc_t>& smooth) {
+    if constexpr (M != kPlain) {
+      const acc_t tw = class_term<T, M, HasW>(p, c, t, smooth);
+      a += tw * (x - ref);
+      q += tw;
+    }
+  }
 };
 
 template <typename T>
@@ -218,21 +239,59 @@ __device__ __forceinline__ typename AccOf<T>::type row_loss(
     typename AccOf<T>::type ref, const Sums<typename AccOf<T>::type>& sm, typename AccOf<T>::type xy,
     typename AccOf<T>::type& wy) {
   using acc_t = typename AccOf<T>::type;
-  const auto* w = static_cast<const T*>(p.weight);
-  const acc_t smooth = p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0);
   if constexpr (M == kProb) {
     wy = 1;
     return sm.q * (lse - ref) - sm.a;
   } else {
-    wy = HasW ? to_acc(w[y]) : acc_t(1);
+    wy = HasW ? to_acc(static_cast<const T*>(p.weight)[y]) : acc_t(1);
     const acc_t nll = lse - xy;
     if constexpr (M == kSmooth) {
-      const acc_t shift = smooth / static_cast<acc_t>(p.classes);
-      return (acc_t(1) - smooth) * wy * nll + shift * (sm.q * (lse - ref) - sm.a);
+      const Smoothing<acc_t> s(p);
+      return s.t_scale * wy * nll + s.t_shift * (sm.q * (lse - ref) - sm.a);
     } else {
       return wy * nll;
     }
   }
+}
+
+// The backward coefficients of row r: grad_k = cp p_k - cw w_k t'_k - [k == y] gy.
+template <typename acc_t>
+struct Coef {
+  acc_t lse = 0, cp = 0, cw = 0, gy = 0;
+  int64_t y = -1;
+  bool zero = true;
+};
+
+// Writes row r's forward results (lse, tsum; the loss itself for Reduction::None) and returns its
+// (loss, divisor) share of a reduced loss.
+template <typename T, int M>
+__device__ __forceinline__ void store_row(const CrossEntropyParams& p, int64_t r,
+                                          typename AccOf<T>::type lse, typename AccOf<T>::type loss,
+                                          typename AccOf<T>::type wy, typename AccOf<T>::type q,
+                                          double& my_l, double& my_w) {
+  using acc_t = typename AccOf<T>::type;
+  static_cast<acc_t*>(p.lse)[r] = lse;
+  if constexpr (M == kProb) static_cast<acc_t*>(p.tsum)[r] = q;
+  if (p.reduction == Reduction::None) {
+    static_cast<T*>(p.loss)[r] = from_acc<T>(loss);
+  } else {
+    my_l = loss;
+    my_w = wy;
+  }
+}
+
+// One element of a row's gradient: cp p_k - cw w_k t'_k - [k == y] gy.
+template <typename T, int M, bool HasW>
+__device__ __forceinline__ typename AccOf<T>::type grad_element(
+    const CrossEntropyParams& p, const Coef<typename AccOf<T>::type>& c, int64_t k,
+    typename AccOf<T>::type x, typename AccOf<T>::type t,
+    const Smoothing<typename AccOf<T>::type>& sm) {
+  using acc_t = typename AccOf<T>::type;
+  if (c.zero) return acc_t(0);
+  acc_t v = c.cp * fast_exp(x - c.lse);
+  if constexpr (M != kPlain) v -= c.cw * class_term<T, M, HasW>(p, k, t, sm);
+  if (k == c.y) v -= c.gy;
+  return v;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -250,9 +309,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const int64_t rows = p.outer * p.inner;
   const int group = threadIdx.x / TPR, lane = threadIdx.x % TPR;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * RPB + group;
-  const auto* w = static_cast<const T*>(p.weight);
-  const acc_t smooth = p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0);
-  const acc_t t_scale = acc_t(1) - smooth, t_shift = smooth / static_cast<acc_t>(p.classes);
+  const Smoothing<acc_t> smooth(p);
   double my_l = 0, my_w = 0;
   // every thread of a group takes part in the group's shuffles, valid row or not
   const bool valid = r < rows;
@@ -282,12 +339,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       for (int k = 0; k < V; ++k) {
         if (k < n) {
           l.add(xv[k]);
-          if constexpr (M != kPlain) {
-            const acc_t wc = HasW ? to_acc(w[c0 + k]) : acc_t(1);
-            const acc_t tw = M == kProb ? wc * (tv[k] * t_scale + t_shift) : wc;
-            sm.a += tw * (xv[k] - ref);
-            sm.q += tw;
-          }
+          sm.template add<T, M, HasW>(p, c0 + k, xv[k], tv[k], ref, smooth);
         }
       }
     });
@@ -300,14 +352,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       const acc_t xy = M == kProb ? acc_t(0) : to_acc(x[y * p.stride_class]);
       loss = row_loss<T, M, HasW>(p, y, lse, ref, sm, xy, wy);
     }
-    static_cast<acc_t*>(p.lse)[r] = lse;
-    if constexpr (M == kProb) static_cast<acc_t*>(p.tsum)[r] = sm.q;
-    if (p.reduction == Reduction::None) {
-      static_cast<T*>(p.loss)[r] = from_acc<T>(loss);
-    } else {
-      my_l = loss;
-      my_w = wy;
-    }
+    store_row<T, M>(p, r, lse, loss, wy, sm.q, my_l, my_w);
   }
   if (p.reduction == Reduction::None) return;
   if (lane == 0) {
@@ -324,14 +369,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
   finish_forward<T>(p, threadIdx.x == 0 ? bl : 0.0, threadIdx.x == 0 ? bw : 0.0, partial, done);
 }
-
-// The backward coefficients of row r: grad_k = cp p_k - cw w_k t'_k - [k == y] gy.
-template <typename acc_t>
-struct Coef {
-  acc_t lse = 0, cp = 0, cw = 0, gy = 0;
-  int64_t y = -1;
-  bool zero = true;
-};
 
 template <typename T, int M, bool HasW>
 __device__ __forceinline__ Coef<typename AccOf<T>::type> row_coef(const CrossEntropyParams& p,
@@ -350,7 +387,6 @@ __device__ __forceinline__ Coef<typename AccOf<T>::type> row_coef(const CrossEnt
     }
   }
   c.lse = static_cast<const acc_t*>(p.lse)[r];
-  const acc_t smooth = p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0);
   if constexpr (M == kProb) {
     c.cp = g * static_cast<const acc_t*>(p.tsum)[r];
     c.cw = g;
@@ -362,10 +398,10 @@ __device__ __forceinline__ Coef<typename AccOf<T>::type> row_coef(const CrossEnt
     c.y = y;
     c.zero = false;
     if constexpr (M == kSmooth) {
-      const acc_t shift = smooth / static_cast<acc_t>(p.classes);
-      c.cp = g * ((acc_t(1) - smooth) * wy + shift * w_sum);
-      c.cw = g * shift;
-      c.gy = g * (acc_t(1) - smooth) * wy;
+      const Smoothing<acc_t> s(p);
+      c.cp = g * (s.t_scale * wy + s.t_shift * w_sum);
+      c.cw = g * s.t_shift;
+      c.gy = g * s.t_scale * wy;
     } else {
       c.cp = g * wy;
       c.gy = g * wy;
@@ -407,9 +443,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) backward_rows_kernel(con
   const int group = threadIdx.x / TPR, lane = threadIdx.x % TPR;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * RPB + group;
   if (r >= rows) return;
-  const auto* w = static_cast<const T*>(p.weight);
-  const acc_t smooth = p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0);
-  const acc_t t_scale = acc_t(1) - smooth, t_shift = smooth / static_cast<acc_t>(p.classes);
+  const Smoothing<acc_t> smooth(p);
   const int64_t off = row_offset<T>(p, r);
   const T* x = static_cast<const T*>(p.input) + off;
   const T* t = M == kProb ? static_cast<const T*>(p.target) + off : nullptr;
@@ -423,18 +457,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) backward_rows_kernel(con
     acc_t out[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      acc_t v = 0;
-      if (k < n && !c.zero) {
-        const int64_t cls = c0 + k;
-        v = c.cp * fast_exp(xv[k] - c.lse);
-        if constexpr (M != kPlain) {
-          const acc_t wc = HasW ? to_acc(w[cls]) : acc_t(1);
-          const acc_t tp = M == kProb ? tv[k] * t_scale + t_shift : acc_t(1);
-          v -= c.cw * wc * tp;
-        }
-        if (cls == c.y) v -= c.gy;
-      }
-      out[k] = v;
+      out[k] = k < n ? grad_element<T, M, HasW>(p, c, c0 + k, xv[k], tv[k], smooth) : acc_t(0);
     }
     if (n == V) {
       Pack<T> pk;
@@ -457,9 +480,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   using acc_t = typename AccOf<T>::type;
   const int64_t rows = p.outer * p.inner;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const auto* w = static_cast<const T*>(p.weight);
-  const acc_t smooth = p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0);
-  const acc_t t_scale = acc_t(1) - smooth, t_shift = smooth / static_cast<acc_t>(p.classes);
+  const Smoothing<acc_t> smooth(p);
   double my_l = 0, my_w = 0;
   if (r < rows) {
     int64_t y = -1;
@@ -476,25 +497,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         const acc_t xc = to_acc(x[c * p.stride_class]);
         l.add_max(xc);
         l.add(xc);
-        if constexpr (M != kPlain) {
-          const acc_t wc = HasW ? to_acc(w[c]) : acc_t(1);
-          const acc_t tw = M == kProb ? wc * (to_acc(t[c * p.stride_class]) * t_scale + t_shift) : wc;
-          sm.a += tw * (xc - ref);
-          sm.q += tw;
-        }
+        const acc_t tc = M == kProb ? to_acc(t[c * p.stride_class]) : acc_t(0);
+        sm.template add<T, M, HasW>(p, c, xc, tc, ref, smooth);
       }
       lse = l.value();
       const acc_t xy = M == kProb ? acc_t(0) : to_acc(x[y * p.stride_class]);
       loss = row_loss<T, M, HasW>(p, y, lse, ref, sm, xy, wy);
     }
-    static_cast<acc_t*>(p.lse)[r] = lse;
-    if constexpr (M == kProb) static_cast<acc_t*>(p.tsum)[r] = sm.q;
-    if (p.reduction == Reduction::None) {
-      static_cast<T*>(p.loss)[r] = from_acc<T>(loss);
-    } else {
-      my_l = loss;
-      my_w = wy;
-    }
+    store_row<T, M>(p, r, lse, loss, wy, sm.q, my_l, my_w);
   }
   if (p.reduction == Reduction::None) return;
   finish_forward<T>(p, my_l, my_w, partial, done);
@@ -508,26 +518,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) backward_lanes_kernel(co
   const int64_t rows = p.outer * p.inner;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (r >= rows) return;
-  const auto* w = static_cast<const T*>(p.weight);
-  const acc_t smooth = p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0);
-  const acc_t t_scale = acc_t(1) - smooth, t_shift = smooth / static_cast<acc_t>(p.classes);
+  const Smoothing<acc_t> smooth(p);
   const int64_t off = row_offset<T>(p, r);
   const T* x = static_cast<const T*>(p.input) + off;
   const T* t = M == kProb ? static_cast<const T*>(p.target) + off : nullptr;
   T* gx = static_cast<T*>(p.grad_input) + off;
   const Coef<acc_t> c = row_coef<T, M, HasW>(p, r, w_sum);
   for (int64_t k = 0; k < p.classes; ++k) {
-    acc_t v = 0;
-    if (!c.zero) {
-      v = c.cp * fast_exp(to_acc(x[k * p.stride_class]) - c.lse);
-      if constexpr (M != kPlain) {
-        const acc_t wc = HasW ? to_acc(w[k]) : acc_t(1);
-        const acc_t tp = M == kProb ? to_acc(t[k * p.stride_class]) * t_scale + t_shift : acc_t(1);
-        v -= c.cw * wc * tp;
-      }
-      if (k == c.y) v -= c.gy;
-    }
-    gx[k * p.stride_class] = from_acc<T>(v);
+    const acc_t tk = M == kProb ? to_acc(t[k * p.stride_class]) : acc_t(0);
+    gx[k * p.stride_class] = from_acc<T>(
+        grad_element<T, M, HasW>(p, c, k, to_acc(x[k * p.stride_class]), tk, smooth));
   }
 }
 
@@ -546,12 +546,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) target_backward_kernel(c
     g = to_acc(*static_cast<const T*>(p.grad_loss));
     if (p.reduction == Reduction::Mean) g /= static_cast<acc_t>(rows);
   }
-  const acc_t smooth = p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0);
+  const Smoothing<acc_t> smooth(p);
   const int64_t at = row_offset<T>(p, r) + k * p.stride_class;
   const acc_t wk = HasW ? to_acc(static_cast<const T*>(p.weight)[k]) : acc_t(1);
   const acc_t lse = static_cast<const acc_t*>(p.lse)[r];
-  static_cast<T*>(p.grad_target)[at] =
-      from_acc<T>(-(acc_t(1) - smooth) * wk * (to_acc(static_cast<const T*>(p.input)[at]) - lse) * g);
+  static_cast<T*>(p.grad_target)[at] = from_acc<T>(
+      -smooth.t_scale * wk * (to_acc(static_cast<const T*>(p.input)[at]) - lse) * g);
 }
 
 // ---------------------------------------------------------------------------------------------
