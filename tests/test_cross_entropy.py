@@ -164,12 +164,16 @@ def test_all_ignored_mean_is_nan(device, weighted, ls):
     torch.testing.assert_close(a[1], b[1])
 
 
-def test_nan_propagates(device):
-    x, t, w = make((4, 6), torch.float32, "index", device, True, None)
-    x[1, 3] = float("nan")
+@pytest.mark.parametrize("shape", [(4, 6), (4, 3000), (2, 6, 5)], ids=str)
+@pytest.mark.parametrize("at", ["first", "middle"])
+def test_nan_propagates(device, shape, at):
+    """A NaN logit makes its row's loss NaN, also when it is the first one read (before any
+    finite maximum) and on the warp, block and spatial-lane paths."""
+    x, t, w = make(shape, torch.float32, "index", device, True, None)
+    x[(1, 0) if at == "first" else (1, shape[1] // 2)] = float("nan")
     a = wl.cross_entropy(x, t, weight=w, reduction="none")
     b = F.cross_entropy(x, t, weight=w, reduction="none")
-    assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.isnan(a[1])
+    assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.isnan(a[1]).all()
     assert torch.isnan(wl.cross_entropy(x, t, weight=w))
 
 
@@ -235,3 +239,91 @@ def test_module_drop_in(device):
     other = wl.CrossEntropyLoss(weight=torch.ones(6), ignore_index=1, label_smoothing=0.1)
     other.load_state_dict(native.state_dict())
     torch.testing.assert_close(other.to(device)(x, t), native(x, t))
+
+
+# ------------------------------------------------------------------------------------ CUDA
+# The CUDA kernels pick a path by shape and alignment; these cases reach each one. The CPU
+# handles them too, but they are sized for a GPU.
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _misaligned(x):
+    """x's values at a storage offset of one element: dense, but rows no longer 16-byte aligned."""
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    out = buf[1:].view(x.shape)
+    out.copy_(x)
+    return out
+
+
+CUDA_PATHS = {
+    # rows split across blocks: few rows, many classes; C not a multiple of any vector
+    "split": ((3, 200003), None),
+    "split-bf16-vocab": ((4, 128256), None),
+    "block-misaligned": ((6, 50257), _misaligned),
+    "warp-misaligned": ((40, 1001), _misaligned),
+    # (N, C, d...) with d a multiple of the 16-byte vector (several positions per thread) or not
+    "lanes-vector": ((4, 19, 16, 24), None),
+    "lanes-scalar": ((3, 5, 7, 9), None),
+    "lanes-misaligned": ((4, 19, 16, 24), _misaligned),
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", CUDA_PATHS)
+@pytest.mark.parametrize("kind,ls,weighted,ignore", [
+    ("index", 0.0, True, 2), ("index", 0.1, True, None), ("index", 0.1, False, 2),
+    ("prob", 0.0, False, None), ("prob", 0.2, True, None)], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_paths(path, kind, ls, weighted, ignore, reduction, dtype):
+    shape, layout = CUDA_PATHS[path]
+    x, t, w = make(shape, dtype, kind, "cuda", weighted, ignore, seed=11)
+    if layout is not None:
+        x = layout(x)
+    kw = dict(reduction=reduction, label_smoothing=ls)
+    if ignore is not None:
+        kw["ignore_index"] = ignore
+    gt = kind == "prob"
+    fused = run(wl.cross_entropy, x, t, w, grad_target=gt, **kw)
+    native = run(F.cross_entropy, x, t, w, grad_target=gt, **kw)
+    ref = run(F.cross_entropy, x.double(), t.double() if gt else t,
+              None if w is None else w.double(), grad_target=gt, **kw)
+    check_close(fused, native, ref if dtype in LOW else None, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", [(512, 3000), (4, 19, 33, 45), (8192, 1000), (3, 200003)], ids=str)
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_cuda_deterministic_runs(shape, kind):
+    """Fixed reduction trees and the last-block pass: the same bits on every run."""
+    x, t, w = make(shape, torch.float32, kind, "cuda", True, 1 if kind == "index" else None, seed=2)
+    kw = dict(label_smoothing=0.1)
+    if kind == "index":
+        kw["ignore_index"] = 1
+    ref = run(wl.cross_entropy, x, t, w, **kw)
+    for _ in range(3):
+        got = run(wl.cross_entropy, x, t, w, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", [(64, 3000), (2, 5, 8, 8)], ids=str)
+def test_cuda_graph_reduce_overhead(shape):
+    """Current stream only and no host sync: forward and backward replay under CUDA graphs."""
+    torch._dynamo.reset()
+    _, _, w = make(shape, torch.float32, "index", "cuda", True, None)
+
+    def loss_fn(x, t):
+        return wl.cross_entropy(x, t, weight=w, label_smoothing=0.1, ignore_index=3)
+
+    compiled = torch.compile(loss_fn, mode="reduce-overhead")
+    for seed in range(3):
+        x, t, _ = make(shape, torch.float32, "index", "cuda", True, 3, seed=seed)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        la = compiled(xa, t)
+        la.backward()
+        lb = loss_fn(xb, t)
+        lb.backward()
+        torch.testing.assert_close(la.detach().clone(), lb.detach())
+        torch.testing.assert_close(xa.grad, xb.grad)

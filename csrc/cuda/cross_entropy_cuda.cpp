@@ -13,10 +13,8 @@ struct Cuda {
   static const CrossEntropyBackend& forward() {
     static const CrossEntropyBackend b{
         [](const CrossEntropyParams& p) {
-          const size_t bytes = p.reduction == Reduction::None
-                                   ? 0
-                                   : cuda::cross_entropy_forward_workspace(p);
-          cuda_glue::launch_with_scratch(&cuda::cross_entropy_forward, bytes, p);
+          cuda_glue::launch_with_scratch(&cuda::cross_entropy_forward,
+                                         cuda::cross_entropy_forward_workspace(p), p);
         },
         cuda_glue::empty_like_gradient};
     return b;
@@ -24,7 +22,8 @@ struct Cuda {
   static const CrossEntropyBackend& backward() {
     static const CrossEntropyBackend b{
         [](const CrossEntropyParams& p) {
-          cuda_glue::check(cuda::cross_entropy_backward(p, cuda_glue::stream()));
+          cuda_glue::launch_with_scratch(&cuda::cross_entropy_backward,
+                                         cuda::cross_entropy_backward_workspace(p), p);
         },
         cuda_glue::empty_like_gradient};
     return b;

@@ -11,11 +11,15 @@
 namespace weighted_loss::cuda {
 
 // Bytes of device scratch the cross-entropy forward needs (per-block partial sums and the
-// reduction's done-counter); the glue allocates them on the launch stream.
+// reduction's done-counter; the chunk statistics of rows split across blocks), and the backward
+// (the sum of the class weights for label smoothing); the glue allocates them on the launch
+// stream. 0 when none.
 size_t cross_entropy_forward_workspace(const CrossEntropyParams& p);
 cudaError_t cross_entropy_forward(const CrossEntropyParams& p, void* workspace,
                                   cudaStream_t stream);
-cudaError_t cross_entropy_backward(const CrossEntropyParams& p, cudaStream_t stream);
+size_t cross_entropy_backward_workspace(const CrossEntropyParams& p);
+cudaError_t cross_entropy_backward(const CrossEntropyParams& p, void* workspace,
+                                   cudaStream_t stream);
 cudaError_t cross_entropy_target_backward(const CrossEntropyParams& p, cudaStream_t stream);
 
 // Bytes of device scratch the BCE forward needs (the reduction's per-block partial sums and its
