@@ -100,6 +100,16 @@ __device__ __forceinline__ void load_weights(const BinaryCrossEntropyParams& p, 
     int64_t r = f0 / p.inner;
     int64_t i = f0 - r * p.inner;
     Offsets o = row_offsets(p, r);
+    if (i + V <= p.inner) {  // all in one row (the common case): independent loads, no branches
+      const acc_t* wr = w ? w + o.w + i * p.weight.inner_stride : nullptr;
+      const acc_t* pr = pw ? pw + o.pw + i * p.pos_weight.inner_stride : nullptr;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        wv[k] = wr ? wr[k * p.weight.inner_stride] : acc_t(1);
+        pv[k] = pr ? pr[k * p.pos_weight.inner_stride] : acc_t(1);
+      }
+      return;
+    }
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       if (k < n) {
