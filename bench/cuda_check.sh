@@ -17,15 +17,28 @@ fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 status=0
+# every (file, arch) compiles as its own job, as many at once as there are cores
+jobs=$(nproc 2>/dev/null || echo 2)
+compile() {  # file arch: the flags setup.py gives nvcc, and those torch.utils.cpp_extension adds
+  local rc=0
+  "$nvcc" -std=c++20 -O3 --use_fast_math -DWEIGHTED_LOSS_CUDA -Icsrc \
+    -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+    -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
+    -gencode "arch=compute_$2,code=sm_$2" \
+    -Xptxas -v -c "$1" -o "$out/$(basename "$1").$2.o" >"$out/$(basename "$1").$2.log" 2>&1 || rc=$?
+  echo "$rc" >"$out/$(basename "$1").$2.rc"
+}
+for f in "${files[@]}"; do
+  for arch in 80 90; do
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 1; done
+    compile "$f" "$arch" &
+  done
+done
+wait
 for f in "${files[@]}"; do
   for arch in 80 90; do
     log="$out/$(basename "$f").$arch.log"
-    # the flags setup.py gives nvcc, and those torch.utils.cpp_extension adds to them
-    if ! "$nvcc" -std=c++20 -O3 --use_fast_math -DWEIGHTED_LOSS_CUDA -Icsrc \
-        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
-        -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
-        -gencode "arch=compute_$arch,code=sm_$arch" \
-        -Xptxas -v -c "$f" -o "$out/$(basename "$f").$arch.o" >"$log" 2>&1; then
+    if [ "$(cat "$out/$(basename "$f").$arch.rc")" != 0 ]; then
       cat "$log"; echo "cuda-check: $f failed to compile for sm_$arch"; status=1; continue
     fi
     grep -E "Compiling entry|registers" "$log" | sed "s|^|sm_$arch $(basename "$f"): |"
