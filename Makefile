@@ -12,12 +12,16 @@ SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*
            setup.py pyproject.toml
 NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
 
-.PHONY: test bench build deps cuda-check gpu-check clean
+.PHONY: test bench build deps bench-deps cuda-check gpu-check clean
 
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
-	@$(PYTHON) -c "import ninja, pytest, numpy, setuptools" 2>/dev/null || \
-		$(PIP) install ninja pytest numpy "setuptools>=64"
+	@$(PYTHON) -c "import ninja, pytest, pytest_benchmark, numpy, setuptools" 2>/dev/null || \
+		$(PIP) install ninja pytest pytest-benchmark numpy "setuptools>=64"
+
+# what the benchmark's table and plot use (it runs without them, plainer and with no PNG)
+bench-deps: deps
+	@$(PYTHON) -c "import rich, matplotlib" 2>/dev/null || $(PIP) install rich matplotlib
 
 $(STAMP): $(SOURCES) | deps
 	$(PIP) install --no-build-isolation --no-deps -e .
@@ -25,11 +29,15 @@ $(STAMP): $(SOURCES) | deps
 
 build: deps $(STAMP)
 
+# the test suite, plus the smoke case of the bench/ pytest-benchmark suites (the rest of them
+# run with `pytest bench/ --benchmark-only`)
 test: build
-	$(PYTHON) -m pytest tests -q
+	$(PYTHON) -m pytest tests bench -q
 
-bench: build
-	$(PYTHON) -m weighted_loss.bench
+# the quick suite on the best device: table, bench/out/<stamp>.{json,md,png}; options with
+# `make bench ARGS="--full"` or `python -m weighted_loss.bench --help`
+bench: build bench-deps
+	$(PYTHON) -m weighted_loss.bench $(ARGS)
 
 # Compiles every CUDA kernel with nvcc for sm_80 and sm_90 without torch; fails on an error or a
 # register spill and prints registers per kernel.

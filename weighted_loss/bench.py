@@ -1,16 +1,33 @@
-"""Side-by-side benchmark: fused weighted_loss vs native PyTorch, forward, backward and total.
+"""Side-by-side benchmark: fused weighted_loss vs native PyTorch eager vs torch.compile of the
+native loss, forward, backward and total, with speed, bandwidth, memory and accuracy per case.
 
-    python -m weighted_loss.bench [--device cpu|cuda] [--repeat 7] [--case NAME ...]
+    python -m weighted_loss.bench                      quick suite on the best device (CUDA, else CPU)
+    python -m weighted_loss.bench --full               the large GPU suite
+    python -m weighted_loss.bench --shape 8192x32000 --dtype bfloat16 --loss ce bce
+    options: --device, --dtype, --shape (repeatable), --loss, --case, --repeat, --no-compile, --out
 
-Every case computes the fused and the native loss and gradient once (their largest differences are
-printed), then times fused and native forward and forward+backward in alternation, `repeat` rounds
-after a warm-up, and reports medians (backward = forward+backward - forward). The bandwidth bound
-of a case is its minimal bytes over the copy bandwidth measured in the same run: for
-cross-entropy 3 x the logits (read forward, read + gradient write backward), for BCE 5 x the
-logits (logits and targets read forward and backward, gradient written).
+Method. Every case first computes the loss and the logits' gradient once with each implementation
+(which also compiles the compiled one) and records the largest differences from the native
+result. Then, after two warm-up calls, it times forward and forward+backward of every
+implementation in alternation, `repeat` rounds (so all see the same machine noise), and reports
+medians; backward = forward+backward - forward. CUDA times come from CUDA events, CPU times from
+perf_counter. The bandwidth bound is a case's minimal bytes: cross-entropy 3 x the logits (read
+forward, read backward, gradient written), BCE 5 x (logits and targets read forward and backward,
+gradient written); achieved GB/s = those bytes / total time, also given as a fraction of the copy
+bandwidth measured in the same run. Peak memory is what one forward+backward allocates beyond
+its inputs: the CUDA allocator's peak on a GPU, the profiler's count of live CPU allocations on
+the CPU (the fused kernels' cached gradient buffers included).
+
+Writes <out>/<stamp>.json (device, versions, every figure) and <out>/<stamp>.png (speedup and
+achieved bandwidth per case; needs matplotlib), and prints a table (rich if installed).
 """
 import argparse
+import datetime
+import json
+import os
+import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -19,7 +36,7 @@ import torch.nn.functional as F
 import weighted_loss as wl
 
 # name, loss, shape of the logits, dtype, extra keyword arguments
-CASES = [
+QUICK = [
     ("ce-8192x1000-f32", "ce", (8192, 1000), torch.float32, {}),
     ("ce-4096x32000-bf16", "ce", (4096, 32000), torch.bfloat16, {}),
     ("ce-2048x32000-f32-ls0.1", "ce", (2048, 32000), torch.float32, {"label_smoothing": 0.1}),
@@ -28,38 +45,124 @@ CASES = [
     ("bce-8192x1000-f32-posw", "bce", (8192, 1000), torch.float32, {}),
     ("bce-seg-16x5x128x128-f32-posw", "bce", (16, 5, 128, 128), torch.float32, {}),
 ]
+FULL = [
+    ("ce-8192x32000-bf16", "ce", (8192, 32000), torch.bfloat16, {}),
+    ("ce-8192x128256-bf16", "ce", (8192, 128256), torch.bfloat16, {}),
+    ("ce-32768x32000-bf16", "ce", (32768, 32000), torch.bfloat16, {}),
+    ("ce-8192x1000-f32", "ce", (8192, 1000), torch.float32, {}),
+    ("ce-seg-16x19x512x512-bf16-ign255", "ce", (16, 19, 512, 512), torch.bfloat16,
+     {"ignore_index": 255}),
+    ("bce-8192x8192-bf16-posw", "bce", (8192, 8192), torch.bfloat16, {}),
+]
 LOSSES = {
     "ce": (wl.cross_entropy, F.cross_entropy),
     "bce": (wl.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits),
 }
+DTYPES = {"float32": torch.float32, "f32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "f16": torch.float16,
+          "float64": torch.float64, "f64": torch.float64}
+IMPLS = ("fused", "native", "compiled")
 
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def parse_shape(text):
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) < 2 or any(v <= 0 for v in shape):
+        raise argparse.ArgumentTypeError(
+            f"--shape must look like 8192x32000 or 16x19x512x512 (N x C [x d...]), got {text!r}")
+    return shape
+
+
+def parse_dtype(text):
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(
+            f"--dtype must be one of {', '.join(sorted(DTYPES))}, got {text!r}")
+    return DTYPES[text]
+
+
+# ----------------------------------------------------------------------------------- timing
 
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _time_ms(fn, device):
-    _sync(device)
+def time_ms(fn, device):
+    """Milliseconds of one call: CUDA events on a GPU, perf_counter around a sync on the CPU."""
+    if device.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
     return (time.perf_counter() - t0) * 1e3
 
 
-def _median_ms(fn, device, repeat, warmup=2):
-    for _ in range(warmup):
-        fn()
-    return statistics.median(_time_ms(fn, device) for _ in range(repeat))
-
-
-def copy_bandwidth_gbs(device, nbytes=256 << 20, repeat=7):
-    """Bytes read + written per second by a large device copy."""
+def copy_bandwidth_gbs(device, nbytes=None, repeat=7):
+    """Bytes read + written per second by a large copy on the device (the same run's yardstick)."""
+    nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (256 << 20))
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src), device, repeat)
+    for _ in range(2):
+        dst.copy_(src)
+    _sync(device)
+    ms = statistics.median(time_ms(lambda: dst.copy_(src), device) for _ in range(repeat))
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
+
+def peak_mb(fn, device):
+    """MiB that one call allocates at its peak beyond what was allocated before it."""
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return peak / 2**20
+    # CPU: the profiler's allocation events (every CPU allocation and free, in time order)
+    from torch.profiler import ProfilerActivity, profile
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    try:
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        events.sort(key=lambda e: e.start_ns())
+    except AttributeError:  # the profiler's internals moved: report no figure rather than a wrong one
+        return float("nan")
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+class _quiet_stderr:
+    """Silences file descriptor 2 (the profiler's C++ start/stop lines) for a moment."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+
+
+# ----------------------------------------------------------------------------------- cases
 
 def make_inputs(loss, shape, dtype, kwargs, device, seed=0):
     """Logits, targets and the keyword arguments of the loss, with weights computed from the
@@ -71,11 +174,12 @@ def make_inputs(loss, shape, dtype, kwargs, device, seed=0):
     kwargs = dict(kwargs)
     if loss == "bce":
         rate = torch.linspace(0.01, 0.3, C).reshape(C, *([1] * (len(shape) - 2)))
-        y = (torch.rand(shape, generator=g) < rate).float()
+        y = (torch.rand(shape, generator=g) < rate).to(dtype)
         dims = [d for d in range(len(shape)) if d != 1]
-        pos = y.sum(dims, keepdim=True).squeeze(0)
-        kwargs["pos_weight"] = ((y[0].numel() * shape[0] / C - pos) / pos.clamp(min=1)).to(device)
-        return x, y.to(device=device, dtype=dtype), kwargs
+        pos = y.float().sum(dims, keepdim=True).squeeze(0)
+        total = y.numel() / C
+        kwargs["pos_weight"] = ((total - pos) / pos.clamp(min=1)).to(device=device)
+        return x, y.to(device), kwargs
     tshape = (shape[0], *shape[2:])
     y = torch.randint(0, C, tshape, generator=g)
     if "ignore_index" in kwargs:
@@ -85,64 +189,331 @@ def make_inputs(loss, shape, dtype, kwargs, device, seed=0):
     return x, y.to(device), kwargs
 
 
-def run_case(name, loss, shape, dtype, kwargs, device, repeat):
-    """Fused and native timed in alternation (so both see the same machine noise)."""
+def bytes_min(loss, x):
+    return (3 if loss == "ce" else 5) * x.numel() * x.element_size()
+
+
+def select_cases(args):
+    """The cases the arguments ask for, as (name, loss, shape, dtype, kwargs)."""
+    losses = args.loss or (["ce"] if args.shape else list(LOSSES))
+    if args.shape:
+        dtypes = args.dtype or [torch.float32]
+        return [(f"{loss}-{'x'.join(map(str, s))}-{dtype_name(d)}", loss, s, d, {})
+                for s in args.shape for loss in losses for d in dtypes]
+    cases = []
+    for name, loss, shape, dtype, kw in (FULL if args.full else QUICK):
+        if loss not in losses or (args.case and not any(c in name for c in args.case)):
+            continue
+        for d in (args.dtype or [dtype]):
+            cases.append((name if d == dtype else f"{name}-as-{dtype_name(d)}", loss, shape, d, kw))
+    return cases
+
+
+def run_case(name, loss, shape, dtype, kwargs, device, repeat, use_compile=True, tick=None):
+    """Every figure of one case as a dict; tick() is called after each timing round."""
     x, y, kw = make_inputs(loss, shape, dtype, kwargs, device)
-    losses = dict(zip(("fused", "native"), LOSSES[loss]))
-    out = {"case": name, "loss": loss, "shape": list(shape),
-           "dtype": str(dtype).replace("torch.", "")}
-    results, calls = {}, {}
-    for kind, fn in losses.items():
-        xr = x.detach().clone().requires_grad_(True)
+    fused, native = LOSSES[loss]
+    fns = {"fused": fused, "native": native}
+    out = {"case": name, "loss": loss, "shape": list(shape), "N": shape[0], "C": shape[1],
+           "dtype": dtype_name(dtype), "options": {k: v for k, v in kwargs.items()}}
+    if use_compile:
+        torch._dynamo.reset()  # a fresh compile per case, far from the recompile limit
+        fns["compiled"] = torch.compile(native)
+
+    def step(fn):
+        xr = x.detach().requires_grad_(True)
         value = fn(xr, y, **kw)
         (grad,) = torch.autograd.grad(value, xr)
-        results[kind] = (value.detach().float(), grad.float())
-        calls[kind, "fwd"] = lambda fn=fn, xr=xr: fn(xr, y, **kw)
-        calls[kind, "fwd_bwd"] = lambda fn=fn, xr=xr: torch.autograd.grad(fn(xr, y, **kw), xr)
-        del value, grad
-    times = {k: [] for k in calls}
-    for k, f in calls.items():  # warm-up
+        return value, grad
+
+    results = {}
+    for kind, fn in list(fns.items()):
+        try:
+            value, grad = step(fn)
+            _sync(device)
+        except Exception as e:  # noqa: BLE001 - a compiler that fails here is reported, not fatal
+            if kind != "compiled":
+                raise
+            out["compiled_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            del fns[kind]
+            continue
+        results[kind] = (value.detach().double(), grad.double())
+    ref_v, ref_g = results["native"]
+    for kind in results:
+        if kind != "native":
+            out[f"{kind}_max_loss_diff"] = (results[kind][0] - ref_v).abs().max().item()
+            out[f"{kind}_max_grad_diff"] = (results[kind][1] - ref_g).abs().max().item()
+    del results, ref_v, ref_g
+
+    xr = x.detach().requires_grad_(True)
+    calls = {}
+    for kind, fn in fns.items():
+        calls[kind, "fwd"] = lambda fn=fn: fn(xr, y, **kw)
+        calls[kind, "fwd_bwd"] = lambda fn=fn: torch.autograd.grad(fn(xr, y, **kw), xr)
+    for f in calls.values():  # warm-up
         f()
+        f()
+    _sync(device)
+    times = {k: [] for k in calls}
     for _ in range(repeat):
         for k, f in calls.items():
-            times[k].append(_time_ms(f, device))
-    for (kind, what), ts in times.items():
-        out[f"{kind}_{what}_ms"] = statistics.median(ts)
-    for kind in losses:
+            times[k].append(time_ms(f, device))
+        if tick:
+            tick()
+    nbytes = bytes_min(loss, x)
+    out["bytes_min"] = nbytes
+    for kind in fns:
+        for what in ("fwd", "fwd_bwd"):
+            out[f"{kind}_{what}_ms"] = statistics.median(times[kind, what])
         out[f"{kind}_bwd_ms"] = out[f"{kind}_fwd_bwd_ms"] - out[f"{kind}_fwd_ms"]
-    out["max_loss_diff"] = (results["fused"][0] - results["native"][0]).abs().max().item()
-    out["max_grad_diff"] = (results["fused"][1] - results["native"][1]).abs().max().item()
-    out["speedup"] = out["native_fwd_bwd_ms"] / out["fused_fwd_bwd_ms"]
-    out["bytes_min"] = (3 if loss == "ce" else 5) * x.numel() * x.element_size()
+        out[f"{kind}_gbs"] = nbytes / (out[f"{kind}_fwd_bwd_ms"] * 1e-3) / 1e9
+        out[f"peak_mem_{kind}_mb"] = peak_mb(calls[kind, "fwd_bwd"], device)
+    out["speedup_vs_native"] = out["native_fwd_bwd_ms"] / out["fused_fwd_bwd_ms"]
+    if "compiled" in fns:
+        out["speedup_vs_compiled"] = out["compiled_fwd_bwd_ms"] / out["fused_fwd_bwd_ms"]
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeat", type=int, default=15)
-    ap.add_argument("--case", action="append", help="run only cases whose name contains this")
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
+def measure(cases, device, repeat, use_compile=True, progress=True):
+    """run_case over `cases` behind a progress bar; the copy bandwidth of the same run is added
+    to every case as bandwidth_fraction (fused) and <impl>_bandwidth_fraction."""
     bw = copy_bandwidth_gbs(device)
-    print(f"device {device} ({wl.cpu_capability() if device.type == 'cpu' else torch.cuda.get_device_name(device)}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, copy bandwidth {bw:.1f} GB/s")
-    hdr = (f"{'case':34} {'fused fwd':>9} {'bwd':>7} {'total':>7} | {'native fwd':>10} {'bwd':>7} "
-           f"{'total':>7} | {'speedup':>7} {'bound ms':>8} {'of bound':>8} | {'max |dloss|':>11} {'max |dgrad|':>11}")
-    print(hdr)
-    print("-" * len(hdr))
     rows = []
-    for name, loss, shape, dtype, kwargs in CASES:
-        if args.case and not any(c in name for c in args.case):
-            continue
-        r = run_case(name, loss, shape, dtype, kwargs, device, args.repeat)
-        r["bound_ms"] = r["bytes_min"] / (bw * 1e9) * 1e3
-        r["bandwidth_fraction"] = r["bound_ms"] / r["fused_fwd_bwd_ms"]
-        rows.append(r)
-        print(f"{name:34} {r['fused_fwd_ms']:9.2f} {r['fused_bwd_ms']:7.2f} {r['fused_fwd_bwd_ms']:7.2f} | "
-              f"{r['native_fwd_ms']:10.2f} {r['native_bwd_ms']:7.2f} {r['native_fwd_bwd_ms']:7.2f} | "
-              f"{r['speedup']:6.2f}x {r['bound_ms']:8.2f} {100 * r['bandwidth_fraction']:7.0f}% | "
-              f"{r['max_loss_diff']:11.2e} {r['max_grad_diff']:11.2e}", flush=True)
+    with _Progress(len(cases) * repeat, enabled=progress) as bar:
+        for case in cases:
+            bar.describe(case[0])
+            r = run_case(*case, device, repeat, use_compile, tick=bar.advance)
+            for kind in IMPLS:
+                if f"{kind}_gbs" in r:
+                    r[f"{kind}_bandwidth_fraction"] = r[f"{kind}_gbs"] / bw
+            r["bandwidth_fraction"] = r["fused_bandwidth_fraction"]
+            r["bound_ms"] = r["bytes_min"] / (bw * 1e9) * 1e3
+            rows.append(r)
+    return bw, rows
+
+
+# ----------------------------------------------------------------------------------- output
+
+class _Progress:
+    """rich's progress bar when rich is installed, else a one-line text counter on stderr."""
+
+    def __init__(self, total, enabled=True):
+        self.total, self.enabled, self.done, self.name = total, enabled, 0, ""
+        self._rich = None
+        if enabled:
+            try:
+                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                           TimeElapsedColumn, TimeRemainingColumn)
+                self._rich = Progress(TextColumn("{task.description:36}"), BarColumn(),
+                                      MofNCompleteColumn(), TimeElapsedColumn(),
+                                      TimeRemainingColumn(), transient=False)
+            except ImportError:
+                pass
+
+    def __enter__(self):
+        if self._rich:
+            self._rich.start()
+            self._task = self._rich.add_task("", total=self.total)
+        return self
+
+    def __exit__(self, *exc):
+        if self._rich:
+            self._rich.stop()
+        elif self.enabled:
+            print(file=sys.stderr)
+
+    def describe(self, name):
+        self.name = name
+        if self._rich:
+            self._rich.update(self._task, description=name)
+        self._text()
+
+    def advance(self):
+        self.done += 1
+        if self._rich:
+            self._rich.advance(self._task)
+        self._text()
+
+    def _text(self):
+        if self.enabled and not self._rich:
+            n = 30 * self.done // max(self.total, 1)
+            print(f"\r[{'#' * n}{'.' * (30 - n)}] {self.done}/{self.total} {self.name:36}",
+                  end="", file=sys.stderr, flush=True)
+
+
+def environment(device):
+    env = {"torch": torch.__version__, "python": platform.python_version(),
+           "weighted_loss": getattr(wl, "__version__", "0.1.0"), "platform": platform.platform(),
+           "device_type": device.type}
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device"] = _cpu_name()
+        env["cpu_capability"] = wl.cpu_capability()
+        env["threads"] = torch.get_num_threads()
+    return env
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+
+
+COLUMNS = [  # header, formatter
+    ("case", lambda r: r["case"]),
+    ("fused ms\nfwd / bwd / total", lambda r: _t(r, "fused")),
+    ("native ms\nfwd / bwd / total", lambda r: _t(r, "native")),
+    ("compiled ms\nfwd / bwd / total", lambda r: _t(r, "compiled")),
+    ("speedup vs\nnative / compiled", lambda r: f"{r['speedup_vs_native']:.2f}x / "
+     + (f"{r['speedup_vs_compiled']:.2f}x" if "speedup_vs_compiled" in r else "-")),
+    ("fused GB/s\n(% of copy)", lambda r: f"{r['fused_gbs']:.1f} ({100 * r['bandwidth_fraction']:.0f}%)"),
+    ("peak MiB\nfused / native / compiled", lambda r: " / ".join(
+        f"{r[f'peak_mem_{k}_mb']:.0f}" if r.get(f"peak_mem_{k}_mb") == r.get(f"peak_mem_{k}_mb")
+        and f"peak_mem_{k}_mb" in r else "-" for k in IMPLS)),
+    ("max |diff| vs native\nloss / grad", lambda r: f"{r['fused_max_loss_diff']:.1e} / "
+     f"{r['fused_max_grad_diff']:.1e}"),
+]
+
+
+def _t(r, kind):
+    if f"{kind}_fwd_bwd_ms" not in r:
+        return "-"
+    return f"{r[kind + '_fwd_ms']:.2f} / {r[kind + '_bwd_ms']:.2f} / {r[kind + '_fwd_bwd_ms']:.2f}"
+
+
+def print_table(env, bw, rows):
+    title = (f"{env['device']} ({env['device_type']}), torch {env['torch']}, copy bandwidth "
+             f"{bw:.1f} GB/s")
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        cells = [[h.replace("\n", " ") for h, _ in COLUMNS]] + [[f(r) for _, f in COLUMNS] for r in rows]
+        widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+        for k, c in enumerate(cells):
+            print(" | ".join(v.ljust(w) for v, w in zip(c, widths)))
+            if k == 0:
+                print("-+-".join("-" * w for w in widths))
+        return
+    table = Table(title=title)
+    for h, _ in COLUMNS:
+        table.add_column(h, justify="left" if h == "case" else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(*[f(r) for _, f in COLUMNS])
+    console = Console()
+    console.width = max(console.width, 210)  # a wide table reads better cut than folded
+    console.print(table)
+
+
+def markdown_table(env, bw, rows):
+    """The table as markdown, for a README."""
+    head = [h.replace("\n", " ") for h, _ in COLUMNS]
+    lines = [f"{env['device']}, torch {env['torch']}, copy bandwidth {bw:.1f} GB/s", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(f(r) for _, f in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(path, env, bw, rows):
+    """Speedup over native eager and achieved bandwidth per case, fused vs native vs compiled."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["case"] for r in rows]
+    kinds = [k for k in IMPLS if any(f"{k}_fwd_bwd_ms" in r for r in rows)]
+    colors = {"fused": "#1b7837", "native": "#8c8c8c", "compiled": "#2166ac"}
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(rows) + 4), 5.2))
+    width = 0.8 / len(kinds)
+    xs = range(len(rows))
+    for panel, (ax, key, label) in enumerate(zip(
+            axes, ("speedup", "gbs"),
+            ("speedup over native eager (fwd+bwd)", "achieved GB/s (minimal bytes / fwd+bwd time)"))):
+        for j, k in enumerate(kinds):
+            vals = []
+            for r in rows:
+                if f"{k}_fwd_bwd_ms" not in r:
+                    vals.append(0.0)
+                elif key == "speedup":
+                    vals.append(r["native_fwd_bwd_ms"] / r[f"{k}_fwd_bwd_ms"])
+                else:
+                    vals.append(r[f"{k}_gbs"])
+            pos = [x + (j - (len(kinds) - 1) / 2) * width for x in xs]
+            bars = ax.bar(pos, vals, width, label=k, color=colors[k])
+            if key == "speedup":
+                ax.bar_label(bars, fmt="%.1fx", fontsize=7, padding=1)
+        if key == "gbs":
+            ax.axhline(bw, color="black", linestyle="--", linewidth=1)
+            ax.text(len(rows) - 0.5, bw, f"copy {bw:.0f} GB/s", ha="right", va="bottom", fontsize=8)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"weighted_loss vs PyTorch on {env['device']} (torch {env['torch']})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[2:7]))
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--full", action="store_true", help="the large GPU suite instead of the quick one")
+    ap.add_argument("--shape", type=parse_shape, action="append",
+                    help="a logits shape such as 8192x32000 instead of the suite (repeatable)")
+    ap.add_argument("--dtype", type=parse_dtype, action="append",
+                    help="float32, bfloat16, float16 or float64 (repeatable; overrides the suite's)")
+    ap.add_argument("--loss", nargs="+", choices=sorted(LOSSES), help="ce, bce or both")
+    ap.add_argument("--case", action="append", help="only suite cases whose name contains this")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="timed rounds per case (default 7 on CPU, 20 on CUDA)")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--out", default=os.path.join("bench", "out"), help="folder for JSON and PNG")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    if args.repeat is not None and args.repeat < 1:
+        ap.error(f"--repeat must be at least 1, got {args.repeat}")
+    repeat = args.repeat or (20 if device.type == "cuda" else 7)
+    cases = select_cases(args)
+    if not cases:
+        ap.error("no case matches the arguments")
+
+    env = environment(device)
+    print(f"weighted_loss benchmark on {env['device']} ({device.type}), torch {env['torch']}, "
+          f"{len(cases)} cases x {repeat} rounds", flush=True)
+    bw, rows = measure(cases, device, repeat, not args.no_compile, not args.no_progress)
+    print_table(env, bw, rows)
+
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = os.path.join(args.out, stamp)
+    with open(stem + ".json", "w") as f:
+        json.dump({"stamp": stamp, "environment": env, "copy_bandwidth_gbs": bw, "repeat": repeat,
+                   "method": __doc__.split("Method. ")[1].split("\n\n")[0].replace("\n", " "),
+                   "cases": rows}, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown_table(env, bw, rows))
+    wrote = [stem + ".json", stem + ".md"]
+    try:
+        plot(stem + ".png", env, bw, rows)
+        wrote.append(stem + ".png")
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib, or `make bench`)")
+    print("wrote " + ", ".join(wrote))
     return rows
 
 

@@ -1,0 +1,102 @@
+"""The benchmark tool (python -m weighted_loss.bench): arguments, one case end to end, and what it
+writes. Timings are not checked (benchmarks, not tests); the figures' consistency is."""
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from weighted_loss import bench
+
+
+def test_parse_shape():
+    assert bench.parse_shape("8192x32000") == (8192, 32000)
+    assert bench.parse_shape("16x19x512x512") == (16, 19, 512, 512)
+    for bad in ("8192", "8192x", "axb", "0x5", "-1x4"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"got '{bad}'"):
+            bench.parse_shape(bad)
+
+
+def test_parse_dtype():
+    assert bench.parse_dtype("bf16") is torch.bfloat16
+    with pytest.raises(argparse.ArgumentTypeError, match="got 'int8'"):
+        bench.parse_dtype("int8")
+
+
+def _args(*argv):
+    ns = argparse.Namespace(shape=None, dtype=None, loss=None, case=None, full=False)
+    for k, v in zip(argv[::2], argv[1::2]):
+        setattr(ns, k, v)
+    return ns
+
+
+def test_select_cases():
+    assert [c[0] for c in bench.select_cases(_args())] == [c[0] for c in bench.QUICK]
+    assert [c[0] for c in bench.select_cases(_args("full", True))] == [c[0] for c in bench.FULL]
+    only_bce = bench.select_cases(_args("loss", ["bce"]))
+    assert only_bce and all(c[1] == "bce" for c in only_bce)
+    custom = bench.select_cases(_args("shape", [(64, 10)], "loss", ["ce", "bce"],
+                                      "dtype", [torch.bfloat16]))
+    assert [(c[0], c[1], c[2], c[3]) for c in custom] == [
+        ("ce-64x10-bfloat16", "ce", (64, 10), torch.bfloat16),
+        ("bce-64x10-bfloat16", "bce", (64, 10), torch.bfloat16)]
+    as_f64 = bench.select_cases(_args("case", ["ce-8192x1000"], "loss", ["ce"],
+                                      "dtype", [torch.float64]))
+    assert [c[0] for c in as_f64] == ["ce-8192x1000-f32-as-float64"]
+
+
+@pytest.mark.parametrize("loss,shape,kw", [("ce", (64, 10), {"label_smoothing": 0.1}),
+                                           ("ce", (2, 5, 4, 4), {"ignore_index": 255}),
+                                           ("bce", (32, 7), {})])
+def test_run_case_figures(loss, shape, kw):
+    r = bench.run_case("c", loss, shape, torch.float32, kw, torch.device("cpu"), repeat=2,
+                       use_compile=False)
+    assert r["fused_max_loss_diff"] < 1e-5 and r["fused_max_grad_diff"] < 1e-6
+    numel = math.prod(shape)
+    assert r["bytes_min"] == (3 if loss == "ce" else 5) * numel * 4
+    for kind in ("fused", "native"):
+        assert r[f"{kind}_fwd_bwd_ms"] > 0 and r[f"{kind}_fwd_ms"] > 0
+        assert r[f"{kind}_bwd_ms"] == pytest.approx(r[f"{kind}_fwd_bwd_ms"] - r[f"{kind}_fwd_ms"])
+        assert r[f"{kind}_gbs"] == pytest.approx(r["bytes_min"] / r[f"{kind}_fwd_bwd_ms"] / 1e6)
+    assert r["speedup_vs_native"] == pytest.approx(r["native_fwd_bwd_ms"] / r["fused_fwd_bwd_ms"])
+    assert "compiled_fwd_bwd_ms" not in r
+
+
+def test_peak_memory_counts_the_gradient():
+    """The CPU peak is what the call allocates: at least the gradient it returns."""
+    x = torch.randn(1024, 1024)
+    mb = bench.peak_mb(lambda: torch.empty_like(x).fill_(1.0), torch.device("cpu"))
+    assert mb == pytest.approx(4.0, rel=0.01)
+    x.requires_grad_(True)
+    t = torch.randint(0, 1024, (1024,))
+    import weighted_loss as wl
+    fused = bench.peak_mb(lambda: torch.autograd.grad(wl.cross_entropy(x, t), x),
+                          torch.device("cpu"))
+    assert 4.0 <= fused < 4.1  # the gradient and the per-row lse
+
+
+def test_main_writes_json_md_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    rows = bench.main(["--device", "cpu", "--shape", "64x10", "--loss", "ce", "bce", "--repeat",
+                       "2", "--no-compile", "--no-progress", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "ce-64x10-float32" in out and "bce-64x10-float32" in out and "wrote" in out
+    js = list(tmp_path.glob("*.json"))
+    png = list(tmp_path.glob("*.png"))
+    md = list(tmp_path.glob("*.md"))
+    assert len(js) == len(png) == len(md) == 1
+    assert png[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(js[0].read_text())
+    assert data["environment"]["device_type"] == "cpu" and data["copy_bandwidth_gbs"] > 0
+    assert [c["case"] for c in data["cases"]] == [r["case"] for r in rows]
+    assert "| ce-64x10-float32 |" in md[0].read_text()
+
+
+def test_main_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--shape", "12"])
+    assert "--shape must look like" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--repeat", "0"])
+    assert "--repeat must be at least 1, got 0" in capsys.readouterr().err
