@@ -74,6 +74,11 @@ GRID = list(itertools.product(
     ids=lambda v: str(v).replace("torch.", ""))
 def test_parity(device, shape, kind, weighted, ignore, ls, reduction, dtype):
     x, t, w = make(SHAPES[shape], dtype, kind, device, weighted, ignore)
+    compare(x, t, w, kind, ignore, ls, reduction, dtype)
+
+
+def compare(x, t, w, kind, ignore, ls, reduction, dtype):
+    """Fused vs F.cross_entropy on the same arguments: loss and gradients (see check_close)."""
     kw = dict(reduction=reduction, label_smoothing=ls)
     if ignore is not None:
         kw["ignore_index"] = ignore
@@ -281,15 +286,7 @@ def test_cuda_paths(path, kind, ls, weighted, ignore, reduction, dtype):
     x, t, w = make(shape, dtype, kind, "cuda", weighted, ignore, seed=11)
     if layout is not None:
         x = layout(x)
-    kw = dict(reduction=reduction, label_smoothing=ls)
-    if ignore is not None:
-        kw["ignore_index"] = ignore
-    gt = kind == "prob"
-    fused = run(wl.cross_entropy, x, t, w, grad_target=gt, **kw)
-    native = run(F.cross_entropy, x, t, w, grad_target=gt, **kw)
-    ref = run(F.cross_entropy, x.double(), t.double() if gt else t,
-              None if w is None else w.double(), grad_target=gt, **kw)
-    check_close(fused, native, ref if dtype in LOW else None, dtype)
+    compare(x, t, w, kind, ignore, ls, reduction, dtype)
 
 
 @needs_cuda

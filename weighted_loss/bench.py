@@ -377,7 +377,7 @@ COLUMNS = [  # header, formatter
     ("peak MiB\nfused / native / compiled", lambda r: " / ".join(
         f"{r[f'peak_mem_{k}_mb']:.0f}" if r.get(f"peak_mem_{k}_mb") == r.get(f"peak_mem_{k}_mb")
         and f"peak_mem_{k}_mb" in r else "-" for k in IMPLS)),
-    ("max |diff| vs native\nloss / grad", lambda r: f"{r['fused_max_loss_diff']:.1e} / "
+    ("max abs diff vs native\nloss / grad", lambda r: f"{r['fused_max_loss_diff']:.1e} / "
      f"{r['fused_max_grad_diff']:.1e}"),
 ]
 
