@@ -8,10 +8,13 @@ from . import _ops  # noqa: F401  (fake kernels and autograd)
 from . import functional
 from .functional import binary_cross_entropy_with_logits, cross_entropy
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss
+from .weights import (class_weights, class_weights_from, count_labels, count_positives, pos_weight,
+                      pos_weight_from_counts, sampler)
 
 __all__ = [
     "cross_entropy", "CrossEntropyLoss", "binary_cross_entropy_with_logits", "BCEWithLogitsLoss",
-    "functional", "cpu_capability",
+    "functional", "cpu_capability", "class_weights", "pos_weight", "count_labels",
+    "count_positives", "pos_weight_from_counts", "class_weights_from", "sampler",
 ]
 __version__ = "0.1.0"
 
