@@ -58,7 +58,9 @@ def test_labels_and_counts_agree(method):
     a = wl.class_weights(y, method)
     b = wl.class_weights(SEED_COUNTS, method)
     c = wl.class_weights(torch.tensor(SEED_COUNTS, dtype=torch.float32), method)
-    assert torch.equal(a, b) and torch.equal(b, c)
+    d = wl.class_weights(y.numpy(), method)  # numpy arrays follow the tensor rule
+    e = wl.class_weights(torch.tensor(SEED_COUNTS).numpy().astype("float64"), method)
+    assert torch.equal(a, b) and torch.equal(b, c) and torch.equal(a, d) and torch.equal(a, e)
 
 
 @pytest.mark.parametrize("ignore", [-100, 255])

@@ -27,6 +27,8 @@ def _counts_of(counts_or_labels, num_classes, ignore_index, name="counts_or_labe
     """Class counts as a float64 tensor: a 1-D integer tensor is counted as labels, anything
     else (a floating tensor, a sequence of numbers) is taken as counts."""
     x = counts_or_labels
+    if type(x).__module__ == "numpy" and hasattr(x, "dtype"):  # arrays follow the tensor rule
+        x = torch.as_tensor(x)
     if isinstance(x, torch.Tensor) and not x.is_floating_point() and x.dtype != torch.bool:
         if x.dim() != 1:
             raise ValueError(f"{name}: labels must be a 1-D integer tensor, got shape "
@@ -97,8 +99,10 @@ def class_weights(counts_or_labels, method="inverse", num_classes=None, beta=0.9
                   ignore_index=None):
     """Per-class weights, a float32 (C,) tensor ready to pass as `weight=`.
 
-    counts_or_labels: a 1-D integer tensor of labels (counted; `num_classes` sets C, labels equal
-    to `ignore_index` are left out), or a tensor or sequence of per-class counts (used as is).
+    counts_or_labels: a 1-D integer tensor (or numpy array) of labels (counted; `num_classes` sets
+    C, labels equal to `ignore_index` are left out), or a floating tensor or array, or a sequence,
+    of per-class counts (used as is). An integer tensor is always read as labels: pass counts you
+    hold as an integer tensor as `counts.tolist()` or `counts.float()`.
     method, with n the class counts and N their sum:
       "inverse"           1 / n
       "max_ratio"         max(n) / n                (the most frequent class gets 1)
