@@ -29,9 +29,9 @@ $(STAMP): $(SOURCES) | deps
 
 build: deps $(STAMP)
 
-# the test suite, plus the smoke case of the bench/ pytest-benchmark suites (the rest of them
-# run with `pytest bench/ --benchmark-only`)
-test: build
+# the test suite (with the benchmark tool's own tests, which need bench-deps), plus the smoke
+# case of the bench/ pytest-benchmark suites (the rest run with `pytest bench/ --benchmark-only`)
+test: build bench-deps
 	$(PYTHON) -m pytest tests bench -q
 
 # the quick suite on the best device: table, bench/out/<stamp>.{json,md,png}; options with
