@@ -255,6 +255,7 @@ cudaError_t with_indexed(const BinaryCrossEntropyParams& p, F&& f) {
 }  // namespace
 
 size_t binary_cross_entropy_forward_workspace(const BinaryCrossEntropyParams& p) {
+  if (p.reduction == Reduction::None) return 0;  // nothing to reduce
   // the most blocks any dtype launches (2-element vectors of float64), then the counter
   const int64_t blocks = (p.numel + 2 * kThreads - 1) / (2 * kThreads);
   return static_cast<size_t>(blocks > 0 ? blocks : 1) * sizeof(double) + 16;

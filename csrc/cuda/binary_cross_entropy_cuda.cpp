@@ -11,22 +11,13 @@ namespace {
 struct Cuda {
   using Guard = cuda_glue::Guard;
   static const BinaryCrossEntropyBackend& forward() {
-    static const BinaryCrossEntropyBackend b{
-        [](const BinaryCrossEntropyParams& p) {
-          const size_t bytes = p.reduction == Reduction::None
-                                   ? 0
-                                   : cuda::binary_cross_entropy_forward_workspace(p);
-          cuda_glue::launch_with_scratch(&cuda::binary_cross_entropy_forward, bytes, p);
-        },
-        cuda_glue::empty_like_gradient};
+    static const BinaryCrossEntropyBackend b = cuda_glue::backend(
+        &cuda::binary_cross_entropy_forward, &cuda::binary_cross_entropy_forward_workspace);
     return b;
   }
   static const BinaryCrossEntropyBackend& backward() {
-    static const BinaryCrossEntropyBackend b{
-        [](const BinaryCrossEntropyParams& p) {
-          cuda_glue::check(cuda::binary_cross_entropy_backward(p, cuda_glue::stream()));
-        },
-        cuda_glue::empty_like_gradient};
+    static const BinaryCrossEntropyBackend b =
+        cuda_glue::backend(&cuda::binary_cross_entropy_backward);
     return b;
   }
 };

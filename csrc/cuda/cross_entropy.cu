@@ -16,6 +16,7 @@
 // ignore_index) is never read through: it stops the kernel with a device-side assert, as
 // PyTorch's CUDA kernels do.
 #undef NDEBUG
+#include <atomic>
 #include <cassert>
 #include <cfloat>
 #include <type_traits>
@@ -744,13 +745,21 @@ bool aligned_alike(const void* a, const void* b) {
 
 bool aligned16(const void* a) { return a == nullptr || reinterpret_cast<uintptr_t>(a) % 16 == 0; }
 
+// The current device's SM count, asked once per device (every plan needs it: the forward, its
+// workspace and the backward).
 int sm_count() {
+  constexpr int kDevices = 64;
+  static std::atomic<int> known[kDevices] = {};
   int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      sms <= 0) {
-    return 1;  // no split then; the launch itself reports what went wrong
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;  // no split; the launch reports the error
+  if (device >= 0 && device < kDevices && (sms = known[device].load(std::memory_order_relaxed)) > 0) {
+    return sms;
   }
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      sms <= 0) {
+    return 1;
+  }
+  if (device >= 0 && device < kDevices) known[device].store(sms, std::memory_order_relaxed);
   return sms;
 }
 

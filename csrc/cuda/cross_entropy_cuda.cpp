@@ -11,29 +11,17 @@ namespace {
 struct Cuda {
   using Guard = cuda_glue::Guard;
   static const CrossEntropyBackend& forward() {
-    static const CrossEntropyBackend b{
-        [](const CrossEntropyParams& p) {
-          cuda_glue::launch_with_scratch(&cuda::cross_entropy_forward,
-                                         cuda::cross_entropy_forward_workspace(p), p);
-        },
-        cuda_glue::empty_like_gradient};
+    static const CrossEntropyBackend b =
+        cuda_glue::backend(&cuda::cross_entropy_forward, &cuda::cross_entropy_forward_workspace);
     return b;
   }
   static const CrossEntropyBackend& backward() {
-    static const CrossEntropyBackend b{
-        [](const CrossEntropyParams& p) {
-          cuda_glue::launch_with_scratch(&cuda::cross_entropy_backward,
-                                         cuda::cross_entropy_backward_workspace(p), p);
-        },
-        cuda_glue::empty_like_gradient};
+    static const CrossEntropyBackend b =
+        cuda_glue::backend(&cuda::cross_entropy_backward, &cuda::cross_entropy_backward_workspace);
     return b;
   }
   static const CrossEntropyBackend& target_backward() {
-    static const CrossEntropyBackend b{
-        [](const CrossEntropyParams& p) {
-          cuda_glue::check(cuda::cross_entropy_target_backward(p, cuda_glue::stream()));
-        },
-        cuda_glue::empty_like_gradient};
+    static const CrossEntropyBackend b = cuda_glue::backend(&cuda::cross_entropy_target_backward);
     return b;
   }
 };

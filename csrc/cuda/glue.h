@@ -9,6 +9,8 @@
 
 #include <cstddef>
 
+#include "../common.h"
+
 namespace weighted_loss::cuda_glue {
 
 using Guard = c10::cuda::CUDAGuard;
@@ -36,6 +38,20 @@ void launch_with_scratch(cudaError_t (*launcher)(const Params&, void*, cudaStrea
                             at::kCUDA, c10::cuda::current_device()));
   }
   check(launcher(p, scratch.defined() ? scratch.data_ptr() : nullptr, stream()));
+}
+
+// The backend of a launcher that takes workspace(p) bytes of scratch (0: none).
+template <typename Params>
+Backend<Params> backend(cudaError_t (*launcher)(const Params&, void*, cudaStream_t),
+                        size_t (*workspace)(const Params&)) {
+  return {[launcher, workspace](const Params& p) { launch_with_scratch(launcher, workspace(p), p); },
+          empty_like_gradient};
+}
+
+// The backend of a launcher without scratch.
+template <typename Params>
+Backend<Params> backend(cudaError_t (*launcher)(const Params&, cudaStream_t)) {
+  return {[launcher](const Params& p) { check(launcher(p, stream())); }, empty_like_gradient};
 }
 
 }  // namespace weighted_loss::cuda_glue

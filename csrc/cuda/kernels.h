@@ -23,7 +23,7 @@ cudaError_t cross_entropy_backward(const CrossEntropyParams& p, void* workspace,
 cudaError_t cross_entropy_target_backward(const CrossEntropyParams& p, cudaStream_t stream);
 
 // Bytes of device scratch the BCE forward needs (the reduction's per-block partial sums and its
-// done-counter); the glue allocates them on the launch stream.
+// done-counter; 0 for Reduction::None); the glue allocates them on the launch stream.
 size_t binary_cross_entropy_forward_workspace(const BinaryCrossEntropyParams& p);
 cudaError_t binary_cross_entropy_forward(const BinaryCrossEntropyParams& p, void* workspace,
                                          cudaStream_t stream);
