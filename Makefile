@@ -12,12 +12,18 @@ SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*
            setup.py pyproject.toml
 NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
 
-.PHONY: test bench build deps bench-deps cuda-check gpu-check clean
+.PHONY: test bench build deps cuda-headers bench-deps cuda-check cuda-emu-asan gpu-check clean
 
-deps:
+deps: cuda-headers
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
 	@$(PYTHON) -c "import ninja, pytest, pytest_benchmark, numpy, setuptools" 2>/dev/null || \
 		$(PIP) install ninja pytest pytest-benchmark numpy "setuptools>=64"
+
+# The CUDA headers that the emulated CUDA kernels (weighted_loss.testing.emulated_cuda) are built
+# with: a CUDA toolkit's, or else NVIDIA's header wheels (a few MB, no libraries used).
+EMU_HEADERS := csrc/cuda/emulated/headers.py
+cuda-headers:
+	@$(PYTHON) $(EMU_HEADERS) >/dev/null || $(PIP) install $$($(PYTHON) $(EMU_HEADERS) --wheels)
 
 # what the benchmark's table and plot use (it runs without them, plainer and with no PNG)
 bench-deps: deps

@@ -1,9 +1,17 @@
 """Builds weighted_loss._C against the torch already installed (use --no-build-isolation).
 
-CPU kernels always; CUDA kernels too when torch has CUDA and CUDA_HOME is set, or FORCE_CUDA=1.
+- CPU kernels always.
+- CUDA kernels when torch has CUDA and CUDA_HOME is set, or FORCE_CUDA=1.
+- The CUDA kernels once more, compiled by the host compiler with the emulator of the CUDA
+  execution model (csrc/cuda/emulator/), when the CUDA headers are found (a toolkit or NVIDIA's
+  pip wheels: csrc/cuda/emulated/headers.py), unless WEIGHTED_LOSS_EMULATOR=0. They run the CUDA
+  kernels on CPU tensors under weighted_loss.testing.emulated_cuda().
+- WEIGHTED_LOSS_SANITIZE=1 builds everything with AddressSanitizer and UndefinedBehaviorSanitizer
+  (make cuda-emu-asan, into a separate build directory).
 """
 import glob
 import os
+import runpy
 
 import torch
 from setuptools import find_packages, setup
@@ -18,6 +26,13 @@ def want_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def emulator_includes():
+    if os.environ.get("WEIGHTED_LOSS_EMULATOR", "1") == "0":
+        return None
+    find = runpy.run_path(os.path.join(ROOT, "csrc", "cuda", "emulated", "headers.py"))["find"]
+    return find()
+
+
 def sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
@@ -28,19 +43,34 @@ def extension():
     # and once for the threaded one), which changed the last bit of results with the thread
     # count. FMAs are written out (at::vec::fmadd) where they are wanted.
     cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", "-ffp-contract=off"]
+    link = ["-fopenmp"]
+    if os.environ.get("WEIGHTED_LOSS_SANITIZE", "0") == "1":
+        san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+        cxx = ["-O1", "-g", "-fno-omit-frame-pointer"] + cxx[1:] + san
+        link += san
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+    includes = []
+    emulated = emulator_includes()
+    if emulated is not None:
+        # the same flags torch gives nvcc: no implicit half/bfloat16 conversions
+        cxx += ["-DWEIGHTED_LOSS_EMULATOR", "-D__CUDA_NO_HALF_OPERATORS__",
+                "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                "-D__CUDA_NO_HALF2_OPERATORS__"]
+        srcs += sources("csrc/cuda/emulated/*.cpp")
+        includes += emulated
     if want_cuda():
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         return CUDAExtension(
             "weighted_loss._C",
             srcs + sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu"),
+            include_dirs=includes,
             extra_compile_args={"cxx": cxx + ["-DWEIGHTED_LOSS_CUDA"],
                                 "nvcc": ["-O3", "-DWEIGHTED_LOSS_CUDA", "--use_fast_math"]},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
-    return CppExtension("weighted_loss._C", srcs, extra_compile_args={"cxx": cxx},
-                        extra_link_args=["-fopenmp"])
+    return CppExtension("weighted_loss._C", srcs, include_dirs=includes,
+                        extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 setup(

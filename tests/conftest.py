@@ -6,17 +6,37 @@ import pytest
 import torch
 
 import weighted_loss  # noqa: F401  (loads the ops once for every test module)
+from weighted_loss.testing import emulated_cuda
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# "emulated": CPU tensors under weighted_loss.testing.emulated_cuda(), so the CUDA kernels run in
+# the emulator, on every machine (a build without the emulator fails these, saying why)
+DEVICES = ["cpu", "emulated"] + (["cuda"] if torch.cuda.is_available() else [])
+GPU_DEVICES = ["emulated"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _device(name):
+    if name == "emulated":
+        with emulated_cuda():
+            yield torch.device("cpu")
+    else:
+        yield torch.device(name)
 
 
 @pytest.fixture(params=DEVICES)
 def device(request):
-    return torch.device(request.param)
+    """Every device the losses run on; tests check device.type and testing.emulating()."""
+    yield from _device(request.param)
+
+
+@pytest.fixture(params=GPU_DEVICES)
+def gpu(request):
+    """The CUDA kernels: in the emulator, and on a GPU when there is one."""
+    yield from _device(request.param)
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
+    config.addinivalue_line("markers", "runs_last: runs after every other test of the session")
 
 
 @pytest.fixture
@@ -38,3 +58,8 @@ def both_builds(tmp_path):
         exec(body, {"torch": torch, "wl": wl, "out": here})
         return base, here
     return run
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked runs_last (the emulator's coverage check) run after all others."""
+    items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)

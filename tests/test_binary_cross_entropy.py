@@ -53,8 +53,9 @@ def make(shape, dtype, device, wshape=None, pshape=None, seed=0, scale=3.0):
 
 
 def run(fn, x, t, w, pw, reduction, target_grad=True):
-    x = x.detach().clone().requires_grad_(True)
-    t = t.detach().clone().requires_grad_(target_grad)
+    # detach() keeps the storage offset and strides the case was built with (clone() would not)
+    x = x.detach().requires_grad_(True)
+    t = t.detach().requires_grad_(target_grad)
     loss = fn(x, t, weight=w, pos_weight=pw, reduction=reduction)
     go = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape)
     go = go.to(device=loss.device, dtype=loss.dtype)
@@ -100,19 +101,31 @@ def test_parity(device, name, wshape, pshape, reduction, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("reduction", ["none", "mean"])
-def test_input_grad_only(device, dtype, reduction):
-    x, t, w, pw = make((4, 5, 6, 7), dtype, device, (5, 1, 1), (5, 1, 1))
+@pytest.mark.parametrize("wshape", [None, (5, 1, 1)], ids=["unweighted", "broadcast"])
+def test_input_grad_only(device, dtype, reduction, wshape):
+    x, t, w, pw = make((4, 5, 6, 7), dtype, device, wshape, wshape)
     fused = run(wl.binary_cross_entropy_with_logits, x, t, w, pw, reduction, target_grad=False)
     native = run(F.binary_cross_entropy_with_logits, x, t, w, pw, reduction, target_grad=False)
     check_close(fused, native, reference(x, t, w, pw, reduction, False), dtype)
 
 
-def test_target_grad_only(device):
-    x, t, w, pw = make((6, 9), torch.float64, device, (9,), (9,))
-    t.requires_grad_(True)
-    (gf,) = torch.autograd.grad(wl.binary_cross_entropy_with_logits(x, t, w, pos_weight=pw), t)
-    (gn,) = torch.autograd.grad(F.binary_cross_entropy_with_logits(x, t, w, pos_weight=pw), t)
-    torch.testing.assert_close(gf, gn)
+def _target_grad(fn, x, t, w, pw, reduction):
+    t = t.detach().requires_grad_(True)
+    loss = fn(x.detach(), t, weight=w, pos_weight=pw, reduction=reduction)
+    return [loss.detach(), torch.autograd.grad(loss, t, torch.ones_like(loss))[0]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("wshape", [None, (9,)], ids=["unweighted", "broadcast"])
+def test_target_grad_only(device, dtype, reduction, wshape):
+    x, t, w, pw = make((6, 9), dtype, device, wshape, wshape)
+    fused = _target_grad(wl.binary_cross_entropy_with_logits, x, t, w, pw, reduction)
+    native = _target_grad(F.binary_cross_entropy_with_logits, x, t, w, pw, reduction)
+    d = lambda v: None if v is None else v.double()  # noqa: E731
+    ref = _target_grad(F.binary_cross_entropy_with_logits, x.double(), t.double(), d(w), d(pw),
+                       reduction)
+    check_close(fused, native, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -430,30 +443,33 @@ def test_baseline_build_matches(both_builds):
 
 
 # ------------------------------------------------------------------------------------ CUDA
+# The CUDA kernels, in the emulator always and on a GPU when there is one.
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_deterministic_runs(dtype):
-    """The last-block reduction adds the blocks' sums in a fixed order: the same bits every run."""
-    x, t, w, pw = make((4096, 1000), dtype, "cuda", (4096, 1), (1000,), seed=5)
+def test_cuda_deterministic_runs(gpu, dtype):
+    """The last-block reduction adds the blocks' sums in a fixed order: the same bits every run
+    (in the emulator, with the blocks run in a different order each time)."""
+    x, t, w, pw = make((1024, 1000), dtype, gpu, (1024, 1), (1000,), seed=5)
     ref = run(wl.binary_cross_entropy_with_logits, x, t, w, pw, "mean")
     for _ in range(3):
         got = run(wl.binary_cross_entropy_with_logits, x, t, w, pw, "mean")
         assert all(torch.equal(a, b) for a, b in zip(got, ref))
 
 
-@needs_cuda
-def test_cuda_unaligned_and_tails():
+@pytest.mark.parametrize("offset", [1, 3, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_cuda_unaligned_and_tails(gpu, offset, dtype):
     """Offsets that break 16-byte alignment, and sizes that leave a partial vector."""
-    x, t, w, pw = make((8, 1001), torch.bfloat16, "cuda", None, (1001,))
-    xs, ts = x.flatten()[3:], t.flatten()[3:]
+    x, t, w, pw = make((8, 1001), dtype, gpu, None, (1001,))
+    xs, ts = x.flatten()[offset:], t.flatten()[offset:]
+    assert xs.storage_offset() == offset
     for red in ("none", "sum"):
         fused = run(wl.binary_cross_entropy_with_logits, xs, ts, None, None, red)
         native = run(F.binary_cross_entropy_with_logits, xs, ts, None, None, red)
-        check_close(fused, native, reference(xs, ts, None, None, red), torch.bfloat16)
+        check_close(fused, native, reference(xs, ts, None, None, red), dtype)
 
 
 @needs_cuda

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 import weighted_loss as wl
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
 SHAPES = {
     "unbatched": (7,),
     "NC": (33, 7),
@@ -38,8 +40,9 @@ def make(shape, dtype, kind, device, weighted, ignore, seed=0):
 
 
 def run(fn, x, t, w, grad_target=False, **kw):
-    x = x.detach().clone().requires_grad_(True)
-    t = t.detach().clone()
+    # detach() keeps the storage offset and strides the case was built with (clone() would not)
+    x = x.detach().requires_grad_(True)
+    t = t.detach()
     if grad_target:
         t.requires_grad_(True)
     loss = fn(x, t, weight=w, **kw)
@@ -247,10 +250,12 @@ def test_module_drop_in(device):
 
 
 # ------------------------------------------------------------------------------------ CUDA
-# The CUDA kernels pick a path by shape and alignment; these cases reach each one. The CPU
-# handles them too, but they are sized for a GPU.
+# The CUDA kernels pick a path by shape and alignment; these cases reach each one, in the emulator
+# always and on a GPU when there is one. In the emulator the launch counts prove the path taken.
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+KERNEL_DTYPE = {torch.float64: "double", torch.float32: "float", torch.bfloat16: "__nv_bfloat16",
+                torch.float16: "__half"}
 
 
 def _misaligned(x):
@@ -261,40 +266,64 @@ def _misaligned(x):
     return out
 
 
+# path -> (shape, layout, the emulator's SM count, the forward kernels it launches: {T} the
+# dtype, {MW} mode and weight, {V} the positions a lane vector holds)
 CUDA_PATHS = {
+    "warp": ((40, 1000), None, 132, ["forward_rows_kernel<{T}, {MW}, 32>"]),
+    "warp-misaligned": ((40, 1001), _misaligned, 132, ["forward_rows_kernel<{T}, {MW}, 32>"]),
+    "block": ((6, 5003), None, 132, ["forward_rows_kernel<{T}, {MW}, 256>"]),
+    "block-misaligned": ((6, 5003), _misaligned, 132, ["forward_rows_kernel<{T}, {MW}, 256>"]),
     # rows split across blocks: few rows, many classes; C not a multiple of any vector
-    "split": ((3, 200003), None),
-    "split-bf16-vocab": ((4, 128256), None),
-    "block-misaligned": ((6, 50257), _misaligned),
-    "warp-misaligned": ((40, 1001), _misaligned),
+    "split": ((2, 20011), None, 132, ["forward_split_kernel<{T}, {MW}>",
+                                      "forward_combine_kernel<{T}, {MW}>"]),
+    "split-misaligned": ((3, 20011), _misaligned, 132, ["forward_split_kernel<{T}, {MW}>"]),
+    "split-few-sms": ((1, 40000), None, 2, ["forward_split_kernel<{T}, {MW}>"]),
     # (N, C, d...) with d a multiple of the 16-byte vector (several positions per thread) or not
-    "lanes-vector": ((4, 19, 16, 24), None),
-    "lanes-scalar": ((3, 5, 7, 9), None),
-    "lanes-misaligned": ((4, 19, 16, 24), _misaligned),
+    "lanes-vector": ((4, 19, 16, 24), None, 132, ["forward_lanes_kernel<{T}, {MW}, {V}>"]),
+    "lanes-scalar": ((3, 5, 7, 9), None, 132, ["forward_lanes_kernel<{T}, {MW}, 1>"]),
+    "lanes-misaligned": ((4, 19, 16, 24), _misaligned, 132, ["forward_lanes_kernel<{T}, {MW}, 1>"]),
 }
+# (kind, label_smoothing, weighted, ignore_index): each mode of the kernels with and without weight
+MODES = [("index", 0.0, False, None), ("index", 0.0, True, 2), ("index", 0.1, True, None),
+         ("index", 0.1, False, 2), ("prob", 0.0, False, None), ("prob", 0.2, True, None)]
 
 
-@needs_cuda
+def launched(fn, sm_count=132):
+    """Runs fn(); the kernels the emulator launched meanwhile (None on a GPU)."""
+    if not wl.testing.emulating():
+        fn()
+        return None
+    before = wl.testing.emulated_launches()
+    with wl.testing.emulated_cuda(sm_count=sm_count):
+        fn()
+    after = wl.testing.emulated_launches()
+    return {k for k, n in after.items() if n > before[k]}
+
+
 @pytest.mark.parametrize("path", CUDA_PATHS)
-@pytest.mark.parametrize("kind,ls,weighted,ignore", [
-    ("index", 0.0, True, 2), ("index", 0.1, True, None), ("index", 0.1, False, 2),
-    ("prob", 0.0, False, None), ("prob", 0.2, True, None)], ids=str)
+@pytest.mark.parametrize("kind,ls,weighted,ignore", MODES, ids=str)
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_paths(path, kind, ls, weighted, ignore, reduction, dtype):
-    shape, layout = CUDA_PATHS[path]
-    x, t, w = make(shape, dtype, kind, "cuda", weighted, ignore, seed=11)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_cuda_paths(gpu, path, kind, ls, weighted, ignore, reduction, dtype):
+    shape, layout, sms, kernels = CUDA_PATHS[path]
+    x, t, w = make(shape, dtype, kind, gpu, weighted, ignore, seed=11)
     if layout is not None:
         x = layout(x)
-    compare(x, t, w, kind, ignore, ls, reduction, dtype)
+    seen = launched(lambda: compare(x, t, w, kind, ignore, ls, reduction, dtype), sms)
+    if seen is not None:
+        mode = 2 if kind == "prob" else 1 if ls > 0 else 0
+        fill = dict(T=KERNEL_DTYPE[dtype], MW=f"{mode}, {str(weighted).lower()}",
+                    V=16 // x.element_size())
+        want = {k.format(**fill) for k in kernels}
+        assert want <= seen, (want, seen)
 
 
-@needs_cuda
-@pytest.mark.parametrize("shape", [(512, 3000), (4, 19, 33, 45), (8192, 1000), (3, 200003)], ids=str)
+@pytest.mark.parametrize("shape", [(512, 3000), (4, 19, 33, 45), (4096, 1000), (3, 200003)], ids=str)
 @pytest.mark.parametrize("kind", ["index", "prob"])
-def test_cuda_deterministic_runs(shape, kind):
-    """Fixed reduction trees and the last-block pass: the same bits on every run."""
-    x, t, w = make(shape, torch.float32, kind, "cuda", True, 1 if kind == "index" else None, seed=2)
+def test_cuda_deterministic_runs(gpu, shape, kind):
+    """Fixed reduction trees and the last-block pass: the same bits on every run (in the emulator,
+    with the blocks run in a different order each time)."""
+    x, t, w = make(shape, torch.float32, kind, gpu, True, 1 if kind == "index" else None, seed=2)
     kw = dict(label_smoothing=0.1)
     if kind == "index":
         kw["ignore_index"] = 1

@@ -5,7 +5,7 @@ import torch  # noqa: F401  (loads libtorch and its OpenMP runtime before the ex
 
 from . import _C  # noqa: F401  (registers the weighted_loss ops)
 from . import _ops  # noqa: F401  (fake kernels and autograd)
-from . import functional
+from . import functional, testing
 from .functional import binary_cross_entropy_with_logits, cross_entropy
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss
 from .weights import (class_weights, class_weights_from, count_labels, count_positives, pos_weight,

@@ -13,7 +13,7 @@
 #include "common.cuh"
 #include "kernels.h"
 
-namespace weighted_loss::cuda {
+namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS {
 namespace {
 
 constexpr int kThreads = 256;
@@ -275,12 +275,12 @@ cudaError_t binary_cross_entropy_forward(const BinaryCrossEntropyParams& p, void
     return with_indexed(p, [&](auto idx) -> cudaError_t {
       constexpr bool I = decltype(idx)::value;
       if (p.reduction == Reduction::None) {
-        forward_kernel<T, I, true><<<blocks, kThreads, 0, stream>>>(p, aligned, nullptr, nullptr);
+        launch<forward_kernel<T, I, true>>(blocks, kThreads, stream, p, aligned, nullptr, nullptr);
         return cudaGetLastError();
       }
       const cudaError_t err = cudaMemsetAsync(done, 0, sizeof(unsigned int), stream);
       if (err != cudaSuccess) return err;
-      forward_kernel<T, I, false><<<blocks, kThreads, 0, stream>>>(p, aligned, partial, done);
+      launch<forward_kernel<T, I, false>>(blocks, kThreads, stream, p, aligned, partial, done);
       return cudaGetLastError();
     });
   });
@@ -295,20 +295,20 @@ cudaError_t binary_cross_entropy_backward(const BinaryCrossEntropyParams& p, cud
                          aligned16(p.grad_target) && (p.grad_loss_scalar || aligned16(p.grad_loss));
     return with_indexed(p, [&](auto idx) -> cudaError_t {
       constexpr bool I = decltype(idx)::value;
-      auto launch = [&](auto gx, auto gt) -> cudaError_t {
+      auto run = [&](auto gx, auto gt) -> cudaError_t {
         constexpr bool GX = decltype(gx)::value, GT = decltype(gt)::value;
         if (p.grad_loss_scalar) {
-          backward_kernel<T, I, GX, GT, true><<<blocks, kThreads, 0, stream>>>(p, aligned);
+          launch<backward_kernel<T, I, GX, GT, true>>(blocks, kThreads, stream, p, aligned);
         } else {
-          backward_kernel<T, I, GX, GT, false><<<blocks, kThreads, 0, stream>>>(p, aligned);
+          launch<backward_kernel<T, I, GX, GT, false>>(blocks, kThreads, stream, p, aligned);
         }
         return cudaGetLastError();
       };
-      if (p.grad_input && p.grad_target) return launch(std::true_type{}, std::true_type{});
-      if (p.grad_input) return launch(std::true_type{}, std::false_type{});
-      return launch(std::false_type{}, std::true_type{});
+      if (p.grad_input && p.grad_target) return run(std::true_type{}, std::true_type{});
+      if (p.grad_input) return run(std::true_type{}, std::false_type{});
+      return run(std::false_type{}, std::true_type{});
     });
   });
 }
 
-}  // namespace weighted_loss::cuda
+}  // namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS

@@ -1,6 +1,7 @@
-// Device helpers shared by the CUDA kernels: the accumulation type and conversions between the
-// storage dtypes and it. CUDA headers and params.h only (no torch), so the kernels compile with
-// nvcc alone (make cuda-check).
+// Device helpers shared by the CUDA kernels: the accumulation type, conversions between the
+// storage dtypes and it, and the one way a kernel is launched. CUDA headers and params.h only (no
+// torch), so the kernels compile with nvcc alone (make cuda-check) and, with the emulator, with
+// the host compiler (emulator/).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -9,9 +10,23 @@
 
 #include <cstdint>
 
-#include "../params.h"
+#if !defined(__CUDACC__)
+#include "emulator/cuda_emulator.h"
+#endif
+#include "kernels.h"
 
-namespace weighted_loss::cuda {
+namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS {
+
+// Kernel<<<grid, block, 0, stream>>>(args...) under nvcc; built by the host compiler, the
+// emulator runs it (and counts it by name and template arguments).
+template <auto Kernel, typename... Args>
+inline void launch(dim3 grid, dim3 block, cudaStream_t stream, Args... args) {
+#if defined(__CUDACC__)
+  Kernel<<<grid, block, 0, stream>>>(args...);
+#else
+  wl_emu::launch<Kernel>(grid, block, stream, args...);
+#endif
+}
 
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
@@ -48,4 +63,4 @@ struct alignas(16) Pack {
   T v[kSize];
 };
 
-}  // namespace weighted_loss::cuda
+}  // namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS

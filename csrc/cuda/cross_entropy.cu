@@ -16,7 +16,6 @@
 // ignore_index) is never read through: it stops the kernel with a device-side assert, as
 // PyTorch's CUDA kernels do.
 #undef NDEBUG
-#include <atomic>
 #include <cassert>
 #include <cfloat>
 #include <type_traits>
@@ -24,7 +23,7 @@
 #include "common.cuh"
 #include "kernels.h"
 
-namespace weighted_loss::cuda {
+namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS {
 namespace {
 
 constexpr int kThreads = 256;
@@ -745,21 +744,15 @@ bool aligned_alike(const void* a, const void* b) {
 
 bool aligned16(const void* a) { return a == nullptr || reinterpret_cast<uintptr_t>(a) % 16 == 0; }
 
-// The current device's SM count, asked once per device (every plan needs it: the forward, its
-// workspace and the backward).
+// The current device's SM count. cudaDeviceGetAttribute is a cheap lookup (no synchronization),
+// and asking on every plan lets the emulator's SM count change between launches.
 int sm_count() {
-  constexpr int kDevices = 64;
-  static std::atomic<int> known[kDevices] = {};
   int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 1;  // no split; the launch reports the error
-  if (device >= 0 && device < kDevices && (sms = known[device].load(std::memory_order_relaxed)) > 0) {
-    return sms;
-  }
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
       sms <= 0) {
-    return 1;
+    return 1;  // no split; the launch reports the error
   }
-  if (device >= 0 && device < kDevices) known[device].store(sms, std::memory_order_relaxed);
   return sms;
 }
 
@@ -838,25 +831,22 @@ void launch_forward(const CrossEntropyParams& p, const Plan& plan, bool vector, 
   switch (plan.kind) {
     case Plan::kLanes:
       if (plan.lanes > 1) {
-        forward_lanes_kernel<T, M, W, Pack<T>::kSize>
-            <<<plan.blocks, kThreads, 0, stream>>>(p, partial, done);
+        launch<forward_lanes_kernel<T, M, W, Pack<T>::kSize>>(plan.blocks, kThreads, stream, p, partial, done);
       } else {
-        forward_lanes_kernel<T, M, W, 1><<<plan.blocks, kThreads, 0, stream>>>(p, partial, done);
+        launch<forward_lanes_kernel<T, M, W, 1>>(plan.blocks, kThreads, stream, p, partial, done);
       }
       break;
     case Plan::kWarpRows:
-      forward_rows_kernel<T, M, W, 32><<<plan.blocks, kThreads, 0, stream>>>(p, vector, partial, done);
+      launch<forward_rows_kernel<T, M, W, 32>>(plan.blocks, kThreads, stream, p, vector, partial, done);
       break;
     case Plan::kBlockRows:
-      forward_rows_kernel<T, M, W, kThreads>
-          <<<plan.blocks, kThreads, 0, stream>>>(p, vector, partial, done);
+      launch<forward_rows_kernel<T, M, W, kThreads>>(plan.blocks, kThreads, stream, p, vector, partial, done);
       break;
     case Plan::kSplitRows: {
       auto* st = static_cast<acc_t*>(state);
       const dim3 grid(static_cast<unsigned int>(plan.chunks), static_cast<unsigned int>(rows));
-      forward_split_kernel<T, M, W><<<grid, kThreads, 0, stream>>>(p, vector, plan.chunk_len, st);
-      forward_combine_kernel<T, M, W>
-          <<<plan.blocks, kThreads, 0, stream>>>(p, plan.chunks, st, partial, done);
+      launch<forward_split_kernel<T, M, W>>(grid, kThreads, stream, p, vector, plan.chunk_len, st);
+      launch<forward_combine_kernel<T, M, W>>(plan.blocks, kThreads, stream, p, plan.chunks, st, partial, done);
       break;
     }
   }
@@ -917,7 +907,7 @@ cudaError_t cross_entropy_backward(const CrossEntropyParams& p, void* workspace,
     using T = decltype(tag);
     const Plan plan = plan_of<T>(p);
     if (cross_entropy_backward_workspace(p) > 0) {
-      weight_sum_kernel<T><<<1, kThreads, 0, stream>>>(p, workspace);
+      launch<weight_sum_kernel<T>>(1, kThreads, stream, p, workspace);
     }
     return dispatch_mode(p, [&](auto mode, auto has_w) -> cudaError_t {
       constexpr int M = decltype(mode)::value;
@@ -925,22 +915,19 @@ cudaError_t cross_entropy_backward(const CrossEntropyParams& p, void* workspace,
       switch (plan.kind) {
         case Plan::kLanes:
           if (plan.lanes > 1) {
-            backward_lanes_kernel<T, M, W, Pack<T>::kSize>
-                <<<plan.blocks, kThreads, 0, stream>>>(p, workspace);
+            launch<backward_lanes_kernel<T, M, W, Pack<T>::kSize>>(plan.blocks, kThreads, stream, p, workspace);
           } else {
-            backward_lanes_kernel<T, M, W, 1><<<plan.blocks, kThreads, 0, stream>>>(p, workspace);
+            launch<backward_lanes_kernel<T, M, W, 1>>(plan.blocks, kThreads, stream, p, workspace);
           }
           break;
         case Plan::kWarpRows:
-          backward_rows_kernel<T, M, W, 32>
-              <<<plan.blocks, kThreads, 0, stream>>>(p, vector, p.classes, workspace);
+          launch<backward_rows_kernel<T, M, W, 32>>(plan.blocks, kThreads, stream, p, vector, p.classes, workspace);
           break;
         case Plan::kBlockRows:
         case Plan::kSplitRows: {
           const int64_t len = plan.kind == Plan::kSplitRows ? plan.chunk_len : p.classes;
           const dim3 grid(static_cast<unsigned int>(rows), static_cast<unsigned int>(plan.chunks));
-          backward_rows_kernel<T, M, W, kThreads>
-              <<<grid, kThreads, 0, stream>>>(p, vector, len, workspace);
+          launch<backward_rows_kernel<T, M, W, kThreads>>(grid, kThreads, stream, p, vector, len, workspace);
           break;
         }
       }
@@ -956,12 +943,12 @@ cudaError_t cross_entropy_target_backward(const CrossEntropyParams& p, cudaStrea
   return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     if (p.weight != nullptr) {
-      target_backward_kernel<T, true><<<blocks, kThreads, 0, stream>>>(p);
+      launch<target_backward_kernel<T, true>>(blocks, kThreads, stream, p);
     } else {
-      target_backward_kernel<T, false><<<blocks, kThreads, 0, stream>>>(p);
+      launch<target_backward_kernel<T, false>>(blocks, kThreads, stream, p);
     }
     return cudaGetLastError();
   });
 }
 
-}  // namespace weighted_loss::cuda
+}  // namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS

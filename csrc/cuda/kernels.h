@@ -8,7 +8,13 @@
 
 #include "../params.h"
 
-namespace weighted_loss::cuda {
+// The launchers' namespace: weighted_loss::cuda, or another where the host compiler builds the
+// same files for the emulator beside a real CUDA build (emulated/kernels_*.cpp).
+#ifndef WEIGHTED_LOSS_CUDA_NS
+#define WEIGHTED_LOSS_CUDA_NS cuda
+#endif
+
+namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS {
 
 // Bytes of device scratch the cross-entropy forward needs (per-block partial sums and the
 // reduction's done-counter; the chunk statistics of rows split across blocks), and the backward
@@ -29,4 +35,4 @@ cudaError_t binary_cross_entropy_forward(const BinaryCrossEntropyParams& p, void
                                          cudaStream_t stream);
 cudaError_t binary_cross_entropy_backward(const BinaryCrossEntropyParams& p, cudaStream_t stream);
 
-}  // namespace weighted_loss::cuda
+}  // namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS
