@@ -185,15 +185,23 @@ def test_nan_propagates(device, shape, at):
     assert torch.isnan(wl.cross_entropy(x, t, weight=w))
 
 
-def test_masked_logits(device):
-    # -inf logits (masked vocabulary), including a whole first chunk of a long row
-    x, t, w = make((3, 5000), torch.float32, "index", device, True, None)
-    x[:, :3000] = float("-inf")
-    t = torch.randint(3000, 5000, (3,), device=device)
-    for ls in (0.0, 0.1):
-        a = run(wl.cross_entropy, x, t, w, label_smoothing=ls, reduction="none")
-        b = run(F.cross_entropy, x, t, w, label_smoothing=ls, reduction="none")
-        check_close(a, b, None, torch.float32)
+@pytest.mark.parametrize("shape", [(3, 40), (3, 5000), (2, 20011), (2, 7, 5, 6)], ids=str)
+@pytest.mark.parametrize("kind,ls", [("index", 0.0), ("index", 0.1), ("prob", 0.0), ("prob", 0.1)])
+def test_masked_logits(device, shape, kind, ls):
+    """-inf logits (a masked vocabulary) from the first class on, on each CUDA path: the loss is
+    finite for index targets without smoothing; with smoothing, or probabilities, a -inf logit
+    makes it +inf (w t' > 0) or NaN (w t' = 0, row 0 of the probabilities), as in PyTorch."""
+    x, t, w = make(shape, torch.float32, kind, device, True, None)
+    C = shape[1]
+    masked = C * 3 // 5
+    x[:, :masked] = float("-inf")
+    if kind == "index":
+        t = torch.randint(masked, C, t.shape, generator=torch.Generator().manual_seed(1))
+    else:
+        t[0, :masked] = 0
+    a = run(wl.cross_entropy, x, t, w, label_smoothing=ls, reduction="none")
+    b = run(F.cross_entropy, x, t, w, label_smoothing=ls, reduction="none")
+    check_close(a, b, None, torch.float32)
 
 
 def test_large_logit_offset(device):

@@ -7,7 +7,7 @@
 //                    loss = S lse - sum_c w_c t'_c x_c,  dx_k = S p_k - w_k t'_k,
 //                    dt_k = -(1 - s) w_k (x_k - lse)
 // Weighted sums of x are taken relative to ref = the row's first logit, so a large common offset
-// does not cancel. Layouts (the glue guarantees one): class-contiguous rows, a group of TPR threads
+// does not cancel (0 when that logit is not finite: see shift_of). Layouts (the glue guarantees one): class-contiguous rows, a group of TPR threads
 // per row (a warp for C up to 1024, a block above), reading 16-byte vectors when the row is
 // aligned; or lanes along the contiguous spatial axis of (N, C, d...), one thread per row, so
 // neighbouring threads read neighbouring addresses. Reductions are deterministic: fixed trees,
@@ -96,6 +96,14 @@ struct Sums {
     }
   }
 };
+
+// The shift of a row's weighted sums: its first logit, or 0 when that is -inf (a masked class),
+// +inf or NaN. Shifted by -inf, x - ref is NaN for every -inf logit, where PyTorch's loss is +inf
+// (a -inf logit with w t' > 0) or NaN (w t' = 0); unshifted, the sums give exactly those.
+template <typename acc_t>
+__device__ __forceinline__ acc_t shift_of(acc_t x0) {
+  return isfinite(x0) ? x0 : acc_t(0);
+}
 
 template <typename T>
 __device__ __forceinline__ int64_t row_offset(const CrossEntropyParams& p, int64_t r) {
@@ -452,7 +460,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const T* t = M == kProb ? static_cast<const T*>(p.target) + off : nullptr;
   Lse<acc_t> l;
   Sums<acc_t> sm;
-  const acc_t ref = active ? to_acc(x[0]) : acc_t(0);
+  const acc_t ref = active ? shift_of(to_acc(x[0])) : acc_t(0);
   if (active) {
     for_range<T, TPR, M == kProb>(x, t, 0, p.classes, p.stride_class, lane, vector,
                                   [&](int64_t c0, const acc_t* xv, const acc_t* tv, int n) {
@@ -500,7 +508,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   Lse<acc_t> l;
   Sums<acc_t> sm;
   if (active) {
-    const acc_t ref = to_acc(x[0]);
+    const acc_t ref = shift_of(to_acc(x[0]));
     for_range<T, kThreads, M == kProb>(x, t, begin, end, p.stride_class, threadIdx.x, vector,
                                        [&](int64_t c0, const acc_t* xv, const acc_t* tv, int n) {
       accumulate<T, M, HasW>(p, l, sm, ref, smooth, c0, xv, tv, n);
@@ -539,7 +547,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       sm.q += st[3];
     }
     const T* x = static_cast<const T*>(p.input) + row_offset<T>(p, r);
-    const acc_t ref = active ? to_acc(x[0]) : acc_t(0);
+    const acc_t ref = active ? shift_of(to_acc(x[0])) : acc_t(0);
     const acc_t xy = active && M != kProb ? to_acc(x[y * p.stride_class]) : acc_t(0);
     finish_row<T, M, HasW>(p, r, y, active, l, sm, ref, xy, my_l, my_w);
   }
@@ -640,7 +648,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     {
       const Lanes<T, P> x0 = *reinterpret_cast<const Lanes<T, P>*>(x);
 #pragma unroll
-      for (int k = 0; k < P; ++k) ref[k] = to_acc(x0.v[k]);
+      for (int k = 0; k < P; ++k) ref[k] = shift_of(to_acc(x0.v[k]));
     }
     for_lanes<T, P, M == kProb>(x, t, p.classes, p.stride_class,
                                 [&](int64_t c, const Lanes<T, P>& xl, const Lanes<T, P>& tl) {
