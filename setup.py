@@ -60,13 +60,18 @@ def extension():
         includes += emulated
     if want_cuda():
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+            # +PTX: GPUs newer than sm_90 (Blackwell) JIT-compile the sm_90 PTX instead of failing
+            # with "no kernel image is available"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         return CUDAExtension(
             "weighted_loss._C",
             srcs + sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu"),
             include_dirs=includes,
             extra_compile_args={"cxx": cxx + ["-DWEIGHTED_LOSS_CUDA"],
-                                "nvcc": ["-O3", "-DWEIGHTED_LOSS_CUDA", "--use_fast_math"]},
+                                # no --use_fast_math: it turns logf and float division into
+                                # approximations and flushes denormals, so results would differ
+                                # from PyTorch's; the kernels call __expf where they mean it
+                                "nvcc": ["-O3", "-DWEIGHTED_LOSS_CUDA"]},
             extra_link_args=link,
         )
     return CppExtension("weighted_loss._C", srcs, include_dirs=includes,

@@ -21,7 +21,7 @@ status=0
 jobs=$(nproc 2>/dev/null || echo 2)
 compile() {  # file arch: the flags setup.py gives nvcc, and those torch.utils.cpp_extension adds
   local rc=0
-  "$nvcc" -std=c++20 -O3 --use_fast_math -DWEIGHTED_LOSS_CUDA -Icsrc \
+  "$nvcc" -std=c++20 -O3 -DWEIGHTED_LOSS_CUDA -Icsrc \
     -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
     -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
     -gencode "arch=compute_$2,code=sm_$2" \
