@@ -53,7 +53,7 @@ def extension():
     emulated = emulator_includes()
     if emulated is not None:
         # the same flags torch gives nvcc: no implicit half/bfloat16 conversions
-        cxx += ["-DWEIGHTED_LOSS_EMULATOR", "-D__CUDA_NO_HALF_OPERATORS__",
+        cxx += ["-DWEIGHTED_LOSS_EMULATOR", "-Wno-unknown-pragmas", "-D__CUDA_NO_HALF_OPERATORS__",
                 "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
                 "-D__CUDA_NO_HALF2_OPERATORS__"]
         srcs += sources("csrc/cuda/emulated/*.cpp")

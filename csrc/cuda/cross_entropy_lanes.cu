@@ -1,0 +1,156 @@
+// CUDA cross-entropy over (N, C, d...) read in place: lanes along the contiguous spatial axis,
+// each thread taking P consecutive rows (positions), so class c of neighbouring rows is read at
+// neighbouring addresses, P of them in one load when P > 1 (the plan allows it when d is a
+// multiple of the 16-byte vector and the pointers and strides are aligned).
+#include "cross_entropy_launch.cuh"
+#include "cross_entropy_range.cuh"
+#include "cross_entropy_reduce.cuh"
+
+namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS {
+namespace {
+
+template <typename T, int P>
+struct alignas(sizeof(T) * P) Lanes {
+  T v[P];
+};
+
+// Calls f(c, xl, tl) for every class c of the P rows at x (t), loading kUnroll classes before
+// using the first.
+template <typename T, int P, bool WithT, typename F>
+__device__ __forceinline__ void for_lanes(const T* x, const T* t, int64_t classes, int64_t stride,
+                                          F&& f) {
+  const auto* px = reinterpret_cast<const Lanes<T, P>*>(x);
+  const auto* pt = reinterpret_cast<const Lanes<T, P>*>(WithT ? t : x);
+  const int64_t s = stride / P;
+  int64_t c = 0;
+  for (; c + kUnroll <= classes; c += kUnroll) {
+    Lanes<T, P> bx[kUnroll], bt[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      bx[u] = px[(c + u) * s];
+      if constexpr (WithT) bt[u] = pt[(c + u) * s];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) f(c + u, bx[u], bt[u]);
+  }
+  for (; c < classes; ++c) {
+    Lanes<T, P> bt{};
+    if constexpr (WithT) bt = pt[c * s];
+    f(c, px[c * s], bt);
+  }
+}
+
+template <typename T, int M, bool HasW, int P>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    forward_lanes_kernel(const CrossEntropyParams p, double* partial, unsigned int* done) {
+  using acc_t = typename AccOf<T>::type;
+  const int64_t groups = p.outer * p.inner / P;
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const Smoothing<acc_t> smooth(p);
+  double my_l = 0, my_w = 0;
+  if (g < groups) {
+    const int64_t r0 = g * P;
+    const int64_t off = row_offset<T>(p, r0);
+    const T* x = static_cast<const T*>(p.input) + off;
+    const T* t = M == kProb ? static_cast<const T*>(p.target) + off : nullptr;
+    acc_t ref[P];
+    Lse<acc_t> l[P];
+    Sums<acc_t> sm[P];
+    {
+      const Lanes<T, P> x0 = *reinterpret_cast<const Lanes<T, P>*>(x);
+#pragma unroll
+      for (int k = 0; k < P; ++k) ref[k] = shift_of(to_acc(x0.v[k]));
+    }
+    for_lanes<T, P, M == kProb>(x, t, p.classes, p.stride_class,
+                                [&](int64_t c, const Lanes<T, P>& xl, const Lanes<T, P>& tl) {
+#pragma unroll
+      for (int k = 0; k < P; ++k) {
+        const acc_t xk = to_acc(xl.v[k]);
+        l[k].add_max(xk);
+        l[k].add(xk);
+        sm[k].template add<T, M, HasW>(p, c, xk, M == kProb ? to_acc(tl.v[k]) : acc_t(0), ref[k],
+                                       smooth);
+      }
+    });
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+      const int64_t y = M == kProb ? -1 : target_of(p, r0 + k);
+      const bool active = M == kProb || y >= 0;
+      const acc_t xy = active && M != kProb ? to_acc(x[y * p.stride_class + k]) : acc_t(0);
+      finish_row<T, M, HasW>(p, r0 + k, y, active, l[k], sm[k], ref[k], xy, my_l, my_w);
+    }
+  }
+  if (p.reduction == Reduction::None) return;
+  finish_forward<T>(p, my_l, my_w, partial, done);
+}
+
+template <typename T, int M, bool HasW, int P>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    backward_lanes_kernel(const CrossEntropyParams p, const void* w_sum) {
+  using acc_t = typename AccOf<T>::type;
+  const int64_t groups = p.outer * p.inner / P;
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (g >= groups) return;
+  const Smoothing<acc_t> smooth(p);
+  const int64_t r0 = g * P;
+  const int64_t off = row_offset<T>(p, r0);
+  const T* x = static_cast<const T*>(p.input) + off;
+  const T* t = M == kProb ? static_cast<const T*>(p.target) + off : nullptr;
+  auto* gx = reinterpret_cast<Lanes<T, P>*>(static_cast<T*>(p.grad_input) + off);
+  const acc_t ws = weight_sum<T, M, HasW>(p, w_sum);
+  Coef<acc_t> c[P];
+#pragma unroll
+  for (int k = 0; k < P; ++k) c[k] = row_coef<T, M, HasW>(p, r0 + k, ws);
+  const int64_t s = p.stride_class / P;
+  for_lanes<T, P, M == kProb>(x, t, p.classes, p.stride_class,
+                              [&](int64_t cls, const Lanes<T, P>& xl, const Lanes<T, P>& tl) {
+    Lanes<T, P> out;
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+      out.v[k] = from_acc<T>(grad_element<T, M, HasW>(
+          p, c[k], cls, to_acc(xl.v[k]), M == kProb ? to_acc(tl.v[k]) : acc_t(0), smooth));
+    }
+    gx[cls * s] = out;
+  });
+}
+
+}  // namespace
+
+cudaError_t ce::lanes_forward(const CrossEntropyParams& p, const Plan& plan, const Reduce& red,
+                              cudaStream_t stream) {
+  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    return dispatch_mode(p, [&](auto mode, auto has_w) -> cudaError_t {
+      constexpr int M = decltype(mode)::value;
+      constexpr bool W = decltype(has_w)::value;
+      if (plan.lanes > 1) {
+        launch<forward_lanes_kernel<T, M, W, Pack<T>::kSize>>(plan.blocks, kThreads, stream, p,
+                                                              red.partial, red.done);
+      } else {
+        launch<forward_lanes_kernel<T, M, W, 1>>(plan.blocks, kThreads, stream, p, red.partial,
+                                                 red.done);
+      }
+      return cudaGetLastError();
+    });
+  });
+}
+
+cudaError_t ce::lanes_backward(const CrossEntropyParams& p, const Plan& plan, const void* w_sum,
+                               cudaStream_t stream) {
+  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    return dispatch_mode(p, [&](auto mode, auto has_w) -> cudaError_t {
+      constexpr int M = decltype(mode)::value;
+      constexpr bool W = decltype(has_w)::value;
+      if (plan.lanes > 1) {
+        launch<backward_lanes_kernel<T, M, W, Pack<T>::kSize>>(plan.blocks, kThreads, stream, p,
+                                                               w_sum);
+      } else {
+        launch<backward_lanes_kernel<T, M, W, 1>>(plan.blocks, kThreads, stream, p, w_sum);
+      }
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS

@@ -1,0 +1,55 @@
+// How the CUDA cross-entropy covers the rows (Plan, chosen once per call in cross_entropy.cu and
+// the same for the forward, its workspace and the backward), and the launchers of each path, one
+// file each: cross_entropy_rows.cu (class-contiguous rows: a warp or a block per row, and the
+// backward of split rows), cross_entropy_split.cu (the forward of rows split across blocks),
+// cross_entropy_lanes.cu (lanes along the contiguous spatial axis of (N, C, d...)).
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cross_entropy_row.cuh"
+
+namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS::ce {
+
+struct Plan {
+  enum Kind { kWarpRows, kBlockRows, kSplitRows, kLanes } kind = kWarpRows;
+  int64_t chunks = 1, chunk_len = 0;  // kSplitRows: chunks of chunk_len classes per row
+  int lanes = 1;                      // kLanes: rows per thread (1, or a 16-byte vector's worth)
+  unsigned int blocks = 1;            // of the kernel that finishes the forward's reduction
+};
+
+// What a reducing forward's kernels share: per-block (loss, divisor) partials and the
+// done-counter of the last-block pass (both null for Reduction::None).
+struct Reduce {
+  double* partial = nullptr;
+  unsigned int* done = nullptr;
+};
+
+// f(mode, has_weight) with both as compile-time constants.
+template <typename F>
+cudaError_t dispatch_mode(const CrossEntropyParams& p, F&& f) {
+  auto with_w = [&](auto mode) -> cudaError_t {
+    if (p.weight != nullptr) return f(mode, std::true_type{});
+    return f(mode, std::false_type{});
+  };
+  if (p.prob_target) return with_w(std::integral_constant<int, kProb>{});
+  if (p.label_smoothing > 0) return with_w(std::integral_constant<int, kSmooth>{});
+  return with_w(std::integral_constant<int, kPlain>{});
+}
+
+// `vector`: the rows may be read (and written) with 16-byte loads past a scalar head.
+cudaError_t rows_forward(const CrossEntropyParams& p, const Plan& plan, bool vector,
+                         const Reduce& red, cudaStream_t stream);
+// kWarpRows and kBlockRows, and the backward of kSplitRows (each block writes its chunk).
+cudaError_t rows_backward(const CrossEntropyParams& p, const Plan& plan, bool vector,
+                          const void* w_sum, cudaStream_t stream);
+// state: the chunks' statistics, 4 acc values per (row, chunk).
+cudaError_t split_forward(const CrossEntropyParams& p, const Plan& plan, bool vector, void* state,
+                          const Reduce& red, cudaStream_t stream);
+cudaError_t lanes_forward(const CrossEntropyParams& p, const Plan& plan, const Reduce& red,
+                          cudaStream_t stream);
+cudaError_t lanes_backward(const CrossEntropyParams& p, const Plan& plan, const void* w_sum,
+                           cudaStream_t stream);
+
+}  // namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS::ce

@@ -1,0 +1,251 @@
+// The per-row arithmetic of the CUDA cross-entropy kernels, shared by every launch path. Math as
+// in ../cpu/cross_entropy_kernel.h, per row r with logits x, class weights w (1 when absent),
+// C classes, smoothing s, W = sum_c w_c:
+//   lse = log sum_c exp(x_c)                                    (saved, acc precision)
+//   index target y:  loss = (1 - s) w_y (lse - x_y) + (s / C) sum_c w_c (lse - x_c)
+//                    dx_k = (1 - s) w_y (p_k - [k == y]) + (s / C) (W p_k - w_k)
+//   probabilities t, t' = (1 - s) t + s / C, S = sum_c w_c t'_c:
+//                    loss = S lse - sum_c w_c t'_c x_c,  dx_k = S p_k - w_k t'_k,
+//                    dt_k = -(1 - s) w_k (x_k - lse)
+// Weighted sums of x are taken relative to ref = the row's first logit, so a large common offset
+// does not cancel (0 when that logit is not finite: see shift_of). An out-of-range class index
+// (other than ignore_index) is never read through: it stops the kernel with a device-side
+// assert, as PyTorch's CUDA kernels do.
+#pragma once
+
+#undef NDEBUG
+#include <cassert>
+#include <cfloat>
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS {
+namespace {
+
+constexpr int kThreads = 256;
+// Blocks per SM the register allocation must allow. Without the hint ptxas spilled a few bytes in
+// some variants at 32-48 registers, aiming at a higher occupancy than these kernels need.
+constexpr int kMinBlocks = 2;
+enum Mode : int { kPlain = 0, kSmooth = 1, kProb = 2 };
+
+__device__ __forceinline__ float fast_exp(float v) { return __expf(v); }
+__device__ __forceinline__ double fast_exp(double v) { return exp(v); }
+
+// Online log-sum-exp state: s = sum exp(x - m) over what was seen, m its max (-inf: nothing yet).
+template <typename acc_t>
+struct Lse {
+  acc_t m = -INFINITY, s = 0;
+  __device__ __forceinline__ void add_max(acc_t mv) {  // raise the shift to mv
+    if (mv > m) {
+      s = (m == -INFINITY) ? s : s * fast_exp(m - mv);  // s is 0, or NaN, until m is finite
+      m = mv;
+    }
+  }
+  __device__ __forceinline__ void add(acc_t x) {  // after add_max covered x
+    if (m != -INFINITY) s += fast_exp(x - m);
+    else if (x != x) s = x;  // NaN in an all -inf row
+  }
+  __device__ __forceinline__ void merge(acc_t m2, acc_t s2) {
+    const acc_t mm = m > m2 ? m : m2;
+    if (mm == -INFINITY) {
+      s = s + s2;  // 0 unless NaN
+      return;
+    }
+    s = (m == -INFINITY ? s : s * fast_exp(m - mm)) + (m2 == -INFINITY ? s2 : s2 * fast_exp(m2 - mm));
+    m = mm;
+  }
+  __device__ __forceinline__ acc_t value() const { return m == -INFINITY ? m + s : m + log(s); }
+};
+
+// What a row's forward gathers besides the log-sum-exp: a = sum_c w_c t'_c (x_c - ref) and
+// q = sum_c w_c t'_c (t' = 1 for kSmooth, so q = W).
+// Label smoothing s as the kernels use it: t' = t * t_scale + t_shift = (1 - s) t + s / C.
+template <typename acc_t>
+struct Smoothing {
+  acc_t s, t_scale, t_shift;
+  __device__ __forceinline__ explicit Smoothing(const CrossEntropyParams& p)
+      : s(p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0)),
+        t_scale(acc_t(1) - s),
+        t_shift(s / static_cast<acc_t>(p.classes)) {}
+};
+
+// w_c t'_c of class c (t' = 1 without probability targets, w = 1 without weight).
+template <typename T, int M, bool HasW>
+__device__ __forceinline__ typename AccOf<T>::type class_term(
+    const CrossEntropyParams& p, int64_t c, typename AccOf<T>::type t,
+    const Smoothing<typename AccOf<T>::type>& sm) {
+  using acc_t = typename AccOf<T>::type;
+  const acc_t wc = HasW ? to_acc(static_cast<const T*>(p.weight)[c]) : acc_t(1);
+  return M == kProb ? wc * (t * sm.t_scale + sm.t_shift) : wc;
+}
+
+template <typename acc_t>
+struct Sums {
+  acc_t a = 0, q = 0;
+  template <typename T, int M, bool HasW>
+  __device__ __forceinline__ void add(const CrossEntropyParams& p, int64_t c, acc_t x, acc_t t,
+                                      acc_t ref, const Smoothing<acc_t>& smooth) {
+    if constexpr (M != kPlain) {
+      const acc_t tw = class_term<T, M, HasW>(p, c, t, smooth);
+      a += tw * (x - ref);
+      q += tw;
+    }
+  }
+};
+
+// The shift of a row's weighted sums: its first logit, or 0 when that is -inf (a masked class),
+// +inf or NaN. Shifted by -inf, x - ref is NaN for every -inf logit, where PyTorch's loss is +inf
+// (a -inf logit with w t' > 0) or NaN (w t' = 0); unshifted, the sums give exactly those.
+template <typename acc_t>
+__device__ __forceinline__ acc_t shift_of(acc_t x0) {
+  return isfinite(x0) ? x0 : acc_t(0);
+}
+
+template <typename T>
+__device__ __forceinline__ int64_t row_offset(const CrossEntropyParams& p, int64_t r) {
+  const int64_t o = r / p.inner;
+  return o * p.stride_outer + (r - o * p.inner) * p.stride_inner;
+}
+
+// Class index of row r: -1 when ignored. Anything else out of range stops the kernel.
+__device__ __forceinline__ int64_t target_of(const CrossEntropyParams& p, int64_t r) {
+  const int64_t y = static_cast<const int64_t*>(p.target)[r];
+  if (y == p.ignore_index) return -1;
+  assert(y >= 0 && y < p.classes && "Target is out of bounds");
+  return (y >= 0 && y < p.classes) ? y : -1;
+}
+
+// The loss of row r from its statistics; wy gets the mean's divisor contribution.
+template <typename T, int M, bool HasW>
+__device__ __forceinline__ typename AccOf<T>::type row_loss(
+    const CrossEntropyParams& p, int64_t y, typename AccOf<T>::type lse,
+    typename AccOf<T>::type ref, const Sums<typename AccOf<T>::type>& sm, typename AccOf<T>::type xy,
+    typename AccOf<T>::type& wy) {
+  using acc_t = typename AccOf<T>::type;
+  if constexpr (M == kProb) {
+    wy = 1;
+    return sm.q * (lse - ref) - sm.a;
+  } else {
+    wy = HasW ? to_acc(static_cast<const T*>(p.weight)[y]) : acc_t(1);
+    const acc_t nll = lse - xy;
+    if constexpr (M == kSmooth) {
+      const Smoothing<acc_t> s(p);
+      return s.t_scale * wy * nll + s.t_shift * (sm.q * (lse - ref) - sm.a);
+    } else {
+      return wy * nll;
+    }
+  }
+}
+
+// The backward coefficients of row r: grad_k = cp p_k - cw w_k t'_k - [k == y] gy.
+template <typename acc_t>
+struct Coef {
+  acc_t lse = 0, cp = 0, cw = 0, gy = 0;
+  int64_t y = -1;
+  bool zero = true;
+};
+
+// Writes row r's forward results (lse, tsum; the loss itself for Reduction::None), or adds its
+// (loss, divisor) share of a reduced loss to (my_l, my_w).
+template <typename T, int M>
+__device__ __forceinline__ void store_row(const CrossEntropyParams& p, int64_t r,
+                                          typename AccOf<T>::type lse, typename AccOf<T>::type loss,
+                                          typename AccOf<T>::type wy, typename AccOf<T>::type q,
+                                          double& my_l, double& my_w) {
+  using acc_t = typename AccOf<T>::type;
+  static_cast<acc_t*>(p.lse)[r] = lse;
+  if constexpr (M == kProb) static_cast<acc_t*>(p.tsum)[r] = q;
+  if (p.reduction == Reduction::None) {
+    static_cast<T*>(p.loss)[r] = from_acc<T>(loss);
+  } else {
+    my_l += loss;
+    my_w += wy;
+  }
+}
+
+// One element of a row's gradient: cp p_k - cw w_k t'_k - [k == y] gy.
+template <typename T, int M, bool HasW>
+__device__ __forceinline__ typename AccOf<T>::type grad_element(
+    const CrossEntropyParams& p, const Coef<typename AccOf<T>::type>& c, int64_t k,
+    typename AccOf<T>::type x, typename AccOf<T>::type t,
+    const Smoothing<typename AccOf<T>::type>& sm) {
+  using acc_t = typename AccOf<T>::type;
+  if (c.zero) return acc_t(0);
+  acc_t v = c.cp * fast_exp(x - c.lse);
+  if constexpr (M != kPlain) v -= c.cw * class_term<T, M, HasW>(p, k, t, sm);
+  if (k == c.y) v -= c.gy;
+  return v;
+}
+
+
+// Row r's forward from its statistics: the log-sum-exp, the loss, the stores (see store_row).
+template <typename T, int M, bool HasW>
+__device__ __forceinline__ void finish_row(const CrossEntropyParams& p, int64_t r, int64_t y,
+                                           bool active, const Lse<typename AccOf<T>::type>& l,
+                                           const Sums<typename AccOf<T>::type>& sm,
+                                           typename AccOf<T>::type ref,
+                                           typename AccOf<T>::type xy, double& my_l,
+                                           double& my_w) {
+  using acc_t = typename AccOf<T>::type;
+  acc_t lse = 0, loss = 0, wy = 0;
+  if (active) {
+    lse = l.value();
+    loss = row_loss<T, M, HasW>(p, y, lse, ref, sm, xy, wy);
+  }
+  store_row<T, M>(p, r, lse, loss, wy, sm.q, my_l, my_w);
+}
+
+template <typename T, int M, bool HasW>
+__device__ __forceinline__ Coef<typename AccOf<T>::type> row_coef(const CrossEntropyParams& p,
+                                                                  int64_t r,
+                                                                  typename AccOf<T>::type w_sum) {
+  using acc_t = typename AccOf<T>::type;
+  Coef<acc_t> c;
+  acc_t g;
+  if (p.reduction == Reduction::None) {
+    g = to_acc(static_cast<const T*>(p.grad_loss)[r]);
+  } else {
+    g = to_acc(*static_cast<const T*>(p.grad_loss));
+    if (p.reduction == Reduction::Mean) {
+      g /= p.prob_target ? static_cast<acc_t>(p.outer * p.inner)
+                         : *static_cast<const acc_t*>(p.total_weight);
+    }
+  }
+  c.lse = static_cast<const acc_t*>(p.lse)[r];
+  if constexpr (M == kProb) {
+    c.cp = g * static_cast<const acc_t*>(p.tsum)[r];
+    c.cw = g;
+    c.zero = false;
+  } else {
+    const int64_t y = target_of(p, r);
+    if (y < 0) return c;
+    const acc_t wy = HasW ? to_acc(static_cast<const T*>(p.weight)[y]) : acc_t(1);
+    c.y = y;
+    c.zero = false;
+    if constexpr (M == kSmooth) {
+      const Smoothing<acc_t> s(p);
+      c.cp = g * (s.t_scale * wy + s.t_shift * w_sum);
+      c.cw = g * s.t_shift;
+      c.gy = g * s.t_scale * wy;
+    } else {
+      c.cp = g * wy;
+      c.gy = g * wy;
+    }
+  }
+  return c;
+}
+
+// The sum of the class weights (C without weight) the smoothing gradient needs: computed once per
+// backward by weight_sum_kernel.
+template <typename T, int M, bool HasW>
+__device__ __forceinline__ typename AccOf<T>::type weight_sum(const CrossEntropyParams& p,
+                                                              const void* w_sum) {
+  using acc_t = typename AccOf<T>::type;
+  if constexpr (M != kSmooth) return acc_t(0);
+  if constexpr (!HasW) return static_cast<acc_t>(p.classes);
+  return *static_cast<const acc_t*>(w_sum);
+}
+
+}  // namespace
+}  // namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS
