@@ -50,6 +50,22 @@ bench: build bench-deps
 cuda-check:
 	@bash bench/cuda_check.sh "$(NVCC)"
 
+# The emulated CUDA suite with the extension built with AddressSanitizer and
+# UndefinedBehaviorSanitizer (build/asan, apart from the regular build; -O0, DEFAULT CPU kernels
+# only, to build in about a minute): an out-of-bounds access or undefined behaviour in a kernel
+# fails it. opcheck, the repeated determinism runs and the emulator's self-tests (which have an
+# ASan build of their own) run in `make test` only: they add minutes here and no new accesses.
+# --capture=sys: a sanitizer's report (written to fd 2 as the process dies) reaches the log.
+ASAN_DIR := build/asan
+ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
+cuda-emu-asan: deps bench-deps
+	WEIGHTED_LOSS_SANITIZE=1 $(PYTHON) setup.py -q build_ext --build-temp $(ASAN_DIR)/temp \
+		--build-lib $(ASAN_DIR)/lib
+	cp weighted_loss/*.py $(ASAN_DIR)/lib/weighted_loss/
+	cd $(ASAN_DIR)/lib && LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 \
+		$(PYTHON) -m pytest $(CURDIR)/tests -q -p no:cacheprovider --capture=sys \
+		-k "(emulated or emulator) and not opcheck and not deterministic and not selftest"
+
 # On a GPU machine (no network): build against its torch, run the tests, benchmark fused vs native
 # vs torch.compile, write bench/results/<date>-<gpu>.{json,md}.
 gpu-check:
