@@ -452,11 +452,22 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_cuda_deterministic_runs(gpu, dtype):
     """The last-block reduction adds the blocks' sums in a fixed order: the same bits every run
     (in the emulator, with the blocks run in a different order each time)."""
-    x, t, w, pw = make((1024, 1000), dtype, gpu, (1024, 1), (1000,), seed=5)
+    x, t, w, pw = make((1100, 1000), dtype, gpu, (1100, 1), (1000,), seed=5)
     ref = run(wl.binary_cross_entropy_with_logits, x, t, w, pw, "mean")
     for _ in range(3):
         got = run(wl.binary_cross_entropy_with_logits, x, t, w, pw, "mean")
         assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (1100, 1000)), (torch.float64, (600, 1000)),
+                                         (torch.bfloat16, (2100, 1000))], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cuda_reduction_beyond_one_wave(gpu, dtype, shape, reduction):
+    """More elements than the reducing forward's 1024 blocks cover at once: threads loop."""
+    x, t, w, pw = make(shape, dtype, gpu, None, (shape[1],), seed=6)
+    fused = run(wl.binary_cross_entropy_with_logits, x, t, w, pw, reduction)
+    native = run(F.binary_cross_entropy_with_logits, x, t, w, pw, reduction)
+    check_close(fused, native, reference(x, t, w, pw, reduction), dtype)
 
 
 @pytest.mark.parametrize("offset", [1, 3, 8])

@@ -5,9 +5,10 @@
 // Each thread takes one 16-byte vector of consecutive elements (8 bf16/fp16, 4 float, 2 double),
 // so loads coalesce. Broadcast weights are read through their strides: a thread divides its first
 // element's index into (row, position) once and steps from there. The forward's reduction is
-// deterministic: a fixed tree per block, per-block partial sums in float64, and the last block to
-// finish (a done-counter, no floating-point atomics) adds them in block order and writes the loss
-// in the same launch. No host synchronization anywhere.
+// deterministic: at most kReduceBlocks blocks, each thread a float64 sum of the vectors a grid
+// apart, a fixed tree per block, and the last block to finish (a done-counter, no floating-point
+// atomics) adds the partials in block order and writes the loss in the same launch. No host
+// synchronization anywhere.
 #include <type_traits>
 
 #include "common.cuh"
@@ -17,6 +18,8 @@ namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS {
 namespace {
 
 constexpr int kThreads = 256;
+// The most blocks of a reducing forward: a full wave of an H100 at 256 threads per block.
+constexpr int64_t kReduceBlocks = 1024;
 
 struct Offsets {
   int64_t w, pw;
@@ -143,32 +146,41 @@ __device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* shared) {
   return s;  // meaningful in thread 0
 }
 
+// Store: the loss of every element (Reduction::None), one vector per thread. Otherwise the grid
+// is at most kReduceBlocks blocks and each thread walks the elements a grid apart, so the last
+// block adds at most kReduceBlocks partials (a fixed count: the same sum on every GPU).
 template <typename T, bool Indexed, bool Store>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const BinaryCrossEntropyParams p, bool aligned, double* partial,
                    unsigned int* done) {
   using acc_t = typename AccOf<T>::type;
   constexpr int V = Pack<T>::kSize;
-  const int64_t f0 = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V;
-  acc_t sum = 0;
-  if (f0 < p.numel) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads * V;
+  double sum = 0;
+  for (int64_t f0 = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V;
+       f0 < p.numel; f0 += step) {
     const int n = static_cast<int>(p.numel - f0 < V ? p.numel - f0 : V);
     const bool vector = aligned && n == V;
     acc_t x[V], t[V], w[V], pw[V], l[V];
     load_elements(static_cast<const T*>(p.input), f0, n, vector, x);
     load_elements(static_cast<const T*>(p.target), f0, n, vector, t);
     load_weights<T, Indexed>(p, f0, n, w, pw);
+    acc_t part = 0;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       l[k] = k < n ? w[k] * bce_loss(x[k], t[k], pw[k]) : acc_t(0);
-      sum += l[k];
+      part += l[k];
     }
-    if constexpr (Store) store_elements(static_cast<T*>(p.loss), f0, n, vector, l);
+    if constexpr (Store) {
+      store_elements(static_cast<T*>(p.loss), f0, n, vector, l);
+    } else {
+      sum += part;
+    }
   }
   if constexpr (!Store) {
     __shared__ double shared[kThreads / 32];
     __shared__ bool last;
-    const double s = block_sum<double>(static_cast<double>(sum), shared);
+    const double s = block_sum<double>(sum, shared);
     if (threadIdx.x == 0) {
       partial[blockIdx.x] = s;
       __threadfence();  // the partial is visible before the counter says so
@@ -256,9 +268,7 @@ cudaError_t with_indexed(const BinaryCrossEntropyParams& p, F&& f) {
 
 size_t binary_cross_entropy_forward_workspace(const BinaryCrossEntropyParams& p) {
   if (p.reduction == Reduction::None) return 0;  // nothing to reduce
-  // the most blocks any dtype launches (2-element vectors of float64), then the counter
-  const int64_t blocks = (p.numel + 2 * kThreads - 1) / (2 * kThreads);
-  return static_cast<size_t>(blocks > 0 ? blocks : 1) * sizeof(double) + 16;
+  return static_cast<size_t>(kReduceBlocks) * sizeof(double) + 16;  // partials, then the counter
 }
 
 cudaError_t binary_cross_entropy_forward(const BinaryCrossEntropyParams& p, void* workspace,
@@ -270,8 +280,9 @@ cudaError_t binary_cross_entropy_forward(const BinaryCrossEntropyParams& p, void
     const bool aligned = aligned16(p.input) && aligned16(p.target) &&
                          (p.reduction != Reduction::None || aligned16(p.loss));
     auto* partial = static_cast<double*>(workspace);
-    const int64_t max_blocks = (p.numel + 2 * kThreads - 1) / (2 * kThreads);
-    auto* done = reinterpret_cast<unsigned int*>(partial + (max_blocks > 0 ? max_blocks : 1));
+    auto* done = reinterpret_cast<unsigned int*>(partial + kReduceBlocks);
+    const auto reduce_blocks =
+        static_cast<unsigned int>(blocks < kReduceBlocks ? blocks : kReduceBlocks);
     return with_indexed(p, [&](auto idx) -> cudaError_t {
       constexpr bool I = decltype(idx)::value;
       if (p.reduction == Reduction::None) {
@@ -280,7 +291,8 @@ cudaError_t binary_cross_entropy_forward(const BinaryCrossEntropyParams& p, void
       }
       const cudaError_t err = cudaMemsetAsync(done, 0, sizeof(unsigned int), stream);
       if (err != cudaSuccess) return err;
-      launch<forward_kernel<T, I, false>>(blocks, kThreads, stream, p, aligned, partial, done);
+      launch<forward_kernel<T, I, false>>(reduce_blocks, kThreads, stream, p, aligned, partial,
+                                          done);
       return cudaGetLastError();
     });
   });
