@@ -96,7 +96,8 @@ void check_label_smoothing(double label_smoothing, const char* op) {
               label_smoothing);
 }
 
-// Class indices: (N, d...) for (N, C, d...) logits, () for (C,). Returns them as int64.
+// Class indices: (N, d...) for (N, C, d...) logits, () for (C,). Returns them contiguous, in
+// their own dtype (the kernels read int64, int32 and uint8: no copy to int64).
 Tensor check_index_target(const Tensor& input, const Tensor& target) {
   const auto st = target.scalar_type();
   TORCH_CHECK(st == at::kLong || st == at::kInt || st == at::kByte,
@@ -115,7 +116,7 @@ Tensor check_index_target(const Tensor& input, const Tensor& target) {
     TORCH_CHECK(target.sizes() == at::IntArrayRef(expected), "cross_entropy: Expected target size ",
                 at::IntArrayRef(expected), ", got ", target.sizes());
   }
-  return target.to(at::kLong).contiguous();
+  return target.contiguous();
 }
 
 // Probability targets: the logits' shape and dtype, laid out with the logits' strides.
@@ -158,6 +159,9 @@ CrossEntropyParams params_of(const Layout& l, const Tensor& target, const Tensor
   p.label_smoothing = label_smoothing;
   p.input = l.input.data_ptr();
   p.target = target.data_ptr();
+  p.target_type = target.scalar_type() == at::kInt    ? TargetType::Int32
+                  : target.scalar_type() == at::kByte ? TargetType::UInt8
+                                                      : TargetType::Int64;
   p.weight = weight.defined() ? weight.data_ptr() : nullptr;
   return p;
 }

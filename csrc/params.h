@@ -11,6 +11,24 @@ enum class Reduction : int32_t { None = 0, Mean = 1, Sum = 2 };
 
 enum class DType : int32_t { Float64 = 0, Float32 = 1, BFloat16 = 2, Float16 = 3 };
 
+// The dtype of class-index targets, read as they are (no copy to int64).
+enum class TargetType : int32_t { Int64 = 0, Int32 = 1, UInt8 = 2 };
+
+#if defined(__CUDACC__)
+#define WEIGHTED_LOSS_HOST_DEVICE __host__ __device__
+#else
+#define WEIGHTED_LOSS_HOST_DEVICE
+#endif
+
+// Class index r of targets of type tt, as int64 (for the CPU and CUDA kernels alike).
+WEIGHTED_LOSS_HOST_DEVICE inline int64_t target_value(const void* target, TargetType tt, int64_t r) {
+  switch (tt) {
+    case TargetType::Int32: return static_cast<const int32_t*>(target)[r];
+    case TargetType::UInt8: return static_cast<const uint8_t*>(target)[r];
+    default: return static_cast<const int64_t*>(target)[r];
+  }
+}
+
 // Cross-entropy over logits viewed as (outer, classes, inner): row r = o * inner + i holds the
 // `classes` logits input[o * stride_outer + c * stride_class + i * stride_inner]. A probability
 // target and every gradient of the logits' shape use the same strides (the glue guarantees it).
@@ -21,12 +39,13 @@ struct CrossEntropyParams {
   int64_t outer, classes, inner;
   int64_t stride_outer, stride_class, stride_inner;
   Reduction reduction;
-  bool prob_target;          // false: class indices (int64); true: probabilities (input dtype)
+  bool prob_target;          // false: class indices (target_type); true: probabilities (dtype)
+  TargetType target_type;    // index targets
   int64_t ignore_index;      // index targets only
   double label_smoothing;    // <= 0 means none
 
   const void* input;         // logits, dtype
-  const void* target;        // int64 rows, or probabilities in dtype with the logits' strides
+  const void* target;        // index rows (contiguous), or probabilities with the logits' strides
   const void* weight;        // (classes,) dtype, contiguous; nullptr when absent
 
   // forward outputs

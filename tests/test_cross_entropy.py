@@ -144,11 +144,14 @@ def test_layouts(device, layout, kind, dtype):
 
 
 @pytest.mark.parametrize("tdtype", [torch.int32, torch.uint8])
-def test_index_dtypes(device, tdtype):
-    x, t, w = make((17, 9), torch.float32, "index", device, True, None)
-    a = run(wl.cross_entropy, x, t.to(tdtype), w, label_smoothing=0.2)
-    b = run(F.cross_entropy, x, t, w, label_smoothing=0.2)
-    check_close(a, b, None, torch.float32)
+@pytest.mark.parametrize("shape", [(17, 9), (17, 200), (2, 9, 5, 4)], ids=str)
+def test_index_dtypes(device, tdtype, shape):
+    """int32 and uint8 class indices are read as they are (no copy to int64), ignore_index too."""
+    x, t, w = make(shape, torch.float32, "index", device, True, 255)
+    for ls in (0.0, 0.2):
+        a = run(wl.cross_entropy, x, t.to(tdtype), w, label_smoothing=ls, ignore_index=255)
+        b = run(F.cross_entropy, x, t, w, label_smoothing=ls, ignore_index=255)
+        check_close(a, b, None, torch.float32)
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])

@@ -77,7 +77,6 @@ struct Ctx {
   const CrossEntropyParams& p;
   const scalar_t* x;
   const scalar_t* t;            // probability targets
-  const int64_t* y;             // index targets
   const acc_t* w;               // weight as acc, or nullptr
   acc_t w_sum;                  // sum of weights (C without weight)
   acc_t smooth;                 // label smoothing s, 0 when off
@@ -87,7 +86,6 @@ struct Ctx {
   explicit Ctx(const CrossEntropyParams& prm, std::vector<acc_t>& w_buf) : p(prm) {
     x = static_cast<const scalar_t*>(p.input);
     t = static_cast<const scalar_t*>(p.target);
-    y = static_cast<const int64_t*>(p.target);
     C = p.classes;
     smooth = p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0);
     t_scale = acc_t(1) - smooth;
@@ -110,7 +108,7 @@ struct Ctx {
     return o * p.stride_outer + i * p.stride_inner;
   }
   C10_ALWAYS_INLINE int64_t checked_target(int64_t r) const {
-    const int64_t v = y[r];
+    const int64_t v = target_value(p.target, p.target_type, r);
     if (v == p.ignore_index) return -1;
     TORCH_CHECK_INDEX(v >= 0 && v < C, "Target ", v, " is out of bounds.");
     return v;

@@ -110,7 +110,7 @@ __device__ __forceinline__ int64_t row_offset(const CrossEntropyParams& p, int64
 
 // Class index of row r: -1 when ignored. Anything else out of range stops the kernel.
 __device__ __forceinline__ int64_t target_of(const CrossEntropyParams& p, int64_t r) {
-  const int64_t y = static_cast<const int64_t*>(p.target)[r];
+  const int64_t y = target_value(p.target, p.target_type, r);
   if (y == p.ignore_index) return -1;
   assert(y >= 0 && y < p.classes && "Target is out of bounds");
   return (y >= 0 && y < p.classes) ? y : -1;
