@@ -280,6 +280,10 @@ def _misaligned(x):
 # path -> (shape, layout, the emulator's SM count, the forward kernels it launches: {T} the
 # dtype, {MW} mode and weight, {V} the positions a lane vector holds)
 CUDA_PATHS = {
+    "subwarp": ((40, 19), None, 132, ["forward_rows_kernel<{T}, {MW}, 8>"]),
+    "subwarp-misaligned": ((40, 61), _misaligned, 132, ["forward_rows_kernel<{T}, {MW}, 8>"]),
+    "channels-last": ((4, 19, 8, 6), lambda x: x.contiguous(memory_format=torch.channels_last),
+                      132, ["forward_rows_kernel<{T}, {MW}, 8>"]),
     "warp": ((40, 1000), None, 132, ["forward_rows_kernel<{T}, {MW}, 32>"]),
     "warp-misaligned": ((40, 1001), _misaligned, 132, ["forward_rows_kernel<{T}, {MW}, 32>"]),
     "block": ((6, 5003), None, 132, ["forward_rows_kernel<{T}, {MW}, 256>"]),

@@ -1,8 +1,8 @@
 // CUDA kernels of the fused cross-entropy: the launchers of kernels.h. One Plan per call picks how
 // the rows are covered (cross_entropy_launch.cuh), the same for the forward, its workspace and the
 // backward; each path lives in a file of its own:
-//   class-contiguous rows of up to 1024 classes: a warp per row; longer rows: a block per row
-//     (cross_entropy_rows.cu), reading 16-byte vectors when the row is aligned;
+//   class-contiguous rows of up to 64 classes: 8 threads per row; up to 1024: a warp per row;
+//     longer rows: a block per row (cross_entropy_rows.cu), 16-byte vectors where aligned;
 //   few rows with many classes: each row split into chunks across blocks, merged in chunk order
 //     (cross_entropy_split.cu);
 //   (N, C, d...): lanes along the contiguous spatial axis, one thread per row (position), so
@@ -56,8 +56,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) target_backward_kernel(c
       -smooth.t_scale * wk * (to_acc(static_cast<const T*>(p.input)[at]) - lse) * g);
 }
 
-// Rows of up to this many classes get a warp each; longer rows a block.
-constexpr int64_t kWarpRowClasses = 1024;
 // A split row's chunks hold at least this many classes, a multiple of kChunkAlign.
 constexpr int64_t kMinChunk = 4096, kChunkAlign = 256;
 
@@ -100,7 +98,12 @@ Plan plan_of(const CrossEntropyParams& p) {
     plan.blocks = blocks(rows / plan.lanes);
     return plan;
   }
-  if (p.classes <= kWarpRowClasses) {
+  if (p.classes <= ce::kSubWarpClasses) {
+    plan.kind = Plan::kSubWarpRows;
+    plan.blocks = blocks(rows * ce::kSubWarpThreads);
+    return plan;
+  }
+  if (p.classes <= ce::kWarpRowClasses) {
     plan.kind = Plan::kWarpRows;
     plan.blocks = blocks(rows * 32);
     return plan;

@@ -12,8 +12,14 @@
 
 namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS::ce {
 
+// Threads per row of each class-contiguous path: rows of up to 64 classes share a warp among
+// 4 rows (a warp each left most lanes idle: channels_last segmentation at a few % of bandwidth),
+// up to 1024 classes a warp each, longer rows a block each (split or not).
+constexpr int kSubWarpThreads = 8;
+constexpr int64_t kSubWarpClasses = 64, kWarpRowClasses = 1024;
+
 struct Plan {
-  enum Kind { kWarpRows, kBlockRows, kSplitRows, kLanes } kind = kWarpRows;
+  enum Kind { kSubWarpRows, kWarpRows, kBlockRows, kSplitRows, kLanes } kind = kWarpRows;
   int64_t chunks = 1, chunk_len = 0;  // kSplitRows: chunks of chunk_len classes per row
   int lanes = 1;                      // kLanes: rows per thread (1, or a 16-byte vector's worth)
   unsigned int blocks = 1;            // of the kernel that finishes the forward's reduction
@@ -38,10 +44,11 @@ cudaError_t dispatch_mode(const CrossEntropyParams& p, F&& f) {
   return with_w(std::integral_constant<int, kPlain>{});
 }
 
-// `vector`: the rows may be read (and written) with 16-byte loads past a scalar head.
+// kSubWarpRows, kWarpRows and kBlockRows. `vector`: the rows may be read (and written) with 16-byte loads past a scalar head.
 cudaError_t rows_forward(const CrossEntropyParams& p, const Plan& plan, bool vector,
                          const Reduce& red, cudaStream_t stream);
-// kWarpRows and kBlockRows, and the backward of kSplitRows (each block writes its chunk).
+// kSubWarpRows, kWarpRows and kBlockRows, and the backward of kSplitRows (each block writes its
+// chunk).
 cudaError_t rows_backward(const CrossEntropyParams& p, const Plan& plan, bool vector,
                           const void* w_sum, cudaStream_t stream);
 // state: the chunks' statistics, 4 acc values per (row, chunk).

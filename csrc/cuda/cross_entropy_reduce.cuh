@@ -10,17 +10,20 @@ namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS {
 namespace {
 
 // Reduce (lse state, sums) over the TPR threads of a row group in a fixed order; the result is
-// valid in the group's first thread. shared holds one slot per warp for TPR > 32.
+// valid in the group's first thread. Groups narrower than a warp (TPR < 32) reduce within their
+// own TPR lanes (the shuffles' width), every lane of the warp taking part. shared holds one slot
+// per warp for TPR > 32.
 template <typename acc_t, int TPR>
 __device__ __forceinline__ void group_reduce(Lse<acc_t>& l, Sums<acc_t>& sm, acc_t* sh_m,
                                              acc_t* sh_s, acc_t* sh_a, acc_t* sh_q) {
+  constexpr int kWidth = TPR < 32 ? TPR : 32;
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const acc_t m2 = __shfl_down_sync(0xffffffffu, l.m, off);
-    const acc_t s2 = __shfl_down_sync(0xffffffffu, l.s, off);
+  for (int off = kWidth / 2; off > 0; off >>= 1) {
+    const acc_t m2 = __shfl_down_sync(0xffffffffu, l.m, off, kWidth);
+    const acc_t s2 = __shfl_down_sync(0xffffffffu, l.s, off, kWidth);
     l.merge(m2, s2);
-    sm.a += __shfl_down_sync(0xffffffffu, sm.a, off);
-    sm.q += __shfl_down_sync(0xffffffffu, sm.q, off);
+    sm.a += __shfl_down_sync(0xffffffffu, sm.a, off, kWidth);
+    sm.q += __shfl_down_sync(0xffffffffu, sm.q, off, kWidth);
   }
   if constexpr (TPR > 32) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

@@ -1,5 +1,5 @@
-// CUDA cross-entropy over class-contiguous rows: TPR threads per row (a warp for rows of up to
-// 1024 classes, the whole block above), kThreads / TPR rows per block. The backward also writes
+// CUDA cross-entropy over class-contiguous rows: TPR threads per row (8 for rows of up to 64
+// classes, a warp up to 1024, the whole block above), kThreads / TPR rows per block. The backward also writes
 // the rows split across blocks by the forward of cross_entropy_split.cu: block (r, k) writes
 // chunk k of row r, which needs no merging.
 #include "cross_entropy_launch.cuh"
@@ -108,7 +108,10 @@ cudaError_t ce::rows_forward(const CrossEntropyParams& p, const Plan& plan, bool
     return dispatch_mode(p, [&](auto mode, auto has_w) -> cudaError_t {
       constexpr int M = decltype(mode)::value;
       constexpr bool W = decltype(has_w)::value;
-      if (plan.kind == Plan::kWarpRows) {
+      if (plan.kind == Plan::kSubWarpRows) {
+        launch<forward_rows_kernel<T, M, W, kSubWarpThreads>>(plan.blocks, kThreads, stream, p,
+                                                              vector, red.partial, red.done);
+      } else if (plan.kind == Plan::kWarpRows) {
         launch<forward_rows_kernel<T, M, W, 32>>(plan.blocks, kThreads, stream, p, vector,
                                                  red.partial, red.done);
       } else {
@@ -127,7 +130,10 @@ cudaError_t ce::rows_backward(const CrossEntropyParams& p, const Plan& plan, boo
     return dispatch_mode(p, [&](auto mode, auto has_w) -> cudaError_t {
       constexpr int M = decltype(mode)::value;
       constexpr bool W = decltype(has_w)::value;
-      if (plan.kind == Plan::kWarpRows) {
+      if (plan.kind == Plan::kSubWarpRows) {
+        launch<backward_rows_kernel<T, M, W, kSubWarpThreads>>(plan.blocks, kThreads, stream, p,
+                                                               vector, p.classes, w_sum);
+      } else if (plan.kind == Plan::kWarpRows) {
         launch<backward_rows_kernel<T, M, W, 32>>(plan.blocks, kThreads, stream, p, vector,
                                                   p.classes, w_sum);
       } else {
