@@ -61,9 +61,20 @@ bool view_of(const Tensor& x, Layout& l) {
   return false;
 }
 
-Layout layout_of(const Tensor& input) {
+// (N, C) logits whose rows are contiguous but padded apart (row stride > C: a slice of a wider
+// buffer, e.g. a vocabulary padded to a multiple of 64): read in place, not copied.
+bool row_strided(const Tensor& x) {
+  return x.dim() == 2 && x.size(1) > 1 && x.stride(1) == 1 && x.stride(0) > x.size(1);
+}
+
+// in_place_rows: the op may read row-strided logits in place (index targets; probability
+// targets would need strides of their own)
+Layout layout_of(const Tensor& input, bool in_place_rows) {
   Layout l;
-  if (input.is_non_overlapping_and_dense() && view_of(input, l)) return l;
+  if ((input.is_non_overlapping_and_dense() || (in_place_rows && row_strided(input))) &&
+      view_of(input, l)) {
+    return l;
+  }
   const bool ok = view_of(input.contiguous(), l);
   TORCH_INTERNAL_ASSERT(ok);
   return l;
@@ -153,6 +164,7 @@ CrossEntropyParams params_of(const Layout& l, const Tensor& target, const Tensor
   p.stride_outer = l.stride_outer;
   p.stride_class = l.stride_class;
   p.stride_inner = l.stride_inner;
+  p.grad_stride_outer = l.stride_outer;
   p.reduction = reduction_of(reduction, kOp);
   p.prob_target = prob;
   p.ignore_index = ignore_index;
@@ -179,11 +191,19 @@ Tensor grad_of(const Tensor& grad_loss, const Tensor& input, Reduction reduction
 }
 
 // A gradient written in the layout `l` the kernels use, handed back with the strides
-// empty_like(like) has (what the fake kernels promise).
+// empty_like(like) has (what the fake kernels promise). Row-strided logits get their contiguous
+// gradient written directly: only its row stride differs (p.grad_stride_outer).
 template <typename F>
-Tensor with_strides_of(const CrossEntropyBackend& backend, const Tensor& like, const Layout& l, F&& run) {
+Tensor with_strides_of(const CrossEntropyBackend& backend, const Tensor& like, const Layout& l,
+                       CrossEntropyParams& p, F&& run) {
   Tensor out = backend.empty_like(like);
+  p.grad_stride_outer = p.stride_outer;
   if (out.strides() == l.input.strides()) {
+    run(out);
+    return out;
+  }
+  if (row_strided(l.input) && out.is_contiguous()) {
+    p.grad_stride_outer = out.stride(0);
     run(out);
     return out;
   }
@@ -201,7 +221,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_impl(
   check_common(input, target, "cross_entropy");
   check_label_smoothing(label_smoothing, "cross_entropy");
   const Tensor y = check_index_target(input, target);
-  const Layout l = layout_of(input);
+  const Layout l = layout_of(input, /*in_place_rows=*/true);
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy");
   CrossEntropyParams p = params_of(l, y, w, reduction, false, ignore_index, label_smoothing);
   const auto acc = input.options().dtype(acc_type(input));
@@ -223,7 +243,7 @@ Tensor cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& input,
                                    double label_smoothing, const CrossEntropyBackend& backend) {
   check_common(input, target, "cross_entropy backward");
   const Tensor y = check_index_target(input, target);
-  const Layout l = layout_of(input);
+  const Layout l = layout_of(input, /*in_place_rows=*/true);
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy backward");
   CrossEntropyParams p = params_of(l, y, w, reduction, false, ignore_index, label_smoothing);
   const Tensor g = grad_of(grad_loss, input, p.reduction);
@@ -233,7 +253,7 @@ Tensor cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& input,
   p.lse = lse_c.data_ptr();
   p.total_weight = total_weight.data_ptr();
   p.grad_loss = g.data_ptr();
-  return with_strides_of(backend, input, l, [&](Tensor& out) {
+  return with_strides_of(backend, input, l, p, [&](Tensor& out) {
     p.grad_input = out.data_ptr();
     backend.launch(p);
   });
@@ -244,7 +264,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_prob_forward_impl(
     int64_t reduction, double label_smoothing, const CrossEntropyBackend& backend) {
   check_common(input, target, "cross_entropy");
   check_label_smoothing(label_smoothing, "cross_entropy");
-  const Layout l = layout_of(input);
+  const Layout l = layout_of(input, /*in_place_rows=*/false);
   const Tensor t = check_prob_target(l, input, target);
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy");
   CrossEntropyParams p = params_of(l, t, w, reduction, true, -100, label_smoothing);
@@ -265,7 +285,7 @@ Tensor cross_entropy_prob_backward_impl(const Tensor& grad_loss, const Tensor& i
                                         const Tensor& lse, const Tensor& tsum, int64_t reduction,
                                         double label_smoothing, const CrossEntropyBackend& backend) {
   check_common(input, target, "cross_entropy backward");
-  const Layout l = layout_of(input);
+  const Layout l = layout_of(input, /*in_place_rows=*/false);
   const Tensor t = check_prob_target(l, input, target);
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy backward");
   CrossEntropyParams p = params_of(l, t, w, reduction, true, -100, label_smoothing);
@@ -276,7 +296,7 @@ Tensor cross_entropy_prob_backward_impl(const Tensor& grad_loss, const Tensor& i
   p.lse = lse_c.data_ptr();
   p.tsum = tsum_c.data_ptr();
   p.grad_loss = g.data_ptr();
-  return with_strides_of(backend, input, l, [&](Tensor& out) {
+  return with_strides_of(backend, input, l, p, [&](Tensor& out) {
     p.grad_input = out.data_ptr();
     backend.launch(p);
   });
@@ -287,14 +307,14 @@ Tensor cross_entropy_prob_target_backward_impl(const Tensor& grad_loss, const Te
                                                const Tensor& lse, int64_t reduction,
                                                double label_smoothing, const CrossEntropyBackend& backend) {
   check_common(input, input, "cross_entropy target backward");
-  const Layout l = layout_of(input);
+  const Layout l = layout_of(input, /*in_place_rows=*/false);
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy target backward");
   CrossEntropyParams p = params_of(l, l.input, w, reduction, true, -100, label_smoothing);
   const Tensor g = grad_of(grad_loss, input, p.reduction);
   const Tensor lse_c = lse.contiguous();
   p.lse = lse_c.data_ptr();
   p.grad_loss = g.data_ptr();
-  return with_strides_of(backend, input, l, [&](Tensor& out) {
+  return with_strides_of(backend, input, l, p, [&](Tensor& out) {
     p.grad_target = out.data_ptr();
     backend.launch(p);
   });

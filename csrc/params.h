@@ -31,13 +31,18 @@ WEIGHTED_LOSS_HOST_DEVICE inline int64_t target_value(const void* target, Target
 
 // Cross-entropy over logits viewed as (outer, classes, inner): row r = o * inner + i holds the
 // `classes` logits input[o * stride_outer + c * stride_class + i * stride_inner]. A probability
-// target and every gradient of the logits' shape use the same strides (the glue guarantees it).
+// target and every gradient of the logits' shape use the same strides (the glue guarantees it),
+// except the gradient's row stride (grad_stride_outer).
 // Per-row tensors (index target, per-row loss, lse, tsum) are contiguous over r.
 // `acc` below is float for float32/bfloat16/float16 logits and double for float64 logits.
 struct CrossEntropyParams {
   DType dtype;
   int64_t outer, classes, inner;
   int64_t stride_outer, stride_class, stride_inner;
+  // The gradient of the logits has the logits' strides but for its row stride (stride_outer),
+  // which differs for (N, C) logits read in place from a padded buffer (row stride > C): their
+  // gradient is contiguous. Elsewhere grad_stride_outer == stride_outer.
+  int64_t grad_stride_outer;
   Reduction reduction;
   bool prob_target;          // false: class indices (target_type); true: probabilities (dtype)
   TargetType target_type;    // index targets

@@ -110,8 +110,16 @@ def _every_other(x):
     return buf[..., 0]  # every stride doubled: not dense
 
 
+def _padded_rows(x):
+    """(N, C) rows at a row stride of C + 5, as a slice of a padded buffer (read in place)."""
+    buf = x.new_zeros(x.shape[0], x.shape[1] + 5)
+    buf[:, :x.shape[1]] = x
+    return buf[:, :x.shape[1]]
+
+
 LAYOUTS = {
     "transposed-NC": lambda x: x.t().contiguous().t(),  # (N, C) with N contiguous
+    "padded-rows-NC": _padded_rows,
     "strided-NC": _every_other,
     "channels-last": lambda x: x.contiguous(memory_format=torch.channels_last),
     "permuted-NCHW": lambda x: x.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3),
@@ -293,6 +301,10 @@ CUDA_PATHS = {
                                       "forward_combine_kernel<{T}, {MW}>"]),
     "split-misaligned": ((3, 20011), _misaligned, 132, ["forward_split_kernel<{T}, {MW}>"]),
     "split-few-sms": ((1, 40000), None, 2, ["forward_split_kernel<{T}, {MW}>"]),
+    # (N, C) read in place from a padded buffer; the gradient is written contiguous
+    "warp-padded-rows": ((40, 1000), _padded_rows, 132, ["forward_rows_kernel<{T}, {MW}, 32>"]),
+    "block-padded-rows": ((6, 5003), _padded_rows, 132, ["forward_rows_kernel<{T}, {MW}, 256>"]),
+    "split-padded-rows": ((2, 20011), _padded_rows, 132, ["forward_split_kernel<{T}, {MW}>"]),
     # (N, C, d...) with d a multiple of the 16-byte vector (several positions per thread) or not
     "lanes-vector": ((4, 19, 16, 24), None, 132, ["forward_lanes_kernel<{T}, {MW}, {V}>"]),
     "lanes-scalar": ((3, 5, 7, 9), None, 132, ["forward_lanes_kernel<{T}, {MW}, 1>"]),
@@ -331,6 +343,45 @@ def test_cuda_paths(gpu, path, kind, ls, weighted, ignore, reduction, dtype):
                     V=16 // x.element_size())
         want = {k.format(**fill) for k in kernels}
         assert want <= seen, (want, seen)
+
+
+def test_padded_rows_read_in_place(device):
+    """Row-strided (N, C) logits with class indices are neither copied forward nor backward: no
+    copy below the ops (the profiler's aten::copy_ / contiguous / clone), same results."""
+    x, t, w = make((64, 1000), torch.float32, "index", device, True, 3)
+    kw = dict(ignore_index=3, label_smoothing=0.1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fused = run(wl.cross_entropy, _padded_rows(x), t, w, **kw)
+
+    def below(ev):
+        for c in ev.cpu_children:
+            yield c
+            yield from below(c)
+    ops = [e for e in prof.events() if e.name.startswith("weighted_loss::")]
+    assert {e.name for e in ops} >= {"weighted_loss::cross_entropy_forward",
+                                      "weighted_loss::cross_entropy_backward"}
+    copies = [c.name for e in ops for c in below(e)
+              if c.name in ("aten::copy_", "aten::contiguous", "aten::clone")]
+    assert not copies, copies
+    assert fused[1].is_contiguous()
+    check_close(fused, run(F.cross_entropy, x, t, w, **kw), None, torch.float32)
+
+
+@pytest.mark.parametrize("classes", [1000, 20011], ids=["rows", "split"])
+def test_offsets_beyond_32_bits(gpu, classes):
+    """Logits 2^31 + 64 elements apart (a 4 GiB bf16 buffer, barely touched): element offsets
+    past 2^31 and 2^32 bytes are computed in 64 bits on every path that reads rows in place."""
+    stride = 2**31 + 64
+    buf = torch.empty(stride + classes, dtype=torch.bfloat16, device=gpu)
+    x = buf.as_strided((2, classes), (stride, 1))
+    ref, t, w = make((2, classes), torch.bfloat16, "index", gpu, True, None, seed=4)
+    x.copy_(ref)
+    for ls in (0.0, 0.1):
+        fused = run(wl.cross_entropy, x, t, w, label_smoothing=ls, reduction="none")
+        native = run(F.cross_entropy, ref, t, w, label_smoothing=ls, reduction="none")
+        ref64 = run(F.cross_entropy, ref.double(), t, w.double(), label_smoothing=ls,
+                    reduction="none")
+        check_close(fused, native, ref64, torch.bfloat16)
 
 
 @pytest.mark.parametrize("shape", [(512, 3000), (4, 19, 33, 45), (4096, 1000), (3, 200003)], ids=str)

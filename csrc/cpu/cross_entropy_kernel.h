@@ -107,6 +107,10 @@ struct Ctx {
   inline int64_t offset(int64_t o, int64_t i) const {
     return o * p.stride_outer + i * p.stride_inner;
   }
+  // where row (o, i) of the logits' gradient starts (its row stride may differ: params.h)
+  inline int64_t grad_offset(int64_t o, int64_t i) const {
+    return o * p.grad_stride_outer + i * p.stride_inner;
+  }
   C10_ALWAYS_INLINE int64_t checked_target(int64_t r) const {
     const int64_t v = target_value(p.target, p.target_type, r);
     if (v == p.ignore_index) return -1;
@@ -540,7 +544,7 @@ void backward_rows(const Ctx<scalar_t>& cx) {
       const int64_t off = cx.offset(r / p.inner, r % p.inner);
       const scalar_t* x = cx.x + off;
       const scalar_t* t = M == kProb ? cx.t + off : nullptr;
-      scalar_t* gr = gi + off;
+      scalar_t* gr = gi + cx.grad_offset(r / p.inner, r % p.inner);
       const auto rc = row_coef<scalar_t, M, HasW>(cx, r, g_all);
       if (rc.zero) {
         std::fill(gr, gr + C, scalar_t(0));
@@ -783,7 +787,7 @@ void backward_small_rows(const Ctx<scalar_t>& cx) {
         load_row_tile<scalar_t, M == kProb>(cx, r0, nl, off, xt, tt);
         lanes_block_backward<scalar_t, M, HasW>(cx, xt, tt, gt, B, nl, r0, g_all);
         for (int64_t k = 0; k < nl; ++k) {
-          scalar_t* row = gi + off[k];
+          scalar_t* row = gi + off[k] + (r0 + k) / p.inner * (p.grad_stride_outer - p.stride_outer);
           for (int64_t c = 0; c < cx.C; ++c) row[c] = gt[c * B + k];
         }
       }

@@ -193,7 +193,11 @@ cudaError_t cross_entropy_backward(const CrossEntropyParams& p, void* workspace,
                                    cudaStream_t stream) {
   const int64_t rows = p.outer * p.inner;
   if (rows == 0 || p.classes == 0) return cudaSuccess;
+  // every row of the gradient as misaligned as its row of the logits: the same base alignment,
+  // and row strides that differ by a multiple of 16 bytes
+  const size_t e = p.dtype == DType::Float64 ? 8 : p.dtype == DType::Float32 ? 4 : 2;
   const bool vector = aligned_alike(p.input, p.grad_input) &&
+                      (p.grad_stride_outer - p.stride_outer) * e % 16 == 0 &&
                       aligned_alike(p.input, p.prob_target ? p.target : nullptr);
   const Plan plan = plan_for(p);
   if (cross_entropy_backward_workspace(p) > 0) {

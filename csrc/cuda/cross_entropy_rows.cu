@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const int64_t off = row_offset<T>(p, r);
   const T* x = static_cast<const T*>(p.input) + off;
   const T* t = M == kProb ? static_cast<const T*>(p.target) + off : nullptr;
-  T* gx = static_cast<T*>(p.grad_input) + off;
+  T* gx = static_cast<T*>(p.grad_input) + off + r / p.inner * (p.grad_stride_outer - p.stride_outer);
   const Coef<acc_t> c = row_coef<T, M, HasW>(p, r, weight_sum<T, M, HasW>(p, w_sum));
   for_range<T, TPR, M == kProb>(x, t, begin, end, p.stride_class, lane, vector,
                                 [&](int64_t c0, const acc_t* xv, const acc_t* tv, int n) {

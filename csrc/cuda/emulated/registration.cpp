@@ -53,13 +53,15 @@ void poison_outputs(const CrossEntropyParams& p) {
     poison(p.lse, rows * acc);
     poison(p.tsum, p.prob_target ? rows * acc : 0);
   }
-  // gradients are written where the logits' strides put them; (outer, classes, inner) spans them
-  const size_t span = static_cast<size_t>(
-      (p.outer - 1) * p.stride_outer + (p.classes - 1) * p.stride_class +
-      (p.inner - 1) * p.stride_inner + 1);
+  // gradients are written where the logits' strides put them (the input's with its own row
+  // stride); (outer, classes, inner) spans them
+  auto span = [&](int64_t stride_outer) {
+    return static_cast<size_t>((p.outer - 1) * stride_outer + (p.classes - 1) * p.stride_class +
+                               (p.inner - 1) * p.stride_inner + 1) * dtype_size(p.dtype);
+  };
   if (rows > 0 && p.classes > 0) {
-    poison(p.grad_input, span * dtype_size(p.dtype));
-    poison(p.grad_target, span * dtype_size(p.dtype));
+    poison(p.grad_input, span(p.grad_stride_outer));
+    poison(p.grad_target, span(p.stride_outer));
   }
 }
 
