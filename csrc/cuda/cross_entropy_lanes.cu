@@ -118,38 +118,32 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
 cudaError_t ce::lanes_forward(const CrossEntropyParams& p, const Plan& plan, const Reduce& red,
                               cudaStream_t stream) {
-  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
+  return dispatch_kernel(p, [&](auto tag, auto mode, auto has_w) {
     using T = decltype(tag);
-    return dispatch_mode(p, [&](auto mode, auto has_w) -> cudaError_t {
-      constexpr int M = decltype(mode)::value;
-      constexpr bool W = decltype(has_w)::value;
-      if (plan.lanes > 1) {
-        launch<forward_lanes_kernel<T, M, W, Pack<T>::kSize>>(plan.blocks, kThreads, stream, p,
-                                                              red.partial, red.done);
-      } else {
-        launch<forward_lanes_kernel<T, M, W, 1>>(plan.blocks, kThreads, stream, p, red.partial,
-                                                 red.done);
-      }
-      return cudaGetLastError();
-    });
+    constexpr int M = decltype(mode)::value;
+    constexpr bool W = decltype(has_w)::value;
+    if (plan.lanes > 1) {
+      launch<forward_lanes_kernel<T, M, W, Pack<T>::kSize>>(plan.blocks, kThreads, stream, p,
+                                                            red.partial, red.done);
+    } else {
+      launch<forward_lanes_kernel<T, M, W, 1>>(plan.blocks, kThreads, stream, p, red.partial,
+                                               red.done);
+    }
   });
 }
 
 cudaError_t ce::lanes_backward(const CrossEntropyParams& p, const Plan& plan, const void* w_sum,
                                cudaStream_t stream) {
-  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
+  return dispatch_kernel(p, [&](auto tag, auto mode, auto has_w) {
     using T = decltype(tag);
-    return dispatch_mode(p, [&](auto mode, auto has_w) -> cudaError_t {
-      constexpr int M = decltype(mode)::value;
-      constexpr bool W = decltype(has_w)::value;
-      if (plan.lanes > 1) {
-        launch<backward_lanes_kernel<T, M, W, Pack<T>::kSize>>(plan.blocks, kThreads, stream, p,
-                                                               w_sum);
-      } else {
-        launch<backward_lanes_kernel<T, M, W, 1>>(plan.blocks, kThreads, stream, p, w_sum);
-      }
-      return cudaGetLastError();
-    });
+    constexpr int M = decltype(mode)::value;
+    constexpr bool W = decltype(has_w)::value;
+    if (plan.lanes > 1) {
+      launch<backward_lanes_kernel<T, M, W, Pack<T>::kSize>>(plan.blocks, kThreads, stream, p,
+                                                             w_sum);
+    } else {
+      launch<backward_lanes_kernel<T, M, W, 1>>(plan.blocks, kThreads, stream, p, w_sum);
+    }
   });
 }
 

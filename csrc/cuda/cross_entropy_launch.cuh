@@ -44,7 +44,20 @@ cudaError_t dispatch_mode(const CrossEntropyParams& p, F&& f) {
   return with_w(std::integral_constant<int, kPlain>{});
 }
 
-// kSubWarpRows, kWarpRows and kBlockRows. `vector`: the rows may be read (and written) with 16-byte loads past a scalar head.
+// f(T{}, mode, has_weight) for p's storage dtype T, mode and weighting, all compile-time; then
+// the launch error. Each path's launcher is one such call.
+template <typename F>
+cudaError_t dispatch_kernel(const CrossEntropyParams& p, F&& f) {
+  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
+    return dispatch_mode(p, [&](auto mode, auto has_w) -> cudaError_t {
+      f(tag, mode, has_w);
+      return cudaGetLastError();
+    });
+  });
+}
+
+// kSubWarpRows, kWarpRows and kBlockRows. `vector`: the rows may be read (and written) with
+// 16-byte loads past a scalar head.
 cudaError_t rows_forward(const CrossEntropyParams& p, const Plan& plan, bool vector,
                          const Reduce& red, cudaStream_t stream);
 // kSubWarpRows, kWarpRows and kBlockRows, and the backward of kSplitRows (each block writes its

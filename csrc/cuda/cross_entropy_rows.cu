@@ -103,48 +103,42 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
 cudaError_t ce::rows_forward(const CrossEntropyParams& p, const Plan& plan, bool vector,
                              const Reduce& red, cudaStream_t stream) {
-  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
+  return dispatch_kernel(p, [&](auto tag, auto mode, auto has_w) {
     using T = decltype(tag);
-    return dispatch_mode(p, [&](auto mode, auto has_w) -> cudaError_t {
-      constexpr int M = decltype(mode)::value;
-      constexpr bool W = decltype(has_w)::value;
-      if (plan.kind == Plan::kSubWarpRows) {
-        launch<forward_rows_kernel<T, M, W, kSubWarpThreads>>(plan.blocks, kThreads, stream, p,
-                                                              vector, red.partial, red.done);
-      } else if (plan.kind == Plan::kWarpRows) {
-        launch<forward_rows_kernel<T, M, W, 32>>(plan.blocks, kThreads, stream, p, vector,
-                                                 red.partial, red.done);
-      } else {
-        launch<forward_rows_kernel<T, M, W, kThreads>>(plan.blocks, kThreads, stream, p, vector,
-                                                       red.partial, red.done);
-      }
-      return cudaGetLastError();
-    });
+    constexpr int M = decltype(mode)::value;
+    constexpr bool W = decltype(has_w)::value;
+    if (plan.kind == Plan::kSubWarpRows) {
+      launch<forward_rows_kernel<T, M, W, kSubWarpThreads>>(plan.blocks, kThreads, stream, p,
+                                                            vector, red.partial, red.done);
+    } else if (plan.kind == Plan::kWarpRows) {
+      launch<forward_rows_kernel<T, M, W, 32>>(plan.blocks, kThreads, stream, p, vector,
+                                               red.partial, red.done);
+    } else {
+      launch<forward_rows_kernel<T, M, W, kThreads>>(plan.blocks, kThreads, stream, p, vector,
+                                                     red.partial, red.done);
+    }
   });
 }
 
 cudaError_t ce::rows_backward(const CrossEntropyParams& p, const Plan& plan, bool vector,
                               const void* w_sum, cudaStream_t stream) {
-  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
+  return dispatch_kernel(p, [&](auto tag, auto mode, auto has_w) {
     using T = decltype(tag);
-    return dispatch_mode(p, [&](auto mode, auto has_w) -> cudaError_t {
-      constexpr int M = decltype(mode)::value;
-      constexpr bool W = decltype(has_w)::value;
-      if (plan.kind == Plan::kSubWarpRows) {
-        launch<backward_rows_kernel<T, M, W, kSubWarpThreads>>(plan.blocks, kThreads, stream, p,
-                                                               vector, p.classes, w_sum);
-      } else if (plan.kind == Plan::kWarpRows) {
-        launch<backward_rows_kernel<T, M, W, 32>>(plan.blocks, kThreads, stream, p, vector,
-                                                  p.classes, w_sum);
-      } else {
-        const int64_t len = plan.kind == Plan::kSplitRows ? plan.chunk_len : p.classes;
-        const dim3 grid(static_cast<unsigned int>(p.outer * p.inner),
-                        static_cast<unsigned int>(plan.chunks));
-        launch<backward_rows_kernel<T, M, W, kThreads>>(grid, kThreads, stream, p, vector, len,
-                                                        w_sum);
-      }
-      return cudaGetLastError();
-    });
+    constexpr int M = decltype(mode)::value;
+    constexpr bool W = decltype(has_w)::value;
+    if (plan.kind == Plan::kSubWarpRows) {
+      launch<backward_rows_kernel<T, M, W, kSubWarpThreads>>(plan.blocks, kThreads, stream, p,
+                                                             vector, p.classes, w_sum);
+    } else if (plan.kind == Plan::kWarpRows) {
+      launch<backward_rows_kernel<T, M, W, 32>>(plan.blocks, kThreads, stream, p, vector,
+                                                p.classes, w_sum);
+    } else {
+      const int64_t len = plan.kind == Plan::kSplitRows ? plan.chunk_len : p.classes;
+      const dim3 grid(static_cast<unsigned int>(p.outer * p.inner),
+                      static_cast<unsigned int>(plan.chunks));
+      launch<backward_rows_kernel<T, M, W, kThreads>>(grid, kThreads, stream, p, vector, len,
+                                                      w_sum);
+    }
   });
 }
 

@@ -81,20 +81,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
 cudaError_t ce::split_forward(const CrossEntropyParams& p, const Plan& plan, bool vector,
                               void* state, const Reduce& red, cudaStream_t stream) {
-  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
+  return dispatch_kernel(p, [&](auto tag, auto mode, auto has_w) {
     using T = decltype(tag);
+    constexpr int M = decltype(mode)::value;
+    constexpr bool W = decltype(has_w)::value;
     using acc_t = typename AccOf<T>::type;
     auto* st = static_cast<acc_t*>(state);
-    return dispatch_mode(p, [&](auto mode, auto has_w) -> cudaError_t {
-      constexpr int M = decltype(mode)::value;
-      constexpr bool W = decltype(has_w)::value;
-      const dim3 grid(static_cast<unsigned int>(plan.chunks),
-                      static_cast<unsigned int>(p.outer * p.inner));
-      launch<forward_split_kernel<T, M, W>>(grid, kThreads, stream, p, vector, plan.chunk_len, st);
-      launch<forward_combine_kernel<T, M, W>>(plan.blocks, kThreads, stream, p, plan.chunks, st,
-                                              red.partial, red.done);
-      return cudaGetLastError();
-    });
+    const dim3 grid(static_cast<unsigned int>(plan.chunks),
+                    static_cast<unsigned int>(p.outer * p.inner));
+    launch<forward_split_kernel<T, M, W>>(grid, kThreads, stream, p, vector, plan.chunk_len, st);
+    launch<forward_combine_kernel<T, M, W>>(plan.blocks, kThreads, stream, p, plan.chunks, st,
+                                            red.partial, red.done);
   });
 }
 
