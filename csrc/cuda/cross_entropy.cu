@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(kThreads) weight_sum_kernel(const CrossEntropy
 
 // Gradient of probability targets: dt_k = -(1 - s) w_k (x_k - lse) g, one thread per element.
 template <typename T, bool HasW>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) target_backward_kernel(const CrossEntropyParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>) target_backward_kernel(const CrossEntropyParams p) {
   using acc_t = typename AccOf<T>::type;
   const int64_t rows = p.outer * p.inner;
   const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;

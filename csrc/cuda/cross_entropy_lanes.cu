@@ -41,7 +41,7 @@ __device__ __forceinline__ void for_lanes(const T* x, const T* t, int64_t classe
 }
 
 template <typename T, int M, bool HasW, int P>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+__global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     forward_lanes_kernel(const CrossEntropyParams p, double* partial, unsigned int* done) {
   using acc_t = typename AccOf<T>::type;
   const int64_t groups = p.outer * p.inner / P;
@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 }
 
 template <typename T, int M, bool HasW, int P>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+__global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     backward_lanes_kernel(const CrossEntropyParams p, const void* w_sum) {
   using acc_t = typename AccOf<T>::type;
   const int64_t groups = p.outer * p.inner / P;

@@ -14,7 +14,9 @@ constexpr int kUnroll = 4;
 // over the TPR lanes of its group: n = 1 element at class c0, or a 16-byte pack of n = V
 // consecutive classes from c0. With `vector` (class-contiguous, and x, t and whatever the caller
 // writes equally aligned) the first classes up to a 16-byte boundary go one at a time, then each
-// lane loads kUnroll packs before it processes them, then the tail.
+// lane loads kUnroll packs before it processes them (rows of sub-warp groups, at most 64
+// classes, hold too few packs per lane for that to pay: one at a time, and fewer registers), then
+// the tail.
 template <typename T, int TPR, bool WithT, typename F>
 __device__ __forceinline__ void for_range(const T* x, const T* t, int64_t begin, int64_t end,
                                           int64_t stride, int lane, bool vector, F&& f) {
@@ -46,15 +48,16 @@ __device__ __forceinline__ void for_range(const T* x, const T* t, int64_t begin,
     f(vb + v * V, xv, tv, V);
   };
   int64_t v = lane;
-  for (; v + (kUnroll - 1) * TPR < nv; v += kUnroll * TPR) {
-    Pack<T> bx[kUnroll], bt[kUnroll];
+  constexpr int U = TPR < 32 ? 1 : kUnroll;
+  for (; v + (U - 1) * TPR < nv; v += U * TPR) {
+    Pack<T> bx[U], bt[U];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       bx[u] = px[v + u * TPR];
       if constexpr (WithT) bt[u] = pt[v + u * TPR];
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) use(v + u * TPR, bx[u], bt[u]);
+    for (int u = 0; u < U; ++u) use(v + u * TPR, bx[u], bt[u]);
   }
   for (; v < nv; v += TPR) {
     Pack<T> bt{};

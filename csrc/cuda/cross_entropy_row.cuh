@@ -27,6 +27,12 @@ constexpr int kThreads = 256;
 // Blocks per SM the register allocation must allow. Without the hint ptxas spilled a few bytes in
 // some variants at 32-48 registers, aiming at a higher occupancy than these kernels need.
 constexpr int kMinBlocks = 2;
+// float64 kernels may take the registers they want (one block per SM): capped at 128,
+// forward_rows_kernel<double, kProb, true, 8> spilled 12 bytes on sm_90 in some builds (ptxas's
+// allocation varies with the anonymous namespace's generated name), and float64 is not where the
+// speed matters.
+template <typename T>
+constexpr int kMinBlocksOf = sizeof(T) == 8 ? 1 : kMinBlocks;
 enum Mode : int { kPlain = 0, kSmooth = 1, kProb = 2 };
 
 __device__ __forceinline__ float fast_exp(float v) { return __expf(v); }

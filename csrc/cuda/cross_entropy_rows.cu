@@ -10,7 +10,7 @@ namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS {
 namespace {
 
 template <typename T, int M, bool HasW, int TPR>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+__global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     forward_rows_kernel(const CrossEntropyParams p, bool vector, double* partial,
                         unsigned int* done) {
   using acc_t = typename AccOf<T>::type;
@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
 // Row blockIdx.x * RPB + group, classes [blockIdx.y * chunk_len, + chunk_len) of it.
 template <typename T, int M, bool HasW, int TPR>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+__global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     backward_rows_kernel(const CrossEntropyParams p, bool vector, int64_t chunk_len,
                          const void* w_sum) {
   using acc_t = typename AccOf<T>::type;

@@ -13,7 +13,7 @@ namespace {
 // Chunk blockIdx.x (of chunk_len classes) of row blockIdx.y: its (m, s, a, q) into
 // state[(row * chunks + chunk) * 4 ...].
 template <typename T, int M, bool HasW>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+__global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     forward_split_kernel(const CrossEntropyParams p, bool vector, int64_t chunk_len,
                          typename AccOf<T>::type* state) {
   using acc_t = typename AccOf<T>::type;
@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 // One thread per row: merges the row's chunk statistics in chunk order, then finishes the row and
 // the reduction.
 template <typename T, int M, bool HasW>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+__global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     forward_combine_kernel(const CrossEntropyParams p, int64_t chunks,
                            const typename AccOf<T>::type* state, double* partial,
                            unsigned int* done) {
