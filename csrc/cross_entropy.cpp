@@ -227,7 +227,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_impl(
   const auto acc = input.options().dtype(acc_type(input));
   Tensor loss = p.reduction == Reduction::None ? at::empty(target.sizes(), input.options())
                                                : at::empty({}, input.options());
-  Tensor lse = at::empty({l.outer * l.inner}, acc);
+  Tensor lse = at::empty({2, l.outer * l.inner}, acc);
   Tensor total_weight = at::zeros({}, acc);
   p.loss = loss.data_ptr();
   p.lse = lse.data_ptr();
@@ -247,7 +247,7 @@ Tensor cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& input,
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy backward");
   CrossEntropyParams p = params_of(l, y, w, reduction, false, ignore_index, label_smoothing);
   const Tensor g = grad_of(grad_loss, input, p.reduction);
-  TORCH_CHECK(lse.numel() == l.outer * l.inner && lse.scalar_type() == acc_type(input),
+  TORCH_CHECK(lse.numel() == 2 * l.outer * l.inner && lse.scalar_type() == acc_type(input),
               "cross_entropy backward: lse does not match the input");
   const Tensor lse_c = lse.contiguous();
   p.lse = lse_c.data_ptr();
@@ -271,7 +271,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_prob_forward_impl(
   const auto acc = input.options().dtype(acc_type(input));
   Tensor loss = p.reduction == Reduction::None ? at::empty(row_shape(input), input.options())
                                                : at::empty({}, input.options());
-  Tensor lse = at::empty({l.outer * l.inner}, acc);
+  Tensor lse = at::empty({2, l.outer * l.inner}, acc);
   Tensor tsum = at::empty({l.outer * l.inner}, acc);
   p.loss = loss.data_ptr();
   p.lse = lse.data_ptr();
@@ -290,7 +290,7 @@ Tensor cross_entropy_prob_backward_impl(const Tensor& grad_loss, const Tensor& i
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy backward");
   CrossEntropyParams p = params_of(l, t, w, reduction, true, -100, label_smoothing);
   const Tensor g = grad_of(grad_loss, input, p.reduction);
-  TORCH_CHECK(lse.numel() == l.outer * l.inner && tsum.numel() == lse.numel(),
+  TORCH_CHECK(lse.numel() == 2 * l.outer * l.inner && tsum.numel() == l.outer * l.inner,
               "cross_entropy backward: lse and tsum do not match the input");
   const Tensor lse_c = lse.contiguous(), tsum_c = tsum.contiguous();
   p.lse = lse_c.data_ptr();

@@ -22,8 +22,8 @@ std::string cpu_capability() { return weighted_loss::cpu::kernels().name; }
 }  // namespace
 
 TORCH_LIBRARY(weighted_loss, m) {
-  // Class-index targets. Returns (loss, lse, total_weight): lse per row (float32, float64 for
-  // float64 logits), total_weight the weighted mean's divisor sum(weight[target]).
+  // Class-index targets. Returns (loss, lse, total_weight): lse (2, rows) (float32, float64 for
+  // float64 logits), each row's max and log-sum shifted by it (params.h), total_weight the weighted mean's divisor sum(weight[target]).
   m.def(
       "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, "
       "int ignore_index, float label_smoothing) -> (Tensor, Tensor, Tensor)");

@@ -1,7 +1,7 @@
 """Fake kernels (shapes for torch.compile / meta tensors) and autograd for the weighted_loss ops.
 
-The schemas live in csrc/ops.cpp. Each cross-entropy forward saves the per-row log-sum-exp (never
-an N x C tensor); BCE saves only its inputs. Each backward is an op of its own that recomputes
+The schemas live in csrc/ops.cpp. Each cross-entropy forward saves the per-row log-sum-exp as two
+(2, rows) planes, each row's max and the log-sum shifted by it (never an N x C tensor); BCE saves only its inputs. Each backward is an op of its own that recomputes
 what it needs in one pass.
 """
 import torch
@@ -31,7 +31,7 @@ def _row_shape(input):
 def _(input, target, weight, reduction, ignore_index, label_smoothing):
     acc = _acc_dtype(input.dtype)
     loss = input.new_empty(target.shape if reduction == _NONE else ())
-    return loss, input.new_empty((_rows(input),), dtype=acc), input.new_empty((), dtype=acc)
+    return loss, input.new_empty((2, _rows(input)), dtype=acc), input.new_empty((), dtype=acc)
 
 
 @torch.library.register_fake("weighted_loss::cross_entropy_backward")
@@ -74,7 +74,7 @@ def _(input, target, weight, reduction, label_smoothing):
     acc = _acc_dtype(input.dtype)
     loss = input.new_empty(_row_shape(input) if reduction == _NONE else ())
     rows = _rows(input)
-    return loss, input.new_empty((rows,), dtype=acc), input.new_empty((rows,), dtype=acc)
+    return loss, input.new_empty((2, rows), dtype=acc), input.new_empty((rows,), dtype=acc)
 
 
 @torch.library.register_fake("weighted_loss::cross_entropy_prob_backward")

@@ -50,36 +50,11 @@ inline Vectorized<double> log1p_unit(const Vectorized<double>& e) {
   return e.log1p();
 }
 
-// exp(v) for v <= 0, the only exp the loss needs: n = round(v / ln 2), r = v - n ln 2 in two
-// steps (Cody-Waite), exp(r) as a degree-5 fit on [-ln2/2, ln2/2] (2.2e-7 relative), n added to
-// the exponent bits; v is clamped at -87 so that 2^n stays a normal float, and the result is 0
-// below (as exp underflows there, give or take denormals). Fourteen instructions against the
-// twenty of at::vec's exp_u20, which must also handle overflow.
-inline Vectorized<float> exp_nonpos(const Vectorized<float>& v) {
-  using V = Vectorized<float>;
-  using VI = Vectorized<int32_t>;
-  const V x = at::vec::clamp_min(v, V(-87.f));
-  const V n = (x * V(1.44269504f)).round();
-  V r = at::vec::fmadd(n, V(-0.693145751953125f), x);
-  r = at::vec::fmadd(n, V(-1.42860677e-6f), r);
-  V p = V(0.00829171669f);
-  p = at::vec::fmadd(p, r, V(0.0419150293f));
-  p = at::vec::fmadd(p, r, V(0.166676626f));
-  p = at::vec::fmadd(p, r, V(0.499989003f));
-  p = at::vec::fmadd(p, r, V(0.999999642f));
-  p = at::vec::fmadd(p, r, V(1.00000012f));
-  const VI scale = at::vec::convert_to_int_of_same_size(n) << VI(23);
-  return at::vec::cast<float>(at::vec::cast<int32_t>(p) + scale) & (v >= V(-87.f));
-}
-inline Vectorized<double> exp_nonpos(const Vectorized<double>& v) {
-  return v.exp();
-}
-
 // e = exp(-|x|), NaN where x is NaN.
 template <typename acc_t>
 inline Vectorized<acc_t> exp_neg_abs(const Vectorized<acc_t>& x) {
   using V = Vectorized<acc_t>;
-  const V e = exp_nonpos(V(0) - x.abs());
+  const V e = vexp(V(0) - x.abs());
   return V::blendv(e, x, x != x);
 }
 
@@ -92,7 +67,7 @@ inline Vectorized<acc_t> bce_loss(const Vectorized<acc_t>& x, const Vectorized<a
                                   const Vectorized<acc_t>& pw) {
   using V = Vectorized<acc_t>;
   const V zero(0), one(1);
-  const V sp = log1p_unit(exp_nonpos(zero - x.abs()));
+  const V sp = log1p_unit(vexp(zero - x.abs()));
   const V a = one - t, b = pw * t;
   const V lin = x * V::blendv(zero - b, a, x >= zero);
   return at::vec::fmadd(a + b, sp, lin);
@@ -235,8 +210,7 @@ template <typename scalar_t, bool WC, bool PC, bool Store>
 inline void forward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
                             const typename AccOf<scalar_t>::type* w,
                             const typename AccOf<scalar_t>::type* pw,
-                            Vectorized<typename AccOf<scalar_t>::type>& s0,
-                            Vectorized<typename AccOf<scalar_t>::type>& s1) {
+                            double* sum) {
   using acc_t = typename AccOf<scalar_t>::type;
   using Io = IO<scalar_t>;
   using V = Vectorized<acc_t>;
@@ -256,9 +230,13 @@ inline void forward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
         Io::store(out + k, cnt, l0, l1);
       }
     } else {
+      // added in double, lane by lane: a float sum of terms of both signs (negative weights)
+      // would lose what PyTorch's cascade sum keeps
       if constexpr (!decltype(full)::value) keep_valid(cnt, V(0), l0, l1);
-      s0 += l0;
-      s1 += l1;
+      acc_t tmp[B];
+      l0.store(tmp);
+      l1.store(tmp + Io::W);
+      for (int64_t j = 0; j < B; ++j) sum[j] += static_cast<double>(tmp[j]);
     }
   });
 }
@@ -266,15 +244,13 @@ inline void forward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
 template <typename scalar_t, bool WC, bool PC>
 void forward(const BceCtx<scalar_t>& cx) {
   using acc_t = typename AccOf<scalar_t>::type;
-  using V = Vectorized<acc_t>;
   const auto& p = cx.p;
   const int64_t blocks = (p.numel + kBlock - 1) / kBlock;
   if (p.reduction == Reduction::None) {
     at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b, int64_t e) {
-      V s0(0), s1(0);
       for_segments(cx, b * kBlock, std::min(p.numel, e * kBlock),
                    [&](int64_t f, int64_t n, const acc_t* w, const acc_t* pw) {
-                     forward_segment<scalar_t, WC, PC, true>(cx, f, n, w, pw, s0, s1);
+                     forward_segment<scalar_t, WC, PC, true>(cx, f, n, w, pw, nullptr);
                    });
     });
     return;
@@ -282,12 +258,14 @@ void forward(const BceCtx<scalar_t>& cx) {
   std::vector<double> part(blocks, 0.0);
   at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b, int64_t e) {
     for (int64_t blk = b; blk < e; ++blk) {
-      V s0(0), s1(0);
+      double sum[IO<scalar_t>::B] = {};
       for_segments(cx, blk * kBlock, std::min(p.numel, (blk + 1) * kBlock),
                    [&](int64_t f, int64_t n, const acc_t* w, const acc_t* pw) {
-                     forward_segment<scalar_t, WC, PC, false>(cx, f, n, w, pw, s0, s1);
+                     forward_segment<scalar_t, WC, PC, false>(cx, f, n, w, pw, sum);
                    });
-      part[blk] = static_cast<double>(hsum(s0 + s1));
+      double total = 0;
+      for (const double v : sum) total += v;
+      part[blk] = total;
     }
   });
   double total = 0;

@@ -4,19 +4,21 @@
 // time. Include it from those files only.
 //
 // Math, per row r with logits x, class weights w (1 when absent), C classes, smoothing s:
-//   lse    = log sum_c exp(x_c)                      (saved for the backward, in acc precision)
+//   lse    = log sum_c exp(x_c) = sh + L, sh = max_c x_c, L = log sum_c exp(x_c - sh)
+//            (sh and L saved for the backward, in acc precision, in two planes of p.lse)
 //   index target y:
-//     loss = (1 - s) w_y (lse - x_y) + (s / C) sum_c w_c (lse - x_c)
+//     loss = (1 - s) w_y ((sh - x_y) + L) + (s / C) (W L - sum_c w_c (x_c - sh))
 //     dloss/dx_k = (1 - s) w_y (p_k - [k == y]) + (s / C) (W p_k - w_k),  p = softmax(x), W = sum w
 //   probability target t, with t'_c = (1 - s) t_c + s / C and S = sum_c w_c t'_c:
-//     loss = -sum_c w_c t'_c (x_c - lse)
-//     dloss/dx_k = S p_k - w_k t'_k,        dloss/dt_k = -(1 - s) w_k (x_k - lse)
-// The forward reads each logit once, one exp per logit: lse = ref + log sum_c exp(x_c - ref) with
-// ref = the row's first logit, and a second pass shifted by the row's max only for the rare row
-// where that sum could overflow (see row_stats). Sums of w_c (x_c - lse) are taken as
-// W (lse - ref) - sum_c w_c (x_c - ref), so a large common offset of the logits does not cancel
-// catastrophically. The backward recomputes p from the saved lse and writes each gradient element
-// once.
+//     loss = S L - sum_c w_c t'_c (x_c - sh)
+//     dloss/dx_k = S p_k - w_k t'_k,        dloss/dt_k = -(1 - s) w_k ((x_k - sh) - L)
+// The forward reads a row twice (the second time from cache): its max, then one exp per logit,
+// as PyTorch's log_softmax. Everything is taken relative to the max, never through lse itself:
+// exp's arguments are <= 0, the weighted sums add terms of one sign, L = log1p(sum over the
+// classes below the max) keeps a small loss exact, and the backward's p_k = exp((x_k - sh) - L)
+// does not inherit lse's rounding (which at |lse| ~ 10 would cost p_k 10 ulp). With vexp's
+// 0.9 ulp the float32 results are as close to float64 as PyTorch's own (tests/test_exactness.py).
+// The backward writes each gradient element once.
 //
 // Layouts (path_of): class-contiguous rows are vectorized along the classes; rows of at most
 // kSmallClasses classes are transposed B at a time into a small tile and take the lane code;
@@ -133,55 +135,112 @@ inline void prefetch_write(void* p) {
 }
 constexpr int64_t kPrefetch = 256;  // elements ahead along a class row
 
-// How far the max of a row may lie above the exp shift `ref` before sum exp(x - ref) could
-// overflow (C * e^60 < FLT_MAX for any C below 10^12).
+// The log-sum of a row from its max m, the sum e of exp(x_c - m) over its classes below m and the
+// count k of classes at m: L = log sum_c exp(x_c - m) = log1p(e + (k - 1)), which keeps the last
+// bits of a small loss (log(1 + e) would round 1 + e first). The shift saved beside L is m, or 0
+// for a row that is -inf throughout (L = -inf, so its loss is NaN as in PyTorch); a row holding
+// NaN or +inf gets L = NaN (PyTorch: NaN).
 template <typename acc_t>
-constexpr acc_t kShiftSlack = std::is_same_v<acc_t, double> ? acc_t(600) : acc_t(60);
+inline void finish_lse(acc_t m, acc_t e, acc_t k, acc_t& sh, acc_t& L) {
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+  sh = exp_shift(m);
+  if (m == -inf) {
+    L = -inf;
+  } else if (m - m != acc_t(0)) {  // NaN or +inf
+    L = std::numeric_limits<acc_t>::quiet_NaN();
+  } else {
+    L = std::log1p(e + (k - acc_t(1)));
+  }
+}
+template <typename acc_t>
+inline void finish_lse(const Vectorized<acc_t>& m, const Vectorized<acc_t>& e,
+                       const Vectorized<acc_t>& k, Vectorized<acc_t>& sh, Vectorized<acc_t>& L) {
+  using Vec = Vectorized<acc_t>;
+  const Vec ninf(-std::numeric_limits<acc_t>::infinity()), zero(0);
+  sh = Vec::blendv(m, zero, m == ninf);
+  L = (e + (k - Vec(1))).log1p();
+  L = Vec::blendv(L, Vec(std::numeric_limits<acc_t>::quiet_NaN()), (m - m) != zero);
+  L = Vec::blendv(L, ninf, m == ninf);
+}
 
-// One pass over a row with a given shift: s = sum_c exp(x_c - ref), m = max_c x_c; with kSmooth
-// a = sum_c w_c (x_c - ref); with kProb a = sum_c w_c t'_c (x_c - ref) and q = sum_c w_c t'_c.
+// The shift and log-sum saved for an ignored row: (0, +inf), so that its gradient is
+// 0 * exp(x - inf) = 0; (0, NaN) when the row holds a NaN or +inf or is -inf throughout, where
+// PyTorch's log_softmax gives NaN and so does its gradient (0 * NaN).
+template <typename acc_t>
+inline acc_t ignored_lse(acc_t m) {
+  return m - m == acc_t(0) ? std::numeric_limits<acc_t>::infinity()
+                           : std::numeric_limits<acc_t>::quiet_NaN();
+}
+
+// The max of a row, NaN if it holds one.
+template <typename scalar_t>
+inline typename AccOf<scalar_t>::type row_max(const Ctx<scalar_t>& cx, const scalar_t* x) {
+  using io = IO<scalar_t>;
+  using acc_t = typename io::acc_t;
+  using Vec = typename io::Vec;
+  const Vec vninf(-std::numeric_limits<acc_t>::infinity());
+  Vec m0 = vninf, m1 = vninf;
+  for_blocks<io::B>(cx.C, [&](int64_t k, int64_t cnt, auto full) {
+    Vec v0, v1;
+    if constexpr (decltype(full)::value) {
+      io::load(x + k, v0, v1);
+    } else {
+      io::load(x + k, cnt, v0, v1);
+      keep_valid(cnt, vninf, v0, v1);
+    }
+    m0 = at::vec::maximum(m0, v0);
+    m1 = at::vec::maximum(m1, v1);
+  });
+  return hmax(at::vec::maximum(m0, m1));
+}
+
+// The second pass over a row, with its max m and shift sh: e = sum_c exp(x_c - sh) over the
+// classes below m, k = the count at m; with kSmooth a = sum_c w_c (x_c - sh); with kProb
+// a = sum_c w_c t'_c (x_c - sh) and q = sum_c w_c t'_c. Each exp's argument is <= 0, and the
+// weighted sums are of terms <= 0 for weights and targets >= 0: nothing cancels.
 template <typename scalar_t, int M, bool HasW>
-inline void row_pass(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
-                     typename AccOf<scalar_t>::type ref, typename AccOf<scalar_t>::type& s,
-                     typename AccOf<scalar_t>::type& m, typename AccOf<scalar_t>::type& a,
-                     typename AccOf<scalar_t>::type& q) {
+inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
+                     typename AccOf<scalar_t>::type m, typename AccOf<scalar_t>::type sh,
+                     typename AccOf<scalar_t>::type& e, typename AccOf<scalar_t>::type& k,
+                     typename AccOf<scalar_t>::type& a, typename AccOf<scalar_t>::type& q) {
   using io = IO<scalar_t>;
   using acc_t = typename io::acc_t;
   using Vec = typename io::Vec;
   constexpr int64_t B = io::B;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  const Vec vref(ref), vts(cx.t_scale), vtsh(cx.t_shift), vninf(ninf), vzero(0);
-  Vec s0(0), s1(0), m0(ninf), m1(ninf), a0(0), a1(0), q0(0), q1(0);
-  for_blocks<B>(cx.C, [&](int64_t k, int64_t cnt, auto full) {
-    Vec v0, v1, e0, e1;
+  const Vec vm(m), vsh(sh), vts(cx.t_scale), vtsh(cx.t_shift), vninf(ninf), vzero(0), vone(1);
+  Vec e0(0), e1(0), k0(0), k1(0), a0(0), a1(0), q0(0), q1(0);
+  for_blocks<B>(cx.C, [&](int64_t c, int64_t cnt, auto full) {
+    Vec v0, v1, u0, u1;
     if constexpr (decltype(full)::value) {
-      io::load(x + k, v0, v1);
-      e0 = v0;
-      e1 = v1;
+      io::load(x + c, v0, v1);
+      u0 = v0;
+      u1 = v1;
     } else {
-      io::load(x + k, cnt, v0, v1);
-      e0 = v0;
-      e1 = v1;
-      keep_valid(cnt, vninf, e0, e1);  // -inf: no part in the max, exp gives 0
+      io::load(x + c, cnt, v0, v1);
+      u0 = v0;
+      u1 = v1;
+      keep_valid(cnt, vninf, u0, u1);  // -inf: exp gives 0, never at the max
     }
-    m0 = at::vec::maximum(m0, e0);
-    m1 = at::vec::maximum(m1, e1);
-    s0 += vexp(e0 - vref);
-    s1 += vexp(e1 - vref);
+    const Vec at0 = u0 == vm, at1 = u1 == vm;
+    e0 += Vec::blendv(vexp(u0 - vsh), vzero, at0);
+    e1 += Vec::blendv(vexp(u1 - vsh), vzero, at1);
+    k0 += at0 & vone;
+    k1 += at1 & vone;
     if constexpr (M != kPlain) {
-      Vec d0 = v0 - vref, d1 = v1 - vref;
+      Vec d0 = v0 - vsh, d1 = v1 - vsh;
       if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, d0, d1);
       Vec w0(1), w1(1);
-      if constexpr (HasW) load_acc(cx.w + k, cnt, w0, w1);
+      if constexpr (HasW) load_acc(cx.w + c, cnt, w0, w1);
       if constexpr (M == kSmooth) {
         a0 = at::vec::fmadd(w0, d0, a0);
         a1 = at::vec::fmadd(w1, d1, a1);
       } else {
         Vec t0, t1;
         if constexpr (decltype(full)::value) {
-          io::load(t + k, t0, t1);
+          io::load(t + c, t0, t1);
         } else {
-          io::load(t + k, cnt, t0, t1);
+          io::load(t + c, cnt, t0, t1);
         }
         t0 = w0 * at::vec::fmadd(t0, vts, vtsh);
         t1 = w1 * at::vec::fmadd(t1, vts, vtsh);
@@ -193,60 +252,49 @@ inline void row_pass(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t*
       }
     }
   });
-  s = hsum(s0 + s1);
-  m = hmax(at::vec::maximum(m0, m1));
+  e = hsum(e0 + e1);
+  k = hsum(k0 + k1);
   a = hsum(a0 + a1);
   q = hsum(q0 + q1);
 }
 
-// lse of one row, and the sums of row_pass relative to the returned ref. One pass shifted by the
-// row's first logit: exact unless a logit lies more than kShiftSlack above it (then the sum could
-// overflow) or the first logit is -inf; such rows, rare in practice, take a second pass shifted
-// by the row's max (its exp_shift: 0 if the row is all -inf).
-template <typename scalar_t, int M, bool HasW>
-inline void row_stats(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
-                      typename AccOf<scalar_t>::type& ref, typename AccOf<scalar_t>::type& lse,
-                      typename AccOf<scalar_t>::type& a_out, typename AccOf<scalar_t>::type& s_out) {
-  using acc_t = typename AccOf<scalar_t>::type;
-  acc_t s, m;
-  ref = static_cast<acc_t>(x[0]);
-  row_pass<scalar_t, M, HasW>(cx, x, t, ref, s, m, a_out, s_out);
-  if (!(m - ref <= kShiftSlack<acc_t>)) {
-    ref = exp_shift(m);
-    row_pass<scalar_t, M, HasW>(cx, x, t, ref, s, m, a_out, s_out);
+// The loss of a row from its statistics (see row_sums), in double: the float statistics are
+// rounded once each, and nothing after them (PyTorch rounds log_softmax, then w_y times it).
+template <typename scalar_t, int M>
+inline double row_loss(const Ctx<scalar_t>& cx, double sh, double L, double a, double q, double xy,
+                       double wy) {
+  if constexpr (M == kProb) return q * L - a;
+  const double nll = (sh - xy) + L;
+  if constexpr (M == kSmooth) {
+    return (1.0 - cx.p.label_smoothing) * wy * nll +
+           cx.p.label_smoothing / static_cast<double>(cx.C) * (static_cast<double>(cx.w_sum) * L - a);
   }
-  lse = ref + std::log(s);
+  return wy * nll;
 }
 
-// Per-row loss and the row's weight in the mean's divisor.
+// Per-row loss, the saved shift and log-sum (sh, L; lse = sh + L), and the row's weight in the
+// mean's divisor. Two passes over the row (the second from cache): its max, then the sums
+// shifted by it, as PyTorch's log_softmax does.
 template <typename scalar_t, int M, bool HasW>
 inline void row_forward(const Ctx<scalar_t>& cx, int64_t r, const scalar_t* x, const scalar_t* t,
-                        typename AccOf<scalar_t>::type& lse, typename AccOf<scalar_t>::type& loss,
-                        typename AccOf<scalar_t>::type& wy, typename AccOf<scalar_t>::type& tsum) {
+                        typename AccOf<scalar_t>::type& sh, typename AccOf<scalar_t>::type& L,
+                        double& loss, double& wy, typename AccOf<scalar_t>::type& tsum) {
   using acc_t = typename AccOf<scalar_t>::type;
-  if constexpr (M == kProb) {
-    acc_t ref, a, q;
-    row_stats<scalar_t, M, HasW>(cx, x, t, ref, lse, a, q);
-    loss = q * (lse - ref) - a;
-    wy = 1;
-    tsum = q;
-  } else {
-    const int64_t yv = cx.checked_target(r);
-    if (yv < 0) {
-      lse = loss = wy = 0;
-      return;
-    }
-    wy = HasW ? cx.w[yv] : acc_t(1);
-    acc_t ref, a, q;
-    row_stats<scalar_t, M, HasW>(cx, x, t, ref, lse, a, q);
-    const acc_t nll = lse - static_cast<acc_t>(x[yv * cx.p.stride_class]);
-    if constexpr (M == kSmooth) {
-      loss = (acc_t(1) - cx.smooth) * wy * nll +
-             cx.t_shift * (cx.w_sum * (lse - ref) - a);
-    } else {
-      loss = wy * nll;
-    }
+  const int64_t yv = M == kProb ? 0 : cx.checked_target(r);
+  const acc_t m = row_max(cx, x);
+  if (yv < 0) {
+    sh = 0;
+    loss = wy = 0;
+    L = ignored_lse(m);
+    return;
   }
+  acc_t e, k, a, q;
+  row_sums<scalar_t, M, HasW>(cx, x, t, m, exp_shift(m), e, k, a, q);
+  finish_lse(m, e, k, sh, L);
+  tsum = q;
+  wy = M == kProb ? 1.0 : HasW ? static_cast<double>(cx.w[yv]) : 1.0;
+  const double xy = M == kProb ? 0.0 : static_cast<double>(x[yv * cx.p.stride_class]);
+  loss = row_loss<scalar_t, M>(cx, sh, L, a, q, xy, wy);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -300,7 +348,8 @@ void forward_rows(const Ctx<scalar_t>& cx) {
   const Units u = row_units(p);
   const int64_t rows = p.outer * p.inner;
   std::vector<double> part_loss(u.count, 0.0), part_w(u.count, 0.0);
-  auto* lse_out = static_cast<acc_t*>(p.lse);
+  auto* sh_out = static_cast<acc_t*>(p.lse);
+  auto* L_out = sh_out + rows;
   auto* tsum_out = static_cast<acc_t*>(p.tsum);
   auto* loss_out = static_cast<scalar_t*>(p.loss);
   const bool none = p.reduction == Reduction::None;
@@ -310,10 +359,12 @@ void forward_rows(const Ctx<scalar_t>& cx) {
       const int64_t r1 = std::min(rows, (unit + 1) * u.rows);
       for (int64_t r = unit * u.rows; r < r1; ++r) {
         const int64_t off = cx.offset(r / p.inner, r % p.inner);
-        acc_t lse, loss, wy, ts = 0;
-        row_forward<scalar_t, M, HasW>(cx, r, cx.x + off, M == kProb ? cx.t + off : nullptr, lse,
+        acc_t sh, L, ts = 0;
+        double loss, wy;
+        row_forward<scalar_t, M, HasW>(cx, r, cx.x + off, M == kProb ? cx.t + off : nullptr, sh, L,
                                        loss, wy, ts);
-        lse_out[r] = lse;
+        sh_out[r] = sh;
+        L_out[r] = L;
         if constexpr (M == kProb) tsum_out[r] = ts;
         if (none) {
           loss_out[r] = static_cast<scalar_t>(loss);
@@ -334,12 +385,10 @@ void forward_rows(const Ctx<scalar_t>& cx) {
 
 // One block of nl <= B lanes: lane k is row r0 + k, with its logit of class c at x[c * sC + k]
 // (and its target probability at t[c * sC + k]). Writes the rows' lse (tsum; loss for
-// Reduction::None) and adds the block's loss and divisor to vl and vw.
+// Reduction::None) and adds the block's loss and divisor to sl and sw.
 template <typename scalar_t, int M, bool HasW>
 C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
-                                int64_t sC, int64_t nl, int64_t r0,
-                                Vectorized<typename AccOf<scalar_t>::type>& vl,
-                                Vectorized<typename AccOf<scalar_t>::type>& vw) {
+                                int64_t sC, int64_t nl, int64_t r0, double& sl, double& sw) {
   using io = IO<scalar_t>;
   using acc_t = typename io::acc_t;
   using Vec = typename io::Vec;
@@ -348,108 +397,104 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
   const int64_t C = cx.C;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const Vec vts(cx.t_scale), vtsh(cx.t_shift), vninf(ninf), vzero(0);
-  const Vec slack(kShiftSlack<acc_t>);
-  auto* lse_out = static_cast<acc_t*>(p.lse);
+  const Vec vone(1);
+  auto* sh_out = static_cast<acc_t*>(p.lse);
+  auto* L_out = sh_out + p.outer * p.inner;
   auto* tsum_out = static_cast<acc_t*>(p.tsum);
   auto* loss_out = static_cast<scalar_t*>(p.loss);
   const bool none = p.reduction == Reduction::None;
-  // One pass down the classes of B lanes, shifted by ref = each lane's first logit; a
-  // second pass only if some lane needs it (see row_stats). Each load prefetches the
-  // same class a few blocks ahead: the class rows are runs far apart in memory, too short
-  // for the hardware prefetcher to pick up.
-  Vec r0v, r1v, s0, s1, a0, a1, q0, q1;
-  io::load(x, nl, r0v, r1v);
-  for (int attempt = 0;; ++attempt) {
-    // accumulators local to the loop body, so they stay in registers
-    Vec lm0 = vninf, lm1 = vninf, ls0 = vzero, ls1 = vzero, la0 = vzero, la1 = vzero,
-        lq0 = vzero, lq1 = vzero;
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t at = c * sC;
-      prefetch(x + at + kPrefetch);
-      Vec v0, v1;
-      io::load(x + at, nl, v0, v1);
-      lm0 = at::vec::maximum(lm0, v0);
-      lm1 = at::vec::maximum(lm1, v1);
-      ls0 += vexp(v0 - r0v);
-      ls1 += vexp(v1 - r1v);
-      if constexpr (M != kPlain) {
-        Vec f0(HasW ? cx.w[c] : acc_t(1)), f1 = f0;  // factor of (x - ref): w_c or w_c t'_c
-        if constexpr (M == kProb) {
-          prefetch(t + at + kPrefetch);
-          Vec t0, t1;
-          io::load(t + at, nl, t0, t1);
-          f0 = f0 * at::vec::fmadd(t0, vts, vtsh);
-          f1 = f1 * at::vec::fmadd(t1, vts, vtsh);
-          lq0 += f0;
-          lq1 += f1;
-        }
-        la0 = at::vec::fmadd(f0, v0 - r0v, la0);
-        la1 = at::vec::fmadd(f1, v1 - r1v, la1);
+  // Two passes down the classes of the B lanes, as row_forward: each lane's max, then the sums
+  // shifted by it (from cache). The first pass prefetches the same class a few blocks ahead: the
+  // class rows are runs far apart in memory, too short for the hardware prefetcher to pick up.
+  Vec m0 = vninf, m1 = vninf;
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t at = c * sC;
+    prefetch(x + at + kPrefetch);
+    if constexpr (M == kProb) prefetch(t + at + kPrefetch);
+    Vec v0, v1;
+    io::load(x + at, nl, v0, v1);
+    m0 = at::vec::maximum(m0, v0);
+    m1 = at::vec::maximum(m1, v1);
+  }
+  const Vec sh0 = Vec::blendv(m0, vzero, m0 == vninf), sh1 = Vec::blendv(m1, vzero, m1 == vninf);
+  // accumulators local to the loop, so they stay in registers
+  Vec e0 = vzero, e1 = vzero, k0 = vzero, k1 = vzero, a0 = vzero, a1 = vzero, q0 = vzero,
+      q1 = vzero;
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t at = c * sC;
+    Vec v0, v1;
+    io::load(x + at, nl, v0, v1);
+    const Vec at0 = v0 == m0, at1 = v1 == m1;
+    e0 += Vec::blendv(vexp(v0 - sh0), vzero, at0);
+    e1 += Vec::blendv(vexp(v1 - sh1), vzero, at1);
+    k0 += at0 & vone;
+    k1 += at1 & vone;
+    if constexpr (M != kPlain) {
+      Vec f0(HasW ? cx.w[c] : acc_t(1)), f1 = f0;  // factor of (x - sh): w_c or w_c t'_c
+      if constexpr (M == kProb) {
+        Vec t0, t1;
+        io::load(t + at, nl, t0, t1);
+        f0 = f0 * at::vec::fmadd(t0, vts, vtsh);
+        f1 = f1 * at::vec::fmadd(t1, vts, vtsh);
+        q0 += f0;
+        q1 += f1;
+      }
+      a0 = at::vec::fmadd(f0, v0 - sh0, a0);
+      a1 = at::vec::fmadd(f1, v1 - sh1, a1);
+    }
+  }
+  Vec s0, s1, L0, L1;  // the saved shift and log-sum of each lane
+  finish_lse(m0, e0, k0, s0, L0);
+  finish_lse(m1, e1, k1, s1, L1);
+  // per lane, in double (row_loss): the target's weight and logit, the loss; an ignored lane
+  // saves (0, +inf), or (0, NaN) where its logits give NaN (ignored_lse)
+  acc_t sh[B], lv[B], mv[B], av[B], qv[B];
+  store_acc(sh, B, s0, s1);
+  store_acc(lv, B, L0, L1);
+  store_acc(mv, B, m0, m1);
+  store_acc(av, B, a0, a1);
+  store_acc(qv, B, q0, q1);
+  for (int64_t k = 0; k < nl; ++k) {
+    const int64_t r = r0 + k;
+    double loss = 0, wy = 1;
+    if constexpr (M == kProb) {
+      loss = row_loss<scalar_t, M>(cx, sh[k], lv[k], av[k], qv[k], 0.0, 1.0);
+      tsum_out[r] = qv[k];
+    } else {
+      const int64_t yv = cx.checked_target(r);
+      if (yv < 0) {
+        sh[k] = 0;
+        lv[k] = ignored_lse(mv[k]);
+        wy = 0;
+      } else {
+        wy = HasW ? static_cast<double>(cx.w[yv]) : 1.0;
+        loss = row_loss<scalar_t, M>(cx, sh[k], lv[k], av[k], qv[k],
+                                     static_cast<double>(x[yv * sC + k]), wy);
       }
     }
-    s0 = ls0, s1 = ls1, a0 = la0, a1 = la1, q0 = lq0, q1 = lq1;
-    if (attempt == 1) break;
-    const Vec ok0 = (lm0 - r0v) <= slack, ok1 = (lm1 - r1v) <= slack;  // false for NaN too
-    if ((ok0.zero_mask() | ok1.zero_mask()) == 0) break;
-    r0v = Vec::blendv(Vec::blendv(lm0, vzero, lm0 == vninf), r0v, ok0);
-    r1v = Vec::blendv(Vec::blendv(lm1, vzero, lm1 == vninf), r1v, ok1);
-  }
-  Vec lse0 = r0v + s0.log(), lse1 = r1v + s1.log();
-  Vec l0, l1, wy0(1), wy1(1);
-  if constexpr (M == kProb) {
-    l0 = q0 * (lse0 - r0v) - a0;
-    l1 = q1 * (lse1 - r1v) - a1;
-    store_acc(tsum_out + r0, nl, q0, q1);
-  } else {
-    // per lane: the target's weight and logit; ignored lanes (and the tail) are masked
-    acc_t wy[B], xy[B], kp[B];
-    for (int64_t k = 0; k < nl; ++k) {
-      const int64_t yv = cx.checked_target(r0 + k);
-      wy[k] = yv < 0 ? acc_t(0) : HasW ? cx.w[yv] : acc_t(1);
-      xy[k] = yv < 0 ? acc_t(0) : static_cast<acc_t>(x[yv * sC + k]);
-      kp[k] = yv < 0 ? acc_t(0) : acc_t(1);
-    }
-    Vec xy0, xy1, kp0, kp1;
-    load_acc(wy, nl, wy0, wy1);
-    load_acc(xy, nl, xy0, xy1);
-    load_acc(kp, nl, kp0, kp1);
-    if constexpr (M == kSmooth) {
-      const Vec ks(acc_t(1) - cx.smooth), kt(cx.t_shift), kw(cx.w_sum);
-      l0 = ks * wy0 * (lse0 - xy0) + kt * (kw * (lse0 - r0v) - a0);
-      l1 = ks * wy1 * (lse1 - xy1) + kt * (kw * (lse1 - r1v) - a1);
+    sh_out[r] = sh[k];
+    L_out[r] = lv[k];
+    if (none) {
+      loss_out[r] = static_cast<scalar_t>(loss);
     } else {
-      l0 = wy0 * (lse0 - xy0);
-      l1 = wy1 * (lse1 - xy1);
+      sl += loss;
+      sw += wy;
     }
-    const Vec keep0 = kp0 != vzero, keep1 = kp1 != vzero;
-    lse0 = Vec::blendv(vzero, lse0, keep0);
-    lse1 = Vec::blendv(vzero, lse1, keep1);
-    l0 = Vec::blendv(vzero, l0, keep0);
-    l1 = Vec::blendv(vzero, l1, keep1);
-  }
-  store_acc(lse_out + r0, nl, lse0, lse1);
-  if (none) {
-    io::store(loss_out + r0, nl, l0, l1);
-  } else {
-    keep_valid(nl, vzero, l0, l1);
-    keep_valid(nl, vzero, wy0, wy1);
-    vl = vl + l0 + l1;
-    vw = vw + wy0 + wy1;
   }
 }
 
-// The forward drivers of the lane code: `unit_body(unit, vl, vw)` adds one work unit's loss and
-// divisor to vl, vw; units run in parallel, and their partial sums are added in unit order.
+// The forward drivers of the lane code: `unit_body(unit, sl, sw)` adds one work unit's loss and
+// divisor to sl, sw; units run in parallel, and their partial sums are added in unit order.
 template <typename scalar_t, typename F>
 void forward_units(const Ctx<scalar_t>& cx, int64_t count, F&& unit_body) {
   using acc_t = typename AccOf<scalar_t>::type;
   std::vector<double> part_loss(count, 0.0), part_w(count, 0.0);
   at::parallel_for(0, count, 1, [&](int64_t b, int64_t e) {
     for (int64_t unit = b; unit < e; ++unit) {
-      Vectorized<acc_t> vl(0), vw(0);
-      unit_body(unit, vl, vw);
-      part_loss[unit] = hsum(vl);
-      part_w[unit] = hsum(vw);
+      double sl = 0, sw = 0;
+      unit_body(unit, sl, sw);
+      part_loss[unit] = sl;
+      part_w[unit] = sw;
     }
   });
   finish_forward<scalar_t, acc_t>(cx.p, part_loss, part_w);
@@ -460,7 +505,7 @@ void forward_lanes(const Ctx<scalar_t>& cx) {
   constexpr int64_t B = IO<scalar_t>::B;
   const auto& p = cx.p;
   const Units u = lane_units<scalar_t>(p);
-  forward_units(cx, u.count, [&](int64_t unit, auto& vl, auto& vw) {
+  forward_units(cx, u.count, [&](int64_t unit, double& sl, double& sw) {
     const int64_t o = unit / u.per_outer;
     const int64_t i_begin = (unit % u.per_outer) * u.rows;
     const int64_t i_end = std::min(p.inner, i_begin + u.rows);
@@ -468,7 +513,7 @@ void forward_lanes(const Ctx<scalar_t>& cx) {
     for (int64_t j = 0; j < i_end - i_begin; j += B) {
       lanes_block_forward<scalar_t, M, HasW>(
           cx, cx.x + off + j, M == kProb ? cx.t + off + j : nullptr, p.stride_class,
-          std::min(B, i_end - i_begin - j), o * p.inner + i_begin + j, vl, vw);
+          std::min(B, i_end - i_begin - j), o * p.inner + i_begin + j, sl, sw);
     }
   });
 }
@@ -476,55 +521,77 @@ void forward_lanes(const Ctx<scalar_t>& cx) {
 // ---------------------------------------------------------------------------------------------
 // Backward. Per row the gradient is  g * (cp * p_k - cw * w_k * t'_k)  minus  g (1 - s) w_y at
 // k == y for index targets, where g is the upstream gradient of the row's loss (already divided
-// by the mean's divisor), cp the coefficient of the softmax and cw that of the weight term.
+// by the mean's divisor), cp the coefficient of the softmax and cw that of the weight term. The
+// coefficients are computed in double and rounded once.
 
 template <typename scalar_t>
-inline typename AccOf<scalar_t>::type scalar_grad(const CrossEntropyParams& p) {
+inline double scalar_grad(const CrossEntropyParams& p) {
   using acc_t = typename AccOf<scalar_t>::type;
-  const acc_t g = static_cast<acc_t>(*static_cast<const scalar_t*>(p.grad_loss));
+  const double g = static_cast<double>(*static_cast<const scalar_t*>(p.grad_loss));
   if (p.reduction != Reduction::Mean) return g;
-  const acc_t denom = p.prob_target ? static_cast<acc_t>(p.outer * p.inner)
-                                    : *static_cast<const acc_t*>(p.total_weight);
+  const double denom = p.prob_target ? static_cast<double>(p.outer * p.inner)
+                                     : static_cast<double>(*static_cast<const acc_t*>(p.total_weight));
   return g / denom;
 }
 
 // What the backward of one row needs besides the logits.
 template <typename acc_t>
 struct RowCoef {
-  acc_t lse = 0, cp = 0, cw = 0, gy = 0;  // gy: g (1 - s) w_y, subtracted at k == y
+  acc_t sh = 0, L = 0;                     // the saved shift and log-sum: p_k = exp(x_k - sh - L)
+  acc_t cp = 0, cw = 0, gy = 0;            // gy: g (1 - s) w_y, subtracted at k == y
+  double cpd = 0, cwd = 0, gyd = 0;        // the same in double, for the target element
   int64_t y = -1;                          // -1: ignored row (index) / no delta (prob)
-  bool zero = false;                       // ignored row: gradient 0
+  bool zero = false;                       // ignored row: gradient 0 (NaN where L is NaN)
 };
 
 template <typename scalar_t, int M, bool HasW>
 inline RowCoef<typename AccOf<scalar_t>::type> row_coef(const Ctx<scalar_t>& cx, int64_t r,
-                                                         typename AccOf<scalar_t>::type g) {
+                                                         double g) {
   using acc_t = typename AccOf<scalar_t>::type;
   RowCoef<acc_t> rc;
   const auto& p = cx.p;
-  rc.lse = static_cast<const acc_t*>(p.lse)[r];
-  if (p.reduction == Reduction::None) g = static_cast<acc_t>(static_cast<const scalar_t*>(p.grad_loss)[r]);
+  rc.sh = static_cast<const acc_t*>(p.lse)[r];
+  rc.L = static_cast<const acc_t*>(p.lse)[p.outer * p.inner + r];
+  if (p.reduction == Reduction::None) g = static_cast<double>(static_cast<const scalar_t*>(p.grad_loss)[r]);
   if constexpr (M == kProb) {
-    rc.cp = g * static_cast<const acc_t*>(p.tsum)[r];
-    rc.cw = g;
+    rc.cp = static_cast<acc_t>(g * static_cast<double>(static_cast<const acc_t*>(p.tsum)[r]));
+    rc.cw = static_cast<acc_t>(g);
   } else {
     const int64_t yv = cx.checked_target(r);
     if (yv < 0) {
       rc.zero = true;
       return rc;
     }
-    const acc_t wy = HasW ? cx.w[yv] : acc_t(1);
+    const double wy = HasW ? static_cast<double>(cx.w[yv]) : 1.0;
+    const double s = M == kSmooth ? p.label_smoothing : 0.0;
     rc.y = yv;
+    rc.gyd = g * (1.0 - s) * wy;
     if constexpr (M == kSmooth) {
-      rc.cp = g * ((acc_t(1) - cx.smooth) * wy + cx.t_shift * cx.w_sum);
-      rc.cw = g * cx.t_shift;
-      rc.gy = g * (acc_t(1) - cx.smooth) * wy;
+      const double ts = s / static_cast<double>(cx.C);
+      rc.cpd = g * ((1.0 - s) * wy + ts * static_cast<double>(cx.w_sum));
+      rc.cwd = g * ts;
     } else {
-      rc.cp = g * wy;
-      rc.gy = g * wy;
+      rc.cpd = rc.gyd;
     }
+    rc.gy = static_cast<acc_t>(rc.gyd);
+    rc.cp = static_cast<acc_t>(rc.cpd);
+    rc.cw = static_cast<acc_t>(rc.cwd);
   }
   return rc;
+}
+
+// The gradient at the target class of an index row, in double and rounded once:
+// g (1 - s) w_y (p_y - 1) as gy expm1(log p_y), so that a p_y near 1 does not cancel, plus the
+// smoothing terms.
+template <typename scalar_t, int M, bool HasW>
+inline scalar_t target_grad(const Ctx<scalar_t>& cx, const RowCoef<typename AccOf<scalar_t>::type>& rc,
+                            scalar_t xy) {
+  const double lp = (static_cast<double>(xy) - rc.sh) - static_cast<double>(rc.L);
+  double gv = rc.gyd * std::expm1(lp);
+  if constexpr (M == kSmooth) {
+    gv += (rc.cpd - rc.gyd) * std::exp(lp) - rc.cwd * (HasW ? static_cast<double>(cx.w[rc.y]) : 1.0);
+  }
+  return static_cast<scalar_t>(gv);
 }
 
 template <typename scalar_t, int M, bool HasW>
@@ -532,10 +599,10 @@ void backward_rows(const Ctx<scalar_t>& cx) {
   using io = IO<scalar_t>;
   using acc_t = typename io::acc_t;
   using Vec = typename io::Vec;
-  constexpr int64_t B = io::B, W = io::W;
+  constexpr int64_t B = io::B;
   const auto& p = cx.p;
   const int64_t C = cx.C, rows = p.outer * p.inner;
-  const acc_t g_all = p.reduction == Reduction::None ? acc_t(0) : scalar_grad<scalar_t>(p);
+  const double g_all = p.reduction == Reduction::None ? 0.0 : scalar_grad<scalar_t>(p);
   const Vec vts(cx.t_scale), vtsh(cx.t_shift);
   auto* gi = static_cast<scalar_t*>(p.grad_input);
   const Units u = row_units(p);
@@ -547,10 +614,10 @@ void backward_rows(const Ctx<scalar_t>& cx) {
       scalar_t* gr = gi + cx.grad_offset(r / p.inner, r % p.inner);
       const auto rc = row_coef<scalar_t, M, HasW>(cx, r, g_all);
       if (rc.zero) {
-        std::fill(gr, gr + C, scalar_t(0));
+        std::fill(gr, gr + C, rc.L == rc.L ? scalar_t(0) : static_cast<scalar_t>(rc.L));
         continue;
       }
-      const Vec vlse(rc.lse), vcp(rc.cp), vcw(rc.cw);
+      const Vec vsh(rc.sh), vL(rc.L), vcp(rc.cp), vcw(rc.cw);
       for_blocks<B>(C, [&](int64_t k, int64_t cnt, auto full) {
         Vec v0, v1;
         if constexpr (decltype(full)::value) {
@@ -558,7 +625,7 @@ void backward_rows(const Ctx<scalar_t>& cx) {
         } else {
           io::load(x + k, cnt, v0, v1);
         }
-        Vec g0 = vcp * vexp(v0 - vlse), g1 = vcp * vexp(v1 - vlse);
+        Vec g0 = vcp * vexp((v0 - vsh) - vL), g1 = vcp * vexp((v1 - vsh) - vL);
         if constexpr (M == kSmooth || M == kProb) {
           Vec w0(1), w1(1);
           if constexpr (HasW) load_acc(cx.w + k, cnt, w0, w1);
@@ -582,11 +649,7 @@ void backward_rows(const Ctx<scalar_t>& cx) {
         }
       });
       if constexpr (M != kProb) {
-        // the target element once more, with its delta, so it is rounded once
-        const acc_t xv = static_cast<acc_t>(x[rc.y]);
-        acc_t gv = rc.cp * std::exp(xv - rc.lse) - rc.gy;
-        if constexpr (M == kSmooth) gv -= rc.cw * (HasW ? cx.w[rc.y] : acc_t(1));
-        gr[rc.y] = static_cast<scalar_t>(gv);
+        gr[rc.y] = target_grad<scalar_t, M, HasW>(cx, rc, x[rc.y]);  // once more, exactly
       }
     }
   });
@@ -597,7 +660,7 @@ void backward_rows(const Ctx<scalar_t>& cx) {
 template <typename scalar_t, int M, bool HasW>
 C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
                                  scalar_t* g, int64_t sC, int64_t nl, int64_t r0,
-                                 typename AccOf<scalar_t>::type g_all) {
+                                 double g_all) {
   using io = IO<scalar_t>;
   using acc_t = typename io::acc_t;
   using Vec = typename io::Vec;
@@ -606,56 +669,30 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
   const int64_t C = cx.C;
   const Vec vts(cx.t_scale), vtsh(cx.t_shift);
   const bool none = p.reduction == Reduction::None;
-  // Per-lane coefficients (see row_coef). An ignored lane gets lse = +inf and zero
-  // coefficients, so its gradient is 0 * exp(x - inf) = 0 (NaN for a NaN logit, as in
-  // PyTorch's log_softmax backward).
-  Vec g0v(g_all), g1v(g_all);
-  if (none) io::load(static_cast<const scalar_t*>(p.grad_loss) + r0, nl, g0v, g1v);
-  Vec lse0, lse1;
-  load_acc(static_cast<const acc_t*>(p.lse) + r0, nl, lse0, lse1);
-  Vec cp0, cp1, cw0(0), cw1(0), gy0(0), gy1(0), y0(-1), y1(-1);
-  if constexpr (M == kProb) {
-    Vec q0, q1;
-    load_acc(static_cast<const acc_t*>(p.tsum) + r0, nl, q0, q1);
-    cp0 = g0v * q0;
-    cp1 = g1v * q1;
-    cw0 = g0v;
-    cw1 = g1v;
-  } else {
-    acc_t wy[B], yk[B];
-    for (int64_t k = 0; k < nl; ++k) {
-      const int64_t yv = cx.checked_target(r0 + k);
-      wy[k] = yv < 0 ? acc_t(0) : HasW ? cx.w[yv] : acc_t(1);
-      yk[k] = static_cast<acc_t>(yv);  // -1 for ignored lanes
-    }
-    Vec wy0, wy1;
-    load_acc(wy, nl, wy0, wy1);
-    load_acc(yk, nl, y0, y1);
-    const Vec ks(acc_t(1) - cx.smooth), inf(std::numeric_limits<acc_t>::infinity()), zero(0);
-    const Vec keep0 = y0 >= zero, keep1 = y1 >= zero;
-    lse0 = Vec::blendv(inf, lse0, keep0);
-    lse1 = Vec::blendv(inf, lse1, keep1);
-    // blended, not multiplied, to zero: g may be inf (a mean over nothing but ignored rows)
-    gy0 = Vec::blendv(zero, g0v * ks * wy0, keep0);
-    gy1 = Vec::blendv(zero, g1v * ks * wy1, keep1);
-    if constexpr (M == kSmooth) {
-      const Vec kt(cx.t_shift), kw(cx.t_shift * cx.w_sum);
-      cp0 = Vec::blendv(zero, gy0 + g0v * kw, keep0);
-      cp1 = Vec::blendv(zero, gy1 + g1v * kw, keep1);
-      cw0 = Vec::blendv(zero, g0v * kt, keep0);
-      cw1 = Vec::blendv(zero, g1v * kt, keep1);
-    } else {
-      cp0 = gy0;
-      cp1 = gy1;
-    }
+  // Per-lane coefficients (row_coef). An ignored lane was saved with (sh, L) = (0, +inf) and
+  // gets zero coefficients, so its gradient is 0 * exp(x - inf) = 0; NaN where the forward saved
+  // L = NaN (a NaN or +inf logit in the row), as in PyTorch's log_softmax backward.
+  RowCoef<acc_t> rc[B];
+  acc_t shk[B] = {}, lk[B] = {}, cpk[B] = {}, cwk[B] = {};
+  for (int64_t k = 0; k < nl; ++k) {
+    rc[k] = row_coef<scalar_t, M, HasW>(cx, r0 + k, g_all);
+    shk[k] = rc[k].sh;
+    lk[k] = rc[k].L;
+    cpk[k] = rc[k].cp;
+    cwk[k] = rc[k].cw;
   }
+  Vec sh0, sh1, L0, L1, cp0, cp1, cw0, cw1;
+  load_acc(shk, B, sh0, sh1);
+  load_acc(lk, B, L0, L1);
+  load_acc(cpk, B, cp0, cp1);
+  load_acc(cwk, B, cw0, cw1);
   for (int64_t c = 0; c < C; ++c) {
     const int64_t at = c * sC;
     prefetch(x + at + kPrefetch);
     prefetch_write(g + at + kPrefetch);
     Vec v0, v1;
     io::load(x + at, nl, v0, v1);
-    Vec g0 = cp0 * vexp(v0 - lse0), g1 = cp1 * vexp(v1 - lse1);
+    Vec g0 = cp0 * vexp((v0 - sh0) - L0), g1 = cp1 * vexp((v1 - sh1) - L1);
     if constexpr (M == kSmooth || M == kProb) {
       Vec w0(HasW ? cx.w[c] : acc_t(1)), w1 = w0;
       if constexpr (M == kProb) {
@@ -668,12 +705,12 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
       g0 = g0 - cw0 * w0;
       g1 = g1 - cw1 * w1;
     }
-    if constexpr (M != kProb) {
-      const Vec vc(static_cast<acc_t>(c));
-      g0 = g0 - (gy0 & (y0 == vc));
-      g1 = g1 - (gy1 & (y1 == vc));
-    }
     io::store(g + at, nl, g0, g1);
+  }
+  if constexpr (M != kProb) {  // each lane's target element once more, exactly
+    for (int64_t k = 0; k < nl; ++k) {
+      if (rc[k].y >= 0) g[rc[k].y * sC + k] = target_grad<scalar_t, M, HasW>(cx, rc[k], x[rc[k].y * sC + k]);
+    }
   }
 }
 
@@ -682,7 +719,7 @@ void backward_lanes(const Ctx<scalar_t>& cx) {
   using acc_t = typename AccOf<scalar_t>::type;
   constexpr int64_t B = IO<scalar_t>::B;
   const auto& p = cx.p;
-  const acc_t g_all = p.reduction == Reduction::None ? acc_t(0) : scalar_grad<scalar_t>(p);
+  const double g_all = p.reduction == Reduction::None ? 0.0 : scalar_grad<scalar_t>(p);
   auto* gi = static_cast<scalar_t*>(p.grad_input);
   const Units u = lane_units<scalar_t>(p);
   at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
@@ -755,14 +792,14 @@ void forward_small_rows(const Ctx<scalar_t>& cx) {
   const auto& p = cx.p;
   const Units u = small_row_units<scalar_t>(p);
   const int64_t rows = p.outer * p.inner;
-  forward_units(cx, u.count, [&](int64_t unit, auto& vl, auto& vw) {
+  forward_units(cx, u.count, [&](int64_t unit, double& sl, double& sw) {
     alignas(64) scalar_t xt[kSmallClasses * B], tt[M == kProb ? kSmallClasses * B : 1];
     const int64_t r_end = std::min(rows, (unit + 1) * u.rows);
     for (int64_t r0 = unit * u.rows; r0 < r_end; r0 += B) {
       const int64_t nl = std::min(B, r_end - r0);
       int64_t off[B];
       load_row_tile<scalar_t, M == kProb>(cx, r0, nl, off, xt, tt);
-      lanes_block_forward<scalar_t, M, HasW>(cx, xt, tt, B, nl, r0, vl, vw);
+      lanes_block_forward<scalar_t, M, HasW>(cx, xt, tt, B, nl, r0, sl, sw);
     }
   });
 }
@@ -774,7 +811,7 @@ void backward_small_rows(const Ctx<scalar_t>& cx) {
   const auto& p = cx.p;
   const Units u = small_row_units<scalar_t>(p);
   const int64_t rows = p.outer * p.inner;
-  const acc_t g_all = p.reduction == Reduction::None ? acc_t(0) : scalar_grad<scalar_t>(p);
+  const double g_all = p.reduction == Reduction::None ? 0.0 : scalar_grad<scalar_t>(p);
   auto* gi = static_cast<scalar_t*>(p.grad_input);
   at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
     alignas(64) scalar_t xt[kSmallClasses * B], gt[kSmallClasses * B],
@@ -806,21 +843,22 @@ void target_backward(const Ctx<scalar_t>& cx) {
   constexpr int64_t B = io::B, W = io::W;
   const auto& p = cx.p;
   const int64_t C = cx.C, rows = p.outer * p.inner, sC = p.stride_class;
-  const acc_t g_all = p.reduction == Reduction::None ? acc_t(0) : scalar_grad<scalar_t>(p);
-  const auto* lse_in = static_cast<const acc_t*>(p.lse);
+  const double g_all = p.reduction == Reduction::None ? 0.0 : scalar_grad<scalar_t>(p);
+  const auto* sh_in = static_cast<const acc_t*>(p.lse);
+  const auto* L_in = sh_in + rows;
   auto* gt = static_cast<scalar_t*>(p.grad_target);
   const bool none = p.reduction == Reduction::None;
   auto coef = [&](int64_t r) {
-    const acc_t g = none ? static_cast<acc_t>(static_cast<const scalar_t*>(p.grad_loss)[r]) : g_all;
-    return -g * cx.t_scale;
+    const double g = none ? static_cast<double>(static_cast<const scalar_t*>(p.grad_loss)[r]) : g_all;
+    return static_cast<acc_t>(-g * (1.0 - (p.label_smoothing > 0 ? p.label_smoothing : 0.0)));
   };
   if (sC == 1) {
     const Units u = row_units(p);
     at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
       for (int64_t r = b * u.rows; r < std::min(rows, e * u.rows); ++r) {
         const int64_t off = cx.offset(r / p.inner, r % p.inner);
-        const acc_t k0 = coef(r), lse = lse_in[r];
-        const Vec vk(k0), vlse(lse);
+        const acc_t k0 = coef(r);
+        const Vec vk(k0), vsh(sh_in[r]), vL(L_in[r]);
         for_blocks<B>(C, [&](int64_t k, int64_t cnt, auto full) {
           Vec v0, v1;
           if constexpr (decltype(full)::value) {
@@ -828,7 +866,7 @@ void target_backward(const Ctx<scalar_t>& cx) {
           } else {
             io::load(cx.x + off + k, cnt, v0, v1);
           }
-          Vec g0 = vk * (v0 - vlse), g1 = vk * (v1 - vlse);
+          Vec g0 = vk * ((v0 - vsh) - vL), g1 = vk * ((v1 - vsh) - vL);
           if constexpr (HasW) {
             Vec w0, w1;
             load_acc(cx.w + k, cnt, w0, w1);
@@ -854,19 +892,18 @@ void target_backward(const Ctx<scalar_t>& cx) {
       for (int64_t i0 = i_begin; i0 < i_end; i0 += B) {
         const int64_t nl = std::min(B, i_end - i0);
         const int64_t base = cx.offset(o, i0);
-        acc_t kk[B] = {}, ll[B] = {};
-        for (int64_t k = 0; k < nl; ++k) {
-          const int64_t r = o * p.inner + i0 + k;
-          kk[k] = coef(r);
-          ll[k] = lse_in[r];
-        }
+        acc_t kk[B] = {};
+        for (int64_t k = 0; k < nl; ++k) kk[k] = coef(o * p.inner + i0 + k);
         const Vec k0 = Vec::loadu(kk), k1 = Vec::loadu(kk + W);
-        const Vec l0 = Vec::loadu(ll), l1 = Vec::loadu(ll + W);
+        const int64_t r0 = o * p.inner + i0;
+        Vec s0, s1, l0, l1;
+        load_acc(sh_in + r0, nl, s0, s1);
+        load_acc(L_in + r0, nl, l0, l1);
         for (int64_t c = 0; c < C; ++c) {
           Vec v0, v1;
           prefetch(cx.x + base + c * sC + u.rows);
           io::load(cx.x + base + c * sC, nl, v0, v1);
-          Vec g0 = k0 * (v0 - l0), g1 = k1 * (v1 - l1);
+          Vec g0 = k0 * ((v0 - s0) - l0), g1 = k1 * ((v1 - s1) - l1);
           if constexpr (HasW) {
             const Vec wc(cx.w[c]);
             g0 = g0 * wc;

@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kThreads) weight_sum_kernel(const CrossEntropy
   if (threadIdx.x == 0) *static_cast<acc_t*>(out) = static_cast<acc_t>(s);
 }
 
-// Gradient of probability targets: dt_k = -(1 - s) w_k (x_k - lse) g, one thread per element.
+// Gradient of probability targets: dt_k = -(1 - s) w_k ((x_k - sh) - L) g, one thread per element.
 template <typename T, bool HasW>
 __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>) target_backward_kernel(const CrossEntropyParams p) {
   using acc_t = typename AccOf<T>::type;
@@ -51,9 +51,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>) target_backward_ker
   const Smoothing<acc_t> smooth(p);
   const int64_t at = row_offset<T>(p, r) + k * p.stride_class;
   const acc_t wk = HasW ? to_acc(static_cast<const T*>(p.weight)[k]) : acc_t(1);
-  const acc_t lse = static_cast<const acc_t*>(p.lse)[r];
+  const acc_t sh = static_cast<const acc_t*>(p.lse)[r], L = static_cast<const acc_t*>(p.lse)[rows + r];
   static_cast<T*>(p.grad_target)[at] = from_acc<T>(
-      -smooth.t_scale * wk * (to_acc(static_cast<const T*>(p.input)[at]) - lse) * g);
+      -smooth.t_scale * wk * ((to_acc(static_cast<const T*>(p.input)[at]) - sh) - L) * g);
 }
 
 // A split row's chunks hold at least this many classes, a multiple of kChunkAlign.

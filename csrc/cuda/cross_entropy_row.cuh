@@ -1,14 +1,17 @@
 // The per-row arithmetic of the CUDA cross-entropy kernels, shared by every launch path. Math as
 // in ../cpu/cross_entropy_kernel.h, per row r with logits x, class weights w (1 when absent),
 // C classes, smoothing s, W = sum_c w_c:
-//   lse = log sum_c exp(x_c)                                    (saved, acc precision)
+//   lse = log sum_c exp(x_c) = sh + L, sh = max_c x_c, L = log sum_c exp(x_c - sh)
+//                    (sh and L saved, acc precision: params.h)
 //   index target y:  loss = (1 - s) w_y (lse - x_y) + (s / C) sum_c w_c (lse - x_c)
 //                    dx_k = (1 - s) w_y (p_k - [k == y]) + (s / C) (W p_k - w_k)
 //   probabilities t, t' = (1 - s) t + s / C, S = sum_c w_c t'_c:
 //                    loss = S lse - sum_c w_c t'_c x_c,  dx_k = S p_k - w_k t'_k,
 //                    dt_k = -(1 - s) w_k (x_k - lse)
 // Weighted sums of x are taken relative to ref = the row's first logit, so a large common offset
-// does not cancel (0 when that logit is not finite: see shift_of). An out-of-range class index
+// does not cancel (0 when that logit is not finite: see shift_of); lse - x is taken as
+// (sh - x) + L, never through a rounded lse. Ignored rows are read too: their gradient is NaN
+// where PyTorch's log_softmax is (a NaN or +inf logit, or all -inf). An out-of-range class index
 // (other than ignore_index) is never read through: it stops the kernel with a device-side
 // assert, as PyTorch's CUDA kernels do.
 #pragma once
@@ -61,7 +64,14 @@ struct Lse {
     s = (m == -INFINITY ? s : s * fast_exp(m - mm)) + (m2 == -INFINITY ? s2 : s2 * fast_exp(m2 - mm));
     m = mm;
   }
-  __device__ __forceinline__ acc_t value() const { return m == -INFINITY ? m + s : m + log(s); }
+  // the saved shift and log-sum (sh + L = lse): (0, -inf) for a row that is -inf throughout
+  __device__ __forceinline__ acc_t shift() const { return m == -INFINITY ? acc_t(0) : m; }
+  __device__ __forceinline__ acc_t log_sum() const { return m == -INFINITY ? m + s : log(s); }
+  // what an ignored row saves as its log-sum: +inf (gradient 0 * exp(x - inf) = 0), NaN where
+  // PyTorch's log_softmax of the row is NaN
+  __device__ __forceinline__ acc_t ignored() const {
+    return (m != -INFINITY && s == s) ? acc_t(INFINITY) : acc_t(NAN);
+  }
 };
 
 // What a row's forward gathers besides the log-sum-exp: a = sum_c w_c t'_c (x_c - ref) and
@@ -122,22 +132,24 @@ __device__ __forceinline__ int64_t target_of(const CrossEntropyParams& p, int64_
   return (y >= 0 && y < p.classes) ? y : -1;
 }
 
-// The loss of row r from its statistics; wy gets the mean's divisor contribution.
+// The loss of row r from its statistics, in double (each float statistic rounded once, nothing
+// after: as ../cpu/cross_entropy_kernel.h's row_loss); wy gets the mean's divisor contribution.
 template <typename T, int M, bool HasW>
-__device__ __forceinline__ typename AccOf<T>::type row_loss(
-    const CrossEntropyParams& p, int64_t y, typename AccOf<T>::type lse,
-    typename AccOf<T>::type ref, const Sums<typename AccOf<T>::type>& sm, typename AccOf<T>::type xy,
-    typename AccOf<T>::type& wy) {
-  using acc_t = typename AccOf<T>::type;
+__device__ __forceinline__ double row_loss(const CrossEntropyParams& p, int64_t y,
+                                           typename AccOf<T>::type sh, typename AccOf<T>::type L,
+                                           typename AccOf<T>::type ref,
+                                           const Sums<typename AccOf<T>::type>& sm,
+                                           typename AccOf<T>::type xy, double& wy) {
+  const double lse_ref = (static_cast<double>(sh) - ref) + L;  // lse - ref
   if constexpr (M == kProb) {
     wy = 1;
-    return sm.q * (lse - ref) - sm.a;
+    return static_cast<double>(sm.q) * lse_ref - sm.a;
   } else {
-    wy = HasW ? to_acc(static_cast<const T*>(p.weight)[y]) : acc_t(1);
-    const acc_t nll = lse - xy;
+    wy = HasW ? static_cast<double>(to_acc(static_cast<const T*>(p.weight)[y])) : 1.0;
+    const double nll = (static_cast<double>(sh) - xy) + L;
     if constexpr (M == kSmooth) {
-      const Smoothing<acc_t> s(p);
-      return s.t_scale * wy * nll + s.t_shift * (sm.q * (lse - ref) - sm.a);
+      const double s = p.label_smoothing;
+      return (1.0 - s) * wy * nll + s / static_cast<double>(p.classes) * (sm.q * lse_ref - sm.a);
     } else {
       return wy * nll;
     }
@@ -147,23 +159,24 @@ __device__ __forceinline__ typename AccOf<T>::type row_loss(
 // The backward coefficients of row r: grad_k = cp p_k - cw w_k t'_k - [k == y] gy.
 template <typename acc_t>
 struct Coef {
-  acc_t lse = 0, cp = 0, cw = 0, gy = 0;
+  acc_t sh = 0, L = 0, cp = 0, cw = 0, gy = 0;  // p_k = exp((x_k - sh) - L)
   int64_t y = -1;
-  bool zero = true;
+  bool zero = true;  // ignored row: 0, or NaN where L is
 };
 
 // Writes row r's forward results (lse, tsum; the loss itself for Reduction::None), or adds its
 // (loss, divisor) share of a reduced loss to (my_l, my_w).
 template <typename T, int M>
 __device__ __forceinline__ void store_row(const CrossEntropyParams& p, int64_t r,
-                                          typename AccOf<T>::type lse, typename AccOf<T>::type loss,
-                                          typename AccOf<T>::type wy, typename AccOf<T>::type q,
+                                          typename AccOf<T>::type sh, typename AccOf<T>::type L,
+                                          double loss, double wy, typename AccOf<T>::type q,
                                           double& my_l, double& my_w) {
   using acc_t = typename AccOf<T>::type;
-  static_cast<acc_t*>(p.lse)[r] = lse;
+  static_cast<acc_t*>(p.lse)[r] = sh;
+  static_cast<acc_t*>(p.lse)[p.outer * p.inner + r] = L;
   if constexpr (M == kProb) static_cast<acc_t*>(p.tsum)[r] = q;
   if (p.reduction == Reduction::None) {
-    static_cast<T*>(p.loss)[r] = from_acc<T>(loss);
+    static_cast<T*>(p.loss)[r] = from_acc<T>(static_cast<acc_t>(loss));
   } else {
     my_l += loss;
     my_w += wy;
@@ -177,10 +190,15 @@ __device__ __forceinline__ typename AccOf<T>::type grad_element(
     typename AccOf<T>::type x, typename AccOf<T>::type t,
     const Smoothing<typename AccOf<T>::type>& sm) {
   using acc_t = typename AccOf<T>::type;
-  if (c.zero) return acc_t(0);
-  acc_t v = c.cp * fast_exp(x - c.lse);
+  if (c.zero) return c.L == c.L ? acc_t(0) : c.L;
+  const acc_t lp = (x - c.sh) - c.L;  // log p_k
+  if (k == c.y) {  // g (1 - s) w_y (p_y - 1) without cancelling when p_y is near 1; once a row
+    acc_t v = c.gy * expm1(lp);
+    if constexpr (M == kSmooth) v += (c.cp - c.gy) * exp(lp) - c.cw * class_term<T, M, HasW>(p, k, t, sm);
+    return v;
+  }
+  acc_t v = c.cp * fast_exp(lp);
   if constexpr (M != kPlain) v -= c.cw * class_term<T, M, HasW>(p, k, t, sm);
-  if (k == c.y) v -= c.gy;
   return v;
 }
 
@@ -194,12 +212,14 @@ __device__ __forceinline__ void finish_row(const CrossEntropyParams& p, int64_t 
                                            typename AccOf<T>::type xy, double& my_l,
                                            double& my_w) {
   using acc_t = typename AccOf<T>::type;
-  acc_t lse = 0, loss = 0, wy = 0;
+  acc_t sh = 0, L = l.ignored();
+  double loss = 0, wy = 0;
   if (active) {
-    lse = l.value();
-    loss = row_loss<T, M, HasW>(p, y, lse, ref, sm, xy, wy);
+    sh = l.shift();
+    L = l.log_sum();
+    loss = row_loss<T, M, HasW>(p, y, sh, L, ref, sm, xy, wy);
   }
-  store_row<T, M>(p, r, lse, loss, wy, sm.q, my_l, my_w);
+  store_row<T, M>(p, r, sh, L, loss, wy, sm.q, my_l, my_w);
 }
 
 template <typename T, int M, bool HasW>
@@ -218,7 +238,8 @@ __device__ __forceinline__ Coef<typename AccOf<T>::type> row_coef(const CrossEnt
                          : *static_cast<const acc_t*>(p.total_weight);
     }
   }
-  c.lse = static_cast<const acc_t*>(p.lse)[r];
+  c.sh = static_cast<const acc_t*>(p.lse)[r];
+  c.L = static_cast<const acc_t*>(p.lse)[p.outer * p.inner + r];
   if constexpr (M == kProb) {
     c.cp = g * static_cast<const acc_t*>(p.tsum)[r];
     c.cw = g;

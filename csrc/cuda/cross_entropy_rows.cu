@@ -33,8 +33,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
   const T* t = M == kProb ? static_cast<const T*>(p.target) + off : nullptr;
   Lse<acc_t> l;
   Sums<acc_t> sm;
-  const acc_t ref = active ? shift_of(to_acc(x[0])) : acc_t(0);
-  if (active) {
+  const acc_t ref = valid ? shift_of(to_acc(x[0])) : acc_t(0);
+  if (valid) {  // ignored rows too: their max and sum decide whether their gradient is NaN
     for_range<T, TPR, M == kProb>(x, t, 0, p.classes, p.stride_class, lane, vector,
                                   [&](int64_t c0, const acc_t* xv, const acc_t* tv, int n) {
       accumulate<T, M, HasW>(p, l, sm, ref, smooth, c0, xv, tv, n);

@@ -23,13 +23,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk_len;
   const int64_t end = begin + chunk_len < p.classes ? begin + chunk_len : p.classes;
   const Smoothing<acc_t> smooth(p);
-  const bool active = M == kProb || target_of(p, r) >= 0;
   const int64_t off = row_offset<T>(p, r);
   const T* x = static_cast<const T*>(p.input) + off;
   const T* t = M == kProb ? static_cast<const T*>(p.target) + off : nullptr;
   Lse<acc_t> l;
   Sums<acc_t> sm;
-  if (active) {
+  {  // ignored rows too: their max and sum decide whether their gradient is NaN
     const acc_t ref = shift_of(to_acc(x[0]));
     for_range<T, kThreads, M == kProb>(x, t, begin, end, p.stride_class, threadIdx.x, vector,
                                        [&](int64_t c0, const acc_t* xv, const acc_t* tv, int n) {
