@@ -56,8 +56,9 @@ struct CrossEntropyParams {
   // forward outputs
   void* loss;                // rows of dtype (Reduction::None) or a 0-d dtype scalar
   void* lse;                 // 2 x rows of acc: each row's shift sh (its max; 0 if all -inf), then
-                             // L = log sum_c exp(x_c - sh); lse = sh + L. Ignored rows: (0, +inf),
-                             // or (0, NaN) if the row's log_softmax is NaN
+                             // L = log sum_c exp(x_c - sh); lse = sh + L. L is NaN where the row's
+                             // log_softmax is (NaN, +inf, all -inf). Ignored rows: (0, +inf), or
+                             // (0, NaN) where their log_softmax is NaN
   void* total_weight;        // 0-d acc: the mean's divisor (sum of weight[target] or row count)
   void* tsum;                // rows of acc, probability targets: sum_c weight_c * target'_c
 

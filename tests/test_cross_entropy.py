@@ -196,6 +196,37 @@ def test_nan_propagates(device, shape, at):
     assert torch.isnan(wl.cross_entropy(x, t, weight=w))
 
 
+# every path: small rows (C <= 64), warp / block rows, a row split across blocks on the GPU
+# (and the emulator at 132 SMs), spatial lanes, with a full 32-lane block and a tail
+@pytest.mark.parametrize("shape", [(6, 5), (6, 300), (3, 9000), (2, 5, 70)], ids=str)
+@pytest.mark.parametrize("bad", ["nan", "inf", "all-ninf"])
+@pytest.mark.parametrize("ls", [0.0, 0.2])
+def test_gradient_nan_exactly_where_pytorch_has_it(device, shape, bad, ls):
+    """A row whose log_softmax is NaN (a NaN or +inf logit, or -inf throughout) has a NaN gradient
+    in PyTorch, also when its target is ignored (0 * NaN); a finite ignored row has 0. The same
+    here, on every path."""
+    x, t, w = make(shape, torch.float32, "index", device, True, None)
+    ignored, kept = (0, 0) if len(shape) == 2 else ((0, 1), (0, 2))
+    t = t.clone()
+    t[ignored] = -100
+    def poison(at):  # row `at`'s logits: all classes at one (n, d...) position
+        idx = (at[0], slice(None), *at[1:]) if isinstance(at, tuple) else (at, slice(None))
+        if bad == "nan":
+            x[idx[0], 2, *idx[2:]] = float("nan")
+        elif bad == "inf":
+            x[idx[0], 1, *idx[2:]] = float("inf")
+        else:
+            x[idx] = float("-inf")
+    poison(ignored)
+    poison(kept if len(shape) > 2 else 1)
+    a = run(wl.cross_entropy, x, t, w, reduction="sum", label_smoothing=ls)
+    b = run(F.cross_entropy, x.cpu(), t.cpu(), None if w is None else w.cpu(), reduction="sum",
+            label_smoothing=ls)
+    assert torch.equal(torch.isnan(a[1]).cpu(), torch.isnan(b[1])), bad
+    fin = ~torch.isnan(b[1])
+    torch.testing.assert_close(a[1].cpu()[fin], b[1][fin], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(3, 40), (3, 5000), (2, 20011), (2, 7, 5, 6)], ids=str)
 @pytest.mark.parametrize("kind,ls", [("index", 0.0), ("index", 0.1), ("prob", 0.0), ("prob", 0.1)])
 def test_masked_logits(device, shape, kind, ls):

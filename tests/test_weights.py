@@ -55,30 +55,63 @@ def test_effective_number_limits():
 @pytest.mark.parametrize("method", wl.weights.METHODS)
 def test_labels_and_counts_agree(method):
     y = labels_from(SEED_COUNTS)
-    a = wl.class_weights(y, method)
+    a = wl.class_weights(labels=y, method=method)
     b = wl.class_weights(SEED_COUNTS, method)
     c = wl.class_weights(torch.tensor(SEED_COUNTS, dtype=torch.float32), method)
-    d = wl.class_weights(y.numpy(), method)  # numpy arrays follow the tensor rule
+    d = wl.class_weights(labels=y.numpy(), method=method)
     e = wl.class_weights(torch.tensor(SEED_COUNTS).numpy().astype("float64"), method)
-    assert torch.equal(a, b) and torch.equal(b, c) and torch.equal(a, d) and torch.equal(a, e)
+    f = wl.class_weights(labels=y.tolist(), method=method)
+    assert all(torch.equal(a, v) for v in (b, c, d, e, f))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float32, torch.float64])
+def test_integer_counts_are_counts(dtype):
+    """The forum's counts as most people write them: an integer tensor is counts, not labels."""
+    w = wl.class_weights(torch.tensor(SEED_COUNTS, dtype=dtype), "max_ratio")
+    assert w.shape == (5,)
+    torch.testing.assert_close(w, torch.tensor([13.8340, 1.0, 1.6589, 1.2140, 6.8956]),
+                               rtol=0, atol=1e-4)
+    n = torch.tensor(SEED_COUNTS).numpy()  # an integer numpy array likewise
+    assert torch.equal(wl.class_weights(n, "max_ratio"), w)
+
+
+def test_counts_or_labels_exactly_one():
+    with pytest.raises(ValueError, match="neither counts nor labels .* positionally.*labels="):
+        wl.class_weights()
+    with pytest.raises(ValueError, match="both counts and labels"):
+        wl.class_weights([1, 2], labels=[0, 1])
+    with pytest.raises(TypeError, match="'max_ratio' was given as the counts"):
+        wl.class_weights("max_ratio")
+    with pytest.raises(TypeError, match="positional"):
+        wl.class_weights([1, 2], "inverse", 3)  # num_classes and the rest are keyword-only
+    with pytest.raises(TypeError, match="labels: expected integer class indices, got .* 0.5"):
+        wl.class_weights(labels=[0.5, 1.0])
+    with pytest.raises(ValueError, match=r"counts: .* got shape \(2, 2\); for labels pass labels="):
+        wl.class_weights(torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_labels_of_any_shape_are_counted():
+    seg = torch.tensor([[[0, 1], [1, 255]], [[2, 2], [255, 1]]])
+    w = wl.class_weights(labels=seg, method="inverse", num_classes=3, ignore_index=255)
+    torch.testing.assert_close(w, torch.tensor([1.0, 1 / 3, 1 / 2]))
 
 
 @pytest.mark.parametrize("ignore", [-100, 255])
 def test_ignore_index_is_excluded(ignore):
     y = labels_from([5, 10, 20], extra=[ignore] * 50)
-    w = wl.class_weights(y, "inverse", num_classes=3, ignore_index=ignore)
+    w = wl.class_weights(labels=y, num_classes=3, ignore_index=ignore)
     torch.testing.assert_close(w, torch.tensor([1 / 5, 1 / 10, 1 / 20]))
     with pytest.raises(ValueError, match=f"label {ignore} is"):
-        wl.class_weights(y, "inverse", num_classes=3)
+        wl.class_weights(labels=y, num_classes=3)
 
 
 def test_num_classes_sets_C_and_checks_labels():
     y = torch.tensor([0, 1, 1, 2])
     with pytest.warns(UserWarning, match=r"classes \[3, 4\] have a count of 0"):
-        w = wl.class_weights(y, "inverse", num_classes=5)
+        w = wl.class_weights(labels=y, method="inverse", num_classes=5)
     assert w.tolist() == pytest.approx([1.0, 0.5, 1.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="label 2 is out of range for num_classes=2"):
-        wl.class_weights(y, num_classes=2)
+        wl.class_weights(labels=y, num_classes=2)
 
 
 @pytest.mark.parametrize("method", wl.weights.METHODS)
@@ -103,9 +136,7 @@ def test_bad_arguments():
         wl.class_weights([1, 2], num_classes=3)
     with pytest.raises(ValueError, match="ignore_index=255 applies to labels"):
         wl.class_weights([1, 2], ignore_index=255)
-    with pytest.raises(ValueError, match="labels must be a 1-D integer tensor"):
-        wl.class_weights(torch.zeros(2, 2, dtype=torch.long))
-    with pytest.raises(TypeError, match="got str"):
+    with pytest.raises(TypeError, match="counts: expected a tensor, numpy array or sequence .* got str"):
         wl.class_weights("abc")
 
 
@@ -136,7 +167,7 @@ def test_weights_work_in_the_losses():
     g = torch.Generator().manual_seed(0)
     y = labels_from([30, 300, 120])
     x = torch.randn(len(y), 3, generator=g, requires_grad=True)
-    w = wl.class_weights(y, "max_ratio")
+    w = wl.class_weights(labels=y, method="max_ratio")
     fused = wl.CrossEntropyLoss(weight=w)(x, y)
     native = torch.nn.CrossEntropyLoss(weight=w)(x, y)
     torch.testing.assert_close(fused, native)

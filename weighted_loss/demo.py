@@ -48,11 +48,13 @@ def runs(train_y):
     """(name, weight, sampler) of every configuration the demo compares."""
     C = len(COUNTS)
     out = [("no weights", None, None)]
+    counts = torch.bincount(train_y, minlength=C)  # an integer tensor of counts, as people write it
     for method in ("inverse", "max_ratio", "balanced", "median"):
-        out.append((method, wl.class_weights(train_y, method, num_classes=C), None))
-    for beta in (0.999, 0.9999):
+        out.append((method, wl.class_weights(counts, method), None))
+    for beta in (0.999, 0.9999):  # or from the labels themselves, by keyword
         out.append((f"effective_number b={beta}",
-                    wl.class_weights(train_y, "effective_number", num_classes=C, beta=beta), None))
+                    wl.class_weights(labels=train_y, method="effective_number", num_classes=C,
+                                     beta=beta), None))
     out.append(("sampler (inverse)", None, "inverse"))
     return out
 

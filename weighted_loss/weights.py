@@ -1,7 +1,8 @@
 """Class weights from data: what to pass as `weight=` (cross-entropy) or `pos_weight=` (BCE).
 
-    w = wl.class_weights(labels, "max_ratio", num_classes=5)     # from a 1-D integer label tensor
-    w = wl.class_weights([2741, 37919, 22858, 31235, 5499], "effective_number", beta=0.999)
+    w = wl.class_weights([2741, 37919, 22858, 31235, 5499], "max_ratio")   # counts, any dtype
+    w = wl.class_weights(labels=train_labels, method="effective_number", num_classes=5)
+                                                                 # labels (keyword only): counted
     pw = wl.pos_weight(targets)                                  # (N,) -> (1,), (N, K) -> (K,)
     counts = wl.count_labels(train_loader, num_classes=19, ignore_index=255)
     sampler = wl.sampler(labels, "inverse")                      # oversample instead of weighting
@@ -23,38 +24,50 @@ import torch
 METHODS = ("inverse", "max_ratio", "balanced", "median", "effective_number")
 
 
-def _counts_of(counts_or_labels, num_classes, ignore_index, name="counts_or_labels"):
-    """Class counts as a float64 tensor: a 1-D integer tensor is counted as labels, anything
-    else (a floating tensor, a sequence of numbers) is taken as counts."""
-    x = counts_or_labels
-    if type(x).__module__ == "numpy" and hasattr(x, "dtype"):  # arrays follow the tensor rule
-        x = torch.as_tensor(x)
-    if isinstance(x, torch.Tensor) and not x.is_floating_point() and x.dtype != torch.bool:
-        if x.dim() != 1:
-            raise ValueError(f"{name}: labels must be a 1-D integer tensor, got shape "
-                             f"{tuple(x.shape)}")
-        return count_labels_tensor(x, num_classes, ignore_index).double()
+def _as_tensor(v, name):
+    """A tensor from a tensor, numpy array or sequence of numbers; a clear error otherwise."""
+    if isinstance(v, torch.Tensor):
+        return v.detach()
+    if type(v).__module__ == "numpy" and hasattr(v, "dtype"):
+        return torch.as_tensor(v)
+    if isinstance(v, Sequence) and not isinstance(v, (str, bytes)) and \
+            all(isinstance(u, numbers.Real) for u in v):
+        return torch.tensor([float(u) for u in v], dtype=torch.float64)
+    raise TypeError(f"{name}: expected a tensor, numpy array or sequence of numbers, got "
+                    f"{type(v).__name__}")
+
+
+_WHICH = ("pass the per-class counts positionally, class_weights([2741, 37919, ...]), or the "
+          "labels to count by keyword, class_weights(labels=train_labels, num_classes=C)")
+
+
+def _counts_of(counts, labels, num_classes, ignore_index):
+    """Class counts as a float64 tensor, from exactly one of counts (used as given, whatever the
+    dtype) and labels (counted). Nothing is guessed from a dtype."""
+    if (counts is None) == (labels is None):
+        both = "both counts and labels were given" if counts is not None else \
+            "neither counts nor labels was given"
+        raise ValueError(f"class_weights: {both}; {_WHICH}")
+    if labels is not None:
+        y = _as_tensor(labels, "labels")
+        if y.is_floating_point() and not torch.equal(y, y.round()) or y.dtype == torch.bool:
+            raise TypeError(f"labels: expected integer class indices, got {y.dtype} values such as "
+                            f"{y.reshape(-1)[0].item()}; for per-class counts pass them positionally")
+        return count_labels_tensor(y.long(), num_classes, ignore_index).double()
     if ignore_index is not None:
-        raise ValueError(f"{name}: ignore_index={ignore_index} applies to labels (a 1-D integer "
-                         "tensor), not to counts")
-    if isinstance(x, torch.Tensor):
-        counts = x.detach().double()
-    elif isinstance(x, Sequence) and all(isinstance(v, numbers.Real) for v in x):
-        counts = torch.tensor([float(v) for v in x], dtype=torch.float64)
-    else:
-        raise TypeError(f"{name}: expected a 1-D integer tensor of labels, or a tensor or "
-                        f"sequence of counts, got {type(x).__name__}")
-    if counts.dim() != 1 or counts.numel() == 0:
-        raise ValueError(f"{name}: counts must be a non-empty 1-D sequence, got shape "
-                         f"{tuple(counts.shape)}")
-    bad = (~torch.isfinite(counts)) | (counts < 0)
+        raise ValueError(f"class_weights: ignore_index={ignore_index} applies to labels= (a label "
+                         "equal to it is not counted), not to counts")
+    n = _as_tensor(counts, "counts").double()
+    if n.dim() != 1 or n.numel() == 0:
+        raise ValueError(f"counts: expected a non-empty 1-D sequence of per-class counts, got shape "
+                         f"{tuple(n.shape)}" + ("; for labels pass labels=" if n.dim() > 1 else ""))
+    bad = (~torch.isfinite(n)) | (n < 0)
     if bad.any():
         k = int(bad.nonzero()[0])
-        raise ValueError(f"{name}: counts must be finite and >= 0, got {counts[k].item()} for "
-                         f"class {k}")
-    if num_classes is not None and num_classes != counts.numel():
-        raise ValueError(f"num_classes={num_classes} does not match the {counts.numel()} counts given")
-    return counts
+        raise ValueError(f"counts: must be finite and >= 0, got {n[k].item()} for class {k}")
+    if num_classes is not None and num_classes != n.numel():
+        raise ValueError(f"num_classes={num_classes} does not match the {n.numel()} counts given")
+    return n
 
 
 def count_labels_tensor(labels, num_classes=None, ignore_index=None):
@@ -95,14 +108,17 @@ _NO_POSITIVES = ("pos_weight: columns {} have no positives; their pos_weight is 
                  "positive term to weight)")
 
 
-def class_weights(counts_or_labels, method="inverse", num_classes=None, beta=0.999,
-                  ignore_index=None):
+def class_weights(counts=None, method="inverse", *, labels=None, num_classes=None,
+                  ignore_index=None, beta=0.999):
     """Per-class weights, a float32 (C,) tensor ready to pass as `weight=`.
 
-    counts_or_labels: a 1-D integer tensor (or numpy array) of labels (counted; `num_classes` sets
-    C, labels equal to `ignore_index` are left out), or a floating tensor or array, or a sequence,
-    of per-class counts (used as is). An integer tensor is always read as labels: pass counts you
-    hold as an integer tensor as `counts.tolist()` or `counts.float()`.
+    Give exactly one of:
+      counts   per-class counts, positionally: a tensor of any dtype, a numpy array or a
+               sequence, used as given (`class_weights(torch.tensor([2741, 37919]), "max_ratio")`
+               reads 2741 and 37919 as counts, whatever the dtype)
+      labels=  class indices to count (a tensor of any shape, an array or a sequence of ints),
+               keyword only: `num_classes` sets C (else the largest label + 1), labels equal to
+               `ignore_index` are left out
     method, with n the class counts and N their sum:
       "inverse"           1 / n
       "max_ratio"         max(n) / n                (the most frequent class gets 1)
@@ -114,12 +130,15 @@ def class_weights(counts_or_labels, method="inverse", num_classes=None, beta=0.9
     over the classes that occur. The result is on the input's device (CPU for sequences); cast it
     to the logits' dtype for bfloat16/float16 logits, as PyTorch requires.
     """
+    if isinstance(counts, str) and counts in METHODS:
+        raise TypeError(f"class_weights: {counts!r} was given as the counts; {_WHICH}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not (isinstance(beta, numbers.Real) and 0 <= beta < 1):
         raise ValueError(f"beta must be in [0, 1), got {beta!r}")
-    device = counts_or_labels.device if isinstance(counts_or_labels, torch.Tensor) else None
-    n = _counts_of(counts_or_labels, num_classes, ignore_index).cpu()
+    given = counts if counts is not None else labels
+    device = given.device if isinstance(given, torch.Tensor) else None
+    n = _counts_of(counts, labels, num_classes, ignore_index).cpu()
     zero = n == 0
     if zero.all():
         raise ValueError("class_weights: every class has a count of 0")
@@ -276,7 +295,7 @@ def pos_weight_from_counts(positives, total):
 def sampler(labels, method="inverse", num_classes=None, num_samples=None, beta=0.999,
             generator=None):
     """A WeightedRandomSampler that draws each sample with probability proportional to its
-    class's weight (class_weights(labels, method)): rare classes are oversampled instead of
+    class's weight (class_weights(labels=labels, method=method)): rare classes are oversampled instead of
     weighted in the loss. labels: the dataset's per-sample class indices, in dataset order.
     Draws len(labels) samples per epoch with replacement unless num_samples says otherwise."""
     y = torch.as_tensor(labels)
@@ -285,7 +304,7 @@ def sampler(labels, method="inverse", num_classes=None, num_samples=None, beta=0
                          f"{tuple(y.shape)} of {y.dtype}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a class with no samples is never drawn either way
-        w = class_weights(y.cpu(), method, num_classes=num_classes, beta=beta)
+        w = class_weights(labels=y.cpu(), method=method, num_classes=num_classes, beta=beta)
     per_sample = w[y.cpu().long()].double()
     return torch.utils.data.WeightedRandomSampler(
         per_sample, num_samples if num_samples is not None else len(y), replacement=True,
@@ -296,7 +315,7 @@ def class_weights_from(data, method="inverse", num_classes=None, beta=0.999, ign
                        progress=True):
     """class_weights() from a Dataset or DataLoader of (x, y), counted in one pass."""
     counts = count_labels(data, num_classes, ignore_index, progress)
-    return class_weights(counts.tolist(), method, beta=beta)
+    return class_weights(counts, method, beta=beta)
 
 
 __all__ = ["class_weights", "pos_weight", "count_labels", "count_positives",

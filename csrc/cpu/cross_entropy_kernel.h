@@ -12,13 +12,15 @@
 //   probability target t, with t'_c = (1 - s) t_c + s / C and S = sum_c w_c t'_c:
 //     loss = S L - sum_c w_c t'_c (x_c - sh)
 //     dloss/dx_k = S p_k - w_k t'_k,        dloss/dt_k = -(1 - s) w_k ((x_k - sh) - L)
-// The forward reads a row twice (the second time from cache): its max, then one exp per logit,
-// as PyTorch's log_softmax. Everything is taken relative to the max, never through lse itself:
-// exp's arguments are <= 0, the weighted sums add terms of one sign, L = log1p(sum over the
-// classes below the max) keeps a small loss exact, and the backward's p_k = exp((x_k - sh) - L)
-// does not inherit lse's rounding (which at |lse| ~ 10 would cost p_k 10 ulp). With vexp's
-// 0.9 ulp the float32 results are as close to float64 as PyTorch's own (tests/test_exactness.py).
-// The backward writes each gradient element once.
+// The forward reads a row twice (the second time from cache, or from a tile for the lane
+// layout): its max, then one exp per logit shifted by it, as PyTorch's log_softmax. Everything is
+// taken relative to the max, never through lse itself: exp's arguments are <= 0, the weighted
+// sums add terms of one sign, and the backward's p_k = exp((x_k - sh) - L) does not inherit lse's
+// rounding (which at |lse| ~ 10 would cost p_k 10 ulp). Per-row losses and backward coefficients
+// are formed in double where that is per row (rows of more than kSmallClasses classes) and the
+// target's p_y - 1 through expm1 there; the lane code rounds them in acc and fuses cp p - g w_y
+// into one FMA. With vexp's 0.9 ulp the float32 results are as close to float64 as PyTorch's own
+// (tests/exactness.py). The backward writes each gradient element once.
 //
 // Layouts (path_of): class-contiguous rows are vectorized along the classes; rows of at most
 // kSmallClasses classes are transposed B at a time into a small tile and take the lane code;
@@ -35,6 +37,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -128,39 +131,34 @@ struct Ctx {
 // The lane layout reads the classes of a block of lanes as short runs far apart in memory, too
 // short for the hardware prefetcher to train on: each load asks for the same class further along.
 inline void prefetch(const void* p) {
-  __builtin_prefetch(p, 0, 3);
+  __builtin_prefetch(p, 0, 2);
 }
 inline void prefetch_write(void* p) {
   __builtin_prefetch(p, 1, 3);
 }
 constexpr int64_t kPrefetch = 256;  // elements ahead along a class row
 
-// The log-sum of a row from its max m, the sum e of exp(x_c - m) over its classes below m and the
-// count k of classes at m: L = log sum_c exp(x_c - m) = log1p(e + (k - 1)), which keeps the last
-// bits of a small loss (log(1 + e) would round 1 + e first). The shift saved beside L is m, or 0
-// for a row that is -inf throughout (L = -inf, so its loss is NaN as in PyTorch); a row holding
-// NaN or +inf gets L = NaN (PyTorch: NaN).
+// The log-sum of a row from its max m and e = sum_c exp(x_c - m): L = log e. The shift saved
+// beside L is m, or 0 for a row that is -inf throughout; such a row, and one holding NaN or +inf,
+// gets L = NaN: its loss and gradient are NaN, as PyTorch's (its log_softmax is NaN).
 template <typename acc_t>
-inline void finish_lse(acc_t m, acc_t e, acc_t k, acc_t& sh, acc_t& L) {
-  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+inline void finish_lse(acc_t m, acc_t e, acc_t& sh, double& L) {
   sh = exp_shift(m);
-  if (m == -inf) {
-    L = -inf;
-  } else if (m - m != acc_t(0)) {  // NaN or +inf
-    L = std::numeric_limits<acc_t>::quiet_NaN();
+  if (m - m != acc_t(0)) {  // NaN, +inf, or -inf throughout
+    L = std::numeric_limits<double>::quiet_NaN();
   } else {
-    L = std::log1p(e + (k - acc_t(1)));
+    L = std::log(static_cast<double>(e));  // in double
   }
 }
+
+// The same for B lanes at once (the lane layout: a row per lane), in acc precision: a scalar
+// log in double per row of 19 classes would cost as much as the row's exps.
 template <typename acc_t>
 inline void finish_lse(const Vectorized<acc_t>& m, const Vectorized<acc_t>& e,
-                       const Vectorized<acc_t>& k, Vectorized<acc_t>& sh, Vectorized<acc_t>& L) {
+                       Vectorized<acc_t>& L) {
   using Vec = Vectorized<acc_t>;
-  const Vec ninf(-std::numeric_limits<acc_t>::infinity()), zero(0);
-  sh = Vec::blendv(m, zero, m == ninf);
-  L = (e + (k - Vec(1))).log1p();
-  L = Vec::blendv(L, Vec(std::numeric_limits<acc_t>::quiet_NaN()), (m - m) != zero);
-  L = Vec::blendv(L, ninf, m == ninf);
+  const Vec zero(0);
+  L = Vec::blendv(e.log(), Vec(std::numeric_limits<acc_t>::quiet_NaN()), (m - m) != zero);
 }
 
 // The shift and log-sum saved for an ignored row: (0, +inf), so that its gradient is
@@ -194,22 +192,21 @@ inline typename AccOf<scalar_t>::type row_max(const Ctx<scalar_t>& cx, const sca
   return hmax(at::vec::maximum(m0, m1));
 }
 
-// The second pass over a row, with its max m and shift sh: e = sum_c exp(x_c - sh) over the
-// classes below m, k = the count at m; with kSmooth a = sum_c w_c (x_c - sh); with kProb
+// The second pass over a row, with its shift sh (its max): e = sum_c exp(x_c - sh); with kSmooth
+// a = sum_c w_c (x_c - sh); with kProb
 // a = sum_c w_c t'_c (x_c - sh) and q = sum_c w_c t'_c. Each exp's argument is <= 0, and the
 // weighted sums are of terms <= 0 for weights and targets >= 0: nothing cancels.
 template <typename scalar_t, int M, bool HasW>
 inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
-                     typename AccOf<scalar_t>::type m, typename AccOf<scalar_t>::type sh,
-                     typename AccOf<scalar_t>::type& e, typename AccOf<scalar_t>::type& k,
+                     typename AccOf<scalar_t>::type sh, typename AccOf<scalar_t>::type& e,
                      typename AccOf<scalar_t>::type& a, typename AccOf<scalar_t>::type& q) {
   using io = IO<scalar_t>;
   using acc_t = typename io::acc_t;
   using Vec = typename io::Vec;
   constexpr int64_t B = io::B;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  const Vec vm(m), vsh(sh), vts(cx.t_scale), vtsh(cx.t_shift), vninf(ninf), vzero(0), vone(1);
-  Vec e0(0), e1(0), k0(0), k1(0), a0(0), a1(0), q0(0), q1(0);
+  const Vec vsh(sh), vts(cx.t_scale), vtsh(cx.t_shift), vninf(ninf), vzero(0);
+  Vec e0(0), e1(0), a0(0), a1(0), q0(0), q1(0);
   for_blocks<B>(cx.C, [&](int64_t c, int64_t cnt, auto full) {
     Vec v0, v1, u0, u1;
     if constexpr (decltype(full)::value) {
@@ -220,13 +217,10 @@ inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t*
       io::load(x + c, cnt, v0, v1);
       u0 = v0;
       u1 = v1;
-      keep_valid(cnt, vninf, u0, u1);  // -inf: exp gives 0, never at the max
+      keep_valid(cnt, vninf, u0, u1);  // -inf: exp gives 0
     }
-    const Vec at0 = u0 == vm, at1 = u1 == vm;
-    e0 += Vec::blendv(vexp(u0 - vsh), vzero, at0);
-    e1 += Vec::blendv(vexp(u1 - vsh), vzero, at1);
-    k0 += at0 & vone;
-    k1 += at1 & vone;
+    e0 += vexp(u0 - vsh);
+    e1 += vexp(u1 - vsh);
     if constexpr (M != kPlain) {
       Vec d0 = v0 - vsh, d1 = v1 - vsh;
       if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, d0, d1);
@@ -253,7 +247,6 @@ inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t*
     }
   });
   e = hsum(e0 + e1);
-  k = hsum(k0 + k1);
   a = hsum(a0 + a1);
   q = hsum(q0 + q1);
 }
@@ -288,13 +281,15 @@ inline void row_forward(const Ctx<scalar_t>& cx, int64_t r, const scalar_t* x, c
     L = ignored_lse(m);
     return;
   }
-  acc_t e, k, a, q;
-  row_sums<scalar_t, M, HasW>(cx, x, t, m, exp_shift(m), e, k, a, q);
-  finish_lse(m, e, k, sh, L);
+  acc_t e, a, q;
+  row_sums<scalar_t, M, HasW>(cx, x, t, exp_shift(m), e, a, q);
+  double Ld;
+  finish_lse(m, e, sh, Ld);
+  L = static_cast<acc_t>(Ld);
   tsum = q;
   wy = M == kProb ? 1.0 : HasW ? static_cast<double>(cx.w[yv]) : 1.0;
   const double xy = M == kProb ? 0.0 : static_cast<double>(x[yv * cx.p.stride_class]);
-  loss = row_loss<scalar_t, M>(cx, sh, L, a, q, xy, wy);
+  loss = row_loss<scalar_t, M>(cx, sh, Ld, a, q, xy, wy);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -383,12 +378,59 @@ void forward_rows(const Ctx<scalar_t>& cx) {
 // ---------------------------------------------------------------------------------------------
 // Forward, lanes along the contiguous spatial axis of (N, C, d...).
 
+// Most classes whose values the lane forward keeps in a tile between its two passes (16 KiB of
+// float32 at B = 32).
+constexpr int64_t kTileClasses = 128;
+
+// The tiles and maxes of the lane forward's two passes (see lanes_block_forward).
+template <typename scalar_t>
+struct LaneTile {
+  using acc_t = typename AccOf<scalar_t>::type;
+  using Vec = Vectorized<acc_t>;
+  alignas(64) acc_t v[kTileClasses * IO<scalar_t>::B];
+  Vec m0, m1;
+};
+
+// Pass 1 of a block, or one class of it: each lane's max into (m0, m1), the values (as acc) into
+// the tile when the classes fit. Prefetches the same class a few blocks ahead: the class rows are
+// runs far apart in memory, too short for the hardware prefetcher to pick up.
+template <typename scalar_t, int M>
+C10_ALWAYS_INLINE void lanes_max_class(const scalar_t* x, const scalar_t* t, int64_t c, int64_t sC,
+                                       int64_t nl, bool tiled, LaneTile<scalar_t>& lt) {
+  using io = IO<scalar_t>;
+  const int64_t at = c * sC;
+  prefetch(x + at + kPrefetch);
+  if constexpr (M == kProb) prefetch(t + at + kPrefetch);
+  typename io::Vec v0, v1;
+  io::load(x + at, nl, v0, v1);
+  lt.m0 = at::vec::maximum(lt.m0, v0);
+  lt.m1 = at::vec::maximum(lt.m1, v1);
+  if (tiled) {
+    v0.store(lt.v + c * io::B);
+    v1.store(lt.v + c * io::B + io::W);
+  }
+}
+
+template <typename scalar_t, int M>
+C10_ALWAYS_INLINE void lanes_max(const scalar_t* x, const scalar_t* t, int64_t C, int64_t sC,
+                                 int64_t nl, LaneTile<scalar_t>& lt) {
+  lt.m0 = lt.m1 = typename IO<scalar_t>::Vec(-std::numeric_limits<typename AccOf<scalar_t>::type>::infinity());
+  for (int64_t c = 0; c < C; ++c) lanes_max_class<scalar_t, M>(x, t, c, sC, nl, C <= kTileClasses, lt);
+}
+
 // One block of nl <= B lanes: lane k is row r0 + k, with its logit of class c at x[c * sC + k]
-// (and its target probability at t[c * sC + k]). Writes the rows' lse (tsum; loss for
-// Reduction::None) and adds the block's loss and divisor to sl and sw.
+// (and its target probability at t[c * sC + k]), its pass 1 done into `cur` (lanes_max). Writes
+// the rows' lse (tsum; loss for Reduction::None) and adds the block's loss and divisor to sl and
+// sw. The sums are shifted by each lane's max, as row_forward's, and read from the tile: class
+// rows a power of two apart (a 128 x 128 image) alias to one set of the L1 cache, so reading them
+// again would come from L2. With nx, the same class loop does pass 1 of the next block (nnl
+// lanes at nx, tn) into `next`, so that its reads from memory overlap this block's exps (two
+// separate passes would wait for memory, then compute).
 template <typename scalar_t, int M, bool HasW>
 C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
-                                int64_t sC, int64_t nl, int64_t r0, double& sl, double& sw) {
+                                int64_t sC, int64_t nl, int64_t r0, double& sl, double& sw,
+                                const LaneTile<scalar_t>& cur, const scalar_t* nx,
+                                const scalar_t* tn, int64_t nnl, LaneTile<scalar_t>& next) {
   using io = IO<scalar_t>;
   using acc_t = typename io::acc_t;
   using Vec = typename io::Vec;
@@ -397,38 +439,30 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
   const int64_t C = cx.C;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const Vec vts(cx.t_scale), vtsh(cx.t_shift), vninf(ninf), vzero(0);
-  const Vec vone(1);
   auto* sh_out = static_cast<acc_t*>(p.lse);
   auto* L_out = sh_out + p.outer * p.inner;
   auto* tsum_out = static_cast<acc_t*>(p.tsum);
   auto* loss_out = static_cast<scalar_t*>(p.loss);
   const bool none = p.reduction == Reduction::None;
-  // Two passes down the classes of the B lanes, as row_forward: each lane's max, then the sums
-  // shifted by it (from cache). The first pass prefetches the same class a few blocks ahead: the
-  // class rows are runs far apart in memory, too short for the hardware prefetcher to pick up.
-  Vec m0 = vninf, m1 = vninf;
-  for (int64_t c = 0; c < C; ++c) {
-    const int64_t at = c * sC;
-    prefetch(x + at + kPrefetch);
-    if constexpr (M == kProb) prefetch(t + at + kPrefetch);
-    Vec v0, v1;
-    io::load(x + at, nl, v0, v1);
-    m0 = at::vec::maximum(m0, v0);
-    m1 = at::vec::maximum(m1, v1);
-  }
+  const bool tiled = C <= kTileClasses;
+  const acc_t* tile = cur.v;
+  const Vec m0 = cur.m0, m1 = cur.m1;
+  if (nx != nullptr) next.m0 = next.m1 = vninf;
   const Vec sh0 = Vec::blendv(m0, vzero, m0 == vninf), sh1 = Vec::blendv(m1, vzero, m1 == vninf);
   // accumulators local to the loop, so they stay in registers
-  Vec e0 = vzero, e1 = vzero, k0 = vzero, k1 = vzero, a0 = vzero, a1 = vzero, q0 = vzero,
-      q1 = vzero;
+  Vec e0 = vzero, e1 = vzero, a0 = vzero, a1 = vzero, q0 = vzero, q1 = vzero;
   for (int64_t c = 0; c < C; ++c) {
     const int64_t at = c * sC;
+    if (nx != nullptr) lanes_max_class<scalar_t, M>(nx, tn, c, sC, nnl, tiled, next);
     Vec v0, v1;
-    io::load(x + at, nl, v0, v1);
-    const Vec at0 = v0 == m0, at1 = v1 == m1;
-    e0 += Vec::blendv(vexp(v0 - sh0), vzero, at0);
-    e1 += Vec::blendv(vexp(v1 - sh1), vzero, at1);
-    k0 += at0 & vone;
-    k1 += at1 & vone;
+    if (tiled) {
+      v0 = Vec::loadu(tile + c * B);
+      v1 = Vec::loadu(tile + c * B + io::W);
+    } else {
+      io::load(x + at, nl, v0, v1);
+    }
+    e0 += vexp(v0 - sh0);
+    e1 += vexp(v1 - sh1);
     if constexpr (M != kPlain) {
       Vec f0(HasW ? cx.w[c] : acc_t(1)), f1 = f0;  // factor of (x - sh): w_c or w_c t'_c
       if constexpr (M == kProb) {
@@ -443,43 +477,65 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
       a1 = at::vec::fmadd(f1, v1 - sh1, a1);
     }
   }
-  Vec s0, s1, L0, L1;  // the saved shift and log-sum of each lane
-  finish_lse(m0, e0, k0, s0, L0);
-  finish_lse(m1, e1, k1, s1, L1);
-  // per lane, in double (row_loss): the target's weight and logit, the loss; an ignored lane
-  // saves (0, +inf), or (0, NaN) where its logits give NaN (ignored_lse)
-  acc_t sh[B], lv[B], mv[B], av[B], qv[B];
-  store_acc(sh, B, s0, s1);
-  store_acc(lv, B, L0, L1);
-  store_acc(mv, B, m0, m1);
-  store_acc(av, B, a0, a1);
-  store_acc(qv, B, q0, q1);
-  for (int64_t k = 0; k < nl; ++k) {
-    const int64_t r = r0 + k;
-    double loss = 0, wy = 1;
-    if constexpr (M == kProb) {
-      loss = row_loss<scalar_t, M>(cx, sh[k], lv[k], av[k], qv[k], 0.0, 1.0);
-      tsum_out[r] = qv[k];
-    } else {
-      const int64_t yv = cx.checked_target(r);
-      if (yv < 0) {
-        sh[k] = 0;
-        lv[k] = ignored_lse(mv[k]);
-        wy = 0;
-      } else {
-        wy = HasW ? static_cast<double>(cx.w[yv]) : 1.0;
-        loss = row_loss<scalar_t, M>(cx, sh[k], lv[k], av[k], qv[k],
-                                     static_cast<double>(x[yv * sC + k]), wy);
-      }
+  // The lanes' losses, vectorized (a scalar row_loss per row of 19 classes costs as much as the
+  // row); each lane's loss is rounded a few times in acc, then added in double. An ignored lane
+  // saves (0, +inf), or (0, NaN) where its logits give NaN.
+  Vec L0, L1;
+  finish_lse(m0, e0, L0);
+  finish_lse(m1, e1, L1);
+  Vec s0 = Vec::blendv(m0, vzero, m0 == vninf), s1 = Vec::blendv(m1, vzero, m1 == vninf);
+  Vec l0, l1, wy0(1), wy1(1);
+  if constexpr (M == kProb) {
+    l0 = q0 * L0 - a0;
+    l1 = q1 * L1 - a1;
+    store_acc(tsum_out + r0, nl, q0, q1);
+  } else {
+    acc_t wy[B] = {}, xy[B] = {}, kp[B] = {};
+    for (int64_t k = 0; k < nl; ++k) {
+      const int64_t yv = cx.checked_target(r0 + k);
+      if (yv < 0) continue;
+      wy[k] = HasW ? cx.w[yv] : acc_t(1);
+      xy[k] = static_cast<acc_t>(x[yv * sC + k]);
+      kp[k] = 1;
     }
-    sh_out[r] = sh[k];
-    L_out[r] = lv[k];
-    if (none) {
-      loss_out[r] = static_cast<scalar_t>(loss);
+    Vec xy0, xy1, kp0, kp1;
+    load_acc(wy, B, wy0, wy1);
+    load_acc(xy, B, xy0, xy1);
+    load_acc(kp, B, kp0, kp1);
+    const Vec nll0 = (s0 - xy0) + L0, nll1 = (s1 - xy1) + L1;
+    if constexpr (M == kSmooth) {
+      const Vec ks(acc_t(1) - cx.smooth), kt(cx.t_shift), kw(cx.w_sum);
+      l0 = ks * wy0 * nll0 + kt * (kw * L0 - a0);
+      l1 = ks * wy1 * nll1 + kt * (kw * L1 - a1);
     } else {
-      sl += loss;
-      sw += wy;
+      l0 = wy0 * nll0;
+      l1 = wy1 * nll1;
     }
+    const Vec keep0 = kp0 != vzero, keep1 = kp1 != vzero;
+    const Vec inf(std::numeric_limits<acc_t>::infinity());
+    const Vec nan(std::numeric_limits<acc_t>::quiet_NaN());
+    s0 = Vec::blendv(vzero, s0, keep0);
+    s1 = Vec::blendv(vzero, s1, keep1);
+    L0 = Vec::blendv(Vec::blendv(nan, inf, (m0 - m0) == vzero), L0, keep0);
+    L1 = Vec::blendv(Vec::blendv(nan, inf, (m1 - m1) == vzero), L1, keep1);
+    l0 = Vec::blendv(vzero, l0, keep0);
+    l1 = Vec::blendv(vzero, l1, keep1);
+  }
+  store_acc(sh_out + r0, nl, s0, s1);
+  store_acc(L_out + r0, nl, L0, L1);
+  if (none) {
+    io::store(loss_out + r0, nl, l0, l1);
+  } else {
+    acc_t lt[B], wt[B];
+    store_acc(lt, B, l0, l1);
+    store_acc(wt, B, wy0, wy1);
+    double bl = 0, bw = 0;  // locals: sl and sw are references the compiler would store to
+    for (int64_t k = 0; k < nl; ++k) {
+      bl += static_cast<double>(lt[k]);
+      bw += static_cast<double>(wt[k]);
+    }
+    sl += bl;
+    sw += bw;
   }
 }
 
@@ -509,11 +565,18 @@ void forward_lanes(const Ctx<scalar_t>& cx) {
     const int64_t o = unit / u.per_outer;
     const int64_t i_begin = (unit % u.per_outer) * u.rows;
     const int64_t i_end = std::min(p.inner, i_begin + u.rows);
-    const int64_t off = cx.offset(o, i_begin);
-    for (int64_t j = 0; j < i_end - i_begin; j += B) {
+    const int64_t off = cx.offset(o, i_begin), n = i_end - i_begin, sC = p.stride_class;
+    const scalar_t* x = cx.x + off;
+    const scalar_t* t = M == kProb ? cx.t + off : nullptr;
+    LaneTile<scalar_t> tiles[2];
+    lanes_max<scalar_t, M>(x, t, p.classes, sC, std::min(B, n), tiles[0]);
+    for (int64_t j = 0, k = 0; j < n; j += B, k ^= 1) {
+      const bool more = j + B < n;
       lanes_block_forward<scalar_t, M, HasW>(
-          cx, cx.x + off + j, M == kProb ? cx.t + off + j : nullptr, p.stride_class,
-          std::min(B, i_end - i_begin - j), o * p.inner + i_begin + j, sl, sw);
+          cx, x + j, M == kProb ? t + j : nullptr, sC, std::min(B, n - j),
+          o * p.inner + i_begin + j, sl, sw, tiles[k], more ? x + j + B : nullptr,
+          more && M == kProb ? t + j + B : nullptr, more ? std::min(B, n - j - B) : 0,
+          tiles[k ^ 1]);
     }
   });
 }
@@ -613,7 +676,8 @@ void backward_rows(const Ctx<scalar_t>& cx) {
       const scalar_t* t = M == kProb ? cx.t + off : nullptr;
       scalar_t* gr = gi + cx.grad_offset(r / p.inner, r % p.inner);
       const auto rc = row_coef<scalar_t, M, HasW>(cx, r, g_all);
-      if (rc.zero) {
+      if (rc.zero || rc.L != rc.L) {  // ignored: 0; NaN where the row's log_softmax is (vexp
+                                      // does not carry NaN)
         std::fill(gr, gr + C, rc.L == rc.L ? scalar_t(0) : static_cast<scalar_t>(rc.L));
         continue;
       }
@@ -660,7 +724,7 @@ void backward_rows(const Ctx<scalar_t>& cx) {
 template <typename scalar_t, int M, bool HasW>
 C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
                                  scalar_t* g, int64_t sC, int64_t nl, int64_t r0,
-                                 double g_all) {
+                                 double g_all, bool stream) {
   using io = IO<scalar_t>;
   using acc_t = typename io::acc_t;
   using Vec = typename io::Vec;
@@ -669,30 +733,73 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
   const int64_t C = cx.C;
   const Vec vts(cx.t_scale), vtsh(cx.t_shift);
   const bool none = p.reduction == Reduction::None;
-  // Per-lane coefficients (row_coef). An ignored lane was saved with (sh, L) = (0, +inf) and
-  // gets zero coefficients, so its gradient is 0 * exp(x - inf) = 0; NaN where the forward saved
-  // L = NaN (a NaN or +inf logit in the row), as in PyTorch's log_softmax backward.
-  RowCoef<acc_t> rc[B];
-  acc_t shk[B] = {}, lk[B] = {}, cpk[B] = {}, cwk[B] = {};
-  for (int64_t k = 0; k < nl; ++k) {
-    rc[k] = row_coef<scalar_t, M, HasW>(cx, r0 + k, g_all);
-    shk[k] = rc[k].sh;
-    lk[k] = rc[k].L;
-    cpk[k] = rc[k].cp;
-    cwk[k] = rc[k].cw;
+  // Per-lane coefficients (row_coef's, vectorized). An ignored lane was saved with
+  // (sh, L) = (0, +inf) and gets zero coefficients, so its gradient is 0 * exp(x - inf) = 0; NaN
+  // where the forward saved L = NaN, as in PyTorch's log_softmax backward (fixed up below).
+  const acc_t* sh_in = static_cast<const acc_t*>(p.lse);
+  acc_t lk[B], gk[B], yk[B], wyk[B] = {};
+  for (int64_t k = 0; k < B; ++k) {
+    gk[k] = static_cast<acc_t>(k < nl && none ? static_cast<double>(
+                                                    static_cast<const scalar_t*>(p.grad_loss)[r0 + k])
+                                              : g_all);
+    yk[k] = -1;
   }
-  Vec sh0, sh1, L0, L1, cp0, cp1, cw0, cw1;
-  load_acc(shk, B, sh0, sh1);
-  load_acc(lk, B, L0, L1);
-  load_acc(cpk, B, cp0, cp1);
-  load_acc(cwk, B, cw0, cw1);
+  if constexpr (M != kProb) {
+    for (int64_t k = 0; k < nl; ++k) {
+      const int64_t yv = cx.checked_target(r0 + k);
+      yk[k] = static_cast<acc_t>(yv);
+      if (yv >= 0) wyk[k] = HasW ? cx.w[yv] : acc_t(1);
+    }
+  }
+  Vec sh0, sh1, L0, L1, g0v, g1v, cp0, cp1, cw0(0), cw1(0), gy0(0), gy1(0), y0(-1), y1(-1);
+  const Vec vzero(0);
+  load_acc(sh_in + r0, nl, sh0, sh1);
+  load_acc(sh_in + p.outer * p.inner + r0, nl, L0, L1);
+  store_acc(lk, B, L0, L1);  // for the NaN fix-up below
+  load_acc(gk, B, g0v, g1v);
+  if constexpr (M == kProb) {
+    Vec q0, q1;
+    load_acc(static_cast<const acc_t*>(p.tsum) + r0, nl, q0, q1);
+    cp0 = g0v * q0;
+    cp1 = g1v * q1;
+    cw0 = g0v;
+    cw1 = g1v;
+  } else {
+    Vec wy0, wy1;
+    load_acc(yk, B, y0, y1);
+    load_acc(wyk, B, wy0, wy1);
+    const Vec ks(acc_t(1) - cx.smooth), zero(0);
+    const Vec keep0 = y0 >= zero, keep1 = y1 >= zero;
+    // blended, not multiplied, to zero: g may be inf (a mean over nothing but ignored rows)
+    gy0 = Vec::blendv(zero, g0v * ks * wy0, keep0);
+    gy1 = Vec::blendv(zero, g1v * ks * wy1, keep1);
+    if constexpr (M == kSmooth) {
+      const Vec kt(cx.t_shift), kw(cx.t_shift * cx.w_sum);
+      cp0 = Vec::blendv(zero, gy0 + g0v * kw, keep0);
+      cp1 = Vec::blendv(zero, gy1 + g1v * kw, keep1);
+      cw0 = Vec::blendv(zero, g0v * kt, keep0);
+      cw1 = Vec::blendv(zero, g1v * kt, keep1);
+    } else {
+      cp0 = gy0;
+      cp1 = gy1;
+    }
+  }
   for (int64_t c = 0; c < C; ++c) {
     const int64_t at = c * sC;
     prefetch(x + at + kPrefetch);
-    prefetch_write(g + at + kPrefetch);
+    if (!stream) prefetch_write(g + at + kPrefetch);  // a streamed line is not read
     Vec v0, v1;
     io::load(x + at, nl, v0, v1);
-    Vec g0 = cp0 * vexp((v0 - sh0) - L0), g1 = cp1 * vexp((v1 - sh1) - L1);
+    // at the target, cp p - gy in one rounding: g (1 - s) w_y (p_y - 1) does not cancel more
+    // than PyTorch's fused grad - exp(out) * sum
+    Vec d0(0), d1(0);
+    if constexpr (M != kProb) {
+      const Vec vc(static_cast<acc_t>(c));
+      d0 = vzero - (gy0 & (y0 == vc));
+      d1 = vzero - (gy1 & (y1 == vc));
+    }
+    Vec g0 = at::vec::fmadd(cp0, vexp((v0 - sh0) - L0), d0);
+    Vec g1 = at::vec::fmadd(cp1, vexp((v1 - sh1) - L1), d1);
     if constexpr (M == kSmooth || M == kProb) {
       Vec w0(HasW ? cx.w[c] : acc_t(1)), w1 = w0;
       if constexpr (M == kProb) {
@@ -705,11 +812,17 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
       g0 = g0 - cw0 * w0;
       g1 = g1 - cw1 * w1;
     }
-    io::store(g + at, nl, g0, g1);
+    if (stream && nl == B) {
+      stream_store(g + at, g0, g1);
+    } else {
+      io::store(g + at, nl, g0, g1);
+    }
   }
-  if constexpr (M != kProb) {  // each lane's target element once more, exactly
-    for (int64_t k = 0; k < nl; ++k) {
-      if (rc[k].y >= 0) g[rc[k].y * sC + k] = target_grad<scalar_t, M, HasW>(cx, rc[k], x[rc[k].y * sC + k]);
+  // a lane whose log_softmax is NaN (a NaN or +inf logit, or all -inf): NaN throughout, as in
+  // PyTorch (vexp does not carry NaN); rare, so checked once per block
+  for (int64_t k = 0; k < nl; ++k) {
+    if (lk[k] != lk[k]) {
+      for (int64_t c = 0; c < C; ++c) g[c * sC + k] = static_cast<scalar_t>(lk[k]);
     }
   }
 }
@@ -729,11 +842,16 @@ void backward_lanes(const Ctx<scalar_t>& cx) {
       const int64_t i_end = std::min(p.inner, i_begin + u.rows);
       const int64_t off = cx.offset(o, i_begin);
       for (int64_t j = 0; j < i_end - i_begin; j += B) {
+        // full blocks of 64-byte aligned class rows bypass the cache (stream_store)
+        const bool stream = reinterpret_cast<uintptr_t>(gi + off + j) % 64 == 0 &&
+                            p.stride_class * int64_t(sizeof(scalar_t)) % 64 == 0;
         lanes_block_backward<scalar_t, M, HasW>(
             cx, cx.x + off + j, M == kProb ? cx.t + off + j : nullptr, gi + off + j,
-            p.stride_class, std::min(B, i_end - i_begin - j), o * p.inner + i_begin + j, g_all);
+            p.stride_class, std::min(B, i_end - i_begin - j), o * p.inner + i_begin + j, g_all,
+            stream);
       }
     }
+    stream_fence();
   });
 }
 
@@ -794,12 +912,15 @@ void forward_small_rows(const Ctx<scalar_t>& cx) {
   const int64_t rows = p.outer * p.inner;
   forward_units(cx, u.count, [&](int64_t unit, double& sl, double& sw) {
     alignas(64) scalar_t xt[kSmallClasses * B], tt[M == kProb ? kSmallClasses * B : 1];
+    LaneTile<scalar_t> lt;
     const int64_t r_end = std::min(rows, (unit + 1) * u.rows);
     for (int64_t r0 = unit * u.rows; r0 < r_end; r0 += B) {
       const int64_t nl = std::min(B, r_end - r0);
       int64_t off[B];
       load_row_tile<scalar_t, M == kProb>(cx, r0, nl, off, xt, tt);
-      lanes_block_forward<scalar_t, M, HasW>(cx, xt, tt, B, nl, r0, sl, sw);
+      lanes_max<scalar_t, M>(xt, tt, cx.C, B, nl, lt);
+      lanes_block_forward<scalar_t, M, HasW>(cx, xt, tt, B, nl, r0, sl, sw, lt, nullptr, nullptr, 0,
+                                             lt);
     }
   });
 }
@@ -822,7 +943,7 @@ void backward_small_rows(const Ctx<scalar_t>& cx) {
         const int64_t nl = std::min(B, r_end - r0);
         int64_t off[B];
         load_row_tile<scalar_t, M == kProb>(cx, r0, nl, off, xt, tt);
-        lanes_block_backward<scalar_t, M, HasW>(cx, xt, tt, gt, B, nl, r0, g_all);
+        lanes_block_backward<scalar_t, M, HasW>(cx, xt, tt, gt, B, nl, r0, g_all, false);
         for (int64_t k = 0; k < nl; ++k) {
           scalar_t* row = gi + off[k] + (r0 + k) / p.inner * (p.grad_stride_outer - p.stride_outer);
           for (int64_t c = 0; c < cx.C; ++c) row[c] = gt[c * B + k];
