@@ -2,7 +2,8 @@
 #   make test   build if needed, then run the test suite
 #   make bench  build if needed, then run the fused-vs-PyTorch benchmark on the best device
 # Both install what is missing: torch only if `import torch` fails (as torch==$(TORCH_VERSION)),
-# plus the build and test tools. The extension is rebuilt when a source changed.
+# plus the build and test tools (expecttest: torch.testing._internal, whose OpInfo and ModuleInfo
+# samples tests/test_exactness.py runs, imports it). The extension is rebuilt when a source changed.
 
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
@@ -16,8 +17,8 @@ NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
 
 deps: cuda-headers
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
-	@$(PYTHON) -c "import ninja, pytest, pytest_benchmark, numpy, setuptools" 2>/dev/null || \
-		$(PIP) install ninja pytest pytest-benchmark numpy "setuptools>=64"
+	@$(PYTHON) -c "import ninja, pytest, pytest_benchmark, numpy, setuptools, expecttest" 2>/dev/null || \
+		$(PIP) install ninja pytest pytest-benchmark numpy "setuptools>=64" expecttest
 
 # The CUDA headers that the emulated CUDA kernels (weighted_loss.testing.emulated_cuda) are built
 # with: a CUDA toolkit's, or else NVIDIA's header wheels (a few MB, no libraries used).

@@ -1,0 +1,338 @@
+// The pieces every path of the CPU cross-entropy shares: the context of one call, the row
+// statistics' finish, the work units and the deterministic reduction, the backward coefficients.
+// Part of cross_entropy_kernel.h (see there); included by it only.
+//
+// Math, per row r with logits x, class weights w (1 when absent), C classes, smoothing s:
+//   lse    = log sum_c exp(x_c) = sh + L, sh = max_c x_c, L = log sum_c exp(x_c - sh)
+//            (sh and L saved for the backward, in acc precision, in two planes of p.lse)
+//   index target y:
+//     loss = (1 - s) w_y ((sh - x_y) + L) + (s / C) (W L - sum_c w_c (x_c - sh))
+//     dloss/dx_k = (1 - s) w_y (p_k - [k == y]) + (s / C) (W p_k - w_k),  p = softmax(x), W = sum w
+//   probability target t, with t'_c = (1 - s) t_c + s / C and S = sum_c w_c t'_c:
+//     loss = S L - sum_c w_c t'_c (x_c - sh)
+//     dloss/dx_k = S p_k - w_k t'_k,        dloss/dt_k = -(1 - s) w_k ((x_k - sh) - L)
+// The forward reads a row twice (the second time from cache, or from a tile for the lane
+// layout): its max, then one exp per logit shifted by it, as PyTorch's log_softmax. Everything is
+// taken relative to the max, never through lse itself: exp's arguments are <= 0, the weighted
+// sums add terms of one sign, and the backward's p_k = exp((x_k - sh) - L) does not inherit lse's
+// rounding (which at |lse| ~ 10 would cost p_k 10 ulp). Per-row losses and backward coefficients
+// are formed in double where that is per row (rows of more than kSmallClasses classes) and the
+// target's p_y - 1 through expm1 there; the lane code rounds them in acc and fuses cp p - g w_y
+// into one FMA. With vexp's 0.9 ulp the float32 results are as close to float64 as PyTorch's own
+// (tests/exactness.py). The backward writes each gradient element once.
+//
+// Layouts (path_of): class-contiguous rows are vectorized along the classes; rows of at most
+// kSmallClasses classes are transposed B at a time into a small tile and take the lane code;
+// otherwise the glue guarantees stride_inner == 1 and lanes run along the contiguous spatial axis,
+// reading (N, C, d...) in place. Reductions go through fixed blocks of rows whose partial sums are
+// added in block order: the same bits for any thread count.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../params.h"
+#include "kernels.h"
+#include "vec_common.h"
+
+namespace weighted_loss::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// max that keeps a NaN once seen
+template <typename acc_t>
+inline acc_t max_nan(acc_t a, acc_t b) {
+  return (a != a || a > b) ? a : (b != b ? b : std::max(a, b));
+}
+
+template <typename acc_t>
+inline acc_t hmax(const Vectorized<acc_t>& v) {
+  acc_t tmp[Vectorized<acc_t>::size()];
+  v.store(tmp);
+  acc_t m = tmp[0];
+  for (int64_t k = 1; k < Vectorized<acc_t>::size(); ++k) m = max_nan(m, tmp[k]);
+  return m;
+}
+
+// Shift used for exp: the running max, or 0 while everything seen is -inf (so exp(-inf) = 0
+// rather than exp(-inf - -inf) = NaN; a row that is -inf throughout gets lse = -inf).
+template <typename acc_t>
+inline acc_t exp_shift(acc_t m) {
+  return m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m;
+}
+
+enum Mode : int { kPlain = 0, kSmooth = 1, kProb = 2 };
+
+template <typename scalar_t>
+struct Ctx {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const CrossEntropyParams& p;
+  const scalar_t* x;
+  const scalar_t* t;            // probability targets
+  const acc_t* w;               // weight as acc, or nullptr
+  acc_t w_sum;                  // sum of weights (C without weight)
+  acc_t smooth;                 // label smoothing s, 0 when off
+  acc_t t_scale, t_shift;       // t' = t * t_scale + t_shift
+  int64_t C;
+
+  explicit Ctx(const CrossEntropyParams& prm, std::vector<acc_t>& w_buf) : p(prm) {
+    x = static_cast<const scalar_t*>(p.input);
+    t = static_cast<const scalar_t*>(p.target);
+    C = p.classes;
+    smooth = p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0);
+    t_scale = acc_t(1) - smooth;
+    t_shift = C > 0 ? smooth / static_cast<acc_t>(C) : acc_t(0);
+    w = nullptr;
+    w_sum = static_cast<acc_t>(C);
+    if (p.weight != nullptr) {
+      const auto* wp = static_cast<const scalar_t*>(p.weight);
+      w_buf.resize(C);
+      acc_t s = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        w_buf[c] = static_cast<acc_t>(wp[c]);
+        s += w_buf[c];
+      }
+      w = w_buf.data();
+      w_sum = s;
+    }
+  }
+  inline int64_t offset(int64_t o, int64_t i) const {
+    return o * p.stride_outer + i * p.stride_inner;
+  }
+  // where row (o, i) of the logits' gradient starts (its row stride may differ: params.h)
+  inline int64_t grad_offset(int64_t o, int64_t i) const {
+    return o * p.grad_stride_outer + i * p.stride_inner;
+  }
+  C10_ALWAYS_INLINE int64_t checked_target(int64_t r) const {
+    const int64_t v = target_value(p.target, p.target_type, r);
+    if (v == p.ignore_index) return -1;
+    TORCH_CHECK_INDEX(v >= 0 && v < C, "Target ", v, " is out of bounds.");
+    return v;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward, class-contiguous rows.
+
+
+// The lane layout reads the classes of a block of lanes as short runs far apart in memory, too
+// short for the hardware prefetcher to train on: each load asks for the same class further along.
+inline void prefetch(const void* p) {
+  __builtin_prefetch(p, 0, 2);
+}
+inline void prefetch_write(void* p) {
+  __builtin_prefetch(p, 1, 3);
+}
+constexpr int64_t kPrefetch = 256;  // elements ahead along a class row
+
+// The log-sum of a row from its max m and e = sum_c exp(x_c - m): L = log e. The shift saved
+// beside L is m, or 0 for a row that is -inf throughout; such a row, and one holding NaN or +inf,
+// gets L = NaN: its loss and gradient are NaN, as PyTorch's (its log_softmax is NaN).
+template <typename acc_t>
+inline void finish_lse(acc_t m, acc_t e, acc_t& sh, double& L) {
+  sh = exp_shift(m);
+  if (m - m != acc_t(0)) {  // NaN, +inf, or -inf throughout
+    L = std::numeric_limits<double>::quiet_NaN();
+  } else {
+    L = std::log(static_cast<double>(e));  // in double
+  }
+}
+
+// The same for B lanes at once (the lane layout: a row per lane), in acc precision: a scalar
+// log in double per row of 19 classes would cost as much as the row's exps.
+template <typename acc_t>
+inline void finish_lse(const Vectorized<acc_t>& m, const Vectorized<acc_t>& e,
+                       Vectorized<acc_t>& L) {
+  using Vec = Vectorized<acc_t>;
+  const Vec zero(0);
+  L = Vec::blendv(e.log(), Vec(std::numeric_limits<acc_t>::quiet_NaN()), (m - m) != zero);
+}
+
+// The shift and log-sum saved for an ignored row: (0, +inf), so that its gradient is
+// 0 * exp(x - inf) = 0; (0, NaN) when the row holds a NaN or +inf or is -inf throughout, where
+// PyTorch's log_softmax gives NaN and so does its gradient (0 * NaN).
+template <typename acc_t>
+inline acc_t ignored_lse(acc_t m) {
+  return m - m == acc_t(0) ? std::numeric_limits<acc_t>::infinity()
+                           : std::numeric_limits<acc_t>::quiet_NaN();
+}
+
+// The max of a row, NaN if it holds one.
+template <typename scalar_t>
+inline typename AccOf<scalar_t>::type row_max(const Ctx<scalar_t>& cx, const scalar_t* x) {
+  using io = IO<scalar_t>;
+  using acc_t = typename io::acc_t;
+  using Vec = typename io::Vec;
+  const Vec vninf(-std::numeric_limits<acc_t>::infinity());
+  Vec m0 = vninf, m1 = vninf;
+  for_blocks<io::B>(cx.C, [&](int64_t k, int64_t cnt, auto full) {
+    Vec v0, v1;
+    if constexpr (decltype(full)::value) {
+      io::load(x + k, v0, v1);
+    } else {
+      io::load(x + k, cnt, v0, v1);
+      keep_valid(cnt, vninf, v0, v1);
+    }
+    m0 = at::vec::maximum(m0, v0);
+    m1 = at::vec::maximum(m1, v1);
+  });
+  return hmax(at::vec::maximum(m0, m1));
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Work units and the deterministic reduction.
+
+// Most lanes of one unit of the lane layout (a multiple of every B).
+constexpr int64_t kMaxLanes = 1024;
+
+struct Units {
+  int64_t count;   // number of units
+  int64_t rows;    // row layout: rows per unit; lane layout: lanes per unit
+  int64_t per_outer;  // lane layout: units per outer index
+};
+
+inline Units row_units(const CrossEntropyParams& p) {
+  const int64_t rows = p.outer * p.inner;
+  const int64_t per = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.classes));
+  return {(rows + per - 1) / per, per, 0};
+}
+
+template <typename scalar_t>
+inline Units lane_units(const CrossEntropyParams& p) {
+  constexpr int64_t B = IO<scalar_t>::B;
+  // lanes per unit (the reduction's block): about 32 KiB of logits
+  int64_t lanes = 32768 / std::max<int64_t>(1, p.classes * int64_t(sizeof(scalar_t)));
+  lanes = std::clamp<int64_t>(lanes - lanes % B, B, kMaxLanes);
+  const int64_t per_outer = (p.inner + lanes - 1) / lanes;
+  return {p.outer * per_outer, lanes, per_outer};
+}
+
+template <typename scalar_t, typename acc_t>
+inline void finish_forward(const CrossEntropyParams& p, const std::vector<double>& part_loss,
+                           const std::vector<double>& part_w) {
+  if (p.reduction == Reduction::None) return;
+  double total = 0, wsum = 0;
+  for (size_t u = 0; u < part_loss.size(); ++u) {
+    total += part_loss[u];
+    wsum += part_w[u];
+  }
+  const double rows = static_cast<double>(p.outer * p.inner);
+  const double denom = p.prob_target ? rows : wsum;
+  if (!p.prob_target) *static_cast<acc_t*>(p.total_weight) = static_cast<acc_t>(wsum);
+  const double out = p.reduction == Reduction::Mean ? total / denom : total;
+  *static_cast<scalar_t*>(p.loss) = static_cast<scalar_t>(out);
+}
+
+
+// The forward drivers of the lane code: `unit_body(unit, sl, sw)` adds one work unit's loss and
+// divisor to sl, sw; units run in parallel, and their partial sums are added in unit order.
+template <typename scalar_t, typename F>
+void forward_units(const Ctx<scalar_t>& cx, int64_t count, F&& unit_body) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  std::vector<double> part_loss(count, 0.0), part_w(count, 0.0);
+  at::parallel_for(0, count, 1, [&](int64_t b, int64_t e) {
+    for (int64_t unit = b; unit < e; ++unit) {
+      double sl = 0, sw = 0;
+      unit_body(unit, sl, sw);
+      part_loss[unit] = sl;
+      part_w[unit] = sw;
+    }
+  });
+  finish_forward<scalar_t, acc_t>(cx.p, part_loss, part_w);
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Backward. Per row the gradient is  g * (cp * p_k - cw * w_k * t'_k)  minus  g (1 - s) w_y at
+// k == y for index targets, where g is the upstream gradient of the row's loss (already divided
+// by the mean's divisor), cp the coefficient of the softmax and cw that of the weight term. The
+// coefficients are computed in double and rounded once.
+
+template <typename scalar_t>
+inline double scalar_grad(const CrossEntropyParams& p) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const double g = static_cast<double>(*static_cast<const scalar_t*>(p.grad_loss));
+  if (p.reduction != Reduction::Mean) return g;
+  const double denom = p.prob_target ? static_cast<double>(p.outer * p.inner)
+                                     : static_cast<double>(*static_cast<const acc_t*>(p.total_weight));
+  return g / denom;
+}
+
+// What the backward of one row needs besides the logits.
+template <typename acc_t>
+struct RowCoef {
+  acc_t sh = 0, L = 0;                     // the saved shift and log-sum: p_k = exp(x_k - sh - L)
+  acc_t cp = 0, cw = 0, gy = 0;            // gy: g (1 - s) w_y, subtracted at k == y
+  double cpd = 0, cwd = 0, gyd = 0;        // the same in double, for the target element
+  int64_t y = -1;                          // -1: ignored row (index) / no delta (prob)
+  bool zero = false;                       // ignored row: gradient 0 (NaN where L is NaN)
+};
+
+template <typename scalar_t, int M, bool HasW>
+inline RowCoef<typename AccOf<scalar_t>::type> row_coef(const Ctx<scalar_t>& cx, int64_t r,
+                                                         double g) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  RowCoef<acc_t> rc;
+  const auto& p = cx.p;
+  rc.sh = static_cast<const acc_t*>(p.lse)[r];
+  rc.L = static_cast<const acc_t*>(p.lse)[p.outer * p.inner + r];
+  if (p.reduction == Reduction::None) g = static_cast<double>(static_cast<const scalar_t*>(p.grad_loss)[r]);
+  if constexpr (M == kProb) {
+    rc.cp = static_cast<acc_t>(g * static_cast<double>(static_cast<const acc_t*>(p.tsum)[r]));
+    rc.cw = static_cast<acc_t>(g);
+  } else {
+    const int64_t yv = cx.checked_target(r);
+    if (yv < 0) {
+      rc.zero = true;
+      return rc;
+    }
+    const double wy = HasW ? static_cast<double>(cx.w[yv]) : 1.0;
+    const double s = M == kSmooth ? p.label_smoothing : 0.0;
+    rc.y = yv;
+    rc.gyd = g * (1.0 - s) * wy;
+    if constexpr (M == kSmooth) {
+      const double ts = s / static_cast<double>(cx.C);
+      rc.cpd = g * ((1.0 - s) * wy + ts * static_cast<double>(cx.w_sum));
+      rc.cwd = g * ts;
+    } else {
+      rc.cpd = rc.gyd;
+    }
+    rc.gy = static_cast<acc_t>(rc.gyd);
+    rc.cp = static_cast<acc_t>(rc.cpd);
+    rc.cw = static_cast<acc_t>(rc.cwd);
+  }
+  return rc;
+}
+
+// The gradient at the target class of an index row, in double and rounded once:
+// g (1 - s) w_y (p_y - 1) as gy expm1(log p_y), so that a p_y near 1 does not cancel, plus the
+// smoothing terms.
+template <typename scalar_t, int M, bool HasW>
+inline scalar_t target_grad(const Ctx<scalar_t>& cx, const RowCoef<typename AccOf<scalar_t>::type>& rc,
+                            scalar_t xy) {
+  const double lp = (static_cast<double>(xy) - rc.sh) - static_cast<double>(rc.L);
+  double gv = rc.gyd * std::expm1(lp);
+  if constexpr (M == kSmooth) {
+    gv += (rc.cpd - rc.gyd) * std::exp(lp) - rc.cwd * (HasW ? static_cast<double>(cx.w[rc.y]) : 1.0);
+  }
+  return static_cast<scalar_t>(gv);
+}
+
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace weighted_loss::cpu

@@ -1,0 +1,220 @@
+// The CPU cross-entropy over class-contiguous rows of more than kSmallClasses classes,
+// vectorized along the classes: two passes per row forward (its max, then the sums shifted by
+// it), one backward. Part of cross_entropy_kernel.h; included by it only.
+#pragma once
+
+#include "cross_entropy_common.h"
+
+namespace weighted_loss::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// The second pass over a row, with its shift sh (its max): e = sum_c exp(x_c - sh); with kSmooth
+// a = sum_c w_c (x_c - sh); with kProb
+// a = sum_c w_c t'_c (x_c - sh) and q = sum_c w_c t'_c. Each exp's argument is <= 0, and the
+// weighted sums are of terms <= 0 for weights and targets >= 0: nothing cancels.
+template <typename scalar_t, int M, bool HasW>
+inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
+                     typename AccOf<scalar_t>::type sh, typename AccOf<scalar_t>::type& e,
+                     typename AccOf<scalar_t>::type& a, typename AccOf<scalar_t>::type& q) {
+  using io = IO<scalar_t>;
+  using acc_t = typename io::acc_t;
+  using Vec = typename io::Vec;
+  constexpr int64_t B = io::B;
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const Vec vsh(sh), vts(cx.t_scale), vtsh(cx.t_shift), vninf(ninf), vzero(0);
+  Vec e0(0), e1(0), a0(0), a1(0), q0(0), q1(0);
+  for_blocks<B>(cx.C, [&](int64_t c, int64_t cnt, auto full) {
+    Vec v0, v1, u0, u1;
+    if constexpr (decltype(full)::value) {
+      io::load(x + c, v0, v1);
+      u0 = v0;
+      u1 = v1;
+    } else {
+      io::load(x + c, cnt, v0, v1);
+      u0 = v0;
+      u1 = v1;
+      keep_valid(cnt, vninf, u0, u1);  // -inf: exp gives 0
+    }
+    e0 += vexp(u0 - vsh);
+    e1 += vexp(u1 - vsh);
+    if constexpr (M != kPlain) {
+      Vec d0 = v0 - vsh, d1 = v1 - vsh;
+      if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, d0, d1);
+      Vec w0(1), w1(1);
+      if constexpr (HasW) load_acc(cx.w + c, cnt, w0, w1);
+      if constexpr (M == kSmooth) {
+        a0 = at::vec::fmadd(w0, d0, a0);
+        a1 = at::vec::fmadd(w1, d1, a1);
+      } else {
+        Vec t0, t1;
+        if constexpr (decltype(full)::value) {
+          io::load(t + c, t0, t1);
+        } else {
+          io::load(t + c, cnt, t0, t1);
+        }
+        t0 = w0 * at::vec::fmadd(t0, vts, vtsh);
+        t1 = w1 * at::vec::fmadd(t1, vts, vtsh);
+        if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, t0, t1);
+        a0 = at::vec::fmadd(t0, d0, a0);
+        a1 = at::vec::fmadd(t1, d1, a1);
+        q0 += t0;
+        q1 += t1;
+      }
+    }
+  });
+  e = hsum(e0 + e1);
+  a = hsum(a0 + a1);
+  q = hsum(q0 + q1);
+}
+
+// The loss of a row from its statistics (see row_sums), in double: the float statistics are
+// rounded once each, and nothing after them (PyTorch rounds log_softmax, then w_y times it).
+template <typename scalar_t, int M>
+inline double row_loss(const Ctx<scalar_t>& cx, double sh, double L, double a, double q, double xy,
+                       double wy) {
+  if constexpr (M == kProb) return q * L - a;
+  const double nll = (sh - xy) + L;
+  if constexpr (M == kSmooth) {
+    return (1.0 - cx.p.label_smoothing) * wy * nll +
+           cx.p.label_smoothing / static_cast<double>(cx.C) * (static_cast<double>(cx.w_sum) * L - a);
+  }
+  return wy * nll;
+}
+
+// Per-row loss, the saved shift and log-sum (sh, L; lse = sh + L), and the row's weight in the
+// mean's divisor. Two passes over the row (the second from cache): its max, then the sums
+// shifted by it, as PyTorch's log_softmax does.
+template <typename scalar_t, int M, bool HasW>
+inline void row_forward(const Ctx<scalar_t>& cx, int64_t r, const scalar_t* x, const scalar_t* t,
+                        typename AccOf<scalar_t>::type& sh, typename AccOf<scalar_t>::type& L,
+                        double& loss, double& wy, typename AccOf<scalar_t>::type& tsum) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const int64_t yv = M == kProb ? 0 : cx.checked_target(r);
+  const acc_t m = row_max(cx, x);
+  if (yv < 0) {
+    sh = 0;
+    loss = wy = 0;
+    L = ignored_lse(m);
+    return;
+  }
+  acc_t e, a, q;
+  row_sums<scalar_t, M, HasW>(cx, x, t, exp_shift(m), e, a, q);
+  double Ld;
+  finish_lse(m, e, sh, Ld);
+  L = static_cast<acc_t>(Ld);
+  tsum = q;
+  wy = M == kProb ? 1.0 : HasW ? static_cast<double>(cx.w[yv]) : 1.0;
+  const double xy = M == kProb ? 0.0 : static_cast<double>(x[yv * cx.p.stride_class]);
+  loss = row_loss<scalar_t, M>(cx, sh, Ld, a, q, xy, wy);
+}
+
+
+template <typename scalar_t, int M, bool HasW>
+void forward_rows(const Ctx<scalar_t>& cx) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const auto& p = cx.p;
+  const Units u = row_units(p);
+  const int64_t rows = p.outer * p.inner;
+  std::vector<double> part_loss(u.count, 0.0), part_w(u.count, 0.0);
+  auto* sh_out = static_cast<acc_t*>(p.lse);
+  auto* L_out = sh_out + rows;
+  auto* tsum_out = static_cast<acc_t*>(p.tsum);
+  auto* loss_out = static_cast<scalar_t*>(p.loss);
+  const bool none = p.reduction == Reduction::None;
+  at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
+    for (int64_t unit = b; unit < e; ++unit) {
+      double sl = 0, sw = 0;
+      const int64_t r1 = std::min(rows, (unit + 1) * u.rows);
+      for (int64_t r = unit * u.rows; r < r1; ++r) {
+        const int64_t off = cx.offset(r / p.inner, r % p.inner);
+        acc_t sh, L, ts = 0;
+        double loss, wy;
+        row_forward<scalar_t, M, HasW>(cx, r, cx.x + off, M == kProb ? cx.t + off : nullptr, sh, L,
+                                       loss, wy, ts);
+        sh_out[r] = sh;
+        L_out[r] = L;
+        if constexpr (M == kProb) tsum_out[r] = ts;
+        if (none) {
+          loss_out[r] = static_cast<scalar_t>(loss);
+        } else {
+          sl += loss;
+          sw += wy;
+        }
+      }
+      part_loss[unit] = sl;
+      part_w[unit] = sw;
+    }
+  });
+  finish_forward<scalar_t, acc_t>(p, part_loss, part_w);
+}
+
+
+template <typename scalar_t, int M, bool HasW>
+void backward_rows(const Ctx<scalar_t>& cx) {
+  using io = IO<scalar_t>;
+  using acc_t = typename io::acc_t;
+  using Vec = typename io::Vec;
+  constexpr int64_t B = io::B;
+  const auto& p = cx.p;
+  const int64_t C = cx.C, rows = p.outer * p.inner;
+  const double g_all = p.reduction == Reduction::None ? 0.0 : scalar_grad<scalar_t>(p);
+  const Vec vts(cx.t_scale), vtsh(cx.t_shift);
+  auto* gi = static_cast<scalar_t*>(p.grad_input);
+  const Units u = row_units(p);
+  at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b * u.rows; r < std::min(rows, e * u.rows); ++r) {
+      const int64_t off = cx.offset(r / p.inner, r % p.inner);
+      const scalar_t* x = cx.x + off;
+      const scalar_t* t = M == kProb ? cx.t + off : nullptr;
+      scalar_t* gr = gi + cx.grad_offset(r / p.inner, r % p.inner);
+      const auto rc = row_coef<scalar_t, M, HasW>(cx, r, g_all);
+      if (rc.zero || rc.L != rc.L) {  // ignored: 0; NaN where the row's log_softmax is (vexp
+                                      // does not carry NaN)
+        std::fill(gr, gr + C, rc.L == rc.L ? scalar_t(0) : static_cast<scalar_t>(rc.L));
+        continue;
+      }
+      const Vec vsh(rc.sh), vL(rc.L), vcp(rc.cp), vcw(rc.cw);
+      for_blocks<B>(C, [&](int64_t k, int64_t cnt, auto full) {
+        Vec v0, v1;
+        if constexpr (decltype(full)::value) {
+          io::load(x + k, v0, v1);
+        } else {
+          io::load(x + k, cnt, v0, v1);
+        }
+        Vec g0 = vcp * vexp((v0 - vsh) - vL), g1 = vcp * vexp((v1 - vsh) - vL);
+        if constexpr (M == kSmooth || M == kProb) {
+          Vec w0(1), w1(1);
+          if constexpr (HasW) load_acc(cx.w + k, cnt, w0, w1);
+          if constexpr (M == kProb) {
+            Vec t0, t1;
+            if constexpr (decltype(full)::value) {
+              io::load(t + k, t0, t1);
+            } else {
+              io::load(t + k, cnt, t0, t1);
+            }
+            w0 = w0 * at::vec::fmadd(t0, vts, vtsh);
+            w1 = w1 * at::vec::fmadd(t1, vts, vtsh);
+          }
+          g0 = g0 - vcw * w0;
+          g1 = g1 - vcw * w1;
+        }
+        if constexpr (decltype(full)::value) {
+          io::store(gr + k, g0, g1);
+        } else {
+          io::store(gr + k, cnt, g0, g1);
+        }
+      });
+      if constexpr (M != kProb) {
+        gr[rc.y] = target_grad<scalar_t, M, HasW>(cx, rc, x[rc.y]);  // once more, exactly
+      }
+    }
+  });
+}
+
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace weighted_loss::cpu
