@@ -11,6 +11,30 @@ namespace {
 
 using at::vec::Vectorized;
 
+// The factor of class c's term in a block of cnt <= B classes from c: w_c (1 without weight),
+// times t'_c = (1 - s) t_c + s / C with kProb; 0 past cnt.
+template <typename scalar_t, int M, bool HasW, bool Full>
+C10_ALWAYS_INLINE void class_factors(const Ctx<scalar_t>& cx, const scalar_t* t, int64_t c,
+                                     int64_t cnt, Vectorized<typename AccOf<scalar_t>::type>& f0,
+                                     Vectorized<typename AccOf<scalar_t>::type>& f1) {
+  using io = IO<scalar_t>;
+  using Vec = typename io::Vec;
+  f0 = f1 = Vec(1);
+  if constexpr (HasW) load_acc(cx.w + c, cnt, f0, f1);
+  if constexpr (M == kProb) {
+    Vec t0, t1;
+    if constexpr (Full) {
+      io::load(t + c, t0, t1);
+    } else {
+      io::load(t + c, cnt, t0, t1);
+    }
+    const Vec vts(cx.t_scale), vtsh(cx.t_shift);
+    f0 = f0 * at::vec::fmadd(t0, vts, vtsh);
+    f1 = f1 * at::vec::fmadd(t1, vts, vtsh);
+  }
+  if constexpr (!Full) keep_valid(cnt, Vec(0), f0, f1);
+}
+
 // The second pass over a row, with its shift sh (its max): e = sum_c exp(x_c - sh); with kSmooth
 // a = sum_c w_c (x_c - sh); with kProb
 // a = sum_c w_c t'_c (x_c - sh) and q = sum_c w_c t'_c. Each exp's argument is <= 0, and the
@@ -24,7 +48,7 @@ inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t*
   using Vec = typename io::Vec;
   constexpr int64_t B = io::B;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  const Vec vsh(sh), vts(cx.t_scale), vtsh(cx.t_shift), vninf(ninf), vzero(0);
+  const Vec vsh(sh), vninf(ninf), vzero(0);
   Vec e0(0), e1(0), a0(0), a1(0), q0(0), q1(0);
   for_blocks<B>(cx.C, [&](int64_t c, int64_t cnt, auto full) {
     Vec v0, v1, u0, u1;
@@ -43,25 +67,13 @@ inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t*
     if constexpr (M != kPlain) {
       Vec d0 = v0 - vsh, d1 = v1 - vsh;
       if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, d0, d1);
-      Vec w0(1), w1(1);
-      if constexpr (HasW) load_acc(cx.w + c, cnt, w0, w1);
-      if constexpr (M == kSmooth) {
-        a0 = at::vec::fmadd(w0, d0, a0);
-        a1 = at::vec::fmadd(w1, d1, a1);
-      } else {
-        Vec t0, t1;
-        if constexpr (decltype(full)::value) {
-          io::load(t + c, t0, t1);
-        } else {
-          io::load(t + c, cnt, t0, t1);
-        }
-        t0 = w0 * at::vec::fmadd(t0, vts, vtsh);
-        t1 = w1 * at::vec::fmadd(t1, vts, vtsh);
-        if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, t0, t1);
-        a0 = at::vec::fmadd(t0, d0, a0);
-        a1 = at::vec::fmadd(t1, d1, a1);
-        q0 += t0;
-        q1 += t1;
+      Vec f0, f1;
+      class_factors<scalar_t, M, HasW, decltype(full)::value>(cx, t, c, cnt, f0, f1);
+      a0 = at::vec::fmadd(f0, d0, a0);
+      a1 = at::vec::fmadd(f1, d1, a1);
+      if constexpr (M == kProb) {
+        q0 += f0;
+        q1 += f1;
       }
     }
   });
@@ -161,7 +173,6 @@ void backward_rows(const Ctx<scalar_t>& cx) {
   const auto& p = cx.p;
   const int64_t C = cx.C, rows = p.outer * p.inner;
   const double g_all = p.reduction == Reduction::None ? 0.0 : scalar_grad<scalar_t>(p);
-  const Vec vts(cx.t_scale), vtsh(cx.t_shift);
   auto* gi = static_cast<scalar_t*>(p.grad_input);
   const Units u = row_units(p);
   at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
@@ -186,20 +197,10 @@ void backward_rows(const Ctx<scalar_t>& cx) {
         }
         Vec g0 = vcp * vexp((v0 - vsh) - vL), g1 = vcp * vexp((v1 - vsh) - vL);
         if constexpr (M == kSmooth || M == kProb) {
-          Vec w0(1), w1(1);
-          if constexpr (HasW) load_acc(cx.w + k, cnt, w0, w1);
-          if constexpr (M == kProb) {
-            Vec t0, t1;
-            if constexpr (decltype(full)::value) {
-              io::load(t + k, t0, t1);
-            } else {
-              io::load(t + k, cnt, t0, t1);
-            }
-            w0 = w0 * at::vec::fmadd(t0, vts, vtsh);
-            w1 = w1 * at::vec::fmadd(t1, vts, vtsh);
-          }
-          g0 = g0 - vcw * w0;
-          g1 = g1 - vcw * w1;
+          Vec f0, f1;
+          class_factors<scalar_t, M, HasW, decltype(full)::value>(cx, t, k, cnt, f0, f1);
+          g0 = g0 - vcw * f0;
+          g1 = g1 - vcw * f1;
         }
         if constexpr (decltype(full)::value) {
           io::store(gr + k, g0, g1);
