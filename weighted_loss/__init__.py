@@ -5,7 +5,8 @@ import torch  # noqa: F401  (loads libtorch and its OpenMP runtime before the ex
 
 from . import _C  # noqa: F401  (registers the weighted_loss ops)
 from . import _ops  # noqa: F401  (fake kernels and autograd)
-from . import functional, testing
+from . import distributed, functional, testing
+from .distributed import total_weight
 from .functional import binary_cross_entropy_with_logits, cross_entropy
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss
 from .weights import (class_weights, class_weights_from, count_labels, count_positives, pos_weight,
@@ -14,7 +15,8 @@ from .weights import (class_weights, class_weights_from, count_labels, count_pos
 __all__ = [
     "cross_entropy", "CrossEntropyLoss", "binary_cross_entropy_with_logits", "BCEWithLogitsLoss",
     "functional", "cpu_capability", "class_weights", "pos_weight", "count_labels",
-    "count_positives", "pos_weight_from_counts", "class_weights_from", "sampler",
+    "count_positives", "pos_weight_from_counts", "class_weights_from", "sampler", "distributed",
+    "total_weight",
 ]
 __version__ = "0.1.0"
 

@@ -5,6 +5,8 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
+from . import distributed as _dist
+
 __all__ = ["cross_entropy", "binary_cross_entropy_with_logits"]
 
 _ops = torch.ops.weighted_loss
@@ -19,6 +21,9 @@ def cross_entropy(
     reduce: Optional[bool] = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    *,
+    process_group=None,
+    total_weight=None,
 ) -> Tensor:
     """Fused ``F.cross_entropy``: log-softmax, class-weight gather and (weighted) reduction in one
     pass over the logits forward and one backward. Same arguments, results and corner cases.
@@ -27,10 +32,22 @@ def cross_entropy(
     indices (int64, int32 or uint8, shape without the class dim) or class probabilities (the
     input's shape). ``reduction="mean"`` divides by ``sum(weight[target])`` over non-ignored items
     for class indices and by the number of items for probabilities.
+
+    ``process_group`` (with ``reduction="mean"``): the weighted mean over the whole group's batch,
+    the same on every rank, with a gradient that DDP's averaging turns into the gradient of the
+    concatenated batch (``weighted_loss.distributed``). ``total_weight``: the denominator to use
+    instead of this batch's (``wl.total_weight`` over a step's micro-batches).
     """
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
-    red = _Reduction.get_enum(reduction)
+    grouped = process_group is not None or total_weight is not None
+    if grouped:
+        red = _Reduction.get_enum("sum")
+        if reduction != "mean":
+            raise ValueError(f"process_group= and total_weight= apply to reduction='mean', got "
+                             f"reduction={reduction!r}")
+    else:
+        red = _Reduction.get_enum(reduction)
     label_smoothing = float(label_smoothing)
     if input.shape == target.shape:
         # class probabilities, promoted together as PyTorch's arithmetic would
@@ -46,9 +63,15 @@ def cross_entropy(
                 weight = weight.to(dtype)
         loss, _, _ = _ops.cross_entropy_prob_forward(input, target, weight, red,
                                                      max(label_smoothing, 0.0))
+        if grouped:
+            rows = input.numel() // max(1, input.shape[0 if input.dim() == 1 else 1])
+            local = torch.tensor(float(rows), dtype=torch.float64, device=input.device)
+            return _dist.global_mean(loss, local, "mean", process_group, total_weight)
         return loss
-    loss, _, _ = _ops.cross_entropy_forward(input, target, weight, red, int(ignore_index),
-                                            max(label_smoothing, 0.0))
+    loss, _, local = _ops.cross_entropy_forward(input, target, weight, red, int(ignore_index),
+                                                max(label_smoothing, 0.0))
+    if grouped:
+        return _dist.global_mean(loss, local, "mean", process_group, total_weight)
     return loss
 
 
@@ -60,6 +83,9 @@ def binary_cross_entropy_with_logits(
     reduce: Optional[bool] = None,
     reduction: str = "mean",
     pos_weight: Optional[Tensor] = None,
+    *,
+    process_group=None,
+    total_weight=None,
 ) -> Tensor:
     """Fused ``F.binary_cross_entropy_with_logits``: the stable log-sigmoid, ``pos_weight``,
     ``weight`` and the reduction in one pass over the logits forward and one backward. Same
@@ -68,11 +94,17 @@ def binary_cross_entropy_with_logits(
     ``input`` has any shape (0-d included); ``target`` the same shape, probabilities in [0, 1].
     ``weight`` and ``pos_weight`` broadcast against ``input`` as in PyTorch (``(C,)`` on the last
     dim, ``(C, 1, 1)`` for ``(N, C, H, W)``, ``(N, 1)``, ...) and are read in place, not expanded.
-    The result has the target's dtype, as PyTorch's does.
+    The result has the target's dtype, as PyTorch's does. ``process_group`` / ``total_weight``:
+    the mean over the whole group's elements (or over ``total_weight`` elements), as for
+    :func:`cross_entropy`.
     """
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
-    red = _Reduction.get_enum(reduction)
+    grouped = process_group is not None or total_weight is not None
+    if grouped and reduction != "mean":
+        raise ValueError(f"process_group= and total_weight= apply to reduction='mean', got "
+                         f"reduction={reduction!r}")
+    red = _Reduction.get_enum("sum" if grouped else reduction)
     if target.size() != input.size():
         raise ValueError(
             f"Target size ({target.size()}) must be the same as input size ({input.size()})")
@@ -87,4 +119,7 @@ def binary_cross_entropy_with_logits(
         dtype = torch.promote_types(input.dtype, target.dtype)
         input, target = input.to(dtype), target.to(dtype)
     loss = _ops.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight, red)
+    if grouped:
+        local = torch.tensor(float(input.numel()), dtype=torch.float64, device=input.device)
+        loss = _dist.global_mean(loss, local, "mean", process_group, total_weight)
     return loss if loss.dtype == out_dtype else loss.to(out_dtype)

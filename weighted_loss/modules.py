@@ -9,17 +9,31 @@ __all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss"]
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
-    """``torch.nn.CrossEntropyLoss`` computed by :func:`weighted_loss.cross_entropy`."""
+    """``torch.nn.CrossEntropyLoss`` computed by :func:`weighted_loss.cross_entropy`;
+    ``process_group=`` makes the mean the whole group's (see :mod:`weighted_loss.distributed`),
+    and ``forward(..., total_weight=)`` divides by a given denominator."""
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+    def forward(self, input: Tensor, target: Tensor, total_weight=None) -> Tensor:
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                               reduction=self.reduction, label_smoothing=self.label_smoothing)
+                               reduction=self.reduction, label_smoothing=self.label_smoothing,
+                               process_group=self.process_group, total_weight=total_weight)
 
 
 class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
-    """``torch.nn.BCEWithLogitsLoss`` computed by :func:`weighted_loss.binary_cross_entropy_with_logits`."""
+    """``torch.nn.BCEWithLogitsLoss`` computed by :func:`weighted_loss.binary_cross_entropy_with_logits`;
+    ``process_group=`` and ``total_weight=`` as for :class:`CrossEntropyLoss`."""
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+    def forward(self, input: Tensor, target: Tensor, total_weight=None) -> Tensor:
         return F.binary_cross_entropy_with_logits(input, target, self.weight,
                                                   pos_weight=self.pos_weight,
-                                                  reduction=self.reduction)
+                                                  reduction=self.reduction,
+                                                  process_group=self.process_group,
+                                                  total_weight=total_weight)

@@ -1,0 +1,105 @@
+"""One rank of tests/test_distributed.py, run as `python distributed_worker.py CASE OUT_DIR` with
+RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set. Each rank takes an unequal share of one global
+batch whose labels are sorted (so every rank sees a different class mix, some ignored targets), trains
+a linear layer under DDP (gloo) with the fused loss and process_group=, and compares its loss and
+gradients with one process on the whole batch through PyTorch's own loss. Writes OUT_DIR/<rank>.json."""
+import copy
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import weighted_loss as wl
+
+C, H, N = 7, 16, 120
+
+
+def global_batch(loss):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, H, generator=g)
+    if loss == "bce":
+        y = (torch.rand(N, C, generator=g) < torch.linspace(0.05, 0.6, C)).float()
+        return x, y, None
+    probs = torch.tensor([0.02, 0.4, 0.05, 0.25, 0.08, 0.15, 0.05])
+    y = torch.multinomial(probs, N, replacement=True, generator=g)
+    y[torch.rand(N, generator=g) < 0.1] = -100
+    order = torch.argsort(y, stable=True)  # ranks get different classes
+    counts = torch.bincount(y[y >= 0], minlength=C).double() + 1
+    return x[order], y[order], (counts.max() / counts).float()
+
+
+def main():
+    case, out = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.group.WORLD
+    loss_kind = case.split("-")[0]
+    x_all, y_all, w = global_batch(loss_kind)
+    sizes = [N * (r + 1) // sum(range(1, world + 1)) for r in range(world)]
+    sizes[-1] = N - sum(sizes[:-1])
+    start = sum(sizes[:rank])
+    x, y = x_all[start:start + sizes[rank]], y_all[start:start + sizes[rank]]
+
+    torch.manual_seed(1)
+    model = torch.nn.Linear(H, C)
+    ref = copy.deepcopy(model)
+    if loss_kind == "bce":
+        ref_loss = F.binary_cross_entropy_with_logits(ref(x_all), y_all)
+    else:
+        ref_loss = F.cross_entropy(ref(x_all), y_all, weight=w)
+    ref_loss.backward()
+
+    ddp = DDP(model)
+    if case == "ce-ddp":
+        loss = wl.cross_entropy(ddp(x), y, weight=w, process_group=group)
+        loss.backward()
+        value = loss.item()
+    elif case == "ce-module":
+        fn = wl.CrossEntropyLoss(weight=w, process_group=group)
+        loss = fn(ddp(x), y)
+        loss.backward()
+        value = loss.item()
+    elif case == "ce-accum":  # two micro-batches, the denominator of the whole step
+        half = x.shape[0] // 2
+        parts = [(x[:half], y[:half]), (x[half:], y[half:])]
+        total = wl.total_weight([p[1] for p in parts], w, process_group=group)
+        value = 0.0
+        with ddp.no_sync():
+            loss = wl.cross_entropy(ddp(parts[0][0]), parts[0][1], weight=w, process_group=group,
+                                    total_weight=total)
+            loss.backward()
+            value += loss.item()
+        loss = wl.cross_entropy(ddp(parts[1][0]), parts[1][1], weight=w, process_group=group,
+                                total_weight=total)
+        loss.backward()
+        value += loss.item()
+    elif case == "bce-ddp":
+        loss = wl.binary_cross_entropy_with_logits(ddp(x), y, process_group=group)
+        loss.backward()
+        value = loss.item()
+    else:
+        raise SystemExit(f"unknown case {case}")
+
+    got = {"rank": rank, "loss": value, "ref_loss": ref_loss.item(),
+           "grad_diff": max((p.grad - q.grad).abs().max().item()
+                            for p, q in zip(model.parameters(), ref.parameters())),
+           "grad_scale": max(q.grad.abs().max().item() for q in ref.parameters())}
+    # what plain DDP would give (each rank its own weighted mean, then averaged): must differ
+    if case == "ce-ddp":
+        torch.manual_seed(1)
+        plain = DDP(torch.nn.Linear(H, C))
+        F.cross_entropy(plain(x), y, weight=w).backward()
+        got["plain_grad_diff"] = max((p.grad - q.grad).abs().max().item()
+                                     for p, q in zip(plain.parameters(), ref.parameters()))
+    with open(os.path.join(out, f"{rank}.json"), "w") as f:
+        json.dump(got, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The exact weighted mean under data parallelism (weighted_loss.distributed): 2 and 4 gloo ranks,
+spawned as processes on this machine (tests/distributed_worker.py), each with a differently
+imbalanced, unequal share of one batch and some ignored targets. Every rank's loss equals the
+single-process loss of the whole batch, and the gradients after DDP's averaging (also with two
+accumulated micro-batches) equal the single-process gradients. A rank that hangs fails the test."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import weighted_loss as wl
+
+HERE = os.path.dirname(__file__)
+TIMEOUT_S = 180
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(case, world, tmp_path):
+    # the ranks import the weighted_loss this test imported
+    root = os.path.dirname(os.path.dirname(os.path.abspath(wl.__file__)))
+    path = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               WORLD_SIZE=str(world), OMP_NUM_THREADS="1", PYTHONPATH=path)
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "distributed_worker.py"), case,
+                               str(tmp_path)], env=dict(env, RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(world)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT_S)[0].decode(errors="replace"))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"{case} with {world} ranks hung (killed after {TIMEOUT_S} s)")
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log[-3000:]}"
+    return [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", ["ce-ddp", "ce-module", "ce-accum", "bce-ddp"])
+def test_global_mean_equals_one_process(case, world, tmp_path):
+    got = _run(case, world, tmp_path)
+    for g in got:
+        assert abs(g["loss"] - g["ref_loss"]) <= 1e-5 * abs(g["ref_loss"]), g
+        assert g["grad_diff"] <= 1e-5 * g["grad_scale"], g
+        if "plain_grad_diff" in g:  # the bias the option removes is real here
+            assert g["plain_grad_diff"] > 100 * max(g["grad_diff"], 1e-7), g
+
+
+def test_total_weight_for_accumulation_single_process():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g, requires_grad=True)
+    y = torch.randint(0, 6, (40,), generator=g)
+    y[::7] = -100
+    w = torch.rand(6, generator=g) + 0.2
+    full = torch.nn.functional.cross_entropy(x, y, weight=w)
+    (gf,) = torch.autograd.grad(full, x)
+    total = wl.total_weight([y[:15], y[15:]], w)
+    assert total.dtype == torch.float64
+    torch.testing.assert_close(total, w.double()[y[y >= 0]].sum())
+    parts = [wl.cross_entropy(x[:15], y[:15], weight=w, total_weight=total),
+             wl.cross_entropy(x[15:], y[15:], weight=w, total_weight=total)]
+    torch.testing.assert_close(parts[0] + parts[1], full)
+    (ga,) = torch.autograd.grad(parts[0] + parts[1], x)
+    torch.testing.assert_close(ga, gf)
+
+
+def test_errors_name_the_argument():
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    with pytest.raises(ValueError, match="reduction='mean', got reduction='sum'"):
+        wl.cross_entropy(x, y, reduction="sum", total_weight=3.0)
+    with pytest.raises(TypeError, match="total_weight must be a number or a tensor, got str"):
+        wl.cross_entropy(x, y, total_weight="3")
+    with pytest.raises(ValueError, match=r"1-element tensor, got shape \(2,\)"):
+        wl.cross_entropy(x, y, total_weight=torch.ones(2))
+    with pytest.raises(RuntimeError, match="needs torch.distributed initialized"):
+        wl.cross_entropy(x, y, process_group=object())
+    with pytest.raises(TypeError, match="class indices"):
+        wl.total_weight(torch.rand(4))
