@@ -5,6 +5,7 @@ a linear layer under DDP (gloo) with the fused loss and process_group=, and comp
 gradients with one process on the whole batch through PyTorch's own loss. Writes OUT_DIR/<rank>.json."""
 import copy
 import datetime
+import gc
 import json
 import os
 import sys
@@ -98,6 +99,13 @@ def main():
                                      for p, q in zip(plain.parameters(), ref.parameters()))
     with open(os.path.join(out, f"{rank}.json"), "w") as f:
         json.dump(got, f)
+    # DDP's reducer before the group it uses: the other order aborted at exit now and then
+    # ("terminate called without an active exception")
+    dist.barrier()
+    del ddp
+    if case == "ce-ddp":
+        del plain
+    gc.collect()
     dist.destroy_process_group()
 
 
