@@ -79,6 +79,12 @@ def main():
                                 total_weight=total)
         loss.backward()
         value += loss.item()
+    elif case == "ce-compile":  # the grouped loss traced whole: functional collectives
+        fn = torch.compile(lambda out, t: wl.cross_entropy(out, t, weight=w, process_group=group),
+                           fullgraph=True)
+        loss = fn(ddp(x), y)
+        loss.backward()
+        value = loss.item()
     elif case == "bce-ddp":
         loss = wl.binary_cross_entropy_with_logits(ddp(x), y, process_group=group)
         loss.backward()

@@ -58,6 +58,12 @@ def test_global_mean_equals_one_process(case, world, tmp_path):
             assert g["plain_grad_diff"] > 100 * max(g["grad_diff"], 1e-7), g
 
 
+def test_global_mean_under_torch_compile(tmp_path):
+    for g in _run("ce-compile", 2, tmp_path):
+        assert abs(g["loss"] - g["ref_loss"]) <= 1e-5 * abs(g["ref_loss"]), g
+        assert g["grad_diff"] <= 1e-5 * g["grad_scale"], g
+
+
 def test_total_weight_for_accumulation_single_process():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 6, generator=g, requires_grad=True)
