@@ -66,12 +66,12 @@ def cross_entropy(
         if grouped:
             rows = input.numel() // max(1, input.shape[0 if input.dim() == 1 else 1])
             local = torch.tensor(float(rows), dtype=torch.float64, device=input.device)
-            return _dist.global_mean(loss, local, "mean", process_group, total_weight)
+            return _dist.global_mean(loss, local, process_group, total_weight)
         return loss
     loss, _, local = _ops.cross_entropy_forward(input, target, weight, red, int(ignore_index),
                                                 max(label_smoothing, 0.0))
     if grouped:
-        return _dist.global_mean(loss, local, "mean", process_group, total_weight)
+        return _dist.global_mean(loss, local, process_group, total_weight)
     return loss
 
 
@@ -121,5 +121,5 @@ def binary_cross_entropy_with_logits(
     loss = _ops.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight, red)
     if grouped:
         local = torch.tensor(float(input.numel()), dtype=torch.float64, device=input.device)
-        loss = _dist.global_mean(loss, local, "mean", process_group, total_weight)
+        loss = _dist.global_mean(loss, local, process_group, total_weight)
     return loss if loss.dtype == out_dtype else loss.to(out_dtype)

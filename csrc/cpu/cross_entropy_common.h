@@ -1,5 +1,5 @@
 // The pieces every path of the CPU cross-entropy shares: the context of one call, the row
-// statistics' finish, the work units and the deterministic reduction, the backward coefficients.
+// statistics' finish, the work units and the deterministic reduction, the upstream gradient.
 // Part of cross_entropy_kernel.h (see there); included by it only.
 //
 // Math, per row r with logits x, class weights w (1 when absent), C classes, smoothing s:
@@ -169,6 +169,12 @@ inline acc_t ignored_lse(acc_t m) {
   return m - m == acc_t(0) ? std::numeric_limits<acc_t>::infinity()
                            : std::numeric_limits<acc_t>::quiet_NaN();
 }
+template <typename acc_t>
+inline Vectorized<acc_t> ignored_lse(const Vectorized<acc_t>& m) {
+  using Vec = Vectorized<acc_t>;
+  return Vec::blendv(Vec(std::numeric_limits<acc_t>::quiet_NaN()),
+                     Vec(std::numeric_limits<acc_t>::infinity()), (m - m) == Vec(0));
+}
 
 // The max of a row, NaN if it holds one.
 template <typename scalar_t>
@@ -271,67 +277,6 @@ inline double scalar_grad(const CrossEntropyParams& p) {
                                      : static_cast<double>(*static_cast<const acc_t*>(p.total_weight));
   return g / denom;
 }
-
-// What the backward of one row needs besides the logits.
-template <typename acc_t>
-struct RowCoef {
-  acc_t sh = 0, L = 0;                     // the saved shift and log-sum: p_k = exp(x_k - sh - L)
-  acc_t cp = 0, cw = 0, gy = 0;            // gy: g (1 - s) w_y, subtracted at k == y
-  double cpd = 0, cwd = 0, gyd = 0;        // the same in double, for the target element
-  int64_t y = -1;                          // -1: ignored row (index) / no delta (prob)
-  bool zero = false;                       // ignored row: gradient 0 (NaN where L is NaN)
-};
-
-template <typename scalar_t, int M, bool HasW>
-inline RowCoef<typename AccOf<scalar_t>::type> row_coef(const Ctx<scalar_t>& cx, int64_t r,
-                                                         double g) {
-  using acc_t = typename AccOf<scalar_t>::type;
-  RowCoef<acc_t> rc;
-  const auto& p = cx.p;
-  rc.sh = static_cast<const acc_t*>(p.lse)[r];
-  rc.L = static_cast<const acc_t*>(p.lse)[p.outer * p.inner + r];
-  if (p.reduction == Reduction::None) g = static_cast<double>(static_cast<const scalar_t*>(p.grad_loss)[r]);
-  if constexpr (M == kProb) {
-    rc.cp = static_cast<acc_t>(g * static_cast<double>(static_cast<const acc_t*>(p.tsum)[r]));
-    rc.cw = static_cast<acc_t>(g);
-  } else {
-    const int64_t yv = cx.checked_target(r);
-    if (yv < 0) {
-      rc.zero = true;
-      return rc;
-    }
-    const double wy = HasW ? static_cast<double>(cx.w[yv]) : 1.0;
-    const double s = M == kSmooth ? p.label_smoothing : 0.0;
-    rc.y = yv;
-    rc.gyd = g * (1.0 - s) * wy;
-    if constexpr (M == kSmooth) {
-      const double ts = s / static_cast<double>(cx.C);
-      rc.cpd = g * ((1.0 - s) * wy + ts * static_cast<double>(cx.w_sum));
-      rc.cwd = g * ts;
-    } else {
-      rc.cpd = rc.gyd;
-    }
-    rc.gy = static_cast<acc_t>(rc.gyd);
-    rc.cp = static_cast<acc_t>(rc.cpd);
-    rc.cw = static_cast<acc_t>(rc.cwd);
-  }
-  return rc;
-}
-
-// The gradient at the target class of an index row, in double and rounded once:
-// g (1 - s) w_y (p_y - 1) as gy expm1(log p_y), so that a p_y near 1 does not cancel, plus the
-// smoothing terms.
-template <typename scalar_t, int M, bool HasW>
-inline scalar_t target_grad(const Ctx<scalar_t>& cx, const RowCoef<typename AccOf<scalar_t>::type>& rc,
-                            scalar_t xy) {
-  const double lp = (static_cast<double>(xy) - rc.sh) - static_cast<double>(rc.L);
-  double gv = rc.gyd * std::expm1(lp);
-  if constexpr (M == kSmooth) {
-    gv += (rc.cpd - rc.gyd) * std::exp(lp) - rc.cwd * (HasW ? static_cast<double>(cx.w[rc.y]) : 1.0);
-  }
-  return static_cast<scalar_t>(gv);
-}
-
 
 }  // namespace
 }  // namespace CPU_CAPABILITY

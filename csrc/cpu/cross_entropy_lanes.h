@@ -120,7 +120,7 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
   Vec L0, L1;
   finish_lse(m0, e0, L0);
   finish_lse(m1, e1, L1);
-  Vec s0 = Vec::blendv(m0, vzero, m0 == vninf), s1 = Vec::blendv(m1, vzero, m1 == vninf);
+  Vec s0 = sh0, s1 = sh1;
   Vec l0, l1, wy0(1), wy1(1);
   if constexpr (M == kProb) {
     l0 = q0 * L0 - a0;
@@ -149,12 +149,10 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
       l1 = wy1 * nll1;
     }
     const Vec keep0 = kp0 != vzero, keep1 = kp1 != vzero;
-    const Vec inf(std::numeric_limits<acc_t>::infinity());
-    const Vec nan(std::numeric_limits<acc_t>::quiet_NaN());
     s0 = Vec::blendv(vzero, s0, keep0);
     s1 = Vec::blendv(vzero, s1, keep1);
-    L0 = Vec::blendv(Vec::blendv(nan, inf, (m0 - m0) == vzero), L0, keep0);
-    L1 = Vec::blendv(Vec::blendv(nan, inf, (m1 - m1) == vzero), L1, keep1);
+    L0 = Vec::blendv(ignored_lse(m0), L0, keep0);
+    L1 = Vec::blendv(ignored_lse(m1), L1, keep1);
     l0 = Vec::blendv(vzero, l0, keep0);
     l1 = Vec::blendv(vzero, l1, keep1);
   }
@@ -313,7 +311,6 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
 
 template <typename scalar_t, int M, bool HasW>
 void backward_lanes(const Ctx<scalar_t>& cx) {
-  using acc_t = typename AccOf<scalar_t>::type;
   constexpr int64_t B = IO<scalar_t>::B;
   const auto& p = cx.p;
   const double g_all = p.reduction == Reduction::None ? 0.0 : scalar_grad<scalar_t>(p);
@@ -412,7 +409,6 @@ void forward_small_rows(const Ctx<scalar_t>& cx) {
 
 template <typename scalar_t, int M, bool HasW>
 void backward_small_rows(const Ctx<scalar_t>& cx) {
-  using acc_t = typename AccOf<scalar_t>::type;
   constexpr int64_t B = IO<scalar_t>::B;
   const auto& p = cx.p;
   const Units u = small_row_units<scalar_t>(p);
