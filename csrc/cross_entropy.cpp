@@ -6,9 +6,78 @@
 #include <vector>
 
 namespace weighted_loss {
-namespace {
 
 using at::Tensor;
+
+namespace ce_glue {
+
+void check_common(const Tensor& input, const Tensor& target, const char* op) {
+  dtype_of(input, op);
+  TORCH_CHECK(input.dim() >= 1, op, ": input must have at least one dimension (the classes), got "
+              "a 0-d tensor");
+  TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(),
+              " but input is on ", input.device());
+}
+
+Tensor check_weight(const std::optional<Tensor>& weight, const Tensor& input, int64_t classes,
+                    const char* op) {
+  if (!weight.has_value() || !weight->defined()) return Tensor();
+  const Tensor& w = *weight;
+  TORCH_CHECK(w.dim() == 1 && w.numel() == classes, op,
+              ": weight tensor should be defined either for all ", classes,
+              " classes or no classes but got weight tensor of shape: ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == input.scalar_type(), op, ": weight must have the input's dtype ",
+              input.scalar_type(), ", got ", w.scalar_type());
+  TORCH_CHECK(w.device() == input.device(), op, ": weight is on ", w.device(),
+              " but input is on ", input.device());
+  return w.contiguous();
+}
+
+void check_label_smoothing(double label_smoothing, const char* op) {
+  TORCH_CHECK(label_smoothing <= 1.0, op, ": label_smoothing must be between 0.0 and 1.0. Got: ",
+              label_smoothing);
+}
+
+// Class indices: (N, d...) for (N, C, d...) logits, () for (C,). Returns them contiguous, in
+// their own dtype (the kernels read int64, int32 and uint8: no copy to int64).
+Tensor check_index_target(const Tensor& input, const Tensor& target) {
+  const auto st = target.scalar_type();
+  TORCH_CHECK(st == at::kLong || st == at::kInt || st == at::kByte,
+              "cross_entropy: target with class indices must be int64, int32 or uint8, got ", st);
+  if (input.dim() == 1) {
+    TORCH_CHECK(target.dim() == 0, "cross_entropy: for unbatched input of shape ", input.sizes(),
+                " target must be 0-d, got shape ", target.sizes());
+  } else if (input.dim() == 2) {
+    TORCH_CHECK(target.dim() == 1, "cross_entropy: for input of shape ", input.sizes(),
+                " target must be 1-d, got shape ", target.sizes());
+    TORCH_CHECK_VALUE(target.size(0) == input.size(0), "Expected input batch_size (",
+                      input.size(0), ") to match target batch_size (", target.size(0), ").");
+  } else {
+    std::vector<int64_t> expected{input.size(0)};
+    for (int64_t d = 2; d < input.dim(); ++d) expected.push_back(input.size(d));
+    TORCH_CHECK(target.sizes() == at::IntArrayRef(expected), "cross_entropy: Expected target size ",
+                at::IntArrayRef(expected), ", got ", target.sizes());
+  }
+  return target.contiguous();
+}
+
+// The upstream gradient as the kernels read it: per row contiguous for reduction none.
+Tensor grad_of(const Tensor& grad_loss, const Tensor& input, Reduction reduction) {
+  TORCH_CHECK(grad_loss.scalar_type() == input.scalar_type(), "cross_entropy backward: grad_loss "
+              "must have the input's dtype ", input.scalar_type(), ", got ",
+              grad_loss.scalar_type());
+  if (reduction != Reduction::None) {
+    TORCH_CHECK(grad_loss.numel() == 1, "cross_entropy backward: grad_loss must be a scalar for a "
+                "reduced loss, got shape ", grad_loss.sizes());
+  }
+  return grad_loss.contiguous();
+}
+
+}  // namespace ce_glue
+
+namespace {
+
+using namespace ce_glue;
 
 constexpr const char* kOp = "cross_entropy";
 
@@ -80,56 +149,6 @@ Layout layout_of(const Tensor& input, bool in_place_rows) {
   return l;
 }
 
-void check_common(const Tensor& input, const Tensor& target, const char* op) {
-  dtype_of(input, op);
-  TORCH_CHECK(input.dim() >= 1, op, ": input must have at least one dimension (the classes), got "
-              "a 0-d tensor");
-  TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(),
-              " but input is on ", input.device());
-}
-
-Tensor check_weight(const std::optional<Tensor>& weight, const Tensor& input, int64_t classes,
-                    const char* op) {
-  if (!weight.has_value() || !weight->defined()) return Tensor();
-  const Tensor& w = *weight;
-  TORCH_CHECK(w.dim() == 1 && w.numel() == classes, op,
-              ": weight tensor should be defined either for all ", classes,
-              " classes or no classes but got weight tensor of shape: ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == input.scalar_type(), op, ": weight must have the input's dtype ",
-              input.scalar_type(), ", got ", w.scalar_type());
-  TORCH_CHECK(w.device() == input.device(), op, ": weight is on ", w.device(),
-              " but input is on ", input.device());
-  return w.contiguous();
-}
-
-void check_label_smoothing(double label_smoothing, const char* op) {
-  TORCH_CHECK(label_smoothing <= 1.0, op, ": label_smoothing must be between 0.0 and 1.0. Got: ",
-              label_smoothing);
-}
-
-// Class indices: (N, d...) for (N, C, d...) logits, () for (C,). Returns them contiguous, in
-// their own dtype (the kernels read int64, int32 and uint8: no copy to int64).
-Tensor check_index_target(const Tensor& input, const Tensor& target) {
-  const auto st = target.scalar_type();
-  TORCH_CHECK(st == at::kLong || st == at::kInt || st == at::kByte,
-              "cross_entropy: target with class indices must be int64, int32 or uint8, got ", st);
-  if (input.dim() == 1) {
-    TORCH_CHECK(target.dim() == 0, "cross_entropy: for unbatched input of shape ", input.sizes(),
-                " target must be 0-d, got shape ", target.sizes());
-  } else if (input.dim() == 2) {
-    TORCH_CHECK(target.dim() == 1, "cross_entropy: for input of shape ", input.sizes(),
-                " target must be 1-d, got shape ", target.sizes());
-    TORCH_CHECK_VALUE(target.size(0) == input.size(0), "Expected input batch_size (",
-                      input.size(0), ") to match target batch_size (", target.size(0), ").");
-  } else {
-    std::vector<int64_t> expected{input.size(0)};
-    for (int64_t d = 2; d < input.dim(); ++d) expected.push_back(input.size(d));
-    TORCH_CHECK(target.sizes() == at::IntArrayRef(expected), "cross_entropy: Expected target size ",
-                at::IntArrayRef(expected), ", got ", target.sizes());
-  }
-  return target.contiguous();
-}
-
 // Probability targets: the logits' shape and dtype, laid out with the logits' strides.
 Tensor check_prob_target(const Layout& l, const Tensor& input, const Tensor& target) {
   TORCH_CHECK(target.sizes() == input.sizes(), "cross_entropy: target with class probabilities "
@@ -169,6 +188,8 @@ CrossEntropyParams params_of(const Layout& l, const Tensor& target, const Tensor
   p.prob_target = prob;
   p.ignore_index = ignore_index;
   p.label_smoothing = label_smoothing;
+  p.class_offset = 0;
+  p.total_classes = l.classes;
   p.input = l.input.data_ptr();
   p.target = target.data_ptr();
   p.target_type = target.scalar_type() == at::kInt    ? TargetType::Int32
@@ -176,18 +197,6 @@ CrossEntropyParams params_of(const Layout& l, const Tensor& target, const Tensor
                                                       : TargetType::Int64;
   p.weight = weight.defined() ? weight.data_ptr() : nullptr;
   return p;
-}
-
-// The upstream gradient as the kernels read it: per row contiguous for reduction none.
-Tensor grad_of(const Tensor& grad_loss, const Tensor& input, Reduction reduction) {
-  TORCH_CHECK(grad_loss.scalar_type() == input.scalar_type(), "cross_entropy backward: grad_loss "
-              "must have the input's dtype ", input.scalar_type(), ", got ",
-              grad_loss.scalar_type());
-  if (reduction != Reduction::None) {
-    TORCH_CHECK(grad_loss.numel() == 1, "cross_entropy backward: grad_loss must be a scalar for a "
-                "reduced loss, got shape ", grad_loss.sizes());
-  }
-  return grad_loss.contiguous();
 }
 
 // A gradient written in the layout `l` the kernels use, handed back with the strides

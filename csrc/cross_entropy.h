@@ -37,6 +37,33 @@ at::Tensor cross_entropy_prob_backward_impl(const at::Tensor& grad_loss, const a
                                             int64_t reduction, double label_smoothing,
                                             const CrossEntropyBackend& backend);
 
+// A vocab-parallel shard (params.h): the forward's statistics (5, rows) of acc, the shard's raw
+// (max, log-sum) then shard_stats' three planes; the backward of the shard's logits from the
+// merged (shift, log-sum) planes of the unsharded rows.
+at::Tensor cross_entropy_shard_forward_impl(const at::Tensor& input, const at::Tensor& target,
+                                            const std::optional<at::Tensor>& weight,
+                                            int64_t ignore_index, double label_smoothing,
+                                            int64_t class_offset, int64_t total_classes,
+                                            const CrossEntropyBackend& backend);
+
+at::Tensor cross_entropy_shard_backward_impl(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& total_weight,
+    int64_t reduction, int64_t ignore_index, double label_smoothing, int64_t class_offset,
+    int64_t total_classes, const CrossEntropyBackend& backend);
+
+// The argument checks both glue files use (cross_entropy.cpp), each naming the argument.
+namespace ce_glue {
+void check_common(const at::Tensor& input, const at::Tensor& target, const char* op);
+at::Tensor check_weight(const std::optional<at::Tensor>& weight, const at::Tensor& input,
+                        int64_t classes, const char* op);
+void check_label_smoothing(double label_smoothing, const char* op);
+// class indices of the logits' rows, contiguous, in their own integer dtype
+at::Tensor check_index_target(const at::Tensor& input, const at::Tensor& target);
+// the upstream gradient, contiguous, checked against the reduction
+at::Tensor grad_of(const at::Tensor& grad_loss, const at::Tensor& input, Reduction reduction);
+}  // namespace ce_glue
+
 at::Tensor cross_entropy_prob_target_backward_impl(const at::Tensor& grad_loss,
                                                    const at::Tensor& input,
                                                    const std::optional<at::Tensor>& weight,

@@ -42,6 +42,18 @@ TORCH_LIBRARY(weighted_loss, m) {
   m.def(
       "cross_entropy_prob_target_backward(Tensor grad_loss, Tensor input, Tensor? weight, "
       "Tensor lse, int reduction, float label_smoothing) -> Tensor");
+  // A vocab-parallel shard of the classes: the logits (rows, classes) hold classes
+  // [class_offset, class_offset + classes) of total_classes; targets are global indices, weight
+  // the full (total_classes,). The forward returns the shard's statistics (5, rows) (params.h),
+  // which weighted_loss/vocab_parallel.py merges across the group; the backward takes the merged
+  // (shift, log-sum) planes and the mean's divisor, and writes the shard's gradient.
+  m.def(
+      "cross_entropy_shard_forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, int class_offset, int total_classes) -> Tensor");
+  m.def(
+      "cross_entropy_shard_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
+      "Tensor lse, Tensor total_weight, int reduction, int ignore_index, float label_smoothing, "
+      "int class_offset, int total_classes) -> Tensor");
   // BCE with logits. weight and pos_weight broadcast against input as in PyTorch; target has the
   // input's shape and dtype. The backward returns (grad_input, grad_target), each an empty (0,)
   // tensor unless asked for.

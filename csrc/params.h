@@ -49,6 +49,14 @@ struct CrossEntropyParams {
   int64_t ignore_index;      // index targets only
   double label_smoothing;    // <= 0 means none
 
+  // Vocab-parallel shards (index targets only): the logits hold classes [class_offset,
+  // class_offset + classes) of total_classes. Targets are global class indices, checked against
+  // total_classes; the weight is the full (total_classes,) one, class c of the shard reading
+  // weight[class_offset + c]; label smoothing spreads over total_classes. Unsharded:
+  // class_offset = 0, total_classes = classes.
+  int64_t class_offset;
+  int64_t total_classes;
+
   const void* input;         // logits, dtype
   const void* target;        // index rows (contiguous), or probabilities with the logits' strides
   const void* weight;        // (classes,) dtype, contiguous; nullptr when absent
@@ -61,6 +69,12 @@ struct CrossEntropyParams {
                              // (0, NaN) where their log_softmax is NaN
   void* total_weight;        // 0-d acc: the mean's divisor (sum of weight[target] or row count)
   void* tsum;                // rows of acc, probability targets: sum_c weight_c * target'_c
+  void* shard_stats;         // a shard's forward (nullptr otherwise): no loss, no reduction;
+                             // lse gets the shard's raw (max m, log sum_c exp(x_c - s)) with
+                             // s = m (0 when m = -inf; m may be NaN or +inf, the log -inf), every
+                             // row (ignored too), and shard_stats 3 x rows of acc: x_y where the
+                             // target is in the shard (else 0), ref, sum_c w_c (x_c - ref) (with
+                             // label smoothing; else 0), ref a shift of the kernel's choice
 
   // backward
   const void* grad_loss;     // rows of dtype (None) or 0-d dtype

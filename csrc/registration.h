@@ -62,6 +62,23 @@ struct CrossEntropyOps {
     return cross_entropy_prob_target_backward_impl(grad_loss, input, weight, lse, reduction,
                                                    label_smoothing, Device::target_backward());
   }
+  static Tensor shard_forward(const Tensor& input, const Tensor& target, const OptTensor& weight,
+                              int64_t ignore_index, double label_smoothing, int64_t class_offset,
+                              int64_t total_classes) {
+    const typename Device::Guard guard(input.device());
+    return cross_entropy_shard_forward_impl(input, target, weight, ignore_index, label_smoothing,
+                                            class_offset, total_classes, Device::forward());
+  }
+  static Tensor shard_backward(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                               const OptTensor& weight, const Tensor& lse,
+                               const Tensor& total_weight, int64_t reduction,
+                               int64_t ignore_index, double label_smoothing,
+                               int64_t class_offset, int64_t total_classes) {
+    const typename Device::Guard guard(input.device());
+    return cross_entropy_shard_backward_impl(grad_loss, input, target, weight, lse, total_weight,
+                                             reduction, ignore_index, label_smoothing,
+                                             class_offset, total_classes, Device::backward());
+  }
 };
 
 template <typename Device>
@@ -72,6 +89,8 @@ void register_cross_entropy_ops(torch::Library& m) {
   m.impl("cross_entropy_prob_forward", &Ops::prob_forward);
   m.impl("cross_entropy_prob_backward", &Ops::prob_backward);
   m.impl("cross_entropy_prob_target_backward", &Ops::prob_target_backward);
+  m.impl("cross_entropy_shard_forward", &Ops::shard_forward);
+  m.impl("cross_entropy_shard_backward", &Ops::shard_backward);
 }
 
 // Device: Guard, forward(), backward() returning BinaryCrossEntropyBackend.

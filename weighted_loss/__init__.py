@@ -5,10 +5,11 @@ import torch  # noqa: F401  (loads libtorch and its OpenMP runtime before the ex
 
 from . import _C  # noqa: F401  (registers the weighted_loss ops)
 from . import _ops  # noqa: F401  (fake kernels and autograd)
-from . import distributed, functional, testing
+from . import distributed, functional, testing, vocab_parallel
 from .distributed import total_weight
 from .functional import binary_cross_entropy_with_logits, cross_entropy
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss
+from .vocab_parallel import vocab_parallel_cross_entropy
 from .weights import (class_weights, class_weights_from, count_labels, count_positives, pos_weight,
                       pos_weight_from_counts, sampler)
 
@@ -16,7 +17,7 @@ __all__ = [
     "cross_entropy", "CrossEntropyLoss", "binary_cross_entropy_with_logits", "BCEWithLogitsLoss",
     "functional", "cpu_capability", "class_weights", "pos_weight", "count_labels",
     "count_positives", "pos_weight_from_counts", "class_weights_from", "sampler", "distributed",
-    "total_weight",
+    "total_weight", "vocab_parallel", "vocab_parallel_cross_entropy",
 ]
 __version__ = "0.1.0"
 

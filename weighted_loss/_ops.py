@@ -111,6 +111,22 @@ torch.library.register_autograd("weighted_loss::cross_entropy_prob_forward", _ce
                                 setup_context=_ce_prob_setup)
 
 
+# ---------------------------------------------------------------- vocab-parallel shards
+
+@torch.library.register_fake("weighted_loss::cross_entropy_shard_forward")
+def _(input, target, weight, ignore_index, label_smoothing, class_offset, total_classes):
+    return input.new_empty((5, input.shape[0]), dtype=_acc_dtype(input.dtype))
+
+
+@torch.library.register_fake("weighted_loss::cross_entropy_shard_backward")
+def _(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index,
+      label_smoothing, class_offset, total_classes):
+    return torch.empty_like(input)
+
+
+# (their autograd is weighted_loss/vocab_parallel.py's, around the merge across the group)
+
+
 # ---------------------------------------------------------------- BCE with logits
 
 @torch.library.register_fake("weighted_loss::binary_cross_entropy_with_logits_forward")
@@ -161,5 +177,6 @@ def _no_double_backward(ctx, *grads):
 
 
 for _name in ("cross_entropy_backward", "cross_entropy_prob_backward",
-              "cross_entropy_prob_target_backward", "binary_cross_entropy_with_logits_backward"):
+              "cross_entropy_prob_target_backward", "binary_cross_entropy_with_logits_backward",
+              "cross_entropy_shard_backward"):
     torch.library.register_autograd(f"weighted_loss::{_name}", _no_double_backward)

@@ -82,28 +82,32 @@ struct Ctx {
   const CrossEntropyParams& p;
   const scalar_t* x;
   const scalar_t* t;            // probability targets
-  const acc_t* w;               // weight as acc, or nullptr
-  acc_t w_sum;                  // sum of weights (C without weight)
+  const acc_t* w;               // the shard's weights as acc (all of them unsharded), or nullptr
+  const scalar_t* w_full;       // the full weight (total_classes), or nullptr
+  acc_t w_sum;                  // sum of all total_classes weights (total_classes without weight)
   acc_t smooth;                 // label smoothing s, 0 when off
   acc_t t_scale, t_shift;       // t' = t * t_scale + t_shift
-  int64_t C;
+  int64_t C;                    // classes of the logits (of the shard)
+  int64_t C_total;              // classes of the unsharded problem (C unsharded)
 
   explicit Ctx(const CrossEntropyParams& prm, std::vector<acc_t>& w_buf) : p(prm) {
     x = static_cast<const scalar_t*>(p.input);
     t = static_cast<const scalar_t*>(p.target);
     C = p.classes;
+    C_total = p.total_classes;
     smooth = p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0);
     t_scale = acc_t(1) - smooth;
-    t_shift = C > 0 ? smooth / static_cast<acc_t>(C) : acc_t(0);
+    t_shift = C_total > 0 ? smooth / static_cast<acc_t>(C_total) : acc_t(0);
     w = nullptr;
-    w_sum = static_cast<acc_t>(C);
-    if (p.weight != nullptr) {
-      const auto* wp = static_cast<const scalar_t*>(p.weight);
+    w_full = static_cast<const scalar_t*>(p.weight);
+    w_sum = static_cast<acc_t>(C_total);
+    if (w_full != nullptr) {
       w_buf.resize(C);
       acc_t s = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        w_buf[c] = static_cast<acc_t>(wp[c]);
-        s += w_buf[c];
+      for (int64_t c = 0; c < C_total; ++c) {
+        const acc_t v = static_cast<acc_t>(w_full[c]);
+        if (c >= p.class_offset && c < p.class_offset + C) w_buf[c - p.class_offset] = v;
+        s += v;
       }
       w = w_buf.data();
       w_sum = s;
@@ -116,11 +120,16 @@ struct Ctx {
   inline int64_t grad_offset(int64_t o, int64_t i) const {
     return o * p.grad_stride_outer + i * p.stride_inner;
   }
+  // row r's global class index, -1 when ignored; out of [0, total_classes) is an error
   C10_ALWAYS_INLINE int64_t checked_target(int64_t r) const {
     const int64_t v = target_value(p.target, p.target_type, r);
     if (v == p.ignore_index) return -1;
-    TORCH_CHECK_INDEX(v >= 0 && v < C, "Target ", v, " is out of bounds.");
+    TORCH_CHECK_INDEX(v >= 0 && v < C_total, "Target ", v, " is out of bounds.");
     return v;
+  }
+  // the weight of global class y (1 without weight)
+  C10_ALWAYS_INLINE double target_weight(int64_t y) const {
+    return w_full != nullptr ? static_cast<double>(static_cast<acc_t>(w_full[y])) : 1.0;
   }
 };
 

@@ -107,6 +107,7 @@ void target_backward(const Ctx<scalar_t>& cx) {
 enum class Path { kRows, kSmallRows, kLanes };
 
 inline Path path_of(const CrossEntropyParams& p) {
+  if (p.total_classes != p.classes) return Path::kRows;  // a vocab-parallel shard (glue: rows)
   if (p.stride_class != 1) return Path::kLanes;
   return p.classes <= kSmallClasses ? Path::kSmallRows : Path::kRows;
 }
@@ -140,6 +141,10 @@ void cross_entropy_forward(const CrossEntropyParams& p) {
     dispatch_mode(p, [&](auto mode, auto has_w) {
       constexpr int M = decltype(mode)::value;
       constexpr bool HasW = decltype(has_w)::value;
+      if (p.shard_stats != nullptr) {
+        if constexpr (M != kProb) forward_shard_rows<scalar_t, M, HasW>(cx);
+        return;
+      }
       switch (path_of(p)) {
         case Path::kSmallRows: return forward_small_rows<scalar_t, M, HasW>(cx);
         case Path::kRows: return forward_rows<scalar_t, M, HasW>(cx);

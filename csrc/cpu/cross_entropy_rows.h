@@ -91,7 +91,8 @@ inline double row_loss(const Ctx<scalar_t>& cx, double sh, double L, double a, d
   const double nll = (sh - xy) + L;
   if constexpr (M == kSmooth) {
     return (1.0 - cx.p.label_smoothing) * wy * nll +
-           cx.p.label_smoothing / static_cast<double>(cx.C) * (static_cast<double>(cx.w_sum) * L - a);
+           cx.p.label_smoothing / static_cast<double>(cx.C_total) *
+               (static_cast<double>(cx.w_sum) * L - a);
   }
   return wy * nll;
 }
@@ -118,7 +119,7 @@ inline void row_forward(const Ctx<scalar_t>& cx, int64_t r, const scalar_t* x, c
   finish_lse(m, e, sh, Ld);
   L = static_cast<acc_t>(Ld);
   tsum = q;
-  wy = M == kProb ? 1.0 : HasW ? static_cast<double>(cx.w[yv]) : 1.0;
+  wy = M == kProb ? 1.0 : cx.target_weight(yv);
   const double xy = M == kProb ? 0.0 : static_cast<double>(x[yv * cx.p.stride_class]);
   loss = row_loss<scalar_t, M>(cx, sh, Ld, a, q, xy, wy);
 }
@@ -164,13 +165,49 @@ void forward_rows(const Ctx<scalar_t>& cx) {
 }
 
 
+// A vocab-parallel shard's forward (params.h: shard_stats): per row its raw max m and log-sum
+// log sum_c exp(x_c - sh) (sh = m, 0 when m = -inf), the target's logit where the target is in
+// the shard, and with smoothing a = sum_c w_c (x_c - sh) with ref = sh. Every row, ignored ones
+// too (whether the unsharded row is NaN decides their gradient); no loss, no reduction: the
+// caller merges the shards' statistics.
+template <typename scalar_t, int M, bool HasW>
+void forward_shard_rows(const Ctx<scalar_t>& cx) {
+  static_assert(M != kProb, "shards take class-index targets");
+  using acc_t = typename AccOf<scalar_t>::type;
+  const auto& p = cx.p;
+  const int64_t rows = p.outer * p.inner;
+  auto* m_out = static_cast<acc_t*>(p.lse);
+  auto* L_out = m_out + rows;
+  auto* xy_out = static_cast<acc_t*>(p.shard_stats);
+  auto* ref_out = xy_out + rows;
+  auto* a_out = ref_out + rows;
+  const Units u = row_units(p);
+  at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b * u.rows; r < std::min(rows, e * u.rows); ++r) {
+      const scalar_t* x = cx.x + cx.offset(r / p.inner, r % p.inner);
+      const int64_t yg = cx.checked_target(r), y = yg - p.class_offset;  // y: in the shard
+      const acc_t m = row_max(cx, x), sh = exp_shift(m);
+      acc_t es, a, q;
+      row_sums<scalar_t, M, HasW>(cx, x, nullptr, sh, es, a, q);
+      m_out[r] = m;
+      L_out[r] = static_cast<acc_t>(std::log(static_cast<double>(es)));
+      const bool local = yg >= 0 && y >= 0 && y < cx.C;
+      xy_out[r] = local ? static_cast<acc_t>(x[y * p.stride_class]) : acc_t(0);
+      ref_out[r] = sh;
+      a_out[r] = M == kSmooth ? a : acc_t(0);
+    }
+  });
+}
+
 // What the backward of one row needs besides the logits.
 template <typename acc_t>
 struct RowCoef {
   acc_t sh = 0, L = 0;                     // the saved shift and log-sum: p_k = exp(x_k - sh - L)
   acc_t cp = 0, cw = 0, gy = 0;            // gy: g (1 - s) w_y, subtracted at k == y
   double cpd = 0, cwd = 0, gyd = 0;        // the same in double, for the target element
-  int64_t y = -1;                          // -1: ignored row (index) / no delta (prob)
+  double wyd = 1;                          // w_y
+  int64_t y = -1;                          // the target's class in these logits; -1: ignored
+                                           // row, probabilities, or a target in another shard
   bool zero = false;                       // ignored row: gradient 0 (NaN where L is NaN)
 };
 
@@ -192,12 +229,13 @@ inline RowCoef<typename AccOf<scalar_t>::type> row_coef(const Ctx<scalar_t>& cx,
       rc.zero = true;
       return rc;
     }
-    const double wy = HasW ? static_cast<double>(cx.w[yv]) : 1.0;
+    const double wy = cx.target_weight(yv);
     const double s = M == kSmooth ? p.label_smoothing : 0.0;
-    rc.y = yv;
+    rc.wyd = wy;
+    rc.y = yv >= p.class_offset && yv - p.class_offset < cx.C ? yv - p.class_offset : -1;
     rc.gyd = g * (1.0 - s) * wy;
     if constexpr (M == kSmooth) {
-      const double ts = s / static_cast<double>(cx.C);
+      const double ts = s / static_cast<double>(cx.C_total);
       rc.cpd = g * ((1.0 - s) * wy + ts * static_cast<double>(cx.w_sum));
       rc.cwd = g * ts;
     } else {
@@ -219,7 +257,7 @@ inline scalar_t target_grad(const Ctx<scalar_t>& cx, const RowCoef<typename AccO
   const double lp = (static_cast<double>(xy) - rc.sh) - static_cast<double>(rc.L);
   double gv = rc.gyd * std::expm1(lp);
   if constexpr (M == kSmooth) {
-    gv += (rc.cpd - rc.gyd) * std::exp(lp) - rc.cwd * (HasW ? static_cast<double>(cx.w[rc.y]) : 1.0);
+    gv += (rc.cpd - rc.gyd) * std::exp(lp) - rc.cwd * rc.wyd;
   }
   return static_cast<scalar_t>(gv);
 }
@@ -267,7 +305,7 @@ void backward_rows(const Ctx<scalar_t>& cx) {
           io::store(gr + k, cnt, g0, g1);
         }
       });
-      if constexpr (M != kProb) {
+      if (M != kProb && rc.y >= 0) {
         gr[rc.y] = target_grad<scalar_t, M, HasW>(cx, rc, x[rc.y]);  // once more, exactly
       }
     }

@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(kThreads) weight_sum_kernel(const CrossEntropy
   using acc_t = typename AccOf<T>::type;
   __shared__ double shared[kThreads / 32];
   double s = 0;
-  for (int64_t c = threadIdx.x; c < p.classes; c += kThreads) {
+  for (int64_t c = threadIdx.x; c < p.total_classes; c += kThreads) {
     s += to_acc(static_cast<const T*>(p.weight)[c]);
   }
   s = block_sum(s, shared);

@@ -83,7 +83,7 @@ struct Smoothing {
   __device__ __forceinline__ explicit Smoothing(const CrossEntropyParams& p)
       : s(p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0)),
         t_scale(acc_t(1) - s),
-        t_shift(s / static_cast<acc_t>(p.classes)) {}
+        t_shift(s / static_cast<acc_t>(p.total_classes)) {}
 };
 
 // w_c t'_c of class c (t' = 1 without probability targets, w = 1 without weight).
@@ -92,7 +92,7 @@ __device__ __forceinline__ typename AccOf<T>::type class_term(
     const CrossEntropyParams& p, int64_t c, typename AccOf<T>::type t,
     const Smoothing<typename AccOf<T>::type>& sm) {
   using acc_t = typename AccOf<T>::type;
-  const acc_t wc = HasW ? to_acc(static_cast<const T*>(p.weight)[c]) : acc_t(1);
+  const acc_t wc = HasW ? to_acc(static_cast<const T*>(p.weight)[p.class_offset + c]) : acc_t(1);
   return M == kProb ? wc * (t * sm.t_scale + sm.t_shift) : wc;
 }
 
@@ -124,12 +124,23 @@ __device__ __forceinline__ int64_t row_offset(const CrossEntropyParams& p, int64
   return o * p.stride_outer + (r - o * p.inner) * p.stride_inner;
 }
 
-// Class index of row r: -1 when ignored. Anything else out of range stops the kernel.
+// Global class index of row r: -1 when ignored. Anything else out of [0, total_classes) stops
+// the kernel.
 __device__ __forceinline__ int64_t target_of(const CrossEntropyParams& p, int64_t r) {
   const int64_t y = target_value(p.target, p.target_type, r);
   if (y == p.ignore_index) return -1;
-  assert(y >= 0 && y < p.classes && "Target is out of bounds");
-  return (y >= 0 && y < p.classes) ? y : -1;
+  assert(y >= 0 && y < p.total_classes && "Target is out of bounds");
+  return (y >= 0 && y < p.total_classes) ? y : -1;
+}
+
+// The logit of global class y (>= 0) in the class-contiguous row at x: 0 when y is in another
+// vocab-parallel shard.
+template <typename T>
+__device__ __forceinline__ typename AccOf<T>::type target_logit(const CrossEntropyParams& p,
+                                                                const T* x, int64_t y) {
+  const int64_t k = y - p.class_offset;
+  return (y >= 0 && k >= 0 && k < p.classes) ? to_acc(x[k * p.stride_class])
+                                             : typename AccOf<T>::type(0);
 }
 
 // The loss of row r from its statistics, in double (each float statistic rounded once, nothing
@@ -149,7 +160,8 @@ __device__ __forceinline__ double row_loss(const CrossEntropyParams& p, int64_t 
     const double nll = (static_cast<double>(sh) - xy) + L;
     if constexpr (M == kSmooth) {
       const double s = p.label_smoothing;
-      return (1.0 - s) * wy * nll + s / static_cast<double>(p.classes) * (sm.q * lse_ref - sm.a);
+      return (1.0 - s) * wy * nll +
+             s / static_cast<double>(p.total_classes) * (sm.q * lse_ref - sm.a);
     } else {
       return wy * nll;
     }
@@ -212,6 +224,16 @@ __device__ __forceinline__ void finish_row(const CrossEntropyParams& p, int64_t 
                                            typename AccOf<T>::type xy, double& my_l,
                                            double& my_w) {
   using acc_t = typename AccOf<T>::type;
+  if (p.shard_stats != nullptr) {  // a vocab-parallel shard: its raw statistics (params.h)
+    const int64_t rows = p.outer * p.inner;
+    auto* st = static_cast<acc_t*>(p.shard_stats);
+    static_cast<acc_t*>(p.lse)[r] = l.m;
+    static_cast<acc_t*>(p.lse)[rows + r] = l.m == -INFINITY ? l.m + l.s : log(l.s);
+    st[r] = xy;
+    st[rows + r] = ref;
+    st[2 * rows + r] = sm.a;
+    return;
+  }
   acc_t sh = 0, L = l.ignored();
   double loss = 0, wy = 0;
   if (active) {
@@ -248,7 +270,7 @@ __device__ __forceinline__ Coef<typename AccOf<T>::type> row_coef(const CrossEnt
     const int64_t y = target_of(p, r);
     if (y < 0) return c;
     const acc_t wy = HasW ? to_acc(static_cast<const T*>(p.weight)[y]) : acc_t(1);
-    c.y = y;
+    c.y = y - p.class_offset;  // matches no class of a shard that does not hold it
     c.zero = false;
     if constexpr (M == kSmooth) {
       const Smoothing<acc_t> s(p);
@@ -270,7 +292,7 @@ __device__ __forceinline__ typename AccOf<T>::type weight_sum(const CrossEntropy
                                                               const void* w_sum) {
   using acc_t = typename AccOf<T>::type;
   if constexpr (M != kSmooth) return acc_t(0);
-  if constexpr (!HasW) return static_cast<acc_t>(p.classes);
+  if constexpr (!HasW) return static_cast<acc_t>(p.total_classes);
   return *static_cast<const acc_t*>(w_sum);
 }
 

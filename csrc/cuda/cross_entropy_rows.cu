@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
   }
   group_reduce<acc_t, TPR>(l, sm, sh_m, sh_s, sh_a, sh_q);
   if (lane == 0 && valid) {
-    const acc_t xy = active && M != kProb ? to_acc(x[y * p.stride_class]) : acc_t(0);
+    const acc_t xy = active && M != kProb ? target_logit(p, x, y) : acc_t(0);
     finish_row<T, M, HasW>(p, r, y, active, l, sm, ref, xy, my_l, my_w);
   }
   if (p.reduction == Reduction::None) return;

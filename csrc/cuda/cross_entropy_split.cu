@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     }
     const T* x = static_cast<const T*>(p.input) + row_offset<T>(p, r);
     const acc_t ref = active ? shift_of(to_acc(x[0])) : acc_t(0);
-    const acc_t xy = active && M != kProb ? to_acc(x[y * p.stride_class]) : acc_t(0);
+    const acc_t xy = active && M != kProb ? target_logit(p, x, y) : acc_t(0);
     finish_row<T, M, HasW>(p, r, y, active, l, sm, ref, xy, my_l, my_w);
   }
   if (p.reduction == Reduction::None) return;

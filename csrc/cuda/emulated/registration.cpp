@@ -52,6 +52,7 @@ void poison_outputs(const CrossEntropyParams& p) {
     poison(p.loss, (none ? rows : 1) * dtype_size(p.dtype));
     poison(p.lse, rows * acc);
     poison(p.tsum, p.prob_target ? rows * acc : 0);
+    poison(p.shard_stats, p.shard_stats != nullptr ? 3 * rows * acc : 0);
   }
   // gradients are written where the logits' strides put them (the input's with its own row
   // stride); (outer, classes, inner) spans them

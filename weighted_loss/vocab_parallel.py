@@ -1,0 +1,181 @@
+"""Vocab-parallel cross-entropy: the classes split over the ranks of a group (Megatron-style
+column-parallel LM heads), each rank holding a contiguous shard of the logits.
+
+Every rank runs the fused cross-entropy kernels in shard mode over its own logits, once: per row
+the shard's max, log-sum-exp, the target's logit where the target is in the shard, and the
+weighted sum of the logits that label smoothing needs (csrc/params.h). One all-gather of those
+(5 numbers per row per rank, O(rows), functional collectives: no host synchronization) gives
+every rank all the shards' statistics, which it merges in float64 into the loss of the unsharded
+problem. The backward is local: the same kernels write the shard's slice of the unsharded
+gradient from the merged log-sum-exp, in one pass, without communication.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn import _reduction as _Reduction
+
+__all__ = ["vocab_parallel_cross_entropy"]
+
+_ops = torch.ops.weighted_loss
+_OP = "vocab_parallel_cross_entropy"
+_checked = set()  # (group, shard size) pairs whose split was found even
+
+
+def _group_of(process_group):
+    """(group, size, rank): the default group when torch.distributed is initialized and no group
+    is given; a single shard (None, 1, 0) when it is not."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise RuntimeError(f"{_OP}: process_group= needs torch.distributed initialized "
+                               "(torch.distributed.init_process_group)")
+        return None, 1, 0
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group, dist.get_world_size(group), dist.get_rank(group)
+
+
+def _gather(stats: Tensor, group, size: int) -> Tensor:
+    """Every rank's (5, rows) statistics, (size, 5, rows), in rank order."""
+    if size == 1:
+        return stats.unsqueeze(0)
+    import torch.distributed._functional_collectives as funcol
+    return funcol.all_gather_tensor(stats, 0, group).view(size, *stats.shape)
+
+
+def _check_even_split(group, size: int, local: int, device) -> None:
+    """Every rank must hold the same number of classes (rank r holds [r C / R, (r + 1) C / R)).
+    Checked once per (group, shard size), with one host synchronization; not under
+    torch.compile, which cannot trace it."""
+    key = (id(group), local)
+    if size == 1 or key in _checked or torch.compiler.is_compiling():
+        return
+    import torch.distributed._functional_collectives as funcol
+    sizes = funcol.all_gather_tensor(torch.tensor([local], device=device), 0, group).tolist()
+    if len(set(sizes)) != 1:
+        raise ValueError(
+            f"{_OP}: the classes are split unevenly over the {size} ranks of the group: their "
+            f"logits hold {sizes} classes; each rank must hold C / {size} of them, rank r the "
+            f"classes [r C / {size}, (r + 1) C / {size}) (pad the classes to a multiple of {size})")
+    _checked.add(key)
+
+
+def _merge(g: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+           label_smoothing: float, shard: int):
+    """The unsharded rows from the shards' statistics g (R, 5, rows): per-row losses and weights
+    (float64), and the (shift, log-sum) planes the backward reads (acc dtype).
+
+    Per row, with shard r's max m_r, log-sum L_r = log sum exp(x - s_r) (s_r = m_r, 0 when -inf),
+    target logit (in one shard) and smoothing sum a_r = sum w_c (x_c - ref_r) over W_r = sum of
+    its weights: lse = M + log sum_r exp(s_r - M + L_r) with M = max_r s_r, and
+      loss = (1 - s) w_y (lse - x_y) + s / C sum_r (W_r (lse - ref_r) - a_r)
+    with every difference taken against M first, as the kernels take it against a row's max."""
+    R = g.shape[0]
+    d = g.double()
+    m, L, xy, ref, a = d.unbind(1)
+    sh = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    M = sh.amax(0)  # NaN if a shard holds NaN; +inf if one holds +inf
+    S = torch.exp((sh - M) + L).sum(0)  # NaN where M is not finite
+    Lg = torch.where(S == 0, torch.full_like(S, float("nan")), torch.log(S))  # all -inf: NaN
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target)).long()
+    if weight is None:
+        wy = valid.double()
+    else:
+        wy = weight.detach().double().index_select(0, y) * valid
+    row = wy * ((M - xy.sum(0)) + Lg)
+    if label_smoothing > 0:
+        C = R * shard
+        if weight is None:
+            Wr = torch.full((R, 1), float(shard), dtype=torch.float64, device=g.device)
+        else:
+            Wr = weight.detach().double().view(R, shard).sum(1, keepdim=True)
+        smooth = (Wr * ((M - ref) + Lg) - a).sum(0)
+        row = (1.0 - label_smoothing) * row + (label_smoothing / C) * smooth
+    row = torch.where(valid, row, torch.zeros_like(row))  # an ignored row's NaN stays out
+    # ignored rows: (0, +inf), gradient 0; (0, NaN) where the unsharded log_softmax is NaN
+    inf = torch.full_like(Lg, float("inf"))
+    planes = torch.stack([torch.where(valid, M, torch.zeros_like(M)),
+                          torch.where(valid | Lg.isnan(), Lg, inf)])
+    return row, wy, planes.to(g.dtype)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, target, weight, ignore_index, label_smoothing, reduction, group, size,
+                rank):
+        shard = x.shape[1]
+        offset, total = rank * shard, size * shard
+        stats = _ops.cross_entropy_shard_forward(x, target, weight, ignore_index, label_smoothing,
+                                                 offset, total)
+        row, wy, planes = _merge(_gather(stats, group, size), target, weight, ignore_index,
+                                 label_smoothing, shard)
+        total_weight = wy.sum()
+        if reduction == "none":
+            loss = row
+        elif reduction == "sum":
+            loss = row.sum()
+        else:
+            loss = row.sum() / total_weight
+        ctx.save_for_backward(x, target, weight, planes, total_weight.to(planes.dtype))
+        ctx.args = (_Reduction.get_enum(reduction), ignore_index, label_smoothing, offset, total)
+        return loss.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, target, weight, planes, total_weight = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = _ops.cross_entropy_shard_backward(grad_loss.to(x.dtype).contiguous(), x, target,
+                                                     weight, planes, total_weight, *ctx.args)
+        return grad, None, None, None, None, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    process_group=None,
+) -> Tensor:
+    """``F.cross_entropy`` of logits whose classes are split over the ranks of ``process_group``
+    (the default group when None and torch.distributed is initialized; one shard otherwise).
+
+    ``logits``: this rank's contiguous shard of the classes, ``(N, C / R)``, ``(C / R,)`` or
+    ``(N, C / R, d...)``; rank r holds classes ``[r C / R, (r + 1) C / R)``. ``target``: global
+    class indices (the same on every rank), shaped as for ``F.cross_entropy``. ``weight``: the full
+    ``(C,)`` class weight. Every rank returns the loss of the unsharded problem; the gradient of its
+    logits is its slice of the unsharded gradient. Costs one all-gather of 5 float32 per row (per
+    rank) in the forward; the backward communicates nothing."""
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"{_OP}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if target.is_floating_point():
+        raise TypeError(f"{_OP}: target must hold class indices (int64, int32 or uint8), got "
+                        f"{target.dtype}; probability targets are not supported across shards")
+    if logits.dim() == 0:
+        raise ValueError(f"{_OP}: logits must have a class dimension, got a 0-d tensor")
+    group, size, rank = _group_of(process_group)
+    cdim = 0 if logits.dim() == 1 else 1
+    shard = logits.shape[cdim]
+    want = () if logits.dim() == 1 else (logits.shape[0], *logits.shape[2:])
+    if tuple(target.shape) != want:
+        raise ValueError(f"{_OP}: target must have shape {want} for logits of shape "
+                         f"{tuple(logits.shape)}, got {tuple(target.shape)}")
+    if weight is not None:
+        if weight.dim() != 1 or weight.numel() != size * shard:
+            raise ValueError(
+                f"{_OP}: weight must hold all {size * shard} classes ({size} ranks x {shard} "
+                f"classes in this rank's logits), got shape {tuple(weight.shape)}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError(
+                f"{_OP}: the derivative for 'weight' is not implemented (as in PyTorch)")
+    _check_even_split(group, size, shard, logits.device)
+    x = logits.unsqueeze(0) if logits.dim() == 1 else logits
+    if x.dim() > 2:
+        x = x.movedim(1, -1).reshape(-1, shard)  # rows along the classes (a copy)
+    loss = _VocabParallelCrossEntropy.apply(x, target.reshape(-1), weight, int(ignore_index),
+                                            max(float(label_smoothing), 0.0), reduction, group,
+                                            size, rank)
+    return loss.view(want) if reduction == "none" else loss
