@@ -113,6 +113,12 @@ def main():
         del plain
     gc.collect()
     dist.destroy_process_group()
+    # Functional collectives over gloo leave a thread that, now and then, aborts the interpreter
+    # at exit ("terminate called without an active exception", 3 of 30 runs of an all-gather
+    # loop with torch 2.13, never with the process group destroyed and os._exit): the results
+    # are written and the group torn down, so skip the interpreter's teardown.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

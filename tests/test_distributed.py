@@ -2,7 +2,9 @@
 spawned as processes on this machine (tests/distributed_worker.py), each with a differently
 imbalanced, unequal share of one batch and some ignored targets. Every rank's loss equals the
 single-process loss of the whole batch, and the gradients after DDP's averaging (also with two
-accumulated micro-batches) equal the single-process gradients. A rank that hangs fails the test."""
+accumulated micro-batches) equal the single-process gradients. Vocab-parallel cross-entropy
+(tests/vocab_parallel_worker.py): each rank holds a shard of the classes, and its loss and the
+gradient of its shard equal the unsharded F.cross_entropy's. A rank that hangs fails the test."""
 import json
 import os
 import socket
@@ -24,13 +26,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run(case, world, tmp_path):
+def _run(case, world, tmp_path, worker="distributed_worker.py"):
     # the ranks import the weighted_loss this test imported
     root = os.path.dirname(os.path.dirname(os.path.abspath(wl.__file__)))
     path = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                WORLD_SIZE=str(world), OMP_NUM_THREADS="1", PYTHONPATH=path)
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "distributed_worker.py"), case,
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, worker), case,
                                str(tmp_path)], env=dict(env, RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for r in range(world)]
@@ -94,3 +96,23 @@ def test_errors_name_the_argument():
         wl.cross_entropy(x, y, process_group=object())
     with pytest.raises(TypeError, match="class indices"):
         wl.total_weight(torch.rand(4))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_equals_unsharded(world, tmp_path):
+    """float32 and bfloat16; (N, C), (N, C, d1, d2) and (C,) logits; with and without class
+    weights and label smoothing; every reduction; ~15% ignored targets."""
+    for g in _run("vp", world, tmp_path, "vocab_parallel_worker.py"):
+        assert g["checked"] == 72 and not g["failures"], g
+
+
+def test_vocab_parallel_under_torch_compile(tmp_path):
+    for g in _run("vp-compile", 2, tmp_path, "vocab_parallel_worker.py"):
+        assert not g["failures"], g
+
+
+def test_vocab_parallel_errors_name_the_argument(tmp_path):
+    """A weight of the wrong length, and an uneven split of the classes, raise on every rank."""
+    for g in _run("vp-errors", 4, tmp_path, "vocab_parallel_worker.py"):
+        assert not g["failures"], g
+        assert "[9, 8, 8, 8] classes" in g["uneven"], g

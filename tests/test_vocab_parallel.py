@@ -40,7 +40,12 @@ def reference(x, t, w, ignore_index=-100, ls=0.0, reduction="mean", grad_out=Non
     return loss.detach(), g
 
 
-def batch(N, C, dtype, weight, seed=0, ignore_every=5, scale=3.0):
+def batch(N, C, dtype, weight, seed=0, ignore_every=5, scale=3.0, device="cpu"):
+    x, t, w = _batch(N, C, dtype, weight, seed, ignore_every, scale)
+    return x.to(device), t.to(device), None if w is None else w.to(device)
+
+
+def _batch(N, C, dtype, weight, seed, ignore_every, scale):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(N, C, generator=g, dtype=torch.float64) * scale).to(dtype)
     # imbalanced labels, some ignored
@@ -56,8 +61,8 @@ def batch(N, C, dtype, weight, seed=0, ignore_every=5, scale=3.0):
 @pytest.mark.parametrize("ls", [0.0, 0.1])
 @pytest.mark.parametrize("weight", [False, True])
 def test_shards_equal_unsharded_float64(device, R, reduction, ls, weight):
-    x, t, w = batch(23, 48, torch.float64, weight)
-    gout = torch.rand(23, dtype=torch.float64) if reduction == "none" else None
+    x, t, w = batch(23, 48, torch.float64, weight, device=device)
+    gout = torch.rand(23, dtype=torch.float64, device=device) if reduction == "none" else None
     loss, g = sharded(x, t, w, R, ls=ls, reduction=reduction, grad_out=gout)
     ref, gref = reference(x, t, w, ls=ls, reduction=reduction, grad_out=gout)
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
@@ -82,14 +87,13 @@ def test_shards_within_2x_of_pytorch_error(R, N, C, dtype, ls):
         assert err <= 2 * bar, (err, bar)
 
 
-def test_shards_emulated_cuda_close(gpu):
-    """The CUDA kernels in shard mode: rows of a block, of a warp, and split across blocks."""
-    from weighted_loss.testing import emulated_cuda
-    for (N, C, R) in ((37, 96, 2), (300, 2048, 4), (5, 4 * 8192 + 256, 4)):
+def test_shards_cuda_kernels_close(gpu):
+    """The CUDA kernels in shard mode: rows of sub-warps, of a warp, of a block, and split across
+    blocks (5 rows of 33,024 classes: fewer rows than twice the SM count)."""
+    for (N, C, R) in ((37, 96, 2), (300, 2048, 4), (64, 8192, 2), (5, 4 * 8192 + 256, 4)):
         for ls in (0.0, 0.1):
-            x, t, w = batch(N, C, torch.float32, True, seed=N)
-            with emulated_cuda(sm_count=4):  # few SMs: few rows split across blocks
-                loss, g = sharded(x, t, w, R, ls=ls)
+            x, t, w = batch(N, C, torch.float32, True, seed=N, device=gpu)
+            loss, g = sharded(x, t, w, R, ls=ls)
             ref, gref = reference(x, t, w, ls=ls)
             torch.testing.assert_close(loss, ref)
             torch.testing.assert_close(g, gref)
@@ -100,7 +104,7 @@ def test_nan_and_inf_rows_as_pytorch(device, R):
     """A NaN or +inf logit in one shard makes the whole row NaN (loss and every shard's gradient);
     a shard that is -inf throughout (a masked vocabulary block) does not; an ignored row's
     gradient is NaN where its log_softmax is, as in PyTorch."""
-    x, t, _ = batch(8, 16, torch.float32, False, ignore_every=0)
+    x, t, _ = batch(8, 16, torch.float32, False, ignore_every=0, device=device)
     x[0, 1] = float("nan")
     x[1, 15] = float("inf")
     x[2, :4] = float("-inf")  # shard 0 of R = 4 masked, shard 0 of R = 2 half masked
@@ -120,10 +124,10 @@ def test_public_function_single_process_matches_cross_entropy(device):
     """Without torch.distributed initialized: one shard, all the shapes of F.cross_entropy."""
     g = torch.Generator().manual_seed(3)
     for shape in ((10,), (6, 10), (2, 10, 3, 4)):
-        x = torch.randn(shape, generator=g, requires_grad=True)
+        x = torch.randn(shape, generator=g).to(device).requires_grad_()
         tshape = () if len(shape) == 1 else (shape[0], *shape[2:])
-        t = torch.randint(0, 10, tshape, generator=g)
-        w = torch.rand(10, generator=g) + 0.5
+        t = torch.randint(0, 10, tshape, generator=g).to(device)
+        w = (torch.rand(10, generator=g) + 0.5).to(device)
         for red in ("mean", "sum", "none"):
             ours = wl.vocab_parallel_cross_entropy(x, t, weight=w, reduction=red,
                                                    label_smoothing=0.05)

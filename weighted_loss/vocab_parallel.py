@@ -35,12 +35,19 @@ def _group_of(process_group):
     return group, dist.get_world_size(group), dist.get_rank(group)
 
 
+def _all_gather(t: Tensor, group) -> Tensor:
+    """The group's tensors stacked along dim 0, in rank order (functional: traceable, no host
+    synchronization)."""
+    import torch.distributed._functional_collectives as funcol
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # torch < 2.12
+    return gather(t, 0, group)
+
+
 def _gather(stats: Tensor, group, size: int) -> Tensor:
     """Every rank's (5, rows) statistics, (size, 5, rows), in rank order."""
     if size == 1:
         return stats.unsqueeze(0)
-    import torch.distributed._functional_collectives as funcol
-    return funcol.all_gather_tensor(stats, 0, group).view(size, *stats.shape)
+    return _all_gather(stats, group).view(size, *stats.shape)
 
 
 def _check_even_split(group, size: int, local: int, device) -> None:
@@ -50,8 +57,7 @@ def _check_even_split(group, size: int, local: int, device) -> None:
     key = (id(group), local)
     if size == 1 or key in _checked or torch.compiler.is_compiling():
         return
-    import torch.distributed._functional_collectives as funcol
-    sizes = funcol.all_gather_tensor(torch.tensor([local], device=device), 0, group).tolist()
+    sizes = _all_gather(torch.tensor([local], device=device), group).tolist()
     if len(set(sizes)) != 1:
         raise ValueError(
             f"{_OP}: the classes are split unevenly over the {size} ranks of the group: their "
