@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <vector>
 
 namespace weighted_loss {
@@ -31,6 +32,13 @@ Tensor check_weight(const std::optional<Tensor>& weight, const Tensor& input, in
   TORCH_CHECK(w.device() == input.device(), op, ": weight is on ", w.device(),
               " but input is on ", input.device());
   return w.contiguous();
+}
+
+void check_terms(RowTerms terms, const char* op) {
+  TORCH_CHECK_VALUE(terms.z_loss >= 0 && std::isfinite(terms.z_loss), op,
+                    ": z_loss must be a finite number >= 0, got ", terms.z_loss);
+  TORCH_CHECK_VALUE(terms.softcap >= 0 && std::isfinite(terms.softcap), op,
+                    ": softcap must be a finite number > 0 (or None), got ", terms.softcap);
 }
 
 void check_label_smoothing(double label_smoothing, const char* op) {
@@ -174,7 +182,7 @@ std::vector<int64_t> row_shape(const Tensor& input) {
 
 CrossEntropyParams params_of(const Layout& l, const Tensor& target, const Tensor& weight,
                              int64_t reduction, bool prob, int64_t ignore_index,
-                             double label_smoothing) {
+                             double label_smoothing, RowTerms terms) {
   CrossEntropyParams p{};
   p.dtype = dtype_of(l.input, kOp);
   p.outer = l.outer;
@@ -190,6 +198,8 @@ CrossEntropyParams params_of(const Layout& l, const Tensor& target, const Tensor
   p.label_smoothing = label_smoothing;
   p.class_offset = 0;
   p.total_classes = l.classes;
+  p.z_loss = terms.z_loss;
+  p.softcap = terms.softcap;
   p.input = l.input.data_ptr();
   p.target = target.data_ptr();
   p.target_type = target.scalar_type() == at::kInt    ? TargetType::Int32
@@ -226,13 +236,14 @@ Tensor with_strides_of(const CrossEntropyBackend& backend, const Tensor& like, c
 
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_impl(
     const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-    int64_t reduction, int64_t ignore_index, double label_smoothing, const CrossEntropyBackend& backend) {
+    int64_t reduction, int64_t ignore_index, double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend) {
   check_common(input, target, "cross_entropy");
   check_label_smoothing(label_smoothing, "cross_entropy");
+  check_terms(terms, "cross_entropy");
   const Tensor y = check_index_target(input, target);
   const Layout l = layout_of(input, /*in_place_rows=*/true);
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy");
-  CrossEntropyParams p = params_of(l, y, w, reduction, false, ignore_index, label_smoothing);
+  CrossEntropyParams p = params_of(l, y, w, reduction, false, ignore_index, label_smoothing, terms);
   const auto acc = input.options().dtype(acc_type(input));
   Tensor loss = p.reduction == Reduction::None ? at::empty(target.sizes(), input.options())
                                                : at::empty({}, input.options());
@@ -249,12 +260,12 @@ Tensor cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& input,
                                    const Tensor& target, const std::optional<Tensor>& weight,
                                    const Tensor& lse, const Tensor& total_weight,
                                    int64_t reduction, int64_t ignore_index,
-                                   double label_smoothing, const CrossEntropyBackend& backend) {
+                                   double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend) {
   check_common(input, target, "cross_entropy backward");
   const Tensor y = check_index_target(input, target);
   const Layout l = layout_of(input, /*in_place_rows=*/true);
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy backward");
-  CrossEntropyParams p = params_of(l, y, w, reduction, false, ignore_index, label_smoothing);
+  CrossEntropyParams p = params_of(l, y, w, reduction, false, ignore_index, label_smoothing, terms);
   const Tensor g = grad_of(grad_loss, input, p.reduction);
   TORCH_CHECK(lse.numel() == 2 * l.outer * l.inner && lse.scalar_type() == acc_type(input),
               "cross_entropy backward: lse does not match the input");
@@ -270,13 +281,14 @@ Tensor cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& input,
 
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_prob_forward_impl(
     const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-    int64_t reduction, double label_smoothing, const CrossEntropyBackend& backend) {
+    int64_t reduction, double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend) {
   check_common(input, target, "cross_entropy");
   check_label_smoothing(label_smoothing, "cross_entropy");
+  check_terms(terms, "cross_entropy");
   const Layout l = layout_of(input, /*in_place_rows=*/false);
   const Tensor t = check_prob_target(l, input, target);
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy");
-  CrossEntropyParams p = params_of(l, t, w, reduction, true, -100, label_smoothing);
+  CrossEntropyParams p = params_of(l, t, w, reduction, true, -100, label_smoothing, terms);
   const auto acc = input.options().dtype(acc_type(input));
   Tensor loss = p.reduction == Reduction::None ? at::empty(row_shape(input), input.options())
                                                : at::empty({}, input.options());
@@ -292,12 +304,12 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_prob_forward_impl(
 Tensor cross_entropy_prob_backward_impl(const Tensor& grad_loss, const Tensor& input,
                                         const Tensor& target, const std::optional<Tensor>& weight,
                                         const Tensor& lse, const Tensor& tsum, int64_t reduction,
-                                        double label_smoothing, const CrossEntropyBackend& backend) {
+                                        double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend) {
   check_common(input, target, "cross_entropy backward");
   const Layout l = layout_of(input, /*in_place_rows=*/false);
   const Tensor t = check_prob_target(l, input, target);
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy backward");
-  CrossEntropyParams p = params_of(l, t, w, reduction, true, -100, label_smoothing);
+  CrossEntropyParams p = params_of(l, t, w, reduction, true, -100, label_smoothing, terms);
   const Tensor g = grad_of(grad_loss, input, p.reduction);
   TORCH_CHECK(lse.numel() == 2 * l.outer * l.inner && tsum.numel() == l.outer * l.inner,
               "cross_entropy backward: lse and tsum do not match the input");
@@ -314,11 +326,11 @@ Tensor cross_entropy_prob_backward_impl(const Tensor& grad_loss, const Tensor& i
 Tensor cross_entropy_prob_target_backward_impl(const Tensor& grad_loss, const Tensor& input,
                                                const std::optional<Tensor>& weight,
                                                const Tensor& lse, int64_t reduction,
-                                               double label_smoothing, const CrossEntropyBackend& backend) {
+                                               double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend) {
   check_common(input, input, "cross_entropy target backward");
   const Layout l = layout_of(input, /*in_place_rows=*/false);
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy target backward");
-  CrossEntropyParams p = params_of(l, l.input, w, reduction, true, -100, label_smoothing);
+  CrossEntropyParams p = params_of(l, l.input, w, reduction, true, -100, label_smoothing, terms);
   const Tensor g = grad_of(grad_loss, input, p.reduction);
   const Tensor lse_c = lse.contiguous();
   p.lse = lse_c.data_ptr();

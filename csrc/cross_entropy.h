@@ -15,26 +15,32 @@ namespace weighted_loss {
 
 using CrossEntropyBackend = Backend<CrossEntropyParams>;
 
+// Terms beside label smoothing that change each row's loss: z-loss and logit softcapping
+// (params.h; 0 leaves them off).
+struct RowTerms {
+  double z_loss = 0, softcap = 0;
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_impl(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t reduction, int64_t ignore_index, double label_smoothing, const CrossEntropyBackend& backend);
+    int64_t reduction, int64_t ignore_index, double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend);
 
 at::Tensor cross_entropy_backward_impl(const at::Tensor& grad_loss, const at::Tensor& input,
                                        const at::Tensor& target,
                                        const std::optional<at::Tensor>& weight,
                                        const at::Tensor& lse, const at::Tensor& total_weight,
                                        int64_t reduction, int64_t ignore_index,
-                                       double label_smoothing, const CrossEntropyBackend& backend);
+                                       double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward_impl(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t reduction, double label_smoothing, const CrossEntropyBackend& backend);
+    int64_t reduction, double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend);
 
 at::Tensor cross_entropy_prob_backward_impl(const at::Tensor& grad_loss, const at::Tensor& input,
                                             const at::Tensor& target,
                                             const std::optional<at::Tensor>& weight,
                                             const at::Tensor& lse, const at::Tensor& tsum,
-                                            int64_t reduction, double label_smoothing,
+                                            int64_t reduction, double label_smoothing, RowTerms terms,
                                             const CrossEntropyBackend& backend);
 
 // A vocab-parallel shard (params.h): the forward's statistics (5, rows) of acc, the shard's raw
@@ -68,6 +74,6 @@ at::Tensor cross_entropy_prob_target_backward_impl(const at::Tensor& grad_loss,
                                                    const at::Tensor& input,
                                                    const std::optional<at::Tensor>& weight,
                                                    const at::Tensor& lse, int64_t reduction,
-                                                   double label_smoothing, const CrossEntropyBackend& backend);
+                                                   double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend);
 
 }  // namespace weighted_loss

@@ -22,26 +22,30 @@ std::string cpu_capability() { return weighted_loss::cpu::kernels().name; }
 }  // namespace
 
 TORCH_LIBRARY(weighted_loss, m) {
+  // z_loss and softcap (params.h) default to off in every cross-entropy op.
   // Class-index targets. Returns (loss, lse, total_weight): lse (2, rows) (float32, float64 for
   // float64 logits), each row's max and log-sum shifted by it (params.h), total_weight the weighted mean's divisor sum(weight[target]).
   m.def(
       "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, "
-      "int ignore_index, float label_smoothing) -> (Tensor, Tensor, Tensor)");
+      "int ignore_index, float label_smoothing, float z_loss=0., float softcap=0.) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
-      "Tensor lse, Tensor total_weight, int reduction, int ignore_index, float label_smoothing) "
-      "-> Tensor");
+      "Tensor lse, Tensor total_weight, int reduction, int ignore_index, float label_smoothing, "
+      "float z_loss=0., float softcap=0.) -> Tensor");
   // Probability targets (the logits' shape). Returns (loss, lse, tsum): tsum per row is
   // sum_c weight_c * target'_c, the softmax coefficient of the backward.
   m.def(
       "cross_entropy_prob_forward(Tensor input, Tensor target, Tensor? weight, int reduction, "
-      "float label_smoothing) -> (Tensor, Tensor, Tensor)");
+      "float label_smoothing, float z_loss=0., float softcap=0.) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cross_entropy_prob_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
-      "Tensor lse, Tensor tsum, int reduction, float label_smoothing) -> Tensor");
+      "Tensor lse, Tensor tsum, int reduction, float label_smoothing, float z_loss=0., "
+      "float softcap=0.) -> Tensor");
   m.def(
       "cross_entropy_prob_target_backward(Tensor grad_loss, Tensor input, Tensor? weight, "
-      "Tensor lse, int reduction, float label_smoothing) -> Tensor");
+      "Tensor lse, int reduction, float label_smoothing, float z_loss=0., float softcap=0.) "
+      "-> Tensor");
   // A vocab-parallel shard of the classes: the logits (rows, classes) hold classes
   // [class_offset, class_offset + classes) of total_classes; targets are global indices, weight
   // the full (total_classes,). The forward returns the shard's statistics (5, rows) (params.h),

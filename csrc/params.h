@@ -48,6 +48,10 @@ struct CrossEntropyParams {
   TargetType target_type;    // index targets
   int64_t ignore_index;      // index targets only
   double label_smoothing;    // <= 0 means none
+  double z_loss;             // adds z_loss * lse^2 per row, weighted as the row's loss (w_y for
+                             // index targets, 1 for probabilities); 0: off
+  double softcap;            // > 0: every logit x is read as softcap * tanh(x / softcap), and its
+                             // gradient gets the factor 1 - (that / softcap)^2; 0: off
 
   // Vocab-parallel shards (index targets only): the logits hold classes [class_offset,
   // class_offset + classes) of total_classes. Targets are global class indices, checked against

@@ -27,40 +27,47 @@ struct CrossEntropyOps {
 
   static std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& input, const Tensor& target,
                                                     const OptTensor& weight, int64_t reduction,
-                                                    int64_t ignore_index, double label_smoothing) {
+                                                    int64_t ignore_index, double label_smoothing,
+                                                    double z_loss, double softcap) {
     const typename Device::Guard guard(input.device());
     return cross_entropy_forward_impl(input, target, weight, reduction, ignore_index,
-                                      label_smoothing, Device::forward());
+                                      label_smoothing, {z_loss, softcap}, Device::forward());
   }
   static Tensor backward(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                          const OptTensor& weight, const Tensor& lse, const Tensor& total_weight,
-                         int64_t reduction, int64_t ignore_index, double label_smoothing) {
+                         int64_t reduction, int64_t ignore_index, double label_smoothing,
+                         double z_loss, double softcap) {
     const typename Device::Guard guard(input.device());
     return cross_entropy_backward_impl(grad_loss, input, target, weight, lse, total_weight,
                                        reduction, ignore_index, label_smoothing,
-                                       Device::backward());
+                                       {z_loss, softcap}, Device::backward());
   }
   static std::tuple<Tensor, Tensor, Tensor> prob_forward(const Tensor& input, const Tensor& target,
                                                          const OptTensor& weight,
                                                          int64_t reduction,
-                                                         double label_smoothing) {
+                                                         double label_smoothing, double z_loss,
+                                                         double softcap) {
     const typename Device::Guard guard(input.device());
     return cross_entropy_prob_forward_impl(input, target, weight, reduction, label_smoothing,
-                                           Device::forward());
+                                           {z_loss, softcap}, Device::forward());
   }
   static Tensor prob_backward(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                               const OptTensor& weight, const Tensor& lse, const Tensor& tsum,
-                              int64_t reduction, double label_smoothing) {
+                              int64_t reduction, double label_smoothing, double z_loss,
+                              double softcap) {
     const typename Device::Guard guard(input.device());
     return cross_entropy_prob_backward_impl(grad_loss, input, target, weight, lse, tsum,
-                                            reduction, label_smoothing, Device::backward());
+                                            reduction, label_smoothing, {z_loss, softcap},
+                                            Device::backward());
   }
   static Tensor prob_target_backward(const Tensor& grad_loss, const Tensor& input,
                                      const OptTensor& weight, const Tensor& lse,
-                                     int64_t reduction, double label_smoothing) {
+                                     int64_t reduction, double label_smoothing, double z_loss,
+                                     double softcap) {
     const typename Device::Guard guard(input.device());
     return cross_entropy_prob_target_backward_impl(grad_loss, input, weight, lse, reduction,
-                                                   label_smoothing, Device::target_backward());
+                                                   label_smoothing, {z_loss, softcap},
+                                                   Device::target_backward());
   }
   static Tensor shard_forward(const Tensor& input, const Tensor& target, const OptTensor& weight,
                               int64_t ignore_index, double label_smoothing, int64_t class_offset,

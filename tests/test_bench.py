@@ -100,3 +100,24 @@ def test_main_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", "--repeat", "0"])
     assert "--repeat must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_select_linear_cases():
+    from weighted_loss import bench_linear
+    assert [c[0] for c in bench.select_linear_cases(_args())] == [c[0] for c in bench_linear.QUICK]
+    assert [c[0] for c in bench.select_linear_cases(_args("full", True, "loss", ["linear"]))] == \
+        [c[0] for c in bench_linear.FULL]
+    assert bench.select_linear_cases(_args("loss", ["ce"])) == []
+    assert bench.select_linear_cases(_args("shape", [(64, 10)])) == []
+
+
+def test_run_linear_case_figures():
+    from weighted_loss import bench_linear
+    r = bench_linear.run_case("lin", 64, 16, 300, torch.float32, torch.device("cpu"), 2, False,
+                              bench)
+    assert r["fused_max_loss_diff"] < 1e-5 and r["fused_max_grad_diff"] < 1e-5
+    assert r["flops"] == 6 * 64 * 16 * 300
+    for kind in ("fused", "native"):
+        assert r[f"{kind}_fwd_bwd_ms"] > 0 and r[f"peak_mem_{kind}_mb"] > 0
+    assert r["memory_vs_native"] == pytest.approx(r["peak_mem_fused_mb"] / r["peak_mem_native_mb"])
+    assert "| lin |" in bench_linear.markdown_table([r])

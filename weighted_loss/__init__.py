@@ -8,6 +8,7 @@ from . import _ops  # noqa: F401  (fake kernels and autograd)
 from . import distributed, functional, testing, vocab_parallel
 from .distributed import total_weight
 from .functional import binary_cross_entropy_with_logits, cross_entropy
+from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss
 from .vocab_parallel import vocab_parallel_cross_entropy
 from .weights import (class_weights, class_weights_from, count_labels, count_positives, pos_weight,
@@ -17,7 +18,8 @@ __all__ = [
     "cross_entropy", "CrossEntropyLoss", "binary_cross_entropy_with_logits", "BCEWithLogitsLoss",
     "functional", "cpu_capability", "class_weights", "pos_weight", "count_labels",
     "count_positives", "pos_weight_from_counts", "class_weights_from", "sampler", "distributed",
-    "total_weight", "vocab_parallel", "vocab_parallel_cross_entropy",
+    "total_weight", "vocab_parallel", "vocab_parallel_cross_entropy", "linear_cross_entropy",
+    "LinearCrossEntropyLoss",
 ]
 __version__ = "0.1.0"
 

@@ -28,7 +28,7 @@ def _row_shape(input):
 # ---------------------------------------------------------------- class-index targets
 
 @torch.library.register_fake("weighted_loss::cross_entropy_forward")
-def _(input, target, weight, reduction, ignore_index, label_smoothing):
+def _(input, target, weight, reduction, ignore_index, label_smoothing, z_loss=0.0, softcap=0.0):
     acc = _acc_dtype(input.dtype)
     loss = input.new_empty(target.shape if reduction == _NONE else ())
     return loss, input.new_empty((2, _rows(input)), dtype=acc), input.new_empty((), dtype=acc)
@@ -36,7 +36,7 @@ def _(input, target, weight, reduction, ignore_index, label_smoothing):
 
 @torch.library.register_fake("weighted_loss::cross_entropy_backward")
 def _(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index,
-      label_smoothing):
+      label_smoothing, z_loss=0.0, softcap=0.0):
     return torch.empty_like(input)
 
 
@@ -47,10 +47,10 @@ def _no_weight_grad(ctx, index):
 
 
 def _ce_setup(ctx, inputs, output):
-    input, target, weight, reduction, ignore_index, label_smoothing = inputs
+    input, target, weight, *args = inputs  # reduction, ignore_index, label_smoothing[, z, cap]
     _, lse, total_weight = output
     ctx.save_for_backward(input, target, weight, lse, total_weight)
-    ctx.args = (reduction, ignore_index, label_smoothing)
+    ctx.args = tuple(args)
 
 
 def _ce_backward(ctx, grad_loss, _grad_lse, _grad_total_weight):
@@ -60,7 +60,7 @@ def _ce_backward(ctx, grad_loss, _grad_lse, _grad_total_weight):
     if ctx.needs_input_grad[0]:
         grad_input = _ops.cross_entropy_backward(grad_loss, input, target, weight, lse,
                                                  total_weight, *ctx.args)
-    return grad_input, None, None, None, None, None
+    return (grad_input, None, None, None, None, None, None, None)[:3 + len(ctx.args)]
 
 
 torch.library.register_autograd("weighted_loss::cross_entropy_forward", _ce_backward,
@@ -70,7 +70,7 @@ torch.library.register_autograd("weighted_loss::cross_entropy_forward", _ce_back
 # ---------------------------------------------------------------- probability targets
 
 @torch.library.register_fake("weighted_loss::cross_entropy_prob_forward")
-def _(input, target, weight, reduction, label_smoothing):
+def _(input, target, weight, reduction, label_smoothing, z_loss=0.0, softcap=0.0):
     acc = _acc_dtype(input.dtype)
     loss = input.new_empty(_row_shape(input) if reduction == _NONE else ())
     rows = _rows(input)
@@ -78,20 +78,21 @@ def _(input, target, weight, reduction, label_smoothing):
 
 
 @torch.library.register_fake("weighted_loss::cross_entropy_prob_backward")
-def _(grad_loss, input, target, weight, lse, tsum, reduction, label_smoothing):
+def _(grad_loss, input, target, weight, lse, tsum, reduction, label_smoothing, z_loss=0.0,
+      softcap=0.0):
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("weighted_loss::cross_entropy_prob_target_backward")
-def _(grad_loss, input, weight, lse, reduction, label_smoothing):
+def _(grad_loss, input, weight, lse, reduction, label_smoothing, z_loss=0.0, softcap=0.0):
     return torch.empty_like(input)
 
 
 def _ce_prob_setup(ctx, inputs, output):
-    input, target, weight, reduction, label_smoothing = inputs
+    input, target, weight, *args = inputs  # reduction, label_smoothing[, z_loss, softcap]
     _, lse, tsum = output
     ctx.save_for_backward(input, target, weight, lse, tsum)
-    ctx.args = (reduction, label_smoothing)
+    ctx.args = tuple(args)
 
 
 def _ce_prob_backward(ctx, grad_loss, _grad_lse, _grad_tsum):
@@ -104,7 +105,7 @@ def _ce_prob_backward(ctx, grad_loss, _grad_lse, _grad_tsum):
     if ctx.needs_input_grad[1]:
         grad_target = _ops.cross_entropy_prob_target_backward(grad_loss, input, weight, lse,
                                                               *ctx.args)
-    return grad_input, grad_target, None, None, None
+    return (grad_input, grad_target, None, None, None, None, None)[:3 + len(ctx.args)]
 
 
 torch.library.register_autograd("weighted_loss::cross_entropy_prob_forward", _ce_prob_backward,

@@ -4,6 +4,7 @@ native loss, forward, backward and total, with speed, bandwidth, memory and accu
     python -m weighted_loss.bench                      quick suite on the best device (CUDA, else CPU)
     python -m weighted_loss.bench --full               the large GPU suite
     python -m weighted_loss.bench --shape 8192x32000 --dtype bfloat16 --loss ce bce
+    python -m weighted_loss.bench --loss linear --full  fused linear + cross-entropy, large cases
     options: --device, --dtype, --shape (repeatable), --loss, --case, --repeat, --no-compile, --out
 
 Method. Every case first computes the loss and the logits' gradient once with each implementation
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import weighted_loss as wl
+from weighted_loss import bench_linear
 
 # name, loss, shape of the logits, dtype, extra keyword arguments
 QUICK = [
@@ -207,6 +209,19 @@ def select_cases(args):
         for d in (args.dtype or [dtype]):
             cases.append((name if d == dtype else f"{name}-as-{dtype_name(d)}", loss, shape, d, kw))
     return cases
+
+
+def select_linear_cases(args):
+    """The linear + cross-entropy cases (bench_linear.py) the arguments ask for."""
+    if args.shape or (args.loss and "linear" not in args.loss):
+        return []
+    picked = []
+    for name, n, h, c, dtype in (bench_linear.FULL if args.full else bench_linear.QUICK):
+        if args.case and not any(k in name for k in args.case):
+            continue
+        for d in (args.dtype or [dtype]):
+            picked.append((name if d == dtype else f"{name}-as-{dtype_name(d)}", n, h, c, d))
+    return picked
 
 
 def run_case(name, loss, shape, dtype, kwargs, device, repeat, use_compile=True, tick=None):
@@ -474,7 +489,8 @@ def main(argv=None):
                     help="a logits shape such as 8192x32000 instead of the suite (repeatable)")
     ap.add_argument("--dtype", type=parse_dtype, action="append",
                     help="float32, bfloat16, float16 or float64 (repeatable; overrides the suite's)")
-    ap.add_argument("--loss", nargs="+", choices=sorted(LOSSES), help="ce, bce or both")
+    ap.add_argument("--loss", nargs="+", choices=sorted(LOSSES) + ["linear"],
+                    help="ce, bce, linear (bench_linear.py) or several")
     ap.add_argument("--case", action="append", help="only suite cases whose name contains this")
     ap.add_argument("--repeat", type=int, default=None,
                     help="timed rounds per case (default 7 on CPU, 20 on CUDA)")
@@ -489,14 +505,21 @@ def main(argv=None):
         ap.error(f"--repeat must be at least 1, got {args.repeat}")
     repeat = args.repeat or (20 if device.type == "cuda" else 7)
     cases = select_cases(args)
-    if not cases:
+    linear = select_linear_cases(args)
+    if not cases and not linear:
         ap.error("no case matches the arguments")
 
     env = environment(device)
     print(f"weighted_loss benchmark on {env['device']} ({device.type}), torch {env['torch']}, "
-          f"{len(cases)} cases x {repeat} rounds", flush=True)
+          f"{len(cases) + len(linear)} cases x {repeat} rounds", flush=True)
     bw, rows = measure(cases, device, repeat, not args.no_compile, not args.no_progress)
-    print_table(env, bw, rows)
+    if rows:
+        print_table(env, bw, rows)
+    lin_rows = [bench_linear.run_case(*c, device, repeat, not args.no_compile, sys.modules[__name__])
+                for c in linear]
+    if lin_rows:
+        print("fused linear + cross-entropy (bench_linear.py)")
+        print(bench_linear.markdown_table(lin_rows))
 
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -504,13 +527,16 @@ def main(argv=None):
     with open(stem + ".json", "w") as f:
         json.dump({"stamp": stamp, "environment": env, "copy_bandwidth_gbs": bw, "repeat": repeat,
                    "method": __doc__.split("Method. ")[1].split("\n\n")[0].replace("\n", " "),
-                   "cases": rows}, f, indent=2)
+                   "cases": rows, "linear_cases": lin_rows}, f, indent=2)
     with open(stem + ".md", "w") as f:
         f.write(markdown_table(env, bw, rows))
+        if lin_rows:
+            f.write("\n" + bench_linear.markdown_table(lin_rows))
     wrote = [stem + ".json", stem + ".md"]
     try:
-        plot(stem + ".png", env, bw, rows)
-        wrote.append(stem + ".png")
+        if rows:
+            plot(stem + ".png", env, bw, rows)
+            wrote.append(stem + ".png")
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib, or `make bench`)")
     print("wrote " + ", ".join(wrote))

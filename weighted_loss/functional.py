@@ -12,6 +12,19 @@ __all__ = ["cross_entropy", "binary_cross_entropy_with_logits"]
 _ops = torch.ops.weighted_loss
 
 
+def row_terms(z_loss, softcap):
+    """(z_loss, softcap) as the kernels take them (softcap 0: off), checked."""
+    z = float(z_loss)
+    if not z >= 0 or z == float("inf"):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    if softcap is None:
+        return z, 0.0
+    cap = float(softcap)
+    if not cap > 0 or cap == float("inf"):
+        raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap!r}")
+    return z, cap
+
+
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -22,6 +35,8 @@ def cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
     process_group=None,
     total_weight=None,
 ) -> Tensor:
@@ -32,6 +47,12 @@ def cross_entropy(
     indices (int64, int32 or uint8, shape without the class dim) or class probabilities (the
     input's shape). ``reduction="mean"`` divides by ``sum(weight[target])`` over non-ignored items
     for class indices and by the number of items for probabilities.
+
+    ``z_loss``: adds ``z_loss * lse**2`` per row (PaLM's auxiliary loss, lse the row's
+    log-sum-exp), weighted as the row's loss (``weight[target]``; 1 for probabilities) and so
+    counted in the weighted mean with the same divisor. ``softcap``: the logits are read as
+    ``softcap * tanh(logits / softcap)`` (Gemma's logit softcapping), in the same passes, with the
+    gradient through it. The defaults leave both off and every result as without them.
 
     ``process_group`` (with ``reduction="mean"``): the weighted mean over the whole group's batch,
     the same on every rank, with a gradient that DDP's averaging turns into the gradient of the
@@ -49,6 +70,7 @@ def cross_entropy(
     else:
         red = _Reduction.get_enum(reduction)
     label_smoothing = float(label_smoothing)
+    z, cap = row_terms(z_loss, softcap)
     if input.shape == target.shape:
         # class probabilities, promoted together as PyTorch's arithmetic would
         if not target.is_floating_point():
@@ -62,14 +84,14 @@ def cross_entropy(
             if weight is not None and weight.is_floating_point():
                 weight = weight.to(dtype)
         loss, _, _ = _ops.cross_entropy_prob_forward(input, target, weight, red,
-                                                     max(label_smoothing, 0.0))
+                                                     max(label_smoothing, 0.0), z, cap)
         if grouped:
             rows = input.numel() // max(1, input.shape[0 if input.dim() == 1 else 1])
             local = torch.tensor(float(rows), dtype=torch.float64, device=input.device)
             return _dist.global_mean(loss, local, process_group, total_weight)
         return loss
     loss, _, local = _ops.cross_entropy_forward(input, target, weight, red, int(ignore_index),
-                                                max(label_smoothing, 0.0))
+                                                max(label_smoothing, 0.0), z, cap)
     if grouped:
         return _dist.global_mean(loss, local, process_group, total_weight)
     return loss

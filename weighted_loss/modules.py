@@ -10,16 +10,20 @@ __all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss"]
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """``torch.nn.CrossEntropyLoss`` computed by :func:`weighted_loss.cross_entropy`;
-    ``process_group=`` makes the mean the whole group's (see :mod:`weighted_loss.distributed`),
-    and ``forward(..., total_weight=)`` divides by a given denominator."""
+    ``z_loss=`` and ``softcap=`` as there; ``process_group=`` makes the mean the whole group's
+    (see :mod:`weighted_loss.distributed`), and ``forward(..., total_weight=)`` divides by a given
+    denominator."""
 
-    def __init__(self, *args, process_group=None, **kwargs):
+    def __init__(self, *args, z_loss=0.0, softcap=None, process_group=None, **kwargs):
         super().__init__(*args, **kwargs)
+        F.row_terms(z_loss, softcap)
+        self.z_loss, self.softcap = z_loss, softcap
         self.process_group = process_group
 
     def forward(self, input: Tensor, target: Tensor, total_weight=None) -> Tensor:
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                                reduction=self.reduction, label_smoothing=self.label_smoothing,
+                               z_loss=self.z_loss, softcap=self.softcap,
                                process_group=self.process_group, total_weight=total_weight)
 
 

@@ -89,12 +89,16 @@ struct Ctx {
   acc_t t_scale, t_shift;       // t' = t * t_scale + t_shift
   int64_t C;                    // classes of the logits (of the shard)
   int64_t C_total;              // classes of the unsharded problem (C unsharded)
+  acc_t cap;                    // softcap (params.h), 0 when off
+  double z;                     // z-loss (params.h), 0 when off
 
   explicit Ctx(const CrossEntropyParams& prm, std::vector<acc_t>& w_buf) : p(prm) {
     x = static_cast<const scalar_t*>(p.input);
     t = static_cast<const scalar_t*>(p.target);
     C = p.classes;
     C_total = p.total_classes;
+    cap = p.softcap > 0 ? static_cast<acc_t>(p.softcap) : acc_t(0);
+    z = p.z_loss > 0 ? p.z_loss : 0.0;
     smooth = p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0);
     t_scale = acc_t(1) - smooth;
     t_shift = C_total > 0 ? smooth / static_cast<acc_t>(C_total) : acc_t(0);
@@ -126,6 +130,30 @@ struct Ctx {
     if (v == p.ignore_index) return -1;
     TORCH_CHECK_INDEX(v >= 0 && v < C_total, "Target ", v, " is out of bounds.");
     return v;
+  }
+  // softcap: the logit the loss sees, cap tanh(x / cap) (x when off), right after each load
+  C10_ALWAYS_INLINE acc_t capped(acc_t v) const { return cap > 0 ? cap * std::tanh(v / cap) : v; }
+  C10_ALWAYS_INLINE void capped(Vectorized<acc_t>& v0, Vectorized<acc_t>& v1) const {
+    if (cap > 0) {
+      const Vectorized<acc_t> k(cap);
+      v0 = k * (v0 / k).tanh();
+      v1 = k * (v1 / k).tanh();
+    }
+  }
+  // the chain rule through the softcap, from the capped logits c: g *= 1 - (c / cap)^2
+  C10_ALWAYS_INLINE void cap_slope(const Vectorized<acc_t>& c0, const Vectorized<acc_t>& c1,
+                                   Vectorized<acc_t>& g0, Vectorized<acc_t>& g1) const {
+    if (cap > 0) {
+      const Vectorized<acc_t> k(cap), one(1);
+      const Vectorized<acc_t> u0 = c0 / k, u1 = c1 / k;
+      g0 = g0 * (one - u0 * u0);
+      g1 = g1 * (one - u1 * u1);
+    }
+  }
+  C10_ALWAYS_INLINE double cap_slope(double c) const {
+    if (cap <= 0) return 1.0;
+    const double u = c / static_cast<double>(cap);
+    return 1.0 - u * u;
   }
   // the weight of global class y (1 without weight)
   C10_ALWAYS_INLINE double target_weight(int64_t y) const {
@@ -197,8 +225,10 @@ inline typename AccOf<scalar_t>::type row_max(const Ctx<scalar_t>& cx, const sca
     Vec v0, v1;
     if constexpr (decltype(full)::value) {
       io::load(x + k, v0, v1);
+      cx.capped(v0, v1);
     } else {
       io::load(x + k, cnt, v0, v1);
+      cx.capped(v0, v1);
       keep_valid(cnt, vninf, v0, v1);
     }
     m0 = at::vec::maximum(m0, v0);

@@ -49,6 +49,7 @@ void target_backward(const Ctx<scalar_t>& cx) {
           } else {
             io::load(cx.x + off + k, cnt, v0, v1);
           }
+          cx.capped(v0, v1);
           Vec g0 = vk * ((v0 - vsh) - vL), g1 = vk * ((v1 - vsh) - vL);
           if constexpr (HasW) {
             Vec w0, w1;
@@ -86,6 +87,7 @@ void target_backward(const Ctx<scalar_t>& cx) {
           Vec v0, v1;
           prefetch(cx.x + base + c * sC + u.rows);
           io::load(cx.x + base + c * sC, nl, v0, v1);
+          cx.capped(v0, v1);
           Vec g0 = k0 * ((v0 - s0) - l0), g1 = k1 * ((v1 - s1) - l1);
           if constexpr (HasW) {
             const Vec wc(cx.w[c]);

@@ -32,14 +32,16 @@ struct LaneTile {
 // the tile when the classes fit. Prefetches the same class a few blocks ahead: the class rows are
 // runs far apart in memory, too short for the hardware prefetcher to pick up.
 template <typename scalar_t, int M>
-C10_ALWAYS_INLINE void lanes_max_class(const scalar_t* x, const scalar_t* t, int64_t c, int64_t sC,
-                                       int64_t nl, bool tiled, LaneTile<scalar_t>& lt) {
+C10_ALWAYS_INLINE void lanes_max_class(const Ctx<scalar_t>& cx, const scalar_t* x,
+                                       const scalar_t* t, int64_t c, int64_t sC, int64_t nl,
+                                       bool tiled, LaneTile<scalar_t>& lt) {
   using io = IO<scalar_t>;
   const int64_t at = c * sC;
   prefetch(x + at + kPrefetch);
   if constexpr (M == kProb) prefetch(t + at + kPrefetch);
   typename io::Vec v0, v1;
   io::load(x + at, nl, v0, v1);
+  cx.capped(v0, v1);  // the tile holds the capped logits
   lt.m0 = at::vec::maximum(lt.m0, v0);
   lt.m1 = at::vec::maximum(lt.m1, v1);
   if (tiled) {
@@ -49,10 +51,26 @@ C10_ALWAYS_INLINE void lanes_max_class(const scalar_t* x, const scalar_t* t, int
 }
 
 template <typename scalar_t, int M>
-C10_ALWAYS_INLINE void lanes_max(const scalar_t* x, const scalar_t* t, int64_t C, int64_t sC,
-                                 int64_t nl, LaneTile<scalar_t>& lt) {
+C10_ALWAYS_INLINE void lanes_max(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
+                                 int64_t C, int64_t sC, int64_t nl, LaneTile<scalar_t>& lt) {
   lt.m0 = lt.m1 = typename IO<scalar_t>::Vec(-std::numeric_limits<typename AccOf<scalar_t>::type>::infinity());
-  for (int64_t c = 0; c < C; ++c) lanes_max_class<scalar_t, M>(x, t, c, sC, nl, C <= kTileClasses, lt);
+  for (int64_t c = 0; c < C; ++c) {
+    lanes_max_class<scalar_t, M>(cx, x, t, c, sC, nl, C <= kTileClasses, lt);
+  }
+}
+
+// The z-loss of B lanes with log-sum-exp lse and weight wy: l += z wy lse^2.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void add_z_loss(const Ctx<scalar_t>& cx,
+                                  const Vectorized<typename AccOf<scalar_t>::type>& lse0,
+                                  const Vectorized<typename AccOf<scalar_t>::type>& lse1,
+                                  const Vectorized<typename AccOf<scalar_t>::type>& wy0,
+                                  const Vectorized<typename AccOf<scalar_t>::type>& wy1,
+                                  Vectorized<typename AccOf<scalar_t>::type>& l0,
+                                  Vectorized<typename AccOf<scalar_t>::type>& l1) {
+  const Vectorized<typename AccOf<scalar_t>::type> z(static_cast<typename AccOf<scalar_t>::type>(cx.z));
+  l0 = l0 + z * wy0 * lse0 * lse0;
+  l1 = l1 + z * wy1 * lse1 * lse1;
 }
 
 // One block of nl <= B lanes: lane k is row r0 + k, with its logit of class c at x[c * sC + k]
@@ -90,13 +108,14 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
   Vec e0 = vzero, e1 = vzero, a0 = vzero, a1 = vzero, q0 = vzero, q1 = vzero;
   for (int64_t c = 0; c < C; ++c) {
     const int64_t at = c * sC;
-    if (nx != nullptr) lanes_max_class<scalar_t, M>(nx, tn, c, sC, nnl, tiled, next);
+    if (nx != nullptr) lanes_max_class<scalar_t, M>(cx, nx, tn, c, sC, nnl, tiled, next);
     Vec v0, v1;
     if (tiled) {
       v0 = Vec::loadu(tile + c * B);
       v1 = Vec::loadu(tile + c * B + io::W);
     } else {
       io::load(x + at, nl, v0, v1);
+      cx.capped(v0, v1);
     }
     e0 += vexp(v0 - sh0);
     e1 += vexp(v1 - sh1);
@@ -125,6 +144,7 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
   if constexpr (M == kProb) {
     l0 = q0 * L0 - a0;
     l1 = q1 * L1 - a1;
+    if (cx.z > 0) add_z_loss(cx, s0 + L0, s1 + L1, wy0, wy1, l0, l1);
     store_acc(tsum_out + r0, nl, q0, q1);
   } else {
     acc_t wy[B] = {}, xy[B] = {}, kp[B] = {};
@@ -132,7 +152,7 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
       const int64_t yv = cx.checked_target(r0 + k);
       if (yv < 0) continue;
       wy[k] = HasW ? cx.w[yv] : acc_t(1);
-      xy[k] = static_cast<acc_t>(x[yv * sC + k]);
+      xy[k] = cx.capped(static_cast<acc_t>(x[yv * sC + k]));
       kp[k] = 1;
     }
     Vec xy0, xy1, kp0, kp1;
@@ -153,6 +173,7 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
     s1 = Vec::blendv(vzero, s1, keep1);
     L0 = Vec::blendv(ignored_lse(m0), L0, keep0);
     L1 = Vec::blendv(ignored_lse(m1), L1, keep1);
+    if (cx.z > 0) add_z_loss(cx, s0 + L0, s1 + L1, wy0, wy1, l0, l1);
     l0 = Vec::blendv(vzero, l0, keep0);
     l1 = Vec::blendv(vzero, l1, keep1);
   }
@@ -188,7 +209,7 @@ void forward_lanes(const Ctx<scalar_t>& cx) {
     const scalar_t* x = cx.x + off;
     const scalar_t* t = M == kProb ? cx.t + off : nullptr;
     LaneTile<scalar_t> tiles[2];
-    lanes_max<scalar_t, M>(x, t, p.classes, sC, std::min(B, n), tiles[0]);
+    lanes_max<scalar_t, M>(cx, x, t, p.classes, sC, std::min(B, n), tiles[0]);
     for (int64_t j = 0, k = 0; j < n; j += B, k ^= 1) {
       const bool more = j + B < n;
       lanes_block_forward<scalar_t, M, HasW>(
@@ -244,6 +265,11 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
     load_acc(static_cast<const acc_t*>(p.tsum) + r0, nl, q0, q1);
     cp0 = g0v * q0;
     cp1 = g1v * q1;
+    if (cx.z > 0) {  // the z-loss's 2 z lse p_k
+      const Vec z2(static_cast<acc_t>(2 * cx.z));
+      cp0 = cp0 + g0v * z2 * (sh0 + L0);
+      cp1 = cp1 + g1v * z2 * (sh1 + L1);
+    }
     cw0 = g0v;
     cw1 = g1v;
   } else {
@@ -265,6 +291,11 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
       cp0 = gy0;
       cp1 = gy1;
     }
+    if (cx.z > 0) {  // the z-loss's 2 z w_y lse p_k
+      const Vec z2(static_cast<acc_t>(2 * cx.z));
+      cp0 = Vec::blendv(zero, cp0 + g0v * z2 * wy0 * (sh0 + L0), keep0);
+      cp1 = Vec::blendv(zero, cp1 + g1v * z2 * wy1 * (sh1 + L1), keep1);
+    }
   }
   for (int64_t c = 0; c < C; ++c) {
     const int64_t at = c * sC;
@@ -272,6 +303,7 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
     if (!stream) prefetch_write(g + at + kPrefetch);  // a streamed line is not read
     Vec v0, v1;
     io::load(x + at, nl, v0, v1);
+    cx.capped(v0, v1);
     // at the target, cp p - gy in one rounding: g (1 - s) w_y (p_y - 1) does not cancel more
     // than PyTorch's fused grad - exp(out) * sum
     Vec d0(0), d1(0);
@@ -294,6 +326,7 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
       g0 = g0 - cw0 * w0;
       g1 = g1 - cw1 * w1;
     }
+    cx.cap_slope(v0, v1, g0, g1);
     if (stream && nl == B) {
       stream_store(g + at, g0, g1);
     } else {
@@ -400,7 +433,7 @@ void forward_small_rows(const Ctx<scalar_t>& cx) {
       const int64_t nl = std::min(B, r_end - r0);
       int64_t off[B];
       load_row_tile<scalar_t, M == kProb>(cx, r0, nl, off, xt, tt);
-      lanes_max<scalar_t, M>(xt, tt, cx.C, B, nl, lt);
+      lanes_max<scalar_t, M>(cx, xt, tt, cx.C, B, nl, lt);
       lanes_block_forward<scalar_t, M, HasW>(cx, xt, tt, B, nl, r0, sl, sw, lt, nullptr, nullptr, 0,
                                              lt);
     }

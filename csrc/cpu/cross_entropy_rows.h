@@ -54,10 +54,12 @@ inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t*
     Vec v0, v1, u0, u1;
     if constexpr (decltype(full)::value) {
       io::load(x + c, v0, v1);
+      cx.capped(v0, v1);
       u0 = v0;
       u1 = v1;
     } else {
       io::load(x + c, cnt, v0, v1);
+      cx.capped(v0, v1);
       u0 = v0;
       u1 = v1;
       keep_valid(cnt, vninf, u0, u1);  // -inf: exp gives 0
@@ -84,17 +86,25 @@ inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t*
 
 // The loss of a row from its statistics (see row_sums), in double: the float statistics are
 // rounded once each, and nothing after them (PyTorch rounds log_softmax, then w_y times it).
+// With a z-loss, z w_y lse^2 more (z lse^2 for probabilities).
 template <typename scalar_t, int M>
 inline double row_loss(const Ctx<scalar_t>& cx, double sh, double L, double a, double q, double xy,
                        double wy) {
-  if constexpr (M == kProb) return q * L - a;
-  const double nll = (sh - xy) + L;
-  if constexpr (M == kSmooth) {
-    return (1.0 - cx.p.label_smoothing) * wy * nll +
-           cx.p.label_smoothing / static_cast<double>(cx.C_total) *
-               (static_cast<double>(cx.w_sum) * L - a);
+  double loss;
+  if constexpr (M == kProb) {
+    loss = q * L - a;
+  } else {
+    const double nll = (sh - xy) + L;
+    if constexpr (M == kSmooth) {
+      loss = (1.0 - cx.p.label_smoothing) * wy * nll +
+             cx.p.label_smoothing / static_cast<double>(cx.C_total) *
+                 (static_cast<double>(cx.w_sum) * L - a);
+    } else {
+      loss = wy * nll;
+    }
   }
-  return wy * nll;
+  if (cx.z > 0) loss += cx.z * wy * (sh + L) * (sh + L);
+  return loss;
 }
 
 // Per-row loss, the saved shift and log-sum (sh, L; lse = sh + L), and the row's weight in the
@@ -120,7 +130,8 @@ inline void row_forward(const Ctx<scalar_t>& cx, int64_t r, const scalar_t* x, c
   L = static_cast<acc_t>(Ld);
   tsum = q;
   wy = M == kProb ? 1.0 : cx.target_weight(yv);
-  const double xy = M == kProb ? 0.0 : static_cast<double>(x[yv * cx.p.stride_class]);
+  const double xy =
+      M == kProb ? 0.0 : static_cast<double>(cx.capped(static_cast<acc_t>(x[yv * cx.p.stride_class])));
   loss = row_loss<scalar_t, M>(cx, sh, Ld, a, q, xy, wy);
 }
 
@@ -192,7 +203,7 @@ void forward_shard_rows(const Ctx<scalar_t>& cx) {
       m_out[r] = m;
       L_out[r] = static_cast<acc_t>(std::log(static_cast<double>(es)));
       const bool local = yg >= 0 && y >= 0 && y < cx.C;
-      xy_out[r] = local ? static_cast<acc_t>(x[y * p.stride_class]) : acc_t(0);
+      xy_out[r] = local ? cx.capped(static_cast<acc_t>(x[y * p.stride_class])) : acc_t(0);
       ref_out[r] = sh;
       a_out[r] = M == kSmooth ? a : acc_t(0);
     }
@@ -220,8 +231,11 @@ inline RowCoef<typename AccOf<scalar_t>::type> row_coef(const Ctx<scalar_t>& cx,
   rc.sh = static_cast<const acc_t*>(p.lse)[r];
   rc.L = static_cast<const acc_t*>(p.lse)[p.outer * p.inner + r];
   if (p.reduction == Reduction::None) g = static_cast<double>(static_cast<const scalar_t*>(p.grad_loss)[r]);
+  // the z-loss's gradient 2 z w_y lse p_k joins the softmax coefficient
+  const double zl = cx.z > 0 ? 2.0 * cx.z * (static_cast<double>(rc.sh) + rc.L) : 0.0;
   if constexpr (M == kProb) {
-    rc.cp = static_cast<acc_t>(g * static_cast<double>(static_cast<const acc_t*>(p.tsum)[r]));
+    rc.cp = static_cast<acc_t>(
+        g * (static_cast<double>(static_cast<const acc_t*>(p.tsum)[r]) + zl));
     rc.cw = static_cast<acc_t>(g);
   } else {
     const int64_t yv = cx.checked_target(r);
@@ -241,6 +255,7 @@ inline RowCoef<typename AccOf<scalar_t>::type> row_coef(const Ctx<scalar_t>& cx,
     } else {
       rc.cpd = rc.gyd;
     }
+    if (zl != 0) rc.cpd += g * zl * wy;
     rc.gy = static_cast<acc_t>(rc.gyd);
     rc.cp = static_cast<acc_t>(rc.cpd);
     rc.cw = static_cast<acc_t>(rc.cwd);
@@ -254,12 +269,15 @@ inline RowCoef<typename AccOf<scalar_t>::type> row_coef(const Ctx<scalar_t>& cx,
 template <typename scalar_t, int M, bool HasW>
 inline scalar_t target_grad(const Ctx<scalar_t>& cx, const RowCoef<typename AccOf<scalar_t>::type>& rc,
                             scalar_t xy) {
-  const double lp = (static_cast<double>(xy) - rc.sh) - static_cast<double>(rc.L);
+  const double c = static_cast<double>(cx.capped(static_cast<typename AccOf<scalar_t>::type>(xy)));
+  const double lp = (c - rc.sh) - static_cast<double>(rc.L);
   double gv = rc.gyd * std::expm1(lp);
   if constexpr (M == kSmooth) {
     gv += (rc.cpd - rc.gyd) * std::exp(lp) - rc.cwd * rc.wyd;
+  } else if (rc.cpd != rc.gyd) {  // the z-loss
+    gv += (rc.cpd - rc.gyd) * std::exp(lp);
   }
-  return static_cast<scalar_t>(gv);
+  return static_cast<scalar_t>(gv * cx.cap_slope(c));
 }
 
 template <typename scalar_t, int M, bool HasW>
@@ -292,6 +310,7 @@ void backward_rows(const Ctx<scalar_t>& cx) {
         } else {
           io::load(x + k, cnt, v0, v1);
         }
+        cx.capped(v0, v1);
         Vec g0 = vcp * vexp((v0 - vsh) - vL), g1 = vcp * vexp((v1 - vsh) - vL);
         if constexpr (M == kSmooth || M == kProb) {
           Vec f0, f1;
@@ -299,6 +318,7 @@ void backward_rows(const Ctx<scalar_t>& cx) {
           g0 = g0 - vcw * f0;
           g1 = g1 - vcw * f1;
         }
+        cx.cap_slope(v0, v1, g0, g1);
         if constexpr (decltype(full)::value) {
           io::store(gr + k, g0, g1);
         } else {

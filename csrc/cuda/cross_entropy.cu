@@ -53,7 +53,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>) target_backward_ker
   const acc_t wk = HasW ? to_acc(static_cast<const T*>(p.weight)[k]) : acc_t(1);
   const acc_t sh = static_cast<const acc_t*>(p.lse)[r], L = static_cast<const acc_t*>(p.lse)[rows + r];
   static_cast<T*>(p.grad_target)[at] = from_acc<T>(
-      -smooth.t_scale * wk * ((to_acc(static_cast<const T*>(p.input)[at]) - sh) - L) * g);
+      -smooth.t_scale * wk * ((capped(p, to_acc(static_cast<const T*>(p.input)[at])) - sh) - L) *
+      g);
 }
 
 // A split row's chunks hold at least this many classes, a multiple of kChunkAlign.

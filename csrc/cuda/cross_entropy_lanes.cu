@@ -59,13 +59,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     {
       const Lanes<T, P> x0 = *reinterpret_cast<const Lanes<T, P>*>(x);
 #pragma unroll
-      for (int k = 0; k < P; ++k) ref[k] = shift_of(to_acc(x0.v[k]));
+      for (int k = 0; k < P; ++k) ref[k] = shift_of(capped(p, to_acc(x0.v[k])));
     }
     for_lanes<T, P, M == kProb>(x, t, p.classes, p.stride_class,
                                 [&](int64_t c, const Lanes<T, P>& xl, const Lanes<T, P>& tl) {
 #pragma unroll
       for (int k = 0; k < P; ++k) {
-        const acc_t xk = to_acc(xl.v[k]);
+        const acc_t xk = capped(p, to_acc(xl.v[k]));
         l[k].add_max(xk);
         l[k].add(xk);
         sm[k].template add<T, M, HasW>(p, c, xk, M == kProb ? to_acc(tl.v[k]) : acc_t(0), ref[k],
@@ -76,7 +76,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     for (int k = 0; k < P; ++k) {
       const int64_t y = M == kProb ? -1 : target_of(p, r0 + k);
       const bool active = M == kProb || y >= 0;
-      const acc_t xy = active && M != kProb ? to_acc(x[y * p.stride_class + k]) : acc_t(0);
+      const acc_t xy =
+          active && M != kProb ? capped(p, to_acc(x[y * p.stride_class + k])) : acc_t(0);
       finish_row<T, M, HasW>(p, r0 + k, y, active, l[k], sm[k], ref[k], xy, my_l, my_w);
     }
   }

@@ -78,17 +78,20 @@ __device__ __forceinline__ void accumulate(const CrossEntropyParams& p,
                                            const typename AccOf<T>::type* tv, int n) {
   using acc_t = typename AccOf<T>::type;
   constexpr int V = Pack<T>::kSize;
-  acc_t mv = xv[0];
+  acc_t xc[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) xc[k] = capped(p, xv[k]);
+  acc_t mv = xc[0];
 #pragma unroll
   for (int k = 1; k < V; ++k) {
-    if (k < n) mv = fmax(mv, xv[k]);
+    if (k < n) mv = fmax(mv, xc[k]);
   }
   l.add_max(mv);
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     if (k < n) {
-      l.add(xv[k]);
-      sm.template add<T, M, HasW>(p, c0 + k, xv[k], tv[k], ref, smooth);
+      l.add(xc[k]);
+      sm.template add<T, M, HasW>(p, c0 + k, xc[k], tv[k], ref, smooth);
     }
   }
 }

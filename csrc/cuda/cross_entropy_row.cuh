@@ -110,6 +110,21 @@ struct Sums {
   }
 };
 
+// softcap (params.h): the logit the loss sees, softcap tanh(x / softcap) (x when off); and the
+// chain rule's factor from that capped logit c, 1 - (c / softcap)^2.
+template <typename acc_t>
+__device__ __forceinline__ acc_t capped(const CrossEntropyParams& p, acc_t x) {
+  if (p.softcap <= 0) return x;
+  const acc_t k = static_cast<acc_t>(p.softcap);
+  return k * tanh(x / k);
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t cap_slope(const CrossEntropyParams& p, acc_t c) {
+  if (p.softcap <= 0) return acc_t(1);
+  const acc_t u = c / static_cast<acc_t>(p.softcap);
+  return acc_t(1) - u * u;
+}
+
 // The shift of a row's weighted sums: its first logit, or 0 when that is -inf (a masked class),
 // +inf or NaN. Shifted by -inf, x - ref is NaN for every -inf logit, where PyTorch's loss is +inf
 // (a -inf logit with w t' > 0) or NaN (w t' = 0); unshifted, the sums give exactly those.
@@ -139,7 +154,7 @@ template <typename T>
 __device__ __forceinline__ typename AccOf<T>::type target_logit(const CrossEntropyParams& p,
                                                                 const T* x, int64_t y) {
   const int64_t k = y - p.class_offset;
-  return (y >= 0 && k >= 0 && k < p.classes) ? to_acc(x[k * p.stride_class])
+  return (y >= 0 && k >= 0 && k < p.classes) ? capped(p, to_acc(x[k * p.stride_class]))
                                              : typename AccOf<T>::type(0);
 }
 
@@ -152,18 +167,20 @@ __device__ __forceinline__ double row_loss(const CrossEntropyParams& p, int64_t 
                                            const Sums<typename AccOf<T>::type>& sm,
                                            typename AccOf<T>::type xy, double& wy) {
   const double lse_ref = (static_cast<double>(sh) - ref) + L;  // lse - ref
+  const double lse = static_cast<double>(sh) + L;
+  const double z = p.z_loss > 0 ? p.z_loss * lse * lse : 0.0;  // z-loss: + z w_y lse^2
   if constexpr (M == kProb) {
     wy = 1;
-    return static_cast<double>(sm.q) * lse_ref - sm.a;
+    return static_cast<double>(sm.q) * lse_ref - sm.a + z;
   } else {
     wy = HasW ? static_cast<double>(to_acc(static_cast<const T*>(p.weight)[y])) : 1.0;
     const double nll = (static_cast<double>(sh) - xy) + L;
     if constexpr (M == kSmooth) {
       const double s = p.label_smoothing;
       return (1.0 - s) * wy * nll +
-             s / static_cast<double>(p.total_classes) * (sm.q * lse_ref - sm.a);
+             s / static_cast<double>(p.total_classes) * (sm.q * lse_ref - sm.a) + wy * z;
     } else {
-      return wy * nll;
+      return wy * (nll + z);
     }
   }
 }
@@ -203,15 +220,20 @@ __device__ __forceinline__ typename AccOf<T>::type grad_element(
     const Smoothing<typename AccOf<T>::type>& sm) {
   using acc_t = typename AccOf<T>::type;
   if (c.zero) return c.L == c.L ? acc_t(0) : c.L;
+  x = capped(p, x);
   const acc_t lp = (x - c.sh) - c.L;  // log p_k
   if (k == c.y) {  // g (1 - s) w_y (p_y - 1) without cancelling when p_y is near 1; once a row
     acc_t v = c.gy * expm1(lp);
-    if constexpr (M == kSmooth) v += (c.cp - c.gy) * exp(lp) - c.cw * class_term<T, M, HasW>(p, k, t, sm);
-    return v;
+    if constexpr (M == kSmooth) {
+      v += (c.cp - c.gy) * exp(lp) - c.cw * class_term<T, M, HasW>(p, k, t, sm);
+    } else if (c.cp != c.gy) {  // the z-loss
+      v += (c.cp - c.gy) * exp(lp);
+    }
+    return v * cap_slope(p, x);
   }
   acc_t v = c.cp * fast_exp(lp);
   if constexpr (M != kPlain) v -= c.cw * class_term<T, M, HasW>(p, k, t, sm);
-  return v;
+  return v * cap_slope(p, x);
 }
 
 
@@ -262,8 +284,10 @@ __device__ __forceinline__ Coef<typename AccOf<T>::type> row_coef(const CrossEnt
   }
   c.sh = static_cast<const acc_t*>(p.lse)[r];
   c.L = static_cast<const acc_t*>(p.lse)[p.outer * p.inner + r];
+  // the z-loss's gradient 2 z w_y lse p_k joins the softmax coefficient
+  const acc_t zl = p.z_loss > 0 ? static_cast<acc_t>(2 * p.z_loss) * (c.sh + c.L) : acc_t(0);
   if constexpr (M == kProb) {
-    c.cp = g * static_cast<const acc_t*>(p.tsum)[r];
+    c.cp = g * (static_cast<const acc_t*>(p.tsum)[r] + zl);
     c.cw = g;
     c.zero = false;
   } else {
@@ -281,6 +305,7 @@ __device__ __forceinline__ Coef<typename AccOf<T>::type> row_coef(const CrossEnt
       c.cp = g * wy;
       c.gy = g * wy;
     }
+    if (p.z_loss > 0) c.cp += g * zl * wy;
   }
   return c;
 }

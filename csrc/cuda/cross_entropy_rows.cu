@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
   const T* t = M == kProb ? static_cast<const T*>(p.target) + off : nullptr;
   Lse<acc_t> l;
   Sums<acc_t> sm;
-  const acc_t ref = valid ? shift_of(to_acc(x[0])) : acc_t(0);
+  const acc_t ref = valid ? shift_of(capped(p, to_acc(x[0]))) : acc_t(0);
   if (valid) {  // ignored rows too: their max and sum decide whether their gradient is NaN
     for_range<T, TPR, M == kProb>(x, t, 0, p.classes, p.stride_class, lane, vector,
                                   [&](int64_t c0, const acc_t* xv, const acc_t* tv, int n) {

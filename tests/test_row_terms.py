@@ -1,0 +1,168 @@
+"""z_loss and softcap of wl.cross_entropy / wl.CrossEntropyLoss / wl.linear_cross_entropy against
+their composite definitions: softcap * tanh(logits / softcap) before F.cross_entropy, and
+z_loss * logsumexp^2 per row weighted as the row's loss (weight[target], 1 for probabilities),
+in the same weighted mean. Every kernel path (rows, few-class rows, (N, C, d...) lanes) on the CPU
+and through the emulated CUDA kernels; gradcheck in float64; opcheck and compile."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import weighted_loss as wl
+
+_ops = torch.ops.weighted_loss
+
+
+def composite(x, t, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+              z_loss=0.0, softcap=None):
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    ce = F.cross_entropy(x, t, weight=weight, ignore_index=ignore_index, reduction="none",
+                         label_smoothing=label_smoothing)
+    lse = torch.logsumexp(x, dim=0 if x.dim() == 1 else 1)
+    if t.is_floating_point():
+        wy = torch.ones_like(lse)
+        divisor = torch.tensor(float(lse.numel()), dtype=x.dtype)
+    else:
+        valid = t != ignore_index
+        safe = torch.where(valid, t, torch.zeros_like(t))
+        wy = (weight[safe] if weight is not None else torch.ones_like(lse)) * valid
+        divisor = wy.sum()
+    rows = ce + z_loss * wy * lse * lse
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / divisor
+
+
+def _inputs(shape, prob, dtype=torch.float64, seed=0, scale=4.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    C = shape[0] if len(shape) == 1 else shape[1]
+    w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.3).to(dtype)
+    if prob:
+        t = torch.softmax(torch.randn(shape, generator=g, dtype=torch.float64), 0 if len(shape) == 1 else 1).to(dtype)
+    else:
+        tshape = () if len(shape) == 1 else (shape[0], *shape[2:])
+        t = torch.randint(0, C, tshape, generator=g)
+        if t.dim():
+            t.view(-1)[::3] = -100
+    return x, t, w
+
+
+# rows (C > 64), few-class rows (C <= 64: transposed tiles), lanes ((N, C, d...))
+SHAPES = [(12, 100), (12, 10), (3, 5, 4, 6)]
+TERMS = [(0.01, None), (0.0, 5.0), (0.05, 2.0)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("prob", [False, True])
+@pytest.mark.parametrize("z,cap", TERMS)
+@pytest.mark.parametrize("ls,weighted,reduction", [(0.0, True, "mean"), (0.1, True, "none"),
+                                                   (0.1, False, "sum")])
+def test_matches_composite(device, shape, prob, z, cap, ls, weighted, reduction):
+    x, t, w = _inputs(shape, prob)
+    w = w if weighted else None
+    kw = dict(weight=w, reduction=reduction, label_smoothing=ls)
+    x1 = x.clone().requires_grad_()
+    ours = wl.cross_entropy(x1, t, z_loss=z, softcap=cap, **kw)
+    x2 = x.clone().requires_grad_()
+    ref = composite(x2, t, z_loss=z, softcap=cap, **kw)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    go = torch.rand(ref.shape, dtype=ref.dtype)
+    torch.testing.assert_close(torch.autograd.grad(ours, x1, go)[0],
+                               torch.autograd.grad(ref, x2, go)[0], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 1000), (16, 19, 8, 8)])
+def test_within_2x_of_composite_error(dtype, shape):
+    x, t, w = _inputs(shape, False, dtype, seed=3, scale=6.0)
+    kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-3, softcap=15.0)
+    x1 = x.clone().requires_grad_()
+    ours = wl.cross_entropy(x1, t, **kw)
+    (g1,) = torch.autograd.grad(ours, x1)
+    x2 = x.clone().requires_grad_()
+    ref = composite(x2, t, **kw)
+    (g2,) = torch.autograd.grad(ref, x2)
+    x3 = x.double().requires_grad_()
+    exact = composite(x3, t, **{**kw, "weight": w.double()})
+    (g3,) = torch.autograd.grad(exact, x3)
+    half_ulp = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -9}[dtype]
+    for o, r, e in ((ours, ref, exact), (g1, g2, g3)):
+        err = (o.double() - e).abs().max().item()
+        bar = max((r.double() - e).abs().max().item(), half_ulp * e.abs().max().item())
+        assert err <= 2 * bar, (err, bar)
+
+
+@pytest.mark.parametrize("prob", [False, True])
+def test_gradcheck(device, prob):
+    for shape in SHAPES:
+        x, t, w = _inputs(shape, prob, scale=2.0)
+        x.requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda v: wl.cross_entropy(v, t, weight=w, label_smoothing=0.1, z_loss=0.02,
+                                       softcap=3.0, reduction="sum"), (x,))
+
+
+def test_defaults_are_exactly_without_terms():
+    x, t, w = _inputs((32, 100), False, torch.float32)
+    a = _ops.cross_entropy_forward(x, t, w, 1, -100, 0.1)
+    b = _ops.cross_entropy_forward(x, t, w, 1, -100, 0.1, 0.0, 0.0)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    assert torch.equal(wl.cross_entropy(x, t, weight=w, z_loss=0.0, softcap=None),
+                       wl.cross_entropy(x, t, weight=w))
+
+
+def test_module_and_linear():
+    x, t, w = _inputs((12, 100), False)
+    crit = wl.CrossEntropyLoss(weight=w, z_loss=0.01, softcap=5.0)
+    torch.testing.assert_close(crit(x, t), composite(x, t, weight=w, z_loss=0.01, softcap=5.0))
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(12, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    lw = torch.randn(100, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    for red in ("mean", "none"):
+        ours = wl.linear_cross_entropy(h, lw, t, weight=w, reduction=red, z_loss=0.01,
+                                       softcap=5.0, chunk_size=5)
+        ref = composite(h @ lw.t(), t, weight=w, reduction=red, z_loss=0.01, softcap=5.0)
+        torch.testing.assert_close(ours, ref)
+        go = torch.rand(ref.shape, dtype=ref.dtype)
+        for a, b in zip(torch.autograd.grad(ours, (h, lw), go), torch.autograd.grad(ref, (h, lw), go)):
+            torch.testing.assert_close(a, b)
+
+
+def test_opcheck_and_compile():
+    x, t, w = _inputs((6, 20), False, torch.float32)
+    torch.library.opcheck(_ops.cross_entropy_forward.default, (x, t, w, 1, -100, 0.1, 0.01, 4.0))
+    loss, lse, tw = _ops.cross_entropy_forward(x, t, w, 1, -100, 0.1, 0.01, 4.0)
+    torch.library.opcheck(_ops.cross_entropy_backward.default,
+                          (torch.tensor(1.0), x, t, w, lse, tw, 1, -100, 0.1, 0.01, 4.0))
+    x.requires_grad_()
+    fn = torch.compile(lambda v: wl.cross_entropy(v, t, weight=w, z_loss=0.01, softcap=4.0),
+                       fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(x), composite(x, t, weight=w, z_loss=0.01, softcap=4.0))
+
+
+@pytest.mark.parametrize("kw,text", [
+    ({"z_loss": -1.0}, "z_loss must be a finite number >= 0, got -1.0"),
+    ({"z_loss": float("nan")}, "z_loss must be a finite number >= 0, got nan"),
+    ({"softcap": 0.0}, "softcap must be a finite number > 0 or None, got 0.0"),
+    ({"softcap": -2}, "softcap must be a finite number > 0 or None, got -2"),
+    ({"softcap": float("inf")}, "softcap must be a finite number > 0 or None, got inf")])
+def test_errors_name_the_argument(kw, text):
+    x, t, _ = _inputs((4, 6), False, torch.float32)
+    with pytest.raises(ValueError, match=text.replace("(", r"\(")):
+        wl.cross_entropy(x, t, **kw)
+    with pytest.raises(ValueError, match=text.replace("(", r"\(")):
+        wl.CrossEntropyLoss(**kw)
+    with pytest.raises(ValueError, match=text.replace("(", r"\(")):
+        wl.linear_cross_entropy(torch.randn(4, 3), torch.randn(6, 3), t, **kw)
+
+
+def test_op_checks_its_arguments():
+    x, t, _ = _inputs((4, 6), False, torch.float32)
+    with pytest.raises(ValueError, match="z_loss must be a finite number >= 0, got -1"):
+        _ops.cross_entropy_forward(x, t, None, 1, -100, 0.0, -1.0, 0.0)
+    with pytest.raises(ValueError, match="softcap must be a finite number > 0 .or None., got -1"):
+        _ops.cross_entropy_prob_forward(x, torch.rand(4, 6), None, 1, 0.0, 0.0, -1.0)

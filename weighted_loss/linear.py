@@ -1,0 +1,245 @@
+"""Fused linear + cross-entropy that never holds the logits: the loss of
+``F.cross_entropy(F.linear(input, linear_weight, bias), target, ...)`` over row chunks.
+
+Each chunk's logits come from one matmul; the fused cross-entropy kernels take the chunk's loss
+and, the loss being the last node of the graph, its logits' gradient right away (for a reduced
+loss: the upstream gradient is a scalar, applied later); matmuls turn that into the chunk's share
+of the gradients of ``input``, ``linear_weight`` and ``bias``, and the chunk's logits are dropped.
+Peak extra memory is a chunk of logits and its gradient, plus the gradients themselves; the
+backward only scales those by the upstream gradient (divided by the mean's divisor). With
+``reduction="none"`` the upstream gradient is per row and unknown in the forward: the forward
+keeps each row's log-sum-exp, and the backward computes every chunk's logits once more.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn import _reduction as _Reduction
+
+from .functional import row_terms
+
+__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
+
+_ops = torch.ops.weighted_loss
+_OP = "linear_cross_entropy"
+# bytes of one chunk's logits when chunk_size is not given: large enough for the matmuls to run
+# at full speed, small against the N x C logits of a language model
+_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
+
+
+def _chunk_rows(n: int, classes: int, dtype: torch.dtype, device: torch.device) -> int:
+    budget = _CHUNK_BYTES.get(device.type, 256 << 20)
+    per_row = max(1, classes) * torch.empty((), dtype=dtype).element_size()
+    return max(1, min(n, budget // per_row))
+
+
+def _grad_buffer(like: Tensor) -> Tensor:
+    """A zeroed accumulator for a gradient summed over chunks: float32 for bfloat16/float16."""
+    dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+    return torch.zeros(like.shape, dtype=dtype, device=like.device)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z, cap,
+                reduction, chunk):
+        n, prob = x.shape[0], target.is_floating_point()
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], \
+            bias is not None and ctx.needs_input_grad[2]
+        red_none = reduction == "none"
+        grads_now = (need_x or need_w or need_b) and not red_none
+        gx = torch.empty_like(x) if grads_now and need_x else None
+        gw = _grad_buffer(lw) if grads_now and need_w else None
+        gb = _grad_buffer(bias) if grads_now and need_b else None
+        one = torch.ones((), dtype=x.dtype, device=x.device)
+        red = _Reduction.get_enum("none" if red_none else "sum")
+        rows_loss, lse_parts, tsum_parts = [], [], []
+        total = torch.zeros((), dtype=torch.float64, device=x.device)
+        divisor = torch.zeros((), dtype=torch.float64, device=x.device)
+        for a in range(0, n, chunk):
+            xc, tc = x[a:a + chunk], target[a:a + chunk]
+            logits = torch.nn.functional.linear(xc, lw, bias)
+            if prob:
+                loss, lse, tsum = _ops.cross_entropy_prob_forward(logits, tc, weight, red,
+                                                                  label_smoothing, z, cap)
+                divisor += tc.shape[0]
+            else:
+                loss, lse, tw = _ops.cross_entropy_forward(logits, tc, weight, red, ignore_index,
+                                                           label_smoothing, z, cap)
+            if red_none:
+                rows_loss.append(loss)
+                lse_parts.append(lse)
+                if prob:
+                    tsum_parts.append(tsum)
+                continue
+            total += loss.double()
+            if not prob:
+                divisor += tw.double()
+            if grads_now:
+                if prob:
+                    g = _ops.cross_entropy_prob_backward(one, logits, tc, weight, lse, tsum, red,
+                                                         label_smoothing, z, cap)
+                else:
+                    g = _ops.cross_entropy_backward(one, logits, tc, weight, lse, tw, red,
+                                                    ignore_index, label_smoothing, z, cap)
+                del logits
+                if gx is not None:
+                    torch.mm(g, lw, out=gx[a:a + chunk])
+                if gw is not None:
+                    if gw.dtype == g.dtype:
+                        gw.addmm_(g.t(), xc)
+                    else:
+                        gw += torch.mm(g.t(), xc)
+                if gb is not None:
+                    gb += g.sum(0, dtype=gb.dtype)
+        ctx.reduction, ctx.prob = reduction, prob
+        if red_none:
+            ctx.args = (ignore_index, label_smoothing, z, cap, chunk)
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            lse_all = torch.cat(lse_parts, 1) if lse_parts else \
+                torch.empty((2, 0), dtype=acc, device=x.device)
+            tsum_all = torch.cat(tsum_parts) if tsum_parts else \
+                torch.empty((0,), dtype=acc, device=x.device)
+            ctx.save_for_backward(x, lw, bias, target, weight, lse_all, tsum_all)
+            return torch.cat(rows_loss) if rows_loss else x.new_empty((0,))
+        ctx.save_for_backward(gx, gw, gb, divisor)
+        ctx.dtypes = (x.dtype, lw.dtype, None if bias is None else bias.dtype)
+        out = total / divisor if reduction == "mean" else total
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.reduction == "none":
+            return (*_backward_rows(ctx, grad_loss), None, None, None, None, None, None, None,
+                    None)
+        gx, gw, gb, divisor = ctx.saved_tensors
+        scale = grad_loss.double()
+        if ctx.reduction == "mean":
+            # every target ignored: the loss is NaN (0 / 0) and the gradients 0, as PyTorch's
+            scale = torch.where(divisor == 0, torch.zeros_like(scale), scale / divisor)
+        grads = []
+        for g, dtype in zip((gx, gw, gb), ctx.dtypes):
+            grads.append(None if g is None else (g * scale.to(g.dtype)).to(dtype))
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def _backward_rows(ctx, grad_rows):
+    """reduction="none": the upstream gradient per row, each chunk's logits once more."""
+    x, lw, bias, target, weight, lse, tsum = ctx.saved_tensors
+    ignore_index, label_smoothing, z, cap, chunk = ctx.args
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = bias is not None and ctx.needs_input_grad[2]
+    gx = torch.empty_like(x) if need_x else None
+    gw = _grad_buffer(lw) if need_w else None
+    gb = _grad_buffer(bias) if need_b else None
+    red = _Reduction.get_enum("none")
+    grad_rows = grad_rows.to(x.dtype).contiguous()
+    for a in range(0, x.shape[0], chunk):
+        xc, tc = x[a:a + chunk], target[a:a + chunk]
+        logits = torch.nn.functional.linear(xc, lw, bias)
+        lc = lse[:, a:a + chunk].contiguous()
+        if ctx.prob:
+            g = _ops.cross_entropy_prob_backward(grad_rows[a:a + chunk], logits, tc, weight, lc,
+                                                 tsum[a:a + chunk].contiguous(), red,
+                                                 label_smoothing, z, cap)
+        else:
+            g = _ops.cross_entropy_backward(grad_rows[a:a + chunk], logits, tc, weight, lc,
+                                            torch.ones((), dtype=lse.dtype, device=x.device), red,
+                                            ignore_index, label_smoothing, z, cap)
+        del logits
+        if gx is not None:
+            torch.mm(g, lw, out=gx[a:a + chunk])
+        if gw is not None:
+            if gw.dtype == g.dtype:
+                gw.addmm_(g.t(), xc)
+            else:
+                gw += torch.mm(g.t(), xc)
+        if gb is not None:
+            gb += g.sum(0, dtype=gb.dtype)
+    return (gx, None if gw is None else gw.to(lw.dtype),
+            None if gb is None else gb.to(bias.dtype))
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """``F.cross_entropy(F.linear(input, linear_weight, bias), target, weight=weight, ...)``
+    without the ``(N, C)`` logits: computed over chunks of ``chunk_size`` rows (chosen from C and
+    the dtype when None: about 32 MiB of logits per chunk on the CPU, 256 MiB on a GPU).
+
+    ``input`` ``(N, H)`` or ``(B, T, H)`` (any leading dims); ``linear_weight`` ``(C, H)``;
+    ``bias`` ``(C,)``; ``target`` class indices of the leading shape, or class probabilities
+    ``(..., C)``; ``weight`` the ``(C,)`` class weight; ``z_loss`` and ``softcap`` as for
+    :func:`weighted_loss.cross_entropy`. Gradients flow to ``input``, ``linear_weight`` and
+    ``bias``."""
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"{_OP}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    z, cap = row_terms(z_loss, softcap)
+    if input.dim() < 1:
+        raise ValueError(f"{_OP}: input must be (..., H), got a 0-d tensor")
+    if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
+        raise ValueError(f"{_OP}: linear_weight must be (C, {input.shape[-1]}) for input of shape "
+                         f"{tuple(input.shape)}, got {tuple(linear_weight.shape)}")
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"{_OP}: linear_weight must have the input's dtype {input.dtype}, got "
+                        f"{linear_weight.dtype}")
+    classes, lead = linear_weight.shape[0], tuple(input.shape[:-1])
+    if bias is not None and (bias.shape != (classes,) or bias.dtype != input.dtype):
+        raise ValueError(f"{_OP}: bias must be ({classes},) of {input.dtype}, got "
+                         f"{tuple(bias.shape)} of {bias.dtype}")
+    prob = target.is_floating_point()
+    want = lead + (classes,) if prob else lead
+    if tuple(target.shape) != want:
+        raise ValueError(f"{_OP}: target must have shape {want} ("
+                         f"{'class probabilities' if prob else 'class indices'}) for input of "
+                         f"shape {tuple(input.shape)}, got {tuple(target.shape)}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{_OP}: chunk_size must be a positive int, got {chunk_size!r}")
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"{_OP}: the derivative for 'weight' is not implemented (as in PyTorch)")
+    x = input.reshape(-1, input.shape[-1])
+    t = target.reshape(-1, classes) if prob else target.reshape(-1)
+    if prob:
+        t = t.to(x.dtype)
+        if ignore_index >= 0:
+            raise RuntimeError("ignore_index is not supported for floating point target")
+    if weight is not None and weight.is_floating_point():
+        weight = weight.to(x.dtype)
+    n = x.shape[0]
+    chunk = chunk_size or _chunk_rows(n, classes, x.dtype, x.device)
+    loss = _LinearCrossEntropy.apply(x, linear_weight, bias, t, weight, int(ignore_index),
+                                     max(float(label_smoothing), 0.0), z, cap, reduction, chunk)
+    return loss.view(lead) if reduction == "none" else loss
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """:func:`linear_cross_entropy` as a module: ``forward(input, linear_weight, target,
+    bias=None)`` with the class weight and the options of :class:`torch.nn.CrossEntropyLoss`
+    given at construction (``weight`` a buffer, as there)."""
+
+    def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 softcap: Optional[float] = None, chunk_size: Optional[int] = None):
+        super().__init__()
+        row_terms(z_loss, softcap)
+        self.register_buffer("weight", weight)
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.label_smoothing, self.chunk_size = label_smoothing, chunk_size
+        self.z_loss, self.softcap = z_loss, softcap
+
+    def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
+                bias: Optional[Tensor] = None) -> Tensor:
+        return linear_cross_entropy(input, linear_weight, target, bias, self.weight,
+                                    self.ignore_index, self.reduction, self.label_smoothing,
+                                    self.z_loss, self.softcap, self.chunk_size)
