@@ -256,11 +256,16 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_impl(
   return {loss, lse, total_weight};
 }
 
-Tensor cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& input,
-                                   const Tensor& target, const std::optional<Tensor>& weight,
-                                   const Tensor& lse, const Tensor& total_weight,
-                                   int64_t reduction, int64_t ignore_index,
-                                   double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend) {
+namespace {
+
+// The backward of class-index targets: out_of_place writes a new gradient; otherwise it
+// overwrites the logits (when the kernels read them in place: every element is read before it is
+// written, by the thread that writes it), or a contiguous copy of them, then copied back.
+Tensor index_backward(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                      const std::optional<Tensor>& weight, const Tensor& lse,
+                      const Tensor& total_weight, int64_t reduction, int64_t ignore_index,
+                      double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend,
+                      bool out_of_place) {
   check_common(input, target, "cross_entropy backward");
   const Tensor y = check_index_target(input, target);
   const Layout l = layout_of(input, /*in_place_rows=*/true);
@@ -273,10 +278,37 @@ Tensor cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& input,
   p.lse = lse_c.data_ptr();
   p.total_weight = total_weight.data_ptr();
   p.grad_loss = g.data_ptr();
+  if (!out_of_place) {
+    p.grad_input = l.input.data_ptr();  // grad_stride_outer == stride_outer
+    backend.launch(p);
+    if (!l.input.is_same(input)) input.copy_(l.input);
+    return input;
+  }
   return with_strides_of(backend, input, l, p, [&](Tensor& out) {
     p.grad_input = out.data_ptr();
     backend.launch(p);
   });
+}
+
+}  // namespace
+
+Tensor cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& input,
+                                   const Tensor& target, const std::optional<Tensor>& weight,
+                                   const Tensor& lse, const Tensor& total_weight,
+                                   int64_t reduction, int64_t ignore_index,
+                                   double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend) {
+  return index_backward(grad_loss, input, target, weight, lse, total_weight, reduction,
+                        ignore_index, label_smoothing, terms, backend, true);
+}
+
+void cross_entropy_backward_inplace_impl(const Tensor& grad_loss, const Tensor& input,
+                                         const Tensor& target,
+                                         const std::optional<Tensor>& weight, const Tensor& lse,
+                                         const Tensor& total_weight, int64_t reduction,
+                                         int64_t ignore_index, double label_smoothing,
+                                         RowTerms terms, const CrossEntropyBackend& backend) {
+  index_backward(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index,
+                 label_smoothing, terms, backend, false);
 }
 
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_prob_forward_impl(

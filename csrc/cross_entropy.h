@@ -32,6 +32,15 @@ at::Tensor cross_entropy_backward_impl(const at::Tensor& grad_loss, const at::Te
                                        int64_t reduction, int64_t ignore_index,
                                        double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend);
 
+// The same gradient written over the logits (input), which the caller gives up.
+void cross_entropy_backward_inplace_impl(const at::Tensor& grad_loss, const at::Tensor& input,
+                                         const at::Tensor& target,
+                                         const std::optional<at::Tensor>& weight,
+                                         const at::Tensor& lse, const at::Tensor& total_weight,
+                                         int64_t reduction, int64_t ignore_index,
+                                         double label_smoothing, RowTerms terms,
+                                         const CrossEntropyBackend& backend);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward_impl(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t reduction, double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend);

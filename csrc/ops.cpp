@@ -33,6 +33,12 @@ TORCH_LIBRARY(weighted_loss, m) {
       "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
       "Tensor lse, Tensor total_weight, int reduction, int ignore_index, float label_smoothing, "
       "float z_loss=0., float softcap=0.) -> Tensor");
+  // The same, written over the logits (weighted_loss/linear.py: a chunk's logits it no longer
+  // needs).
+  m.def(
+      "cross_entropy_backward_(Tensor grad_loss, Tensor(a!) input, Tensor target, Tensor? weight, "
+      "Tensor lse, Tensor total_weight, int reduction, int ignore_index, float label_smoothing, "
+      "float z_loss=0., float softcap=0.) -> ()");
   // Probability targets (the logits' shape). Returns (loss, lse, tsum): tsum per row is
   // sum_c weight_c * target'_c, the softmax coefficient of the backward.
   m.def(

@@ -42,6 +42,16 @@ struct CrossEntropyOps {
                                        reduction, ignore_index, label_smoothing,
                                        {z_loss, softcap}, Device::backward());
   }
+  static void backward_inplace(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                               const OptTensor& weight, const Tensor& lse,
+                               const Tensor& total_weight, int64_t reduction,
+                               int64_t ignore_index, double label_smoothing, double z_loss,
+                               double softcap) {
+    const typename Device::Guard guard(input.device());
+    cross_entropy_backward_inplace_impl(grad_loss, input, target, weight, lse, total_weight,
+                                        reduction, ignore_index, label_smoothing,
+                                        {z_loss, softcap}, Device::backward());
+  }
   static std::tuple<Tensor, Tensor, Tensor> prob_forward(const Tensor& input, const Tensor& target,
                                                          const OptTensor& weight,
                                                          int64_t reduction,
@@ -93,6 +103,7 @@ void register_cross_entropy_ops(torch::Library& m) {
   using Ops = CrossEntropyOps<Device>;
   m.impl("cross_entropy_forward", &Ops::forward);
   m.impl("cross_entropy_backward", &Ops::backward);
+  m.impl("cross_entropy_backward_", &Ops::backward_inplace);
   m.impl("cross_entropy_prob_forward", &Ops::prob_forward);
   m.impl("cross_entropy_prob_backward", &Ops::prob_backward);
   m.impl("cross_entropy_prob_target_backward", &Ops::prob_target_backward);

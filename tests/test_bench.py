@@ -120,4 +120,5 @@ def test_run_linear_case_figures():
     for kind in ("fused", "native"):
         assert r[f"{kind}_fwd_bwd_ms"] > 0 and r[f"peak_mem_{kind}_mb"] > 0
     assert r["memory_vs_native"] == pytest.approx(r["peak_mem_fused_mb"] / r["peak_mem_native_mb"])
+    assert r["matmuls_ms"] > 0 and r["fused_vs_matmuls"] > 0
     assert "| lin |" in bench_linear.markdown_table([r])

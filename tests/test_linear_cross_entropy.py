@@ -110,7 +110,7 @@ def test_module():
 def test_default_chunk_is_bounded():
     from weighted_loss.linear import _chunk_rows
     assert _chunk_rows(16384, 128256, torch.bfloat16, torch.device("cuda")) == 1046
-    assert _chunk_rows(8192, 32000, torch.float32, torch.device("cpu")) == 262
+    assert _chunk_rows(8192, 32000, torch.float32, torch.device("cpu")) == 1048
     assert _chunk_rows(10, 32000, torch.float32, torch.device("cpu")) == 10
     assert _chunk_rows(10, 10 ** 9, torch.float32, torch.device("cpu")) == 1
 
@@ -145,3 +145,39 @@ def test_errors_name_the_argument():
         wl.linear_cross_entropy(x, lw, t, weight=w[:3])
     with pytest.raises(IndexError, match="Target 40 is out of bounds"):
         wl.linear_cross_entropy(x, lw, torch.full_like(t, 40))
+
+
+@pytest.mark.parametrize("layout", ["rows", "few-classes", "lanes", "row-strided", "transposed"])
+@pytest.mark.parametrize("ls,z,cap", [(0.0, 0.0, None), (0.1, 0.01, 4.0)])
+def test_backward_over_the_logits_equals_out_of_place(device, layout, ls, z, cap):
+    """cross_entropy_backward_ (the gradient written over the logits, as linear_cross_entropy
+    uses it) equals cross_entropy_backward on every layout, including those it copies."""
+    ops = torch.ops.weighted_loss
+    g = torch.Generator().manual_seed(2)
+    if layout == "rows":
+        x = torch.randn(9, 300, generator=g)
+    elif layout == "few-classes":
+        x = torch.randn(33, 7, generator=g)
+    elif layout == "lanes":
+        x = torch.randn(2, 5, 6, 7, generator=g)
+    elif layout == "row-strided":
+        x = torch.randn(9, 320, generator=g)[:, :300]
+    else:
+        x = torch.randn(300, 9, generator=g).t()
+    C = x.shape[1]
+    t = torch.randint(0, C, (x.shape[0], *x.shape[2:]), generator=g)
+    t.view(-1)[::4] = -100
+    w = torch.rand(C, generator=g) + 0.5
+    cap = 0.0 if cap is None else cap
+    loss, lse, tw = ops.cross_entropy_forward(x, t, w, 1, -100, ls, z, cap)
+    one = torch.tensor(0.7)
+    ref = ops.cross_entropy_backward(one, x, t, w, lse, tw, 1, -100, ls, z, cap)
+    buf = x.clone() if layout not in ("row-strided", "transposed") else x
+    if layout == "row-strided":
+        base = torch.randn(9, 320, generator=g)
+        base[:, :300] = x
+        buf = base[:, :300]
+    elif layout == "transposed":
+        buf = x.t().clone().t()
+    ops.cross_entropy_backward_(one, buf, t, w, lse, tw, 1, -100, ls, z, cap)
+    torch.testing.assert_close(buf, ref, rtol=0, atol=0)

@@ -40,6 +40,12 @@ def _(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_ind
     return torch.empty_like(input)
 
 
+@torch.library.register_fake("weighted_loss::cross_entropy_backward_")
+def _(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index,
+      label_smoothing, z_loss=0.0, softcap=0.0):
+    return None
+
+
 def _no_weight_grad(ctx, index):
     if ctx.needs_input_grad[index]:
         raise NotImplementedError(

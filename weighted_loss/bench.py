@@ -529,9 +529,12 @@ def main(argv=None):
                    "method": __doc__.split("Method. ")[1].split("\n\n")[0].replace("\n", " "),
                    "cases": rows, "linear_cases": lin_rows}, f, indent=2)
     with open(stem + ".md", "w") as f:
-        f.write(markdown_table(env, bw, rows))
+        if rows:
+            f.write(markdown_table(env, bw, rows) + "\n")
+        else:
+            f.write(f"{env['device']}, torch {env['torch']}\n\n")
         if lin_rows:
-            f.write("\n" + bench_linear.markdown_table(lin_rows))
+            f.write(bench_linear.markdown_table(lin_rows))
     wrote = [stem + ".json", stem + ".md"]
     try:
         if rows:

@@ -23,8 +23,9 @@ __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 _ops = torch.ops.weighted_loss
 _OP = "linear_cross_entropy"
 # bytes of one chunk's logits when chunk_size is not given: large enough for the matmuls to run
-# at full speed, small against the N x C logits of a language model
-_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
+# at full speed, small against the N x C logits of a language model (the chunk's gradient is
+# written over its logits)
+_CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 256 << 20}
 
 
 def _chunk_rows(n: int, classes: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -37,6 +38,18 @@ def _grad_buffer(like: Tensor) -> Tensor:
     """A zeroed accumulator for a gradient summed over chunks: float32 for bfloat16/float16."""
     dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
     return torch.zeros(like.shape, dtype=dtype, device=like.device)
+
+
+def _add_weight_grad(gw: Tensor, g: Tensor, xc: Tensor) -> None:
+    """gw += g^T xc. A float32 sum of bfloat16/float16 products goes by blocks of gw's rows (16 MiB
+    of float32 each): one product of all of them, and the float32 copy the mixed-dtype sum makes
+    of it, would hold 1.5 x gw more."""
+    if gw.dtype == g.dtype:
+        gw.addmm_(g.t(), xc)
+        return
+    step = max(1, (16 << 20) // (4 * max(1, xc.shape[1])))
+    for c in range(0, gw.shape[0], step):
+        gw[c:c + step] += torch.mm(g[:, c:c + step].t(), xc)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -79,19 +92,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if prob:
                     g = _ops.cross_entropy_prob_backward(one, logits, tc, weight, lse, tsum, red,
                                                          label_smoothing, z, cap)
-                else:
-                    g = _ops.cross_entropy_backward(one, logits, tc, weight, lse, tw, red,
-                                                    ignore_index, label_smoothing, z, cap)
+                else:  # over the logits: a chunk holds one N x C buffer, not two
+                    _ops.cross_entropy_backward_(one, logits, tc, weight, lse, tw, red,
+                                                 ignore_index, label_smoothing, z, cap)
+                    g = logits
                 del logits
                 if gx is not None:
                     torch.mm(g, lw, out=gx[a:a + chunk])
                 if gw is not None:
-                    if gw.dtype == g.dtype:
-                        gw.addmm_(g.t(), xc)
-                    else:
-                        gw += torch.mm(g.t(), xc)
+                    _add_weight_grad(gw, g, xc)
                 if gb is not None:
                     gb += g.sum(0, dtype=gb.dtype)
+                del g  # before the next chunk's logits: one chunk buffer at a time
         ctx.reduction, ctx.prob = reduction, prob
         if red_none:
             ctx.args = (ignore_index, label_smoothing, z, cap, chunk)
@@ -119,7 +131,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             scale = torch.where(divisor == 0, torch.zeros_like(scale), scale / divisor)
         grads = []
         for g, dtype in zip((gx, gw, gb), ctx.dtypes):
-            grads.append(None if g is None else (g * scale.to(g.dtype)).to(dtype))
+            if g is None:
+                grads.append(None)
+                continue
+            out = torch.empty(g.shape, dtype=dtype, device=g.device)  # one rounding, no temp
+            grads.append(torch.mul(g, scale.to(g.dtype), out=out))
         return (*grads, None, None, None, None, None, None, None, None)
 
 
@@ -143,19 +159,18 @@ def _backward_rows(ctx, grad_rows):
                                                  tsum[a:a + chunk].contiguous(), red,
                                                  label_smoothing, z, cap)
         else:
-            g = _ops.cross_entropy_backward(grad_rows[a:a + chunk], logits, tc, weight, lc,
-                                            torch.ones((), dtype=lse.dtype, device=x.device), red,
-                                            ignore_index, label_smoothing, z, cap)
+            _ops.cross_entropy_backward_(grad_rows[a:a + chunk], logits, tc, weight, lc,
+                                         torch.ones((), dtype=lse.dtype, device=x.device), red,
+                                         ignore_index, label_smoothing, z, cap)
+            g = logits
         del logits
         if gx is not None:
             torch.mm(g, lw, out=gx[a:a + chunk])
         if gw is not None:
-            if gw.dtype == g.dtype:
-                gw.addmm_(g.t(), xc)
-            else:
-                gw += torch.mm(g.t(), xc)
+            _add_weight_grad(gw, g, xc)
         if gb is not None:
             gb += g.sum(0, dtype=gb.dtype)
+        del g
     return (gx, None if gw is None else gw.to(lw.dtype),
             None if gb is None else gb.to(bias.dtype))
 
@@ -175,7 +190,7 @@ def linear_cross_entropy(
 ) -> Tensor:
     """``F.cross_entropy(F.linear(input, linear_weight, bias), target, weight=weight, ...)``
     without the ``(N, C)`` logits: computed over chunks of ``chunk_size`` rows (chosen from C and
-    the dtype when None: about 32 MiB of logits per chunk on the CPU, 256 MiB on a GPU).
+    the dtype when None: 128 MiB of logits per chunk on the CPU, 256 MiB on a GPU).
 
     ``input`` ``(N, H)`` or ``(B, T, H)`` (any leading dims); ``linear_weight`` ``(C, H)``;
     ``bias`` ``(C,)``; ``target`` class indices of the leading shape, or class probabilities

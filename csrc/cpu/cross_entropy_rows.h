@@ -302,6 +302,8 @@ void backward_rows(const Ctx<scalar_t>& cx) {
         std::fill(gr, gr + C, rc.L == rc.L ? scalar_t(0) : static_cast<scalar_t>(rc.L));
         continue;
       }
+      // the target's logit before the row is written: the gradient may overwrite the logits
+      const scalar_t xy = M != kProb && rc.y >= 0 ? x[rc.y] : scalar_t(0);
       const Vec vsh(rc.sh), vL(rc.L), vcp(rc.cp), vcw(rc.cw);
       for_blocks<B>(C, [&](int64_t k, int64_t cnt, auto full) {
         Vec v0, v1;
@@ -326,7 +328,7 @@ void backward_rows(const Ctx<scalar_t>& cx) {
         }
       });
       if (M != kProb && rc.y >= 0) {
-        gr[rc.y] = target_grad<scalar_t, M, HasW>(cx, rc, x[rc.y]);  // once more, exactly
+        gr[rc.y] = target_grad<scalar_t, M, HasW>(cx, rc, xy);  // once more, exactly
       }
     }
   });

@@ -60,7 +60,7 @@ void poison_outputs(const CrossEntropyParams& p) {
     return static_cast<size_t>((p.outer - 1) * stride_outer + (p.classes - 1) * p.stride_class +
                                (p.inner - 1) * p.stride_inner + 1) * dtype_size(p.dtype);
   };
-  if (rows > 0 && p.classes > 0) {
+  if (rows > 0 && p.classes > 0 && p.grad_input != p.input) {  // in place: the logits
     poison(p.grad_input, span(p.grad_stride_outer));
     poison(p.grad_target, span(p.stride_outer));
   }
