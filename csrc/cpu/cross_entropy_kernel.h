@@ -2,12 +2,13 @@
 // capability: cross_entropy_{default,avx2,avx512}.cpp define CPU_CAPABILITY and include this file,
 // so everything here lands in weighted_loss::cpu::<capability> and dispatch.cpp picks one at run
 // time. Include it from those files only. The math and the layouts: cross_entropy_common.h; the
-// paths: cross_entropy_rows.h and cross_entropy_lanes.h; here the gradient of probability
-// targets, the compile-time switches and the entry points.
+// paths: cross_entropy_rows.h, cross_entropy_lanes.h and cross_entropy_small_rows.h; here the
+// gradient of probability targets, the compile-time switches and the entry points.
 
 #include "cross_entropy_common.h"
 #include "cross_entropy_lanes.h"
 #include "cross_entropy_rows.h"
+#include "cross_entropy_small_rows.h"
 
 namespace weighted_loss::cpu {
 namespace CPU_CAPABILITY {
