@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace weighted_loss {
@@ -147,14 +148,23 @@ Prepared prepare(const Tensor& input, const Tensor& target,
   return r;
 }
 
+// The focal terms (params.h): gamma < 0 is plain BCE; NaN is an error.
+void set_focal(BinaryCrossEntropyParams& p, double gamma, double alpha, const char* op) {
+  TORCH_CHECK_VALUE(gamma == gamma && alpha == alpha && std::isfinite(gamma), op,
+                    ": gamma and alpha must be numbers, got gamma=", gamma, ", alpha=", alpha);
+  p.focal_gamma = gamma;
+  p.focal_alpha = gamma >= 0 ? alpha : -1.0;
+}
+
 }  // namespace
 
 Tensor binary_cross_entropy_forward_impl(const Tensor& input, const Tensor& target,
                                          const std::optional<Tensor>& weight,
                                          const std::optional<Tensor>& pos_weight,
-                                         int64_t reduction,
+                                         int64_t reduction, double gamma, double alpha,
                                          const BinaryCrossEntropyBackend& backend) {
   Prepared r = prepare(input, target, weight, pos_weight, reduction, kOp);
+  set_focal(r.p, gamma, alpha, kOp);
   Tensor loss = r.p.reduction == Reduction::None ? at::empty(input.sizes(), input.options())
                                                  : at::empty({}, input.options());
   r.p.loss = loss.data_ptr();
@@ -165,11 +175,14 @@ Tensor binary_cross_entropy_forward_impl(const Tensor& input, const Tensor& targ
 std::tuple<Tensor, Tensor> binary_cross_entropy_backward_impl(
     const Tensor& grad_loss, const Tensor& input, const Tensor& target,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& pos_weight,
-    int64_t reduction, bool input_grad, bool target_grad,
+    int64_t reduction, bool input_grad, bool target_grad, double gamma, double alpha,
     const BinaryCrossEntropyBackend& backend) {
   constexpr const char* op = "binary_cross_entropy_with_logits backward";
   Prepared r = prepare(input, target, weight, pos_weight, reduction, op);
   BinaryCrossEntropyParams& p = r.p;
+  set_focal(p, gamma, alpha, op);
+  TORCH_CHECK(!(target_grad && p.focal_gamma >= 0), "sigmoid_focal_loss: the derivative for "
+              "'target' is not implemented");
   TORCH_CHECK(grad_loss.scalar_type() == input.scalar_type(), op, ": grad_loss must have the "
               "input's dtype ", input.scalar_type(), ", got ", grad_loss.scalar_type());
   TORCH_CHECK(grad_loss.device() == input.device(), op, ": grad_loss is on ", grad_loss.device(),

@@ -18,14 +18,15 @@ using BinaryCrossEntropyBackend = Backend<BinaryCrossEntropyParams>;
 at::Tensor binary_cross_entropy_forward_impl(const at::Tensor& input, const at::Tensor& target,
                                              const std::optional<at::Tensor>& weight,
                                              const std::optional<at::Tensor>& pos_weight,
-                                             int64_t reduction,
+                                             int64_t reduction, double gamma, double alpha,
                                              const BinaryCrossEntropyBackend& backend);
 
+// gamma >= 0: the sigmoid focal loss (params.h), alpha < 0 without alpha_t; gamma < 0: BCE.
 // (grad_input, grad_target); a gradient not asked for is an empty (0,) tensor.
 std::tuple<at::Tensor, at::Tensor> binary_cross_entropy_backward_impl(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-    int64_t reduction, bool input_grad, bool target_grad,
+    int64_t reduction, bool input_grad, bool target_grad, double gamma, double alpha,
     const BinaryCrossEntropyBackend& backend);
 
 }  // namespace weighted_loss

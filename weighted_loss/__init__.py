@@ -8,6 +8,7 @@ from . import _ops  # noqa: F401  (fake kernels and autograd)
 from . import distributed, functional, testing, vocab_parallel
 from .distributed import total_weight
 from .functional import binary_cross_entropy_with_logits, cross_entropy
+from .focal import SigmoidFocalLoss, sigmoid_focal_loss
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss
 from .vocab_parallel import vocab_parallel_cross_entropy
@@ -19,7 +20,7 @@ __all__ = [
     "functional", "cpu_capability", "class_weights", "pos_weight", "count_labels",
     "count_positives", "pos_weight_from_counts", "class_weights_from", "sampler", "distributed",
     "total_weight", "vocab_parallel", "vocab_parallel_cross_entropy", "linear_cross_entropy",
-    "LinearCrossEntropyLoss",
+    "LinearCrossEntropyLoss", "sigmoid_focal_loss", "SigmoidFocalLoss",
 ]
 __version__ = "0.1.0"
 

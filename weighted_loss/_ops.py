@@ -137,12 +137,13 @@ def _(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_ind
 # ---------------------------------------------------------------- BCE with logits
 
 @torch.library.register_fake("weighted_loss::binary_cross_entropy_with_logits_forward")
-def _(input, target, weight, pos_weight, reduction):
+def _(input, target, weight, pos_weight, reduction, gamma=-1.0, alpha=-1.0):
     return input.new_empty(input.shape if reduction == _NONE else ())
 
 
 @torch.library.register_fake("weighted_loss::binary_cross_entropy_with_logits_backward")
-def _(grad_loss, input, target, weight, pos_weight, reduction, input_grad, target_grad):
+def _(grad_loss, input, target, weight, pos_weight, reduction, input_grad, target_grad,
+      gamma=-1.0, alpha=-1.0):
     # contiguous, as the kernels write them
     grad_input = input.new_empty(input.shape if input_grad else (0,))
     grad_target = input.new_empty(input.shape if target_grad else (0,))
@@ -150,9 +151,9 @@ def _(grad_loss, input, target, weight, pos_weight, reduction, input_grad, targe
 
 
 def _bce_setup(ctx, inputs, output):
-    input, target, weight, pos_weight, reduction = inputs
+    input, target, weight, pos_weight, reduction, *focal = inputs  # [gamma, alpha]
     ctx.save_for_backward(input, target, weight, pos_weight)
-    ctx.reduction = reduction
+    ctx.reduction, ctx.focal = reduction, tuple(focal)
 
 
 def _bce_backward(ctx, grad_loss):
@@ -165,10 +166,11 @@ def _bce_backward(ctx, grad_loss):
     grad_input = grad_target = None
     if need_input or need_target:
         gx, gt = _ops.binary_cross_entropy_with_logits_backward(
-            grad_loss, input, target, weight, pos_weight, ctx.reduction, need_input, need_target)
+            grad_loss, input, target, weight, pos_weight, ctx.reduction, need_input, need_target,
+            *ctx.focal)
         grad_input = gx if need_input else None
         grad_target = gt if need_target else None
-    return grad_input, grad_target, None, None, None
+    return (grad_input, grad_target, None, None, None, None, None)[:5 + len(ctx.focal)]
 
 
 torch.library.register_autograd("weighted_loss::binary_cross_entropy_with_logits_forward",

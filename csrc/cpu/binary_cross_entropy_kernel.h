@@ -73,6 +73,40 @@ inline Vectorized<acc_t> bce_loss(const Vectorized<acc_t>& x, const Vectorized<a
   return at::vec::fmadd(a + b, sp, lin);
 }
 
+// The sigmoid focal loss (params.h), from e = exp(-|x|): q = 1 - p_t = t sigmoid(-x) +
+// (1 - t) sigmoid(x), each sigmoid without cancellation; the loss factor alpha_t q^gamma, and the
+// gradient alpha_t q^gamma (dce + gamma (1 - 2 t) sigmoid(x) sigmoid(-x) / q ce), whose second
+// term is its limit 0 where q = 0 (q^(gamma - 1) alone would be infinite for gamma < 1), with
+// dce = (1 - t) sigmoid(x) - P t sigmoid(-x), which does not cancel where sigmoid(x) is near 1.
+template <typename acc_t>
+struct Focal {
+  using V = Vectorized<acc_t>;
+  acc_t gamma, alpha;
+  inline V alpha_t(const V& t) const {
+    return alpha >= 0 ? at::vec::fmadd(V(alpha + alpha - 1), t, V(1 - alpha)) : V(1);
+  }
+  inline void sigmoids(const V& x, const V& e, V& sig, V& sig_neg, V& q, const V& t) const {
+    const V one(1), inv = one / (one + e), pos = x >= V(0);
+    sig = V::blendv(e, one, pos) * inv;
+    sig_neg = V::blendv(one, e, pos) * inv;
+    q = t * sig_neg + (one - t) * sig;
+  }
+  inline V factor(const V& x, const V& t) const {
+    V sig, sig_neg, q;
+    sigmoids(x, exp_neg_abs(x), sig, sig_neg, q, t);
+    return alpha_t(t) * q.pow(V(gamma));
+  }
+  inline V grad(const V& x, const V& t, const V& pw, const V& e, const V& ce) const {
+    V sig, sig_neg, q;
+    sigmoids(x, e, sig, sig_neg, q, t);
+    const V zero(0), one(1);
+    const V dce = (one - t) * sig - pw * t * sig_neg;
+    const V r = V::blendv(zero, sig * sig_neg / q, q > zero);
+    const V dm = V(gamma) * (one - t - t) * r;  // d log q^gamma / dx
+    return alpha_t(t) * q.pow(V(gamma)) * at::vec::fmadd(dm, ce, dce);
+  }
+};
+
 // One weight along a row segment: a vector load when contiguous, one value otherwise.
 template <typename acc_t, bool Contiguous>
 inline void load_weight(const acc_t* w, int64_t n, Vectorized<acc_t>& a, Vectorized<acc_t>& b) {
@@ -113,8 +147,12 @@ struct BceCtx {
   const acc_t* w;    // the weight, or `one` when absent (inner stride 0)
   const acc_t* pw;
   acc_t one = 1;
+  bool focal;
+  Focal<acc_t> fl;
 
   explicit BceCtx(const BinaryCrossEntropyParams& prm) : p(prm) {
+    focal = p.focal_gamma >= 0;
+    fl = {static_cast<acc_t>(focal ? p.focal_gamma : 0.0), static_cast<acc_t>(p.focal_alpha)};
     x = static_cast<const scalar_t*>(p.input);
     t = static_cast<const scalar_t*>(p.target);
     w = p.weight.data ? static_cast<const acc_t*>(p.weight.data) : &one;
@@ -223,6 +261,10 @@ inline void forward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
     load_elements<scalar_t, WC, PC, decltype(full)::value>(x, t, w, pw, k, cnt, xv, tv, wv, pv);
     V l0 = bce_loss(xv[0], tv[0], pv[0]) * wv[0];
     V l1 = bce_loss(xv[1], tv[1], pv[1]) * wv[1];
+    if (cx.focal) {
+      l0 = l0 * cx.fl.factor(xv[0], tv[0]);
+      l1 = l1 * cx.fl.factor(xv[1], tv[1]);
+    }
     if constexpr (Store) {
       if constexpr (decltype(full)::value) {
         Io::store(out + k, l0, l1);
@@ -312,9 +354,13 @@ inline void backward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
     auto grads = [&](const V& xv, const V& tv, const V& pv, const V& gv, V& dx, V& dt) {
       const V e = exp_neg_abs(xv);
       if constexpr (GX) {
-        const V sig = V::blendv(e, one, xv >= zero) / (one + e);
-        const V b = pv * tv;
-        dx = gv * at::vec::fmadd((one - tv) + b, sig, zero - b);
+        if (cx.focal) {
+          dx = gv * cx.fl.grad(xv, tv, pv, e, bce_loss(xv, tv, pv));
+        } else {
+          const V sig = V::blendv(e, one, xv >= zero) / (one + e);
+          const V b = pv * tv;
+          dx = gv * at::vec::fmadd((one - tv) + b, sig, zero - b);
+        }
       }
       if constexpr (GT) {
         const V softplus_neg = at::vec::clamp_min(zero - xv, zero) + log1p_unit(e);

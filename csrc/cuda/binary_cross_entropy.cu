@@ -50,6 +50,40 @@ __device__ __forceinline__ acc_t bce_loss(acc_t x, acc_t t, acc_t pw) {
   return (a + b) * sp + lin;
 }
 
+// The sigmoid focal loss (params.h; the CPU kernel's Focal): q = 1 - p_t from sigmoids that do
+// not cancel, the loss factor alpha_t q^gamma, and the gradient
+// alpha_t q^gamma (dce + gamma (1 - 2 t) sigmoid(x) sigmoid(-x) / q ce), its second term 0 where
+// q = 0 (its limit), dce = (1 - t) sigmoid(x) - P t sigmoid(-x) (no cancellation).
+template <typename acc_t>
+__device__ __forceinline__ acc_t focal_q(acc_t x, acc_t t, acc_t e, acc_t& sig, acc_t& sig_neg) {
+  const acc_t inv = acc_t(1) / (acc_t(1) + e);
+  sig = (x >= acc_t(0) ? acc_t(1) : e) * inv;
+  sig_neg = (x >= acc_t(0) ? e : acc_t(1)) * inv;
+  return t * sig_neg + (acc_t(1) - t) * sig;
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t focal_alpha_t(const BinaryCrossEntropyParams& p, acc_t t) {
+  if (p.focal_alpha < 0) return acc_t(1);
+  const acc_t a = static_cast<acc_t>(p.focal_alpha);
+  return a * t + (acc_t(1) - a) * (acc_t(1) - t);
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t focal_factor(const BinaryCrossEntropyParams& p, acc_t x, acc_t t) {
+  acc_t sig, sig_neg;
+  const acc_t q = focal_q(x, t, exp_neg_abs(x), sig, sig_neg);
+  return focal_alpha_t(p, t) * pow(q, static_cast<acc_t>(p.focal_gamma));
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t focal_grad(const BinaryCrossEntropyParams& p, acc_t x, acc_t t,
+                                            acc_t pw, acc_t e, acc_t ce) {
+  acc_t sig, sig_neg;
+  const acc_t q = focal_q(x, t, e, sig, sig_neg);
+  const acc_t dce = (acc_t(1) - t) * sig - pw * t * sig_neg;
+  const acc_t g = static_cast<acc_t>(p.focal_gamma);
+  const acc_t r = q > acc_t(0) ? sig * sig_neg / q : acc_t(0);
+  return focal_alpha_t(p, t) * pow(q, g) * (dce + g * (acc_t(1) - t - t) * r * ce);
+}
+
 // The elements of one thread: [f0, f0 + n), n <= Pack<T>::kSize, as acc.
 template <typename T, typename acc_t>
 __device__ __forceinline__ void load_elements(const T* src, int64_t f0, int n, bool vector,
@@ -169,6 +203,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       l[k] = k < n ? w[k] * bce_loss(x[k], t[k], pw[k]) : acc_t(0);
+      if (p.focal_gamma >= 0 && k < n) l[k] *= focal_factor(p, x[k], t[k]);
       part += l[k];
     }
     if constexpr (Store) {
@@ -230,7 +265,9 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BinaryCrossEnt
     if constexpr (GX) {
       const acc_t sig = (x[k] >= acc_t(0) ? acc_t(1) : e) / (acc_t(1) + e);
       const acc_t b = pw[k] * t[k];
-      dx[k] = gw * (((acc_t(1) - t[k]) + b) * sig - b);
+      dx[k] = gw * (p.focal_gamma >= 0
+                        ? focal_grad(p, x[k], t[k], pw[k], e, bce_loss(x[k], t[k], pw[k]))
+                        : ((acc_t(1) - t[k]) + b) * sig - b);
     }
     if constexpr (GT) {
       const acc_t softplus_neg = (x[k] < acc_t(0) ? -x[k] : acc_t(0)) + log1p(e);

@@ -1,0 +1,85 @@
+"""The focal loss (Lin et al., 2017), fused: the other standard answer to class imbalance beside
+class weights, down-weighting the easy examples by (1 - p_t)^gamma.
+
+``sigmoid_focal_loss`` is ``torchvision.ops.sigmoid_focal_loss`` (same arguments, defaults and
+results) computed by the BCE-with-logits kernels with their focal switch (csrc/params.h), in one
+pass forward and one backward, plus ``weight`` and ``pos_weight`` as in
+``F.binary_cross_entropy_with_logits``.
+"""
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn import _reduction as _Reduction
+
+__all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss"]
+
+_ops = torch.ops.weighted_loss
+
+
+def _check_gamma(gamma) -> float:
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or math.isnan(gamma) \
+            or gamma < 0 or math.isinf(gamma):
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+    return float(gamma)
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, Tensor):
+        raise TypeError("alpha must be a float (-1: off, as torchvision); a tensor alpha is not "
+                        "supported yet: pass the per-class factor as weight=")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or math.isnan(alpha) \
+            or math.isinf(alpha):
+        raise ValueError(f"alpha must be a finite number (< 0: off, as torchvision's -1), got "
+                         f"{alpha!r}")
+    return float(alpha) if alpha >= 0 else -1.0
+
+
+def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+                       reduction: str = "none", weight: Optional[Tensor] = None,
+                       pos_weight: Optional[Tensor] = None) -> Tensor:
+    """``torchvision.ops.sigmoid_focal_loss``, fused:
+    ``alpha_t * (1 - p_t)**gamma * BCE(input, target)`` per element, with
+    ``p_t = p t + (1 - p)(1 - t)``, ``p = sigmoid(input)``,
+    ``alpha_t = alpha t + (1 - alpha)(1 - t)`` (no alpha_t when ``alpha < 0``). ``weight`` and
+    ``pos_weight`` weigh the BCE term as in ``F.binary_cross_entropy_with_logits`` (broadcast, read
+    in place); ``reduction`` "none" (torchvision's default), "mean" over elements, or "sum".
+    Gradients flow to ``input``; ``gamma=0, alpha=-1`` is exactly
+    ``wl.binary_cross_entropy_with_logits``."""
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction "
+                         "modes: 'none', 'mean', 'sum'")
+    g, a = _check_gamma(gamma), _check_alpha(alpha)
+    if target.size() != input.size():
+        raise ValueError(f"Target size ({target.size()}) must be the same as input size "
+                         f"({input.size()})")
+    if torch.is_grad_enabled():
+        for name, t in (("target", target), ("weight", weight), ("pos_weight", pos_weight)):
+            if t is not None and t.requires_grad:
+                raise NotImplementedError(
+                    f"sigmoid_focal_loss: the derivative for '{name}' is not implemented")
+    out_dtype = torch.promote_types(input.dtype, target.dtype) \
+        if input.is_floating_point() and target.is_floating_point() else target.dtype
+    if input.is_floating_point() and target.is_floating_point() and input.dtype != target.dtype:
+        input, target = input.to(out_dtype), target.to(out_dtype)
+    return _ops.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight,
+                                                         _Reduction.get_enum(reduction), g, a)
+
+
+class SigmoidFocalLoss(torch.nn.Module):
+    """:func:`sigmoid_focal_loss` as a module; ``weight`` and ``pos_weight`` are buffers, as in
+    ``torch.nn.BCEWithLogitsLoss``."""
+
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none",
+                 weight: Optional[Tensor] = None, pos_weight: Optional[Tensor] = None):
+        super().__init__()
+        self.alpha, self.gamma = _check_alpha(alpha), _check_gamma(gamma)
+        self.reduction = reduction
+        self.register_buffer("weight", weight)
+        self.register_buffer("pos_weight", pos_weight)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return sigmoid_focal_loss(input, target, self.alpha, self.gamma, self.reduction,
+                                  self.weight, self.pos_weight)
