@@ -52,6 +52,17 @@ def _add_weight_grad(gw: Tensor, g: Tensor, xc: Tensor) -> None:
         gw[c:c + step] += torch.mm(g[:, c:c + step].t(), xc)
 
 
+def _add_chunk_grads(g: Tensor, xc: Tensor, lw: Tensor, gx, gw, gb) -> None:
+    """A chunk's share of the gradients from its logits' gradient g: gx (the chunk's rows of the
+    input's gradient) = g lw, gw += g^T xc, gb += the column sums of g; None: not wanted."""
+    if gx is not None:
+        torch.mm(g, lw, out=gx)
+    if gw is not None:
+        _add_weight_grad(gw, g, xc)
+    if gb is not None:
+        gb += g.sum(0, dtype=gb.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z, cap,
@@ -97,12 +108,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                                  ignore_index, label_smoothing, z, cap)
                     g = logits
                 del logits
-                if gx is not None:
-                    torch.mm(g, lw, out=gx[a:a + chunk])
-                if gw is not None:
-                    _add_weight_grad(gw, g, xc)
-                if gb is not None:
-                    gb += g.sum(0, dtype=gb.dtype)
+                _add_chunk_grads(g, xc, lw, None if gx is None else gx[a:a + chunk], gw, gb)
                 del g  # before the next chunk's logits: one chunk buffer at a time
         ctx.reduction, ctx.prob = reduction, prob
         if red_none:
@@ -164,12 +170,7 @@ def _backward_rows(ctx, grad_rows):
                                          ignore_index, label_smoothing, z, cap)
             g = logits
         del logits
-        if gx is not None:
-            torch.mm(g, lw, out=gx[a:a + chunk])
-        if gw is not None:
-            _add_weight_grad(gw, g, xc)
-        if gb is not None:
-            gb += g.sum(0, dtype=gb.dtype)
+        _add_chunk_grads(g, xc, lw, None if gx is None else gx[a:a + chunk], gw, gb)
         del g
     return (gx, None if gw is None else gw.to(lw.dtype),
             None if gb is None else gb.to(bias.dtype))
