@@ -39,6 +39,15 @@ void check_terms(RowTerms terms, const char* op) {
                     ": z_loss must be a finite number >= 0, got ", terms.z_loss);
   TORCH_CHECK_VALUE(terms.softcap >= 0 && std::isfinite(terms.softcap), op,
                     ": softcap must be a finite number > 0 (or None), got ", terms.softcap);
+  TORCH_CHECK_VALUE(terms.focal_gamma >= 0 && std::isfinite(terms.focal_gamma), op,
+                    ": gamma must be a finite number >= 0, got ", terms.focal_gamma);
+}
+
+// The softmax focal loss covers class-index targets without label smoothing so far.
+void check_focal(RowTerms terms, double label_smoothing, const char* op) {
+  TORCH_CHECK_NOT_IMPLEMENTED(terms.focal_gamma == 0 || label_smoothing <= 0, op,
+                              ": the focal loss (gamma > 0) with label_smoothing is not "
+                              "implemented yet");
 }
 
 void check_label_smoothing(double label_smoothing, const char* op) {
@@ -200,6 +209,7 @@ CrossEntropyParams params_of(const Layout& l, const Tensor& target, const Tensor
   p.total_classes = l.classes;
   p.z_loss = terms.z_loss;
   p.softcap = terms.softcap;
+  p.focal_gamma = terms.focal_gamma;
   p.input = l.input.data_ptr();
   p.target = target.data_ptr();
   p.target_type = target.scalar_type() == at::kInt    ? TargetType::Int32
@@ -240,6 +250,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_impl(
   check_common(input, target, "cross_entropy");
   check_label_smoothing(label_smoothing, "cross_entropy");
   check_terms(terms, "cross_entropy");
+  check_focal(terms, label_smoothing, "cross_entropy");
   const Tensor y = check_index_target(input, target);
   const Layout l = layout_of(input, /*in_place_rows=*/true);
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy");

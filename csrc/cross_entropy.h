@@ -15,10 +15,10 @@ namespace weighted_loss {
 
 using CrossEntropyBackend = Backend<CrossEntropyParams>;
 
-// Terms beside label smoothing that change each row's loss: z-loss and logit softcapping
-// (params.h; 0 leaves them off).
+// Terms beside label smoothing that change each row's loss: z-loss, logit softcapping and the
+// softmax focal loss's gamma (params.h; 0 leaves them off).
 struct RowTerms {
-  double z_loss = 0, softcap = 0;
+  double z_loss = 0, softcap = 0, focal_gamma = 0;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_impl(

@@ -22,23 +22,24 @@ std::string cpu_capability() { return weighted_loss::cpu::kernels().name; }
 }  // namespace
 
 TORCH_LIBRARY(weighted_loss, m) {
-  // z_loss and softcap (params.h) default to off in every cross-entropy op.
+  // z_loss and softcap (params.h) default to off in every cross-entropy op, and so does gamma
+  // (the softmax focal loss) in those of class-index targets.
   // Class-index targets. Returns (loss, lse, total_weight): lse (2, rows) (float32, float64 for
   // float64 logits), each row's max and log-sum shifted by it (params.h), total_weight the weighted mean's divisor sum(weight[target]).
   m.def(
       "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, "
-      "int ignore_index, float label_smoothing, float z_loss=0., float softcap=0.) "
-      "-> (Tensor, Tensor, Tensor)");
+      "int ignore_index, float label_smoothing, float z_loss=0., float softcap=0., "
+      "float gamma=0.) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
       "Tensor lse, Tensor total_weight, int reduction, int ignore_index, float label_smoothing, "
-      "float z_loss=0., float softcap=0.) -> Tensor");
+      "float z_loss=0., float softcap=0., float gamma=0.) -> Tensor");
   // The same, written over the logits (weighted_loss/linear.py: a chunk's logits it no longer
   // needs).
   m.def(
       "cross_entropy_backward_(Tensor grad_loss, Tensor(a!) input, Tensor target, Tensor? weight, "
       "Tensor lse, Tensor total_weight, int reduction, int ignore_index, float label_smoothing, "
-      "float z_loss=0., float softcap=0.) -> ()");
+      "float z_loss=0., float softcap=0., float gamma=0.) -> ()");
   // Probability targets (the logits' shape). Returns (loss, lse, tsum): tsum per row is
   // sum_c weight_c * target'_c, the softmax coefficient of the backward.
   m.def(

@@ -52,6 +52,8 @@ struct CrossEntropyParams {
                              // index targets, 1 for probabilities); 0: off
   double softcap;            // > 0: every logit x is read as softcap * tanh(x / softcap), and its
                              // gradient gets the factor 1 - (that / softcap)^2; 0: off
+  double focal_gamma;        // > 0 (index targets, no smoothing): the softmax focal loss, each
+                             // row's w_y nll times (1 - p_y)^gamma, p_y = exp(-nll); 0: off
 
   // Vocab-parallel shards (index targets only): the logits hold classes [class_offset,
   // class_offset + classes) of total_classes. Targets are global class indices, checked against

@@ -28,29 +28,30 @@ struct CrossEntropyOps {
   static std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& input, const Tensor& target,
                                                     const OptTensor& weight, int64_t reduction,
                                                     int64_t ignore_index, double label_smoothing,
-                                                    double z_loss, double softcap) {
+                                                    double z_loss, double softcap, double gamma) {
     const typename Device::Guard guard(input.device());
     return cross_entropy_forward_impl(input, target, weight, reduction, ignore_index,
-                                      label_smoothing, {z_loss, softcap}, Device::forward());
+                                      label_smoothing, {z_loss, softcap, gamma},
+                                      Device::forward());
   }
   static Tensor backward(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                          const OptTensor& weight, const Tensor& lse, const Tensor& total_weight,
                          int64_t reduction, int64_t ignore_index, double label_smoothing,
-                         double z_loss, double softcap) {
+                         double z_loss, double softcap, double gamma) {
     const typename Device::Guard guard(input.device());
     return cross_entropy_backward_impl(grad_loss, input, target, weight, lse, total_weight,
                                        reduction, ignore_index, label_smoothing,
-                                       {z_loss, softcap}, Device::backward());
+                                       {z_loss, softcap, gamma}, Device::backward());
   }
   static void backward_inplace(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                                const OptTensor& weight, const Tensor& lse,
                                const Tensor& total_weight, int64_t reduction,
                                int64_t ignore_index, double label_smoothing, double z_loss,
-                               double softcap) {
+                               double softcap, double gamma) {
     const typename Device::Guard guard(input.device());
     cross_entropy_backward_inplace_impl(grad_loss, input, target, weight, lse, total_weight,
                                         reduction, ignore_index, label_smoothing,
-                                        {z_loss, softcap}, Device::backward());
+                                        {z_loss, softcap, gamma}, Device::backward());
   }
   static std::tuple<Tensor, Tensor, Tensor> prob_forward(const Tensor& input, const Tensor& target,
                                                          const OptTensor& weight,

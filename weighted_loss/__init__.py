@@ -8,7 +8,7 @@ from . import _ops  # noqa: F401  (fake kernels and autograd)
 from . import distributed, functional, testing, vocab_parallel
 from .distributed import total_weight
 from .functional import binary_cross_entropy_with_logits, cross_entropy
-from .focal import SigmoidFocalLoss, sigmoid_focal_loss
+from .focal import FocalLoss, SigmoidFocalLoss, focal_loss, sigmoid_focal_loss
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss
 from .vocab_parallel import vocab_parallel_cross_entropy
@@ -21,6 +21,7 @@ __all__ = [
     "count_positives", "pos_weight_from_counts", "class_weights_from", "sampler", "distributed",
     "total_weight", "vocab_parallel", "vocab_parallel_cross_entropy", "linear_cross_entropy",
     "LinearCrossEntropyLoss", "sigmoid_focal_loss", "SigmoidFocalLoss",
+    "focal_loss", "FocalLoss",
 ]
 __version__ = "0.1.0"
 

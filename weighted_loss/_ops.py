@@ -28,7 +28,8 @@ def _row_shape(input):
 # ---------------------------------------------------------------- class-index targets
 
 @torch.library.register_fake("weighted_loss::cross_entropy_forward")
-def _(input, target, weight, reduction, ignore_index, label_smoothing, z_loss=0.0, softcap=0.0):
+def _(input, target, weight, reduction, ignore_index, label_smoothing, z_loss=0.0, softcap=0.0,
+      gamma=0.0):
     acc = _acc_dtype(input.dtype)
     loss = input.new_empty(target.shape if reduction == _NONE else ())
     return loss, input.new_empty((2, _rows(input)), dtype=acc), input.new_empty((), dtype=acc)
@@ -36,13 +37,13 @@ def _(input, target, weight, reduction, ignore_index, label_smoothing, z_loss=0.
 
 @torch.library.register_fake("weighted_loss::cross_entropy_backward")
 def _(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index,
-      label_smoothing, z_loss=0.0, softcap=0.0):
+      label_smoothing, z_loss=0.0, softcap=0.0, gamma=0.0):
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("weighted_loss::cross_entropy_backward_")
 def _(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index,
-      label_smoothing, z_loss=0.0, softcap=0.0):
+      label_smoothing, z_loss=0.0, softcap=0.0, gamma=0.0):
     return None
 
 
@@ -66,7 +67,7 @@ def _ce_backward(ctx, grad_loss, _grad_lse, _grad_total_weight):
     if ctx.needs_input_grad[0]:
         grad_input = _ops.cross_entropy_backward(grad_loss, input, target, weight, lse,
                                                  total_weight, *ctx.args)
-    return (grad_input, None, None, None, None, None, None, None)[:3 + len(ctx.args)]
+    return (grad_input, None, None, None, None, None, None, None, None)[:3 + len(ctx.args)]
 
 
 torch.library.register_autograd("weighted_loss::cross_entropy_forward", _ce_backward,

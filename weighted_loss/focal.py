@@ -4,7 +4,8 @@ class weights, down-weighting the easy examples by (1 - p_t)^gamma.
 ``sigmoid_focal_loss`` is ``torchvision.ops.sigmoid_focal_loss`` (same arguments, defaults and
 results) computed by the BCE-with-logits kernels with their focal switch (csrc/params.h), in one
 pass forward and one backward, plus ``weight`` and ``pos_weight`` as in
-``F.binary_cross_entropy_with_logits``.
+``F.binary_cross_entropy_with_logits``. ``focal_loss`` is the softmax focal loss
+``-w[y] (1 - p_y)^gamma log p_y`` computed by the cross-entropy kernels with theirs.
 """
 import math
 import numbers
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-__all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss"]
+__all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss", "focal_loss", "FocalLoss"]
 
 _ops = torch.ops.weighted_loss
 
@@ -83,3 +84,49 @@ class SigmoidFocalLoss(torch.nn.Module):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return sigmoid_focal_loss(input, target, self.alpha, self.gamma, self.reduction,
                                   self.weight, self.pos_weight)
+
+
+def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, weight: Optional[Tensor] = None,
+               ignore_index: int = -100, reduction: str = "mean",
+               label_smoothing: float = 0.0) -> Tensor:
+    """The softmax focal loss ``-weight[y] * (1 - p_y)**gamma * log p_y`` per item (``p`` the
+    softmax over the classes, dim 1 of ``(N, C, d...)`` logits read in place), with ``weight`` as
+    the per-class alpha. ``reduction="mean"`` divides by ``sum(weight[target])`` over the items
+    that are not ``ignore_index``, as cross-entropy does; ``gamma=0`` is exactly
+    ``wl.cross_entropy``. One pass forward and one backward (the cross-entropy kernels' focal
+    switch); ``(1 - p_y)`` as ``-expm1(log p_y)`` and the gradient's ``(1 - p_y)^(gamma - 1)``
+    at its limit, so ``gamma < 1`` gives no NaN where ``p_y`` is 1. Class-index targets; label
+    smoothing and probability targets with ``gamma > 0`` are not implemented yet (they raise)."""
+    from .functional import cross_entropy
+    g = _check_gamma(gamma)
+    if g == 0:
+        return cross_entropy(input, target, weight, ignore_index=ignore_index,
+                             reduction=reduction, label_smoothing=label_smoothing)
+    if input.shape == target.shape and target.is_floating_point():
+        raise NotImplementedError("focal_loss: probability targets with gamma > 0 are not "
+                                  "implemented yet")
+    if float(label_smoothing) > 0:
+        raise NotImplementedError("focal_loss: label_smoothing with gamma > 0 is not implemented "
+                                  "yet")
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    loss, _, _ = _ops.cross_entropy_forward(input, target, weight, _Reduction.get_enum(reduction),
+                                            int(ignore_index), 0.0, 0.0, 0.0, g)
+    return loss
+
+
+class FocalLoss(torch.nn.Module):
+    """:func:`focal_loss` as a module, ``weight`` a buffer as in ``torch.nn.CrossEntropyLoss``."""
+
+    def __init__(self, gamma: float = 2.0, weight: Optional[Tensor] = None,
+                 ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        self.gamma = _check_gamma(gamma)
+        self.register_buffer("weight", weight)
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.label_smoothing = label_smoothing
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return focal_loss(input, target, self.gamma, self.weight, self.ignore_index,
+                          self.reduction, self.label_smoothing)

@@ -91,6 +91,7 @@ struct Ctx {
   int64_t C_total;              // classes of the unsharded problem (C unsharded)
   acc_t cap;                    // softcap (params.h), 0 when off
   double z;                     // z-loss (params.h), 0 when off
+  double gamma;                 // the softmax focal loss's gamma (params.h), 0 when off
 
   explicit Ctx(const CrossEntropyParams& prm, std::vector<acc_t>& w_buf) : p(prm) {
     x = static_cast<const scalar_t*>(p.input);
@@ -99,6 +100,7 @@ struct Ctx {
     C_total = p.total_classes;
     cap = p.softcap > 0 ? static_cast<acc_t>(p.softcap) : acc_t(0);
     z = p.z_loss > 0 ? p.z_loss : 0.0;
+    gamma = !p.prob_target && p.focal_gamma > 0 ? p.focal_gamma : 0.0;
     smooth = p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0);
     t_scale = acc_t(1) - smooth;
     t_shift = C_total > 0 ? smooth / static_cast<acc_t>(C_total) : acc_t(0);
@@ -237,6 +239,17 @@ inline typename AccOf<scalar_t>::type row_max(const Ctx<scalar_t>& cx, const sca
   return hmax(at::vec::maximum(m0, m1));
 }
 
+
+// The softmax focal loss (params.h) of a row with nll = -log p_y: its loss factor
+// m = (1 - p_y)^gamma and its gradient's factor s = m (1 + gamma p_y nll / (1 - p_y)) (the
+// gradient is the cross-entropy's times s), with 1 - p_y = -expm1(-nll) and the ratio
+// nll / (1 - p_y) at its limit 1 where 1 - p_y = 0, so gamma < 1 gives s = 0 there, not NaN.
+inline void focal_factors(double gamma, double nll, double& m, double& s) {
+  const double q = -std::expm1(-nll), p = std::exp(-nll);
+  m = std::pow(q, gamma);
+  const double r = q > 0 ? nll / q : 1.0;
+  s = m * (1.0 + (p > 0 ? gamma * p * r : 0.0));
+}
 
 // ---------------------------------------------------------------------------------------------
 // Work units and the deterministic reduction.

@@ -101,6 +101,11 @@ inline double row_loss(const Ctx<scalar_t>& cx, double sh, double L, double a, d
                  (static_cast<double>(cx.w_sum) * L - a);
     } else {
       loss = wy * nll;
+      if (cx.gamma > 0) {
+        double m, s;
+        focal_factors(cx.gamma, nll, m, s);
+        loss *= m;
+      }
     }
   }
   if (cx.z > 0) loss += cx.z * wy * (sh + L) * (sh + L);
@@ -248,6 +253,13 @@ inline RowCoef<typename AccOf<scalar_t>::type> row_coef(const Ctx<scalar_t>& cx,
     rc.wyd = wy;
     rc.y = yv >= p.class_offset && yv - p.class_offset < cx.C ? yv - p.class_offset : -1;
     rc.gyd = g * (1.0 - s) * wy;
+    if (M == kPlain && cx.gamma > 0 && rc.y >= 0) {  // the focal loss: the gradient times s
+      const scalar_t* x = cx.x + cx.offset(r / p.inner, r % p.inner);
+      const double xy = static_cast<double>(cx.capped(static_cast<acc_t>(x[rc.y * p.stride_class])));
+      double m, f;
+      focal_factors(cx.gamma, (static_cast<double>(rc.sh) - xy) + rc.L, m, f);
+      rc.gyd *= f;
+    }
     if constexpr (M == kSmooth) {
       const double ts = s / static_cast<double>(cx.C_total);
       rc.cpd = g * ((1.0 - s) * wy + ts * static_cast<double>(cx.w_sum));

@@ -158,6 +158,17 @@ __device__ __forceinline__ typename AccOf<T>::type target_logit(const CrossEntro
                                              : typename AccOf<T>::type(0);
 }
 
+// The softmax focal loss (params.h) of a row with nll = -log p_y (the CPU's focal_factors): the
+// loss factor m = (1 - p_y)^gamma and the gradient's s = m (1 + gamma p_y nll / (1 - p_y)), the
+// ratio at its limit 1 where 1 - p_y = 0.
+template <typename acc_t>
+__device__ __forceinline__ void focal_factors(acc_t gamma, acc_t nll, acc_t& m, acc_t& s) {
+  const acc_t q = -expm1(-nll), p = exp(-nll);
+  m = pow(q, gamma);
+  const acc_t r = q > acc_t(0) ? nll / q : acc_t(1);
+  s = m * (acc_t(1) + (p > acc_t(0) ? gamma * p * r : acc_t(0)));
+}
+
 // The loss of row r from its statistics, in double (each float statistic rounded once, nothing
 // after: as ../cpu/cross_entropy_kernel.h's row_loss); wy gets the mean's divisor contribution.
 template <typename T, int M, bool HasW>
@@ -180,7 +191,9 @@ __device__ __forceinline__ double row_loss(const CrossEntropyParams& p, int64_t 
       return (1.0 - s) * wy * nll +
              s / static_cast<double>(p.total_classes) * (sm.q * lse_ref - sm.a) + wy * z;
     } else {
-      return wy * (nll + z);
+      double m = 1, s;
+      if (p.focal_gamma > 0) focal_factors<double>(p.focal_gamma, nll, m, s);
+      return wy * (nll * m + z);
     }
   }
 }
@@ -302,8 +315,15 @@ __device__ __forceinline__ Coef<typename AccOf<T>::type> row_coef(const CrossEnt
       c.cw = g * s.t_shift;
       c.gy = g * s.t_scale * wy;
     } else {
-      c.cp = g * wy;
-      c.gy = g * wy;
+      acc_t f = 1;
+      if (p.focal_gamma > 0) {  // the focal loss: the cross-entropy's gradient times s
+        const T* x = static_cast<const T*>(p.input) + row_offset<T>(p, r);
+        const acc_t xy = capped(p, to_acc(x[(y - p.class_offset) * p.stride_class]));
+        acc_t m;
+        focal_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), (c.sh - xy) + c.L, m, f);
+      }
+      c.cp = g * wy * f;
+      c.gy = g * wy * f;
     }
     if (p.z_loss > 0) c.cp += g * zl * wy;
   }
