@@ -251,6 +251,19 @@ inline void focal_factors(double gamma, double nll, double& m, double& s) {
   s = m * (1.0 + (p > 0 ? gamma * p * r : 0.0));
 }
 
+// The same for B lanes at once in acc precision (the lane layout's rows are a few classes long:
+// a scalar pow per row would cost more than the row), from nll >= 0 (NaN stays NaN).
+template <typename acc_t>
+inline void focal_factors(acc_t gamma, const Vectorized<acc_t>& nll, Vectorized<acc_t>& m,
+                          Vectorized<acc_t>& s) {
+  using V = Vectorized<acc_t>;
+  const V zero(0), one(1), neg = zero - nll;
+  const V q = zero - neg.expm1(), p = vexp(neg);
+  m = gamma == acc_t(2) ? q * q : q.pow(V(gamma));
+  const V r = V::blendv(one, nll / q, q > zero);
+  s = m * (one + V::blendv(zero, V(gamma) * p * r, p > zero));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Work units and the deterministic reduction.
 

@@ -167,16 +167,10 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
       l0 = wy0 * nll0;
       l1 = wy1 * nll1;
       if (cx.gamma > 0) {  // the focal loss: each lane's loss times (1 - p_y)^gamma
-        acc_t nt[B], mt[B];
-        store_acc(nt, B, nll0, nll1);
-        for (int64_t k = 0; k < B; ++k) {
-          double m = 1, s;
-          if (k < nl && kp[k] != 0) focal_factors(cx.gamma, static_cast<double>(nt[k]), m, s);
-          mt[k] = static_cast<acc_t>(m);
-        }
-        Vec m0, m1;
-        load_acc(mt, B, m0, m1);
-        l0 = l0 * m0;
+        Vec m0, m1, s0, s1;
+        focal_factors(static_cast<acc_t>(cx.gamma), nll0, m0, s0);
+        focal_factors(static_cast<acc_t>(cx.gamma), nll1, m1, s1);
+        l0 = l0 * m0;  // ignored lanes are blended to 0 below
         l1 = l1 * m1;
       }
     }
@@ -259,21 +253,13 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
                                               : g_all);
     yk[k] = -1;
   }
-  acc_t fk[B];  // the focal loss's gradient factor per lane (1 without it)
-  for (int64_t k = 0; k < B; ++k) fk[k] = 1;
+  acc_t xk[B] = {};  // the focal loss: each lane's target logit
   if constexpr (M != kProb) {
     for (int64_t k = 0; k < nl; ++k) {
       const int64_t yv = cx.checked_target(r0 + k);
       yk[k] = static_cast<acc_t>(yv);
       if (yv >= 0) wyk[k] = HasW ? cx.w[yv] : acc_t(1);
-      if (M == kPlain && cx.gamma > 0 && yv >= 0) {
-        const double xy = static_cast<double>(cx.capped(static_cast<acc_t>(x[yv * sC + k])));
-        const double nll = (static_cast<double>(sh_in[r0 + k]) - xy) +
-                           static_cast<double>(sh_in[p.outer * p.inner + r0 + k]);
-        double m, f;
-        focal_factors(cx.gamma, nll, m, f);
-        fk[k] = static_cast<acc_t>(f);
-      }
+      if (M == kPlain && cx.gamma > 0 && yv >= 0) xk[k] = cx.capped(static_cast<acc_t>(x[yv * sC + k]));
     }
   }
   Vec sh0, sh1, L0, L1, g0v, g1v, cp0, cp1, cw0(0), cw1(0), gy0(0), gy1(0), y0(-1), y1(-1);
@@ -300,8 +286,13 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
     load_acc(wyk, B, wy0, wy1);
     const Vec ks(acc_t(1) - cx.smooth), zero(0);
     const Vec keep0 = y0 >= zero, keep1 = y1 >= zero;
-    Vec f0, f1;
-    load_acc(fk, B, f0, f1);
+    Vec f0(1), f1(1);
+    if (M == kPlain && cx.gamma > 0) {  // the focal loss: the gradient times s, per lane
+      Vec x0, x1, m0, m1;
+      load_acc(xk, B, x0, x1);
+      focal_factors(static_cast<acc_t>(cx.gamma), (sh0 - x0) + L0, m0, f0);
+      focal_factors(static_cast<acc_t>(cx.gamma), (sh1 - x1) + L1, m1, f1);
+    }
     // blended, not multiplied, to zero: g may be inf (a mean over nothing but ignored rows)
     gy0 = Vec::blendv(zero, g0v * ks * wy0 * f0, keep0);
     gy1 = Vec::blendv(zero, g1v * ks * wy1 * f1, keep1);
