@@ -181,3 +181,13 @@ def test_backward_over_the_logits_equals_out_of_place(device, layout, ls, z, cap
         buf = x.t().clone().t()
     ops.cross_entropy_backward_(one, buf, t, w, lse, tw, 1, -100, ls, z, cap)
     torch.testing.assert_close(buf, ref, rtol=0, atol=0)
+
+
+def test_non_contiguous_input_and_weight():
+    x, lw, b, t, w = _case("cpu", torch.float64, N=12, H=8, C=20)
+    xt = x.detach().t().contiguous().t().requires_grad_()   # (N, H) with column-major strides
+    lwt = lw.detach().t().contiguous().t().requires_grad_()
+    ours, ref, gs, gr = _both(xt, lwt, b, t, w, "mean", 0.1, 5)
+    torch.testing.assert_close(ours, ref)
+    for a, c in zip(gs, gr):
+        torch.testing.assert_close(a, c)

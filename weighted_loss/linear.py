@@ -34,6 +34,11 @@ def _chunk_rows(n: int, classes: int, dtype: torch.dtype, device: torch.device) 
     return max(1, min(n, budget // per_row))
 
 
+def _rows_like(x: Tensor) -> Tensor:
+    """The input's gradient, contiguous: each chunk's rows are written with mm(out=)."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def _grad_buffer(like: Tensor) -> Tensor:
     """A zeroed accumulator for a gradient summed over chunks: float32 for bfloat16/float16."""
     dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
@@ -72,7 +77,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             bias is not None and ctx.needs_input_grad[2]
         red_none = reduction == "none"
         grads_now = (need_x or need_w or need_b) and not red_none
-        gx = torch.empty_like(x) if grads_now and need_x else None
+        gx = _rows_like(x) if grads_now and need_x else None
         gw = _grad_buffer(lw) if grads_now and need_w else None
         gb = _grad_buffer(bias) if grads_now and need_b else None
         one = torch.ones((), dtype=x.dtype, device=x.device)
@@ -151,7 +156,7 @@ def _backward_rows(ctx, grad_rows):
     ignore_index, label_smoothing, z, cap, chunk = ctx.args
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = bias is not None and ctx.needs_input_grad[2]
-    gx = torch.empty_like(x) if need_x else None
+    gx = _rows_like(x) if need_x else None
     gw = _grad_buffer(lw) if need_w else None
     gb = _grad_buffer(bias) if need_b else None
     red = _Reduction.get_enum("none")
