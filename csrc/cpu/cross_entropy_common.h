@@ -240,28 +240,33 @@ inline typename AccOf<scalar_t>::type row_max(const Ctx<scalar_t>& cx, const sca
 }
 
 
-// The softmax focal loss (params.h) of a row with nll = -log p_y: its loss factor
-// m = (1 - p_y)^gamma and its gradient's factor s = m (1 + gamma p_y nll / (1 - p_y)) (the
-// gradient is the cross-entropy's times s), with 1 - p_y = -expm1(-nll) and the ratio
+// The softmax focal loss (params.h) of a row with nll = -log p_y: the loss is the
+// cross-entropy's times m = (1 - p_y)^gamma, the gradient the cross-entropy's times
+// s = m (1 + gamma p_y nll / (1 - p_y)), with 1 - p_y = -expm1(-nll) and the ratio
 // nll / (1 - p_y) at its limit 1 where 1 - p_y = 0, so gamma < 1 gives s = 0 there, not NaN.
-inline void focal_factors(double gamma, double nll, double& m, double& s) {
+inline double focal_loss_factor(double gamma, double nll) {
+  return std::pow(-std::expm1(-nll), gamma);
+}
+inline double focal_grad_factor(double gamma, double nll) {
   const double q = -std::expm1(-nll), p = std::exp(-nll);
-  m = std::pow(q, gamma);
   const double r = q > 0 ? nll / q : 1.0;
-  s = m * (1.0 + (p > 0 ? gamma * p * r : 0.0));
+  return std::pow(q, gamma) * (1.0 + (p > 0 ? gamma * p * r : 0.0));
 }
 
 // The same for B lanes at once in acc precision (the lane layout's rows are a few classes long:
 // a scalar pow per row would cost more than the row), from nll >= 0 (NaN stays NaN).
 template <typename acc_t>
-inline void focal_factors(acc_t gamma, const Vectorized<acc_t>& nll, Vectorized<acc_t>& m,
-                          Vectorized<acc_t>& s) {
+inline Vectorized<acc_t> focal_loss_factor(acc_t gamma, const Vectorized<acc_t>& nll) {
+  using V = Vectorized<acc_t>;
+  return pow_gamma(V(0) - (V(0) - nll).expm1(), gamma);
+}
+template <typename acc_t>
+inline Vectorized<acc_t> focal_grad_factor(acc_t gamma, const Vectorized<acc_t>& nll) {
   using V = Vectorized<acc_t>;
   const V zero(0), one(1), neg = zero - nll;
   const V q = zero - neg.expm1(), p = vexp(neg);
-  m = gamma == acc_t(2) ? q * q : q.pow(V(gamma));
   const V r = V::blendv(one, nll / q, q > zero);
-  s = m * (one + V::blendv(zero, V(gamma) * p * r, p > zero));
+  return pow_gamma(q, gamma) * (one + V::blendv(zero, V(gamma) * p * r, p > zero));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -167,11 +167,9 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
       l0 = wy0 * nll0;
       l1 = wy1 * nll1;
       if (cx.gamma > 0) {  // the focal loss: each lane's loss times (1 - p_y)^gamma
-        Vec m0, m1, s0, s1;
-        focal_factors(static_cast<acc_t>(cx.gamma), nll0, m0, s0);
-        focal_factors(static_cast<acc_t>(cx.gamma), nll1, m1, s1);
-        l0 = l0 * m0;  // ignored lanes are blended to 0 below
-        l1 = l1 * m1;
+        const acc_t gamma = static_cast<acc_t>(cx.gamma);
+        l0 = l0 * focal_loss_factor(gamma, nll0);  // ignored lanes are blended to 0 below
+        l1 = l1 * focal_loss_factor(gamma, nll1);
       }
     }
     const Vec keep0 = kp0 != vzero, keep1 = kp1 != vzero;
@@ -288,10 +286,10 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
     const Vec keep0 = y0 >= zero, keep1 = y1 >= zero;
     Vec f0(1), f1(1);
     if (M == kPlain && cx.gamma > 0) {  // the focal loss: the gradient times s, per lane
-      Vec x0, x1, m0, m1;
+      Vec x0, x1;
       load_acc(xk, B, x0, x1);
-      focal_factors(static_cast<acc_t>(cx.gamma), (sh0 - x0) + L0, m0, f0);
-      focal_factors(static_cast<acc_t>(cx.gamma), (sh1 - x1) + L1, m1, f1);
+      f0 = focal_grad_factor(static_cast<acc_t>(cx.gamma), (sh0 - x0) + L0);
+      f1 = focal_grad_factor(static_cast<acc_t>(cx.gamma), (sh1 - x1) + L1);
     }
     // blended, not multiplied, to zero: g may be inf (a mean over nothing but ignored rows)
     gy0 = Vec::blendv(zero, g0v * ks * wy0 * f0, keep0);

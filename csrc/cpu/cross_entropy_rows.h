@@ -101,11 +101,7 @@ inline double row_loss(const Ctx<scalar_t>& cx, double sh, double L, double a, d
                  (static_cast<double>(cx.w_sum) * L - a);
     } else {
       loss = wy * nll;
-      if (cx.gamma > 0) {
-        double m, s;
-        focal_factors(cx.gamma, nll, m, s);
-        loss *= m;
-      }
+      if (cx.gamma > 0) loss *= focal_loss_factor(cx.gamma, nll);
     }
   }
   if (cx.z > 0) loss += cx.z * wy * (sh + L) * (sh + L);
@@ -256,9 +252,7 @@ inline RowCoef<typename AccOf<scalar_t>::type> row_coef(const Ctx<scalar_t>& cx,
     if (M == kPlain && cx.gamma > 0 && rc.y >= 0) {  // the focal loss: the gradient times s
       const scalar_t* x = cx.x + cx.offset(r / p.inner, r % p.inner);
       const double xy = static_cast<double>(cx.capped(static_cast<acc_t>(x[rc.y * p.stride_class])));
-      double m, f;
-      focal_factors(cx.gamma, (static_cast<double>(rc.sh) - xy) + rc.L, m, f);
-      rc.gyd *= f;
+      rc.gyd *= focal_grad_factor(cx.gamma, (static_cast<double>(rc.sh) - xy) + rc.L);
     }
     if constexpr (M == kSmooth) {
       const double ts = s / static_cast<double>(cx.C_total);

@@ -157,6 +157,15 @@ inline void keep_valid(int64_t n, const Vec& fill, Vec& v0, Vec& v1) {
   v1 = Vec::set(fill, v1, std::max<int64_t>(0, n - W));
 }
 
+// q^gamma for the focal losses: gamma 2 (the usual one) and 1 as products, exact and a few times
+// faster than pow.
+template <typename acc_t>
+inline Vectorized<acc_t> pow_gamma(const Vectorized<acc_t>& q, acc_t gamma) {
+  if (gamma == acc_t(2)) return q * q;
+  if (gamma == acc_t(1)) return q;
+  return q.pow(Vectorized<acc_t>(gamma));
+}
+
 template <typename acc_t>
 inline void load_acc(const acc_t* w, int64_t n, Vectorized<acc_t>& a, Vectorized<acc_t>& b) {
   constexpr int64_t W = Vectorized<acc_t>::size();
