@@ -59,25 +59,25 @@ Tensor weight_of(const std::optional<Tensor>& weight, const Tensor& input, const
 }
 
 struct Dim {
-  int64_t size, ws, ps;  // size, weight stride, pos_weight stride
+  int64_t size, ws, ps, as;  // size, weight, pos_weight and alpha stride
 };
 
-// The input's dimensions with those of size 1 dropped and neighbours merged where both weights
-// step through them as through one: outermost first.
+// The input's dimensions with those of size 1 dropped and neighbours merged where every weight
+// steps through them as through one: outermost first.
 std::vector<Dim> merged_dims(const Tensor& input, const std::vector<int64_t>& ws,
-                             const std::vector<int64_t>& ps) {
+                             const std::vector<int64_t>& ps, const std::vector<int64_t>& as) {
   std::vector<Dim> out;  // innermost first while building
   for (int64_t d = input.dim() - 1; d >= 0; --d) {
     const int64_t size = input.size(d);
     if (size == 1) continue;
     if (!out.empty()) {
       Dim& in = out.back();
-      if (ws[d] == in.ws * in.size && ps[d] == in.ps * in.size) {
+      if (ws[d] == in.ws * in.size && ps[d] == in.ps * in.size && as[d] == in.as * in.size) {
         in.size *= size;
         continue;
       }
     }
-    out.push_back({size, ws[d], ps[d]});
+    out.push_back({size, ws[d], ps[d], as[d]});
   }
   std::reverse(out.begin(), out.end());
   return out;
@@ -85,26 +85,29 @@ std::vector<Dim> merged_dims(const Tensor& input, const std::vector<int64_t>& ws
 
 // Everything the kernels read, and the tensors that hold it.
 struct Prepared {
-  Tensor input, target, weight, pos_weight;
+  Tensor input, target, weight, pos_weight, alpha;
   BinaryCrossEntropyParams p{};
 };
 
 Prepared prepare(const Tensor& input, const Tensor& target,
                  const std::optional<Tensor>& weight, const std::optional<Tensor>& pos_weight,
-                 int64_t reduction, const char* op) {
+                 const std::optional<Tensor>& alpha, int64_t reduction, const char* op) {
   check_inputs(input, target, op);
   Prepared r;
-  std::vector<int64_t> ws, ps;
+  std::vector<int64_t> ws, ps, as;
   r.weight = weight_of(weight, input, "weight", ws, op);
   r.pos_weight = weight_of(pos_weight, input, "pos_weight", ps, op);
-  std::vector<Dim> dims = merged_dims(input, ws, ps);
+  r.alpha = weight_of(alpha, input, "alpha", as, op);
+  std::vector<Dim> dims = merged_dims(input, ws, ps, as);
   if (dims.size() > static_cast<size_t>(kMaxBroadcastDims) + 1) {
     // Weights that vary along more dimensions than the kernels index: expand them in full (an
     // input of 10 or more dimensions, each broadcast differently).
     if (r.weight.defined()) r.weight = r.weight.expand(input.sizes()).contiguous();
     if (r.pos_weight.defined()) r.pos_weight = r.pos_weight.expand(input.sizes()).contiguous();
+    if (r.alpha.defined()) r.alpha = r.alpha.expand(input.sizes()).contiguous();
     std::vector<int64_t> full = input.contiguous().strides().vec();
-    dims = merged_dims(input, r.weight.defined() ? full : ws, r.pos_weight.defined() ? full : ps);
+    dims = merged_dims(input, r.weight.defined() ? full : ws, r.pos_weight.defined() ? full : ps,
+                       r.alpha.defined() ? full : as);
   }
   BinaryCrossEntropyParams& p = r.p;
   p.dtype = dtype_of(input, op);
@@ -112,20 +115,23 @@ Prepared prepare(const Tensor& input, const Tensor& target,
   p.numel = input.numel();
   p.inner = 1;
   p.outer_dims = 0;
-  int64_t w_inner = 0, p_inner = 0;
+  int64_t w_inner = 0, p_inner = 0, a_inner = 0;
   if (p.numel > 0 && !dims.empty()) {
     const Dim in = dims.back();
     p.inner = in.size;
     w_inner = in.ws;
     p_inner = in.ps;
+    a_inner = in.as;
     // A contiguous weight steps by 1 along the last dimension it does not broadcast over.
-    TORCH_INTERNAL_ASSERT((w_inner == 0 || w_inner == 1) && (p_inner == 0 || p_inner == 1));
+    TORCH_INTERNAL_ASSERT((w_inner == 0 || w_inner == 1) && (p_inner == 0 || p_inner == 1) &&
+                          (a_inner == 0 || a_inner == 1));
     bool periodic = true;
     for (size_t d = 0; d + 1 < dims.size(); ++d) {
       p.outer_sizes[d] = dims[d].size;
       p.weight.strides[d] = dims[d].ws;
       p.pos_weight.strides[d] = dims[d].ps;
-      periodic = periodic && dims[d].ws == 0 && dims[d].ps == 0;
+      p.alpha.strides[d] = dims[d].as;
+      periodic = periodic && dims[d].ws == 0 && dims[d].ps == 0 && dims[d].as == 0;
     }
     p.outer_dims = static_cast<int32_t>(dims.size() - 1);
     if (periodic && p.outer_dims > 0 && p.inner < kMinRow && p.numel >= kJoinNumel) {
@@ -133,6 +139,7 @@ Prepared prepare(const Tensor& input, const Tensor& target,
       const int64_t k = (kMinRow + p.inner - 1) / p.inner;
       if (w_inner == 1) r.weight = r.weight.reshape({-1}).repeat({k});
       if (p_inner == 1) r.pos_weight = r.pos_weight.reshape({-1}).repeat({k});
+      if (a_inner == 1) r.alpha = r.alpha.reshape({-1}).repeat({k});
       p.inner *= k;
       p.outer_dims = 0;
     }
@@ -145,15 +152,20 @@ Prepared prepare(const Tensor& input, const Tensor& target,
   p.weight.inner_stride = w_inner;
   p.pos_weight.data = r.pos_weight.defined() ? r.pos_weight.data_ptr() : nullptr;
   p.pos_weight.inner_stride = p_inner;
+  p.alpha.data = r.alpha.defined() ? r.alpha.data_ptr() : nullptr;
+  p.alpha.inner_stride = a_inner;
   return r;
 }
 
-// The focal terms (params.h): gamma < 0 is plain BCE; NaN is an error.
+// The focal terms (params.h): gamma < 0 is plain BCE; NaN is an error. An alpha tensor (already
+// in p.alpha) switches alpha_t on and replaces the scalar alpha.
 void set_focal(BinaryCrossEntropyParams& p, double gamma, double alpha, const char* op) {
   TORCH_CHECK_VALUE(gamma == gamma && alpha == alpha && std::isfinite(gamma), op,
                     ": gamma and alpha must be numbers, got gamma=", gamma, ", alpha=", alpha);
+  TORCH_CHECK_VALUE(p.alpha.data == nullptr || gamma >= 0, op, ": an alpha tensor needs the "
+                    "focal loss (gamma >= 0), got gamma=", gamma);
   p.focal_gamma = gamma;
-  p.focal_alpha = gamma >= 0 ? alpha : -1.0;
+  p.focal_alpha = gamma < 0 ? -1.0 : p.alpha.data != nullptr ? 0.0 : alpha;
 }
 
 }  // namespace
@@ -162,8 +174,9 @@ Tensor binary_cross_entropy_forward_impl(const Tensor& input, const Tensor& targ
                                          const std::optional<Tensor>& weight,
                                          const std::optional<Tensor>& pos_weight,
                                          int64_t reduction, double gamma, double alpha,
+                                         const std::optional<Tensor>& alpha_tensor,
                                          const BinaryCrossEntropyBackend& backend) {
-  Prepared r = prepare(input, target, weight, pos_weight, reduction, kOp);
+  Prepared r = prepare(input, target, weight, pos_weight, alpha_tensor, reduction, kOp);
   set_focal(r.p, gamma, alpha, kOp);
   Tensor loss = r.p.reduction == Reduction::None ? at::empty(input.sizes(), input.options())
                                                  : at::empty({}, input.options());
@@ -176,13 +189,11 @@ std::tuple<Tensor, Tensor> binary_cross_entropy_backward_impl(
     const Tensor& grad_loss, const Tensor& input, const Tensor& target,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& pos_weight,
     int64_t reduction, bool input_grad, bool target_grad, double gamma, double alpha,
-    const BinaryCrossEntropyBackend& backend) {
+    const std::optional<Tensor>& alpha_tensor, const BinaryCrossEntropyBackend& backend) {
   constexpr const char* op = "binary_cross_entropy_with_logits backward";
-  Prepared r = prepare(input, target, weight, pos_weight, reduction, op);
+  Prepared r = prepare(input, target, weight, pos_weight, alpha_tensor, reduction, op);
   BinaryCrossEntropyParams& p = r.p;
   set_focal(p, gamma, alpha, op);
-  TORCH_CHECK(!(target_grad && p.focal_gamma >= 0), "sigmoid_focal_loss: the derivative for "
-              "'target' is not implemented");
   TORCH_CHECK(grad_loss.scalar_type() == input.scalar_type(), op, ": grad_loss must have the "
               "input's dtype ", input.scalar_type(), ", got ", grad_loss.scalar_type());
   TORCH_CHECK(grad_loss.device() == input.device(), op, ": grad_loss is on ", grad_loss.device(),

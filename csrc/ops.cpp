@@ -66,15 +66,17 @@ TORCH_LIBRARY(weighted_loss, m) {
       "Tensor lse, Tensor total_weight, int reduction, int ignore_index, float label_smoothing, "
       "int class_offset, int total_classes) -> Tensor");
   // BCE with logits. weight and pos_weight broadcast against input as in PyTorch; target has the
-  // input's shape and dtype; gamma >= 0 makes it the sigmoid focal loss (params.h). The backward
+  // input's shape and dtype; gamma >= 0 makes it the sigmoid focal loss (params.h), with
+  // alpha_tensor (broadcast as weight) each element's alpha when given. The backward
   // returns (grad_input, grad_target), each an empty (0,) tensor unless asked for.
   m.def(
       "binary_cross_entropy_with_logits_forward(Tensor input, Tensor target, Tensor? weight, "
-      "Tensor? pos_weight, int reduction, float gamma=-1., float alpha=-1.) -> Tensor");
+      "Tensor? pos_weight, int reduction, float gamma=-1., float alpha=-1., "
+      "Tensor? alpha_tensor=None) -> Tensor");
   m.def(
       "binary_cross_entropy_with_logits_backward(Tensor grad_loss, Tensor input, Tensor target, "
       "Tensor? weight, Tensor? pos_weight, int reduction, bool input_grad, bool target_grad, "
-      "float gamma=-1., float alpha=-1.) -> (Tensor, Tensor)");
+      "float gamma=-1., float alpha=-1., Tensor? alpha_tensor=None) -> (Tensor, Tensor)");
   // Which CPU kernel build runs here: DEFAULT, AVX2 or AVX512.
   m.def("cpu_capability() -> str", &cpu_capability);
 }

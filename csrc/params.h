@@ -114,9 +114,12 @@ struct BinaryCrossEntropyParams {
   Reduction reduction;
   // The sigmoid focal loss (Lin et al.): each element's loss times alpha_t (1 - p_t)^gamma, with
   // p_t = t sigmoid(x) + (1 - t) sigmoid(-x) and alpha_t = alpha t + (1 - alpha) (1 - t).
-  // focal_gamma < 0: plain BCE; focal_alpha < 0: no alpha_t (torchvision's alpha = -1).
+  // focal_gamma < 0: plain BCE; focal_alpha < 0: no alpha_t (torchvision's alpha = -1). With
+  // alpha.data set (and focal_alpha >= 0), each element's alpha is read from it, broadcast as
+  // the weights are.
   double focal_gamma;
   double focal_alpha;
+  BroadcastWeight alpha;
 
   const void* input;           // logits, dtype
   const void* target;          // probabilities in [0, 1], dtype

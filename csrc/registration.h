@@ -120,20 +120,20 @@ struct BinaryCrossEntropyOps {
 
   static Tensor forward(const Tensor& input, const Tensor& target, const OptTensor& weight,
                         const OptTensor& pos_weight, int64_t reduction, double gamma,
-                        double alpha) {
+                        double alpha, const OptTensor& alpha_tensor) {
     const typename Device::Guard guard(input.device());
     return binary_cross_entropy_forward_impl(input, target, weight, pos_weight, reduction, gamma,
-                                             alpha, Device::forward());
+                                             alpha, alpha_tensor, Device::forward());
   }
   static std::tuple<Tensor, Tensor> backward(const Tensor& grad_loss, const Tensor& input,
                                              const Tensor& target, const OptTensor& weight,
                                              const OptTensor& pos_weight, int64_t reduction,
                                              bool input_grad, bool target_grad, double gamma,
-                                             double alpha) {
+                                             double alpha, const OptTensor& alpha_tensor) {
     const typename Device::Guard guard(input.device());
     return binary_cross_entropy_backward_impl(grad_loss, input, target, weight, pos_weight,
                                               reduction, input_grad, target_grad, gamma, alpha,
-                                              Device::backward());
+                                              alpha_tensor, Device::backward());
   }
 };
 

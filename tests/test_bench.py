@@ -48,13 +48,15 @@ def test_select_cases():
 
 @pytest.mark.parametrize("loss,shape,kw", [("ce", (64, 10), {"label_smoothing": 0.1}),
                                            ("ce", (2, 5, 4, 4), {"ignore_index": 255}),
-                                           ("bce", (32, 7), {})])
+                                           ("bce", (32, 7), {}),
+                                           ("focal", (2, 5, 4, 4), {}),
+                                           ("sfocal", (16, 9), {"reduction": "mean"})])
 def test_run_case_figures(loss, shape, kw):
     r = bench.run_case("c", loss, shape, torch.float32, kw, torch.device("cpu"), repeat=2,
                        use_compile=False)
     assert r["fused_max_loss_diff"] < 1e-5 and r["fused_max_grad_diff"] < 1e-6
     numel = math.prod(shape)
-    assert r["bytes_min"] == (3 if loss == "ce" else 5) * numel * 4
+    assert r["bytes_min"] == (3 if loss in ("ce", "focal") else 5) * numel * 4
     for kind in ("fused", "native"):
         assert r[f"{kind}_fwd_bwd_ms"] > 0 and r[f"{kind}_fwd_ms"] > 0
         assert r[f"{kind}_bwd_ms"] == pytest.approx(r[f"{kind}_fwd_bwd_ms"] - r[f"{kind}_fwd_ms"])

@@ -237,7 +237,8 @@ def test_demo_runs(tmp_path, capsys):
     results = demo.main(["--scale", "0.02", "--epochs", "1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     names = [r["run"] for r in results]
-    assert names[0] == "no weights" and "sampler (inverse)" in names and len(names) == 8
+    assert names[0] == "no weights" and "sampler (inverse)" in names and len(names) == 10
+    assert names[-2:] == ["focal g=2", "focal g=2 + balanced"]
     for r in results:
         assert len(r["recall"]) == 5 and 0 <= r["balanced_accuracy"] <= 1
         assert math.isclose(r["balanced_accuracy"], sum(r["recall"]) / 5)

@@ -138,13 +138,13 @@ def _(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_ind
 # ---------------------------------------------------------------- BCE with logits
 
 @torch.library.register_fake("weighted_loss::binary_cross_entropy_with_logits_forward")
-def _(input, target, weight, pos_weight, reduction, gamma=-1.0, alpha=-1.0):
+def _(input, target, weight, pos_weight, reduction, gamma=-1.0, alpha=-1.0, alpha_tensor=None):
     return input.new_empty(input.shape if reduction == _NONE else ())
 
 
 @torch.library.register_fake("weighted_loss::binary_cross_entropy_with_logits_backward")
 def _(grad_loss, input, target, weight, pos_weight, reduction, input_grad, target_grad,
-      gamma=-1.0, alpha=-1.0):
+      gamma=-1.0, alpha=-1.0, alpha_tensor=None):
     # contiguous, as the kernels write them
     grad_input = input.new_empty(input.shape if input_grad else (0,))
     grad_target = input.new_empty(input.shape if target_grad else (0,))
@@ -152,15 +152,17 @@ def _(grad_loss, input, target, weight, pos_weight, reduction, input_grad, targe
 
 
 def _bce_setup(ctx, inputs, output):
-    input, target, weight, pos_weight, reduction, *focal = inputs  # [gamma, alpha]
-    ctx.save_for_backward(input, target, weight, pos_weight)
-    ctx.reduction, ctx.focal = reduction, tuple(focal)
+    input, target, weight, pos_weight, reduction, *focal = inputs  # [gamma, alpha, alpha_tensor]
+    alpha_tensor = focal[2] if len(focal) > 2 else None
+    ctx.save_for_backward(input, target, weight, pos_weight, alpha_tensor)
+    ctx.reduction, ctx.focal = reduction, tuple(focal[:2])
+    ctx.has_alpha_tensor = alpha_tensor is not None
 
 
 def _bce_backward(ctx, grad_loss):
-    input, target, weight, pos_weight = ctx.saved_tensors
-    for index, name in ((2, "weight"), (3, "pos_weight")):
-        if ctx.needs_input_grad[index]:
+    input, target, weight, pos_weight, alpha_tensor = ctx.saved_tensors
+    for index, name in ((2, "weight"), (3, "pos_weight"), (7, "alpha")):
+        if index < len(ctx.needs_input_grad) and ctx.needs_input_grad[index]:
             raise NotImplementedError(
                 f"weighted_loss: the derivative for '{name}' is not implemented (as in PyTorch)")
     need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -168,10 +170,10 @@ def _bce_backward(ctx, grad_loss):
     if need_input or need_target:
         gx, gt = _ops.binary_cross_entropy_with_logits_backward(
             grad_loss, input, target, weight, pos_weight, ctx.reduction, need_input, need_target,
-            *ctx.focal)
+            *ctx.focal, *((alpha_tensor,) if ctx.has_alpha_tensor else ()))
         grad_input = gx if need_input else None
         grad_target = gt if need_target else None
-    return (grad_input, grad_target, None, None, None, None, None)[:5 + len(ctx.focal)]
+    return (grad_input, grad_target) + (None,) * (len(ctx.needs_input_grad) - 2)
 
 
 torch.library.register_autograd("weighted_loss::binary_cross_entropy_with_logits_forward",

@@ -5,6 +5,7 @@ native loss, forward, backward and total, with speed, bandwidth, memory and accu
     python -m weighted_loss.bench --full               the large GPU suite
     python -m weighted_loss.bench --shape 8192x32000 --dtype bfloat16 --loss ce bce
     python -m weighted_loss.bench --loss linear --full  fused linear + cross-entropy, large cases
+    python -m weighted_loss.bench --loss focal sfocal   the focal losses vs their composites
     options: --device, --dtype, --shape (repeatable), --loss, --case, --repeat, --no-compile, --out
 
 Method. Every case first computes the loss and the logits' gradient once with each implementation
@@ -12,12 +13,13 @@ Method. Every case first computes the loss and the logits' gradient once with ea
 result. Then, after two warm-up calls, it times forward and forward+backward of every
 implementation in alternation, `repeat` rounds (so all see the same machine noise), and reports
 medians; backward = forward+backward - forward. CUDA times come from CUDA events, CPU times from
-perf_counter. The bandwidth bound is a case's minimal bytes: cross-entropy 3 x the logits (read
-forward, read backward, gradient written), BCE 5 x (logits and targets read forward and backward,
-gradient written); achieved GB/s = those bytes / total time, also given as a fraction of the copy
-bandwidth measured in the same run. Peak memory is what one forward+backward allocates beyond
-its inputs: the CUDA allocator's peak on a GPU, the profiler's count of live CPU allocations on
-the CPU (the fused kernels' cached gradient buffers included).
+perf_counter. The bandwidth bound is a case's minimal bytes: cross-entropy and the softmax focal
+loss 3 x the logits (read forward, read backward, gradient written), BCE and the sigmoid focal
+loss 5 x (logits and targets read forward and backward, gradient written); achieved GB/s =
+those bytes / total time, also given as a fraction of the copy bandwidth measured in the same
+run. Peak memory is what one forward+backward allocates beyond its inputs: the CUDA allocator's
+peak on a GPU, the profiler's count of live CPU allocations on the CPU (the fused kernels' cached
+gradient buffers included).
 
 Writes <out>/<stamp>.json (device, versions, every figure) and <out>/<stamp>.png (speedup and
 achieved bandwidth per case; needs matplotlib), and prints a table (rich if installed).
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import weighted_loss as wl
-from weighted_loss import bench_linear
+from weighted_loss import bench_focal, bench_linear
 from weighted_loss.bench_report import (COLUMNS, _Progress, environment, markdown_table,  # noqa: F401
                                         plot, print_table)
 
@@ -47,7 +49,7 @@ QUICK = [
      {"ignore_index": 255}),
     ("bce-8192x1000-f32-posw", "bce", (8192, 1000), torch.float32, {}),
     ("bce-seg-16x5x128x128-f32-posw", "bce", (16, 5, 128, 128), torch.float32, {}),
-]
+] + bench_focal.QUICK
 FULL = [
     ("ce-8192x32000-bf16", "ce", (8192, 32000), torch.bfloat16, {}),
     ("ce-8192x128256-bf16", "ce", (8192, 128256), torch.bfloat16, {}),
@@ -56,10 +58,12 @@ FULL = [
     ("ce-seg-16x19x512x512-bf16-ign255", "ce", (16, 19, 512, 512), torch.bfloat16,
      {"ignore_index": 255}),
     ("bce-8192x8192-bf16-posw", "bce", (8192, 8192), torch.bfloat16, {}),
-]
+] + bench_focal.FULL
 LOSSES = {
     "ce": (wl.cross_entropy, F.cross_entropy),
     "bce": (wl.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits),
+    "focal": (wl.focal_loss, bench_focal.focal_composite),  # gamma = 2, class weights
+    "sfocal": (wl.sigmoid_focal_loss, bench_focal.sigmoid_focal_composite),  # torchvision's
 }
 DTYPES = {"float32": torch.float32, "f32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "f16": torch.float16,
@@ -169,19 +173,21 @@ class _quiet_stderr:
 
 def make_inputs(loss, shape, dtype, kwargs, device, seed=0):
     """Logits, targets and the keyword arguments of the loss, with weights computed from the
-    targets as users do: max(n)/n class weights for cross-entropy, pos_weight = #neg/#pos per
-    class for BCE (positives 1-30% depending on the class)."""
+    targets as users do: max(n)/n class weights for cross-entropy and the softmax focal loss,
+    pos_weight = #neg/#pos per class for BCE (positives 1-30% depending on the class); the sigmoid
+    focal loss takes BCE's targets with torchvision's defaults (alpha 0.25, gamma 2) instead."""
     g = torch.Generator().manual_seed(seed)
     C = shape[1]
     x = torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
     kwargs = dict(kwargs)
-    if loss == "bce":
+    if loss in ("bce", "sfocal"):
         rate = torch.linspace(0.01, 0.3, C).reshape(C, *([1] * (len(shape) - 2)))
         y = (torch.rand(shape, generator=g) < rate).to(dtype)
         dims = [d for d in range(len(shape)) if d != 1]
         pos = y.float().sum(dims, keepdim=True).squeeze(0)
         total = y.numel() / C
-        kwargs["pos_weight"] = ((total - pos) / pos.clamp(min=1)).to(device=device)
+        if loss == "bce":
+            kwargs["pos_weight"] = ((total - pos) / pos.clamp(min=1)).to(device=device)
         return x, y.to(device), kwargs
     tshape = (shape[0], *shape[2:])
     y = torch.randint(0, C, tshape, generator=g)
@@ -193,7 +199,7 @@ def make_inputs(loss, shape, dtype, kwargs, device, seed=0):
 
 
 def bytes_min(loss, x):
-    return (3 if loss == "ce" else 5) * x.numel() * x.element_size()
+    return (3 if loss in ("ce", "focal") else 5) * x.numel() * x.element_size()
 
 
 def select_cases(args):
@@ -311,7 +317,7 @@ def measure(cases, device, repeat, use_compile=True, progress=True):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:7]))
+                                 epilog="\n".join(__doc__.splitlines()[2:9]))
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--full", action="store_true", help="the large GPU suite instead of the quick one")
     ap.add_argument("--shape", type=parse_shape, action="append",
@@ -319,7 +325,8 @@ def main(argv=None):
     ap.add_argument("--dtype", type=parse_dtype, action="append",
                     help="float32, bfloat16, float16 or float64 (repeatable; overrides the suite's)")
     ap.add_argument("--loss", nargs="+", choices=sorted(LOSSES) + ["linear"],
-                    help="ce, bce, linear (bench_linear.py) or several")
+                    help="ce, bce, focal, sfocal (bench_focal.py), linear (bench_linear.py) or "
+                         "several")
     ap.add_argument("--case", action="append", help="only suite cases whose name contains this")
     ap.add_argument("--repeat", type=int, default=None,
                     help="timed rounds per case (default 7 on CPU, 20 on CUDA)")

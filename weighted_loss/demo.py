@@ -1,6 +1,7 @@
 """What class weights do: one small model trained on an imbalanced 5-class problem with no
-weights, with each class_weights() method, and with a weighted sampler instead, all through the
-fused loss; prints per-class recall, balanced accuracy and the loss curves, and saves a plot.
+weights, with each class_weights() method, with a weighted sampler instead, and with the focal
+loss (gamma = 2, alone and with balanced weights as its alpha), all through the fused losses;
+prints per-class recall, balanced accuracy and the loss curves, and saves a plot.
 
     python -m weighted_loss.demo [--epochs 6] [--out demo_out] [--seed 0] [--scale 1.0]
 
@@ -45,17 +46,19 @@ def model_for(classes, seed):
 
 
 def runs(train_y):
-    """(name, weight, sampler) of every configuration the demo compares."""
+    """(name, weight, sampler, focal gamma) of every configuration the demo compares."""
     C = len(COUNTS)
-    out = [("no weights", None, None)]
+    out = [("no weights", None, None, 0.0)]
     counts = torch.bincount(train_y, minlength=C)  # an integer tensor of counts, as people write it
     for method in ("inverse", "max_ratio", "balanced", "median"):
-        out.append((method, wl.class_weights(counts, method), None))
+        out.append((method, wl.class_weights(counts, method), None, 0.0))
     for beta in (0.999, 0.9999):  # or from the labels themselves, by keyword
         out.append((f"effective_number b={beta}",
                     wl.class_weights(labels=train_y, method="effective_number", num_classes=C,
-                                     beta=beta), None))
-    out.append(("sampler (inverse)", None, "inverse"))
+                                     beta=beta), None, 0.0))
+    out.append(("sampler (inverse)", None, "inverse", 0.0))
+    out.append(("focal g=2", None, None, 2.0))
+    out.append(("focal g=2 + balanced", wl.class_weights(counts, "balanced"), None, 2.0))
     return out
 
 
@@ -66,11 +69,11 @@ def recall_per_class(model, x, y, classes):
             for k in range(classes)], (pred == y).float().mean().item()
 
 
-def train(name, weight, sampler_method, data, init, args):
+def train(name, weight, sampler_method, gamma, data, init, args):
     (xtr, ytr), (xte, yte) = data
     model = copy.deepcopy(init)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    loss_fn = wl.CrossEntropyLoss(weight=weight)
+    loss_fn = wl.FocalLoss(gamma, weight) if gamma > 0 else wl.CrossEntropyLoss(weight=weight)
     plain = nn.CrossEntropyLoss()  # the unweighted test loss: comparable across runs
     g = torch.Generator().manual_seed(args.seed + 1)
     smp = wl.sampler(ytr, sampler_method, generator=g) if sampler_method else None
@@ -142,7 +145,8 @@ def plot(path, results, counts):
     b.set_title("recall per class on the test set", fontsize=10)
     b.legend(fontsize=7, loc="upper center", ncol=2)
     b.grid(axis="y", alpha=0.3)
-    fig.suptitle("weighted_loss demo: class weights on an imbalanced 5-class problem", fontsize=11)
+    fig.suptitle("weighted_loss demo: class weights and the focal loss on an imbalanced 5-class "
+                 "problem", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -170,11 +174,11 @@ def main(argv=None):
     init = model_for(len(COUNTS), args.seed)
     results = []
     t0 = time.time()
-    for name, weight, smp in runs(train_data[1]):
+    for name, weight, smp, gamma in runs(train_data[1]):
         print(f"training: {name}" + ("" if weight is None else
                                      f"  weight={[round(v, 4) for v in weight.tolist()]}"),
               flush=True)
-        results.append(train(name, weight, smp, (train_data, (xte, yte)), init, args))
+        results.append(train(name, weight, smp, gamma, (train_data, (xte, yte)), init, args))
     print_results(results, counts)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "demo.json"), "w") as f:

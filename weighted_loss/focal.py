@@ -9,7 +9,7 @@ pass forward and one backward, plus ``weight`` and ``pos_weight`` as in
 """
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -27,27 +27,33 @@ def _check_gamma(gamma) -> float:
     return float(gamma)
 
 
-def _check_alpha(alpha) -> float:
+def _check_alpha(alpha):
+    """A float in [0, 1] or -1 (off), as torchvision checks it, or a floating tensor (its values
+    are not checked: that would synchronize with the device)."""
     if isinstance(alpha, Tensor):
-        raise TypeError("alpha must be a float (-1: off, as torchvision); a tensor alpha is not "
-                        "supported yet: pass the per-class factor as weight=")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or math.isnan(alpha) \
-            or math.isinf(alpha):
-        raise ValueError(f"alpha must be a finite number (< 0: off, as torchvision's -1), got "
-                         f"{alpha!r}")
-    return float(alpha) if alpha >= 0 else -1.0
+        if not alpha.is_floating_point():
+            raise TypeError(f"alpha must be a floating point tensor, got {alpha.dtype}")
+        return alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or \
+            not (0 <= alpha <= 1 or alpha == -1):
+        raise ValueError(f"Invalid alpha value: {alpha!r}. alpha must be in the range [0,1] or -1 "
+                         "for ignore.")
+    return float(alpha)
 
 
-def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: Union[float, Tensor] = 0.25,
+                       gamma: float = 2.0,
                        reduction: str = "none", weight: Optional[Tensor] = None,
                        pos_weight: Optional[Tensor] = None) -> Tensor:
     """``torchvision.ops.sigmoid_focal_loss``, fused:
     ``alpha_t * (1 - p_t)**gamma * BCE(input, target)`` per element, with
     ``p_t = p t + (1 - p)(1 - t)``, ``p = sigmoid(input)``,
-    ``alpha_t = alpha t + (1 - alpha)(1 - t)`` (no alpha_t when ``alpha < 0``). ``weight`` and
+    ``alpha_t = alpha t + (1 - alpha)(1 - t)`` (no alpha_t when ``alpha = -1``). ``alpha`` is a
+    float in [0, 1] or -1 (torchvision's check), or a tensor broadcast against ``input`` like
+    ``weight`` (a per-class alpha: shape ``(C,)`` for ``(N, C)`` logits). ``weight`` and
     ``pos_weight`` weigh the BCE term as in ``F.binary_cross_entropy_with_logits`` (broadcast, read
     in place); ``reduction`` "none" (torchvision's default), "mean" over elements, or "sum".
-    Gradients flow to ``input``; ``gamma=0, alpha=-1`` is exactly
+    Gradients flow to ``input`` and ``target``; ``gamma=0, alpha=-1`` is exactly
     ``wl.binary_cross_entropy_with_logits``."""
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction "
@@ -57,26 +63,34 @@ def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: float = 0.25, gamma
         raise ValueError(f"Target size ({target.size()}) must be the same as input size "
                          f"({input.size()})")
     if torch.is_grad_enabled():
-        for name, t in (("target", target), ("weight", weight), ("pos_weight", pos_weight)):
-            if t is not None and t.requires_grad:
+        for name, t in (("weight", weight), ("pos_weight", pos_weight), ("alpha", a)):
+            if isinstance(t, Tensor) and t.requires_grad:
                 raise NotImplementedError(
                     f"sigmoid_focal_loss: the derivative for '{name}' is not implemented")
     out_dtype = torch.promote_types(input.dtype, target.dtype) \
         if input.is_floating_point() and target.is_floating_point() else target.dtype
     if input.is_floating_point() and target.is_floating_point() and input.dtype != target.dtype:
         input, target = input.to(out_dtype), target.to(out_dtype)
-    return _ops.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight,
-                                                         _Reduction.get_enum(reduction), g, a)
+    red = _Reduction.get_enum(reduction)
+    if isinstance(a, Tensor):
+        return _ops.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight,
+                                                             red, g, 0.0, a)
+    return _ops.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight, red,
+                                                         g, a)
 
 
 class SigmoidFocalLoss(torch.nn.Module):
-    """:func:`sigmoid_focal_loss` as a module; ``weight`` and ``pos_weight`` are buffers, as in
-    ``torch.nn.BCEWithLogitsLoss``."""
+    """:func:`sigmoid_focal_loss` as a module; ``weight``, ``pos_weight`` and a tensor ``alpha``
+    are buffers, as in ``torch.nn.BCEWithLogitsLoss``."""
 
-    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none",
+    def __init__(self, alpha=0.25, gamma: float = 2.0, reduction: str = "none",
                  weight: Optional[Tensor] = None, pos_weight: Optional[Tensor] = None):
         super().__init__()
-        self.alpha, self.gamma = _check_alpha(alpha), _check_gamma(gamma)
+        alpha, self.gamma = _check_alpha(alpha), _check_gamma(gamma)
+        if isinstance(alpha, Tensor):
+            self.register_buffer("alpha", alpha)
+        else:
+            self.alpha = alpha
         self.reduction = reduction
         self.register_buffer("weight", weight)
         self.register_buffer("pos_weight", pos_weight)

@@ -9,6 +9,7 @@
 //   overflows and nothing cancels for |x| up to the dtype's range.
 //   dloss/dx = w [ (1 + (P - 1) t) sigmoid(x) - P t ],  sigmoid(x) = (x >= 0 ? 1 : e) / (1 + e)
 //   dloss/dt = w [ (P - 1) softplus(-x) - x ],  softplus(-x) = -log sigmoid(x)
+// and with the focal switch (Focal below) the loss and both gradients times its factors.
 // Both passes read x and t once; the forward reduces in the same pass over fixed blocks of
 // kBlock elements whose partial sums are added in block order (the same bits for any thread
 // count); the backward writes each wanted gradient element once. Broadcast weights are read
@@ -78,32 +79,52 @@ inline Vectorized<acc_t> bce_loss(const Vectorized<acc_t>& x, const Vectorized<a
 // gradient alpha_t q^gamma (dce + gamma (1 - 2 t) sigmoid(x) sigmoid(-x) / q ce), whose second
 // term is its limit 0 where q = 0 (q^(gamma - 1) alone would be infinite for gamma < 1), with
 // dce = (1 - t) sigmoid(x) - P t sigmoid(-x), which does not cancel where sigmoid(x) is near 1.
+// alpha is each element's alpha (a vector of one value unless params.h's alpha tensor is given);
+// has_alpha false: no alpha_t.
 template <typename acc_t>
 struct Focal {
   using V = Vectorized<acc_t>;
-  acc_t gamma, alpha;
-  inline V alpha_t(const V& t) const {
-    return alpha >= 0 ? at::vec::fmadd(V(alpha + alpha - 1), t, V(1 - alpha)) : V(1);
+  acc_t gamma;
+  bool has_alpha;
+  // a t + (1 - a)(1 - t): two terms >= 0, no cancellation (as (2a - 1) t + 1 - a would have)
+  inline V alpha_t(const V& t, const V& a) const {
+    return has_alpha ? at::vec::fmadd(a, t, (V(1) - a) * (V(1) - t)) : V(1);
   }
+  // q from whichever of q and p_t = 1 - q is the smaller: each is a sum of two terms >= 0, exact
+  // to about an ulp of itself, so 1 - p_t is the better q where q > 1/2 (soft targets).
   inline void sigmoids(const V& x, const V& e, V& sig, V& sig_neg, V& q, const V& t) const {
     const V one(1), inv = one / (one + e), pos = x >= V(0);
     sig = V::blendv(e, one, pos) * inv;
     sig_neg = V::blendv(one, e, pos) * inv;
-    q = t * sig_neg + (one - t) * sig;
+    const V u = one - t, pt = t * sig + u * sig_neg;
+    q = V::blendv(t * sig_neg + u * sig, one - pt, pt < V(0.5));
   }
-  inline V factor(const V& x, const V& t) const {
+  inline V factor(const V& x, const V& t, const V& a) const {
     V sig, sig_neg, q;
     sigmoids(x, exp_neg_abs(x), sig, sig_neg, q, t);
-    return alpha_t(t) * pow_gamma(q, gamma);
+    return alpha_t(t, a) * pow_gamma(q, gamma);
   }
-  inline V grad(const V& x, const V& t, const V& pw, const V& e, const V& ce) const {
+  inline V grad(const V& x, const V& t, const V& a, const V& pw, const V& e, const V& ce) const {
     V sig, sig_neg, q;
     sigmoids(x, e, sig, sig_neg, q, t);
     const V zero(0), one(1);
     const V dce = (one - t) * sig - pw * t * sig_neg;
     const V r = V::blendv(zero, sig * sig_neg / q, q > zero);
     const V dm = V(gamma) * (one - t - t) * r;  // d log q^gamma / dx
-    return alpha_t(t) * pow_gamma(q, gamma) * at::vec::fmadd(dm, ce, dce);
+    return alpha_t(t, a) * pow_gamma(q, gamma) * at::vec::fmadd(dm, ce, dce);
+  }
+  // d/dt of alpha_t q^gamma ce: q^gamma ((2 alpha - 1) ce + alpha_t (gamma (ce / q) dq/dt +
+  // dce/dt)), dq/dt = sigmoid(-x) - sigmoid(x); ce / q is bounded where q -> 0 (about P or 1)
+  // and q^gamma takes the term to 0 there, so q = 0 contributes 0 (its limit).
+  inline V grad_target(const V& x, const V& t, const V& a, const V& e, const V& ce,
+                       const V& dce_t) const {
+    V sig, sig_neg, q;
+    sigmoids(x, e, sig, sig_neg, q, t);
+    const V zero(0);
+    const V r = V::blendv(zero, ce / q, q > zero);
+    const V inner = at::vec::fmadd(V(gamma) * r, sig_neg - sig, dce_t);
+    const V da = has_alpha ? a + a - V(1) : zero;
+    return pow_gamma(q, gamma) * at::vec::fmadd(da, ce, alpha_t(t, a) * inner);
   }
 };
 
@@ -138,28 +159,6 @@ inline void load_elements(const scalar_t* x, const scalar_t* t,
   load_weight<acc_t, PC>(pw + (PC ? k : 0), n, pv[0], pv[1]);
 }
 
-template <typename scalar_t>
-struct BceCtx {
-  using acc_t = typename AccOf<scalar_t>::type;
-  const BinaryCrossEntropyParams& p;
-  const scalar_t* x;
-  const scalar_t* t;
-  const acc_t* w;    // the weight, or `one` when absent (inner stride 0)
-  const acc_t* pw;
-  acc_t one = 1;
-  bool focal;
-  Focal<acc_t> fl;
-
-  explicit BceCtx(const BinaryCrossEntropyParams& prm) : p(prm) {
-    focal = p.focal_gamma >= 0;
-    fl = {static_cast<acc_t>(focal ? p.focal_gamma : 0.0), static_cast<acc_t>(p.focal_alpha)};
-    x = static_cast<const scalar_t*>(p.input);
-    t = static_cast<const scalar_t*>(p.target);
-    w = p.weight.data ? static_cast<const acc_t*>(p.weight.data) : &one;
-    pw = p.pos_weight.data ? static_cast<const acc_t*>(p.pos_weight.data) : &one;
-  }
-};
-
 // Rows shorter than this are not walked row by row (a call and a partial block each): their
 // weights are gathered element by element into buffers of kChunk and read as contiguous.
 constexpr int64_t kGatherRow = 32;
@@ -169,11 +168,51 @@ inline bool gathers(const BinaryCrossEntropyParams& p) {
   return p.outer_dims > 0 && p.inner < kGatherRow;
 }
 
+template <typename scalar_t>
+struct BceCtx {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const BinaryCrossEntropyParams& p;
+  const scalar_t* x;
+  const scalar_t* t;
+  const acc_t* w;    // the weight, or `one` when absent (inner stride 0)
+  const acc_t* pw;
+  const acc_t* al;   // the alpha tensor, or nullptr: the scalar alpha
+  acc_t one = 1, alpha;
+  bool focal, al_contiguous;
+  Focal<acc_t> fl;
+
+  explicit BceCtx(const BinaryCrossEntropyParams& prm) : p(prm) {
+    focal = p.focal_gamma >= 0;
+    fl = {static_cast<acc_t>(focal ? p.focal_gamma : 0.0), focal && p.focal_alpha >= 0};
+    al = focal ? static_cast<const acc_t*>(p.alpha.data) : nullptr;
+    alpha = static_cast<acc_t>(p.focal_alpha);
+    al_contiguous = p.alpha.inner_stride == 1 || gathers(p);
+    x = static_cast<const scalar_t*>(p.input);
+    t = static_cast<const scalar_t*>(p.target);
+    w = p.weight.data ? static_cast<const acc_t*>(p.weight.data) : &one;
+    pw = p.pos_weight.data ? static_cast<const acc_t*>(p.pos_weight.data) : &one;
+  }
+};
+
+// The alpha of the n <= B elements from k on (a, from for_segments) as two vectors.
+template <typename scalar_t>
+inline void load_alpha(const BceCtx<scalar_t>& cx, const typename AccOf<scalar_t>::type* a,
+                       int64_t k, int64_t n, Vectorized<typename AccOf<scalar_t>::type> (&av)[2]) {
+  using V = Vectorized<typename AccOf<scalar_t>::type>;
+  if (a == nullptr) {
+    av[0] = av[1] = V(cx.alpha);
+  } else if (cx.al_contiguous) {
+    load_acc(a + k, n, av[0], av[1]);
+  } else {
+    av[0] = av[1] = V(*a);
+  }
+}
+
 // Where the weights of element f = r * inner + i are: each weight's offset for row r, from r's
 // multi-index over outer_sizes, counted up like an odometer from one division at the start.
 struct RowCursor {
   const BinaryCrossEntropyParams& p;
-  int64_t i, ow = 0, opw = 0;
+  int64_t i, ow = 0, opw = 0, oa = 0;
   int64_t idx[kMaxBroadcastDims] = {};
 
   RowCursor(const BinaryCrossEntropyParams& prm, int64_t f) : p(prm) {
@@ -184,34 +223,39 @@ struct RowCursor {
       r /= p.outer_sizes[d];
       ow += idx[d] * p.weight.strides[d];
       opw += idx[d] * p.pos_weight.strides[d];
+      oa += idx[d] * p.alpha.strides[d];
     }
   }
   inline int64_t w_off() const { return ow + i * p.weight.inner_stride; }
   inline int64_t pw_off() const { return opw + i * p.pos_weight.inner_stride; }
+  inline int64_t a_off() const { return oa + i * p.alpha.inner_stride; }
   inline void next_row() {
     i = 0;
     for (int d = p.outer_dims - 1; d >= 0; --d) {
       ow += p.weight.strides[d];
       opw += p.pos_weight.strides[d];
+      oa += p.alpha.strides[d];
       if (++idx[d] < p.outer_sizes[d]) return;
       ow -= idx[d] * p.weight.strides[d];
       opw -= idx[d] * p.pos_weight.strides[d];
+      oa -= idx[d] * p.alpha.strides[d];
       idx[d] = 0;
     }
   }
 };
 
-// Calls seg(f, n, w, pw) on pieces covering elements [f0, f1): n elements from f, with each
-// present weight's values for them at w (pw): contiguous, or one value when the weight is constant
-// along the piece. Absent weights point at a single 1.
+// Calls seg(f, n, w, pw, a) on pieces covering elements [f0, f1): n elements from f, with each
+// present weight's values for them at w (pw, a: the alpha tensor): contiguous, or one value when
+// the weight is constant along the piece. Absent weights point at a single 1; a at nullptr.
 template <typename scalar_t, typename F>
 inline void for_segments(const BceCtx<scalar_t>& cx, int64_t f0, int64_t f1, F&& seg) {
   using acc_t = typename AccOf<scalar_t>::type;
   const auto& p = cx.p;
   const bool has_w = p.weight.data != nullptr, has_pw = p.pos_weight.data != nullptr;
+  const bool has_a = cx.al != nullptr;
   RowCursor cur(p, f0);
   if (gathers(p)) {
-    acc_t wbuf[kChunk], pbuf[kChunk];
+    acc_t wbuf[kChunk], pbuf[kChunk], abuf[kChunk];
     auto gather = [](acc_t* dst, const acc_t* src, int64_t stride, int64_t n) {
       if (stride == 0) {
         std::fill_n(dst, n, *src);
@@ -225,17 +269,19 @@ inline void for_segments(const BceCtx<scalar_t>& cx, int64_t f0, int64_t f1, F&&
         const int64_t n = std::min(p.inner - cur.i, m - j);
         if (has_w) gather(wbuf + j, cx.w + cur.w_off(), p.weight.inner_stride, n);
         if (has_pw) gather(pbuf + j, cx.pw + cur.pw_off(), p.pos_weight.inner_stride, n);
+        if (has_a) gather(abuf + j, cx.al + cur.a_off(), p.alpha.inner_stride, n);
         j += n;
         cur.i += n;
         if (cur.i == p.inner) cur.next_row();
       }
-      seg(f, m, has_w ? wbuf : cx.w, has_pw ? pbuf : cx.pw);
+      seg(f, m, has_w ? wbuf : cx.w, has_pw ? pbuf : cx.pw, has_a ? abuf : nullptr);
     }
     return;
   }
   for (int64_t f = f0; f < f1;) {
     const int64_t n = std::min(p.inner - cur.i, f1 - f);
-    seg(f, n, has_w ? cx.w + cur.w_off() : cx.w, has_pw ? cx.pw + cur.pw_off() : cx.pw);
+    seg(f, n, has_w ? cx.w + cur.w_off() : cx.w, has_pw ? cx.pw + cur.pw_off() : cx.pw,
+        has_a ? cx.al + cur.a_off() : nullptr);
     f += n;
     cur.next_row();
   }
@@ -248,7 +294,7 @@ template <typename scalar_t, bool WC, bool PC, bool Store>
 inline void forward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
                             const typename AccOf<scalar_t>::type* w,
                             const typename AccOf<scalar_t>::type* pw,
-                            double* sum) {
+                            const typename AccOf<scalar_t>::type* a, double* sum) {
   using acc_t = typename AccOf<scalar_t>::type;
   using Io = IO<scalar_t>;
   using V = Vectorized<acc_t>;
@@ -262,8 +308,10 @@ inline void forward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
     V l0 = bce_loss(xv[0], tv[0], pv[0]) * wv[0];
     V l1 = bce_loss(xv[1], tv[1], pv[1]) * wv[1];
     if (cx.focal) {
-      l0 = l0 * cx.fl.factor(xv[0], tv[0]);
-      l1 = l1 * cx.fl.factor(xv[1], tv[1]);
+      V av[2];
+      load_alpha(cx, a, k, cnt, av);
+      l0 = l0 * cx.fl.factor(xv[0], tv[0], av[0]);
+      l1 = l1 * cx.fl.factor(xv[1], tv[1], av[1]);
     }
     if constexpr (Store) {
       if constexpr (decltype(full)::value) {
@@ -291,8 +339,8 @@ void forward(const BceCtx<scalar_t>& cx) {
   if (p.reduction == Reduction::None) {
     at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b, int64_t e) {
       for_segments(cx, b * kBlock, std::min(p.numel, e * kBlock),
-                   [&](int64_t f, int64_t n, const acc_t* w, const acc_t* pw) {
-                     forward_segment<scalar_t, WC, PC, true>(cx, f, n, w, pw, nullptr);
+                   [&](int64_t f, int64_t n, const acc_t* w, const acc_t* pw, const acc_t* a) {
+                     forward_segment<scalar_t, WC, PC, true>(cx, f, n, w, pw, a, nullptr);
                    });
     });
     return;
@@ -302,8 +350,8 @@ void forward(const BceCtx<scalar_t>& cx) {
     for (int64_t blk = b; blk < e; ++blk) {
       double sum[IO<scalar_t>::B] = {};
       for_segments(cx, blk * kBlock, std::min(p.numel, (blk + 1) * kBlock),
-                   [&](int64_t f, int64_t n, const acc_t* w, const acc_t* pw) {
-                     forward_segment<scalar_t, WC, PC, false>(cx, f, n, w, pw, sum);
+                   [&](int64_t f, int64_t n, const acc_t* w, const acc_t* pw, const acc_t* a) {
+                     forward_segment<scalar_t, WC, PC, false>(cx, f, n, w, pw, a, sum);
                    });
       double total = 0;
       for (const double v : sum) total += v;
@@ -323,6 +371,7 @@ template <typename scalar_t, bool WC, bool PC, bool GX, bool GT, bool GScalar>
 inline void backward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
                              const typename AccOf<scalar_t>::type* w,
                              const typename AccOf<scalar_t>::type* pw,
+                             const typename AccOf<scalar_t>::type* a,
                              typename AccOf<scalar_t>::type g_scalar) {
   using acc_t = typename AccOf<scalar_t>::type;
   using Io = IO<scalar_t>;
@@ -351,11 +400,14 @@ inline void backward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
       g0 = g0 * wv[0];
       g1 = g1 * wv[1];
     }
-    auto grads = [&](const V& xv, const V& tv, const V& pv, const V& gv, V& dx, V& dt) {
+    V av[2];
+    load_alpha(cx, a, k, cnt, av);
+    auto grads = [&](const V& xv, const V& tv, const V& av, const V& pv, const V& gv, V& dx,
+                     V& dt) {
       const V e = exp_neg_abs(xv);
       if constexpr (GX) {
         if (cx.focal) {
-          dx = gv * cx.fl.grad(xv, tv, pv, e, bce_loss(xv, tv, pv));
+          dx = gv * cx.fl.grad(xv, tv, av, pv, e, bce_loss(xv, tv, pv));
         } else {
           const V sig = V::blendv(e, one, xv >= zero) / (one + e);
           const V b = pv * tv;
@@ -364,12 +416,14 @@ inline void backward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
       }
       if constexpr (GT) {
         const V softplus_neg = at::vec::clamp_min(zero - xv, zero) + log1p_unit(e);
-        dt = gv * at::vec::fmadd(pv - one, softplus_neg, zero - xv);
+        const V dce_t = at::vec::fmadd(pv - one, softplus_neg, zero - xv);
+        dt = gv * (cx.focal ? cx.fl.grad_target(xv, tv, av, e, bce_loss(xv, tv, pv), dce_t)
+                            : dce_t);
       }
     };
     V dx0, dx1, dt0, dt1;
-    grads(xv[0], tv[0], pv[0], g0, dx0, dt0);
-    grads(xv[1], tv[1], pv[1], g1, dx1, dt1);
+    grads(xv[0], tv[0], av[0], pv[0], g0, dx0, dt0);
+    grads(xv[1], tv[1], av[1], pv[1], g1, dx1, dt1);
     if constexpr (kFull) {
       if constexpr (GX) Io::store(gx + k, dx0, dx1);
       if constexpr (GT) Io::store(gt + k, dt0, dt1);
@@ -392,8 +446,8 @@ void backward(const BceCtx<scalar_t>& cx) {
   const int64_t blocks = (p.numel + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b, int64_t e) {
     for_segments(cx, b * kBlock, std::min(p.numel, e * kBlock),
-                 [&](int64_t f, int64_t n, const acc_t* w, const acc_t* pw) {
-                   backward_segment<scalar_t, WC, PC, GX, GT, GScalar>(cx, f, n, w, pw, g);
+                 [&](int64_t f, int64_t n, const acc_t* w, const acc_t* pw, const acc_t* a) {
+                   backward_segment<scalar_t, WC, PC, GX, GT, GScalar>(cx, f, n, w, pw, a, g);
                  });
   });
 }

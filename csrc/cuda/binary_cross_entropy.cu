@@ -22,12 +22,12 @@ constexpr int kThreads = 256;
 constexpr int64_t kReduceBlocks = 1024;
 
 struct Offsets {
-  int64_t w, pw;
+  int64_t w, pw, a;
 };
 
 // Each weight's offset for row r, from r's multi-index over outer_sizes.
 __device__ __forceinline__ Offsets row_offsets(const BinaryCrossEntropyParams& p, int64_t r) {
-  Offsets o{0, 0};
+  Offsets o{0, 0, 0};
   for (int d = p.outer_dims - 1; d >= 0; --d) {
     const int64_t size = p.outer_sizes[d];
     const int64_t q = r / size;
@@ -35,6 +35,7 @@ __device__ __forceinline__ Offsets row_offsets(const BinaryCrossEntropyParams& p
     r = q;
     o.w += idx * p.weight.strides[d];
     o.pw += idx * p.pos_weight.strides[d];
+    o.a += idx * p.alpha.strides[d];
   }
   return o;
 }
@@ -59,29 +60,45 @@ __device__ __forceinline__ acc_t focal_q(acc_t x, acc_t t, acc_t e, acc_t& sig, 
   const acc_t inv = acc_t(1) / (acc_t(1) + e);
   sig = (x >= acc_t(0) ? acc_t(1) : e) * inv;
   sig_neg = (x >= acc_t(0) ? e : acc_t(1)) * inv;
-  return t * sig_neg + (acc_t(1) - t) * sig;
+  // the smaller of q and p_t = 1 - q is exact to about an ulp of itself (the CPU's Focal)
+  const acc_t u = acc_t(1) - t, pt = t * sig + u * sig_neg;
+  return pt < acc_t(0.5) ? acc_t(1) - pt : t * sig_neg + u * sig;
 }
+// a: the element's alpha (load_weights).
 template <typename acc_t>
-__device__ __forceinline__ acc_t focal_alpha_t(const BinaryCrossEntropyParams& p, acc_t t) {
+__device__ __forceinline__ acc_t focal_alpha_t(const BinaryCrossEntropyParams& p, acc_t t,
+                                               acc_t a) {
   if (p.focal_alpha < 0) return acc_t(1);
-  const acc_t a = static_cast<acc_t>(p.focal_alpha);
   return a * t + (acc_t(1) - a) * (acc_t(1) - t);
 }
 template <typename acc_t>
-__device__ __forceinline__ acc_t focal_factor(const BinaryCrossEntropyParams& p, acc_t x, acc_t t) {
+__device__ __forceinline__ acc_t focal_factor(const BinaryCrossEntropyParams& p, acc_t x, acc_t t,
+                                              acc_t a) {
   acc_t sig, sig_neg;
   const acc_t q = focal_q(x, t, exp_neg_abs(x), sig, sig_neg);
-  return focal_alpha_t(p, t) * pow(q, static_cast<acc_t>(p.focal_gamma));
+  return focal_alpha_t(p, t, a) * pow_gamma(q, static_cast<acc_t>(p.focal_gamma));
 }
 template <typename acc_t>
 __device__ __forceinline__ acc_t focal_grad(const BinaryCrossEntropyParams& p, acc_t x, acc_t t,
-                                            acc_t pw, acc_t e, acc_t ce) {
+                                            acc_t a, acc_t pw, acc_t e, acc_t ce) {
   acc_t sig, sig_neg;
   const acc_t q = focal_q(x, t, e, sig, sig_neg);
   const acc_t dce = (acc_t(1) - t) * sig - pw * t * sig_neg;
   const acc_t g = static_cast<acc_t>(p.focal_gamma);
   const acc_t r = q > acc_t(0) ? sig * sig_neg / q : acc_t(0);
-  return focal_alpha_t(p, t) * pow(q, g) * (dce + g * (acc_t(1) - t - t) * r * ce);
+  return focal_alpha_t(p, t, a) * pow_gamma(q, g) * (dce + g * (acc_t(1) - t - t) * r * ce);
+}
+// d/dt of alpha_t q^gamma ce (the CPU kernel's Focal::grad_target): q = 0 contributes 0.
+template <typename acc_t>
+__device__ __forceinline__ acc_t focal_grad_target(const BinaryCrossEntropyParams& p, acc_t x,
+                                                   acc_t t, acc_t a, acc_t e, acc_t ce,
+                                                   acc_t dce_t) {
+  acc_t sig, sig_neg;
+  const acc_t q = focal_q(x, t, e, sig, sig_neg);
+  const acc_t g = static_cast<acc_t>(p.focal_gamma);
+  const acc_t r = q > acc_t(0) ? ce / q : acc_t(0);
+  const acc_t da = p.focal_alpha >= 0 ? a + a - acc_t(1) : acc_t(0);
+  return pow_gamma(q, g) * (da * ce + focal_alpha_t(p, t, a) * (g * r * (sig_neg - sig) + dce_t));
 }
 
 // The elements of one thread: [f0, f0 + n), n <= Pack<T>::kSize, as acc.
@@ -116,22 +133,26 @@ __device__ __forceinline__ void store_elements(T* dst, int64_t f0, int n, bool v
   }
 }
 
-// The weight and pos_weight of each of the thread's elements. Indexed: read through the
-// broadcast strides; otherwise each is one value (or absent: 1).
+// The weight, pos_weight and alpha of each of the thread's elements. Indexed: read through the
+// broadcast strides; otherwise each is one value (absent: 1; alpha: the scalar focal_alpha).
 template <typename T, bool Indexed>
 __device__ __forceinline__ void load_weights(const BinaryCrossEntropyParams& p, int64_t f0, int n,
                                              typename AccOf<T>::type* wv,
-                                             typename AccOf<T>::type* pv) {
+                                             typename AccOf<T>::type* pv,
+                                             typename AccOf<T>::type* av) {
   using acc_t = typename AccOf<T>::type;
   constexpr int V = Pack<T>::kSize;
   const auto* w = static_cast<const acc_t*>(p.weight.data);
   const auto* pw = static_cast<const acc_t*>(p.pos_weight.data);
+  const auto* al = static_cast<const acc_t*>(p.alpha.data);
+  const acc_t as = static_cast<acc_t>(p.focal_alpha);
   if constexpr (!Indexed) {
-    const acc_t wc = w ? w[0] : acc_t(1), pc = pw ? pw[0] : acc_t(1);
+    const acc_t wc = w ? w[0] : acc_t(1), pc = pw ? pw[0] : acc_t(1), ac = al ? al[0] : as;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       wv[k] = wc;
       pv[k] = pc;
+      av[k] = ac;
     }
   } else {
     int64_t r = f0 / p.inner;
@@ -140,10 +161,12 @@ __device__ __forceinline__ void load_weights(const BinaryCrossEntropyParams& p, 
     if (i + V <= p.inner) {  // all in one row (the common case): independent loads, no branches
       const acc_t* wr = w ? w + o.w + i * p.weight.inner_stride : nullptr;
       const acc_t* pr = pw ? pw + o.pw + i * p.pos_weight.inner_stride : nullptr;
+      const acc_t* ar = al ? al + o.a + i * p.alpha.inner_stride : nullptr;
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         wv[k] = wr ? wr[k * p.weight.inner_stride] : acc_t(1);
         pv[k] = pr ? pr[k * p.pos_weight.inner_stride] : acc_t(1);
+        av[k] = ar ? ar[k * p.alpha.inner_stride] : as;
       }
       return;
     }
@@ -156,9 +179,10 @@ __device__ __forceinline__ void load_weights(const BinaryCrossEntropyParams& p, 
         }
         wv[k] = w ? w[o.w + i * p.weight.inner_stride] : acc_t(1);
         pv[k] = pw ? pw[o.pw + i * p.pos_weight.inner_stride] : acc_t(1);
+        av[k] = al ? al[o.a + i * p.alpha.inner_stride] : as;
         ++i;
       } else {
-        wv[k] = pv[k] = acc_t(0);
+        wv[k] = pv[k] = av[k] = acc_t(0);
       }
     }
   }
@@ -195,15 +219,15 @@ __global__ void __launch_bounds__(kThreads)
        f0 < p.numel; f0 += step) {
     const int n = static_cast<int>(p.numel - f0 < V ? p.numel - f0 : V);
     const bool vector = aligned && n == V;
-    acc_t x[V], t[V], w[V], pw[V], l[V];
+    acc_t x[V], t[V], w[V], pw[V], a[V], l[V];
     load_elements(static_cast<const T*>(p.input), f0, n, vector, x);
     load_elements(static_cast<const T*>(p.target), f0, n, vector, t);
-    load_weights<T, Indexed>(p, f0, n, w, pw);
+    load_weights<T, Indexed>(p, f0, n, w, pw, a);
     acc_t part = 0;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       l[k] = k < n ? w[k] * bce_loss(x[k], t[k], pw[k]) : acc_t(0);
-      if (p.focal_gamma >= 0 && k < n) l[k] *= focal_factor(p, x[k], t[k]);
+      if (p.focal_gamma >= 0 && k < n) l[k] *= focal_factor(p, x[k], t[k], a[k]);
       part += l[k];
     }
     if constexpr (Store) {
@@ -246,10 +270,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BinaryCrossEnt
   if (f0 >= p.numel) return;
   const int n = static_cast<int>(p.numel - f0 < V ? p.numel - f0 : V);
   const bool vector = aligned && n == V;
-  acc_t x[V], t[V], w[V], pw[V], g[V], dx[V], dt[V];
+  acc_t x[V], t[V], w[V], pw[V], a[V], g[V], dx[V], dt[V];
   load_elements(static_cast<const T*>(p.input), f0, n, vector, x);
   load_elements(static_cast<const T*>(p.target), f0, n, vector, t);
-  load_weights<T, Indexed>(p, f0, n, w, pw);
+  load_weights<T, Indexed>(p, f0, n, w, pw, a);
   if constexpr (GScalar) {
     acc_t gs = to_acc(*static_cast<const T*>(p.grad_loss));
     if (p.reduction == Reduction::Mean) gs /= static_cast<acc_t>(p.numel);
@@ -266,12 +290,16 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BinaryCrossEnt
       const acc_t sig = (x[k] >= acc_t(0) ? acc_t(1) : e) / (acc_t(1) + e);
       const acc_t b = pw[k] * t[k];
       dx[k] = gw * (p.focal_gamma >= 0
-                        ? focal_grad(p, x[k], t[k], pw[k], e, bce_loss(x[k], t[k], pw[k]))
+                        ? focal_grad(p, x[k], t[k], a[k], pw[k], e, bce_loss(x[k], t[k], pw[k]))
                         : ((acc_t(1) - t[k]) + b) * sig - b);
     }
     if constexpr (GT) {
       const acc_t softplus_neg = (x[k] < acc_t(0) ? -x[k] : acc_t(0)) + log1p(e);
-      dt[k] = gw * ((pw[k] - acc_t(1)) * softplus_neg - x[k]);
+      const acc_t dce_t = (pw[k] - acc_t(1)) * softplus_neg - x[k];
+      dt[k] = gw * (p.focal_gamma >= 0
+                        ? focal_grad_target(p, x[k], t[k], a[k], e, bce_loss(x[k], t[k], pw[k]),
+                                            dce_t)
+                        : dce_t);
     }
   }
   if constexpr (GX) store_elements(static_cast<T*>(p.grad_input), f0, n, vector, dx);
@@ -285,7 +313,8 @@ bool aligned16(const void* ptr) {
 bool indexed(const BinaryCrossEntropyParams& p) {
   const bool w = p.weight.data && (p.weight.inner_stride != 0 || p.outer_dims > 0);
   const bool pw = p.pos_weight.data && (p.pos_weight.inner_stride != 0 || p.outer_dims > 0);
-  return w || pw;
+  const bool a = p.alpha.data && (p.alpha.inner_stride != 0 || p.outer_dims > 0);
+  return w || pw || a;
 }
 
 template <typename T>

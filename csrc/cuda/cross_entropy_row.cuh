@@ -164,7 +164,7 @@ __device__ __forceinline__ typename AccOf<T>::type target_logit(const CrossEntro
 template <typename acc_t>
 __device__ __forceinline__ void focal_factors(acc_t gamma, acc_t nll, acc_t& m, acc_t& s) {
   const acc_t q = -expm1(-nll), p = exp(-nll);
-  m = pow(q, gamma);
+  m = pow_gamma(q, gamma);
   const acc_t r = q > acc_t(0) ? nll / q : acc_t(1);
   s = m * (acc_t(1) + (p > acc_t(0) ? gamma * p * r : acc_t(0)));
 }
