@@ -112,9 +112,113 @@ def test_softmax_focal_module_opcheck_compile_errors():
     torch.testing.assert_close(torch.autograd.grad(loss, xr)[0], torch.autograd.grad(ref, xr2)[0])
     with pytest.raises(ValueError, match="gamma must be a finite number >= 0, got -0.5"):
         wl.focal_loss(x, t, -0.5)
-    with pytest.raises(NotImplementedError, match="label_smoothing with gamma > 0"):
-        wl.focal_loss(x, t, 2.0, label_smoothing=0.1)
-    with pytest.raises(NotImplementedError, match="probability targets"):
-        wl.focal_loss(x, torch.softmax(x, 1), 2.0)
+    with pytest.raises(ValueError, match="label_smoothing must be between 0.0 and 1.0. Got: 1.5"):
+        wl.focal_loss(x, t, 2.0, label_smoothing=1.5)
+    with pytest.raises(ValueError, match=r"probability targets must have the input's shape"):
+        wl.focal_loss(x, torch.softmax(x, 1)[:3], 2.0)
+    with pytest.raises(ValueError, match=r"weight must have one value per class, shape \(9,\)"):
+        wl.focal_loss(x, t, 2.0, w[:4], label_smoothing=0.1)
     with pytest.raises(NotImplementedError, match="label_smoothing is not implemented"):
         _ops.cross_entropy_forward(x, t, w, 1, -100, 0.1, 0.0, 0.0, 2.0)
+
+
+# ---------------------------------------------------------------- soft targets (focal_soft.py)
+
+def soft_reference(x, t, gamma=2.0, weight=None, ignore_index=-100, reduction="mean", s=0.0):
+    """-sum_c w_c t'_c (1 - p_c)^gamma log p_c per item, t' = (1 - s) t + s / C, t one-hot for
+    indices; the mean over items (probabilities) or over sum(w[y]) of the kept items."""
+    d = 0 if x.dim() == 1 else 1
+    C = x.shape[d]
+    logp = torch.log_softmax(x, dim=d)
+    phi = (-torch.expm1(logp)) ** gamma * -logp
+    shape = [1] * x.dim()
+    shape[d] = C
+    w = torch.ones(C, dtype=x.dtype, device=x.device) if weight is None else weight.to(x.dtype)
+    w = w.reshape(shape)
+    if t.is_floating_point():
+        rows = (w * ((1 - s) * t + s / C) * phi).sum(d)
+        return rows if reduction == "none" else rows.sum() if reduction == "sum" else rows.mean()
+    valid = t != ignore_index
+    y = torch.where(valid, t, torch.zeros_like(t))
+    onehot = torch.nn.functional.one_hot(y, C).movedim(-1, d).to(x.dtype)
+    rows = (w * ((1 - s) * onehot + s / C) * phi).sum(d) * valid
+    if reduction == "none":
+        return rows
+    wy = w.reshape(-1)[y] * valid
+    return rows.sum() if reduction == "sum" else rows.sum() / wy.sum()
+
+
+def _soft_inputs(shape, prob, dtype=torch.float64, seed=0, device="cpu"):
+    x, t, w = _index_inputs(shape, dtype, seed, device=device)
+    if prob:
+        t = torch.softmax(torch.randn(shape, dtype=torch.float64,
+                                      generator=torch.Generator().manual_seed(seed + 1)) * 2, 1)
+        t = t.to(device=device, dtype=dtype)
+    return x, t, w
+
+
+@pytest.mark.parametrize("shape", [(24, 10), (3, 5, 4, 6), (7,)])
+@pytest.mark.parametrize("prob,s", [(True, 0.0), (True, 0.2), (False, 0.1), (False, 1.0)])
+@pytest.mark.parametrize("weighted,reduction", [(True, "mean"), (False, "none"), (True, "sum")])
+def test_soft_targets_match_formula(device, shape, prob, s, weighted, reduction):
+    if len(shape) == 1:
+        x, t, w = _soft_inputs((1, 7), prob, device=device)
+        x, t = x[0], t[0] if prob else torch.tensor(3, device=device)
+    else:
+        x, t, w = _soft_inputs(shape, prob, device=device)
+    w = w if weighted else None
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = wl.focal_loss(x1, t, 1.5, w, reduction=reduction, label_smoothing=s)
+    ref = soft_reference(x2, t, 1.5, w, reduction=reduction, s=s)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14)
+    go = torch.rand(ref.shape, dtype=ref.dtype).to(device)
+    torch.testing.assert_close(torch.autograd.grad(ours, x1, go)[0],
+                               torch.autograd.grad(ref, x2, go)[0], rtol=1e-10, atol=1e-13)
+
+
+def test_soft_targets_gamma_zero_is_cross_entropy_and_gradcheck(device):
+    for prob, s in ((True, 0.0), (True, 0.3), (False, 0.1)):
+        x, t, w = _soft_inputs((12, 9), prob, device=device)
+        torch.testing.assert_close(
+            wl.focal_loss(x, t, 1e-300, w, label_smoothing=s),  # gamma > 0: the soft path
+            wl.cross_entropy(x, t, w, label_smoothing=s), rtol=1e-12, atol=1e-14)
+        x = x[:4].clone().requires_grad_()
+        for gamma in (0.4, 2.0):
+            assert torch.autograd.gradcheck(
+                lambda v: wl.focal_loss(v, t[:4], gamma, w, reduction="sum", label_smoothing=s),
+                (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_soft_targets_within_2x_of_composite_error(device, dtype):
+    for prob, s in ((True, 0.1), (False, 0.1)):
+        x, t, w = _soft_inputs((128, 300), prob, dtype, seed=3, device=device)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours = wl.focal_loss(x1, t, 2.0, w, label_smoothing=s)
+        ref = soft_reference(x2, t, 2.0, w, s=s)
+        x3 = x.double().requires_grad_()
+        exact = soft_reference(x3, t.double() if prob else t, 2.0, w.double(), s=s)
+        grads = [torch.autograd.grad(v, a)[0] for v, a in ((ours, x1), (ref, x2), (exact, x3))]
+        half_ulp = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -9}[dtype]
+        for o, r, e in ((ours, ref, exact), tuple(grads)):
+            err = (o.double() - e).abs().max().item()
+            bar = max((r.double() - e).abs().max().item(), half_ulp * e.abs().max().item())
+            assert err <= 2 * bar, (prob, err, bar)
+
+
+def test_soft_targets_confident_rows_and_compile(device):
+    x = torch.zeros(3, 4, device=device)
+    x[0, 1], x[1, 2], x[2, 0] = 1e4, 100.0, 30.0
+    t = torch.tensor([1, 2, 0], device=device)
+    for gamma in (0.25, 1.0, 3.0):
+        xr = x.clone().requires_grad_()
+        loss = wl.focal_loss(xr, t, gamma, reduction="sum", label_smoothing=0.1)
+        (g,) = torch.autograd.grad(loss, xr)
+        assert torch.isfinite(loss) and torch.isfinite(g).all(), (gamma, loss, g)
+    x, p, w = _soft_inputs((8, 6), True, torch.float32, device=device)
+    xr, xr2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fn = torch.compile(lambda v: wl.focal_loss(v, p, 2.0, w, label_smoothing=0.05),
+                       fullgraph=True, backend="aot_eager")
+    loss, ref = fn(xr), wl.focal_loss(xr2, p, 2.0, w, label_smoothing=0.05)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(torch.autograd.grad(loss, xr)[0], torch.autograd.grad(ref, xr2)[0])

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
+from .focal_soft import soft_focal_loss
+
 __all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss", "focal_loss", "FocalLoss"]
 
 _ops = torch.ops.weighted_loss
@@ -109,21 +111,36 @@ def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, weight: Option
     that are not ``ignore_index``, as cross-entropy does; ``gamma=0`` is exactly
     ``wl.cross_entropy``. One pass forward and one backward (the cross-entropy kernels' focal
     switch); ``(1 - p_y)`` as ``-expm1(log p_y)`` and the gradient's ``(1 - p_y)^(gamma - 1)``
-    at its limit, so ``gamma < 1`` gives no NaN where ``p_y`` is 1. Class-index targets; label
-    smoothing and probability targets with ``gamma > 0`` are not implemented yet (they raise)."""
+    at its limit, so ``gamma < 1`` gives no NaN where ``p_y`` is 1.
+
+    Class probabilities as ``target`` (the input's shape) or ``label_smoothing > 0`` make each
+    item's loss the sum over its classes ``-sum_c w_c t'_c (1 - p_c)^gamma log p_c`` with
+    ``t' = (1 - s) t + s / C`` (``t`` the one-hot target for indices), the mean dividing by the
+    number of items for probabilities and by ``sum(weight[target])`` for indices, as
+    cross-entropy. That form is computed by PyTorch ops (focal_soft.py): exact, but several
+    passes and a logits-sized buffer, not the kernels' one pass."""
     from .functional import cross_entropy
     g = _check_gamma(gamma)
     if g == 0:
         return cross_entropy(input, target, weight, ignore_index=ignore_index,
                              reduction=reduction, label_smoothing=label_smoothing)
-    if input.shape == target.shape and target.is_floating_point():
-        raise NotImplementedError("focal_loss: probability targets with gamma > 0 are not "
-                                  "implemented yet")
-    if float(label_smoothing) > 0:
-        raise NotImplementedError("focal_loss: label_smoothing with gamma > 0 is not implemented "
-                                  "yet")
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{reduction} is not a valid value for reduction")
+    s = float(label_smoothing)
+    if not 0.0 <= s <= 1.0:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if input.dim() == 0:
+        raise ValueError("focal_loss: input must have the class dim (C,), (N, C) or (N, C, d...)")
+    prob = target.is_floating_point()
+    if prob or s > 0:
+        if prob and target.shape != input.shape:
+            raise ValueError(f"focal_loss: probability targets must have the input's shape "
+                             f"{tuple(input.shape)}, got {tuple(target.shape)}")
+        if weight is not None and weight.shape != (input.shape[1 if input.dim() > 1 else 0],):
+            raise ValueError(f"focal_loss: weight must have one value per class, shape "
+                             f"({input.shape[1 if input.dim() > 1 else 0]},), got "
+                             f"{tuple(weight.shape)}")
+        return soft_focal_loss(input, target, g, weight, int(ignore_index), reduction, s)
     loss, _, _ = _ops.cross_entropy_forward(input, target, weight, _Reduction.get_enum(reduction),
                                             int(ignore_index), 0.0, 0.0, 0.0, g)
     return loss
