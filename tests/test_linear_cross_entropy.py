@@ -161,20 +161,21 @@ def test_backward_over_the_logits_equals_out_of_place(device, layout, ls, z, cap
     elif layout == "lanes":
         x = torch.randn(2, 5, 6, 7, generator=g)
     elif layout == "row-strided":
-        x = torch.randn(9, 320, generator=g)[:, :300]
+        x = torch.randn(9, 320, generator=g).to(device)[:, :300]
     else:
         x = torch.randn(300, 9, generator=g).t()
     C = x.shape[1]
     t = torch.randint(0, C, (x.shape[0], *x.shape[2:]), generator=g)
     t.view(-1)[::4] = -100
     w = torch.rand(C, generator=g) + 0.5
+    x, t, w = x.to(device), t.to(device), w.to(device)  # layouts kept: dense strides move as-is
     cap = 0.0 if cap is None else cap
     loss, lse, tw = ops.cross_entropy_forward(x, t, w, 1, -100, ls, z, cap)
-    one = torch.tensor(0.7)
+    one = torch.tensor(0.7, device=device)
     ref = ops.cross_entropy_backward(one, x, t, w, lse, tw, 1, -100, ls, z, cap)
     buf = x.clone() if layout not in ("row-strided", "transposed") else x
     if layout == "row-strided":
-        base = torch.randn(9, 320, generator=g)
+        base = torch.randn(9, 320, generator=g).to(device)
         base[:, :300] = x
         buf = base[:, :300]
     elif layout == "transposed":

@@ -23,7 +23,7 @@ def composite(x, t, weight=None, ignore_index=-100, reduction="mean", label_smoo
     lse = torch.logsumexp(x, dim=0 if x.dim() == 1 else 1)
     if t.is_floating_point():
         wy = torch.ones_like(lse)
-        divisor = torch.tensor(float(lse.numel()), dtype=x.dtype)
+        divisor = torch.tensor(float(lse.numel()), dtype=x.dtype, device=x.device)
     else:
         valid = t != ignore_index
         safe = torch.where(valid, t, torch.zeros_like(t))
@@ -35,7 +35,7 @@ def composite(x, t, weight=None, ignore_index=-100, reduction="mean", label_smoo
     return rows.sum() if reduction == "sum" else rows.sum() / divisor
 
 
-def _inputs(shape, prob, dtype=torch.float64, seed=0, scale=4.0):
+def _inputs(shape, prob, dtype=torch.float64, seed=0, scale=4.0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
     C = shape[0] if len(shape) == 1 else shape[1]
@@ -47,7 +47,7 @@ def _inputs(shape, prob, dtype=torch.float64, seed=0, scale=4.0):
         t = torch.randint(0, C, tshape, generator=g)
         if t.dim():
             t.view(-1)[::3] = -100
-    return x, t, w
+    return x.to(device), t.to(device), w.to(device)
 
 
 # rows (C > 64), few-class rows (C <= 64: transposed tiles), lanes ((N, C, d...))
@@ -61,7 +61,7 @@ TERMS = [(0.01, None), (0.0, 5.0), (0.05, 2.0)]
 @pytest.mark.parametrize("ls,weighted,reduction", [(0.0, True, "mean"), (0.1, True, "none"),
                                                    (0.1, False, "sum")])
 def test_matches_composite(device, shape, prob, z, cap, ls, weighted, reduction):
-    x, t, w = _inputs(shape, prob)
+    x, t, w = _inputs(shape, prob, device=device)
     w = w if weighted else None
     kw = dict(weight=w, reduction=reduction, label_smoothing=ls)
     x1 = x.clone().requires_grad_()
@@ -69,15 +69,15 @@ def test_matches_composite(device, shape, prob, z, cap, ls, weighted, reduction)
     x2 = x.clone().requires_grad_()
     ref = composite(x2, t, z_loss=z, softcap=cap, **kw)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
-    go = torch.rand(ref.shape, dtype=ref.dtype)
+    go = torch.rand(ref.shape, dtype=ref.dtype).to(device)
     torch.testing.assert_close(torch.autograd.grad(ours, x1, go)[0],
                                torch.autograd.grad(ref, x2, go)[0], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(64, 1000), (16, 19, 8, 8)])
-def test_within_2x_of_composite_error(dtype, shape):
-    x, t, w = _inputs(shape, False, dtype, seed=3, scale=6.0)
+def test_within_2x_of_composite_error(device, dtype, shape):
+    x, t, w = _inputs(shape, False, dtype, seed=3, scale=6.0, device=device)
     kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-3, softcap=15.0)
     x1 = x.clone().requires_grad_()
     ours = wl.cross_entropy(x1, t, **kw)
@@ -98,7 +98,7 @@ def test_within_2x_of_composite_error(dtype, shape):
 @pytest.mark.parametrize("prob", [False, True])
 def test_gradcheck(device, prob):
     for shape in SHAPES:
-        x, t, w = _inputs(shape, prob, scale=2.0)
+        x, t, w = _inputs(shape, prob, scale=2.0, device=device)
         x.requires_grad_()
         assert torch.autograd.gradcheck(
             lambda v: wl.cross_entropy(v, t, weight=w, label_smoothing=0.1, z_loss=0.02,
