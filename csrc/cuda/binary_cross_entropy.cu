@@ -220,9 +220,11 @@ __global__ void __launch_bounds__(kThreads)
     const int n = static_cast<int>(p.numel - f0 < V ? p.numel - f0 : V);
     const bool vector = aligned && n == V;
     acc_t x[V], t[V], w[V], pw[V], a[V], l[V];
+    // the weights first: their row offsets' 64-bit divisions are calls that the elements would
+    // otherwise stay live across (register spills on sm_80)
+    load_weights<T, Indexed>(p, f0, n, w, pw, a);
     load_elements(static_cast<const T*>(p.input), f0, n, vector, x);
     load_elements(static_cast<const T*>(p.target), f0, n, vector, t);
-    load_weights<T, Indexed>(p, f0, n, w, pw, a);
     acc_t part = 0;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
@@ -271,9 +273,9 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BinaryCrossEnt
   const int n = static_cast<int>(p.numel - f0 < V ? p.numel - f0 : V);
   const bool vector = aligned && n == V;
   acc_t x[V], t[V], w[V], pw[V], a[V], g[V], dx[V], dt[V];
+  load_weights<T, Indexed>(p, f0, n, w, pw, a);  // first: as in forward_kernel
   load_elements(static_cast<const T*>(p.input), f0, n, vector, x);
   load_elements(static_cast<const T*>(p.target), f0, n, vector, t);
-  load_weights<T, Indexed>(p, f0, n, w, pw, a);
   if constexpr (GScalar) {
     acc_t gs = to_acc(*static_cast<const T*>(p.grad_loss));
     if (p.reduction == Reduction::Mean) gs /= static_cast<acc_t>(p.numel);
