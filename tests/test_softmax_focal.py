@@ -118,6 +118,8 @@ def test_softmax_focal_module_opcheck_compile_errors():
         wl.focal_loss(x, torch.softmax(x, 1)[:3], 2.0)
     with pytest.raises(ValueError, match=r"weight must have one value per class, shape \(9,\)"):
         wl.focal_loss(x, t, 2.0, w[:4], label_smoothing=0.1)
+    with pytest.raises(IndexError, match="Target 9 is out of bounds"):
+        wl.focal_loss(x, torch.full_like(t, 9), 2.0, label_smoothing=0.1)
     with pytest.raises(NotImplementedError, match="label_smoothing is not implemented"):
         _ops.cross_entropy_forward(x, t, w, 1, -100, 0.1, 0.0, 0.0, 2.0)
 

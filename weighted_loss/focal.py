@@ -4,8 +4,9 @@ class weights, down-weighting the easy examples by (1 - p_t)^gamma.
 ``sigmoid_focal_loss`` is ``torchvision.ops.sigmoid_focal_loss`` (same arguments, defaults and
 results) computed by the BCE-with-logits kernels with their focal switch (csrc/params.h), in one
 pass forward and one backward, plus ``weight`` and ``pos_weight`` as in
-``F.binary_cross_entropy_with_logits``. ``focal_loss`` is the softmax focal loss
-``-w[y] (1 - p_y)^gamma log p_y`` computed by the cross-entropy kernels with theirs.
+``F.binary_cross_entropy_with_logits`` and a per-element ``alpha`` tensor. ``focal_loss`` is the
+softmax focal loss ``-w[y] (1 - p_y)^gamma log p_y`` computed by the cross-entropy kernels with
+theirs; over probability targets or with label smoothing by PyTorch ops (focal_soft.py).
 """
 import math
 import numbers

@@ -4,7 +4,8 @@ smoothing. Each item's loss is a sum over its classes, ``sum_c w_c t_c phi(p_c)`
 so needs the log-sum-exp before its sum: the kernels' one-pass forms do not cover it. This is the
 one part of the focal losses computed by PyTorch ops (log_softmax, elementwise terms, a sum over
 the classes) under one autograd function, in float32 for narrower inputs: several passes and one
-logits-sized buffer saved for the backward, the gradient written by its formula.
+logits-sized buffer saved for the backward (class-index targets are never expanded to one-hot),
+the gradient written by its formula.
 
 Targets t' per class: probabilities ``(1 - s) t + s / C``; indices ``(1 - s) onehot(y) + s / C``
 (label smoothing s, as PyTorch's cross-entropy). The gradient for logit j is
@@ -28,24 +29,36 @@ def _factors(logp: Tensor, gamma: float):
 
 
 class _SoftFocal(torch.autograd.Function):
-    """Per-item losses of (..., C) logits (classes last) against (..., C) weighted targets wt
-    (w_c t'_c, no gradient)."""
+    """Per-item losses of (..., C) logits (classes last, acc dtype). The weighted targets w_c t'_c
+    are either a dense (..., C) tensor `dense` (probabilities), or, for class indices y (-1:
+    ignored) with label smoothing s, the (C,) tensor `spread` = w s / C for every class plus
+    `peak` = (1 - s) w_y at y, never expanded to (..., C). No gradient flows to them."""
 
     @staticmethod
-    def forward(ctx, x, wt, gamma):
+    def forward(ctx, x, dense, spread, y, peak, gamma):
         logp = torch.log_softmax(x, dim=-1)
         phi, _ = _factors(logp, gamma)
-        ctx.save_for_backward(logp, wt)
+        ctx.save_for_backward(logp, dense, spread, y, peak)
         ctx.gamma = gamma
-        return (wt * phi).sum(-1)
+        if dense is not None:
+            return (dense * phi).sum(-1)
+        keep = y >= 0
+        at_y = phi.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return torch.where(keep, phi @ spread + peak * at_y, 0.0)
 
     @staticmethod
     def backward(ctx, grad):
-        logp, wt = ctx.saved_tensors
+        logp, dense, spread, y, peak = ctx.saved_tensors
         _, psi = _factors(logp, ctx.gamma)
-        a = wt * psi
+        if dense is not None:
+            a = dense * psi
+        else:
+            keep = (y >= 0).unsqueeze(-1)
+            yi = y.clamp(min=0).unsqueeze(-1)
+            a = (spread * psi).scatter_add_(-1, yi, peak.unsqueeze(-1) * psi.gather(-1, yi))
+            a = torch.where(keep, a, 0.0)
         gx = a - logp.exp() * a.sum(-1, keepdim=True)
-        return gx * grad.unsqueeze(-1), None, None
+        return gx * grad.unsqueeze(-1), None, None, None, None, None
 
 
 def soft_focal_loss(input: Tensor, target: Tensor, gamma: float, weight, ignore_index: int,
@@ -62,19 +75,22 @@ def soft_focal_loss(input: Tensor, target: Tensor, gamma: float, weight, ignore_
     s = label_smoothing
     if target.is_floating_point():  # probabilities of the input's shape
         t = target.movedim(1, -1).to(acc)
-        wt = w * ((1 - s) * t + s / C) if s > 0 else w * t
-        loss = _SoftFocal.apply(x, wt, gamma)
+        dense = w * ((1 - s) * t + s / C) if s > 0 else w * t
+        loss = _SoftFocal.apply(x, dense, None, None, None, gamma)
         if reduction == "none":
             return loss.to(input.dtype)
         total = loss.sum()
         return (total if reduction == "sum" else total / max(loss.numel(), 1)).to(input.dtype)
     valid = target != ignore_index
-    y = torch.where(valid, target, torch.zeros_like(target)).long()
-    onehot = torch.nn.functional.one_hot(y, C).to(acc)  # checks 0 <= y < C
-    wt = w * ((1 - s) * onehot + s / C) * valid.unsqueeze(-1)
-    loss = _SoftFocal.apply(x, wt, gamma)
+    bad = valid & ((target < 0) | (target >= C))
+    # checked where it costs no device sync (on a GPU, gather's own bounds check fires)
+    if input.device.type == "cpu" and not torch.compiler.is_compiling() and bool(bad.any()):
+        raise IndexError(f"Target {target[bad][0].item()} is out of bounds.")
+    y = torch.where(valid, target, -1).long()
+    wy = w[y.clamp(min=0)] * valid
+    loss = _SoftFocal.apply(x, None, w * (s / C), y, (1 - s) * wy, gamma)
     if reduction == "none":
         return loss.to(input.dtype)
     if reduction == "sum":
         return loss.sum().to(input.dtype)
-    return (loss.sum() / (w[y] * valid).sum()).to(input.dtype)
+    return (loss.sum() / wy.sum()).to(input.dtype)
