@@ -178,6 +178,23 @@ def test_soft_targets_match_formula(device, shape, prob, s, weighted, reduction)
                                torch.autograd.grad(ref, x2, go)[0], rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("s", [0.0, 0.2])
+def test_soft_targets_gradient_for_the_target(device, s):
+    """Probability targets get their gradient, as PyTorch's cross-entropy gives them; a weight
+    that needs one is refused, as there."""
+    x, t, w = _soft_inputs((10, 6), True, device=device)
+    t1, t2 = t.clone().requires_grad_(), t.clone().requires_grad_()
+    ours = wl.focal_loss(x, t1, 2.0, w, label_smoothing=s)
+    ref = soft_reference(x, t2, 2.0, w, s=s)
+    torch.testing.assert_close(torch.autograd.grad(ours, t1)[0], torch.autograd.grad(ref, t2)[0],
+                               rtol=1e-12, atol=1e-14)
+    t1 = t.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: wl.focal_loss(x, v, 0.7, w, label_smoothing=s),
+                                    (t1,))
+    with pytest.raises(NotImplementedError, match="derivative for 'weight'"):
+        wl.focal_loss(x, t, 2.0, w.clone().requires_grad_(), label_smoothing=s)
+
+
 def test_soft_targets_gamma_zero_is_cross_entropy_and_gradcheck(device):
     for prob, s in ((True, 0.0), (True, 0.3), (False, 0.1)):
         x, t, w = _soft_inputs((12, 9), prob, device=device)

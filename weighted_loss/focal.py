@@ -141,6 +141,9 @@ def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, weight: Option
             raise ValueError(f"focal_loss: weight must have one value per class, shape "
                              f"({input.shape[1 if input.dim() > 1 else 0]},), got "
                              f"{tuple(weight.shape)}")
+        if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError("focal_loss: the derivative for 'weight' is not implemented "
+                                      "(as in PyTorch's cross-entropy)")
         return soft_focal_loss(input, target, g, weight, int(ignore_index), reduction, s)
     loss, _, _ = _ops.cross_entropy_forward(input, target, weight, _Reduction.get_enum(reduction),
                                             int(ignore_index), 0.0, 0.0, 0.0, g)

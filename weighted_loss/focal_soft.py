@@ -30,9 +30,10 @@ def _factors(logp: Tensor, gamma: float):
 
 class _SoftFocal(torch.autograd.Function):
     """Per-item losses of (..., C) logits (classes last, acc dtype). The weighted targets w_c t'_c
-    are either a dense (..., C) tensor `dense` (probabilities), or, for class indices y (-1:
-    ignored) with label smoothing s, the (C,) tensor `spread` = w s / C for every class plus
-    `peak` = (1 - s) w_y at y, never expanded to (..., C). No gradient flows to them."""
+    are either a dense (..., C) tensor `dense` (probabilities; its gradient is phi, so that
+    probability targets get theirs through it), or, for class indices y (-1: ignored) with label
+    smoothing s, the (C,) tensor `spread` = w s / C for every class plus `peak` = (1 - s) w_y at
+    y, never expanded to (..., C)."""
 
     @staticmethod
     def forward(ctx, x, dense, spread, y, peak, gamma):
@@ -49,7 +50,8 @@ class _SoftFocal(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         logp, dense, spread, y, peak = ctx.saved_tensors
-        _, psi = _factors(logp, ctx.gamma)
+        phi, psi = _factors(logp, ctx.gamma)
+        g_dense = phi * grad.unsqueeze(-1) if ctx.needs_input_grad[1] else None
         if dense is not None:
             a = dense * psi
         else:
@@ -58,7 +60,7 @@ class _SoftFocal(torch.autograd.Function):
             a = (spread * psi).scatter_add_(-1, yi, peak.unsqueeze(-1) * psi.gather(-1, yi))
             a = torch.where(keep, a, 0.0)
         gx = a - logp.exp() * a.sum(-1, keepdim=True)
-        return gx * grad.unsqueeze(-1), None, None, None, None, None
+        return gx * grad.unsqueeze(-1), g_dense, None, None, None, None
 
 
 def soft_focal_loss(input: Tensor, target: Tensor, gamma: float, weight, ignore_index: int,
