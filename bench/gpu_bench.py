@@ -23,7 +23,8 @@ def markdown(res):
         f"# GPU check {res['date']}: {res['device']}",
         "",
         f"torch {res['torch']}, CUDA {res['cuda']}; tests passed {res['tests_passed']}, failed "
-        f"{res['tests_failed']}; copy bandwidth {res['copy_bandwidth_gbs']:.0f} GB/s.",
+        f"{res['tests_failed']}; compute-sanitizer: {res['sanitizers']}; copy bandwidth "
+        f"{res['copy_bandwidth_gbs']:.0f} GB/s.",
         "",
         "Times in ms, forward + backward (forward / backward).",
         "",
@@ -54,6 +55,8 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--tests-passed", type=int, default=-1)
     ap.add_argument("--tests-failed", type=int, default=-1)
+    ap.add_argument("--sanitizers", default="not-run",
+                    help="compute-sanitizer's verdicts, e.g. 'memcheck=clean racecheck=clean'")
     ap.add_argument("--case", action="append", help="run only cases whose name contains this")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
@@ -62,7 +65,8 @@ def main(argv=None):
     bw, rows = measure(cases, device, args.repeat)
     res = {"date": datetime.date.today().isoformat(), "device": env["device"], "torch": env["torch"],
            "cuda": env["cuda"], "tests_passed": args.tests_passed, "tests_failed": args.tests_failed,
-           "copy_bandwidth_gbs": bw, "environment": env, "cases": rows}
+           "sanitizers": args.sanitizers, "copy_bandwidth_gbs": bw, "environment": env,
+           "cases": rows}
     for r in rows:
         print(f"{r['case']:34} fused {r['fused_fwd_bwd_ms']:8.3f} ms  native "
               f"{r['native_fwd_bwd_ms']:8.3f}  compiled {r.get('compiled_fwd_bwd_ms', float('nan')):8.3f}"

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check, in one command on a GPU machine with no network: build the extension against the
-# torch already there, run the test suite (its CUDA tests included), then benchmark fused vs
-# native eager vs torch.compile and write bench/results/<date>-<gpu>.{json,md}.
+# torch already there, run the test suite (its CUDA tests included: no host sync, CUDA graph
+# replay, tests/test_cuda_runtime.py), run every kernel family under compute-sanitizer's memcheck,
+# racecheck and synccheck, then benchmark fused vs native eager vs torch.compile and write
+# bench/results/<date>-<gpu>.{json,md}.
 #   bash bench/gpu_check.sh [results-dir]        (make gpu-check)
-# Exit status: nonzero if the build fails, no GPU is visible, or any test fails (the benchmark
-# still runs and records the counts).
+# Exit status: nonzero if the build fails, no GPU is visible, any test fails or a sanitizer finds
+# an error (the benchmark still runs and records the counts).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
@@ -32,6 +34,35 @@ PY
 )
 echo "tests: $passed passed, $failed failed (pytest rc=$test_rc)"
 
+echo "== compute-sanitizer (memcheck, racecheck, synccheck) over bench/sanitize_cuda.py"
+# Every kernel family once, small. A runtime that refuses the tool (gVisor: "Device not
+# supported") or a missing tool is reported, not counted as a failure; an error it finds is.
+sanitizers=""
+san_rc=0
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  for tool in memcheck racecheck synccheck; do
+    log="$out/sanitizer-$tool.log"
+    mkdir -p "$out"
+    timeout 600 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
+      "$python" bench/sanitize_cuda.py >"$log" 2>&1
+    rc=$?
+    if grep -q "Device not supported\|not supported on this" "$log"; then
+      state="unavailable"
+    elif [ "$rc" -eq 0 ]; then
+      state="clean"
+    else
+      state="errors(rc=$rc)"
+      san_rc=1
+    fi
+    echo "compute-sanitizer $tool: $state ($log)"
+    sanitizers="$sanitizers $tool=$state"
+  done
+else
+  echo "compute-sanitizer: not installed"
+  sanitizers="not-installed"
+fi
+
 echo "== benchmark"
-"$python" bench/gpu_bench.py --out "$out" --tests-passed "$passed" --tests-failed "$failed" || exit 1
-[ "$test_rc" -eq 0 ]
+"$python" bench/gpu_bench.py --out "$out" --tests-passed "$passed" --tests-failed "$failed" \
+  --sanitizers "${sanitizers# }" || exit 1
+[ "$test_rc" -eq 0 ] && [ "$san_rc" -eq 0 ]

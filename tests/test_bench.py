@@ -124,3 +124,21 @@ def test_run_linear_case_figures():
     assert r["memory_vs_native"] == pytest.approx(r["peak_mem_fused_mb"] / r["peak_mem_native_mb"])
     assert r["matmuls_ms"] > 0 and r["fused_vs_matmuls"] > 0
     assert "| lin |" in bench_linear.markdown_table([r])
+
+
+def test_gpu_results_table_from_cpu_figures():
+    """bench/gpu_bench.py's markdown (the GPU run's committed table) from a CPU case's figures, so
+    that the GPU session's one call does not fail on it."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_bench.py")
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    gpu_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_bench)
+    bw, rows = bench.measure([("c", "ce", (64, 10), torch.float32, {})], torch.device("cpu"), 2,
+                             use_compile=False, progress=False)
+    res = {"date": "2026-11-30", "device": "cpu", "torch": torch.__version__, "cuda": None,
+           "tests_passed": 1, "tests_failed": 0, "sanitizers": "memcheck=clean",
+           "copy_bandwidth_gbs": bw, "cases": rows}
+    text = gpu_bench.markdown(res)
+    assert "compute-sanitizer: memcheck=clean" in text and "| c |" in text
