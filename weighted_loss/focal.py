@@ -74,12 +74,10 @@ def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: Union[float, Tensor
         if input.is_floating_point() and target.is_floating_point() else target.dtype
     if input.is_floating_point() and target.is_floating_point() and input.dtype != target.dtype:
         input, target = input.to(out_dtype), target.to(out_dtype)
-    red = _Reduction.get_enum(reduction)
-    if isinstance(a, Tensor):
-        return _ops.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight,
-                                                             red, g, 0.0, a)
-    return _ops.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight, red,
-                                                         g, a)
+    tensor_alpha = isinstance(a, Tensor)  # the kernels' alpha switch on, each element's alpha read
+    return _ops.binary_cross_entropy_with_logits_forward(
+        input, target, weight, pos_weight, _Reduction.get_enum(reduction), g,
+        0.0 if tensor_alpha else a, a if tensor_alpha else None)
 
 
 class SigmoidFocalLoss(torch.nn.Module):
@@ -137,10 +135,10 @@ def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, weight: Option
         if prob and target.shape != input.shape:
             raise ValueError(f"focal_loss: probability targets must have the input's shape "
                              f"{tuple(input.shape)}, got {tuple(target.shape)}")
-        if weight is not None and weight.shape != (input.shape[1 if input.dim() > 1 else 0],):
-            raise ValueError(f"focal_loss: weight must have one value per class, shape "
-                             f"({input.shape[1 if input.dim() > 1 else 0]},), got "
-                             f"{tuple(weight.shape)}")
+        C = input.shape[1 if input.dim() > 1 else 0]
+        if weight is not None and weight.shape != (C,):
+            raise ValueError(f"focal_loss: weight must have one value per class, shape ({C},), "
+                             f"got {tuple(weight.shape)}")
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             raise NotImplementedError("focal_loss: the derivative for 'weight' is not implemented "
                                       "(as in PyTorch's cross-entropy)")

@@ -306,8 +306,8 @@ inline void backward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
       g0 = g0 * wv[0];
       g1 = g1 * wv[1];
     }
-    V av[2];
-    load_alpha(cx, a, k, cnt, av);
+    V av[2] = {V(1), V(1)};  // read by the focal gradients only
+    if (cx.focal) load_alpha(cx, a, k, cnt, av);
     auto grads = [&](const V& xv, const V& tv, const V& av, const V& pv, const V& gv, V& dx,
                      V& dt) {
       const V e = exp_neg_abs(xv);
