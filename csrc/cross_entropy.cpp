@@ -43,11 +43,10 @@ void check_terms(RowTerms terms, const char* op) {
                     ": gamma must be a finite number >= 0, got ", terms.focal_gamma);
 }
 
-// The softmax focal loss covers class-index targets without label smoothing so far.
-void check_focal(RowTerms terms, double label_smoothing, const char* op) {
-  TORCH_CHECK_NOT_IMPLEMENTED(terms.focal_gamma == 0 || label_smoothing <= 0, op,
-                              ": the focal loss (gamma > 0) with label_smoothing is not "
-                              "implemented yet");
+// Planes of the saved lse of class-index targets: the shift and the log-sum, and for the focal
+// loss with label smoothing each row's Q = sum_c w_c s_c (params.h: tsum).
+int64_t lse_planes(RowTerms terms, double label_smoothing) {
+  return terms.focal_gamma > 0 && label_smoothing > 0 ? 3 : 2;
 }
 
 void check_label_smoothing(double label_smoothing, const char* op) {
@@ -250,7 +249,6 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_impl(
   check_common(input, target, "cross_entropy");
   check_label_smoothing(label_smoothing, "cross_entropy");
   check_terms(terms, "cross_entropy");
-  check_focal(terms, label_smoothing, "cross_entropy");
   const Tensor y = check_index_target(input, target);
   const Layout l = layout_of(input, /*in_place_rows=*/true);
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy");
@@ -258,7 +256,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_impl(
   const auto acc = input.options().dtype(acc_type(input));
   Tensor loss = p.reduction == Reduction::None ? at::empty(target.sizes(), input.options())
                                                : at::empty({}, input.options());
-  Tensor lse = at::empty({2, l.outer * l.inner}, acc);
+  Tensor lse = at::empty({lse_planes(terms, label_smoothing), l.outer * l.inner}, acc);
   Tensor total_weight = at::zeros({}, acc);
   p.loss = loss.data_ptr();
   p.lse = lse.data_ptr();
@@ -283,7 +281,8 @@ Tensor index_backward(const Tensor& grad_loss, const Tensor& input, const Tensor
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy backward");
   CrossEntropyParams p = params_of(l, y, w, reduction, false, ignore_index, label_smoothing, terms);
   const Tensor g = grad_of(grad_loss, input, p.reduction);
-  TORCH_CHECK(lse.numel() == 2 * l.outer * l.inner && lse.scalar_type() == acc_type(input),
+  TORCH_CHECK(lse.numel() == lse_planes(terms, label_smoothing) * l.outer * l.inner &&
+                  lse.scalar_type() == acc_type(input),
               "cross_entropy backward: lse does not match the input");
   const Tensor lse_c = lse.contiguous();
   p.lse = lse_c.data_ptr();

@@ -44,15 +44,16 @@ TORCH_LIBRARY(weighted_loss, m) {
   // sum_c weight_c * target'_c, the softmax coefficient of the backward.
   m.def(
       "cross_entropy_prob_forward(Tensor input, Tensor target, Tensor? weight, int reduction, "
-      "float label_smoothing, float z_loss=0., float softcap=0.) -> (Tensor, Tensor, Tensor)");
+      "float label_smoothing, float z_loss=0., float softcap=0., float gamma=0.) -> "
+      "(Tensor, Tensor, Tensor)");
   m.def(
       "cross_entropy_prob_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
       "Tensor lse, Tensor tsum, int reduction, float label_smoothing, float z_loss=0., "
-      "float softcap=0.) -> Tensor");
+      "float softcap=0., float gamma=0.) -> Tensor");
   m.def(
       "cross_entropy_prob_target_backward(Tensor grad_loss, Tensor input, Tensor? weight, "
-      "Tensor lse, int reduction, float label_smoothing, float z_loss=0., float softcap=0.) "
-      "-> Tensor");
+      "Tensor lse, int reduction, float label_smoothing, float z_loss=0., float softcap=0., "
+      "float gamma=0.) -> Tensor");
   // A vocab-parallel shard of the classes: the logits (rows, classes) hold classes
   // [class_offset, class_offset + classes) of total_classes; targets are global indices, weight
   // the full (total_classes,). The forward returns the shard's statistics (5, rows) (params.h),

@@ -52,8 +52,12 @@ struct CrossEntropyParams {
                              // index targets, 1 for probabilities); 0: off
   double softcap;            // > 0: every logit x is read as softcap * tanh(x / softcap), and its
                              // gradient gets the factor 1 - (that / softcap)^2; 0: off
-  double focal_gamma;        // > 0 (index targets, no smoothing): the softmax focal loss, each
-                             // row's w_y nll times (1 - p_y)^gamma, p_y = exp(-nll); 0: off
+  double focal_gamma;        // > 0: the softmax focal loss, each class term's nll_c = -log p_c
+                             // times (1 - p_c)^gamma: w_y nll_y (1 - p_y)^gamma for plain indices;
+                             // with probabilities or smoothing a sum over the classes, which
+                             // needs Q = sum_c w_c t'_c s_c per row (the gradient's coefficient,
+                             // s_c the focal gradient factor) saved in tsum (probabilities) or a
+                             // third plane of lse (smoothed indices); 0: off
 
   // Vocab-parallel shards (index targets only): the logits hold classes [class_offset,
   // class_offset + classes) of total_classes. Targets are global class indices, checked against
@@ -75,6 +79,7 @@ struct CrossEntropyParams {
                              // (0, NaN) where their log_softmax is NaN
   void* total_weight;        // 0-d acc: the mean's divisor (sum of weight[target] or row count)
   void* tsum;                // rows of acc, probability targets: sum_c weight_c * target'_c
+                             // (the focal loss: Q, see focal_gamma)
   void* shard_stats;         // a shard's forward (nullptr otherwise): no loss, no reduction;
                              // lse gets the shard's raw (max m, log sum_c exp(x_c - s)) with
                              // s = m (0 when m = -inf; m may be NaN or +inf, the log -inf), every

@@ -57,27 +57,27 @@ struct CrossEntropyOps {
                                                          const OptTensor& weight,
                                                          int64_t reduction,
                                                          double label_smoothing, double z_loss,
-                                                         double softcap) {
+                                                         double softcap, double gamma) {
     const typename Device::Guard guard(input.device());
     return cross_entropy_prob_forward_impl(input, target, weight, reduction, label_smoothing,
-                                           {z_loss, softcap}, Device::forward());
+                                           {z_loss, softcap, gamma}, Device::forward());
   }
   static Tensor prob_backward(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                               const OptTensor& weight, const Tensor& lse, const Tensor& tsum,
                               int64_t reduction, double label_smoothing, double z_loss,
-                              double softcap) {
+                              double softcap, double gamma) {
     const typename Device::Guard guard(input.device());
     return cross_entropy_prob_backward_impl(grad_loss, input, target, weight, lse, tsum,
-                                            reduction, label_smoothing, {z_loss, softcap},
+                                            reduction, label_smoothing, {z_loss, softcap, gamma},
                                             Device::backward());
   }
   static Tensor prob_target_backward(const Tensor& grad_loss, const Tensor& input,
                                      const OptTensor& weight, const Tensor& lse,
                                      int64_t reduction, double label_smoothing, double z_loss,
-                                     double softcap) {
+                                     double softcap, double gamma) {
     const typename Device::Guard guard(input.device());
     return cross_entropy_prob_target_backward_impl(grad_loss, input, weight, lse, reduction,
-                                                   label_smoothing, {z_loss, softcap},
+                                                   label_smoothing, {z_loss, softcap, gamma},
                                                    Device::target_backward());
   }
   static Tensor shard_forward(const Tensor& input, const Tensor& target, const OptTensor& weight,

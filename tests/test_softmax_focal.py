@@ -120,11 +120,16 @@ def test_softmax_focal_module_opcheck_compile_errors():
         wl.focal_loss(x, t, 2.0, w[:4], label_smoothing=0.1)
     with pytest.raises(IndexError, match="Target 9 is out of bounds"):
         wl.focal_loss(x, torch.full_like(t, 9), 2.0, label_smoothing=0.1)
-    with pytest.raises(NotImplementedError, match="label_smoothing is not implemented"):
-        _ops.cross_entropy_forward(x, t, w, 1, -100, 0.1, 0.0, 0.0, 2.0)
+    # the soft-target forms: smoothing saves a third lse plane (Q), probabilities Q as tsum
+    torch.library.opcheck(_ops.cross_entropy_forward.default,
+                          (x, t, w, 1, -100, 0.1, 0.0, 0.0, 2.0))
+    assert _ops.cross_entropy_forward(x, t, w, 1, -100, 0.1, 0.0, 0.0, 2.0)[1].shape == (3, 12)
+    p = torch.softmax(torch.randn(12, 9, generator=torch.Generator().manual_seed(5)), 1)
+    torch.library.opcheck(_ops.cross_entropy_prob_forward.default,
+                          (x.clone().requires_grad_(), p, w, 1, 0.1, 0.0, 0.0, 2.0))
 
 
-# ---------------------------------------------------------------- soft targets (focal_soft.py)
+# ---------------------------------------------------------------- soft targets
 
 def soft_reference(x, t, gamma=2.0, weight=None, ignore_index=-100, reduction="mean", s=0.0):
     """-sum_c w_c t'_c (1 - p_c)^gamma log p_c per item, t' = (1 - s) t + s / C, t one-hot for
@@ -241,3 +246,22 @@ def test_soft_targets_confident_rows_and_compile(device):
     loss, ref = fn(xr), wl.focal_loss(xr2, p, 2.0, w, label_smoothing=0.05)
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(torch.autograd.grad(loss, xr)[0], torch.autograd.grad(ref, xr2)[0])
+
+
+@pytest.mark.parametrize("shape", [(6, 2000), (2, 8192), (2, 150, 3, 5), (4, 70)])
+@pytest.mark.parametrize("prob,s", [(True, 0.0), (True, 0.2), (False, 0.3)])
+def test_soft_targets_every_kernel_path(device, shape, prob, s):
+    """Long rows (a block per row on CUDA; rows few enough to be split for cross-entropy, which
+    the focal loss's second pass must not be), lanes over more classes than the CPU's tile holds,
+    rows just past the few-class paths; a NaN row and ignored rows (indices) among them."""
+    x, t, w = _soft_inputs(shape, prob, device=device)
+    x[1].view(-1)[3] = float("nan")  # item(s) of row 1: NaN loss and gradient, as log_softmax
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = wl.focal_loss(x1, t, 0.5, w, reduction="none", label_smoothing=s)
+    ref = soft_reference(x2, t, 0.5, w, reduction="none", s=s)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14, equal_nan=True)
+    assert ours.isnan().any() and not ours[0].isnan().any()
+    go = torch.rand(ref.shape, dtype=ref.dtype).to(device)
+    torch.testing.assert_close(torch.autograd.grad(ours, x1, go)[0],
+                               torch.autograd.grad(ref, x2, go)[0], rtol=1e-10, atol=1e-13,
+                               equal_nan=True)

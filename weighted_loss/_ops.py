@@ -1,7 +1,8 @@
 """Fake kernels (shapes for torch.compile / meta tensors) and autograd for the weighted_loss ops.
 
 The schemas live in csrc/ops.cpp. Each cross-entropy forward saves the per-row log-sum-exp as two
-(2, rows) planes, each row's max and the log-sum shifted by it (never an N x C tensor); BCE saves only its inputs. Each backward is an op of its own that recomputes
+(2, rows) planes, each row's max and the log-sum shifted by it (never an N x C tensor; a third
+plane for the focal loss with label smoothing); BCE saves only its inputs. Each backward is an op of its own that recomputes
 what it needs in one pass.
 """
 import torch
@@ -32,7 +33,8 @@ def _(input, target, weight, reduction, ignore_index, label_smoothing, z_loss=0.
       gamma=0.0):
     acc = _acc_dtype(input.dtype)
     loss = input.new_empty(target.shape if reduction == _NONE else ())
-    return loss, input.new_empty((2, _rows(input)), dtype=acc), input.new_empty((), dtype=acc)
+    planes = 3 if gamma > 0 and label_smoothing > 0 else 2  # csrc/cross_entropy.cpp: lse_planes
+    return loss, input.new_empty((planes, _rows(input)), dtype=acc), input.new_empty((), dtype=acc)
 
 
 @torch.library.register_fake("weighted_loss::cross_entropy_backward")
@@ -54,7 +56,7 @@ def _no_weight_grad(ctx, index):
 
 
 def _ce_setup(ctx, inputs, output):
-    input, target, weight, *args = inputs  # reduction, ignore_index, label_smoothing[, z, cap]
+    input, target, weight, *args = inputs  # reduction, ignore_index, smoothing[, z, cap, gamma]
     _, lse, total_weight = output
     ctx.save_for_backward(input, target, weight, lse, total_weight)
     ctx.args = tuple(args)
@@ -77,7 +79,7 @@ torch.library.register_autograd("weighted_loss::cross_entropy_forward", _ce_back
 # ---------------------------------------------------------------- probability targets
 
 @torch.library.register_fake("weighted_loss::cross_entropy_prob_forward")
-def _(input, target, weight, reduction, label_smoothing, z_loss=0.0, softcap=0.0):
+def _(input, target, weight, reduction, label_smoothing, z_loss=0.0, softcap=0.0, gamma=0.0):
     acc = _acc_dtype(input.dtype)
     loss = input.new_empty(_row_shape(input) if reduction == _NONE else ())
     rows = _rows(input)
@@ -86,17 +88,18 @@ def _(input, target, weight, reduction, label_smoothing, z_loss=0.0, softcap=0.0
 
 @torch.library.register_fake("weighted_loss::cross_entropy_prob_backward")
 def _(grad_loss, input, target, weight, lse, tsum, reduction, label_smoothing, z_loss=0.0,
-      softcap=0.0):
+      softcap=0.0, gamma=0.0):
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("weighted_loss::cross_entropy_prob_target_backward")
-def _(grad_loss, input, weight, lse, reduction, label_smoothing, z_loss=0.0, softcap=0.0):
+def _(grad_loss, input, weight, lse, reduction, label_smoothing, z_loss=0.0, softcap=0.0,
+      gamma=0.0):
     return torch.empty_like(input)
 
 
 def _ce_prob_setup(ctx, inputs, output):
-    input, target, weight, *args = inputs  # reduction, label_smoothing[, z_loss, softcap]
+    input, target, weight, *args = inputs  # reduction, label_smoothing[, z, softcap, gamma]
     _, lse, tsum = output
     ctx.save_for_backward(input, target, weight, lse, tsum)
     ctx.args = tuple(args)
@@ -112,7 +115,7 @@ def _ce_prob_backward(ctx, grad_loss, _grad_lse, _grad_tsum):
     if ctx.needs_input_grad[1]:
         grad_target = _ops.cross_entropy_prob_target_backward(grad_loss, input, weight, lse,
                                                               *ctx.args)
-    return (grad_input, grad_target, None, None, None, None, None)[:3 + len(ctx.args)]
+    return (grad_input, grad_target, None, None, None, None, None, None)[:3 + len(ctx.args)]
 
 
 torch.library.register_autograd("weighted_loss::cross_entropy_prob_forward", _ce_prob_backward,

@@ -13,6 +13,9 @@ import torch.nn.functional as F
 QUICK = [
     ("focal-8192x1000-f32", "focal", (8192, 1000), torch.float32, {}),
     ("focal-seg-16x19x128x128-f32", "focal", (16, 19, 128, 128), torch.float32, {}),
+    ("focal-ls-8192x1000-f32", "focal", (8192, 1000), torch.float32, {"label_smoothing": 0.1}),
+    ("focal-ls-seg-16x19x128x128-f32", "focal", (16, 19, 128, 128), torch.float32,
+     {"label_smoothing": 0.1}),
     ("sfocal-8192x1000-f32", "sfocal", (8192, 1000), torch.float32, {"reduction": "mean"}),
     ("sfocal-seg-16x19x128x128-f32", "sfocal", (16, 19, 128, 128), torch.float32,
      {"reduction": "mean"}),
@@ -38,15 +41,22 @@ def sigmoid_focal_composite(input, target, alpha=0.25, gamma=2.0, reduction="non
     return loss.sum() if reduction == "sum" else loss
 
 
-def focal_composite(input, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean"):
+def focal_composite(input, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean",
+                    label_smoothing=0.0):
     """-weight[y] (1 - p_y)^gamma log p_y over (N, C, d...) logits; the mean over the kept
-    items' sum of weight[y], as cross-entropy's."""
+    items' sum of weight[y], as cross-entropy's. With label smoothing s each item's loss is
+    -sum_c w_c t'_c (1 - p_c)^gamma log p_c, t' = (1 - s) onehot(y) + s / C."""
     logp = F.log_softmax(input, dim=1)
     valid = target != ignore_index
     y = torch.where(valid, target, torch.zeros_like(target))
     lp = logp.gather(1, y.unsqueeze(1)).squeeze(1)
     w = valid.to(lp.dtype) if weight is None else weight[y] * valid
     loss = -w * (1 - lp.exp()) ** gamma * lp
+    if label_smoothing > 0:
+        C = input.shape[1]
+        wc = 1.0 if weight is None else weight.reshape(C, *([1] * (input.dim() - 2)))
+        spread = (-wc * (1 - logp.exp()) ** gamma * logp).sum(1)
+        loss = (1 - label_smoothing) * loss + (label_smoothing / C) * spread * valid
     if reduction == "none":
         return loss
     return loss.sum() if reduction == "sum" else loss.sum() / w.sum()

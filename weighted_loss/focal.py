@@ -6,7 +6,7 @@ results) computed by the BCE-with-logits kernels with their focal switch (csrc/p
 pass forward and one backward, plus ``weight`` and ``pos_weight`` as in
 ``F.binary_cross_entropy_with_logits`` and a per-element ``alpha`` tensor. ``focal_loss`` is the
 softmax focal loss ``-w[y] (1 - p_y)^gamma log p_y`` computed by the cross-entropy kernels with
-theirs; over probability targets or with label smoothing by PyTorch ops (focal_soft.py).
+theirs, over class indices, probability targets or with label smoothing.
 """
 import math
 import numbers
@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-from .focal_soft import soft_focal_loss
 
 __all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss", "focal_loss", "FocalLoss"]
 
@@ -116,8 +115,9 @@ def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, weight: Option
     item's loss the sum over its classes ``-sum_c w_c t'_c (1 - p_c)^gamma log p_c`` with
     ``t' = (1 - s) t + s / C`` (``t`` the one-hot target for indices), the mean dividing by the
     number of items for probabilities and by ``sum(weight[target])`` for indices, as
-    cross-entropy. That form is computed by PyTorch ops (focal_soft.py): exact, but several
-    passes and a logits-sized buffer, not the kernels' one pass."""
+    cross-entropy. The kernels take it in the same single pass backward and one more read of
+    each row forward (its classes' terms need the row's log-sum-exp first: from cache, or from
+    the tile of the (N, C, d...) lanes); probability targets get their gradient too."""
     from .functional import cross_entropy
     g = _check_gamma(gamma)
     if g == 0:
@@ -142,9 +142,19 @@ def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, weight: Option
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             raise NotImplementedError("focal_loss: the derivative for 'weight' is not implemented "
                                       "(as in PyTorch's cross-entropy)")
-        return soft_focal_loss(input, target, g, weight, int(ignore_index), reduction, s)
-    loss, _, _ = _ops.cross_entropy_forward(input, target, weight, _Reduction.get_enum(reduction),
-                                            int(ignore_index), 0.0, 0.0, 0.0, g)
+    red = _Reduction.get_enum(reduction)
+    if prob:
+        if ignore_index >= 0:
+            raise RuntimeError("ignore_index is not supported for floating point target")
+        if input.is_floating_point():  # promoted together, as cross-entropy's
+            dtype = torch.promote_types(input.dtype, target.dtype)
+            input, target = input.to(dtype), target.to(dtype)
+            if weight is not None and weight.is_floating_point():
+                weight = weight.to(dtype)
+        loss, _, _ = _ops.cross_entropy_prob_forward(input, target, weight, red, s, 0.0, 0.0, g)
+        return loss
+    loss, _, _ = _ops.cross_entropy_forward(input, target, weight, red, int(ignore_index), s, 0.0,
+                                            0.0, g)
     return loss
 
 

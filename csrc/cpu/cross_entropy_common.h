@@ -11,6 +11,14 @@
 //   probability target t, with t'_c = (1 - s) t_c + s / C and S = sum_c w_c t'_c:
 //     loss = S L - sum_c w_c t'_c (x_c - sh)
 //     dloss/dx_k = S p_k - w_k t'_k,        dloss/dt_k = -(1 - s) w_k ((x_k - sh) - L)
+//   the focal loss (gamma > 0): each class term's nll_c = L - (x_c - sh) times
+//   m_c = (1 - p_c)^gamma, so d(m_c nll_c)/dnll_c = s_c (focal_grad_factor); index targets:
+//     loss = w_y m_y nll_y,  dloss/dx_k = w_y s_y (p_k - [k == y])
+//   with probabilities or smoothing, f_c = w_c t'_c (t' the smoothed one-hot for indices):
+//     loss = sum_c f_c m_c nll_c,  dloss/dx_k = Q p_k - f_k s_k,  Q = sum_c f_c s_c,
+//     dloss/dt_k = (1 - s) w_k m_k nll_k
+//   which needs lse before the class terms: one more pass over the row forward (from cache or
+//   the lane tile), Q saved for the backward's single pass (params.h: focal_gamma)
 // The forward reads a row twice (the second time from cache, or from a tile for the lane
 // layout): its max, then one exp per logit shifted by it, as PyTorch's log_softmax. Everything is
 // taken relative to the max, never through lse itself: exp's arguments are <= 0, the weighted
@@ -100,7 +108,7 @@ struct Ctx {
     C_total = p.total_classes;
     cap = p.softcap > 0 ? static_cast<acc_t>(p.softcap) : acc_t(0);
     z = p.z_loss > 0 ? p.z_loss : 0.0;
-    gamma = !p.prob_target && p.focal_gamma > 0 ? p.focal_gamma : 0.0;
+    gamma = p.focal_gamma > 0 ? p.focal_gamma : 0.0;
     smooth = p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0);
     t_scale = acc_t(1) - smooth;
     t_shift = C_total > 0 ? smooth / static_cast<acc_t>(C_total) : acc_t(0);
@@ -156,6 +164,18 @@ struct Ctx {
     if (cap <= 0) return 1.0;
     const double u = c / static_cast<double>(cap);
     return 1.0 - u * u;
+  }
+  // The focal loss over soft targets (probabilities, or smoothing: gamma > 0 and M != kPlain)
+  // keeps a second per-row sum Q = sum_c f_c s_c beside the log-sum (cross_entropy_rows.h):
+  // probabilities in p.tsum, smoothed indices in a third plane of p.lse.
+  template <int M>
+  C10_ALWAYS_INLINE acc_t* focal_q() const {
+    if constexpr (M == kProb) return static_cast<acc_t*>(p.tsum);
+    return static_cast<acc_t*>(p.lse) + 2 * p.outer * p.inner;
+  }
+  template <int M>
+  C10_ALWAYS_INLINE bool soft_focal() const {
+    return M != kPlain && gamma > 0;
   }
   // the weight of global class y (1 without weight)
   C10_ALWAYS_INLINE double target_weight(int64_t y) const {
@@ -267,6 +287,19 @@ inline Vectorized<acc_t> focal_grad_factor(acc_t gamma, const Vectorized<acc_t>&
   const V q = zero - neg.expm1(), p = vexp(neg);
   const V r = V::blendv(one, nll / q, q > zero);
   return pow_gamma(q, gamma) * (one + V::blendv(zero, V(gamma) * p * r, p > zero));
+}
+// Both factors of B classes (the focal loss over soft targets, a term per class), from
+// nll = -log p >= 0 and p itself; q and q^gamma formed once.
+template <typename acc_t>
+C10_ALWAYS_INLINE void focal_factors(acc_t gamma, const Vectorized<acc_t>& nll,
+                                     const Vectorized<acc_t>& p, Vectorized<acc_t>& m,
+                                     Vectorized<acc_t>& s) {
+  using V = Vectorized<acc_t>;
+  const V zero(0), one(1);
+  const V q = zero - (zero - nll).expm1();
+  const V r = V::blendv(one, nll / q, q > zero);
+  m = pow_gamma(q, gamma);
+  s = m * (one + V::blendv(zero, V(gamma) * p * r, p > zero));
 }
 
 // ---------------------------------------------------------------------------------------------

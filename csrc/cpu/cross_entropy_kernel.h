@@ -17,7 +17,21 @@ namespace {
 using at::vec::Vectorized;
 
 // ---------------------------------------------------------------------------------------------
-// Gradient of the loss with respect to probability targets: -g (1 - s) w_k (x_k - lse).
+// Gradient of the loss with respect to probability targets: -g (1 - s) w_k (x_k - lse), times
+// m_k = (1 - p_k)^gamma for the focal loss (its loss is sum_c w_c t'_c m_c nll_c).
+
+// g *= m = (1 - p)^gamma of logits v with shift sh and log-sum L (focal_loss_factor).
+template <typename acc_t>
+C10_ALWAYS_INLINE void focal_target_factor(acc_t gamma, const Vectorized<acc_t>& v0,
+                                           const Vectorized<acc_t>& v1,
+                                           const Vectorized<acc_t>& sh0,
+                                           const Vectorized<acc_t>& sh1,
+                                           const Vectorized<acc_t>& L0,
+                                           const Vectorized<acc_t>& L1, Vectorized<acc_t>& g0,
+                                           Vectorized<acc_t>& g1) {
+  g0 = g0 * focal_loss_factor(gamma, L0 - (v0 - sh0));
+  g1 = g1 * focal_loss_factor(gamma, L1 - (v1 - sh1));
+}
 
 template <typename scalar_t, bool HasW>
 void target_backward(const Ctx<scalar_t>& cx) {
@@ -32,6 +46,7 @@ void target_backward(const Ctx<scalar_t>& cx) {
   const auto* L_in = sh_in + rows;
   auto* gt = static_cast<scalar_t*>(p.grad_target);
   const bool none = p.reduction == Reduction::None;
+  const acc_t gamma = static_cast<acc_t>(cx.gamma);
   auto coef = [&](int64_t r) {
     const double g = none ? static_cast<double>(static_cast<const scalar_t*>(p.grad_loss)[r]) : g_all;
     return static_cast<acc_t>(-g * (1.0 - (p.label_smoothing > 0 ? p.label_smoothing : 0.0)));
@@ -52,6 +67,7 @@ void target_backward(const Ctx<scalar_t>& cx) {
           }
           cx.capped(v0, v1);
           Vec g0 = vk * ((v0 - vsh) - vL), g1 = vk * ((v1 - vsh) - vL);
+          if (gamma > 0) focal_target_factor(gamma, v0, v1, vsh, vsh, vL, vL, g0, g1);
           if constexpr (HasW) {
             Vec w0, w1;
             load_acc(cx.w + k, cnt, w0, w1);
@@ -90,6 +106,7 @@ void target_backward(const Ctx<scalar_t>& cx) {
           io::load(cx.x + base + c * sC, nl, v0, v1);
           cx.capped(v0, v1);
           Vec g0 = k0 * ((v0 - s0) - l0), g1 = k1 * ((v1 - s1) - l1);
+          if (gamma > 0) focal_target_factor(gamma, v0, v1, s0, s1, l0, l1, g0, g1);
           if constexpr (HasW) {
             const Vec wc(cx.w[c]);
             g0 = g0 * wc;

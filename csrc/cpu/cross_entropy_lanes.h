@@ -72,6 +72,54 @@ C10_ALWAYS_INLINE void add_z_loss(const Ctx<scalar_t>& cx,
   l1 = l1 + z * wy1 * lse1 * lse1;
 }
 
+// The focal loss over soft targets for B lanes (cross_entropy_rows.h: row_focal_sums): with each
+// lane's shift and log-sum known, A = sum_c f_c m_c nll_c and Q = sum_c f_c s_c, another pass over
+// the classes, from the tile when it holds them.
+template <typename scalar_t, int M, bool HasW>
+C10_ALWAYS_INLINE void lanes_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x,
+                                        const scalar_t* t, int64_t sC, int64_t nl,
+                                        const typename AccOf<scalar_t>::type* tile,
+                                        const Vectorized<typename AccOf<scalar_t>::type>& sh0,
+                                        const Vectorized<typename AccOf<scalar_t>::type>& sh1,
+                                        const Vectorized<typename AccOf<scalar_t>::type>& L0,
+                                        const Vectorized<typename AccOf<scalar_t>::type>& L1,
+                                        Vectorized<typename AccOf<scalar_t>::type>& A0,
+                                        Vectorized<typename AccOf<scalar_t>::type>& A1,
+                                        Vectorized<typename AccOf<scalar_t>::type>& Q0,
+                                        Vectorized<typename AccOf<scalar_t>::type>& Q1) {
+  using io = IO<scalar_t>;
+  using acc_t = typename io::acc_t;
+  using Vec = typename io::Vec;
+  const acc_t gamma = static_cast<acc_t>(cx.gamma);
+  const Vec vts(cx.t_scale), vtsh(cx.t_shift), vzero(0);
+  A0 = A1 = Q0 = Q1 = vzero;
+  for (int64_t c = 0; c < cx.C; ++c) {
+    Vec v0, v1;
+    if (tile != nullptr) {
+      v0 = Vec::loadu(tile + c * io::B);
+      v1 = Vec::loadu(tile + c * io::B + io::W);
+    } else {
+      io::load(x + c * sC, nl, v0, v1);
+      cx.capped(v0, v1);
+    }
+    const Vec n0 = L0 - (v0 - sh0), n1 = L1 - (v1 - sh1);
+    Vec m0, m1, s0, s1;
+    focal_factors(gamma, n0, vexp(vzero - n0), m0, s0);
+    focal_factors(gamma, n1, vexp(vzero - n1), m1, s1);
+    Vec f0(HasW ? cx.w[c] : acc_t(1)), f1 = f0;
+    if constexpr (M == kProb) {
+      Vec t0, t1;
+      io::load(t + c * sC, nl, t0, t1);
+      f0 = f0 * at::vec::fmadd(t0, vts, vtsh);
+      f1 = f1 * at::vec::fmadd(t1, vts, vtsh);
+    }
+    A0 = at::vec::fmadd(f0 * m0, n0, A0);
+    A1 = at::vec::fmadd(f1 * m1, n1, A1);
+    Q0 = at::vec::fmadd(f0, s0, Q0);
+    Q1 = at::vec::fmadd(f1, s1, Q1);
+  }
+}
+
 // One block of nl <= B lanes: lane k is row r0 + k, with its logit of class c at x[c * sC + k]
 // (and its target probability at t[c * sC + k]), its pass 1 done into `cur` (lanes_max). Writes
 // the rows' lse (tsum; loss for Reduction::None) and adds the block's loss and divisor to sl and
@@ -139,10 +187,21 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
   finish_lse(m0, e0, L0);
   finish_lse(m1, e1, L1);
   Vec s0 = sh0, s1 = sh1;
+  const bool soft_focal = cx.template soft_focal<M>();
+  if (soft_focal) {  // a and q become A and Q (cross_entropy_rows.h: row_focal_sums)
+    lanes_focal_sums<scalar_t, M, HasW>(cx, x, t, sC, nl, tiled ? tile : nullptr, sh0, sh1, L0,
+                                        L1, a0, a1, q0, q1);
+    tsum_out = cx.template focal_q<M>();
+  }
   Vec l0, l1, wy0(1), wy1(1);
   if constexpr (M == kProb) {
-    l0 = q0 * L0 - a0;
-    l1 = q1 * L1 - a1;
+    if (soft_focal) {  // a lane whose log_softmax is NaN: its loss too (vexp does not carry it)
+      l0 = Vec::blendv(a0, L0, L0 != L0);
+      l1 = Vec::blendv(a1, L1, L1 != L1);
+    } else {
+      l0 = q0 * L0 - a0;
+      l1 = q1 * L1 - a1;
+    }
     if (cx.z > 0) add_z_loss(cx, s0 + L0, s1 + L1, wy0, wy1, l0, l1);
     store_acc(tsum_out + r0, nl, q0, q1);
   } else {
@@ -161,8 +220,17 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
     const Vec nll0 = (s0 - xy0) + L0, nll1 = (s1 - xy1) + L1;
     if constexpr (M == kSmooth) {
       const Vec ks(acc_t(1) - cx.smooth), kt(cx.t_shift), kw(cx.w_sum);
-      l0 = ks * wy0 * nll0 + kt * (kw * L0 - a0);
-      l1 = ks * wy1 * nll1 + kt * (kw * L1 - a1);
+      if (soft_focal) {
+        const acc_t gamma = static_cast<acc_t>(cx.gamma);
+        l0 = ks * wy0 * focal_loss_factor(gamma, nll0) * nll0 + kt * a0;
+        l1 = ks * wy1 * focal_loss_factor(gamma, nll1) * nll1 + kt * a1;
+        l0 = Vec::blendv(l0, L0, L0 != L0);  // NaN where the log_softmax is (as above)
+        l1 = Vec::blendv(l1, L1, L1 != L1);
+        store_acc(tsum_out + r0, nl, q0, q1);
+      } else {
+        l0 = ks * wy0 * nll0 + kt * (kw * L0 - a0);
+        l1 = ks * wy1 * nll1 + kt * (kw * L1 - a1);
+      }
     } else {
       l0 = wy0 * nll0;
       l1 = wy1 * nll1;
@@ -257,7 +325,7 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
       const int64_t yv = cx.checked_target(r0 + k);
       yk[k] = static_cast<acc_t>(yv);
       if (yv >= 0) wyk[k] = HasW ? cx.w[yv] : acc_t(1);
-      if (M == kPlain && cx.gamma > 0 && yv >= 0) xk[k] = cx.capped(static_cast<acc_t>(x[yv * sC + k]));
+      if (cx.gamma > 0 && yv >= 0) xk[k] = cx.capped(static_cast<acc_t>(x[yv * sC + k]));
     }
   }
   Vec sh0, sh1, L0, L1, g0v, g1v, cp0, cp1, cw0(0), cw1(0), gy0(0), gy1(0), y0(-1), y1(-1);
@@ -285,7 +353,7 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
     const Vec ks(acc_t(1) - cx.smooth), zero(0);
     const Vec keep0 = y0 >= zero, keep1 = y1 >= zero;
     Vec f0(1), f1(1);
-    if (M == kPlain && cx.gamma > 0) {  // the focal loss: the gradient times s, per lane
+    if (cx.gamma > 0) {  // the focal loss: the target's term times s_y, per lane
       Vec x0, x1;
       load_acc(xk, B, x0, x1);
       f0 = focal_grad_factor(static_cast<acc_t>(cx.gamma), (sh0 - x0) + L0);
@@ -295,9 +363,15 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
     gy0 = Vec::blendv(zero, g0v * ks * wy0 * f0, keep0);
     gy1 = Vec::blendv(zero, g1v * ks * wy1 * f1, keep1);
     if constexpr (M == kSmooth) {
-      const Vec kt(cx.t_shift), kw(cx.t_shift * cx.w_sum);
-      cp0 = Vec::blendv(zero, gy0 + g0v * kw, keep0);
-      cp1 = Vec::blendv(zero, gy1 + g1v * kw, keep1);
+      const Vec kt(cx.t_shift);
+      Vec kw0(cx.t_shift * cx.w_sum), kw1 = kw0;
+      if (cx.gamma > 0) {  // the focal loss: Q = sum_c w_c s_c of each lane for W
+        load_acc(cx.template focal_q<M>() + r0, nl, kw0, kw1);
+        kw0 = kt * kw0;
+        kw1 = kt * kw1;
+      }
+      cp0 = Vec::blendv(zero, gy0 + g0v * kw0, keep0);
+      cp1 = Vec::blendv(zero, gy1 + g1v * kw1, keep1);
       cw0 = Vec::blendv(zero, g0v * kt, keep0);
       cw1 = Vec::blendv(zero, g1v * kt, keep1);
     } else {
@@ -325,8 +399,10 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
       d0 = vzero - (gy0 & (y0 == vc));
       d1 = vzero - (gy1 & (y1 == vc));
     }
-    Vec g0 = at::vec::fmadd(cp0, vexp((v0 - sh0) - L0), d0);
-    Vec g1 = at::vec::fmadd(cp1, vexp((v1 - sh1) - L1), d1);
+    const Vec lp0 = (v0 - sh0) - L0, lp1 = (v1 - sh1) - L1;
+    const Vec p0 = vexp(lp0), p1 = vexp(lp1);
+    Vec g0 = at::vec::fmadd(cp0, p0, d0);
+    Vec g1 = at::vec::fmadd(cp1, p1, d1);
     if constexpr (M == kSmooth || M == kProb) {
       Vec w0(HasW ? cx.w[c] : acc_t(1)), w1 = w0;
       if constexpr (M == kProb) {
@@ -335,6 +411,13 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
         io::load(t + at, nl, t0, t1);
         w0 = w0 * at::vec::fmadd(t0, vts, vtsh);
         w1 = w1 * at::vec::fmadd(t1, vts, vtsh);
+      }
+      if (cx.gamma > 0) {  // the focal loss over soft targets: each class term times s_c
+        Vec m0, m1, s0, s1;
+        focal_factors(static_cast<acc_t>(cx.gamma), vzero - lp0, p0, m0, s0);
+        focal_factors(static_cast<acc_t>(cx.gamma), vzero - lp1, p1, m1, s1);
+        w0 = w0 * s0;
+        w1 = w1 * s1;
       }
       g0 = g0 - cw0 * w0;
       g1 = g1 - cw1 * w1;

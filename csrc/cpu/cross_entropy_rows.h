@@ -84,6 +84,46 @@ inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t*
   q = hsum(q0 + q1);
 }
 
+// The focal loss over soft targets (Ctx::soft_focal): with the row's shift sh and log-sum L
+// known, a third pass (from cache) forms A = sum_c f_c m_c nll_c and Q = sum_c f_c s_c, with
+// f_c = class_factors (w_c t'_c; w_c with smoothing, whose target term row_loss adds),
+// nll_c = L - (x_c - sh) and m_c, s_c the focal factors of class c (focal_factors). The loss is
+// A (probabilities) or (1 - s) w_y m_y nll_y + (s / C) A (smoothing); Q is the backward's:
+// dloss/dx_k = Q p_k - f_k s_k (cross-entropy: s = 1, Q = sum_c f_c).
+template <typename scalar_t, int M, bool HasW>
+inline void row_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
+                           typename AccOf<scalar_t>::type sh, typename AccOf<scalar_t>::type L,
+                           typename AccOf<scalar_t>::type& A, typename AccOf<scalar_t>::type& Q) {
+  using io = IO<scalar_t>;
+  using acc_t = typename io::acc_t;
+  using Vec = typename io::Vec;
+  const acc_t gamma = static_cast<acc_t>(cx.gamma);
+  const Vec vsh(sh), vL(L), vzero(0);
+  Vec A0(0), A1(0), Q0(0), Q1(0);
+  for_blocks<io::B>(cx.C, [&](int64_t c, int64_t cnt, auto full) {
+    Vec v0, v1;
+    if constexpr (decltype(full)::value) {
+      io::load(x + c, v0, v1);
+    } else {
+      io::load(x + c, cnt, v0, v1);
+    }
+    cx.capped(v0, v1);
+    const Vec lp0 = (v0 - vsh) - vL, lp1 = (v1 - vsh) - vL;
+    Vec n0 = vzero - lp0, n1 = vzero - lp1;
+    if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, n0, n1);
+    Vec m0, m1, s0, s1, f0, f1;
+    focal_factors(gamma, n0, vexp(vzero - n0), m0, s0);
+    focal_factors(gamma, n1, vexp(vzero - n1), m1, s1);
+    class_factors<scalar_t, M, HasW, decltype(full)::value>(cx, t, c, cnt, f0, f1);
+    A0 = at::vec::fmadd(f0 * m0, n0, A0);
+    A1 = at::vec::fmadd(f1 * m1, n1, A1);
+    Q0 = at::vec::fmadd(f0, s0, Q0);
+    Q1 = at::vec::fmadd(f1, s1, Q1);
+  });
+  A = hsum(A0 + A1);
+  Q = hsum(Q0 + Q1);
+}
+
 // The loss of a row from its statistics (see row_sums), in double: the float statistics are
 // rounded once each, and nothing after them (PyTorch rounds log_softmax, then w_y times it).
 // With a z-loss, z w_y lse^2 more (z lse^2 for probabilities).
@@ -91,7 +131,15 @@ template <typename scalar_t, int M>
 inline double row_loss(const Ctx<scalar_t>& cx, double sh, double L, double a, double q, double xy,
                        double wy) {
   double loss;
-  if constexpr (M == kProb) {
+  if (cx.template soft_focal<M>()) {  // a and q are row_focal_sums' A and Q
+    loss = a;
+    if constexpr (M == kSmooth) {
+      const double nll = (sh - xy) + L, s = cx.p.label_smoothing;
+      loss = (1.0 - s) * wy * focal_loss_factor(cx.gamma, nll) * nll +
+             s / static_cast<double>(cx.C_total) * a;
+    }
+    if (L != L) loss = L;  // a row whose log_softmax is NaN (vexp does not carry NaN)
+  } else if constexpr (M == kProb) {
     loss = q * L - a;
   } else {
     const double nll = (sh - xy) + L;
@@ -129,6 +177,7 @@ inline void row_forward(const Ctx<scalar_t>& cx, int64_t r, const scalar_t* x, c
   double Ld;
   finish_lse(m, e, sh, Ld);
   L = static_cast<acc_t>(Ld);
+  if (cx.template soft_focal<M>()) row_focal_sums<scalar_t, M, HasW>(cx, x, t, sh, L, a, q);
   tsum = q;
   wy = M == kProb ? 1.0 : cx.target_weight(yv);
   const double xy =
@@ -146,7 +195,8 @@ void forward_rows(const Ctx<scalar_t>& cx) {
   std::vector<double> part_loss(u.count, 0.0), part_w(u.count, 0.0);
   auto* sh_out = static_cast<acc_t*>(p.lse);
   auto* L_out = sh_out + rows;
-  auto* tsum_out = static_cast<acc_t*>(p.tsum);
+  // the softmax coefficient of probability rows (sum_c w_c t'_c), or the focal loss's Q
+  auto* tsum_out = cx.template soft_focal<M>() ? cx.template focal_q<M>() : static_cast<acc_t*>(p.tsum);
   auto* loss_out = static_cast<scalar_t*>(p.loss);
   const bool none = p.reduction == Reduction::None;
   at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
@@ -161,7 +211,7 @@ void forward_rows(const Ctx<scalar_t>& cx) {
                                        loss, wy, ts);
         sh_out[r] = sh;
         L_out[r] = L;
-        if constexpr (M == kProb) tsum_out[r] = ts;
+        if (M == kProb || cx.template soft_focal<M>()) tsum_out[r] = ts;
         if (none) {
           loss_out[r] = static_cast<scalar_t>(loss);
         } else {
@@ -218,6 +268,7 @@ struct RowCoef {
   acc_t cp = 0, cw = 0, gy = 0;            // gy: g (1 - s) w_y, subtracted at k == y
   double cpd = 0, cwd = 0, gyd = 0;        // the same in double, for the target element
   double wyd = 1;                          // w_y
+  double syd = 1;                          // the focal loss over soft targets: s_y
   int64_t y = -1;                          // the target's class in these logits; -1: ignored
                                            // row, probabilities, or a target in another shard
   bool zero = false;                       // ignored row: gradient 0 (NaN where L is NaN)
@@ -235,6 +286,7 @@ inline RowCoef<typename AccOf<scalar_t>::type> row_coef(const Ctx<scalar_t>& cx,
   // the z-loss's gradient 2 z w_y lse p_k joins the softmax coefficient
   const double zl = cx.z > 0 ? 2.0 * cx.z * (static_cast<double>(rc.sh) + rc.L) : 0.0;
   if constexpr (M == kProb) {
+    // sum_c w_c t'_c, or the focal loss's Q (row_focal_sums)
     rc.cp = static_cast<acc_t>(
         g * (static_cast<double>(static_cast<const acc_t*>(p.tsum)[r]) + zl));
     rc.cw = static_cast<acc_t>(g);
@@ -256,7 +308,17 @@ inline RowCoef<typename AccOf<scalar_t>::type> row_coef(const Ctx<scalar_t>& cx,
     }
     if constexpr (M == kSmooth) {
       const double ts = s / static_cast<double>(cx.C_total);
-      rc.cpd = g * ((1.0 - s) * wy + ts * static_cast<double>(cx.w_sum));
+      double ws = static_cast<double>(cx.w_sum);
+      if (cx.gamma > 0) {  // the focal loss: s_y at the target, Q = sum_c w_c s_c for W
+        ws = static_cast<double>(cx.template focal_q<M>()[r]);
+        if (rc.y >= 0) {
+          const scalar_t* x = cx.x + cx.offset(r / p.inner, r % p.inner);
+          const double xy = static_cast<double>(cx.capped(static_cast<acc_t>(x[rc.y * p.stride_class])));
+          rc.syd = focal_grad_factor(cx.gamma, (static_cast<double>(rc.sh) - xy) + rc.L);
+        }
+        rc.gyd *= rc.syd;
+      }
+      rc.cpd = g * ((1.0 - s) * wy * rc.syd + ts * ws);
       rc.cwd = g * ts;
     } else {
       rc.cpd = rc.gyd;
@@ -279,7 +341,7 @@ inline scalar_t target_grad(const Ctx<scalar_t>& cx, const RowCoef<typename AccO
   const double lp = (c - rc.sh) - static_cast<double>(rc.L);
   double gv = rc.gyd * std::expm1(lp);
   if constexpr (M == kSmooth) {
-    gv += (rc.cpd - rc.gyd) * std::exp(lp) - rc.cwd * rc.wyd;
+    gv += (rc.cpd - rc.gyd) * std::exp(lp) - rc.cwd * rc.wyd * rc.syd;
   } else if (rc.cpd != rc.gyd) {  // the z-loss
     gv += (rc.cpd - rc.gyd) * std::exp(lp);
   }
@@ -289,6 +351,7 @@ inline scalar_t target_grad(const Ctx<scalar_t>& cx, const RowCoef<typename AccO
 template <typename scalar_t, int M, bool HasW>
 void backward_rows(const Ctx<scalar_t>& cx) {
   using io = IO<scalar_t>;
+  using acc_t = typename io::acc_t;
   using Vec = typename io::Vec;
   constexpr int64_t B = io::B;
   const auto& p = cx.p;
@@ -310,7 +373,8 @@ void backward_rows(const Ctx<scalar_t>& cx) {
       }
       // the target's logit before the row is written: the gradient may overwrite the logits
       const scalar_t xy = M != kProb && rc.y >= 0 ? x[rc.y] : scalar_t(0);
-      const Vec vsh(rc.sh), vL(rc.L), vcp(rc.cp), vcw(rc.cw);
+      const Vec vsh(rc.sh), vL(rc.L), vcp(rc.cp), vcw(rc.cw), vzero(0);
+      const acc_t gamma = static_cast<acc_t>(cx.gamma);
       for_blocks<B>(C, [&](int64_t k, int64_t cnt, auto full) {
         Vec v0, v1;
         if constexpr (decltype(full)::value) {
@@ -319,10 +383,19 @@ void backward_rows(const Ctx<scalar_t>& cx) {
           io::load(x + k, cnt, v0, v1);
         }
         cx.capped(v0, v1);
-        Vec g0 = vcp * vexp((v0 - vsh) - vL), g1 = vcp * vexp((v1 - vsh) - vL);
+        const Vec lp0 = (v0 - vsh) - vL, lp1 = (v1 - vsh) - vL;
+        const Vec p0 = vexp(lp0), p1 = vexp(lp1);
+        Vec g0 = vcp * p0, g1 = vcp * p1;
         if constexpr (M == kSmooth || M == kProb) {
           Vec f0, f1;
           class_factors<scalar_t, M, HasW, decltype(full)::value>(cx, t, k, cnt, f0, f1);
+          if (gamma > 0) {  // the focal loss over soft targets: each class term times s_k
+            Vec m0, m1, s0, s1;
+            focal_factors(gamma, vzero - lp0, p0, m0, s0);
+            focal_factors(gamma, vzero - lp1, p1, m1, s1);
+            f0 = f0 * s0;
+            f1 = f1 * s1;
+          }
           g0 = g0 - vcw * f0;
           g1 = g1 - vcw * f1;
         }

@@ -33,7 +33,8 @@ __global__ void __launch_bounds__(kThreads) weight_sum_kernel(const CrossEntropy
   if (threadIdx.x == 0) *static_cast<acc_t*>(out) = static_cast<acc_t>(s);
 }
 
-// Gradient of probability targets: dt_k = -(1 - s) w_k ((x_k - sh) - L) g, one thread per element.
+// Gradient of probability targets: dt_k = -(1 - s) w_k ((x_k - sh) - L) g, times the focal
+// loss's m_k = (1 - p_k)^gamma, one thread per element.
 template <typename T, bool HasW>
 __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>) target_backward_kernel(const CrossEntropyParams p) {
   using acc_t = typename AccOf<T>::type;
@@ -52,9 +53,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>) target_backward_ker
   const int64_t at = row_offset<T>(p, r) + k * p.stride_class;
   const acc_t wk = HasW ? to_acc(static_cast<const T*>(p.weight)[k]) : acc_t(1);
   const acc_t sh = static_cast<const acc_t*>(p.lse)[r], L = static_cast<const acc_t*>(p.lse)[rows + r];
-  static_cast<T*>(p.grad_target)[at] = from_acc<T>(
-      -smooth.t_scale * wk * ((capped(p, to_acc(static_cast<const T*>(p.input)[at])) - sh) - L) *
-      g);
+  const acc_t lp = (capped(p, to_acc(static_cast<const T*>(p.input)[at])) - sh) - L;
+  acc_t m = 1, s;
+  if (p.focal_gamma > 0) focal_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), -lp, m, s);
+  static_cast<T*>(p.grad_target)[at] = from_acc<T>(-smooth.t_scale * wk * lp * m * g);
 }
 
 // A split row's chunks hold at least this many classes, a multiple of kChunkAlign.
@@ -112,7 +114,9 @@ Plan plan_of(const CrossEntropyParams& p) {
   plan.kind = Plan::kBlockRows;
   plan.blocks = static_cast<unsigned int>(rows > 0 ? rows : 1);
   const int64_t sms = sm_count();
-  if (rows > 0 && rows < 2 * sms && p.classes >= 2 * kMinChunk) {
+  // the focal loss over soft targets needs each row's lse before its second pass: a block each
+  const bool soft_focal = p.focal_gamma > 0 && (p.prob_target || p.label_smoothing > 0);
+  if (rows > 0 && rows < 2 * sms && p.classes >= 2 * kMinChunk && !soft_focal) {
     // about four blocks per SM in all, each over at least kMinChunk classes
     int64_t chunks = (4 * sms + rows - 1) / rows;
     if (chunks > p.classes / kMinChunk) chunks = p.classes / kMinChunk;

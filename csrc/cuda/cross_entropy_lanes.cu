@@ -72,6 +72,23 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
                                        smooth);
       }
     });
+    if (soft_focal<M>(p)) {  // the focal loss over soft targets: a second pass (row.cuh)
+      acc_t sh[P], L[P];
+#pragma unroll
+      for (int k = 0; k < P; ++k) {
+        sh[k] = l[k].shift();
+        L[k] = l[k].log_sum();
+        sm[k] = Sums<acc_t>();
+      }
+      for_lanes<T, P, M == kProb>(x, t, p.classes, p.stride_class,
+                                  [&](int64_t c, const Lanes<T, P>& xl, const Lanes<T, P>& tl) {
+#pragma unroll
+        for (int k = 0; k < P; ++k) {
+          focal_add<T, M, HasW>(p, sm[k], c, to_acc(xl.v[k]),
+                                M == kProb ? to_acc(tl.v[k]) : acc_t(0), sh[k], L[k], smooth);
+        }
+      });
+    }
 #pragma unroll
     for (int k = 0; k < P; ++k) {
       const int64_t y = M == kProb ? -1 : target_of(p, r0 + k);

@@ -45,6 +45,20 @@ __device__ __forceinline__ void group_reduce(Lse<acc_t>& l, Sums<acc_t>& sm, acc
   }
 }
 
+// The value of v in the group's first thread, in every thread of the group (all take part).
+template <typename acc_t, int TPR>
+__device__ __forceinline__ acc_t group_broadcast(acc_t v, acc_t* slot) {
+  if constexpr (TPR <= 32) {
+    return __shfl_sync(0xffffffffu, v, 0, TPR);
+  } else {
+    if (threadIdx.x == 0) *slot = v;
+    __syncthreads();
+    v = *slot;
+    __syncthreads();
+    return v;
+  }
+}
+
 // Sum of v over the block in a fixed order, valid in thread 0.
 __device__ __forceinline__ double block_sum(double v, double* shared) {
 #pragma unroll

@@ -8,6 +8,12 @@
 //   probabilities t, t' = (1 - s) t + s / C, S = sum_c w_c t'_c:
 //                    loss = S lse - sum_c w_c t'_c x_c,  dx_k = S p_k - w_k t'_k,
 //                    dt_k = -(1 - s) w_k (x_k - lse)
+// The softmax focal loss over soft targets (focal_gamma > 0 with probabilities or smoothing) puts
+// each class's term through the focal factors m_c, s_c of nll_c = lse - x_c, which needs the
+// row's lse first: a second pass over the row (focal_add) sums A = sum_c f_c m_c nll_c and
+// Q = sum_c f_c s_c (f_c = class_term), the loss A (probabilities) or
+// (1 - s) w_y m_y nll_y + (s / C) A (smoothing), the gradient Q p_k - f_k s_k (the target's
+// term too); Q is saved as tsum (probabilities) or a third plane of lse (smoothing).
 // Weighted sums of x are taken relative to ref = the row's first logit, so a large common offset
 // does not cancel (0 when that logit is not finite: see shift_of); lse - x is taken as
 // (sh - x) + L, never through a rounded lse. Ignored rows are read too: their gradient is NaN
@@ -169,6 +175,28 @@ __device__ __forceinline__ void focal_factors(acc_t gamma, acc_t nll, acc_t& m, 
   s = m * (acc_t(1) + (p > acc_t(0) ? gamma * p * r : acc_t(0)));
 }
 
+// Whether the focal loss's second pass is on: gamma > 0 over soft targets (see the top).
+template <int M>
+__device__ __forceinline__ bool soft_focal(const CrossEntropyParams& p) {
+  return M != kPlain && p.focal_gamma > 0;
+}
+
+// Adds class c's focal terms (see the top) to sm: a += f_c m_c nll_c, q += f_c s_c, from its
+// logit x and probability t and the row's shift sh and log-sum L.
+template <typename T, int M, bool HasW>
+__device__ __forceinline__ void focal_add(const CrossEntropyParams& p, Sums<typename AccOf<T>::type>& sm,
+                                          int64_t c, typename AccOf<T>::type x,
+                                          typename AccOf<T>::type t, typename AccOf<T>::type sh,
+                                          typename AccOf<T>::type L,
+                                          const Smoothing<typename AccOf<T>::type>& smooth) {
+  using acc_t = typename AccOf<T>::type;
+  const acc_t nll = L - (capped(p, x) - sh), f = class_term<T, M, HasW>(p, c, t, smooth);
+  acc_t m, s;
+  focal_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), nll, m, s);
+  sm.a += f * m * nll;
+  sm.q += f * s;
+}
+
 // The loss of row r from its statistics, in double (each float statistic rounded once, nothing
 // after: as ../cpu/cross_entropy_kernel.h's row_loss); wy gets the mean's divisor contribution.
 template <typename T, int M, bool HasW>
@@ -182,12 +210,18 @@ __device__ __forceinline__ double row_loss(const CrossEntropyParams& p, int64_t 
   const double z = p.z_loss > 0 ? p.z_loss * lse * lse : 0.0;  // z-loss: + z w_y lse^2
   if constexpr (M == kProb) {
     wy = 1;
+    if (p.focal_gamma > 0) return static_cast<double>(sm.a) + z;  // sm: focal_add's
     return static_cast<double>(sm.q) * lse_ref - sm.a + z;
   } else {
     wy = HasW ? static_cast<double>(to_acc(static_cast<const T*>(p.weight)[y])) : 1.0;
     const double nll = (static_cast<double>(sh) - xy) + L;
     if constexpr (M == kSmooth) {
       const double s = p.label_smoothing;
+      if (p.focal_gamma > 0) {  // sm: focal_add's
+        double m, sf;
+        focal_factors<double>(p.focal_gamma, nll, m, sf);
+        return (1.0 - s) * wy * m * nll + s / static_cast<double>(p.total_classes) * sm.a + wy * z;
+      }
       return (1.0 - s) * wy * nll +
              s / static_cast<double>(p.total_classes) * (sm.q * lse_ref - sm.a) + wy * z;
     } else {
@@ -217,6 +251,7 @@ __device__ __forceinline__ void store_row(const CrossEntropyParams& p, int64_t r
   static_cast<acc_t*>(p.lse)[r] = sh;
   static_cast<acc_t*>(p.lse)[p.outer * p.inner + r] = L;
   if constexpr (M == kProb) static_cast<acc_t*>(p.tsum)[r] = q;
+  if (M == kSmooth && p.focal_gamma > 0) static_cast<acc_t*>(p.lse)[2 * p.outer * p.inner + r] = q;
   if (p.reduction == Reduction::None) {
     static_cast<T*>(p.loss)[r] = from_acc<T>(static_cast<acc_t>(loss));
   } else {
@@ -238,14 +273,29 @@ __device__ __forceinline__ typename AccOf<T>::type grad_element(
   if (k == c.y) {  // g (1 - s) w_y (p_y - 1) without cancelling when p_y is near 1; once a row
     acc_t v = c.gy * expm1(lp);
     if constexpr (M == kSmooth) {
-      v += (c.cp - c.gy) * exp(lp) - c.cw * class_term<T, M, HasW>(p, k, t, sm);
+      acc_t ty = c.cw * class_term<T, M, HasW>(p, k, t, sm);
+      if (p.focal_gamma > 0) {  // the focal loss: times s_y (from log p_y: no register per row)
+        acc_t m, s;
+        focal_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), -lp, m, s);
+        ty *= s;
+      }
+      v += (c.cp - c.gy) * exp(lp) - ty;
     } else if (c.cp != c.gy) {  // the z-loss
       v += (c.cp - c.gy) * exp(lp);
     }
     return v * cap_slope(p, x);
   }
-  acc_t v = c.cp * fast_exp(lp);
-  if constexpr (M != kPlain) v -= c.cw * class_term<T, M, HasW>(p, k, t, sm);
+  const acc_t pk = fast_exp(lp);
+  acc_t v = c.cp * pk;
+  if constexpr (M != kPlain) {
+    acc_t f = c.cw * class_term<T, M, HasW>(p, k, t, sm);
+    if (p.focal_gamma > 0) {  // the focal loss over soft targets: the class term times s_k
+      acc_t m, s;
+      focal_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), -lp, m, s);
+      f *= s;
+    }
+    v -= f;
+  }
   return v * cap_slope(p, x);
 }
 
@@ -311,9 +361,19 @@ __device__ __forceinline__ Coef<typename AccOf<T>::type> row_coef(const CrossEnt
     c.zero = false;
     if constexpr (M == kSmooth) {
       const Smoothing<acc_t> s(p);
-      c.cp = g * (s.t_scale * wy + s.t_shift * w_sum);
+      acc_t ws = w_sum, sy = 1;
+      if (p.focal_gamma > 0) {  // the focal loss: s_y at the target, the row's Q for W
+        ws = static_cast<const acc_t*>(p.lse)[2 * p.outer * p.inner + r];
+        if (c.y >= 0 && c.y < p.classes) {
+          const T* x = static_cast<const T*>(p.input) + row_offset<T>(p, r);
+          const acc_t xy = capped(p, to_acc(x[c.y * p.stride_class]));
+          acc_t m;
+          focal_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), (c.sh - xy) + c.L, m, sy);
+        }
+      }
+      c.cp = g * (s.t_scale * wy * sy + s.t_shift * ws);
       c.cw = g * s.t_shift;
-      c.gy = g * s.t_scale * wy;
+      c.gy = g * s.t_scale * wy * sy;
     } else {
       acc_t f = 1;
       if (p.focal_gamma > 0) {  // the focal loss: the cross-entropy's gradient times s

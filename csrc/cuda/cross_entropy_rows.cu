@@ -41,6 +41,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     });
   }
   group_reduce<acc_t, TPR>(l, sm, sh_m, sh_s, sh_a, sh_q);
+  if (soft_focal<M>(p)) {  // the focal loss over soft targets: a second pass (row.cuh)
+    const acc_t sh = group_broadcast<acc_t, TPR>(l.shift(), sh_m);
+    const acc_t L = group_broadcast<acc_t, TPR>(l.log_sum(), sh_m);
+    Lse<acc_t> none;
+    sm = Sums<acc_t>();
+    if (active) {
+      for_range<T, TPR, M == kProb>(x, t, 0, p.classes, p.stride_class, lane, vector,
+                                    [&](int64_t c0, const acc_t* xv, const acc_t* tv, int n) {
+        for (int k = 0; k < n; ++k) focal_add<T, M, HasW>(p, sm, c0 + k, xv[k], tv[k], sh, L, smooth);
+      });
+    }
+    group_reduce<acc_t, TPR>(none, sm, sh_m, sh_s, sh_a, sh_q);
+  }
   if (lane == 0 && valid) {
     const acc_t xy = active && M != kProb ? target_logit(p, x, y) : acc_t(0);
     finish_row<T, M, HasW>(p, r, y, active, l, sm, ref, xy, my_l, my_w);
