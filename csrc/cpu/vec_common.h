@@ -163,6 +163,7 @@ template <typename acc_t>
 inline Vectorized<acc_t> pow_gamma(const Vectorized<acc_t>& q, acc_t gamma) {
   if (gamma == acc_t(2)) return q * q;
   if (gamma == acc_t(1)) return q;
+  if (gamma == acc_t(0)) return Vectorized<acc_t>(1);
   return q.pow(Vectorized<acc_t>(gamma));
 }
 

@@ -175,6 +175,24 @@ __device__ __forceinline__ void focal_factors(acc_t gamma, acc_t nll, acc_t& m, 
   s = m * (acc_t(1) + (p > acc_t(0) ? gamma * p * r : acc_t(0)));
 }
 
+// The same for one class term of the focal loss over soft targets, from lp = log p_c <= 0 and
+// p = p_c (the CPU's vector focal_factors): 1 - p as it is where p <= 1/2, expm1 only near 1;
+// for gamma >= 1, s = q^(gamma-1) (q + gamma p nll) without the ratio.
+template <typename acc_t>
+__device__ __forceinline__ void focal_class_factors(acc_t gamma, acc_t lp, acc_t p, acc_t& m,
+                                                    acc_t& s) {
+  const acc_t q = p > acc_t(0.5) ? -expm1(lp) : acc_t(1) - p;
+  const acc_t pn = p > acc_t(0) ? -gamma * p * lp : acc_t(0);  // gamma p nll
+  if (gamma >= acc_t(1)) {
+    const acc_t qg1 = gamma == acc_t(1) ? acc_t(1) : pow_gamma(q, gamma - acc_t(1));
+    m = qg1 * q;
+    s = qg1 * (q + pn);
+  } else {
+    m = pow_gamma(q, gamma);
+    s = m * (acc_t(1) + (q > acc_t(0) ? pn / q : (p > acc_t(0) ? gamma * p : acc_t(0))));
+  }
+}
+
 // Whether the focal loss's second pass is on: gamma > 0 over soft targets (see the top).
 template <int M>
 __device__ __forceinline__ bool soft_focal(const CrossEntropyParams& p) {
@@ -190,10 +208,10 @@ __device__ __forceinline__ void focal_add(const CrossEntropyParams& p, Sums<type
                                           typename AccOf<T>::type L,
                                           const Smoothing<typename AccOf<T>::type>& smooth) {
   using acc_t = typename AccOf<T>::type;
-  const acc_t nll = L - (capped(p, x) - sh), f = class_term<T, M, HasW>(p, c, t, smooth);
+  const acc_t lp = (capped(p, x) - sh) - L, f = class_term<T, M, HasW>(p, c, t, smooth);
   acc_t m, s;
-  focal_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), nll, m, s);
-  sm.a += f * m * nll;
+  focal_class_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), lp, fast_exp(lp), m, s);
+  sm.a -= f * m * lp;
   sm.q += f * s;
 }
 
@@ -291,7 +309,7 @@ __device__ __forceinline__ typename AccOf<T>::type grad_element(
     acc_t f = c.cw * class_term<T, M, HasW>(p, k, t, sm);
     if (p.focal_gamma > 0) {  // the focal loss over soft targets: the class term times s_k
       acc_t m, s;
-      focal_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), -lp, m, s);
+      focal_class_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), lp, pk, m, s);
       f *= s;
     }
     v -= f;
