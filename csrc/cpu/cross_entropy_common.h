@@ -273,21 +273,6 @@ inline double focal_grad_factor(double gamma, double nll) {
   return std::pow(q, gamma) * (1.0 + (p > 0 ? gamma * p * r : 0.0));
 }
 
-// The same for B lanes at once in acc precision (the lane layout's rows are a few classes long:
-// a scalar pow per row would cost more than the row), from nll >= 0 (NaN stays NaN).
-template <typename acc_t>
-inline Vectorized<acc_t> focal_loss_factor(acc_t gamma, const Vectorized<acc_t>& nll) {
-  using V = Vectorized<acc_t>;
-  return pow_gamma(V(0) - (V(0) - nll).expm1(), gamma);
-}
-template <typename acc_t>
-inline Vectorized<acc_t> focal_grad_factor(acc_t gamma, const Vectorized<acc_t>& nll) {
-  using V = Vectorized<acc_t>;
-  const V zero(0), one(1), neg = zero - nll;
-  const V q = zero - neg.expm1(), p = vexp(neg);
-  const V r = V::blendv(one, nll / q, q > zero);
-  return pow_gamma(q, gamma) * (one + V::blendv(zero, V(gamma) * p * r, p > zero));
-}
 // 1 - p = -expm1(lp) for lp = log p in [-log 2, 0]: float by its Taylor series to lp^9 in
 // Horner form (the remainder below 0.2 ulp of 1 - p >= lp, the rounding about one ulp), a few
 // times cheaper than Sleef's expm1 with its range reduction; double by expm1.
@@ -304,21 +289,30 @@ inline Vectorized<double> one_minus_exp_near0(const Vectorized<double>& lp) {
   return Vectorized<double>(0) - lp.expm1();
 }
 
-// Both factors of B classes (the focal loss over soft targets, a term per class), from
-// nll = -log p >= 0 and p = exp(-nll) itself. 1 - p is taken as it is where p <= 1/2 (exact to
-// an ulp of q >= 1/2), and by one_minus_exp_near0 where some lane is nearer 1 (the max class of
-// a row, in every class of the lane layout); for gamma >= 1, s = q^(gamma-1) (q + gamma p nll)
-// has no ratio to take a limit of (and for gamma = 2 costs a few multiplies).
+// q = 1 - p of B terms from nll = -log p and p = exp(-nll): as it is where p <= 1/2 (exact to an
+// ulp of q >= 1/2), by one_minus_exp_near0 where some lane is nearer 1 (in a row, its max class;
+// in the lane layout, often).
+template <typename acc_t>
+C10_ALWAYS_INLINE Vectorized<acc_t> one_minus_p(const Vectorized<acc_t>& nll,
+                                                const Vectorized<acc_t>& p) {
+  using V = Vectorized<acc_t>;
+  constexpr int kAll = (1 << V::size()) - 1;
+  const V q = V(1) - p, near = p > V(acc_t(0.5));
+  if (near.zero_mask() == kAll) return q;
+  return V::blendv(q, one_minus_exp_near0(V(0) - nll), near);
+}
+
+// Both focal factors of B terms (lanes of the lane layout, or classes of the focal loss over soft
+// targets) in acc precision, from nll = -log p >= 0 and p = exp(-nll): m = q^gamma and s, for
+// gamma >= 1 as q^(gamma-1) (q + gamma p nll), which has no ratio to take a limit of (and for
+// gamma = 2 costs a few multiplies); below 1 with the ratio nll / q at its limit 1.
 template <typename acc_t>
 C10_ALWAYS_INLINE void focal_factors(acc_t gamma, const Vectorized<acc_t>& nll,
                                      const Vectorized<acc_t>& p, Vectorized<acc_t>& m,
                                      Vectorized<acc_t>& s) {
   using V = Vectorized<acc_t>;
-  constexpr int kAll = (1 << V::size()) - 1;
   const V zero(0), one(1), vg(gamma);
-  V q = one - p;
-  const V near = p > V(acc_t(0.5));
-  if (near.zero_mask() != kAll) q = V::blendv(q, one_minus_exp_near0(zero - nll), near);
+  const V q = one_minus_p(nll, p);
   if (gamma >= acc_t(1)) {
     const V qg1 = pow_gamma(q, gamma - acc_t(1));
     m = qg1 * q;
@@ -328,6 +322,19 @@ C10_ALWAYS_INLINE void focal_factors(acc_t gamma, const Vectorized<acc_t>& nll,
     m = pow_gamma(q, gamma);
     s = m * (one + V::blendv(zero, vg * p * r, p > zero));
   }
+}
+
+// The per-row factors for B lanes at once (a scalar pow per row of 19 classes would cost more
+// than the row), from nll >= 0.
+template <typename acc_t>
+inline Vectorized<acc_t> focal_loss_factor(acc_t gamma, const Vectorized<acc_t>& nll) {
+  return pow_gamma(one_minus_p(nll, vexp(Vectorized<acc_t>(0) - nll)), gamma);
+}
+template <typename acc_t>
+inline Vectorized<acc_t> focal_grad_factor(acc_t gamma, const Vectorized<acc_t>& nll) {
+  Vectorized<acc_t> m, s;
+  focal_factors(gamma, nll, vexp(Vectorized<acc_t>(0) - nll), m, s);
+  return s;
 }
 
 // ---------------------------------------------------------------------------------------------
