@@ -260,81 +260,42 @@ inline typename AccOf<scalar_t>::type row_max(const Ctx<scalar_t>& cx, const sca
 }
 
 
-// The softmax focal loss (params.h) of a row with nll = -log p_y: the loss is the
-// cross-entropy's times m = (1 - p_y)^gamma, the gradient the cross-entropy's times
-// s = m (1 + gamma p_y nll / (1 - p_y)), with 1 - p_y = -expm1(-nll) and the ratio
-// nll / (1 - p_y) at its limit 1 where 1 - p_y = 0, so gamma < 1 gives s = 0 there, not NaN.
-inline double focal_loss_factor(double gamma, double nll) {
-  return std::pow(-std::expm1(-nll), gamma);
-}
-inline double focal_grad_factor(double gamma, double nll) {
-  const double q = -std::expm1(-nll), p = std::exp(-nll);
-  const double r = q > 0 ? nll / q : 1.0;
-  return std::pow(q, gamma) * (1.0 + (p > 0 ? gamma * p * r : 0.0));
-}
-
-// 1 - p = -expm1(lp) for lp = log p in [-log 2, 0]: float by its Taylor series to lp^9 in
-// Horner form (the remainder below 0.2 ulp of 1 - p >= lp, the rounding about one ulp), a few
-// times cheaper than Sleef's expm1 with its range reduction; double by expm1.
-inline Vectorized<float> one_minus_exp_near0(const Vectorized<float>& lp) {
-  using V = Vectorized<float>;
-  V r(1.0f / 362880);  // 1/9!
-  for (const float k : {1.0f / 40320, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6,
-                        0.5f, 1.0f}) {
-    r = at::vec::fmadd(r, lp, V(k));
+// The factor of class c's term in a block of cnt <= B classes from c: w_c (1 without weight),
+// times t'_c = (1 - s) t_c + s / C with kProb; 0 past cnt.
+template <typename scalar_t, int M, bool HasW, bool Full>
+C10_ALWAYS_INLINE void class_factors(const Ctx<scalar_t>& cx, const scalar_t* t, int64_t c,
+                                     int64_t cnt, Vectorized<typename AccOf<scalar_t>::type>& f0,
+                                     Vectorized<typename AccOf<scalar_t>::type>& f1) {
+  using io = IO<scalar_t>;
+  using Vec = typename io::Vec;
+  f0 = f1 = Vec(1);
+  if constexpr (HasW) load_acc(cx.w + c, cnt, f0, f1);
+  if constexpr (M == kProb) {
+    Vec t0, t1;
+    if constexpr (Full) {
+      io::load(t + c, t0, t1);
+    } else {
+      io::load(t + c, cnt, t0, t1);
+    }
+    const Vec vts(cx.t_scale), vtsh(cx.t_shift);
+    f0 = f0 * at::vec::fmadd(t0, vts, vtsh);
+    f1 = f1 * at::vec::fmadd(t1, vts, vtsh);
   }
-  return V(0) - r * lp;
-}
-inline Vectorized<double> one_minus_exp_near0(const Vectorized<double>& lp) {
-  return Vectorized<double>(0) - lp.expm1();
+  if constexpr (!Full) keep_valid(cnt, Vec(0), f0, f1);
 }
 
-// q = 1 - p of B terms from nll = -log p and p = exp(-nll): as it is where p <= 1/2 (exact to an
-// ulp of q >= 1/2), by one_minus_exp_near0 where some lane is nearer 1 (in a row, its max class;
-// in the lane layout, often).
-template <typename acc_t>
-C10_ALWAYS_INLINE Vectorized<acc_t> one_minus_p(const Vectorized<acc_t>& nll,
-                                                const Vectorized<acc_t>& p) {
-  using V = Vectorized<acc_t>;
-  constexpr int kAll = (1 << V::size()) - 1;
-  const V q = V(1) - p, near = p > V(acc_t(0.5));
-  if (near.zero_mask() == kAll) return q;
-  return V::blendv(q, one_minus_exp_near0(V(0) - nll), near);
-}
-
-// Both focal factors of B terms (lanes of the lane layout, or classes of the focal loss over soft
-// targets) in acc precision, from nll = -log p >= 0 and p = exp(-nll): m = q^gamma and s, for
-// gamma >= 1 as q^(gamma-1) (q + gamma p nll), which has no ratio to take a limit of (and for
-// gamma = 2 costs a few multiplies); below 1 with the ratio nll / q at its limit 1.
-template <typename acc_t>
-C10_ALWAYS_INLINE void focal_factors(acc_t gamma, const Vectorized<acc_t>& nll,
-                                     const Vectorized<acc_t>& p, Vectorized<acc_t>& m,
-                                     Vectorized<acc_t>& s) {
-  using V = Vectorized<acc_t>;
-  const V zero(0), one(1), vg(gamma);
-  const V q = one_minus_p(nll, p);
-  if (gamma >= acc_t(1)) {
-    const V qg1 = pow_gamma(q, gamma - acc_t(1));
-    m = qg1 * q;
-    s = qg1 * (q + V::blendv(zero, vg * p * nll, p > zero));  // p = 0: nll may be inf
-  } else {
-    const V r = V::blendv(one, nll / q, q > zero);
-    m = pow_gamma(q, gamma);
-    s = m * (one + V::blendv(zero, vg * p * r, p > zero));
-  }
-}
-
-// The per-row factors for B lanes at once (a scalar pow per row of 19 classes would cost more
-// than the row), from nll >= 0.
-template <typename acc_t>
-inline Vectorized<acc_t> focal_loss_factor(acc_t gamma, const Vectorized<acc_t>& nll) {
-  return pow_gamma(one_minus_p(nll, vexp(Vectorized<acc_t>(0) - nll)), gamma);
-}
-template <typename acc_t>
-inline Vectorized<acc_t> focal_grad_factor(acc_t gamma, const Vectorized<acc_t>& nll) {
-  Vectorized<acc_t> m, s;
-  focal_factors(gamma, nll, vexp(Vectorized<acc_t>(0) - nll), m, s);
-  return s;
+// The z-loss of B lanes with log-sum-exp lse and weight wy: l += z wy lse^2.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void add_z_loss(const Ctx<scalar_t>& cx,
+                                  const Vectorized<typename AccOf<scalar_t>::type>& lse0,
+                                  const Vectorized<typename AccOf<scalar_t>::type>& lse1,
+                                  const Vectorized<typename AccOf<scalar_t>::type>& wy0,
+                                  const Vectorized<typename AccOf<scalar_t>::type>& wy1,
+                                  Vectorized<typename AccOf<scalar_t>::type>& l0,
+                                  Vectorized<typename AccOf<scalar_t>::type>& l1) {
+  const Vectorized<typename AccOf<scalar_t>::type> z(static_cast<typename AccOf<scalar_t>::type>(cx.z));
+  l0 = l0 + z * wy0 * lse0 * lse0;
+  l1 = l1 + z * wy1 * lse1 * lse1;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 // CPU kernels of the fused cross-entropy, written once against at::vec and compiled once per CPU
 // capability: cross_entropy_{default,avx2,avx512}.cpp define CPU_CAPABILITY and include this file,
 // so everything here lands in weighted_loss::cpu::<capability> and dispatch.cpp picks one at run
-// time. Include it from those files only. The math and the layouts: cross_entropy_common.h; the
-// paths: cross_entropy_rows.h, cross_entropy_lanes.h and cross_entropy_small_rows.h; here the
-// gradient of probability targets, the compile-time switches and the entry points.
+// time. Include it from those files only. The math and the layouts: cross_entropy_common.h (the
+// focal loss's: cross_entropy_focal.h); the paths: cross_entropy_rows.h, cross_entropy_lanes.h
+// and cross_entropy_small_rows.h; here the gradient of probability targets, the compile-time
+// switches and the entry points.
 
 #include "cross_entropy_common.h"
+#include "cross_entropy_focal.h"
 #include "cross_entropy_lanes.h"
 #include "cross_entropy_rows.h"
 #include "cross_entropy_small_rows.h"
@@ -19,19 +21,6 @@ using at::vec::Vectorized;
 // ---------------------------------------------------------------------------------------------
 // Gradient of the loss with respect to probability targets: -g (1 - s) w_k (x_k - lse), times
 // m_k = (1 - p_k)^gamma for the focal loss (its loss is sum_c w_c t'_c m_c nll_c).
-
-// g *= m = (1 - p)^gamma of logits v with shift sh and log-sum L (focal_loss_factor).
-template <typename acc_t>
-C10_ALWAYS_INLINE void focal_target_factor(acc_t gamma, const Vectorized<acc_t>& v0,
-                                           const Vectorized<acc_t>& v1,
-                                           const Vectorized<acc_t>& sh0,
-                                           const Vectorized<acc_t>& sh1,
-                                           const Vectorized<acc_t>& L0,
-                                           const Vectorized<acc_t>& L1, Vectorized<acc_t>& g0,
-                                           Vectorized<acc_t>& g1) {
-  g0 = g0 * focal_loss_factor(gamma, L0 - (v0 - sh0));
-  g1 = g1 * focal_loss_factor(gamma, L1 - (v1 - sh1));
-}
 
 template <typename scalar_t, bool HasW>
 void target_backward(const Ctx<scalar_t>& cx) {

@@ -3,7 +3,7 @@
 // it too: cross_entropy_small_rows.h). Part of cross_entropy_kernel.h; included by it only.
 #pragma once
 
-#include "cross_entropy_common.h"
+#include "cross_entropy_focal.h"
 
 namespace weighted_loss::cpu {
 namespace CPU_CAPABILITY {
@@ -55,68 +55,6 @@ C10_ALWAYS_INLINE void lanes_max(const Ctx<scalar_t>& cx, const scalar_t* x, con
   lt.m0 = lt.m1 = typename IO<scalar_t>::Vec(-std::numeric_limits<typename AccOf<scalar_t>::type>::infinity());
   for (int64_t c = 0; c < C; ++c) {
     lanes_max_class<scalar_t, M>(cx, x, t, c, sC, nl, C <= kTileClasses, lt);
-  }
-}
-
-// The z-loss of B lanes with log-sum-exp lse and weight wy: l += z wy lse^2.
-template <typename scalar_t>
-C10_ALWAYS_INLINE void add_z_loss(const Ctx<scalar_t>& cx,
-                                  const Vectorized<typename AccOf<scalar_t>::type>& lse0,
-                                  const Vectorized<typename AccOf<scalar_t>::type>& lse1,
-                                  const Vectorized<typename AccOf<scalar_t>::type>& wy0,
-                                  const Vectorized<typename AccOf<scalar_t>::type>& wy1,
-                                  Vectorized<typename AccOf<scalar_t>::type>& l0,
-                                  Vectorized<typename AccOf<scalar_t>::type>& l1) {
-  const Vectorized<typename AccOf<scalar_t>::type> z(static_cast<typename AccOf<scalar_t>::type>(cx.z));
-  l0 = l0 + z * wy0 * lse0 * lse0;
-  l1 = l1 + z * wy1 * lse1 * lse1;
-}
-
-// The focal loss over soft targets for B lanes (cross_entropy_rows.h: row_focal_sums): with each
-// lane's shift and log-sum known, A = sum_c f_c m_c nll_c and Q = sum_c f_c s_c, another pass over
-// the classes, from the tile when it holds them.
-template <typename scalar_t, int M, bool HasW>
-C10_ALWAYS_INLINE void lanes_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x,
-                                        const scalar_t* t, int64_t sC, int64_t nl,
-                                        const typename AccOf<scalar_t>::type* tile,
-                                        const Vectorized<typename AccOf<scalar_t>::type>& sh0,
-                                        const Vectorized<typename AccOf<scalar_t>::type>& sh1,
-                                        const Vectorized<typename AccOf<scalar_t>::type>& L0,
-                                        const Vectorized<typename AccOf<scalar_t>::type>& L1,
-                                        Vectorized<typename AccOf<scalar_t>::type>& A0,
-                                        Vectorized<typename AccOf<scalar_t>::type>& A1,
-                                        Vectorized<typename AccOf<scalar_t>::type>& Q0,
-                                        Vectorized<typename AccOf<scalar_t>::type>& Q1) {
-  using io = IO<scalar_t>;
-  using acc_t = typename io::acc_t;
-  using Vec = typename io::Vec;
-  const acc_t gamma = static_cast<acc_t>(cx.gamma);
-  const Vec vts(cx.t_scale), vtsh(cx.t_shift), vzero(0);
-  A0 = A1 = Q0 = Q1 = vzero;
-  for (int64_t c = 0; c < cx.C; ++c) {
-    Vec v0, v1;
-    if (tile != nullptr) {
-      v0 = Vec::loadu(tile + c * io::B);
-      v1 = Vec::loadu(tile + c * io::B + io::W);
-    } else {
-      io::load(x + c * sC, nl, v0, v1);
-      cx.capped(v0, v1);
-    }
-    const Vec n0 = L0 - (v0 - sh0), n1 = L1 - (v1 - sh1);
-    Vec m0, m1, s0, s1;
-    focal_factors(gamma, n0, vexp(vzero - n0), m0, s0);
-    focal_factors(gamma, n1, vexp(vzero - n1), m1, s1);
-    Vec f0(HasW ? cx.w[c] : acc_t(1)), f1 = f0;
-    if constexpr (M == kProb) {
-      Vec t0, t1;
-      io::load(t + c * sC, nl, t0, t1);
-      f0 = f0 * at::vec::fmadd(t0, vts, vtsh);
-      f1 = f1 * at::vec::fmadd(t1, vts, vtsh);
-    }
-    A0 = at::vec::fmadd(f0 * m0, n0, A0);
-    A1 = at::vec::fmadd(f1 * m1, n1, A1);
-    Q0 = at::vec::fmadd(f0, s0, Q0);
-    Q1 = at::vec::fmadd(f1, s1, Q1);
   }
 }
 
@@ -188,7 +126,7 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
   finish_lse(m1, e1, L1);
   Vec s0 = sh0, s1 = sh1;
   const bool soft_focal = cx.template soft_focal<M>();
-  if (soft_focal) {  // a and q become A and Q (cross_entropy_rows.h: row_focal_sums)
+  if (soft_focal) {  // a and q become A and Q (cross_entropy_focal.h)
     lanes_focal_sums<scalar_t, M, HasW>(cx, x, t, sC, nl, tiled ? tile : nullptr, sh0, sh1, L0,
                                         L1, a0, a1, q0, q1);
     tsum_out = cx.template focal_q<M>();

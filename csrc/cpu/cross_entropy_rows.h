@@ -3,37 +3,13 @@
 // it), one backward. Part of cross_entropy_kernel.h; included by it only.
 #pragma once
 
-#include "cross_entropy_common.h"
+#include "cross_entropy_focal.h"
 
 namespace weighted_loss::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
-
-// The factor of class c's term in a block of cnt <= B classes from c: w_c (1 without weight),
-// times t'_c = (1 - s) t_c + s / C with kProb; 0 past cnt.
-template <typename scalar_t, int M, bool HasW, bool Full>
-C10_ALWAYS_INLINE void class_factors(const Ctx<scalar_t>& cx, const scalar_t* t, int64_t c,
-                                     int64_t cnt, Vectorized<typename AccOf<scalar_t>::type>& f0,
-                                     Vectorized<typename AccOf<scalar_t>::type>& f1) {
-  using io = IO<scalar_t>;
-  using Vec = typename io::Vec;
-  f0 = f1 = Vec(1);
-  if constexpr (HasW) load_acc(cx.w + c, cnt, f0, f1);
-  if constexpr (M == kProb) {
-    Vec t0, t1;
-    if constexpr (Full) {
-      io::load(t + c, t0, t1);
-    } else {
-      io::load(t + c, cnt, t0, t1);
-    }
-    const Vec vts(cx.t_scale), vtsh(cx.t_shift);
-    f0 = f0 * at::vec::fmadd(t0, vts, vtsh);
-    f1 = f1 * at::vec::fmadd(t1, vts, vtsh);
-  }
-  if constexpr (!Full) keep_valid(cnt, Vec(0), f0, f1);
-}
 
 // The second pass over a row, with its shift sh (its max): e = sum_c exp(x_c - sh); with kSmooth
 // a = sum_c w_c (x_c - sh); with kProb
@@ -82,46 +58,6 @@ inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t*
   e = hsum(e0 + e1);
   a = hsum(a0 + a1);
   q = hsum(q0 + q1);
-}
-
-// The focal loss over soft targets (Ctx::soft_focal): with the row's shift sh and log-sum L
-// known, a third pass (from cache) forms A = sum_c f_c m_c nll_c and Q = sum_c f_c s_c, with
-// f_c = class_factors (w_c t'_c; w_c with smoothing, whose target term row_loss adds),
-// nll_c = L - (x_c - sh) and m_c, s_c the focal factors of class c (focal_factors). The loss is
-// A (probabilities) or (1 - s) w_y m_y nll_y + (s / C) A (smoothing); Q is the backward's:
-// dloss/dx_k = Q p_k - f_k s_k (cross-entropy: s = 1, Q = sum_c f_c).
-template <typename scalar_t, int M, bool HasW>
-inline void row_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
-                           typename AccOf<scalar_t>::type sh, typename AccOf<scalar_t>::type L,
-                           typename AccOf<scalar_t>::type& A, typename AccOf<scalar_t>::type& Q) {
-  using io = IO<scalar_t>;
-  using acc_t = typename io::acc_t;
-  using Vec = typename io::Vec;
-  const acc_t gamma = static_cast<acc_t>(cx.gamma);
-  const Vec vsh(sh), vL(L), vzero(0);
-  Vec A0(0), A1(0), Q0(0), Q1(0);
-  for_blocks<io::B>(cx.C, [&](int64_t c, int64_t cnt, auto full) {
-    Vec v0, v1;
-    if constexpr (decltype(full)::value) {
-      io::load(x + c, v0, v1);
-    } else {
-      io::load(x + c, cnt, v0, v1);
-    }
-    cx.capped(v0, v1);
-    const Vec lp0 = (v0 - vsh) - vL, lp1 = (v1 - vsh) - vL;
-    Vec n0 = vzero - lp0, n1 = vzero - lp1;
-    if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, n0, n1);
-    Vec m0, m1, s0, s1, f0, f1;
-    focal_factors(gamma, n0, vexp(vzero - n0), m0, s0);
-    focal_factors(gamma, n1, vexp(vzero - n1), m1, s1);
-    class_factors<scalar_t, M, HasW, decltype(full)::value>(cx, t, c, cnt, f0, f1);
-    A0 = at::vec::fmadd(f0 * m0, n0, A0);
-    A1 = at::vec::fmadd(f1 * m1, n1, A1);
-    Q0 = at::vec::fmadd(f0, s0, Q0);
-    Q1 = at::vec::fmadd(f1, s1, Q1);
-  });
-  A = hsum(A0 + A1);
-  Q = hsum(Q0 + Q1);
 }
 
 // The loss of a row from its statistics (see row_sums), in double: the float statistics are

@@ -1,0 +1,197 @@
+// The CPU softmax focal loss's math (cross_entropy_common.h gives the formulas): the focal
+// factors m = (1 - p)^gamma and s = d(m nll)/dnll of a row (index targets: its target's p) or of
+// each class (probabilities and smoothing), in double per row and vectorized in acc precision,
+// and the soft targets' second pass over a row (rows) or a block of lanes (the lane layout),
+// which sums A = sum_c f_c m_c nll_c and Q = sum_c f_c s_c once the log-sum is known. Part of
+// cross_entropy_kernel.h; included by cross_entropy_rows.h and cross_entropy_lanes.h only.
+#pragma once
+
+#include "cross_entropy_common.h"
+
+namespace weighted_loss::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// The softmax focal loss (params.h) of a row with nll = -log p_y: the loss is the
+// cross-entropy's times m = (1 - p_y)^gamma, the gradient the cross-entropy's times
+// s = m (1 + gamma p_y nll / (1 - p_y)), with 1 - p_y = -expm1(-nll) and the ratio
+// nll / (1 - p_y) at its limit 1 where 1 - p_y = 0, so gamma < 1 gives s = 0 there, not NaN.
+inline double focal_loss_factor(double gamma, double nll) {
+  return std::pow(-std::expm1(-nll), gamma);
+}
+inline double focal_grad_factor(double gamma, double nll) {
+  const double q = -std::expm1(-nll), p = std::exp(-nll);
+  const double r = q > 0 ? nll / q : 1.0;
+  return std::pow(q, gamma) * (1.0 + (p > 0 ? gamma * p * r : 0.0));
+}
+
+// 1 - p = -expm1(lp) for lp = log p in [-log 2, 0]: float by its Taylor series to lp^9 in
+// Horner form (the remainder below 0.2 ulp of 1 - p >= lp, the rounding about one ulp), a few
+// times cheaper than Sleef's expm1 with its range reduction; double by expm1.
+inline Vectorized<float> one_minus_exp_near0(const Vectorized<float>& lp) {
+  using V = Vectorized<float>;
+  V r(1.0f / 362880);  // 1/9!
+  for (const float k : {1.0f / 40320, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6,
+                        0.5f, 1.0f}) {
+    r = at::vec::fmadd(r, lp, V(k));
+  }
+  return V(0) - r * lp;
+}
+inline Vectorized<double> one_minus_exp_near0(const Vectorized<double>& lp) {
+  return Vectorized<double>(0) - lp.expm1();
+}
+
+// q = 1 - p of B terms from nll = -log p and p = exp(-nll): as it is where p <= 1/2 (exact to an
+// ulp of q >= 1/2), by one_minus_exp_near0 where some lane is nearer 1 (in a row, its max class;
+// in the lane layout, often).
+template <typename acc_t>
+C10_ALWAYS_INLINE Vectorized<acc_t> one_minus_p(const Vectorized<acc_t>& nll,
+                                                const Vectorized<acc_t>& p) {
+  using V = Vectorized<acc_t>;
+  constexpr int kAll = (1 << V::size()) - 1;
+  const V q = V(1) - p, near = p > V(acc_t(0.5));
+  if (near.zero_mask() == kAll) return q;
+  return V::blendv(q, one_minus_exp_near0(V(0) - nll), near);
+}
+
+// Both focal factors of B terms (lanes of the lane layout, or classes of the focal loss over soft
+// targets) in acc precision, from nll = -log p >= 0 and p = exp(-nll): m = q^gamma and s, for
+// gamma >= 1 as q^(gamma-1) (q + gamma p nll), which has no ratio to take a limit of (and for
+// gamma = 2 costs a few multiplies); below 1 with the ratio nll / q at its limit 1.
+template <typename acc_t>
+C10_ALWAYS_INLINE void focal_factors(acc_t gamma, const Vectorized<acc_t>& nll,
+                                     const Vectorized<acc_t>& p, Vectorized<acc_t>& m,
+                                     Vectorized<acc_t>& s) {
+  using V = Vectorized<acc_t>;
+  const V zero(0), one(1), vg(gamma);
+  const V q = one_minus_p(nll, p);
+  if (gamma >= acc_t(1)) {
+    const V qg1 = pow_gamma(q, gamma - acc_t(1));
+    m = qg1 * q;
+    s = qg1 * (q + V::blendv(zero, vg * p * nll, p > zero));  // p = 0: nll may be inf
+  } else {
+    const V r = V::blendv(one, nll / q, q > zero);
+    m = pow_gamma(q, gamma);
+    s = m * (one + V::blendv(zero, vg * p * r, p > zero));
+  }
+}
+
+// The per-row factors for B lanes at once (a scalar pow per row of 19 classes would cost more
+// than the row), from nll >= 0.
+template <typename acc_t>
+inline Vectorized<acc_t> focal_loss_factor(acc_t gamma, const Vectorized<acc_t>& nll) {
+  return pow_gamma(one_minus_p(nll, vexp(Vectorized<acc_t>(0) - nll)), gamma);
+}
+template <typename acc_t>
+inline Vectorized<acc_t> focal_grad_factor(acc_t gamma, const Vectorized<acc_t>& nll) {
+  Vectorized<acc_t> m, s;
+  focal_factors(gamma, nll, vexp(Vectorized<acc_t>(0) - nll), m, s);
+  return s;
+}
+
+// The focal loss over soft targets (Ctx::soft_focal): with the row's shift sh and log-sum L
+// known, a third pass (from cache) forms A = sum_c f_c m_c nll_c and Q = sum_c f_c s_c, with
+// f_c = class_factors (w_c t'_c; w_c with smoothing, whose target term row_loss adds),
+// nll_c = L - (x_c - sh) and m_c, s_c the focal factors of class c (focal_factors). The loss is
+// A (probabilities) or (1 - s) w_y m_y nll_y + (s / C) A (smoothing); Q is the backward's:
+// dloss/dx_k = Q p_k - f_k s_k (cross-entropy: s = 1, Q = sum_c f_c).
+template <typename scalar_t, int M, bool HasW>
+inline void row_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
+                           typename AccOf<scalar_t>::type sh, typename AccOf<scalar_t>::type L,
+                           typename AccOf<scalar_t>::type& A, typename AccOf<scalar_t>::type& Q) {
+  using io = IO<scalar_t>;
+  using acc_t = typename io::acc_t;
+  using Vec = typename io::Vec;
+  const acc_t gamma = static_cast<acc_t>(cx.gamma);
+  const Vec vsh(sh), vL(L), vzero(0);
+  Vec A0(0), A1(0), Q0(0), Q1(0);
+  for_blocks<io::B>(cx.C, [&](int64_t c, int64_t cnt, auto full) {
+    Vec v0, v1;
+    if constexpr (decltype(full)::value) {
+      io::load(x + c, v0, v1);
+    } else {
+      io::load(x + c, cnt, v0, v1);
+    }
+    cx.capped(v0, v1);
+    const Vec lp0 = (v0 - vsh) - vL, lp1 = (v1 - vsh) - vL;
+    Vec n0 = vzero - lp0, n1 = vzero - lp1;
+    if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, n0, n1);
+    Vec m0, m1, s0, s1, f0, f1;
+    focal_factors(gamma, n0, vexp(vzero - n0), m0, s0);
+    focal_factors(gamma, n1, vexp(vzero - n1), m1, s1);
+    class_factors<scalar_t, M, HasW, decltype(full)::value>(cx, t, c, cnt, f0, f1);
+    A0 = at::vec::fmadd(f0 * m0, n0, A0);
+    A1 = at::vec::fmadd(f1 * m1, n1, A1);
+    Q0 = at::vec::fmadd(f0, s0, Q0);
+    Q1 = at::vec::fmadd(f1, s1, Q1);
+  });
+  A = hsum(A0 + A1);
+  Q = hsum(Q0 + Q1);
+}
+
+// The focal loss over soft targets for B lanes (row_focal_sums): with each
+// lane's shift and log-sum known, A = sum_c f_c m_c nll_c and Q = sum_c f_c s_c, another pass over
+// the classes, from the tile when it holds them.
+template <typename scalar_t, int M, bool HasW>
+C10_ALWAYS_INLINE void lanes_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x,
+                                        const scalar_t* t, int64_t sC, int64_t nl,
+                                        const typename AccOf<scalar_t>::type* tile,
+                                        const Vectorized<typename AccOf<scalar_t>::type>& sh0,
+                                        const Vectorized<typename AccOf<scalar_t>::type>& sh1,
+                                        const Vectorized<typename AccOf<scalar_t>::type>& L0,
+                                        const Vectorized<typename AccOf<scalar_t>::type>& L1,
+                                        Vectorized<typename AccOf<scalar_t>::type>& A0,
+                                        Vectorized<typename AccOf<scalar_t>::type>& A1,
+                                        Vectorized<typename AccOf<scalar_t>::type>& Q0,
+                                        Vectorized<typename AccOf<scalar_t>::type>& Q1) {
+  using io = IO<scalar_t>;
+  using acc_t = typename io::acc_t;
+  using Vec = typename io::Vec;
+  const acc_t gamma = static_cast<acc_t>(cx.gamma);
+  const Vec vts(cx.t_scale), vtsh(cx.t_shift), vzero(0);
+  A0 = A1 = Q0 = Q1 = vzero;
+  for (int64_t c = 0; c < cx.C; ++c) {
+    Vec v0, v1;
+    if (tile != nullptr) {
+      v0 = Vec::loadu(tile + c * io::B);
+      v1 = Vec::loadu(tile + c * io::B + io::W);
+    } else {
+      io::load(x + c * sC, nl, v0, v1);
+      cx.capped(v0, v1);
+    }
+    const Vec n0 = L0 - (v0 - sh0), n1 = L1 - (v1 - sh1);
+    Vec m0, m1, s0, s1;
+    focal_factors(gamma, n0, vexp(vzero - n0), m0, s0);
+    focal_factors(gamma, n1, vexp(vzero - n1), m1, s1);
+    Vec f0(HasW ? cx.w[c] : acc_t(1)), f1 = f0;
+    if constexpr (M == kProb) {
+      Vec t0, t1;
+      io::load(t + c * sC, nl, t0, t1);
+      f0 = f0 * at::vec::fmadd(t0, vts, vtsh);
+      f1 = f1 * at::vec::fmadd(t1, vts, vtsh);
+    }
+    A0 = at::vec::fmadd(f0 * m0, n0, A0);
+    A1 = at::vec::fmadd(f1 * m1, n1, A1);
+    Q0 = at::vec::fmadd(f0, s0, Q0);
+    Q1 = at::vec::fmadd(f1, s1, Q1);
+  }
+}
+
+// g *= m = (1 - p)^gamma of logits v with shift sh and log-sum L (focal_loss_factor).
+template <typename acc_t>
+C10_ALWAYS_INLINE void focal_target_factor(acc_t gamma, const Vectorized<acc_t>& v0,
+                                           const Vectorized<acc_t>& v1,
+                                           const Vectorized<acc_t>& sh0,
+                                           const Vectorized<acc_t>& sh1,
+                                           const Vectorized<acc_t>& L0,
+                                           const Vectorized<acc_t>& L1, Vectorized<acc_t>& g0,
+                                           Vectorized<acc_t>& g1) {
+  g0 = g0 * focal_loss_factor(gamma, L0 - (v0 - sh0));
+  g1 = g1 * focal_loss_factor(gamma, L1 - (v1 - sh1));
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace weighted_loss::cpu
