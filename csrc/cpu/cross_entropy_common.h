@@ -235,6 +235,20 @@ inline Vectorized<acc_t> ignored_lse(const Vectorized<acc_t>& m) {
                      Vec(std::numeric_limits<acc_t>::infinity()), (m - m) == Vec(0));
 }
 
+// Logits [k, k + cnt) of a class-contiguous row (a full block of B when Full), read as the loss
+// sees them (softcap).
+template <bool Full, typename scalar_t>
+C10_ALWAYS_INLINE void load_block(const Ctx<scalar_t>& cx, const scalar_t* x, int64_t cnt,
+                                  Vectorized<typename AccOf<scalar_t>::type>& v0,
+                                  Vectorized<typename AccOf<scalar_t>::type>& v1) {
+  if constexpr (Full) {
+    IO<scalar_t>::load(x, v0, v1);
+  } else {
+    IO<scalar_t>::load(x, cnt, v0, v1);
+  }
+  cx.capped(v0, v1);
+}
+
 // The max of a row, NaN if it holds one.
 template <typename scalar_t>
 inline typename AccOf<scalar_t>::type row_max(const Ctx<scalar_t>& cx, const scalar_t* x) {

@@ -109,12 +109,7 @@ inline void row_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const sca
   Vec A0(0), A1(0), Q0(0), Q1(0);
   for_blocks<io::B>(cx.C, [&](int64_t c, int64_t cnt, auto full) {
     Vec v0, v1;
-    if constexpr (decltype(full)::value) {
-      io::load(x + c, v0, v1);
-    } else {
-      io::load(x + c, cnt, v0, v1);
-    }
-    cx.capped(v0, v1);
+    load_block<decltype(full)::value>(cx, x + c, cnt, v0, v1);
     const Vec lp0 = (v0 - vsh) - vL, lp1 = (v1 - vsh) - vL;
     Vec n0 = vzero - lp0, n1 = vzero - lp1;
     if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, n0, n1);

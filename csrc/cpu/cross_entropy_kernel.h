@@ -49,12 +49,7 @@ void target_backward(const Ctx<scalar_t>& cx) {
         const Vec vk(k0), vsh(sh_in[r]), vL(L_in[r]);
         for_blocks<B>(C, [&](int64_t k, int64_t cnt, auto full) {
           Vec v0, v1;
-          if constexpr (decltype(full)::value) {
-            io::load(cx.x + off + k, v0, v1);
-          } else {
-            io::load(cx.x + off + k, cnt, v0, v1);
-          }
-          cx.capped(v0, v1);
+          load_block<decltype(full)::value>(cx, cx.x + off + k, cnt, v0, v1);
           Vec g0 = vk * ((v0 - vsh) - vL), g1 = vk * ((v1 - vsh) - vL);
           if (gamma > 0) focal_target_factor(gamma, v0, v1, vsh, vsh, vL, vL, g0, g1);
           if constexpr (HasW) {

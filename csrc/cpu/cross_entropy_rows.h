@@ -313,12 +313,7 @@ void backward_rows(const Ctx<scalar_t>& cx) {
       const acc_t gamma = static_cast<acc_t>(cx.gamma);
       for_blocks<B>(C, [&](int64_t k, int64_t cnt, auto full) {
         Vec v0, v1;
-        if constexpr (decltype(full)::value) {
-          io::load(x + k, v0, v1);
-        } else {
-          io::load(x + k, cnt, v0, v1);
-        }
-        cx.capped(v0, v1);
+        load_block<decltype(full)::value>(cx, x + k, cnt, v0, v1);
         const Vec lp0 = (v0 - vsh) - vL, lp1 = (v1 - vsh) - vL;
         const Vec p0 = vexp(lp0), p1 = vexp(lp1);
         Vec g0 = vcp * p0, g1 = vcp * p1;
