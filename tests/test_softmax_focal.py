@@ -1,6 +1,8 @@
 """wl.focal_loss (the softmax focal loss) against its composite, on the CPU and the CUDA kernels
 (emulated, and a GPU when there is one): float64 parity, gradcheck, float32/bfloat16 within 2x of
 the composite's own error, confident rows without NaN, opcheck, compile, errors."""
+import itertools
+
 import pytest
 import torch
 
@@ -215,8 +217,9 @@ def test_soft_targets_gamma_zero_is_cross_entropy_and_gradcheck(device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_soft_targets_within_2x_of_composite_error(device, dtype):
-    for prob, s in ((True, 0.1), (False, 0.1)):
-        x, t, w = _soft_inputs((128, 300), prob, dtype, seed=3, device=device)
+    for (prob, s), shape in itertools.product(((True, 0.1), (False, 0.1)),
+                                              ((128, 300), (4, 19, 16, 16))):
+        x, t, w = _soft_inputs(shape, prob, dtype, seed=3, device=device)
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
         ours = wl.focal_loss(x1, t, 2.0, w, label_smoothing=s)
         ref = soft_reference(x2, t, 2.0, w, s=s)
@@ -265,3 +268,33 @@ def test_soft_targets_every_kernel_path(device, shape, prob, s):
     torch.testing.assert_close(torch.autograd.grad(ours, x1, go)[0],
                                torch.autograd.grad(ref, x2, go)[0], rtol=1e-10, atol=1e-13,
                                equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(12, 100), (12, 10), (3, 5, 4, 6)])
+@pytest.mark.parametrize("prob,s", [(False, 0.0), (False, 0.2), (True, 0.1)])
+def test_focal_with_z_loss_and_softcap(device, shape, prob, s):
+    """The kernels' other row terms compose with the focal switch (the ops take all three):
+    softcap * tanh(x / softcap) read before the focal loss, plus z_loss * w_y * lse^2 per row."""
+    x, t, w = _soft_inputs(shape, prob, device=device)
+    z, cap, gamma = 0.05, 3.0, 1.5
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    if prob:
+        ours = _ops.cross_entropy_prob_forward(x1, t, w, 1, s, z, cap, gamma)[0]
+    else:
+        ours = _ops.cross_entropy_forward(x1, t, w, 1, -100, s, z, cap, gamma)[0]
+    xc = cap * torch.tanh(x2 / cap)
+    if prob or s > 0:
+        rows = soft_reference(xc, t, gamma, w, reduction="none", s=s)
+    else:
+        rows = softmax_reference(xc, t, gamma, w, reduction="none")
+    lse = torch.logsumexp(xc, 1)
+    if prob:
+        wy, divisor = torch.ones_like(lse), lse.numel()
+    else:
+        valid = t != -100
+        wy = w[torch.where(valid, t, 0)] * valid
+        divisor = wy.sum()
+    ref = (rows + z * wy * lse * lse).sum() / divisor
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.autograd.grad(ours, x1)[0], torch.autograd.grad(ref, x2)[0],
+                               rtol=1e-10, atol=1e-13)
