@@ -237,11 +237,12 @@ def test_soft_targets_confident_rows_and_compile(device):
     x = torch.zeros(3, 4, device=device)
     x[0, 1], x[1, 2], x[2, 0] = 1e4, 100.0, 30.0
     t = torch.tensor([1, 2, 0], device=device)
-    for gamma in (0.25, 1.0, 3.0):
-        xr = x.clone().requires_grad_()
-        loss = wl.focal_loss(xr, t, gamma, reduction="sum", label_smoothing=0.1)
-        (g,) = torch.autograd.grad(loss, xr)
-        assert torch.isfinite(loss) and torch.isfinite(g).all(), (gamma, loss, g)
+    p = torch.softmax(x / 1e4, 1).flip(1)  # probabilities away from the confident class
+    for gamma, target in itertools.product((0.25, 1.0, 3.0, 5.0), (t, p)):
+        xr, tr = x.clone().requires_grad_(), target.clone().requires_grad_(target is p)
+        loss = wl.focal_loss(xr, tr, gamma, reduction="sum", label_smoothing=0.1)
+        grads = torch.autograd.grad(loss, [xr, tr] if target is p else [xr])
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads), (gamma, loss)
     x, p, w = _soft_inputs((8, 6), True, torch.float32, device=device)
     xr, xr2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     fn = torch.compile(lambda v: wl.focal_loss(v, p, 2.0, w, label_smoothing=0.05),
