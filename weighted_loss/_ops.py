@@ -60,13 +60,16 @@ def _ce_setup(ctx, inputs, output):
     _, lse, total_weight = output
     ctx.save_for_backward(input, target, weight, lse, total_weight)
     ctx.args = tuple(args)
+    # lse and total_weight get no gradient: without this autograd would fill a zero (2, rows)
+    # tensor for lse every backward (0.15 ms of 2.4 at (16, 19, 128, 128) float32 on the CPU)
+    ctx.set_materialize_grads(False)
 
 
 def _ce_backward(ctx, grad_loss, _grad_lse, _grad_total_weight):
     input, target, weight, lse, total_weight = ctx.saved_tensors
     _no_weight_grad(ctx, 2)
     grad_input = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad_loss is not None:  # None: only lse was differentiated
         grad_input = _ops.cross_entropy_backward(grad_loss, input, target, weight, lse,
                                                  total_weight, *ctx.args)
     return (grad_input, None, None, None, None, None, None, None, None)[:3 + len(ctx.args)]
@@ -103,12 +106,15 @@ def _ce_prob_setup(ctx, inputs, output):
     _, lse, tsum = output
     ctx.save_for_backward(input, target, weight, lse, tsum)
     ctx.args = tuple(args)
+    ctx.set_materialize_grads(False)  # no zero gradients for lse and tsum (as above)
 
 
 def _ce_prob_backward(ctx, grad_loss, _grad_lse, _grad_tsum):
     input, target, weight, lse, tsum = ctx.saved_tensors
     _no_weight_grad(ctx, 2)
     grad_input = grad_target = None
+    if grad_loss is None:  # only lse or tsum was differentiated: they carry no gradient
+        return (None,) * (3 + len(ctx.args))
     if ctx.needs_input_grad[0]:
         grad_input = _ops.cross_entropy_prob_backward(grad_loss, input, target, weight, lse,
                                                       tsum, *ctx.args)
