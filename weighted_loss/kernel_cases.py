@@ -1,7 +1,8 @@
 """Small forward+backward calls that between them launch every kernel family of the library once:
 cross-entropy over long rows, short rows (a warp or less), very long rows (a block; split
 across blocks when the rows are few), (N, C, d...) lanes, probability targets, label smoothing,
-z-loss and softcap, the softmax focal loss, the in-place backward of linear_cross_entropy, BCE
+z-loss and softcap, the softmax focal loss (over class indices, and over soft targets with its
+second pass over each row: a block per row where cross-entropy would split it), the in-place backward of linear_cross_entropy, BCE
 with broadcast weights and the sigmoid focal loss with a tensor alpha and a target gradient.
 
 Used where a whole run over the kernels matters more than any one value: the GPU runtime tests
@@ -74,6 +75,20 @@ def _focal(shape):
     return case
 
 
+def _focal_soft(shape, prob):
+    def case(device):
+        x = _logits(shape, device)
+        if prob:
+            t = torch.softmax(torch.randn(shape, generator=_gen(11)), 1).to(device)
+            t = t.requires_grad_()
+        else:
+            t = _index((shape[0], *shape[2:]), shape[1], device, ignore=-100)
+        w = _weights(shape[1], device)
+        return (x, t, w), _step(lambda: wl.focal_loss(x, t, 2.0, w, label_smoothing=0.1),
+                                (x, t) if prob else (x,))
+    return case
+
+
 def _linear(device):
     h = _logits((64, 32), device, seed=4)
     lw = (torch.randn(1000, 32, generator=_gen(5)) * 0.2).to(device).requires_grad_()
@@ -112,6 +127,8 @@ CASES: Dict[str, Callable] = {
     "ce-prob-32x500-ls": _ce_prob,
     "focal-32x1000": _focal((32, 1000)),
     "focal-lanes-2x19x8x8": _focal((2, 19, 8, 8)),
+    "focal-ls-long-rows-2x20000": _focal_soft((2, 20000), False),
+    "focal-prob-lanes-2x19x8x8": _focal_soft((2, 19, 8, 8), True),
     "linear-ce-64x32x1000": _linear,
     "bce-64x100-rowweight": _bce((64, 100), (64, 1), (100,)),
     "bce-seg-2x5x8x8": _bce((2, 5, 8, 8), None, (5, 1, 1)),
