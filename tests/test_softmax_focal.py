@@ -200,6 +200,8 @@ def test_soft_targets_gradient_for_the_target(device, s):
                                     (t1,))
     with pytest.raises(NotImplementedError, match="derivative for 'weight'"):
         wl.focal_loss(x, t, 2.0, w.clone().requires_grad_(), label_smoothing=s)
+    with pytest.raises(RuntimeError, match="ignore_index is not supported for floating point"):
+        wl.focal_loss(x, t, 2.0, w, ignore_index=0, label_smoothing=s)  # as cross-entropy
 
 
 def test_soft_targets_gamma_zero_is_cross_entropy_and_gradcheck(device):
