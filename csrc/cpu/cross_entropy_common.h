@@ -197,6 +197,19 @@ inline void prefetch_write(void* p) {
 }
 constexpr int64_t kPrefetch = 256;  // elements ahead along a class row
 
+// Every cache line of a block of B elements from p (two for float32 and float64: one prefetch
+// would leave the block's second line to a demand miss).
+template <typename scalar_t>
+C10_ALWAYS_INLINE void prefetch_block(const scalar_t* p) {
+  constexpr int64_t bytes = IO<scalar_t>::B * int64_t(sizeof(scalar_t));
+  for (int64_t k = 0; k < bytes; k += 64) prefetch(reinterpret_cast<const char*>(p) + k);
+}
+template <typename scalar_t>
+C10_ALWAYS_INLINE void prefetch_write_block(scalar_t* p) {
+  constexpr int64_t bytes = IO<scalar_t>::B * int64_t(sizeof(scalar_t));
+  for (int64_t k = 0; k < bytes; k += 64) prefetch_write(reinterpret_cast<char*>(p) + k);
+}
+
 // The log-sum of a row from its max m and e = sum_c exp(x_c - m): L = log e. The shift saved
 // beside L is m, or 0 for a row that is -inf throughout; such a row, and one holding NaN or +inf,
 // gets L = NaN: its loss and gradient are NaN, as PyTorch's (its log_softmax is NaN).

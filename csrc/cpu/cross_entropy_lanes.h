@@ -28,16 +28,19 @@ struct LaneTile {
 };
 
 // Pass 1 of a block, or one class of it: each lane's max into (m0, m1), the values (as acc) into
-// the tile when the classes fit. Prefetches the same class a few blocks ahead: the class rows are
-// runs far apart in memory, too short for the hardware prefetcher to pick up.
+// the tile when the classes fit. With pf, prefetches the same class a few blocks ahead: the class
+// rows are runs far apart in memory, too short for the hardware prefetcher to pick up (without:
+// the few-class rows' tiles, already in L1).
 template <typename scalar_t, int M>
 C10_ALWAYS_INLINE void lanes_max_class(const Ctx<scalar_t>& cx, const scalar_t* x,
                                        const scalar_t* t, int64_t c, int64_t sC, int64_t nl,
-                                       bool tiled, LaneTile<scalar_t>& lt) {
+                                       bool tiled, LaneTile<scalar_t>& lt, bool pf = true) {
   using io = IO<scalar_t>;
   const int64_t at = c * sC;
-  prefetch(x + at + kPrefetch);
-  if constexpr (M == kProb) prefetch(t + at + kPrefetch);
+  if (pf) {
+    prefetch_block(x + at + kPrefetch);
+    if constexpr (M == kProb) prefetch_block(t + at + kPrefetch);
+  }
   typename io::Vec v0, v1;
   io::load(x + at, nl, v0, v1);
   cx.capped(v0, v1);  // the tile holds the capped logits
@@ -51,10 +54,11 @@ C10_ALWAYS_INLINE void lanes_max_class(const Ctx<scalar_t>& cx, const scalar_t* 
 
 template <typename scalar_t, int M>
 C10_ALWAYS_INLINE void lanes_max(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
-                                 int64_t C, int64_t sC, int64_t nl, LaneTile<scalar_t>& lt) {
+                                 int64_t C, int64_t sC, int64_t nl, LaneTile<scalar_t>& lt,
+                                 bool pf = true) {
   lt.m0 = lt.m1 = typename IO<scalar_t>::Vec(-std::numeric_limits<typename AccOf<scalar_t>::type>::infinity());
   for (int64_t c = 0; c < C; ++c) {
-    lanes_max_class<scalar_t, M>(cx, x, t, c, sC, nl, C <= kTileClasses, lt);
+    lanes_max_class<scalar_t, M>(cx, x, t, c, sC, nl, C <= kTileClasses, lt, pf);
   }
 }
 
@@ -237,7 +241,7 @@ void forward_lanes(const Ctx<scalar_t>& cx) {
 template <typename scalar_t, int M, bool HasW>
 C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
                                  scalar_t* g, int64_t sC, int64_t nl, int64_t r0,
-                                 double g_all, bool stream) {
+                                 double g_all, bool stream, bool pf = true) {
   using io = IO<scalar_t>;
   using acc_t = typename io::acc_t;
   using Vec = typename io::Vec;
@@ -324,8 +328,10 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
   }
   for (int64_t c = 0; c < C; ++c) {
     const int64_t at = c * sC;
-    prefetch(x + at + kPrefetch);
-    if (!stream) prefetch_write(g + at + kPrefetch);  // a streamed line is not read
+    if (pf) {
+      prefetch_block(x + at + kPrefetch);
+      if (!stream) prefetch_write_block(g + at + kPrefetch);  // a streamed line is not read
+    }
     Vec v0, v1;
     io::load(x + at, nl, v0, v1);
     cx.capped(v0, v1);
@@ -344,7 +350,7 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
     if constexpr (M == kSmooth || M == kProb) {
       Vec w0(HasW ? cx.w[c] : acc_t(1)), w1 = w0;
       if constexpr (M == kProb) {
-        prefetch(t + at + kPrefetch);
+        if (pf) prefetch_block(t + at + kPrefetch);
         Vec t0, t1;
         io::load(t + at, nl, t0, t1);
         w0 = w0 * at::vec::fmadd(t0, vts, vtsh);

@@ -72,7 +72,7 @@ void forward_small_rows(const Ctx<scalar_t>& cx) {
       const int64_t nl = std::min(B, r_end - r0);
       int64_t off[B];
       load_row_tile<scalar_t, M == kProb>(cx, r0, nl, off, xt, tt);
-      lanes_max<scalar_t, M>(cx, xt, tt, cx.C, B, nl, lt);
+      lanes_max<scalar_t, M>(cx, xt, tt, cx.C, B, nl, lt, /*pf=*/false);
       lanes_block_forward<scalar_t, M, HasW>(cx, xt, tt, B, nl, r0, sl, sw, lt, nullptr, nullptr, 0,
                                              lt);
     }
@@ -96,7 +96,8 @@ void backward_small_rows(const Ctx<scalar_t>& cx) {
         const int64_t nl = std::min(B, r_end - r0);
         int64_t off[B];
         load_row_tile<scalar_t, M == kProb>(cx, r0, nl, off, xt, tt);
-        lanes_block_backward<scalar_t, M, HasW>(cx, xt, tt, gt, B, nl, r0, g_all, false);
+        lanes_block_backward<scalar_t, M, HasW>(cx, xt, tt, gt, B, nl, r0, g_all, false,
+                                                /*pf=*/false);
         for (int64_t k = 0; k < nl; ++k) {
           scalar_t* row = gi + off[k] + (r0 + k) / p.inner * (p.grad_stride_outer - p.stride_outer);
           for (int64_t c = 0; c < cx.C; ++c) row[c] = gt[c * B + k];
