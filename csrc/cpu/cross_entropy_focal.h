@@ -27,46 +27,16 @@ inline double focal_grad_factor(double gamma, double nll) {
   return std::pow(q, gamma) * (1.0 + (p > 0 ? gamma * p * r : 0.0));
 }
 
-// 1 - p = -expm1(lp) for lp = log p in [-log 2, 0]: float by its Taylor series to lp^9 in
-// Horner form (the remainder below 0.2 ulp of 1 - p >= lp, the rounding about one ulp), a few
-// times cheaper than Sleef's expm1 with its range reduction; double by expm1.
-inline Vectorized<float> one_minus_exp_near0(const Vectorized<float>& lp) {
-  using V = Vectorized<float>;
-  V r(1.0f / 362880);  // 1/9!
-  for (const float k : {1.0f / 40320, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6,
-                        0.5f, 1.0f}) {
-    r = at::vec::fmadd(r, lp, V(k));
-  }
-  return V(0) - r * lp;
-}
-inline Vectorized<double> one_minus_exp_near0(const Vectorized<double>& lp) {
-  return Vectorized<double>(0) - lp.expm1();
-}
-
-// q = 1 - p of B terms from nll = -log p and p = exp(-nll): as it is where p <= 1/2 (exact to an
-// ulp of q >= 1/2), by one_minus_exp_near0 where some lane is nearer 1 (in a row, its max class;
-// in the lane layout, often).
-template <typename acc_t>
-C10_ALWAYS_INLINE Vectorized<acc_t> one_minus_p(const Vectorized<acc_t>& nll,
-                                                const Vectorized<acc_t>& p) {
-  using V = Vectorized<acc_t>;
-  constexpr int kAll = (1 << V::size()) - 1;
-  const V q = V(1) - p, near = p > V(acc_t(0.5));
-  if (near.zero_mask() == kAll) return q;
-  return V::blendv(q, one_minus_exp_near0(V(0) - nll), near);
-}
-
 // Both focal factors of B terms (lanes of the lane layout, or classes of the focal loss over soft
-// targets) in acc precision, from nll = -log p >= 0 and p = exp(-nll): m = q^gamma and s, for
+// targets) in acc precision, from nll = -log p >= 0, p and q = 1 - p (vexp_pq): m = q^gamma and s, for
 // gamma >= 1 as q^(gamma-1) (q + gamma p nll), which has no ratio to take a limit of (and for
 // gamma = 2 costs a few multiplies); below 1 with the ratio nll / q at its limit 1.
 template <typename acc_t>
 C10_ALWAYS_INLINE void focal_factors(acc_t gamma, const Vectorized<acc_t>& nll,
-                                     const Vectorized<acc_t>& p, Vectorized<acc_t>& m,
-                                     Vectorized<acc_t>& s) {
+                                     const Vectorized<acc_t>& p, const Vectorized<acc_t>& q,
+                                     Vectorized<acc_t>& m, Vectorized<acc_t>& s) {
   using V = Vectorized<acc_t>;
   const V zero(0), one(1), vg(gamma);
-  const V q = one_minus_p(nll, p);
   if (gamma >= acc_t(1)) {
     const V qg1 = pow_gamma(q, gamma - acc_t(1));
     m = qg1 * q;
@@ -82,12 +52,15 @@ C10_ALWAYS_INLINE void focal_factors(acc_t gamma, const Vectorized<acc_t>& nll,
 // than the row), from nll >= 0.
 template <typename acc_t>
 inline Vectorized<acc_t> focal_loss_factor(acc_t gamma, const Vectorized<acc_t>& nll) {
-  return pow_gamma(one_minus_p(nll, vexp(Vectorized<acc_t>(0) - nll)), gamma);
+  Vectorized<acc_t> p, q;
+  vexp_pq(Vectorized<acc_t>(0) - nll, p, q);
+  return pow_gamma(q, gamma);
 }
 template <typename acc_t>
 inline Vectorized<acc_t> focal_grad_factor(acc_t gamma, const Vectorized<acc_t>& nll) {
-  Vectorized<acc_t> m, s;
-  focal_factors(gamma, nll, vexp(Vectorized<acc_t>(0) - nll), m, s);
+  Vectorized<acc_t> p, q, m, s;
+  vexp_pq(Vectorized<acc_t>(0) - nll, p, q);
+  focal_factors(gamma, nll, p, q, m, s);
   return s;
 }
 
@@ -113,9 +86,11 @@ inline void row_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const sca
     const Vec lp0 = (v0 - vsh) - vL, lp1 = (v1 - vsh) - vL;
     Vec n0 = vzero - lp0, n1 = vzero - lp1;
     if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, n0, n1);
-    Vec m0, m1, s0, s1, f0, f1;
-    focal_factors(gamma, n0, vexp(vzero - n0), m0, s0);
-    focal_factors(gamma, n1, vexp(vzero - n1), m1, s1);
+    Vec p0, p1, q0, q1, m0, m1, s0, s1, f0, f1;
+    vexp_pq(vzero - n0, p0, q0);
+    vexp_pq(vzero - n1, p1, q1);
+    focal_factors(gamma, n0, p0, q0, m0, s0);
+    focal_factors(gamma, n1, p1, q1, m1, s1);
     class_factors<scalar_t, M, HasW, decltype(full)::value>(cx, t, c, cnt, f0, f1);
     A0 = at::vec::fmadd(f0 * m0, n0, A0);
     A1 = at::vec::fmadd(f1 * m1, n1, A1);
@@ -157,9 +132,11 @@ C10_ALWAYS_INLINE void lanes_focal_sums(const Ctx<scalar_t>& cx, const scalar_t*
       cx.capped(v0, v1);
     }
     const Vec n0 = L0 - (v0 - sh0), n1 = L1 - (v1 - sh1);
-    Vec m0, m1, s0, s1;
-    focal_factors(gamma, n0, vexp(vzero - n0), m0, s0);
-    focal_factors(gamma, n1, vexp(vzero - n1), m1, s1);
+    Vec p0, p1, q0, q1, m0, m1, s0, s1;
+    vexp_pq(vzero - n0, p0, q0);
+    vexp_pq(vzero - n1, p1, q1);
+    focal_factors(gamma, n0, p0, q0, m0, s0);
+    focal_factors(gamma, n1, p1, q1, m1, s1);
     Vec f0(HasW ? cx.w[c] : acc_t(1)), f1 = f0;
     if constexpr (M == kProb) {
       Vec t0, t1;

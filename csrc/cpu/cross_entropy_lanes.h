@@ -344,7 +344,14 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
       d1 = vzero - (gy1 & (y1 == vc));
     }
     const Vec lp0 = (v0 - sh0) - L0, lp1 = (v1 - sh1) - L1;
-    const Vec p0 = vexp(lp0), p1 = vexp(lp1);
+    Vec p0, p1, q0, q1;  // q = 1 - p for the focal loss over soft targets
+    if (M != kPlain && cx.gamma > 0) {
+      vexp_pq(lp0, p0, q0);
+      vexp_pq(lp1, p1, q1);
+    } else {
+      p0 = vexp(lp0);
+      p1 = vexp(lp1);
+    }
     Vec g0 = at::vec::fmadd(cp0, p0, d0);
     Vec g1 = at::vec::fmadd(cp1, p1, d1);
     if constexpr (M == kSmooth || M == kProb) {
@@ -358,8 +365,8 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
       }
       if (cx.gamma > 0) {  // the focal loss over soft targets: each class term times s_c
         Vec m0, m1, s0, s1;
-        focal_factors(static_cast<acc_t>(cx.gamma), vzero - lp0, p0, m0, s0);
-        focal_factors(static_cast<acc_t>(cx.gamma), vzero - lp1, p1, m1, s1);
+        focal_factors(static_cast<acc_t>(cx.gamma), vzero - lp0, p0, q0, m0, s0);
+        focal_factors(static_cast<acc_t>(cx.gamma), vzero - lp1, p1, q1, m1, s1);
         w0 = w0 * s0;
         w1 = w1 * s1;
       }

@@ -315,15 +315,22 @@ void backward_rows(const Ctx<scalar_t>& cx) {
         Vec v0, v1;
         load_block<decltype(full)::value>(cx, x + k, cnt, v0, v1);
         const Vec lp0 = (v0 - vsh) - vL, lp1 = (v1 - vsh) - vL;
-        const Vec p0 = vexp(lp0), p1 = vexp(lp1);
+        Vec p0, p1, q0, q1;  // q = 1 - p for the focal loss over soft targets
+        if (M != kPlain && gamma > 0) {
+          vexp_pq(lp0, p0, q0);
+          vexp_pq(lp1, p1, q1);
+        } else {
+          p0 = vexp(lp0);
+          p1 = vexp(lp1);
+        }
         Vec g0 = vcp * p0, g1 = vcp * p1;
         if constexpr (M == kSmooth || M == kProb) {
           Vec f0, f1;
           class_factors<scalar_t, M, HasW, decltype(full)::value>(cx, t, k, cnt, f0, f1);
           if (gamma > 0) {  // the focal loss over soft targets: each class term times s_k
             Vec m0, m1, s0, s1;
-            focal_factors(gamma, vzero - lp0, p0, m0, s0);
-            focal_factors(gamma, vzero - lp1, p1, m1, s1);
+            focal_factors(gamma, vzero - lp0, p0, q0, m0, s0);
+            focal_factors(gamma, vzero - lp1, p1, q1, m1, s1);
             f0 = f0 * s0;
             f1 = f1 * s1;
           }
