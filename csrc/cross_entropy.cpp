@@ -44,9 +44,9 @@ void check_terms(RowTerms terms, const char* op) {
 }
 
 // Planes of the saved lse of class-index targets: the shift and the log-sum, and for the focal
-// loss with label smoothing each row's Q = sum_c w_c s_c (params.h: tsum).
+// loss each row's s_y, or with label smoothing its Q = sum_c w_c s_c (params.h: focal_gamma).
 int64_t lse_planes(RowTerms terms, double label_smoothing) {
-  return terms.focal_gamma > 0 && label_smoothing > 0 ? 3 : 2;
+  return terms.focal_gamma > 0 ? 3 : 2;
 }
 
 void check_label_smoothing(double label_smoothing, const char* op) {

@@ -57,7 +57,8 @@ struct CrossEntropyParams {
                              // with probabilities or smoothing a sum over the classes, which
                              // needs Q = sum_c w_c t'_c s_c per row (the gradient's coefficient,
                              // s_c the focal gradient factor) saved in tsum (probabilities) or a
-                             // third plane of lse (smoothed indices); 0: off
+                             // third plane of lse (smoothed indices); plain indices save s_y
+                             // there; 0: off
 
   // Vocab-parallel shards (index targets only): the logits hold classes [class_offset,
   // class_offset + classes) of total_classes. Targets are global class indices, checked against

@@ -2,7 +2,7 @@
 
 The schemas live in csrc/ops.cpp. Each cross-entropy forward saves the per-row log-sum-exp as two
 (2, rows) planes, each row's max and the log-sum shifted by it (never an N x C tensor; a third
-plane for the focal loss with label smoothing); BCE saves only its inputs. Each backward is an op of its own that recomputes
+plane for the focal loss); BCE saves only its inputs. Each backward is an op of its own that recomputes
 what it needs in one pass.
 """
 import torch
@@ -33,7 +33,7 @@ def _(input, target, weight, reduction, ignore_index, label_smoothing, z_loss=0.
       gamma=0.0):
     acc = _acc_dtype(input.dtype)
     loss = input.new_empty(target.shape if reduction == _NONE else ())
-    planes = 3 if gamma > 0 and label_smoothing > 0 else 2  # csrc/cross_entropy.cpp: lse_planes
+    planes = 3 if gamma > 0 else 2  # csrc/cross_entropy.cpp: lse_planes
     return loss, input.new_empty((planes, _rows(input)), dtype=acc), input.new_empty((), dtype=acc)
 
 

@@ -165,11 +165,11 @@ struct Ctx {
     const double u = c / static_cast<double>(cap);
     return 1.0 - u * u;
   }
-  // The focal loss over soft targets (probabilities, or smoothing: gamma > 0 and M != kPlain)
-  // keeps a second per-row sum Q = sum_c f_c s_c beside the log-sum (cross_entropy_rows.h):
-  // probabilities in p.tsum, smoothed indices in a third plane of p.lse.
+  // The focal loss (gamma > 0) saves one more value per row for its backward: class indices
+  // their s_y (the gradient's factor), soft targets Q = sum_c f_c s_c (cross_entropy_focal.h),
+  // probabilities in p.tsum, indices (plain or smoothed) in a third plane of p.lse.
   template <int M>
-  C10_ALWAYS_INLINE acc_t* focal_q() const {
+  C10_ALWAYS_INLINE acc_t* focal_plane() const {
     if constexpr (M == kProb) return static_cast<acc_t*>(p.tsum);
     return static_cast<acc_t*>(p.lse) + 2 * p.outer * p.inner;
   }

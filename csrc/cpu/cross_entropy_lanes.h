@@ -133,7 +133,7 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
   if (soft_focal) {  // a and q become A and Q (cross_entropy_focal.h)
     lanes_focal_sums<scalar_t, M, HasW>(cx, x, t, sC, nl, tiled ? tile : nullptr, sh0, sh1, L0,
                                         L1, a0, a1, q0, q1);
-    tsum_out = cx.template focal_q<M>();
+    tsum_out = cx.template focal_plane<M>();
   }
   Vec l0, l1, wy0(1), wy1(1);
   if constexpr (M == kProb) {
@@ -176,10 +176,17 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
     } else {
       l0 = wy0 * nll0;
       l1 = wy1 * nll1;
-      if (cx.gamma > 0) {  // the focal loss: each lane's loss times (1 - p_y)^gamma
+      if (cx.gamma > 0) {  // the focal loss: each lane's loss times m = (1 - p_y)^gamma, and
+                           // s_y saved for the backward (ignored lanes are blended to 0 below)
         const acc_t gamma = static_cast<acc_t>(cx.gamma);
-        l0 = l0 * focal_loss_factor(gamma, nll0);  // ignored lanes are blended to 0 below
-        l1 = l1 * focal_loss_factor(gamma, nll1);
+        Vec p0, p1, q0, q1, m0, m1, f0, f1;
+        vexp_pq(vzero - nll0, p0, q0);
+        vexp_pq(vzero - nll1, p1, q1);
+        focal_factors(gamma, nll0, p0, q0, m0, f0);
+        focal_factors(gamma, nll1, p1, q1, m1, f1);
+        l0 = l0 * m0;
+        l1 = l1 * m1;
+        store_acc(cx.template focal_plane<M>() + r0, nl, f0, f1);
       }
     }
     const Vec keep0 = kp0 != vzero, keep1 = kp1 != vzero;
@@ -267,7 +274,9 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
       const int64_t yv = cx.checked_target(r0 + k);
       yk[k] = static_cast<acc_t>(yv);
       if (yv >= 0) wyk[k] = HasW ? cx.w[yv] : acc_t(1);
-      if (cx.gamma > 0 && yv >= 0) xk[k] = cx.capped(static_cast<acc_t>(x[yv * sC + k]));
+      if (M == kSmooth && cx.gamma > 0 && yv >= 0) {
+        xk[k] = cx.capped(static_cast<acc_t>(x[yv * sC + k]));
+      }
     }
   }
   Vec sh0, sh1, L0, L1, g0v, g1v, cp0, cp1, cw0(0), cw1(0), gy0(0), gy1(0), y0(-1), y1(-1);
@@ -295,7 +304,9 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
     const Vec ks(acc_t(1) - cx.smooth), zero(0);
     const Vec keep0 = y0 >= zero, keep1 = y1 >= zero;
     Vec f0(1), f1(1);
-    if (cx.gamma > 0) {  // the focal loss: the target's term times s_y, per lane
+    if (M == kPlain && cx.gamma > 0) {  // the focal loss: the target's term times s_y (saved)
+      load_acc(cx.template focal_plane<M>() + r0, nl, f0, f1);
+    } else if (cx.gamma > 0) {  // with smoothing: s_y from the target's logit, per lane
       Vec x0, x1;
       load_acc(xk, B, x0, x1);
       f0 = focal_grad_factor(static_cast<acc_t>(cx.gamma), (sh0 - x0) + L0);
@@ -308,7 +319,7 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
       const Vec kt(cx.t_shift);
       Vec kw0(cx.t_shift * cx.w_sum), kw1 = kw0;
       if (cx.gamma > 0) {  // the focal loss: Q = sum_c w_c s_c of each lane for W
-        load_acc(cx.template focal_q<M>() + r0, nl, kw0, kw1);
+        load_acc(cx.template focal_plane<M>() + r0, nl, kw0, kw1);
         kw0 = kt * kw0;
         kw1 = kt * kw1;
       }

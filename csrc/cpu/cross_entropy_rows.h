@@ -119,6 +119,9 @@ inline void row_forward(const Ctx<scalar_t>& cx, int64_t r, const scalar_t* x, c
   const double xy =
       M == kProb ? 0.0 : static_cast<double>(cx.capped(static_cast<acc_t>(x[yv * cx.p.stride_class])));
   loss = row_loss<scalar_t, M>(cx, sh, Ld, a, q, xy, wy);
+  if (M == kPlain && cx.gamma > 0) {  // the focal loss saves s_y for the backward
+    tsum = static_cast<acc_t>(focal_grad_factor(cx.gamma, (static_cast<double>(sh) - xy) + Ld));
+  }
 }
 
 
@@ -131,8 +134,8 @@ void forward_rows(const Ctx<scalar_t>& cx) {
   std::vector<double> part_loss(u.count, 0.0), part_w(u.count, 0.0);
   auto* sh_out = static_cast<acc_t*>(p.lse);
   auto* L_out = sh_out + rows;
-  // the softmax coefficient of probability rows (sum_c w_c t'_c), or the focal loss's Q
-  auto* tsum_out = cx.template soft_focal<M>() ? cx.template focal_q<M>() : static_cast<acc_t*>(p.tsum);
+  // the softmax coefficient of probability rows (sum_c w_c t'_c), or the focal loss's s_y or Q
+  auto* tsum_out = cx.gamma > 0 ? cx.template focal_plane<M>() : static_cast<acc_t*>(p.tsum);
   auto* loss_out = static_cast<scalar_t*>(p.loss);
   const bool none = p.reduction == Reduction::None;
   at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
@@ -147,7 +150,7 @@ void forward_rows(const Ctx<scalar_t>& cx) {
                                        loss, wy, ts);
         sh_out[r] = sh;
         L_out[r] = L;
-        if (M == kProb || cx.template soft_focal<M>()) tsum_out[r] = ts;
+        if (M == kProb || cx.gamma > 0) tsum_out[r] = ts;
         if (none) {
           loss_out[r] = static_cast<scalar_t>(loss);
         } else {
@@ -237,16 +240,14 @@ inline RowCoef<typename AccOf<scalar_t>::type> row_coef(const Ctx<scalar_t>& cx,
     rc.wyd = wy;
     rc.y = yv >= p.class_offset && yv - p.class_offset < cx.C ? yv - p.class_offset : -1;
     rc.gyd = g * (1.0 - s) * wy;
-    if (M == kPlain && cx.gamma > 0 && rc.y >= 0) {  // the focal loss: the gradient times s
-      const scalar_t* x = cx.x + cx.offset(r / p.inner, r % p.inner);
-      const double xy = static_cast<double>(cx.capped(static_cast<acc_t>(x[rc.y * p.stride_class])));
-      rc.gyd *= focal_grad_factor(cx.gamma, (static_cast<double>(rc.sh) - xy) + rc.L);
+    if (M == kPlain && cx.gamma > 0) {  // the focal loss: the gradient times s_y (saved)
+      rc.gyd *= static_cast<double>(cx.template focal_plane<M>()[r]);
     }
     if constexpr (M == kSmooth) {
       const double ts = s / static_cast<double>(cx.C_total);
       double ws = static_cast<double>(cx.w_sum);
       if (cx.gamma > 0) {  // the focal loss: s_y at the target, Q = sum_c w_c s_c for W
-        ws = static_cast<double>(cx.template focal_q<M>()[r]);
+        ws = static_cast<double>(cx.template focal_plane<M>()[r]);
         if (rc.y >= 0) {
           const scalar_t* x = cx.x + cx.offset(r / p.inner, r % p.inner);
           const double xy = static_cast<double>(cx.capped(static_cast<acc_t>(x[rc.y * p.stride_class])));

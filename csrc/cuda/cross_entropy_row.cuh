@@ -188,13 +188,14 @@ __device__ __forceinline__ void focal_add(const CrossEntropyParams& p, Sums<type
 }
 
 // The loss of row r from its statistics, in double (each float statistic rounded once, nothing
-// after: as ../cpu/cross_entropy_kernel.h's row_loss); wy gets the mean's divisor contribution.
+// after: as ../cpu/cross_entropy_kernel.h's row_loss); wy gets the mean's divisor contribution,
+// sy the focal loss's gradient factor s_y (plain class indices: the backward's, saved).
 template <typename T, int M, bool HasW>
 __device__ __forceinline__ double row_loss(const CrossEntropyParams& p, int64_t y,
                                            typename AccOf<T>::type sh, typename AccOf<T>::type L,
                                            typename AccOf<T>::type ref,
                                            const Sums<typename AccOf<T>::type>& sm,
-                                           typename AccOf<T>::type xy, double& wy) {
+                                           typename AccOf<T>::type xy, double& wy, double& sy) {
   const double lse_ref = (static_cast<double>(sh) - ref) + L;  // lse - ref
   const double lse = static_cast<double>(sh) + L;
   const double z = p.z_loss > 0 ? p.z_loss * lse * lse : 0.0;  // z-loss: + z w_y lse^2
@@ -215,8 +216,8 @@ __device__ __forceinline__ double row_loss(const CrossEntropyParams& p, int64_t 
       return (1.0 - s) * wy * nll +
              s / static_cast<double>(p.total_classes) * (sm.q * lse_ref - sm.a) + wy * z;
     } else {
-      double m = 1, s;
-      if (p.focal_gamma > 0) focal_factors<double>(p.focal_gamma, nll, m, s);
+      double m = 1;
+      if (p.focal_gamma > 0) focal_factors<double>(p.focal_gamma, nll, m, sy);
       return wy * (nll * m + z);
     }
   }
@@ -231,7 +232,8 @@ struct Coef {
 };
 
 // Writes row r's forward results (lse, tsum; the loss itself for Reduction::None), or adds its
-// (loss, divisor) share of a reduced loss to (my_l, my_w).
+// (loss, divisor) share of a reduced loss to (my_l, my_w). q: tsum for probabilities; with the
+// focal loss, lse's third plane for class indices (s_y; Q with smoothing).
 template <typename T, int M>
 __device__ __forceinline__ void store_row(const CrossEntropyParams& p, int64_t r,
                                           typename AccOf<T>::type sh, typename AccOf<T>::type L,
@@ -241,7 +243,7 @@ __device__ __forceinline__ void store_row(const CrossEntropyParams& p, int64_t r
   static_cast<acc_t*>(p.lse)[r] = sh;
   static_cast<acc_t*>(p.lse)[p.outer * p.inner + r] = L;
   if constexpr (M == kProb) static_cast<acc_t*>(p.tsum)[r] = q;
-  if (M == kSmooth && p.focal_gamma > 0) static_cast<acc_t*>(p.lse)[2 * p.outer * p.inner + r] = q;
+  if (M != kProb && p.focal_gamma > 0) static_cast<acc_t*>(p.lse)[2 * p.outer * p.inner + r] = q;
   if (p.reduction == Reduction::None) {
     static_cast<T*>(p.loss)[r] = from_acc<T>(static_cast<acc_t>(loss));
   } else {
@@ -310,13 +312,13 @@ __device__ __forceinline__ void finish_row(const CrossEntropyParams& p, int64_t 
     return;
   }
   acc_t sh = 0, L = l.ignored();
-  double loss = 0, wy = 0;
+  double loss = 0, wy = 0, sy = 0;
   if (active) {
     sh = l.shift();
     L = l.log_sum();
-    loss = row_loss<T, M, HasW>(p, y, sh, L, ref, sm, xy, wy);
+    loss = row_loss<T, M, HasW>(p, y, sh, L, ref, sm, xy, wy, sy);
   }
-  store_row<T, M>(p, r, sh, L, loss, wy, sm.q, my_l, my_w);
+  store_row<T, M>(p, r, sh, L, loss, wy, M == kPlain ? static_cast<acc_t>(sy) : sm.q, my_l, my_w);
 }
 
 template <typename T, int M, bool HasW>
@@ -365,13 +367,9 @@ __device__ __forceinline__ Coef<typename AccOf<T>::type> row_coef(const CrossEnt
       c.cw = g * s.t_shift;
       c.gy = g * s.t_scale * wy * sy;
     } else {
-      acc_t f = 1;
-      if (p.focal_gamma > 0) {  // the focal loss: the cross-entropy's gradient times s
-        const T* x = static_cast<const T*>(p.input) + row_offset<T>(p, r);
-        const acc_t xy = capped(p, to_acc(x[(y - p.class_offset) * p.stride_class]));
-        acc_t m;
-        focal_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), (c.sh - xy) + c.L, m, f);
-      }
+      // the focal loss: the cross-entropy's gradient times s_y, saved by the forward
+      const acc_t f = p.focal_gamma > 0 ? static_cast<const acc_t*>(p.lse)[2 * p.outer * p.inner + r]
+                                        : acc_t(1);
       c.cp = g * wy * f;
       c.gy = g * wy * f;
     }
