@@ -17,14 +17,31 @@ using at::vec::Vectorized;
 // The softmax focal loss (params.h) of a row with nll = -log p_y: the loss is the
 // cross-entropy's times m = (1 - p_y)^gamma, the gradient the cross-entropy's times
 // s = m (1 + gamma p_y nll / (1 - p_y)), with 1 - p_y = -expm1(-nll) and the ratio
-// nll / (1 - p_y) at its limit 1 where 1 - p_y = 0, so gamma < 1 gives s = 0 there, not NaN.
+// nll / (1 - p_y) at its limit 1 where 1 - p_y = 0, so gamma < 1 gives s = 0 there, not NaN;
+// for gamma >= 1 as q^(gamma-1) (q + gamma p nll), no ratio. Per row, in double: p is 1 - q
+// (its absolute error, 1e-16, is all the term gamma p nll needs), gamma 2 and 1 are products.
+inline double pow_gamma(double q, double gamma) {
+  return gamma == 2.0 ? q * q : gamma == 1.0 ? q : gamma == 0.0 ? 1.0 : std::pow(q, gamma);
+}
+inline void focal_factors(double gamma, double nll, double& m, double& s) {
+  const double q = -std::expm1(-nll), p = 1.0 - q;
+  if (gamma >= 1.0) {
+    const double qg1 = pow_gamma(q, gamma - 1.0);
+    m = qg1 * q;
+    s = qg1 * (q + (p > 0 ? gamma * p * nll : 0.0));
+  } else {
+    const double r = q > 0 ? nll / q : 1.0;
+    m = std::pow(q, gamma);
+    s = m * (1.0 + (p > 0 ? gamma * p * r : 0.0));
+  }
+}
 inline double focal_loss_factor(double gamma, double nll) {
-  return std::pow(-std::expm1(-nll), gamma);
+  return pow_gamma(-std::expm1(-nll), gamma);
 }
 inline double focal_grad_factor(double gamma, double nll) {
-  const double q = -std::expm1(-nll), p = std::exp(-nll);
-  const double r = q > 0 ? nll / q : 1.0;
-  return std::pow(q, gamma) * (1.0 + (p > 0 ? gamma * p * r : 0.0));
+  double m, s;
+  focal_factors(gamma, nll, m, s);
+  return s;
 }
 
 // Both focal factors of B terms (lanes of the lane layout, or classes of the focal loss over soft

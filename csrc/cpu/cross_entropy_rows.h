@@ -62,10 +62,11 @@ inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t*
 
 // The loss of a row from its statistics (see row_sums), in double: the float statistics are
 // rounded once each, and nothing after them (PyTorch rounds log_softmax, then w_y times it).
-// With a z-loss, z w_y lse^2 more (z lse^2 for probabilities).
+// With a z-loss, z w_y lse^2 more (z lse^2 for probabilities). The focal loss over class
+// indices also gives its gradient factor s_y in sy.
 template <typename scalar_t, int M>
 inline double row_loss(const Ctx<scalar_t>& cx, double sh, double L, double a, double q, double xy,
-                       double wy) {
+                       double wy, double& sy) {
   double loss;
   if (cx.template soft_focal<M>()) {  // a and q are row_focal_sums' A and Q
     loss = a;
@@ -85,7 +86,11 @@ inline double row_loss(const Ctx<scalar_t>& cx, double sh, double L, double a, d
                  (static_cast<double>(cx.w_sum) * L - a);
     } else {
       loss = wy * nll;
-      if (cx.gamma > 0) loss *= focal_loss_factor(cx.gamma, nll);
+      if (cx.gamma > 0) {
+        double m;
+        focal_factors(cx.gamma, nll, m, sy);
+        loss *= m;
+      }
     }
   }
   if (cx.z > 0) loss += cx.z * wy * (sh + L) * (sh + L);
@@ -118,10 +123,9 @@ inline void row_forward(const Ctx<scalar_t>& cx, int64_t r, const scalar_t* x, c
   wy = M == kProb ? 1.0 : cx.target_weight(yv);
   const double xy =
       M == kProb ? 0.0 : static_cast<double>(cx.capped(static_cast<acc_t>(x[yv * cx.p.stride_class])));
-  loss = row_loss<scalar_t, M>(cx, sh, Ld, a, q, xy, wy);
-  if (M == kPlain && cx.gamma > 0) {  // the focal loss saves s_y for the backward
-    tsum = static_cast<acc_t>(focal_grad_factor(cx.gamma, (static_cast<double>(sh) - xy) + Ld));
-  }
+  double sy = 0;
+  loss = row_loss<scalar_t, M>(cx, sh, Ld, a, q, xy, wy, sy);
+  if (M == kPlain && cx.gamma > 0) tsum = static_cast<acc_t>(sy);  // the focal loss's s_y, saved
 }
 
 
