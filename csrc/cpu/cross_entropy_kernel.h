@@ -3,12 +3,13 @@
 // so everything here lands in weighted_loss::cpu::<capability> and dispatch.cpp picks one at run
 // time. Include it from those files only. The math and the layouts: cross_entropy_common.h (the
 // focal loss's: cross_entropy_focal.h); the paths: cross_entropy_rows.h, cross_entropy_lanes.h
-// and cross_entropy_small_rows.h; here the gradient of probability targets, the compile-time
-// switches and the entry points.
+// (its backward: cross_entropy_lanes_backward.h) and cross_entropy_small_rows.h; here the
+// gradient of probability targets, the compile-time switches and the entry points.
 
 #include "cross_entropy_common.h"
 #include "cross_entropy_focal.h"
 #include "cross_entropy_lanes.h"
+#include "cross_entropy_lanes_backward.h"
 #include "cross_entropy_rows.h"
 #include "cross_entropy_small_rows.h"
 

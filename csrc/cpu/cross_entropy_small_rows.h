@@ -3,7 +3,7 @@
 // cross_entropy_kernel.h; included by it only.
 #pragma once
 
-#include "cross_entropy_lanes.h"
+#include "cross_entropy_lanes_backward.h"
 
 namespace weighted_loss::cpu {
 namespace CPU_CAPABILITY {

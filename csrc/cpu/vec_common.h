@@ -67,6 +67,32 @@ struct IO {
   }
 };
 
+// vexp's steps for float v: n = round(v / ln2), r = v - n ln2 and P(r) with exp(r) = 1 + r P(r)
+// (the polynomial but for its last step), and 2^n times an e near 1 by the exponent bits.
+struct ExpParts {
+  Vectorized<float> n, r, P;
+  explicit ExpParts(const Vectorized<float>& v) {
+    using V = Vectorized<float>;
+    const V x = at::vec::clamp_min(v, V(-87.f));
+    n = (x * V(1.44269504088896341f)).round();
+    r = at::vec::fmadd(n, V(-0.693145751953125f), x);
+    r = at::vec::fmadd(n, V(-1.42860682030941723212e-6f), r);
+    P = V(1.9875691500e-4f);
+    P = at::vec::fmadd(P, r, V(1.3981999507e-3f));
+    P = at::vec::fmadd(P, r, V(8.3334519073e-3f));
+    P = at::vec::fmadd(P, r, V(4.1665795894e-2f));
+    P = at::vec::fmadd(P, r, V(1.6666665459e-1f));
+    P = at::vec::fmadd(P, r, V(5.0000001201e-1f));
+    P = at::vec::fmadd(P, r, V(1.f));
+  }
+  // 2^n e, and 0 where v was below -87 (or NaN)
+  Vectorized<float> scaled(const Vectorized<float>& e, const Vectorized<float>& v) const {
+    using VI = Vectorized<int32_t>;
+    const VI scale = at::vec::convert_to_int_of_same_size(n) << VI(23);
+    return at::vec::cast<float>(at::vec::cast<int32_t>(e) + scale) & (v >= Vectorized<float>(-87.f));
+  }
+};
+
 // exp for the softmax and BCE's exp(-|x|), inlined (Sleef's exp is an out-of-line call, which
 // made the kernels compute-bound; at::vec's exp_u20 is about 20 ulp, which made the float32 loss
 // and gradients several times less exact than PyTorch's). For float: Cody-Waite reduction
@@ -77,23 +103,8 @@ struct IO {
 // that can meet a NaN handle it themselves (cross-entropy per row, BCE per element).
 // Sleef's 1-ulp exp for double (which keeps NaN).
 inline Vectorized<float> vexp(const Vectorized<float>& v) {
-  using V = Vectorized<float>;
-  using VI = Vectorized<int32_t>;
-  const V lo(-87.f);
-  const V x = at::vec::clamp_min(v, lo);
-  const V n = (x * V(1.44269504088896341f)).round();
-  V r = at::vec::fmadd(n, V(-0.693145751953125f), x);
-  r = at::vec::fmadd(n, V(-1.42860682030941723212e-6f), r);
-  V p(1.9875691500e-4f);
-  p = at::vec::fmadd(p, r, V(1.3981999507e-3f));
-  p = at::vec::fmadd(p, r, V(8.3334519073e-3f));
-  p = at::vec::fmadd(p, r, V(4.1665795894e-2f));
-  p = at::vec::fmadd(p, r, V(1.6666665459e-1f));
-  p = at::vec::fmadd(p, r, V(5.0000001201e-1f));
-  p = at::vec::fmadd(p, r, V(1.f));
-  p = at::vec::fmadd(p, r, V(1.f));
-  const VI scale = at::vec::convert_to_int_of_same_size(n) << VI(23);
-  return at::vec::cast<float>(at::vec::cast<int32_t>(p) + scale) & (v >= lo);
+  const ExpParts x(v);
+  return x.scaled(at::vec::fmadd(x.P, x.r, Vectorized<float>(1.f)), v);
 }
 inline Vectorized<double> vexp(const Vectorized<double>& v) {
   return v.exp();
@@ -106,24 +117,12 @@ inline Vectorized<double> vexp(const Vectorized<double>& v) {
 // double: exp and expm1.
 inline void vexp_pq(const Vectorized<float>& v, Vectorized<float>& p, Vectorized<float>& q) {
   using V = Vectorized<float>;
-  using VI = Vectorized<int32_t>;
-  const V lo(-87.f), one(1.f), zero(0.f);
-  const V x = at::vec::clamp_min(v, lo);
-  const V n = (x * V(1.44269504088896341f)).round();
-  V r = at::vec::fmadd(n, V(-0.693145751953125f), x);
-  r = at::vec::fmadd(n, V(-1.42860682030941723212e-6f), r);
-  V P(1.9875691500e-4f);
-  P = at::vec::fmadd(P, r, V(1.3981999507e-3f));
-  P = at::vec::fmadd(P, r, V(8.3334519073e-3f));
-  P = at::vec::fmadd(P, r, V(4.1665795894e-2f));
-  P = at::vec::fmadd(P, r, V(1.6666665459e-1f));
-  P = at::vec::fmadd(P, r, V(5.0000001201e-1f));
-  P = at::vec::fmadd(P, r, one);
-  const V e = at::vec::fmadd(P, r, one), rp = P * r;
-  const VI scale = at::vec::convert_to_int_of_same_size(n) << VI(23);
-  p = at::vec::cast<float>(at::vec::cast<int32_t>(e) + scale) & (v >= lo);
-  q = V::blendv(one - p, (one - rp) * V(0.5f), n == V(-1.f));
-  q = V::blendv(q, zero - rp, n == zero);
+  const V one(1.f), zero(0.f);
+  const ExpParts x(v);
+  const V rp = x.P * x.r;
+  p = x.scaled(at::vec::fmadd(x.P, x.r, one), v);
+  q = V::blendv(one - p, (one - rp) * V(0.5f), x.n == V(-1.f));
+  q = V::blendv(q, zero - rp, x.n == zero);
 }
 inline void vexp_pq(const Vectorized<double>& v, Vectorized<double>& p, Vectorized<double>& q) {
   p = v.exp();
