@@ -118,7 +118,7 @@ def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, weight: Option
     cross-entropy. The kernels take it in the same single pass backward and one more read of
     each row forward (its classes' terms need the row's log-sum-exp first: from cache, or from
     the tile of the (N, C, d...) lanes); probability targets get their gradient too."""
-    from .functional import cross_entropy
+    from .functional import cross_entropy, prob_target_inputs
     g = _check_gamma(gamma)
     if g == 0:
         return cross_entropy(input, target, weight, ignore_index=ignore_index,
@@ -144,13 +144,7 @@ def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, weight: Option
                                       "(as in PyTorch's cross-entropy)")
     red = _Reduction.get_enum(reduction)
     if prob:
-        if ignore_index >= 0:
-            raise RuntimeError("ignore_index is not supported for floating point target")
-        if input.is_floating_point():  # promoted together, as cross-entropy's
-            dtype = torch.promote_types(input.dtype, target.dtype)
-            input, target = input.to(dtype), target.to(dtype)
-            if weight is not None and weight.is_floating_point():
-                weight = weight.to(dtype)
+        input, target, weight = prob_target_inputs(input, target, weight, ignore_index)
         loss, _, _ = _ops.cross_entropy_prob_forward(input, target, weight, red, s, 0.0, 0.0, g)
         return loss
     loss, _, _ = _ops.cross_entropy_forward(input, target, weight, red, int(ignore_index), s, 0.0,

@@ -72,17 +72,7 @@ def cross_entropy(
     label_smoothing = float(label_smoothing)
     z, cap = row_terms(z_loss, softcap)
     if input.shape == target.shape:
-        # class probabilities, promoted together as PyTorch's arithmetic would
-        if not target.is_floating_point():
-            raise RuntimeError(
-                f"Expected floating point type for target with class probabilities, got {target.dtype}")
-        if ignore_index >= 0:
-            raise RuntimeError("ignore_index is not supported for floating point target")
-        if input.is_floating_point():
-            dtype = torch.promote_types(input.dtype, target.dtype)
-            input, target = input.to(dtype), target.to(dtype)
-            if weight is not None and weight.is_floating_point():
-                weight = weight.to(dtype)
+        input, target, weight = prob_target_inputs(input, target, weight, ignore_index)
         loss, _, _ = _ops.cross_entropy_prob_forward(input, target, weight, red,
                                                      max(label_smoothing, 0.0), z, cap)
         if grouped:
@@ -95,6 +85,22 @@ def cross_entropy(
     if grouped:
         return _dist.global_mean(loss, local, process_group, total_weight)
     return loss
+
+
+def prob_target_inputs(input, target, weight, ignore_index):
+    """Class-probability targets as cross-entropy takes them: floating, no ignore_index, promoted
+    with the logits (and a floating weight) as PyTorch's arithmetic would."""
+    if not target.is_floating_point():
+        raise RuntimeError(
+            f"Expected floating point type for target with class probabilities, got {target.dtype}")
+    if ignore_index >= 0:
+        raise RuntimeError("ignore_index is not supported for floating point target")
+    if input.is_floating_point():
+        dtype = torch.promote_types(input.dtype, target.dtype)
+        input, target = input.to(dtype), target.to(dtype)
+        if weight is not None and weight.is_floating_point():
+            weight = weight.to(dtype)
+    return input, target, weight
 
 
 def binary_cross_entropy_with_logits(

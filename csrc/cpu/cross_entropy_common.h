@@ -353,6 +353,15 @@ inline Units lane_units(const CrossEntropyParams& p) {
   return {p.outer * per_outer, lanes, per_outer};
 }
 
+// The positions [begin, end) of outer index o that lane-layout unit `unit` covers.
+struct LaneSpan {
+  int64_t o, begin, end;
+  LaneSpan(const CrossEntropyParams& p, const Units& u, int64_t unit)
+      : o(unit / u.per_outer),
+        begin((unit % u.per_outer) * u.rows),
+        end(std::min(p.inner, begin + u.rows)) {}
+};
+
 template <typename scalar_t, typename acc_t>
 inline void finish_forward(const CrossEntropyParams& p, const std::vector<double>& part_loss,
                            const std::vector<double>& part_w) {

@@ -100,12 +100,12 @@ inline void row_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const sca
   for_blocks<io::B>(cx.C, [&](int64_t c, int64_t cnt, auto full) {
     Vec v0, v1;
     load_block<decltype(full)::value>(cx, x + c, cnt, v0, v1);
-    const Vec lp0 = (v0 - vsh) - vL, lp1 = (v1 - vsh) - vL;
-    Vec n0 = vzero - lp0, n1 = vzero - lp1;
-    if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, n0, n1);
+    Vec lp0 = (v0 - vsh) - vL, lp1 = (v1 - vsh) - vL;
+    if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, lp0, lp1);
+    const Vec n0 = vzero - lp0, n1 = vzero - lp1;
     Vec p0, p1, q0, q1, m0, m1, s0, s1, f0, f1;
-    vexp_pq(vzero - n0, p0, q0);
-    vexp_pq(vzero - n1, p1, q1);
+    vexp_pq(lp0, p0, q0);
+    vexp_pq(lp1, p1, q1);
     focal_factors(gamma, n0, p0, q0, m0, s0);
     focal_factors(gamma, n1, p1, q1, m1, s1);
     class_factors<scalar_t, M, HasW, decltype(full)::value>(cx, t, c, cnt, f0, f1);

@@ -72,9 +72,8 @@ void target_backward(const Ctx<scalar_t>& cx) {
   const Units u = lane_units<scalar_t>(p);
   at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
     for (int64_t unit = b; unit < e; ++unit) {
-      const int64_t o = unit / u.per_outer;
-      const int64_t i_begin = (unit % u.per_outer) * u.rows;
-      const int64_t i_end = std::min(p.inner, i_begin + u.rows);
+      const LaneSpan span(p, u, unit);
+      const int64_t o = span.o, i_begin = span.begin, i_end = span.end;
       for (int64_t i0 = i_begin; i0 < i_end; i0 += B) {
         const int64_t nl = std::min(B, i_end - i0);
         const int64_t base = cx.offset(o, i0);

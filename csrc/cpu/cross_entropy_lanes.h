@@ -224,9 +224,8 @@ void forward_lanes(const Ctx<scalar_t>& cx) {
   const auto& p = cx.p;
   const Units u = lane_units<scalar_t>(p);
   forward_units(cx, u.count, [&](int64_t unit, double& sl, double& sw) {
-    const int64_t o = unit / u.per_outer;
-    const int64_t i_begin = (unit % u.per_outer) * u.rows;
-    const int64_t i_end = std::min(p.inner, i_begin + u.rows);
+    const LaneSpan span(p, u, unit);
+    const int64_t o = span.o, i_begin = span.begin, i_end = span.end;
     const int64_t off = cx.offset(o, i_begin), n = i_end - i_begin, sC = p.stride_class;
     const scalar_t* x = cx.x + off;
     const scalar_t* t = M == kProb ? cx.t + off : nullptr;

@@ -180,9 +180,8 @@ void backward_lanes(const Ctx<scalar_t>& cx) {
   const Units u = lane_units<scalar_t>(p);
   at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
     for (int64_t unit = b; unit < e; ++unit) {
-      const int64_t o = unit / u.per_outer;
-      const int64_t i_begin = (unit % u.per_outer) * u.rows;
-      const int64_t i_end = std::min(p.inner, i_begin + u.rows);
+      const LaneSpan span(p, u, unit);
+      const int64_t o = span.o, i_begin = span.begin, i_end = span.end;
       const int64_t off = cx.offset(o, i_begin);
       for (int64_t j = 0; j < i_end - i_begin; j += B) {
         // full blocks of 64-byte aligned class rows bypass the cache (stream_store)

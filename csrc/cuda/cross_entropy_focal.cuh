@@ -8,20 +8,10 @@
 namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS {
 namespace {
 
-// The softmax focal loss (params.h) of a row with nll = -log p_y (the CPU's focal_factors): the
-// loss factor m = (1 - p_y)^gamma and the gradient's s = m (1 + gamma p_y nll / (1 - p_y)), the
-// ratio at its limit 1 where 1 - p_y = 0.
-template <typename acc_t>
-__device__ __forceinline__ void focal_factors(acc_t gamma, acc_t nll, acc_t& m, acc_t& s) {
-  const acc_t q = -expm1(-nll), p = exp(-nll);
-  m = pow_gamma(q, gamma);
-  const acc_t r = q > acc_t(0) ? nll / q : acc_t(1);
-  s = m * (acc_t(1) + (p > acc_t(0) ? gamma * p * r : acc_t(0)));
-}
-
-// The same for one class term of the focal loss over soft targets, from lp = log p_c <= 0 and
-// p = p_c (the CPU's vector focal_factors): 1 - p as it is where p <= 1/2, expm1 only near 1;
-// for gamma >= 1, s = q^(gamma-1) (q + gamma p nll) without the ratio.
+// The focal factors of one term from lp = log p <= 0 and p itself (the CPU's vector
+// focal_factors): m = (1 - p)^gamma and s = d(m nll)/dnll = m (1 + gamma p nll / (1 - p)), with
+// 1 - p as it is where p <= 1/2 and -expm1(lp) nearer 1; for gamma >= 1 as
+// q^(gamma-1) (q + gamma p nll), without the ratio; below 1 the ratio at its limit where q = 0.
 template <typename acc_t>
 __device__ __forceinline__ void focal_class_factors(acc_t gamma, acc_t lp, acc_t p, acc_t& m,
                                                     acc_t& s) {
@@ -35,6 +25,12 @@ __device__ __forceinline__ void focal_class_factors(acc_t gamma, acc_t lp, acc_t
     m = pow_gamma(q, gamma);
     s = m * (acc_t(1) + (q > acc_t(0) ? pn / q : (p > acc_t(0) ? gamma * p : acc_t(0))));
   }
+}
+
+// The same from nll = -log p_y alone (a row's target: the softmax focal loss over class indices).
+template <typename acc_t>
+__device__ __forceinline__ void focal_factors(acc_t gamma, acc_t nll, acc_t& m, acc_t& s) {
+  focal_class_factors<acc_t>(gamma, -nll, exp(-nll), m, s);
 }
 
 }  // namespace
