@@ -3,7 +3,9 @@
 #   make bench  build if needed, then run the fused-vs-PyTorch benchmark on the best device
 # Both install what is missing: torch only if `import torch` fails (as torch==$(TORCH_VERSION)),
 # plus the build and test tools (expecttest: torch.testing._internal, whose OpInfo and ModuleInfo
-# samples tests/test_exactness.py runs, imports it). The extension is rebuilt when a source changed.
+# samples tests/test_exactness.py runs, imports it); `make test` also the frameworks its
+# integration tests train with (transformers, accelerate, lightning: pinned to the versions tested,
+# none of which asks for another torch). The extension is rebuilt when a source changed.
 
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
@@ -13,7 +15,7 @@ SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*
            setup.py pyproject.toml
 NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
 
-.PHONY: test bench build deps cuda-headers bench-deps cuda-check cuda-emu-asan gpu-check clean
+.PHONY: test bench build deps test-deps cuda-headers bench-deps cuda-check cuda-emu-asan gpu-check clean
 
 deps: cuda-headers
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
@@ -25,6 +27,11 @@ deps: cuda-headers
 EMU_HEADERS := csrc/cuda/emulated/headers.py
 cuda-headers:
 	@$(PYTHON) $(EMU_HEADERS) >/dev/null || $(PIP) install $$($(PYTHON) $(EMU_HEADERS) --wheels)
+
+# the training frameworks of tests/test_mixed_precision_frameworks.py (test-only)
+FRAMEWORKS := transformers==5.24.0 accelerate==1.16.0 lightning==2.6.6
+test-deps: deps
+	@$(PYTHON) -c "import transformers, accelerate, lightning" 2>/dev/null || $(PIP) install $(FRAMEWORKS)
 
 # what the benchmark's table and plot use (it runs without them, plainer and with no PNG)
 bench-deps: deps
@@ -38,7 +45,7 @@ build: deps $(STAMP)
 
 # the test suite (with the benchmark tool's own tests, which need bench-deps), plus the smoke
 # case of the bench/ pytest-benchmark suites (the rest run with `pytest bench/ --benchmark-only`)
-test: build bench-deps
+test: build bench-deps test-deps
 	$(PYTHON) -m pytest tests bench -q
 
 # the quick suite on the best device: table, bench/out/<stamp>.{json,md,png}; options with

@@ -26,8 +26,7 @@ void check_inputs(const Tensor& input, const Tensor& target, const char* op) {
               target.scalar_type());
   TORCH_CHECK_VALUE(target.sizes() == input.sizes(), "Target size (", target.sizes(),
                     ") must be the same as input size (", input.sizes(), ")");
-  TORCH_CHECK(target.scalar_type() == input.scalar_type(), op, ": target must have the input's "
-              "dtype ", input.scalar_type(), ", got ", target.scalar_type());
+  aux_dtype_of(target.scalar_type(), input, op, "target");
   TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(),
               " but input is on ", input.device());
 }
@@ -111,6 +110,8 @@ Prepared prepare(const Tensor& input, const Tensor& target,
   }
   BinaryCrossEntropyParams& p = r.p;
   p.dtype = dtype_of(input, op);
+  p.target_dtype = aux_dtype_of(target.scalar_type(), input, op, "target");
+  p.loss_dtype = p.target_dtype;
   p.reduction = reduction_of(reduction, op);
   p.numel = input.numel();
   p.inner = 1;
@@ -175,11 +176,14 @@ Tensor binary_cross_entropy_forward_impl(const Tensor& input, const Tensor& targ
                                          const std::optional<Tensor>& pos_weight,
                                          int64_t reduction, double gamma, double alpha,
                                          const std::optional<Tensor>& alpha_tensor,
+                                         std::optional<at::ScalarType> out_dtype,
                                          const BinaryCrossEntropyBackend& backend) {
   Prepared r = prepare(input, target, weight, pos_weight, alpha_tensor, reduction, kOp);
   set_focal(r.p, gamma, alpha, kOp);
-  Tensor loss = r.p.reduction == Reduction::None ? at::empty(input.sizes(), input.options())
-                                                 : at::empty({}, input.options());
+  // the target's dtype, as PyTorch's result has, unless out_dtype says otherwise
+  const auto lo = input.options().dtype(loss_dtype_of(out_dtype, target.scalar_type(), input, kOp));
+  Tensor loss = r.p.reduction == Reduction::None ? at::empty(input.sizes(), lo) : at::empty({}, lo);
+  r.p.loss_dtype = dtype_of(loss, kOp);
   r.p.loss = loss.data_ptr();
   backend.launch(r.p);
   return loss;
@@ -194,8 +198,7 @@ std::tuple<Tensor, Tensor> binary_cross_entropy_backward_impl(
   Prepared r = prepare(input, target, weight, pos_weight, alpha_tensor, reduction, op);
   BinaryCrossEntropyParams& p = r.p;
   set_focal(p, gamma, alpha, op);
-  TORCH_CHECK(grad_loss.scalar_type() == input.scalar_type(), op, ": grad_loss must have the "
-              "input's dtype ", input.scalar_type(), ", got ", grad_loss.scalar_type());
+  p.loss_dtype = aux_dtype_of(grad_loss.scalar_type(), input, op, "grad_loss");
   TORCH_CHECK(grad_loss.device() == input.device(), op, ": grad_loss is on ", grad_loss.device(),
               " but input is on ", input.device());
   Tensor g;

@@ -20,6 +20,7 @@ at::Tensor binary_cross_entropy_forward_impl(const at::Tensor& input, const at::
                                              const std::optional<at::Tensor>& pos_weight,
                                              int64_t reduction, double gamma, double alpha,
                                              const std::optional<at::Tensor>& alpha_tensor,
+                                             std::optional<at::ScalarType> out_dtype,
                                              const BinaryCrossEntropyBackend& backend);
 
 // gamma >= 0: the sigmoid focal loss (params.h), alpha < 0 without alpha_t, alpha_tensor (when

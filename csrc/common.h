@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <functional>
+#include <optional>
 
 #include "params.h"
 
@@ -34,6 +35,29 @@ inline DType dtype_of(const at::Tensor& t, const char* op) {
 // float32 accumulation, float64 for float64 data.
 inline at::ScalarType acc_type(const at::Tensor& input) {
   return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline bool is_16bit(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
+
+// The dtype of a tensor the kernels read or write beside the logits `input` (probability targets,
+// the loss, their gradients): the input's, or float32 beside bfloat16/float16 logits (mixed
+// precision, params.h). Anything else is an error that names `what`.
+inline DType aux_dtype_of(at::ScalarType st, const at::Tensor& input, const char* op,
+                          const char* what) {
+  TORCH_CHECK(st == input.scalar_type() || (st == at::kFloat && is_16bit(input)), op, ": ", what,
+              " must have the input's dtype ", input.scalar_type(),
+              is_16bit(input) ? " (or float32)" : "", ", got ", st);
+  return st == input.scalar_type() ? dtype_of(input, op) : DType::Float32;
+}
+
+// The loss's dtype: `out_dtype` when given (the autocast rule asks for float32), else `dflt`.
+inline at::ScalarType loss_dtype_of(const std::optional<at::ScalarType>& out_dtype,
+                                    at::ScalarType dflt, const at::Tensor& input, const char* op) {
+  const at::ScalarType st = out_dtype.value_or(dflt);
+  aux_dtype_of(st, input, op, "the loss (out_dtype)");
+  return st;
 }
 
 inline Reduction reduction_of(int64_t reduction, const char* op) {

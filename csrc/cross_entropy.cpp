@@ -27,11 +27,12 @@ Tensor check_weight(const std::optional<Tensor>& weight, const Tensor& input, in
   TORCH_CHECK(w.dim() == 1 && w.numel() == classes, op,
               ": weight tensor should be defined either for all ", classes,
               " classes or no classes but got weight tensor of shape: ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == input.scalar_type(), op, ": weight must have the input's dtype ",
-              input.scalar_type(), ", got ", w.scalar_type());
+  TORCH_CHECK(w.is_floating_point(), op, ": weight must be a floating point tensor, got ",
+              w.scalar_type());
   TORCH_CHECK(w.device() == input.device(), op, ": weight is on ", w.device(),
               " but input is on ", input.device());
-  return w.contiguous();
+  // read as acc (params.h): a float32 weight beside bfloat16 logits (autocast) is used as it is
+  return w.to(acc_type(input)).contiguous();
 }
 
 void check_terms(RowTerms terms, const char* op) {
@@ -77,11 +78,12 @@ Tensor check_index_target(const Tensor& input, const Tensor& target) {
   return target.contiguous();
 }
 
-// The upstream gradient as the kernels read it: per row contiguous for reduction none.
-Tensor grad_of(const Tensor& grad_loss, const Tensor& input, Reduction reduction) {
-  TORCH_CHECK(grad_loss.scalar_type() == input.scalar_type(), "cross_entropy backward: grad_loss "
-              "must have the input's dtype ", input.scalar_type(), ", got ",
-              grad_loss.scalar_type());
+// The upstream gradient as the kernels read it: per row contiguous for reduction none; its dtype
+// (the loss's) into p.loss_dtype.
+Tensor grad_of(const Tensor& grad_loss, const Tensor& input, CrossEntropyParams& p) {
+  const Reduction reduction = p.reduction;
+  p.loss_dtype = aux_dtype_of(grad_loss.scalar_type(), input, "cross_entropy backward",
+                              "grad_loss");
   if (reduction != Reduction::None) {
     TORCH_CHECK(grad_loss.numel() == 1, "cross_entropy backward: grad_loss must be a scalar for a "
                 "reduced loss, got shape ", grad_loss.sizes());
@@ -165,17 +167,16 @@ Layout layout_of(const Tensor& input, bool in_place_rows) {
   return l;
 }
 
-// Probability targets: the logits' shape and dtype, laid out with the logits' strides.
+// Probability targets: the logits' shape, their dtype or float32 beside 16-bit logits (read in
+// place: params.h target_dtype), laid out with the logits' strides.
 Tensor check_prob_target(const Layout& l, const Tensor& input, const Tensor& target) {
   TORCH_CHECK(target.sizes() == input.sizes(), "cross_entropy: target with class probabilities "
               "must have the input's shape ", input.sizes(), ", got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == input.scalar_type(), "cross_entropy: target with class "
-              "probabilities must have the input's dtype ", input.scalar_type(), ", got ",
-              target.scalar_type());
+  aux_dtype_of(target.scalar_type(), input, "cross_entropy", "target with class probabilities");
   TORCH_CHECK(l.classes > 0, "cross_entropy: input has no classes (size 0 along dimension ",
               input.dim() == 1 ? 0 : 1, ")");
   if (target.strides() == l.input.strides()) return target;
-  Tensor t = at::empty_like(l.input);
+  Tensor t = at::empty_like(l.input, target.options());
   t.copy_(target);
   return t;
 }
@@ -193,6 +194,8 @@ CrossEntropyParams params_of(const Layout& l, const Tensor& target, const Tensor
                              double label_smoothing, RowTerms terms) {
   CrossEntropyParams p{};
   p.dtype = dtype_of(l.input, kOp);
+  p.target_dtype = prob ? aux_dtype_of(target.scalar_type(), l.input, kOp, "target") : p.dtype;
+  p.loss_dtype = p.dtype;
   p.outer = l.outer;
   p.classes = l.classes;
   p.inner = l.inner;
@@ -219,12 +222,15 @@ CrossEntropyParams params_of(const Layout& l, const Tensor& target, const Tensor
 }
 
 // A gradient written in the layout `l` the kernels use, handed back with the strides
-// empty_like(like) has (what the fake kernels promise). Row-strided logits get their contiguous
-// gradient written directly: only its row stride differs (p.grad_stride_outer).
+// empty_like(like) has (what the fake kernels promise), of `dtype` (like's when not given).
+// Row-strided logits get their contiguous gradient written directly: only its row stride differs
+// (p.grad_stride_outer).
 template <typename F>
 Tensor with_strides_of(const CrossEntropyBackend& backend, const Tensor& like, const Layout& l,
-                       CrossEntropyParams& p, F&& run) {
-  Tensor out = backend.empty_like(like);
+                       CrossEntropyParams& p, F&& run,
+                       std::optional<at::ScalarType> dtype = std::nullopt) {
+  const bool same = !dtype.has_value() || *dtype == like.scalar_type();
+  Tensor out = same ? backend.empty_like(like) : at::empty_like(like, like.options().dtype(*dtype));
   p.grad_stride_outer = p.stride_outer;
   if (out.strides() == l.input.strides()) {
     run(out);
@@ -235,7 +241,7 @@ Tensor with_strides_of(const CrossEntropyBackend& backend, const Tensor& like, c
     run(out);
     return out;
   }
-  Tensor tmp = at::empty_like(l.input);
+  Tensor tmp = at::empty_like(l.input, out.options());
   run(tmp);
   out.copy_(tmp);
   return out;
@@ -245,7 +251,8 @@ Tensor with_strides_of(const CrossEntropyBackend& backend, const Tensor& like, c
 
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_impl(
     const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-    int64_t reduction, int64_t ignore_index, double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend) {
+    int64_t reduction, int64_t ignore_index, double label_smoothing, RowTerms terms,
+    std::optional<at::ScalarType> out_dtype, const CrossEntropyBackend& backend) {
   check_common(input, target, "cross_entropy");
   check_label_smoothing(label_smoothing, "cross_entropy");
   check_terms(terms, "cross_entropy");
@@ -254,8 +261,9 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_impl(
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy");
   CrossEntropyParams p = params_of(l, y, w, reduction, false, ignore_index, label_smoothing, terms);
   const auto acc = input.options().dtype(acc_type(input));
-  Tensor loss = p.reduction == Reduction::None ? at::empty(target.sizes(), input.options())
-                                               : at::empty({}, input.options());
+  const auto lo = input.options().dtype(loss_dtype_of(out_dtype, input.scalar_type(), input, kOp));
+  Tensor loss = p.reduction == Reduction::None ? at::empty(target.sizes(), lo) : at::empty({}, lo);
+  p.loss_dtype = dtype_of(loss, kOp);
   Tensor lse = at::empty({lse_planes(terms, label_smoothing), l.outer * l.inner}, acc);
   Tensor total_weight = at::zeros({}, acc);
   p.loss = loss.data_ptr();
@@ -280,7 +288,7 @@ Tensor index_backward(const Tensor& grad_loss, const Tensor& input, const Tensor
   const Layout l = layout_of(input, /*in_place_rows=*/true);
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy backward");
   CrossEntropyParams p = params_of(l, y, w, reduction, false, ignore_index, label_smoothing, terms);
-  const Tensor g = grad_of(grad_loss, input, p.reduction);
+  const Tensor g = grad_of(grad_loss, input, p);
   TORCH_CHECK(lse.numel() == lse_planes(terms, label_smoothing) * l.outer * l.inner &&
                   lse.scalar_type() == acc_type(input),
               "cross_entropy backward: lse does not match the input");
@@ -323,7 +331,8 @@ void cross_entropy_backward_inplace_impl(const Tensor& grad_loss, const Tensor& 
 
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_prob_forward_impl(
     const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-    int64_t reduction, double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend) {
+    int64_t reduction, double label_smoothing, RowTerms terms,
+    std::optional<at::ScalarType> out_dtype, const CrossEntropyBackend& backend) {
   check_common(input, target, "cross_entropy");
   check_label_smoothing(label_smoothing, "cross_entropy");
   check_terms(terms, "cross_entropy");
@@ -332,8 +341,12 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_prob_forward_impl(
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy");
   CrossEntropyParams p = params_of(l, t, w, reduction, true, -100, label_smoothing, terms);
   const auto acc = input.options().dtype(acc_type(input));
-  Tensor loss = p.reduction == Reduction::None ? at::empty(row_shape(input), input.options())
-                                               : at::empty({}, input.options());
+  // the loss has the targets' dtype (the input's, or float32 beside 16-bit logits), as PyTorch's
+  // promotion gives it, unless out_dtype says otherwise
+  const auto lo = input.options().dtype(loss_dtype_of(out_dtype, t.scalar_type(), input, kOp));
+  Tensor loss = p.reduction == Reduction::None ? at::empty(row_shape(input), lo)
+                                               : at::empty({}, lo);
+  p.loss_dtype = dtype_of(loss, kOp);
   Tensor lse = at::empty({2, l.outer * l.inner}, acc);
   Tensor tsum = at::empty({l.outer * l.inner}, acc);
   p.loss = loss.data_ptr();
@@ -352,7 +365,7 @@ Tensor cross_entropy_prob_backward_impl(const Tensor& grad_loss, const Tensor& i
   const Tensor t = check_prob_target(l, input, target);
   const Tensor w = check_weight(weight, input, l.classes, "cross_entropy backward");
   CrossEntropyParams p = params_of(l, t, w, reduction, true, -100, label_smoothing, terms);
-  const Tensor g = grad_of(grad_loss, input, p.reduction);
+  const Tensor g = grad_of(grad_loss, input, p);
   TORCH_CHECK(lse.numel() == 2 * l.outer * l.inner && tsum.numel() == l.outer * l.inner,
               "cross_entropy backward: lse and tsum do not match the input");
   const Tensor lse_c = lse.contiguous(), tsum_c = tsum.contiguous();
@@ -368,19 +381,27 @@ Tensor cross_entropy_prob_backward_impl(const Tensor& grad_loss, const Tensor& i
 Tensor cross_entropy_prob_target_backward_impl(const Tensor& grad_loss, const Tensor& input,
                                                const std::optional<Tensor>& weight,
                                                const Tensor& lse, int64_t reduction,
-                                               double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend) {
-  check_common(input, input, "cross_entropy target backward");
+                                               double label_smoothing, RowTerms terms,
+                                               std::optional<at::ScalarType> target_dtype,
+                                               const CrossEntropyBackend& backend) {
+  constexpr const char* op = "cross_entropy target backward";
+  check_common(input, input, op);
   const Layout l = layout_of(input, /*in_place_rows=*/false);
-  const Tensor w = check_weight(weight, input, l.classes, "cross_entropy target backward");
+  const Tensor w = check_weight(weight, input, l.classes, op);
   CrossEntropyParams p = params_of(l, l.input, w, reduction, true, -100, label_smoothing, terms);
-  const Tensor g = grad_of(grad_loss, input, p.reduction);
+  const at::ScalarType tst = target_dtype.value_or(input.scalar_type());
+  p.target_dtype = aux_dtype_of(tst, input, op, "target_dtype");
+  const Tensor g = grad_of(grad_loss, input, p);
   const Tensor lse_c = lse.contiguous();
   p.lse = lse_c.data_ptr();
   p.grad_loss = g.data_ptr();
-  return with_strides_of(backend, input, l, p, [&](Tensor& out) {
-    p.grad_target = out.data_ptr();
-    backend.launch(p);
-  });
+  return with_strides_of(
+      backend, input, l, p,
+      [&](Tensor& out) {
+        p.grad_target = out.data_ptr();
+        backend.launch(p);
+      },
+      tst);
 }
 
 }  // namespace weighted_loss

@@ -23,7 +23,8 @@ struct RowTerms {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_impl(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t reduction, int64_t ignore_index, double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend);
+    int64_t reduction, int64_t ignore_index, double label_smoothing, RowTerms terms,
+    std::optional<at::ScalarType> out_dtype, const CrossEntropyBackend& backend);
 
 at::Tensor cross_entropy_backward_impl(const at::Tensor& grad_loss, const at::Tensor& input,
                                        const at::Tensor& target,
@@ -43,7 +44,8 @@ void cross_entropy_backward_inplace_impl(const at::Tensor& grad_loss, const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward_impl(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t reduction, double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend);
+    int64_t reduction, double label_smoothing, RowTerms terms,
+    std::optional<at::ScalarType> out_dtype, const CrossEntropyBackend& backend);
 
 at::Tensor cross_entropy_prob_backward_impl(const at::Tensor& grad_loss, const at::Tensor& input,
                                             const at::Tensor& target,
@@ -75,14 +77,16 @@ at::Tensor check_weight(const std::optional<at::Tensor>& weight, const at::Tenso
 void check_label_smoothing(double label_smoothing, const char* op);
 // class indices of the logits' rows, contiguous, in their own integer dtype
 at::Tensor check_index_target(const at::Tensor& input, const at::Tensor& target);
-// the upstream gradient, contiguous, checked against the reduction
-at::Tensor grad_of(const at::Tensor& grad_loss, const at::Tensor& input, Reduction reduction);
+// the upstream gradient, contiguous, checked against p.reduction; its dtype into p.loss_dtype
+at::Tensor grad_of(const at::Tensor& grad_loss, const at::Tensor& input, CrossEntropyParams& p);
 }  // namespace ce_glue
 
 at::Tensor cross_entropy_prob_target_backward_impl(const at::Tensor& grad_loss,
                                                    const at::Tensor& input,
                                                    const std::optional<at::Tensor>& weight,
                                                    const at::Tensor& lse, int64_t reduction,
-                                                   double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend);
+                                                   double label_smoothing, RowTerms terms,
+                                                   std::optional<at::ScalarType> target_dtype,
+                                                   const CrossEntropyBackend& backend);
 
 }  // namespace weighted_loss

@@ -32,6 +32,7 @@ CrossEntropyParams shard_params(const Tensor& x, const Tensor& y, const Tensor& 
               ") are not within the ", total_classes, " classes");
   CrossEntropyParams p{};
   p.dtype = dtype_of(x, kOp);
+  p.target_dtype = p.loss_dtype = p.dtype;
   p.outer = x.size(0);
   p.classes = x.size(1);
   p.inner = 1;
@@ -90,7 +91,7 @@ Tensor cross_entropy_shard_backward_impl(const Tensor& grad_loss, const Tensor& 
   CrossEntropyParams p = shard_params(x, y, w, reduction_of(reduction, kOp), ignore_index,
                                       label_smoothing > 0 ? label_smoothing : 0.0, class_offset,
                                       total_classes);
-  const Tensor g = grad_of(grad_loss, x, p.reduction);
+  const Tensor g = grad_of(grad_loss, x, p);
   TORCH_CHECK(lse.numel() == 2 * x.size(0) && lse.scalar_type() == acc_type(x), kOp,
               " backward: lse must be (2, ", x.size(0), ") of ", acc_type(x), ", got ",
               lse.sizes(), " of ", lse.scalar_type());

@@ -23,13 +23,17 @@ std::string cpu_capability() { return weighted_loss::cpu::kernels().name; }
 
 TORCH_LIBRARY(weighted_loss, m) {
   // z_loss and softcap (params.h) default to off in every cross-entropy op, and so does gamma
-  // (the softmax focal loss) in those of class-index targets.
+  // (the softmax focal loss) in those of class-index targets. out_dtype: the loss's dtype, by
+  // default the input's (the targets' for probabilities and BCE: the input's, or float32 beside
+  // bfloat16/float16 logits); float32 beside 16-bit logits is what the autocast rule
+  // (autocast.cpp) asks for. Weights of any floating dtype are read as float32 (float64 for
+  // float64 logits); the logits are always read in place, never upcast.
   // Class-index targets. Returns (loss, lse, total_weight): lse (2, rows) (float32, float64 for
   // float64 logits), each row's max and log-sum shifted by it (params.h), total_weight the weighted mean's divisor sum(weight[target]).
   m.def(
       "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, "
       "int ignore_index, float label_smoothing, float z_loss=0., float softcap=0., "
-      "float gamma=0.) -> (Tensor, Tensor, Tensor)");
+      "float gamma=0., ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
       "Tensor lse, Tensor total_weight, int reduction, int ignore_index, float label_smoothing, "
@@ -44,8 +48,8 @@ TORCH_LIBRARY(weighted_loss, m) {
   // sum_c weight_c * target'_c, the softmax coefficient of the backward.
   m.def(
       "cross_entropy_prob_forward(Tensor input, Tensor target, Tensor? weight, int reduction, "
-      "float label_smoothing, float z_loss=0., float softcap=0., float gamma=0.) -> "
-      "(Tensor, Tensor, Tensor)");
+      "float label_smoothing, float z_loss=0., float softcap=0., float gamma=0., "
+      "ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cross_entropy_prob_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
       "Tensor lse, Tensor tsum, int reduction, float label_smoothing, float z_loss=0., "
@@ -53,7 +57,7 @@ TORCH_LIBRARY(weighted_loss, m) {
   m.def(
       "cross_entropy_prob_target_backward(Tensor grad_loss, Tensor input, Tensor? weight, "
       "Tensor lse, int reduction, float label_smoothing, float z_loss=0., float softcap=0., "
-      "float gamma=0.) -> Tensor");
+      "float gamma=0., ScalarType? target_dtype=None) -> Tensor");
   // A vocab-parallel shard of the classes: the logits (rows, classes) hold classes
   // [class_offset, class_offset + classes) of total_classes; targets are global indices, weight
   // the full (total_classes,). The forward returns the shard's statistics (5, rows) (params.h),
@@ -73,7 +77,7 @@ TORCH_LIBRARY(weighted_loss, m) {
   m.def(
       "binary_cross_entropy_with_logits_forward(Tensor input, Tensor target, Tensor? weight, "
       "Tensor? pos_weight, int reduction, float gamma=-1., float alpha=-1., "
-      "Tensor? alpha_tensor=None) -> Tensor");
+      "Tensor? alpha_tensor=None, ScalarType? out_dtype=None) -> Tensor");
   m.def(
       "binary_cross_entropy_with_logits_backward(Tensor grad_loss, Tensor input, Tensor target, "
       "Tensor? weight, Tensor? pos_weight, int reduction, bool input_grad, bool target_grad, "

@@ -35,8 +35,14 @@ WEIGHTED_LOSS_HOST_DEVICE inline int64_t target_value(const void* target, Target
 // except the gradient's row stride (grad_stride_outer).
 // Per-row tensors (index target, per-row loss, lse, tsum) are contiguous over r.
 // `acc` below is float for float32/bfloat16/float16 logits and double for float64 logits.
+// Mixed precision (autocast, or float32 targets beside bfloat16/float16 logits): the logits and
+// their gradient stay in `dtype`, read and written in place, while probability targets (and their
+// gradient) may be stored as acc (target_dtype) and the loss (and grad_loss) too (loss_dtype);
+// both are `dtype` otherwise.
 struct CrossEntropyParams {
   DType dtype;
+  DType target_dtype;        // probability targets and grad_target: dtype, or Float32 for 16-bit
+  DType loss_dtype;          // loss and grad_loss: dtype, or Float32 for 16-bit dtype
   int64_t outer, classes, inner;
   int64_t stride_outer, stride_class, stride_inner;
   // The gradient of the logits has the logits' strides but for its row stride (stride_outer),
@@ -69,11 +75,12 @@ struct CrossEntropyParams {
   int64_t total_classes;
 
   const void* input;         // logits, dtype
-  const void* target;        // index rows (contiguous), or probabilities with the logits' strides
-  const void* weight;        // (classes,) dtype, contiguous; nullptr when absent
+  const void* target;        // index rows (contiguous), or probabilities (target_dtype) with the
+                             // logits' strides
+  const void* weight;        // (classes,) acc, contiguous; nullptr when absent
 
   // forward outputs
-  void* loss;                // rows of dtype (Reduction::None) or a 0-d dtype scalar
+  void* loss;                // rows of loss_dtype (Reduction::None) or a 0-d loss_dtype scalar
   void* lse;                 // 2 x rows of acc: each row's shift sh (its max; 0 if all -inf), then
                              // L = log sum_c exp(x_c - sh); lse = sh + L. L is NaN where the row's
                              // log_softmax is (NaN, +inf, all -inf). Ignored rows: (0, +inf), or
@@ -89,9 +96,10 @@ struct CrossEntropyParams {
                              // label smoothing; else 0), ref a shift of the kernel's choice
 
   // backward
-  const void* grad_loss;     // rows of dtype (None) or 0-d dtype
+  const void* grad_loss;     // rows of loss_dtype (None) or 0-d loss_dtype
   void* grad_input;          // logits' shape and strides, dtype
-  void* grad_target;         // probability target gradient, logits' shape and strides, dtype
+  void* grad_target;         // probability target gradient, logits' shape and strides,
+                             // target_dtype
 };
 
 // Most dimensions of a broadcast weight's row index (after merging the dimensions that can be).
@@ -108,9 +116,13 @@ struct BroadcastWeight {
 
 // BCE with logits over `numel` elements: input, target and every elementwise output or gradient
 // are contiguous and share one index. The elements form rows of `inner` (the last row may be
-// cut short by numel); a row's multi-index runs over outer_sizes, outermost first.
+// cut short by numel); a row's multi-index runs over outer_sizes, outermost first. Mixed
+// precision as for cross-entropy: the target (and its gradient) and the loss (and grad_loss) may
+// be stored as float32 beside bfloat16/float16 logits.
 struct BinaryCrossEntropyParams {
   DType dtype;
+  DType target_dtype;          // target and grad_target: dtype, or Float32 for 16-bit dtype
+  DType loss_dtype;            // loss and grad_loss: dtype, or Float32 for 16-bit dtype
   int64_t numel;
   int64_t inner;
   int32_t outer_dims;
@@ -128,16 +140,16 @@ struct BinaryCrossEntropyParams {
   BroadcastWeight alpha;
 
   const void* input;           // logits, dtype
-  const void* target;          // probabilities in [0, 1], dtype
+  const void* target;          // probabilities in [0, 1], target_dtype
 
-  // forward output: numel of dtype (Reduction::None) or a 0-d dtype scalar
+  // forward output: numel of loss_dtype (Reduction::None) or a 0-d loss_dtype scalar
   void* loss;
 
   // backward
-  const void* grad_loss;       // numel of dtype, or one dtype value when grad_loss_scalar
+  const void* grad_loss;       // numel of loss_dtype, or one value when grad_loss_scalar
   bool grad_loss_scalar;       // a reduced loss, or an upstream gradient expanded from a scalar
   void* grad_input;            // dtype, numel; nullptr when not wanted
-  void* grad_target;           // dtype, numel; nullptr when not wanted
+  void* grad_target;           // target_dtype, numel; nullptr when not wanted
 };
 
 }  // namespace weighted_loss

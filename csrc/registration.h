@@ -28,10 +28,11 @@ struct CrossEntropyOps {
   static std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& input, const Tensor& target,
                                                     const OptTensor& weight, int64_t reduction,
                                                     int64_t ignore_index, double label_smoothing,
-                                                    double z_loss, double softcap, double gamma) {
+                                                    double z_loss, double softcap, double gamma,
+                                                    std::optional<at::ScalarType> out_dtype) {
     const typename Device::Guard guard(input.device());
     return cross_entropy_forward_impl(input, target, weight, reduction, ignore_index,
-                                      label_smoothing, {z_loss, softcap, gamma},
+                                      label_smoothing, {z_loss, softcap, gamma}, out_dtype,
                                       Device::forward());
   }
   static Tensor backward(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
@@ -57,10 +58,12 @@ struct CrossEntropyOps {
                                                          const OptTensor& weight,
                                                          int64_t reduction,
                                                          double label_smoothing, double z_loss,
-                                                         double softcap, double gamma) {
+                                                         double softcap, double gamma,
+                                                         std::optional<at::ScalarType> out_dtype) {
     const typename Device::Guard guard(input.device());
     return cross_entropy_prob_forward_impl(input, target, weight, reduction, label_smoothing,
-                                           {z_loss, softcap, gamma}, Device::forward());
+                                           {z_loss, softcap, gamma}, out_dtype,
+                                           Device::forward());
   }
   static Tensor prob_backward(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                               const OptTensor& weight, const Tensor& lse, const Tensor& tsum,
@@ -74,11 +77,12 @@ struct CrossEntropyOps {
   static Tensor prob_target_backward(const Tensor& grad_loss, const Tensor& input,
                                      const OptTensor& weight, const Tensor& lse,
                                      int64_t reduction, double label_smoothing, double z_loss,
-                                     double softcap, double gamma) {
+                                     double softcap, double gamma,
+                                     std::optional<at::ScalarType> target_dtype) {
     const typename Device::Guard guard(input.device());
     return cross_entropy_prob_target_backward_impl(grad_loss, input, weight, lse, reduction,
                                                    label_smoothing, {z_loss, softcap, gamma},
-                                                   Device::target_backward());
+                                                   target_dtype, Device::target_backward());
   }
   static Tensor shard_forward(const Tensor& input, const Tensor& target, const OptTensor& weight,
                               int64_t ignore_index, double label_smoothing, int64_t class_offset,
@@ -120,10 +124,11 @@ struct BinaryCrossEntropyOps {
 
   static Tensor forward(const Tensor& input, const Tensor& target, const OptTensor& weight,
                         const OptTensor& pos_weight, int64_t reduction, double gamma,
-                        double alpha, const OptTensor& alpha_tensor) {
+                        double alpha, const OptTensor& alpha_tensor,
+                        std::optional<at::ScalarType> out_dtype) {
     const typename Device::Guard guard(input.device());
     return binary_cross_entropy_forward_impl(input, target, weight, pos_weight, reduction, gamma,
-                                             alpha, alpha_tensor, Device::forward());
+                                             alpha, alpha_tensor, out_dtype, Device::forward());
   }
   static std::tuple<Tensor, Tensor> backward(const Tensor& grad_loss, const Tensor& input,
                                              const Tensor& target, const OptTensor& weight,

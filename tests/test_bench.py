@@ -142,3 +142,15 @@ def test_gpu_results_table_from_cpu_figures():
            "copy_bandwidth_gbs": bw, "cases": rows}
     text = gpu_bench.markdown(res)
     assert "compute-sanitizer: memcheck=clean" in text and "| c |" in text
+
+
+def test_autocast_case_uses_less_memory_than_pytorchs_upcast():
+    """An autocast case: both run under torch.autocast with float32 weights; PyTorch makes float32
+    copies of the bfloat16 logits (and their gradient), the fused kernels read them in place."""
+    r = bench.run_case("c", "ce", (512, 1000), torch.bfloat16, {"autocast": True},
+                       torch.device("cpu"), repeat=1, use_compile=False)
+    assert r["options"] == {"autocast": True}
+    assert r["fused_max_loss_diff"] < 1e-4
+    logits_mb = 512 * 1000 * 2 / 2**20
+    assert r["peak_mem_fused_mb"] < 1.1 * logits_mb  # the bfloat16 gradient, and little else
+    assert r["peak_mem_native_mb"] > 4 * logits_mb  # float32 copies of the logits' size

@@ -190,6 +190,35 @@ def test_mixed_dtypes(device, in_dt, t_dt):
         torch.testing.assert_close(a.double(), b.double(), rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("wshape", [None, (9,)], ids=["unweighted", "broadcast"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("wrt", ["input", "target", "both"])
+def test_float32_targets_beside_16bit_logits(device, dtype, wshape, reduction, wrt):
+    """Mixed precision: 16-bit logits read in place beside float32 targets (no float32 copy of the
+    logits; the kernels' own path): a float32 result as PyTorch's promotion gives, the logits'
+    gradient in their dtype, the target's in float32; within 2x of PyTorch's error."""
+    x, t, w, pw = make((40, 9), dtype, device, wshape, wshape, seed=3)
+    t = t.float()
+    need_x, need_t = wrt in ("input", "both"), wrt in ("target", "both")
+
+    def grads(fn, x, t, w, pw):
+        x = x.detach().requires_grad_(need_x)
+        t = t.detach().requires_grad_(need_t)
+        loss = fn(x, t, weight=w, pos_weight=pw, reduction=reduction)
+        go = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype,
+                            device=loss.device).reshape(loss.shape)
+        wrt_ = [v for v, need in ((x, need_x), (t, need_t)) if need]
+        return [loss.detach()] + list(torch.autograd.grad(loss, wrt_, go))
+
+    fused = grads(wl.binary_cross_entropy_with_logits, x, t, w, pw)
+    native = grads(F.binary_cross_entropy_with_logits, x, t, w, pw)
+    d = lambda v: None if v is None else v.double()  # noqa: E731
+    ref = grads(F.binary_cross_entropy_with_logits, x.double(), t.double(), d(w), d(pw))
+    assert fused[0].dtype == native[0].dtype == torch.float32
+    check_close(fused, native, ref, torch.float32)
+
+
 def test_weight_dtypes(device):
     """weight and pos_weight may have any floating dtype, as in PyTorch."""
     x, t, w, pw = make((16, 9), torch.float32, device, (9,), (16, 1))

@@ -21,12 +21,15 @@ LOW = (torch.bfloat16, torch.float16)
 
 
 def make(shape, dtype, kind, device, weighted, ignore, seed=0):
+    """Logits, targets, weight. kind: "index"; "prob" (probabilities of the logits' dtype);
+    "prob-f32" (float32 probabilities, read in place beside 16-bit logits: mixed precision)."""
     g = torch.Generator().manual_seed(seed)
     C = shape[0] if len(shape) == 1 else shape[1]
     x = (3 * torch.randn(shape, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
-    if kind == "prob":
+    if kind.startswith("prob"):
         t = torch.rand(shape, generator=g, dtype=torch.float64)
-        t = (t / t.sum(0 if len(shape) == 1 else 1, keepdim=True)).to(device=device, dtype=dtype)
+        t = t / t.sum(0 if len(shape) == 1 else 1, keepdim=True)
+        t = t.to(device=device, dtype=torch.float32 if kind == "prob-f32" else dtype)
     else:
         tshape = () if len(shape) == 1 else (shape[0], *shape[2:])
         t = torch.randint(0, C, tshape, generator=g)
@@ -85,7 +88,7 @@ def compare(x, t, w, kind, ignore, ls, reduction, dtype):
     kw = dict(reduction=reduction, label_smoothing=ls)
     if ignore is not None:
         kw["ignore_index"] = ignore
-    gt = kind == "prob"
+    gt = kind.startswith("prob")
     fused = run(wl.cross_entropy, x, t, w, grad_target=gt, **kw)
     native = run(F.cross_entropy, x, t, w, grad_target=gt, **kw)
     ref = None
@@ -342,8 +345,10 @@ CUDA_PATHS = {
     "lanes-misaligned": ((4, 19, 16, 24), _misaligned, 132, ["forward_lanes_kernel<{T}, {MW}, 1>"]),
 }
 # (kind, label_smoothing, weighted, ignore_index): each mode of the kernels with and without weight
+# (prob-f32: float32 probabilities beside 16-bit logits, a mode of its own there)
 MODES = [("index", 0.0, False, None), ("index", 0.0, True, 2), ("index", 0.1, True, None),
-         ("index", 0.1, False, 2), ("prob", 0.0, False, None), ("prob", 0.2, True, None)]
+         ("index", 0.1, False, 2), ("prob", 0.0, False, None), ("prob", 0.2, True, None),
+         ("prob-f32", 0.0, False, None), ("prob-f32", 0.2, True, None)]
 
 
 def launched(fn, sm_count=132):
@@ -359,9 +364,10 @@ def launched(fn, sm_count=132):
 
 
 @pytest.mark.parametrize("path", CUDA_PATHS)
-@pytest.mark.parametrize("kind,ls,weighted,ignore", MODES, ids=str)
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("dtype,kind,ls,weighted,ignore", [
+    (d, *m) for d in DTYPES for m in MODES if m[0] != "prob-f32" or d in LOW],
+    ids=lambda v: str(v).replace("torch.", ""))
 def test_cuda_paths(gpu, path, kind, ls, weighted, ignore, reduction, dtype):
     shape, layout, sms, kernels = CUDA_PATHS[path]
     x, t, w = make(shape, dtype, kind, gpu, weighted, ignore, seed=11)
@@ -369,7 +375,8 @@ def test_cuda_paths(gpu, path, kind, ls, weighted, ignore, reduction, dtype):
         x = layout(x)
     seen = launched(lambda: compare(x, t, w, kind, ignore, ls, reduction, dtype), sms)
     if seen is not None:
-        mode = 2 if kind == "prob" else 1 if ls > 0 else 0
+        mode = 3 if kind == "prob-f32" and dtype in LOW else 2 if kind.startswith("prob") \
+            else 1 if ls > 0 else 0
         fill = dict(T=KERNEL_DTYPE[dtype], MW=f"{mode}, {str(weighted).lower()}",
                     V=16 // x.element_size())
         want = {k.format(**fill) for k in kernels}

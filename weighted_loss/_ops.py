@@ -3,7 +3,8 @@
 The schemas live in csrc/ops.cpp. Each cross-entropy forward saves the per-row log-sum-exp as two
 (2, rows) planes, each row's max and the log-sum shifted by it (never an N x C tensor; a third
 plane for the focal loss); BCE saves only its inputs. Each backward is an op of its own that recomputes
-what it needs in one pass.
+what it needs in one pass. The forwards' out_dtype (the loss's dtype; float32 under autocast for
+16-bit logits: csrc/autocast.cpp) is not an input of the backward, which reads it off grad_loss.
 """
 import torch
 
@@ -30,9 +31,10 @@ def _row_shape(input):
 
 @torch.library.register_fake("weighted_loss::cross_entropy_forward")
 def _(input, target, weight, reduction, ignore_index, label_smoothing, z_loss=0.0, softcap=0.0,
-      gamma=0.0):
+      gamma=0.0, out_dtype=None):
     acc = _acc_dtype(input.dtype)
-    loss = input.new_empty(target.shape if reduction == _NONE else ())
+    loss = input.new_empty(target.shape if reduction == _NONE else (),
+                           dtype=out_dtype or input.dtype)
     planes = 3 if gamma > 0 else 2  # csrc/cross_entropy.cpp: lse_planes
     return loss, input.new_empty((planes, _rows(input)), dtype=acc), input.new_empty((), dtype=acc)
 
@@ -56,10 +58,12 @@ def _no_weight_grad(ctx, index):
 
 
 def _ce_setup(ctx, inputs, output):
-    input, target, weight, *args = inputs  # reduction, ignore_index, smoothing[, z, cap, gamma]
+    # reduction, ignore_index, smoothing[, z, cap, gamma[, out_dtype]]
+    input, target, weight, *args = inputs
     _, lse, total_weight = output
     ctx.save_for_backward(input, target, weight, lse, total_weight)
-    ctx.args = tuple(args)
+    ctx.n_inputs = len(inputs)
+    ctx.args = tuple(args[:6])
     # lse and total_weight get no gradient: without this autograd would fill a zero (2, rows)
     # tensor for lse every backward (0.15 ms of 2.4 at (16, 19, 128, 128) float32 on the CPU)
     ctx.set_materialize_grads(False)
@@ -72,7 +76,7 @@ def _ce_backward(ctx, grad_loss, _grad_lse, _grad_total_weight):
     if ctx.needs_input_grad[0] and grad_loss is not None:  # None: only lse was differentiated
         grad_input = _ops.cross_entropy_backward(grad_loss, input, target, weight, lse,
                                                  total_weight, *ctx.args)
-    return (grad_input, None, None, None, None, None, None, None, None)[:3 + len(ctx.args)]
+    return (grad_input,) + (None,) * (ctx.n_inputs - 1)
 
 
 torch.library.register_autograd("weighted_loss::cross_entropy_forward", _ce_backward,
@@ -82,9 +86,11 @@ torch.library.register_autograd("weighted_loss::cross_entropy_forward", _ce_back
 # ---------------------------------------------------------------- probability targets
 
 @torch.library.register_fake("weighted_loss::cross_entropy_prob_forward")
-def _(input, target, weight, reduction, label_smoothing, z_loss=0.0, softcap=0.0, gamma=0.0):
+def _(input, target, weight, reduction, label_smoothing, z_loss=0.0, softcap=0.0, gamma=0.0,
+      out_dtype=None):
     acc = _acc_dtype(input.dtype)
-    loss = input.new_empty(_row_shape(input) if reduction == _NONE else ())
+    loss = input.new_empty(_row_shape(input) if reduction == _NONE else (),
+                           dtype=out_dtype or target.dtype)
     rows = _rows(input)
     return loss, input.new_empty((2, rows), dtype=acc), input.new_empty((rows,), dtype=acc)
 
@@ -97,15 +103,17 @@ def _(grad_loss, input, target, weight, lse, tsum, reduction, label_smoothing, z
 
 @torch.library.register_fake("weighted_loss::cross_entropy_prob_target_backward")
 def _(grad_loss, input, weight, lse, reduction, label_smoothing, z_loss=0.0, softcap=0.0,
-      gamma=0.0):
-    return torch.empty_like(input)
+      gamma=0.0, target_dtype=None):
+    return torch.empty_like(input, dtype=target_dtype or input.dtype)
 
 
 def _ce_prob_setup(ctx, inputs, output):
-    input, target, weight, *args = inputs  # reduction, label_smoothing[, z, softcap, gamma]
+    # reduction, label_smoothing[, z, softcap, gamma[, out_dtype]]
+    input, target, weight, *args = inputs
     _, lse, tsum = output
     ctx.save_for_backward(input, target, weight, lse, tsum)
-    ctx.args = tuple(args)
+    ctx.n_inputs = len(inputs)
+    ctx.args = tuple(args[:5])
     ctx.set_materialize_grads(False)  # no zero gradients for lse and tsum (as above)
 
 
@@ -114,14 +122,14 @@ def _ce_prob_backward(ctx, grad_loss, _grad_lse, _grad_tsum):
     _no_weight_grad(ctx, 2)
     grad_input = grad_target = None
     if grad_loss is None:  # only lse or tsum was differentiated: they carry no gradient
-        return (None,) * (3 + len(ctx.args))
+        return (None,) * ctx.n_inputs
     if ctx.needs_input_grad[0]:
         grad_input = _ops.cross_entropy_prob_backward(grad_loss, input, target, weight, lse,
                                                       tsum, *ctx.args)
     if ctx.needs_input_grad[1]:
-        grad_target = _ops.cross_entropy_prob_target_backward(grad_loss, input, weight, lse,
-                                                              *ctx.args)
-    return (grad_input, grad_target, None, None, None, None, None, None)[:3 + len(ctx.args)]
+        grad_target = _ops.cross_entropy_prob_target_backward(
+            grad_loss, input, weight, lse, *ctx.args, target_dtype=target.dtype)
+    return (grad_input, grad_target) + (None,) * (ctx.n_inputs - 2)
 
 
 torch.library.register_autograd("weighted_loss::cross_entropy_prob_forward", _ce_prob_backward,
@@ -147,21 +155,24 @@ def _(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_ind
 # ---------------------------------------------------------------- BCE with logits
 
 @torch.library.register_fake("weighted_loss::binary_cross_entropy_with_logits_forward")
-def _(input, target, weight, pos_weight, reduction, gamma=-1.0, alpha=-1.0, alpha_tensor=None):
-    return input.new_empty(input.shape if reduction == _NONE else ())
+def _(input, target, weight, pos_weight, reduction, gamma=-1.0, alpha=-1.0, alpha_tensor=None,
+      out_dtype=None):
+    return input.new_empty(input.shape if reduction == _NONE else (),
+                           dtype=out_dtype or target.dtype)
 
 
 @torch.library.register_fake("weighted_loss::binary_cross_entropy_with_logits_backward")
 def _(grad_loss, input, target, weight, pos_weight, reduction, input_grad, target_grad,
       gamma=-1.0, alpha=-1.0, alpha_tensor=None):
-    # contiguous, as the kernels write them
+    # contiguous, as the kernels write them; the target's in its dtype
     grad_input = input.new_empty(input.shape if input_grad else (0,))
-    grad_target = input.new_empty(input.shape if target_grad else (0,))
+    grad_target = target.new_empty(input.shape) if target_grad else input.new_empty((0,))
     return grad_input, grad_target
 
 
 def _bce_setup(ctx, inputs, output):
-    input, target, weight, pos_weight, reduction, *focal = inputs  # [gamma, alpha, alpha_tensor]
+    # [gamma, alpha, alpha_tensor, out_dtype]
+    input, target, weight, pos_weight, reduction, *focal = inputs
     alpha_tensor = focal[2] if len(focal) > 2 else None
     ctx.save_for_backward(input, target, weight, pos_weight, alpha_tensor)
     ctx.reduction, ctx.focal = reduction, tuple(focal[:2])

@@ -19,7 +19,9 @@ loss 5 x (logits and targets read forward and backward, gradient written); achie
 those bytes / total time, also given as a fraction of the copy bandwidth measured in the same
 run. Peak memory is what one forward+backward allocates beyond its inputs: the CUDA allocator's
 peak on a GPU, the profiler's count of live CPU allocations on the CPU (the fused kernels' cached
-gradient buffers included).
+gradient buffers included). Cases marked autocast run every implementation under torch.autocast
+with float32 class weights, as mixed-precision training calls them: PyTorch computes its loss
+on a float32 copy of the bfloat16 logits there, the fused kernels read them in place.
 
 Writes <out>/<stamp>.json (device, versions, every figure) and <out>/<stamp>.png (speedup and
 achieved bandwidth per case; needs matplotlib), and prints a table (rich if installed).
@@ -49,9 +51,11 @@ QUICK = [
      {"ignore_index": 255}),
     ("bce-8192x1000-f32-posw", "bce", (8192, 1000), torch.float32, {}),
     ("bce-seg-16x5x128x128-f32-posw", "bce", (16, 5, 128, 128), torch.float32, {}),
+    ("ce-autocast-8192x32000-bf16", "ce", (8192, 32000), torch.bfloat16, {"autocast": True}),
 ] + bench_focal.QUICK
 FULL = [
     ("ce-8192x32000-bf16", "ce", (8192, 32000), torch.bfloat16, {}),
+    ("ce-autocast-8192x32000-bf16", "ce", (8192, 32000), torch.bfloat16, {"autocast": True}),
     ("ce-8192x128256-bf16", "ce", (8192, 128256), torch.bfloat16, {}),
     ("ce-32768x32000-bf16", "ce", (32768, 32000), torch.bfloat16, {}),
     ("ce-8192x1000-f32", "ce", (8192, 1000), torch.float32, {}),
@@ -175,11 +179,14 @@ def make_inputs(loss, shape, dtype, kwargs, device, seed=0):
     """Logits, targets and the keyword arguments of the loss, with weights computed from the
     targets as users do: max(n)/n class weights for cross-entropy and the softmax focal loss,
     pos_weight = #neg/#pos per class for BCE (positives 1-30% depending on the class); the sigmoid
-    focal loss takes BCE's targets with torchvision's defaults (alpha 0.25, gamma 2) instead."""
+    focal loss takes BCE's targets with torchvision's defaults (alpha 0.25, gamma 2) instead.
+    Under autocast (kwargs' "autocast", popped here) the weights stay float32, as users keep
+    them."""
     g = torch.Generator().manual_seed(seed)
     C = shape[1]
     x = torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
     kwargs = dict(kwargs)
+    wdtype = torch.float32 if kwargs.pop("autocast", False) else dtype
     if loss in ("bce", "sfocal"):
         rate = torch.linspace(0.01, 0.3, C).reshape(C, *([1] * (len(shape) - 2)))
         y = (torch.rand(shape, generator=g) < rate).to(dtype)
@@ -194,7 +201,7 @@ def make_inputs(loss, shape, dtype, kwargs, device, seed=0):
     if "ignore_index" in kwargs:
         y[torch.rand(tshape, generator=g) < 0.1] = kwargs["ignore_index"]
     counts = torch.bincount(y[(y >= 0) & (y < C)], minlength=C).float() + 1
-    kwargs["weight"] = (counts.max() / counts).to(device=device, dtype=dtype)
+    kwargs["weight"] = (counts.max() / counts).to(device=device, dtype=wdtype)
     return x, y.to(device), kwargs
 
 
@@ -241,6 +248,8 @@ def run_case(name, loss, shape, dtype, kwargs, device, repeat, use_compile=True,
     if use_compile:
         torch._dynamo.reset()  # a fresh compile per case, far from the recompile limit
         fns["compiled"] = torch.compile(native)
+    if kwargs.get("autocast"):
+        fns = {k: _under_autocast(f, device, dtype) for k, f in fns.items()}
 
     def step(fn):
         xr = x.detach().requires_grad_(True)
@@ -294,6 +303,13 @@ def run_case(name, loss, shape, dtype, kwargs, device, repeat, use_compile=True,
     if "compiled" in fns:
         out["speedup_vs_compiled"] = out["compiled_fwd_bwd_ms"] / out["fused_fwd_bwd_ms"]
     return out
+
+
+def _under_autocast(fn, device, dtype):
+    def call(*args, **kwargs):
+        with torch.autocast(device.type, dtype=dtype):
+            return fn(*args, **kwargs)
+    return call
 
 
 def measure(cases, device, repeat, use_compile=True, progress=True):

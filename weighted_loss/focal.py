@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
+from . import _dtypes
+
 
 __all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss", "focal_loss", "FocalLoss"]
 
@@ -69,10 +71,8 @@ def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: Union[float, Tensor
             if isinstance(t, Tensor) and t.requires_grad:
                 raise NotImplementedError(
                     f"sigmoid_focal_loss: the derivative for '{name}' is not implemented")
-    out_dtype = torch.promote_types(input.dtype, target.dtype) \
-        if input.is_floating_point() and target.is_floating_point() else target.dtype
-    if input.is_floating_point() and target.is_floating_point() and input.dtype != target.dtype:
-        input, target = input.to(out_dtype), target.to(out_dtype)
+    if target.is_floating_point():  # the promoted dtype, 16-bit logits read in place
+        input, target = _dtypes.floating_pair(input, target)
     tensor_alpha = isinstance(a, Tensor)  # the kernels' alpha switch on, each element's alpha read
     return _ops.binary_cross_entropy_with_logits_forward(
         input, target, weight, pos_weight, _Reduction.get_enum(reduction), g,

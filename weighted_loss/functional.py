@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
+from . import _dtypes
 from . import distributed as _dist
 
 __all__ = ["cross_entropy", "binary_cross_entropy_with_logits"]
@@ -42,6 +43,8 @@ def cross_entropy(
 ) -> Tensor:
     """Fused ``F.cross_entropy``: log-softmax, class-weight gather and (weighted) reduction in one
     pass over the logits forward and one backward. Same arguments, results and corner cases.
+    Under ``torch.autocast`` the loss is float32, as PyTorch's, but bfloat16/float16 logits are
+    read in place rather than copied to float32; ``weight`` may have any floating dtype.
 
     ``input`` is ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` logits; ``target`` holds class
     indices (int64, int32 or uint8, shape without the class dim) or class probabilities (the
@@ -89,17 +92,14 @@ def cross_entropy(
 
 def prob_target_inputs(input, target, weight, ignore_index):
     """Class-probability targets as cross-entropy takes them: floating, no ignore_index, promoted
-    with the logits (and a floating weight) as PyTorch's arithmetic would."""
+    with the logits as PyTorch's arithmetic would, 16-bit logits read in place
+    (``_dtypes.floating_pair``); the weight is read in any floating dtype."""
     if not target.is_floating_point():
         raise RuntimeError(
             f"Expected floating point type for target with class probabilities, got {target.dtype}")
     if ignore_index >= 0:
         raise RuntimeError("ignore_index is not supported for floating point target")
-    if input.is_floating_point():
-        dtype = torch.promote_types(input.dtype, target.dtype)
-        input, target = input.to(dtype), target.to(dtype)
-        if weight is not None and weight.is_floating_point():
-            weight = weight.to(dtype)
+    input, target = _dtypes.floating_pair(input, target)
     return input, target, weight
 
 
@@ -122,8 +122,9 @@ def binary_cross_entropy_with_logits(
     ``input`` has any shape (0-d included); ``target`` the same shape, probabilities in [0, 1].
     ``weight`` and ``pos_weight`` broadcast against ``input`` as in PyTorch (``(C,)`` on the last
     dim, ``(C, 1, 1)`` for ``(N, C, H, W)``, ``(N, 1)``, ...) and are read in place, not expanded.
-    The result has the target's dtype, as PyTorch's does. ``process_group`` / ``total_weight``:
-    the mean over the whole group's elements (or over ``total_weight`` elements), as for
+    The result has the target's dtype, as PyTorch's does (float32 under ``torch.autocast``,
+    with bfloat16/float16 logits read in place). ``process_group`` / ``total_weight``: the mean
+    over the whole group's elements (or over ``total_weight`` elements), as for
     :func:`cross_entropy`.
     """
     if size_average is not None or reduce is not None:
@@ -142,12 +143,13 @@ def binary_cross_entropy_with_logits(
                 raise RuntimeError(
                     "The function 'binary_cross_entropy_with_logits' is not differentiable with "
                     f"respect to argument '{name}'. This input cannot have requires_grad True.")
-    out_dtype = target.dtype
-    if input.is_floating_point() and target.is_floating_point() and input.dtype != target.dtype:
-        dtype = torch.promote_types(input.dtype, target.dtype)
-        input, target = input.to(dtype), target.to(dtype)
+    # PyTorch computes in the promoted dtype and returns the target's; under autocast, float32
+    # (the op's rule), which this cast must leave alone
+    out_dtype = None if _dtypes.autocast_on(input) else target.dtype
+    if target.is_floating_point():
+        input, target = _dtypes.floating_pair(input, target)
     loss = _ops.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight, red)
     if grouped:
         local = torch.tensor(float(input.numel()), dtype=torch.float64, device=input.device)
         loss = _dist.global_mean(loss, local, process_group, total_weight)
-    return loss if loss.dtype == out_dtype else loss.to(out_dtype)
+    return loss if out_dtype is None or loss.dtype == out_dtype else loss.to(out_dtype)

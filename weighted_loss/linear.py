@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
+from . import _dtypes
 from .functional import row_terms
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
@@ -34,15 +35,10 @@ def _chunk_rows(n: int, classes: int, dtype: torch.dtype, device: torch.device) 
     return max(1, min(n, budget // per_row))
 
 
-def _rows_like(x: Tensor) -> Tensor:
-    """The input's gradient, contiguous: each chunk's rows are written with mm(out=)."""
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
-def _grad_buffer(like: Tensor) -> Tensor:
+def _grad_buffer(shape, dtype: torch.dtype, device) -> Tensor:
     """A zeroed accumulator for a gradient summed over chunks: float32 for bfloat16/float16."""
-    dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-    return torch.zeros(like.shape, dtype=dtype, device=like.device)
+    acc = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    return torch.zeros(shape, dtype=acc, device=device)
 
 
 def _add_weight_grad(gw: Tensor, g: Tensor, xc: Tensor) -> None:
@@ -68,73 +64,46 @@ def _add_chunk_grads(g: Tensor, xc: Tensor, lw: Tensor, gx, gw, gb) -> None:
         gb += g.sum(0, dtype=gb.dtype)
 
 
+class _Plan:
+    """What one call computes in: the matmuls in `compute` (autocast's dtype under autocast, else
+    the input's), each chunk's logits handed to the kernels in `logits` (compute, or the dtype
+    probability targets promote it to: 16-bit logits beside float32 targets stay 16-bit), the
+    per-chunk losses in `acc` (float32 for 16-bit logits: a chunk's sum is not rounded to 16 bits)
+    and the loss returned in `out`."""
+
+    def __init__(self, compute, logits, out, chunk, grads):
+        self.compute, self.logits, self.out, self.chunk, self.grads = \
+            compute, logits, out, chunk, grads
+        self.acc = torch.float32 if logits in (torch.bfloat16, torch.float16) else logits
+
+    def cast(self, x, lw, bias):
+        return (x.to(self.compute), lw.to(self.compute),
+                None if bias is None else bias.to(self.compute))
+
+    def chunk_logits(self, xc, lw, bias):
+        logits = torch.nn.functional.linear(xc, lw, bias)
+        return logits if logits.dtype == self.logits else logits.to(self.logits)
+
+    def chunk_grad(self, g):
+        return g if g.dtype == self.compute else g.to(self.compute)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z, cap,
-                reduction, chunk):
-        n, prob = x.shape[0], target.is_floating_point()
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], \
-            bias is not None and ctx.needs_input_grad[2]
-        red_none = reduction == "none"
-        grads_now = (need_x or need_w or need_b) and not red_none
-        gx = _rows_like(x) if grads_now and need_x else None
-        gw = _grad_buffer(lw) if grads_now and need_w else None
-        gb = _grad_buffer(bias) if grads_now and need_b else None
-        one = torch.ones((), dtype=x.dtype, device=x.device)
-        red = _Reduction.get_enum("none" if red_none else "sum")
-        rows_loss, lse_parts, tsum_parts = [], [], []
-        total = torch.zeros((), dtype=torch.float64, device=x.device)
-        divisor = torch.zeros((), dtype=torch.float64, device=x.device)
-        for a in range(0, n, chunk):
-            xc, tc = x[a:a + chunk], target[a:a + chunk]
-            logits = torch.nn.functional.linear(xc, lw, bias)
-            if prob:
-                loss, lse, tsum = _ops.cross_entropy_prob_forward(logits, tc, weight, red,
-                                                                  label_smoothing, z, cap)
-                divisor += tc.shape[0]
-            else:
-                loss, lse, tw = _ops.cross_entropy_forward(logits, tc, weight, red, ignore_index,
-                                                           label_smoothing, z, cap)
-            if red_none:
-                rows_loss.append(loss)
-                lse_parts.append(lse)
-                if prob:
-                    tsum_parts.append(tsum)
-                continue
-            total += loss.double()
-            if not prob:
-                divisor += tw.double()
-            if grads_now:
-                if prob:
-                    g = _ops.cross_entropy_prob_backward(one, logits, tc, weight, lse, tsum, red,
-                                                         label_smoothing, z, cap)
-                else:  # over the logits: a chunk holds one N x C buffer, not two
-                    _ops.cross_entropy_backward_(one, logits, tc, weight, lse, tw, red,
-                                                 ignore_index, label_smoothing, z, cap)
-                    g = logits
-                del logits
-                _add_chunk_grads(g, xc, lw, None if gx is None else gx[a:a + chunk], gw, gb)
-                del g  # before the next chunk's logits: one chunk buffer at a time
-        ctx.reduction, ctx.prob = reduction, prob
-        if red_none:
-            ctx.args = (ignore_index, label_smoothing, z, cap, chunk)
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            lse_all = torch.cat(lse_parts, 1) if lse_parts else \
-                torch.empty((2, 0), dtype=acc, device=x.device)
-            tsum_all = torch.cat(tsum_parts) if tsum_parts else \
-                torch.empty((0,), dtype=acc, device=x.device)
-            ctx.save_for_backward(x, lw, bias, target, weight, lse_all, tsum_all)
-            return torch.cat(rows_loss) if rows_loss else x.new_empty((0,))
-        ctx.save_for_backward(gx, gw, gb, divisor)
-        ctx.dtypes = (x.dtype, lw.dtype, None if bias is None else bias.dtype)
-        out = total / divisor if reduction == "mean" else total
-        return out.to(x.dtype)
+                reduction, plan):
+        # the plan's dtypes stand for autocast's: none of this runs under it (autocast would
+        # recast, and refuses mm's out=)
+        with torch.autocast(x.device.type, enabled=False):
+            return _forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z,
+                            cap, reduction, plan)
 
     @staticmethod
     def backward(ctx, grad_loss):
         if ctx.reduction == "none":
-            return (*_backward_rows(ctx, grad_loss), None, None, None, None, None, None, None,
-                    None)
+            with torch.autocast(grad_loss.device.type, enabled=False):
+                grads = _backward_rows(ctx, grad_loss)
+            return (*grads, None, None, None, None, None, None, None, None)
         gx, gw, gb, divisor = ctx.saved_tensors
         scale = grad_loss.double()
         if ctx.reduction == "mean":
@@ -150,35 +119,120 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None, None)
 
 
+def _forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z, cap, reduction,
+             plan):
+    n, prob = x.shape[0], target.is_floating_point()
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = bias is not None and ctx.needs_input_grad[2]
+    red_none = reduction == "none"
+    # under no_grad / inference_mode (an eval loop) the forward only: no gradient work
+    grads_now = plan.grads and (need_x or need_w or need_b) and not red_none
+    xq, lwq, bq = plan.cast(x, lw, bias)
+    dev = x.device
+    gx = torch.empty(x.shape, dtype=plan.compute, device=dev) if grads_now and need_x else None
+    gw = _grad_buffer(lw.shape, plan.compute, dev) if grads_now and need_w else None
+    gb = _grad_buffer(bias.shape, plan.compute, dev) if grads_now and need_b else None
+    one = torch.ones((), dtype=plan.acc, device=dev)
+    red = _Reduction.get_enum("none" if red_none else "sum")
+    # per-row losses in the returned dtype; sums in acc
+    out_dtype = plan.out if red_none else plan.acc
+    rows_loss, lse_parts, tsum_parts = [], [], []
+    total = torch.zeros((), dtype=torch.float64, device=dev)
+    divisor = torch.zeros((), dtype=torch.float64, device=dev)
+    for a in range(0, n, plan.chunk):
+        xc, tc = xq[a:a + plan.chunk], target[a:a + plan.chunk]
+        logits = plan.chunk_logits(xc, lwq, bq)
+        if prob:
+            loss, lse, tsum = _ops.cross_entropy_prob_forward(
+                logits, tc, weight, red, label_smoothing, z, cap, out_dtype=out_dtype)
+            divisor += tc.shape[0]
+        else:
+            loss, lse, tw = _ops.cross_entropy_forward(logits, tc, weight, red, ignore_index,
+                                                       label_smoothing, z, cap,
+                                                       out_dtype=out_dtype)
+        if red_none:
+            rows_loss.append(loss)
+            lse_parts.append(lse)
+            if prob:
+                tsum_parts.append(tsum)
+            continue
+        total += loss.double()
+        if not prob:
+            divisor += tw.double()
+        if grads_now:
+            if prob:
+                g = _ops.cross_entropy_prob_backward(one, logits, tc, weight, lse, tsum, red,
+                                                     label_smoothing, z, cap)
+            else:  # over the logits: a chunk holds one N x C buffer, not two
+                _ops.cross_entropy_backward_(one, logits, tc, weight, lse, tw, red, ignore_index,
+                                             label_smoothing, z, cap)
+                g = logits
+            del logits
+            g = plan.chunk_grad(g)
+            _add_chunk_grads(g, xc, lwq, None if gx is None else gx[a:a + plan.chunk], gw, gb)
+            del g  # before the next chunk's logits: one chunk buffer at a time
+    ctx.reduction, ctx.prob, ctx.plan = reduction, prob, plan
+    if red_none:
+        ctx.args = (ignore_index, label_smoothing, z, cap)
+        acc = torch.float64 if plan.logits == torch.float64 else torch.float32
+        lse_all = torch.cat(lse_parts, 1) if lse_parts else torch.empty((2, 0), dtype=acc,
+                                                                         device=dev)
+        tsum_all = torch.cat(tsum_parts) if tsum_parts else torch.empty((0,), dtype=acc,
+                                                                        device=dev)
+        ctx.save_for_backward(x, lw, bias, target, weight, lse_all, tsum_all)
+        return torch.cat(rows_loss) if rows_loss else x.new_empty((0,), dtype=plan.out)
+    ctx.save_for_backward(gx, gw, gb, divisor)
+    ctx.dtypes = (x.dtype, lw.dtype, None if bias is None else bias.dtype)
+    out = total / divisor if reduction == "mean" else total
+    return out.to(plan.out)
+
+
 def _backward_rows(ctx, grad_rows):
     """reduction="none": the upstream gradient per row, each chunk's logits once more."""
     x, lw, bias, target, weight, lse, tsum = ctx.saved_tensors
-    ignore_index, label_smoothing, z, cap, chunk = ctx.args
+    ignore_index, label_smoothing, z, cap = ctx.args
+    plan = ctx.plan
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = bias is not None and ctx.needs_input_grad[2]
-    gx = _rows_like(x) if need_x else None
-    gw = _grad_buffer(lw) if need_w else None
-    gb = _grad_buffer(bias) if need_b else None
+    xq, lwq, bq = plan.cast(x, lw, bias)
+    gx = torch.empty(x.shape, dtype=plan.compute, device=x.device) if need_x else None
+    gw = _grad_buffer(lw.shape, plan.compute, x.device) if need_w else None
+    gb = _grad_buffer(bias.shape, plan.compute, x.device) if need_b else None
     red = _Reduction.get_enum("none")
-    grad_rows = grad_rows.to(x.dtype).contiguous()
-    for a in range(0, x.shape[0], chunk):
-        xc, tc = x[a:a + chunk], target[a:a + chunk]
-        logits = torch.nn.functional.linear(xc, lw, bias)
-        lc = lse[:, a:a + chunk].contiguous()
+    grad_rows = grad_rows.to(plan.out).contiguous()  # the loss's dtype, as the kernels read it
+    for a in range(0, x.shape[0], plan.chunk):
+        xc, tc = xq[a:a + plan.chunk], target[a:a + plan.chunk]
+        logits = plan.chunk_logits(xc, lwq, bq)
+        lc = lse[:, a:a + plan.chunk].contiguous()
         if ctx.prob:
-            g = _ops.cross_entropy_prob_backward(grad_rows[a:a + chunk], logits, tc, weight, lc,
-                                                 tsum[a:a + chunk].contiguous(), red,
+            g = _ops.cross_entropy_prob_backward(grad_rows[a:a + plan.chunk], logits, tc, weight,
+                                                 lc, tsum[a:a + plan.chunk].contiguous(), red,
                                                  label_smoothing, z, cap)
         else:
-            _ops.cross_entropy_backward_(grad_rows[a:a + chunk], logits, tc, weight, lc,
+            _ops.cross_entropy_backward_(grad_rows[a:a + plan.chunk], logits, tc, weight, lc,
                                          torch.ones((), dtype=lse.dtype, device=x.device), red,
                                          ignore_index, label_smoothing, z, cap)
             g = logits
         del logits
-        _add_chunk_grads(g, xc, lw, None if gx is None else gx[a:a + chunk], gw, gb)
+        g = plan.chunk_grad(g)
+        _add_chunk_grads(g, xc, lwq, None if gx is None else gx[a:a + plan.chunk], gw, gb)
         del g
-    return (gx, None if gw is None else gw.to(lw.dtype),
+    return (None if gx is None else gx.to(x.dtype), None if gw is None else gw.to(lw.dtype),
             None if gb is None else gb.to(bias.dtype))
+
+
+def _compute_dtype(input: Tensor, linear_weight: Tensor, bias) -> torch.dtype:
+    """The matmuls' dtype, as F.linear's: autocast's where autocast is on and no operand is
+    float64 (which autocast leaves alone); otherwise the operands must share one dtype."""
+    operands = [input, linear_weight] + ([] if bias is None else [bias])
+    if _dtypes.autocast_on(input) and all(t.is_floating_point() and t.dtype != torch.float64
+                                          for t in operands):
+        return torch.get_autocast_dtype(input.device.type)
+    for name, t in (("linear_weight", linear_weight), ("bias", bias)):
+        if t is not None and t.dtype != input.dtype:
+            raise TypeError(f"{_OP}: {name} must have the input's dtype {input.dtype} (outside "
+                            f"autocast, as F.linear), got {t.dtype}")
+    return input.dtype
 
 
 def linear_cross_entropy(
@@ -202,7 +256,9 @@ def linear_cross_entropy(
     ``bias`` ``(C,)``; ``target`` class indices of the leading shape, or class probabilities
     ``(..., C)``; ``weight`` the ``(C,)`` class weight; ``z_loss`` and ``softcap`` as for
     :func:`weighted_loss.cross_entropy`. Gradients flow to ``input``, ``linear_weight`` and
-    ``bias``."""
+    ``bias``, each in its own dtype. Under ``torch.autocast`` the matmuls run in autocast's dtype
+    (as ``F.linear`` would) and the loss is float32; under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` only the loss is computed."""
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{_OP}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     z, cap = row_terms(z_loss, softcap)
@@ -211,13 +267,10 @@ def linear_cross_entropy(
     if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
         raise ValueError(f"{_OP}: linear_weight must be (C, {input.shape[-1]}) for input of shape "
                          f"{tuple(input.shape)}, got {tuple(linear_weight.shape)}")
-    if linear_weight.dtype != input.dtype:
-        raise TypeError(f"{_OP}: linear_weight must have the input's dtype {input.dtype}, got "
-                        f"{linear_weight.dtype}")
     classes, lead = linear_weight.shape[0], tuple(input.shape[:-1])
-    if bias is not None and (bias.shape != (classes,) or bias.dtype != input.dtype):
-        raise ValueError(f"{_OP}: bias must be ({classes},) of {input.dtype}, got "
-                         f"{tuple(bias.shape)} of {bias.dtype}")
+    if bias is not None and bias.shape != (classes,):
+        raise ValueError(f"{_OP}: bias must be ({classes},), got {tuple(bias.shape)}")
+    compute = _compute_dtype(input, linear_weight, bias)
     prob = target.is_floating_point()
     want = lead + (classes,) if prob else lead
     if tuple(target.shape) != want:
@@ -231,16 +284,22 @@ def linear_cross_entropy(
             f"{_OP}: the derivative for 'weight' is not implemented (as in PyTorch)")
     x = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1, classes) if prob else target.reshape(-1)
+    logits = compute
     if prob:
-        t = t.to(x.dtype)
         if ignore_index >= 0:
             raise RuntimeError("ignore_index is not supported for floating point target")
-    if weight is not None and weight.is_floating_point():
-        weight = weight.to(x.dtype)
+        # F.cross_entropy promotes the logits with the targets (16-bit logits read in place)
+        logits, target_dtype = _dtypes.floating_dtypes(compute, t.dtype)
+        t = t.to(target_dtype)
+    if _dtypes.autocast_on(input) and compute in (torch.bfloat16, torch.float16):
+        out = torch.float32  # PyTorch's float32 policy for its losses
+    else:
+        out = t.dtype if prob else logits
     n = x.shape[0]
-    chunk = chunk_size or _chunk_rows(n, classes, x.dtype, x.device)
+    chunk = chunk_size or _chunk_rows(n, classes, logits, x.device)
+    plan = _Plan(compute, logits, out, chunk, torch.is_grad_enabled())
     loss = _LinearCrossEntropy.apply(x, linear_weight, bias, t, weight, int(ignore_index),
-                                     max(float(label_smoothing), 0.0), z, cap, reduction, chunk)
+                                     max(float(label_smoothing), 0.0), z, cap, reduction, plan)
     return loss.view(lead) if reduction == "none" else loss
 
 

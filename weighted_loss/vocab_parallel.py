@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
+from . import _dtypes
+
 __all__ = ["vocab_parallel_cross_entropy"]
 
 _ops = torch.ops.weighted_loss
@@ -109,7 +111,7 @@ def _merge(g: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: in
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, target, weight, ignore_index, label_smoothing, reduction, group, size,
-                rank):
+                rank, out_dtype):
         shard = x.shape[1]
         offset, total = rank * shard, size * shard
         stats = _ops.cross_entropy_shard_forward(x, target, weight, ignore_index, label_smoothing,
@@ -125,16 +127,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             loss = row.sum() / total_weight
         ctx.save_for_backward(x, target, weight, planes, total_weight.to(planes.dtype))
         ctx.args = (_Reduction.get_enum(reduction), ignore_index, label_smoothing, offset, total)
-        return loss.to(x.dtype)
+        return loss.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
         x, target, weight, planes, total_weight = ctx.saved_tensors
         grad = None
         if ctx.needs_input_grad[0]:
-            grad = _ops.cross_entropy_shard_backward(grad_loss.to(x.dtype).contiguous(), x, target,
-                                                     weight, planes, total_weight, *ctx.args)
-        return grad, None, None, None, None, None, None, None, None
+            # grad_loss in the loss's dtype (float32 beside 16-bit logits under autocast)
+            grad = _ops.cross_entropy_shard_backward(grad_loss.contiguous(), x, target, weight,
+                                                     planes, total_weight, *ctx.args)
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -183,5 +186,5 @@ def vocab_parallel_cross_entropy(
         x = x.movedim(1, -1).reshape(-1, shard)  # rows along the classes (a copy)
     loss = _VocabParallelCrossEntropy.apply(x, target.reshape(-1), weight, int(ignore_index),
                                             max(float(label_smoothing), 0.0), reduction, group,
-                                            size, rank)
+                                            size, rank, _dtypes.loss_dtype(x))
     return loss.view(want) if reduction == "none" else loss

@@ -44,9 +44,10 @@ inline void load_weight(const acc_t* w, int64_t n, Vectorized<acc_t>& a, Vectori
   }
 }
 
-// One block of n <= B elements from k on, as acc: logits, targets, weights. Full: n == B.
-template <typename scalar_t, bool WC, bool PC, bool Full>
-inline void load_elements(const scalar_t* x, const scalar_t* t,
+// One block of n <= B elements from k on, as acc: logits, targets (stored as target_t: the
+// logits' dtype, or acc beside 16-bit logits), weights. Full: n == B.
+template <typename scalar_t, typename target_t, bool WC, bool PC, bool Full>
+inline void load_elements(const scalar_t* x, const target_t* t,
                           const typename AccOf<scalar_t>::type* w,
                           const typename AccOf<scalar_t>::type* pw, int64_t k, int64_t n,
                           Vectorized<typename AccOf<scalar_t>::type> (&xv)[2],
@@ -56,10 +57,10 @@ inline void load_elements(const scalar_t* x, const scalar_t* t,
   using acc_t = typename AccOf<scalar_t>::type;
   if constexpr (Full) {
     IO<scalar_t>::load(x + k, xv[0], xv[1]);
-    IO<scalar_t>::load(t + k, tv[0], tv[1]);
+    IO<target_t>::load(t + k, tv[0], tv[1]);
   } else {
     IO<scalar_t>::load(x + k, n, xv[0], xv[1]);
-    IO<scalar_t>::load(t + k, n, tv[0], tv[1]);
+    IO<target_t>::load(t + k, n, tv[0], tv[1]);
   }
   load_weight<acc_t, WC>(w + (WC ? k : 0), n, wv[0], wv[1]);
   load_weight<acc_t, PC>(pw + (PC ? k : 0), n, pv[0], pv[1]);
@@ -74,17 +75,21 @@ inline bool gathers(const BinaryCrossEntropyParams& p) {
   return p.outer_dims > 0 && p.inner < kGatherRow;
 }
 
-template <typename scalar_t>
+// One call's pointers and constants: logits of scalar_t, targets (and their gradient) of
+// target_t, the loss (and its gradient) of scalar_t or, with loss_acc, acc.
+template <typename scalar_t_, typename target_t_>
 struct BceCtx {
+  using scalar_t = scalar_t_;
+  using target_t = target_t_;
   using acc_t = typename AccOf<scalar_t>::type;
   const BinaryCrossEntropyParams& p;
   const scalar_t* x;
-  const scalar_t* t;
+  const target_t* t;
   const acc_t* w;    // the weight, or `one` when absent (inner stride 0)
   const acc_t* pw;
   const acc_t* al;   // the alpha tensor, or nullptr: the scalar alpha
   acc_t one = 1, alpha;
-  bool focal, al_contiguous;
+  bool focal, al_contiguous, loss_acc;
   Focal<acc_t> fl;
 
   explicit BceCtx(const BinaryCrossEntropyParams& prm) : p(prm) {
@@ -94,17 +99,18 @@ struct BceCtx {
     alpha = static_cast<acc_t>(p.focal_alpha);
     al_contiguous = p.alpha.inner_stride == 1 || gathers(p);
     x = static_cast<const scalar_t*>(p.input);
-    t = static_cast<const scalar_t*>(p.target);
+    t = static_cast<const target_t*>(p.target);
+    loss_acc = stored_as_acc<scalar_t>(p.loss_dtype, p.dtype);
     w = p.weight.data ? static_cast<const acc_t*>(p.weight.data) : &one;
     pw = p.pos_weight.data ? static_cast<const acc_t*>(p.pos_weight.data) : &one;
   }
 };
 
 // The alpha of the n <= B elements from k on (a, from for_segments) as two vectors.
-template <typename scalar_t>
-inline void load_alpha(const BceCtx<scalar_t>& cx, const typename AccOf<scalar_t>::type* a,
-                       int64_t k, int64_t n, Vectorized<typename AccOf<scalar_t>::type> (&av)[2]) {
-  using V = Vectorized<typename AccOf<scalar_t>::type>;
+template <typename Cx>
+inline void load_alpha(const Cx& cx, const typename Cx::acc_t* a, int64_t k, int64_t n,
+                       Vectorized<typename Cx::acc_t> (&av)[2]) {
+  using V = Vectorized<typename Cx::acc_t>;
   if (a == nullptr) {
     av[0] = av[1] = V(cx.alpha);
   } else if (cx.al_contiguous) {
@@ -153,9 +159,9 @@ struct RowCursor {
 // Calls seg(f, n, w, pw, a) on pieces covering elements [f0, f1): n elements from f, with each
 // present weight's values for them at w (pw, a: the alpha tensor): contiguous, or one value when
 // the weight is constant along the piece. Absent weights point at a single 1; a at nullptr.
-template <typename scalar_t, typename F>
-inline void for_segments(const BceCtx<scalar_t>& cx, int64_t f0, int64_t f1, F&& seg) {
-  using acc_t = typename AccOf<scalar_t>::type;
+template <typename Cx, typename F>
+inline void for_segments(const Cx& cx, int64_t f0, int64_t f1, F&& seg) {
+  using acc_t = typename Cx::acc_t;
   const auto& p = cx.p;
   const bool has_w = p.weight.data != nullptr, has_pw = p.pos_weight.data != nullptr;
   const bool has_a = cx.al != nullptr;
@@ -196,21 +202,22 @@ inline void for_segments(const BceCtx<scalar_t>& cx, int64_t f0, int64_t f1, F&&
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
-template <typename scalar_t, bool WC, bool PC, bool Store>
-inline void forward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
-                            const typename AccOf<scalar_t>::type* w,
-                            const typename AccOf<scalar_t>::type* pw,
-                            const typename AccOf<scalar_t>::type* a, double* sum) {
-  using acc_t = typename AccOf<scalar_t>::type;
+template <typename Cx, bool WC, bool PC, bool Store>
+inline void forward_segment(const Cx& cx, int64_t f, int64_t n, const typename Cx::acc_t* w,
+                            const typename Cx::acc_t* pw, const typename Cx::acc_t* a,
+                            double* sum) {
+  using scalar_t = typename Cx::scalar_t;
+  using acc_t = typename Cx::acc_t;
   using Io = IO<scalar_t>;
   using V = Vectorized<acc_t>;
   constexpr int64_t B = Io::B;
   const scalar_t* x = cx.x + f;
-  const scalar_t* t = cx.t + f;
+  const auto* t = cx.t + f;
   auto* out = static_cast<scalar_t*>(cx.p.loss) + f;
   for_blocks<B>(n, [&](int64_t k, int64_t cnt, auto full) {
     V xv[2], tv[2], wv[2], pv[2];
-    load_elements<scalar_t, WC, PC, decltype(full)::value>(x, t, w, pw, k, cnt, xv, tv, wv, pv);
+    load_elements<scalar_t, typename Cx::target_t, WC, PC, decltype(full)::value>(
+        x, t, w, pw, k, cnt, xv, tv, wv, pv);
     V l0 = bce_loss(xv[0], tv[0], pv[0]) * wv[0];
     V l1 = bce_loss(xv[1], tv[1], pv[1]) * wv[1];
     if (cx.focal) {
@@ -220,7 +227,9 @@ inline void forward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
       l1 = l1 * cx.fl.factor(xv[1], tv[1], av[1]);
     }
     if constexpr (Store) {
-      if constexpr (decltype(full)::value) {
+      if (cx.loss_acc) {
+        store_values<scalar_t>(cx.p.loss, true, f + k, cnt, l0, l1);
+      } else if constexpr (decltype(full)::value) {
         Io::store(out + k, l0, l1);
       } else {
         Io::store(out + k, cnt, l0, l1);
@@ -237,16 +246,17 @@ inline void forward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
   });
 }
 
-template <typename scalar_t, bool WC, bool PC>
-void forward(const BceCtx<scalar_t>& cx) {
-  using acc_t = typename AccOf<scalar_t>::type;
+template <typename Cx, bool WC, bool PC>
+void forward(const Cx& cx) {
+  using scalar_t = typename Cx::scalar_t;
+  using acc_t = typename Cx::acc_t;
   const auto& p = cx.p;
   const int64_t blocks = (p.numel + kBlock - 1) / kBlock;
   if (p.reduction == Reduction::None) {
     at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b, int64_t e) {
       for_segments(cx, b * kBlock, std::min(p.numel, e * kBlock),
                    [&](int64_t f, int64_t n, const acc_t* w, const acc_t* pw, const acc_t* a) {
-                     forward_segment<scalar_t, WC, PC, true>(cx, f, n, w, pw, a, nullptr);
+                     forward_segment<Cx, WC, PC, true>(cx, f, n, w, pw, a, nullptr);
                    });
     });
     return;
@@ -257,7 +267,7 @@ void forward(const BceCtx<scalar_t>& cx) {
       double sum[IO<scalar_t>::B] = {};
       for_segments(cx, blk * kBlock, std::min(p.numel, (blk + 1) * kBlock),
                    [&](int64_t f, int64_t n, const acc_t* w, const acc_t* pw, const acc_t* a) {
-                     forward_segment<scalar_t, WC, PC, false>(cx, f, n, w, pw, a, sum);
+                     forward_segment<Cx, WC, PC, false>(cx, f, n, w, pw, a, sum);
                    });
       double total = 0;
       for (const double v : sum) total += v;
@@ -267,42 +277,37 @@ void forward(const BceCtx<scalar_t>& cx) {
   double total = 0;
   for (const double v : part) total += v;
   if (p.reduction == Reduction::Mean) total /= static_cast<double>(p.numel);  // 0/0: NaN, as torch
-  *static_cast<scalar_t*>(p.loss) = static_cast<scalar_t>(total);
+  store_value<scalar_t>(p.loss, cx.loss_acc, 0, total);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward. g is the upstream gradient of the element's loss (divided by numel for the mean).
 
-template <typename scalar_t, bool WC, bool PC, bool GX, bool GT, bool GScalar>
-inline void backward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
-                             const typename AccOf<scalar_t>::type* w,
-                             const typename AccOf<scalar_t>::type* pw,
-                             const typename AccOf<scalar_t>::type* a,
-                             typename AccOf<scalar_t>::type g_scalar) {
-  using acc_t = typename AccOf<scalar_t>::type;
+template <typename Cx, bool WC, bool PC, bool GX, bool GT, bool GScalar>
+inline void backward_segment(const Cx& cx, int64_t f, int64_t n, const typename Cx::acc_t* w,
+                             const typename Cx::acc_t* pw, const typename Cx::acc_t* a,
+                             typename Cx::acc_t g_scalar) {
+  using scalar_t = typename Cx::scalar_t;
+  using target_t = typename Cx::target_t;
+  using acc_t = typename Cx::acc_t;
   using Io = IO<scalar_t>;
   using V = Vectorized<acc_t>;
   constexpr int64_t B = Io::B;
   const auto& p = cx.p;
   const scalar_t* x = cx.x + f;
-  const scalar_t* t = cx.t + f;
-  const auto* gl = static_cast<const scalar_t*>(p.grad_loss) + f;
+  const target_t* t = cx.t + f;
   auto* gx = static_cast<scalar_t*>(p.grad_input) + f;
-  auto* gt = static_cast<scalar_t*>(p.grad_target) + f;
+  auto* gt = static_cast<target_t*>(p.grad_target) + f;
   const V zero(0), one(1);
   for_blocks<B>(n, [&](int64_t k, int64_t cnt, auto full) {
     constexpr bool kFull = decltype(full)::value;
     V xv[2], tv[2], wv[2], pv[2], g0, g1;
-    load_elements<scalar_t, WC, PC, kFull>(x, t, w, pw, k, cnt, xv, tv, wv, pv);
+    load_elements<scalar_t, target_t, WC, PC, kFull>(x, t, w, pw, k, cnt, xv, tv, wv, pv);
     if constexpr (GScalar) {
       g0 = wv[0] * V(g_scalar);
       g1 = wv[1] * V(g_scalar);
     } else {
-      if constexpr (kFull) {
-        Io::load(gl + k, g0, g1);
-      } else {
-        Io::load(gl + k, cnt, g0, g1);
-      }
+      load_values<scalar_t>(p.grad_loss, cx.loss_acc, f + k, cnt, g0, g1);
       g0 = g0 * wv[0];
       g1 = g1 * wv[1];
     }
@@ -332,28 +337,28 @@ inline void backward_segment(const BceCtx<scalar_t>& cx, int64_t f, int64_t n,
     grads(xv[1], tv[1], av[1], pv[1], g1, dx1, dt1);
     if constexpr (kFull) {
       if constexpr (GX) Io::store(gx + k, dx0, dx1);
-      if constexpr (GT) Io::store(gt + k, dt0, dt1);
+      if constexpr (GT) IO<target_t>::store(gt + k, dt0, dt1);
     } else {
       if constexpr (GX) Io::store(gx + k, cnt, dx0, dx1);
-      if constexpr (GT) Io::store(gt + k, cnt, dt0, dt1);
+      if constexpr (GT) IO<target_t>::store(gt + k, cnt, dt0, dt1);
     }
   });
 }
 
-template <typename scalar_t, bool WC, bool PC, bool GX, bool GT, bool GScalar>
-void backward(const BceCtx<scalar_t>& cx) {
-  using acc_t = typename AccOf<scalar_t>::type;
+template <typename Cx, bool WC, bool PC, bool GX, bool GT, bool GScalar>
+void backward(const Cx& cx) {
+  using acc_t = typename Cx::acc_t;
   const auto& p = cx.p;
   acc_t g = 0;
   if constexpr (GScalar) {
-    g = static_cast<acc_t>(*static_cast<const scalar_t*>(p.grad_loss));
+    g = static_cast<acc_t>(load_value<typename Cx::scalar_t>(p.grad_loss, cx.loss_acc, 0));
     if (p.reduction == Reduction::Mean) g /= static_cast<acc_t>(p.numel);
   }
   const int64_t blocks = (p.numel + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b, int64_t e) {
     for_segments(cx, b * kBlock, std::min(p.numel, e * kBlock),
                  [&](int64_t f, int64_t n, const acc_t* w, const acc_t* pw, const acc_t* a) {
-                   backward_segment<scalar_t, WC, PC, GX, GT, GScalar>(cx, f, n, w, pw, a, g);
+                   backward_segment<Cx, WC, PC, GX, GT, GScalar>(cx, f, n, w, pw, a, g);
                  });
   });
 }
@@ -378,28 +383,28 @@ void dispatch_weights(const BinaryCrossEntropyParams& p, F&& f) {
 
 void binary_cross_entropy_forward(const BinaryCrossEntropyParams& p) {
   if (p.numel == 0 && p.reduction == Reduction::None) return;
-  dispatch_dtype(p.dtype, [&](auto tag) {
-    using scalar_t = decltype(tag);
-    const BceCtx<scalar_t> cx(p);
+  dispatch_dtypes(p.dtype, p.target_dtype, [&](auto tag, auto target_tag) {
+    using Cx = BceCtx<decltype(tag), decltype(target_tag)>;
+    const Cx cx(p);
     dispatch_weights(p, [&](auto wc, auto pc) {
-      forward<scalar_t, decltype(wc)::value, decltype(pc)::value>(cx);
+      forward<Cx, decltype(wc)::value, decltype(pc)::value>(cx);
     });
   });
 }
 
 void binary_cross_entropy_backward(const BinaryCrossEntropyParams& p) {
   if (p.numel == 0) return;
-  dispatch_dtype(p.dtype, [&](auto tag) {
-    using scalar_t = decltype(tag);
-    const BceCtx<scalar_t> cx(p);
+  dispatch_dtypes(p.dtype, p.target_dtype, [&](auto tag, auto target_tag) {
+    using Cx = BceCtx<decltype(tag), decltype(target_tag)>;
+    const Cx cx(p);
     dispatch_weights(p, [&](auto wc, auto pc) {
       constexpr bool WC = decltype(wc)::value, PC = decltype(pc)::value;
       auto with_g = [&](auto gx, auto gt) {
         constexpr bool GX = decltype(gx)::value, GT = decltype(gt)::value;
         if (p.grad_loss_scalar) {
-          backward<scalar_t, WC, PC, GX, GT, true>(cx);
+          backward<Cx, WC, PC, GX, GT, true>(cx);
         } else {
-          backward<scalar_t, WC, PC, GX, GT, false>(cx);
+          backward<Cx, WC, PC, GX, GT, false>(cx);
         }
       };
       if (p.grad_input != nullptr && p.grad_target != nullptr) {

@@ -82,16 +82,22 @@ inline acc_t exp_shift(acc_t m) {
   return m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m;
 }
 
-enum Mode : int { kPlain = 0, kSmooth = 1, kProb = 2 };
+// Class indices, with label smoothing, or probabilities: stored as the logits (kProb) or as acc
+// beside 16-bit logits (kProbAcc, mixed precision: params.h target_dtype).
+enum Mode : int { kPlain = 0, kSmooth = 1, kProb = 2, kProbAcc = 3 };
+constexpr bool is_prob(int M) { return M >= kProb; }
+template <typename scalar_t, int M>
+using Target = std::conditional_t<M == kProbAcc, typename AccOf<scalar_t>::type, scalar_t>;
 
 template <typename scalar_t>
 struct Ctx {
   using acc_t = typename AccOf<scalar_t>::type;
   const CrossEntropyParams& p;
   const scalar_t* x;
-  const scalar_t* t;            // probability targets
-  const acc_t* w;               // the shard's weights as acc (all of them unsharded), or nullptr
-  const scalar_t* w_full;       // the full weight (total_classes), or nullptr
+  const void* t;                // probability targets (Target<scalar_t, M>)
+  const acc_t* w;               // the shard's weights (all of them unsharded), or nullptr
+  const acc_t* w_full;          // the full weight (total_classes), or nullptr
+  bool loss_acc;                // the loss and grad_loss stored as acc (params.h: loss_dtype)
   acc_t w_sum;                  // sum of all total_classes weights (total_classes without weight)
   acc_t smooth;                 // label smoothing s, 0 when off
   acc_t t_scale, t_shift;       // t' = t * t_scale + t_shift
@@ -103,7 +109,8 @@ struct Ctx {
 
   explicit Ctx(const CrossEntropyParams& prm, std::vector<acc_t>& w_buf) : p(prm) {
     x = static_cast<const scalar_t*>(p.input);
-    t = static_cast<const scalar_t*>(p.target);
+    t = p.target;
+    loss_acc = stored_as_acc<scalar_t>(p.loss_dtype, p.dtype);
     C = p.classes;
     C_total = p.total_classes;
     cap = p.softcap > 0 ? static_cast<acc_t>(p.softcap) : acc_t(0);
@@ -113,13 +120,13 @@ struct Ctx {
     t_scale = acc_t(1) - smooth;
     t_shift = C_total > 0 ? smooth / static_cast<acc_t>(C_total) : acc_t(0);
     w = nullptr;
-    w_full = static_cast<const scalar_t*>(p.weight);
+    w_full = static_cast<const acc_t*>(p.weight);
     w_sum = static_cast<acc_t>(C_total);
     if (w_full != nullptr) {
       w_buf.resize(C);
       acc_t s = 0;
       for (int64_t c = 0; c < C_total; ++c) {
-        const acc_t v = static_cast<acc_t>(w_full[c]);
+        const acc_t v = w_full[c];
         if (c >= p.class_offset && c < p.class_offset + C) w_buf[c - p.class_offset] = v;
         s += v;
       }
@@ -130,6 +137,16 @@ struct Ctx {
   inline int64_t offset(int64_t o, int64_t i) const {
     return o * p.stride_outer + i * p.stride_inner;
   }
+  // the probability targets from element `off` on (mode M's storage type), or nullptr for
+  // class indices
+  template <int M>
+  inline const Target<scalar_t, M>* target(int64_t off) const {
+    if constexpr (is_prob(M)) return static_cast<const Target<scalar_t, M>*>(t) + off;
+    return nullptr;
+  }
+  // row r's loss (Reduction::None), and its upstream gradient
+  inline void store_loss(int64_t r, double v) const { store_value<scalar_t>(p.loss, loss_acc, r, v); }
+  inline double grad_loss(int64_t r) const { return load_value<scalar_t>(p.grad_loss, loss_acc, r); }
   // where row (o, i) of the logits' gradient starts (its row stride may differ: params.h)
   inline int64_t grad_offset(int64_t o, int64_t i) const {
     return o * p.grad_stride_outer + i * p.stride_inner;
@@ -170,7 +187,7 @@ struct Ctx {
   // probabilities in p.tsum, indices (plain or smoothed) in a third plane of p.lse.
   template <int M>
   C10_ALWAYS_INLINE acc_t* focal_plane() const {
-    if constexpr (M == kProb) return static_cast<acc_t*>(p.tsum);
+    if constexpr (is_prob(M)) return static_cast<acc_t*>(p.tsum);
     return static_cast<acc_t*>(p.lse) + 2 * p.outer * p.inner;
   }
   template <int M>
@@ -179,7 +196,7 @@ struct Ctx {
   }
   // the weight of global class y (1 without weight)
   C10_ALWAYS_INLINE double target_weight(int64_t y) const {
-    return w_full != nullptr ? static_cast<double>(static_cast<acc_t>(w_full[y])) : 1.0;
+    return w_full != nullptr ? static_cast<double>(w_full[y]) : 1.0;
   }
 };
 
@@ -290,19 +307,20 @@ inline typename AccOf<scalar_t>::type row_max(const Ctx<scalar_t>& cx, const sca
 // The factor of class c's term in a block of cnt <= B classes from c: w_c (1 without weight),
 // times t'_c = (1 - s) t_c + s / C with kProb; 0 past cnt.
 template <typename scalar_t, int M, bool HasW, bool Full>
-C10_ALWAYS_INLINE void class_factors(const Ctx<scalar_t>& cx, const scalar_t* t, int64_t c,
-                                     int64_t cnt, Vectorized<typename AccOf<scalar_t>::type>& f0,
+C10_ALWAYS_INLINE void class_factors(const Ctx<scalar_t>& cx, const Target<scalar_t, M>* t,
+                                     int64_t c, int64_t cnt,
+                                     Vectorized<typename AccOf<scalar_t>::type>& f0,
                                      Vectorized<typename AccOf<scalar_t>::type>& f1) {
-  using io = IO<scalar_t>;
-  using Vec = typename io::Vec;
+  using tio = IO<Target<scalar_t, M>>;
+  using Vec = typename IO<scalar_t>::Vec;
   f0 = f1 = Vec(1);
   if constexpr (HasW) load_acc(cx.w + c, cnt, f0, f1);
-  if constexpr (M == kProb) {
+  if constexpr (is_prob(M)) {
     Vec t0, t1;
     if constexpr (Full) {
-      io::load(t + c, t0, t1);
+      tio::load(t + c, t0, t1);
     } else {
-      io::load(t + c, cnt, t0, t1);
+      tio::load(t + c, cnt, t0, t1);
     }
     const Vec vts(cx.t_scale), vtsh(cx.t_shift);
     f0 = f0 * at::vec::fmadd(t0, vts, vtsh);
@@ -375,7 +393,7 @@ inline void finish_forward(const CrossEntropyParams& p, const std::vector<double
   const double denom = p.prob_target ? rows : wsum;
   if (!p.prob_target) *static_cast<acc_t*>(p.total_weight) = static_cast<acc_t>(wsum);
   const double out = p.reduction == Reduction::Mean ? total / denom : total;
-  *static_cast<scalar_t*>(p.loss) = static_cast<scalar_t>(out);
+  store_value<scalar_t>(p.loss, stored_as_acc<scalar_t>(p.loss_dtype, p.dtype), 0, out);
 }
 
 
@@ -406,7 +424,7 @@ void forward_units(const Ctx<scalar_t>& cx, int64_t count, F&& unit_body) {
 template <typename scalar_t>
 inline double scalar_grad(const CrossEntropyParams& p) {
   using acc_t = typename AccOf<scalar_t>::type;
-  const double g = static_cast<double>(*static_cast<const scalar_t*>(p.grad_loss));
+  const double g = load_value<scalar_t>(p.grad_loss, stored_as_acc<scalar_t>(p.loss_dtype, p.dtype), 0);
   if (p.reduction != Reduction::Mean) return g;
   const double denom = p.prob_target ? static_cast<double>(p.outer * p.inner)
                                      : static_cast<double>(*static_cast<const acc_t*>(p.total_weight));

@@ -88,9 +88,9 @@ inline Vectorized<acc_t> focal_grad_factor(acc_t gamma, const Vectorized<acc_t>&
 // A (probabilities) or (1 - s) w_y m_y nll_y + (s / C) A (smoothing); Q is the backward's:
 // dloss/dx_k = Q p_k - f_k s_k (cross-entropy: s = 1, Q = sum_c f_c).
 template <typename scalar_t, int M, bool HasW>
-inline void row_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
+inline void row_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const Target<scalar_t, M>* t,
                            typename AccOf<scalar_t>::type sh, typename AccOf<scalar_t>::type L,
-                           typename AccOf<scalar_t>::type& A, typename AccOf<scalar_t>::type& Q) {
+                           double& A, double& Q) {
   using io = IO<scalar_t>;
   using acc_t = typename io::acc_t;
   using Vec = typename io::Vec;
@@ -114,8 +114,8 @@ inline void row_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const sca
     Q0 = at::vec::fmadd(f0, s0, Q0);
     Q1 = at::vec::fmadd(f1, s1, Q1);
   });
-  A = hsum(A0 + A1);
-  Q = hsum(Q0 + Q1);
+  A = hsum_double(A0, A1);
+  Q = hsum_double(Q0, Q1);
 }
 
 // The focal loss over soft targets for B lanes (row_focal_sums): with each
@@ -123,7 +123,7 @@ inline void row_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const sca
 // the classes, from the tile when it holds them.
 template <typename scalar_t, int M, bool HasW>
 C10_ALWAYS_INLINE void lanes_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x,
-                                        const scalar_t* t, int64_t sC, int64_t nl,
+                                        const Target<scalar_t, M>* t, int64_t sC, int64_t nl,
                                         const typename AccOf<scalar_t>::type* tile,
                                         const Vectorized<typename AccOf<scalar_t>::type>& sh0,
                                         const Vectorized<typename AccOf<scalar_t>::type>& sh1,
@@ -155,9 +155,9 @@ C10_ALWAYS_INLINE void lanes_focal_sums(const Ctx<scalar_t>& cx, const scalar_t*
     focal_factors(gamma, n0, p0, q0, m0, s0);
     focal_factors(gamma, n1, p1, q1, m1, s1);
     Vec f0(HasW ? cx.w[c] : acc_t(1)), f1 = f0;
-    if constexpr (M == kProb) {
+    if constexpr (is_prob(M)) {
       Vec t0, t1;
-      io::load(t + c * sC, nl, t0, t1);
+      IO<Target<scalar_t, M>>::load(t + c * sC, nl, t0, t1);
       f0 = f0 * at::vec::fmadd(t0, vts, vtsh);
       f1 = f1 * at::vec::fmadd(t1, vts, vtsh);
     }

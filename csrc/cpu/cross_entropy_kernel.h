@@ -23,9 +23,10 @@ using at::vec::Vectorized;
 // Gradient of the loss with respect to probability targets: -g (1 - s) w_k (x_k - lse), times
 // m_k = (1 - p_k)^gamma for the focal loss (its loss is sum_c w_c t'_c m_c nll_c).
 
-template <typename scalar_t, bool HasW>
+template <typename scalar_t, int M, bool HasW>
 void target_backward(const Ctx<scalar_t>& cx) {
   using io = IO<scalar_t>;
+  using tio = IO<Target<scalar_t, M>>;
   using acc_t = typename io::acc_t;
   using Vec = typename io::Vec;
   constexpr int64_t B = io::B, W = io::W;
@@ -34,11 +35,11 @@ void target_backward(const Ctx<scalar_t>& cx) {
   const double g_all = p.reduction == Reduction::None ? 0.0 : scalar_grad<scalar_t>(p);
   const auto* sh_in = static_cast<const acc_t*>(p.lse);
   const auto* L_in = sh_in + rows;
-  auto* gt = static_cast<scalar_t*>(p.grad_target);
+  auto* gt = static_cast<Target<scalar_t, M>*>(p.grad_target);
   const bool none = p.reduction == Reduction::None;
   const acc_t gamma = static_cast<acc_t>(cx.gamma);
   auto coef = [&](int64_t r) {
-    const double g = none ? static_cast<double>(static_cast<const scalar_t*>(p.grad_loss)[r]) : g_all;
+    const double g = none ? cx.grad_loss(r) : g_all;
     return static_cast<acc_t>(-g * (1.0 - (p.label_smoothing > 0 ? p.label_smoothing : 0.0)));
   };
   if (sC == 1) {
@@ -60,9 +61,9 @@ void target_backward(const Ctx<scalar_t>& cx) {
             g1 = g1 * w1;
           }
           if constexpr (decltype(full)::value) {
-            io::store(gt + off + k, g0, g1);
+            tio::store(gt + off + k, g0, g1);
           } else {
-            io::store(gt + off + k, cnt, g0, g1);
+            tio::store(gt + off + k, cnt, g0, g1);
           }
         });
       }
@@ -96,7 +97,7 @@ void target_backward(const Ctx<scalar_t>& cx) {
             g0 = g0 * wc;
             g1 = g1 * wc;
           }
-          io::store(gt + base + c * sC, nl, g0, g1);
+          tio::store(gt + base + c * sC, nl, g0, g1);
         }
       }
     }
@@ -116,7 +117,9 @@ inline Path path_of(const CrossEntropyParams& p) {
   return p.classes <= kSmallClasses ? Path::kSmallRows : Path::kRows;
 }
 
-template <typename F>
+// f(mode, has_weight) as compile-time constants; probabilities stored as acc beside 16-bit logits
+// (params.h: target_dtype) are a mode of their own.
+template <typename scalar_t, typename F>
 void dispatch_mode(const CrossEntropyParams& p, F&& f) {
   const bool has_w = p.weight != nullptr;
   auto with_w = [&](auto mode) {
@@ -127,6 +130,9 @@ void dispatch_mode(const CrossEntropyParams& p, F&& f) {
     }
   };
   if (p.prob_target) {
+    if constexpr (!std::is_same_v<scalar_t, typename AccOf<scalar_t>::type>) {
+      if (p.target_dtype != p.dtype) return with_w(std::integral_constant<int, kProbAcc>{});
+    }
     with_w(std::integral_constant<int, kProb>{});
   } else if (p.label_smoothing > 0) {
     with_w(std::integral_constant<int, kSmooth>{});
@@ -142,11 +148,11 @@ void cross_entropy_forward(const CrossEntropyParams& p) {
     using scalar_t = decltype(tag);
     std::vector<typename AccOf<scalar_t>::type> w_buf;
     const Ctx<scalar_t> cx(p, w_buf);
-    dispatch_mode(p, [&](auto mode, auto has_w) {
+    dispatch_mode<scalar_t>(p, [&](auto mode, auto has_w) {
       constexpr int M = decltype(mode)::value;
       constexpr bool HasW = decltype(has_w)::value;
       if (p.shard_stats != nullptr) {
-        if constexpr (M != kProb) forward_shard_rows<scalar_t, M, HasW>(cx);
+        if constexpr (!is_prob(M)) forward_shard_rows<scalar_t, M, HasW>(cx);
         return;
       }
       switch (path_of(p)) {
@@ -163,7 +169,7 @@ void cross_entropy_backward(const CrossEntropyParams& p) {
     using scalar_t = decltype(tag);
     std::vector<typename AccOf<scalar_t>::type> w_buf;
     const Ctx<scalar_t> cx(p, w_buf);
-    dispatch_mode(p, [&](auto mode, auto has_w) {
+    dispatch_mode<scalar_t>(p, [&](auto mode, auto has_w) {
       constexpr int M = decltype(mode)::value;
       constexpr bool HasW = decltype(has_w)::value;
       switch (path_of(p)) {
@@ -180,11 +186,10 @@ void cross_entropy_target_backward(const CrossEntropyParams& p) {
     using scalar_t = decltype(tag);
     std::vector<typename AccOf<scalar_t>::type> w_buf;
     const Ctx<scalar_t> cx(p, w_buf);
-    if (p.weight != nullptr) {
-      target_backward<scalar_t, true>(cx);
-    } else {
-      target_backward<scalar_t, false>(cx);
-    }
+    dispatch_mode<scalar_t>(p, [&](auto mode, auto has_w) {
+      constexpr int M = decltype(mode)::value;
+      if constexpr (is_prob(M)) target_backward<scalar_t, M, decltype(has_w)::value>(cx);
+    });
   });
 }
 

@@ -34,13 +34,14 @@ struct LaneTile {
 // the few-class rows' tiles, already in L1).
 template <typename scalar_t, int M>
 C10_ALWAYS_INLINE void lanes_max_class(const Ctx<scalar_t>& cx, const scalar_t* x,
-                                       const scalar_t* t, int64_t c, int64_t sC, int64_t nl,
+                                       const Target<scalar_t, M>* t, int64_t c, int64_t sC,
+                                       int64_t nl,
                                        bool tiled, LaneTile<scalar_t>& lt, bool pf = true) {
   using io = IO<scalar_t>;
   const int64_t at = c * sC;
   if (pf) {
     prefetch_block(x + at + kPrefetch);
-    if constexpr (M == kProb) prefetch_block(t + at + kPrefetch);
+    if constexpr (is_prob(M)) prefetch_block(t + at + kPrefetch);
   }
   typename io::Vec v0, v1;
   io::load(x + at, nl, v0, v1);
@@ -54,7 +55,8 @@ C10_ALWAYS_INLINE void lanes_max_class(const Ctx<scalar_t>& cx, const scalar_t* 
 }
 
 template <typename scalar_t, int M>
-C10_ALWAYS_INLINE void lanes_max(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
+C10_ALWAYS_INLINE void lanes_max(const Ctx<scalar_t>& cx, const scalar_t* x,
+                                 const Target<scalar_t, M>* t,
                                  int64_t C, int64_t sC, int64_t nl, LaneTile<scalar_t>& lt,
                                  bool pf = true) {
   lt.m0 = lt.m1 = typename IO<scalar_t>::Vec(-std::numeric_limits<typename AccOf<scalar_t>::type>::infinity());
@@ -72,10 +74,12 @@ C10_ALWAYS_INLINE void lanes_max(const Ctx<scalar_t>& cx, const scalar_t* x, con
 // lanes at nx, tn) into `next`, so that its reads from memory overlap this block's exps (two
 // separate passes would wait for memory, then compute).
 template <typename scalar_t, int M, bool HasW>
-C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
-                                int64_t sC, int64_t nl, int64_t r0, double& sl, double& sw,
-                                const LaneTile<scalar_t>& cur, const scalar_t* nx,
-                                const scalar_t* tn, int64_t nnl, LaneTile<scalar_t>& next) {
+C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar_t* x,
+                                           const Target<scalar_t, M>* t, int64_t sC, int64_t nl,
+                                           int64_t r0, double& sl, double& sw,
+                                           const LaneTile<scalar_t>& cur, const scalar_t* nx,
+                                           const Target<scalar_t, M>* tn, int64_t nnl,
+                                           LaneTile<scalar_t>& next) {
   using io = IO<scalar_t>;
   using acc_t = typename io::acc_t;
   using Vec = typename io::Vec;
@@ -87,7 +91,6 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
   auto* sh_out = static_cast<acc_t*>(p.lse);
   auto* L_out = sh_out + p.outer * p.inner;
   auto* tsum_out = static_cast<acc_t*>(p.tsum);
-  auto* loss_out = static_cast<scalar_t*>(p.loss);
   const bool none = p.reduction == Reduction::None;
   const bool tiled = C <= kTileClasses;
   const acc_t* tile = cur.v;
@@ -111,9 +114,9 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
     e1 += vexp(v1 - sh1);
     if constexpr (M != kPlain) {
       Vec f0(HasW ? cx.w[c] : acc_t(1)), f1 = f0;  // factor of (x - sh): w_c or w_c t'_c
-      if constexpr (M == kProb) {
+      if constexpr (is_prob(M)) {
         Vec t0, t1;
-        io::load(t + at, nl, t0, t1);
+        IO<Target<scalar_t, M>>::load(t + at, nl, t0, t1);
         f0 = f0 * at::vec::fmadd(t0, vts, vtsh);
         f1 = f1 * at::vec::fmadd(t1, vts, vtsh);
         q0 += f0;
@@ -137,7 +140,7 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
     tsum_out = cx.template focal_plane<M>();
   }
   Vec l0, l1, wy0(1), wy1(1);
-  if constexpr (M == kProb) {
+  if constexpr (is_prob(M)) {
     if (soft_focal) {  // a lane whose log_softmax is NaN: its loss too (vexp does not carry it)
       l0 = Vec::blendv(a0, L0, L0 != L0);
       l1 = Vec::blendv(a1, L1, L1 != L1);
@@ -202,7 +205,7 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
   store_acc(sh_out + r0, nl, s0, s1);
   store_acc(L_out + r0, nl, L0, L1);
   if (none) {
-    io::store(loss_out + r0, nl, l0, l1);
+    store_values<scalar_t>(p.loss, cx.loss_acc, r0, nl, l0, l1);
   } else {
     acc_t lt[B], wt[B];
     store_acc(lt, B, l0, l1);
@@ -228,15 +231,15 @@ void forward_lanes(const Ctx<scalar_t>& cx) {
     const int64_t o = span.o, i_begin = span.begin, i_end = span.end;
     const int64_t off = cx.offset(o, i_begin), n = i_end - i_begin, sC = p.stride_class;
     const scalar_t* x = cx.x + off;
-    const scalar_t* t = M == kProb ? cx.t + off : nullptr;
+    const Target<scalar_t, M>* t = cx.template target<M>(off);
     LaneTile<scalar_t> tiles[2];
     lanes_max<scalar_t, M>(cx, x, t, p.classes, sC, std::min(B, n), tiles[0]);
     for (int64_t j = 0, k = 0; j < n; j += B, k ^= 1) {
       const bool more = j + B < n;
       lanes_block_forward<scalar_t, M, HasW>(
-          cx, x + j, M == kProb ? t + j : nullptr, sC, std::min(B, n - j),
+          cx, x + j, is_prob(M) ? t + j : nullptr, sC, std::min(B, n - j),
           o * p.inner + i_begin + j, sl, sw, tiles[k], more ? x + j + B : nullptr,
-          more && M == kProb ? t + j + B : nullptr, more ? std::min(B, n - j - B) : 0,
+          more && is_prob(M) ? t + j + B : nullptr, more ? std::min(B, n - j - B) : 0,
           tiles[k ^ 1]);
     }
   });

@@ -17,8 +17,8 @@ using at::vec::Vectorized;
 // The gradient of one block of nl <= B lanes laid out as for lanes_block_forward, written to
 // g[c * sC + k].
 template <typename scalar_t, int M, bool HasW>
-C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
-                                 scalar_t* g, int64_t sC, int64_t nl, int64_t r0,
+C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scalar_t* x,
+                                            const Target<scalar_t, M>* t, scalar_t* g, int64_t sC, int64_t nl, int64_t r0,
                                  double g_all, bool stream, bool pf = true) {
   using io = IO<scalar_t>;
   using acc_t = typename io::acc_t;
@@ -34,13 +34,11 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
   const acc_t* sh_in = static_cast<const acc_t*>(p.lse);
   acc_t lk[B], gk[B], yk[B], wyk[B] = {};
   for (int64_t k = 0; k < B; ++k) {
-    gk[k] = static_cast<acc_t>(k < nl && none ? static_cast<double>(
-                                                    static_cast<const scalar_t*>(p.grad_loss)[r0 + k])
-                                              : g_all);
+    gk[k] = static_cast<acc_t>(k < nl && none ? cx.grad_loss(r0 + k) : g_all);
     yk[k] = -1;
   }
   acc_t xk[B] = {};  // the focal loss: each lane's target logit
-  if constexpr (M != kProb) {
+  if constexpr (!is_prob(M)) {
     for (int64_t k = 0; k < nl; ++k) {
       const int64_t yv = cx.checked_target(r0 + k);
       yk[k] = static_cast<acc_t>(yv);
@@ -56,7 +54,7 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
   load_acc(sh_in + p.outer * p.inner + r0, nl, L0, L1);
   store_acc(lk, B, L0, L1);  // for the NaN fix-up below
   load_acc(gk, B, g0v, g1v);
-  if constexpr (M == kProb) {
+  if constexpr (is_prob(M)) {
     Vec q0, q1;
     load_acc(static_cast<const acc_t*>(p.tsum) + r0, nl, q0, q1);
     cp0 = g0v * q0;
@@ -120,7 +118,7 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
     // at the target, cp p - gy in one rounding: g (1 - s) w_y (p_y - 1) does not cancel more
     // than PyTorch's fused grad - exp(out) * sum
     Vec d0(0), d1(0);
-    if constexpr (M != kProb) {
+    if constexpr (!is_prob(M)) {
       const Vec vc(static_cast<acc_t>(c));
       d0 = vzero - (gy0 & (y0 == vc));
       d1 = vzero - (gy1 & (y1 == vc));
@@ -136,12 +134,12 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
     }
     Vec g0 = at::vec::fmadd(cp0, p0, d0);
     Vec g1 = at::vec::fmadd(cp1, p1, d1);
-    if constexpr (M == kSmooth || M == kProb) {
+    if constexpr (M == kSmooth || is_prob(M)) {
       Vec w0(HasW ? cx.w[c] : acc_t(1)), w1 = w0;
-      if constexpr (M == kProb) {
+      if constexpr (is_prob(M)) {
         if (pf) prefetch_block(t + at + kPrefetch);
         Vec t0, t1;
-        io::load(t + at, nl, t0, t1);
+        IO<Target<scalar_t, M>>::load(t + at, nl, t0, t1);
         w0 = w0 * at::vec::fmadd(t0, vts, vtsh);
         w1 = w1 * at::vec::fmadd(t1, vts, vtsh);
       }
@@ -188,7 +186,7 @@ void backward_lanes(const Ctx<scalar_t>& cx) {
         const bool stream = reinterpret_cast<uintptr_t>(gi + off + j) % 64 == 0 &&
                             p.stride_class * int64_t(sizeof(scalar_t)) % 64 == 0;
         lanes_block_backward<scalar_t, M, HasW>(
-            cx, cx.x + off + j, M == kProb ? cx.t + off + j : nullptr, gi + off + j,
+            cx, cx.x + off + j, cx.template target<M>(off + j), gi + off + j,
             p.stride_class, std::min(B, i_end - i_begin - j), o * p.inner + i_begin + j, g_all,
             stream);
       }

@@ -16,9 +16,9 @@ using at::vec::Vectorized;
 // a = sum_c w_c t'_c (x_c - sh) and q = sum_c w_c t'_c. Each exp's argument is <= 0, and the
 // weighted sums are of terms <= 0 for weights and targets >= 0: nothing cancels.
 template <typename scalar_t, int M, bool HasW>
-inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t* t,
+inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const Target<scalar_t, M>* t,
                      typename AccOf<scalar_t>::type sh, typename AccOf<scalar_t>::type& e,
-                     typename AccOf<scalar_t>::type& a, typename AccOf<scalar_t>::type& q) {
+                     double& a, double& q) {
   using io = IO<scalar_t>;
   using acc_t = typename io::acc_t;
   using Vec = typename io::Vec;
@@ -49,15 +49,15 @@ inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const scalar_t*
       class_factors<scalar_t, M, HasW, decltype(full)::value>(cx, t, c, cnt, f0, f1);
       a0 = at::vec::fmadd(f0, d0, a0);
       a1 = at::vec::fmadd(f1, d1, a1);
-      if constexpr (M == kProb) {
+      if constexpr (is_prob(M)) {
         q0 += f0;
         q1 += f1;
       }
     }
   });
   e = hsum(e0 + e1);
-  a = hsum(a0 + a1);
-  q = hsum(q0 + q1);
+  a = hsum_double(a0, a1);
+  q = hsum_double(q0, q1);
 }
 
 // The loss of a row from its statistics (see row_sums), in double: the float statistics are
@@ -76,7 +76,7 @@ inline double row_loss(const Ctx<scalar_t>& cx, double sh, double L, double a, d
              s / static_cast<double>(cx.C_total) * a;
     }
     if (L != L) loss = L;  // a row whose log_softmax is NaN (vexp does not carry NaN)
-  } else if constexpr (M == kProb) {
+  } else if constexpr (is_prob(M)) {
     loss = q * L - a;
   } else {
     const double nll = (sh - xy) + L;
@@ -101,11 +101,12 @@ inline double row_loss(const Ctx<scalar_t>& cx, double sh, double L, double a, d
 // mean's divisor. Two passes over the row (the second from cache): its max, then the sums
 // shifted by it, as PyTorch's log_softmax does.
 template <typename scalar_t, int M, bool HasW>
-inline void row_forward(const Ctx<scalar_t>& cx, int64_t r, const scalar_t* x, const scalar_t* t,
+inline void row_forward(const Ctx<scalar_t>& cx, int64_t r, const scalar_t* x,
+                        const Target<scalar_t, M>* t,
                         typename AccOf<scalar_t>::type& sh, typename AccOf<scalar_t>::type& L,
                         double& loss, double& wy, typename AccOf<scalar_t>::type& tsum) {
   using acc_t = typename AccOf<scalar_t>::type;
-  const int64_t yv = M == kProb ? 0 : cx.checked_target(r);
+  const int64_t yv = is_prob(M) ? 0 : cx.checked_target(r);
   const acc_t m = row_max(cx, x);
   if (yv < 0) {
     sh = 0;
@@ -113,16 +114,17 @@ inline void row_forward(const Ctx<scalar_t>& cx, int64_t r, const scalar_t* x, c
     L = ignored_lse(m);
     return;
   }
-  acc_t e, a, q;
+  acc_t e;
+  double a, q;
   row_sums<scalar_t, M, HasW>(cx, x, t, exp_shift(m), e, a, q);
   double Ld;
   finish_lse(m, e, sh, Ld);
   L = static_cast<acc_t>(Ld);
   if (cx.template soft_focal<M>()) row_focal_sums<scalar_t, M, HasW>(cx, x, t, sh, L, a, q);
-  tsum = q;
-  wy = M == kProb ? 1.0 : cx.target_weight(yv);
+  tsum = static_cast<acc_t>(q);
+  wy = is_prob(M) ? 1.0 : cx.target_weight(yv);
   const double xy =
-      M == kProb ? 0.0 : static_cast<double>(cx.capped(static_cast<acc_t>(x[yv * cx.p.stride_class])));
+      is_prob(M) ? 0.0 : static_cast<double>(cx.capped(static_cast<acc_t>(x[yv * cx.p.stride_class])));
   double sy = 0;
   loss = row_loss<scalar_t, M>(cx, sh, Ld, a, q, xy, wy, sy);
   if (M == kPlain && cx.gamma > 0) tsum = static_cast<acc_t>(sy);  // the focal loss's s_y, saved
@@ -140,7 +142,6 @@ void forward_rows(const Ctx<scalar_t>& cx) {
   auto* L_out = sh_out + rows;
   // the softmax coefficient of probability rows (sum_c w_c t'_c), or the focal loss's s_y or Q
   auto* tsum_out = cx.gamma > 0 ? cx.template focal_plane<M>() : static_cast<acc_t*>(p.tsum);
-  auto* loss_out = static_cast<scalar_t*>(p.loss);
   const bool none = p.reduction == Reduction::None;
   at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
     for (int64_t unit = b; unit < e; ++unit) {
@@ -150,13 +151,13 @@ void forward_rows(const Ctx<scalar_t>& cx) {
         const int64_t off = cx.offset(r / p.inner, r % p.inner);
         acc_t sh, L, ts = 0;
         double loss, wy;
-        row_forward<scalar_t, M, HasW>(cx, r, cx.x + off, M == kProb ? cx.t + off : nullptr, sh, L,
+        row_forward<scalar_t, M, HasW>(cx, r, cx.x + off, cx.template target<M>(off), sh, L,
                                        loss, wy, ts);
         sh_out[r] = sh;
         L_out[r] = L;
-        if (M == kProb || cx.gamma > 0) tsum_out[r] = ts;
+        if (is_prob(M) || cx.gamma > 0) tsum_out[r] = ts;
         if (none) {
-          loss_out[r] = static_cast<scalar_t>(loss);
+          cx.store_loss(r, loss);
         } else {
           sl += loss;
           sw += wy;
@@ -177,7 +178,7 @@ void forward_rows(const Ctx<scalar_t>& cx) {
 // caller merges the shards' statistics.
 template <typename scalar_t, int M, bool HasW>
 void forward_shard_rows(const Ctx<scalar_t>& cx) {
-  static_assert(M != kProb, "shards take class-index targets");
+  static_assert(!is_prob(M), "shards take class-index targets");
   using acc_t = typename AccOf<scalar_t>::type;
   const auto& p = cx.p;
   const int64_t rows = p.outer * p.inner;
@@ -192,14 +193,15 @@ void forward_shard_rows(const Ctx<scalar_t>& cx) {
       const scalar_t* x = cx.x + cx.offset(r / p.inner, r % p.inner);
       const int64_t yg = cx.checked_target(r), y = yg - p.class_offset;  // y: in the shard
       const acc_t m = row_max(cx, x), sh = exp_shift(m);
-      acc_t es, a, q;
+      acc_t es;
+      double a, q;
       row_sums<scalar_t, M, HasW>(cx, x, nullptr, sh, es, a, q);
       m_out[r] = m;
       L_out[r] = static_cast<acc_t>(std::log(static_cast<double>(es)));
       const bool local = yg >= 0 && y >= 0 && y < cx.C;
       xy_out[r] = local ? cx.capped(static_cast<acc_t>(x[y * p.stride_class])) : acc_t(0);
       ref_out[r] = sh;
-      a_out[r] = M == kSmooth ? a : acc_t(0);
+      a_out[r] = M == kSmooth ? static_cast<acc_t>(a) : acc_t(0);
     }
   });
 }
@@ -225,10 +227,10 @@ inline RowCoef<typename AccOf<scalar_t>::type> row_coef(const Ctx<scalar_t>& cx,
   const auto& p = cx.p;
   rc.sh = static_cast<const acc_t*>(p.lse)[r];
   rc.L = static_cast<const acc_t*>(p.lse)[p.outer * p.inner + r];
-  if (p.reduction == Reduction::None) g = static_cast<double>(static_cast<const scalar_t*>(p.grad_loss)[r]);
+  if (p.reduction == Reduction::None) g = cx.grad_loss(r);
   // the z-loss's gradient 2 z w_y lse p_k joins the softmax coefficient
   const double zl = cx.z > 0 ? 2.0 * cx.z * (static_cast<double>(rc.sh) + rc.L) : 0.0;
-  if constexpr (M == kProb) {
+  if constexpr (is_prob(M)) {
     // sum_c w_c t'_c, or the focal loss's Q (row_focal_sums)
     rc.cp = static_cast<acc_t>(
         g * (static_cast<double>(static_cast<const acc_t*>(p.tsum)[r]) + zl));
@@ -304,7 +306,7 @@ void backward_rows(const Ctx<scalar_t>& cx) {
     for (int64_t r = b * u.rows; r < std::min(rows, e * u.rows); ++r) {
       const int64_t off = cx.offset(r / p.inner, r % p.inner);
       const scalar_t* x = cx.x + off;
-      const scalar_t* t = M == kProb ? cx.t + off : nullptr;
+      const Target<scalar_t, M>* t = cx.template target<M>(off);
       scalar_t* gr = gi + cx.grad_offset(r / p.inner, r % p.inner);
       const auto rc = row_coef<scalar_t, M, HasW>(cx, r, g_all);
       if (rc.zero || rc.L != rc.L) {  // ignored: 0; NaN where the row's log_softmax is (vexp
@@ -313,7 +315,7 @@ void backward_rows(const Ctx<scalar_t>& cx) {
         continue;
       }
       // the target's logit before the row is written: the gradient may overwrite the logits
-      const scalar_t xy = M != kProb && rc.y >= 0 ? x[rc.y] : scalar_t(0);
+      const scalar_t xy = !is_prob(M) && rc.y >= 0 ? x[rc.y] : scalar_t(0);
       const Vec vsh(rc.sh), vL(rc.L), vcp(rc.cp), vcw(rc.cw), vzero(0);
       const acc_t gamma = static_cast<acc_t>(cx.gamma);
       for_blocks<B>(C, [&](int64_t k, int64_t cnt, auto full) {
@@ -329,7 +331,7 @@ void backward_rows(const Ctx<scalar_t>& cx) {
           p1 = vexp(lp1);
         }
         Vec g0 = vcp * p0, g1 = vcp * p1;
-        if constexpr (M == kSmooth || M == kProb) {
+        if constexpr (M == kSmooth || is_prob(M)) {
           Vec f0, f1;
           class_factors<scalar_t, M, HasW, decltype(full)::value>(cx, t, k, cnt, f0, f1);
           if (gamma > 0) {  // the focal loss over soft targets: each class term times s_k
@@ -349,7 +351,7 @@ void backward_rows(const Ctx<scalar_t>& cx) {
           io::store(gr + k, cnt, g0, g1);
         }
       });
-      if (M != kProb && rc.y >= 0) {
+      if (!is_prob(M) && rc.y >= 0) {
         gr[rc.y] = target_grad<scalar_t, M, HasW>(cx, rc, xy);  // once more, exactly
       }
     }

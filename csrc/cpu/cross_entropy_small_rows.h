@@ -39,23 +39,24 @@ inline void row_offsets(const Ctx<scalar_t>& cx, int64_t r0, int64_t nl, int64_t
   }
 }
 
-template <typename scalar_t>
-inline void gather_tile(const Ctx<scalar_t>& cx, const scalar_t* src, const int64_t* off,
-                        int64_t nl, scalar_t* tile) {
+template <typename scalar_t, typename T>
+inline void gather_tile(const Ctx<scalar_t>& cx, const T* src, const int64_t* off, int64_t nl,
+                        T* tile) {
   constexpr int64_t B = IO<scalar_t>::B;
   for (int64_t k = 0; k < nl; ++k) {
-    const scalar_t* row = src + off[k];
+    const T* row = src + off[k];
     for (int64_t c = 0; c < cx.C; ++c) tile[c * B + k] = row[c];
   }
 }
 
-// Rows r0 .. r0 + nl - 1 into (C x B) tiles: their offsets, logits and (Prob) target rows.
-template <typename scalar_t, bool Prob>
+// Rows r0 .. r0 + nl - 1 into (C x B) tiles: their offsets, logits and (probabilities) target
+// rows.
+template <typename scalar_t, int M>
 inline void load_row_tile(const Ctx<scalar_t>& cx, int64_t r0, int64_t nl, int64_t* off,
-                          scalar_t* xt, scalar_t* tt) {
+                          scalar_t* xt, Target<scalar_t, M>* tt) {
   row_offsets(cx, r0, nl, off);
   gather_tile(cx, cx.x, off, nl, xt);
-  if constexpr (Prob) gather_tile(cx, cx.t, off, nl, tt);
+  if constexpr (is_prob(M)) gather_tile(cx, cx.template target<M>(0), off, nl, tt);
 }
 
 template <typename scalar_t, int M, bool HasW>
@@ -65,13 +66,14 @@ void forward_small_rows(const Ctx<scalar_t>& cx) {
   const Units u = small_row_units<scalar_t>(p);
   const int64_t rows = p.outer * p.inner;
   forward_units(cx, u.count, [&](int64_t unit, double& sl, double& sw) {
-    alignas(64) scalar_t xt[kSmallClasses * B], tt[M == kProb ? kSmallClasses * B : 1];
+    alignas(64) scalar_t xt[kSmallClasses * B];
+    alignas(64) Target<scalar_t, M> tt[is_prob(M) ? kSmallClasses * B : 1];
     LaneTile<scalar_t> lt;
     const int64_t r_end = std::min(rows, (unit + 1) * u.rows);
     for (int64_t r0 = unit * u.rows; r0 < r_end; r0 += B) {
       const int64_t nl = std::min(B, r_end - r0);
       int64_t off[B];
-      load_row_tile<scalar_t, M == kProb>(cx, r0, nl, off, xt, tt);
+      load_row_tile<scalar_t, M>(cx, r0, nl, off, xt, tt);
       lanes_max<scalar_t, M>(cx, xt, tt, cx.C, B, nl, lt, /*pf=*/false);
       lanes_block_forward<scalar_t, M, HasW>(cx, xt, tt, B, nl, r0, sl, sw, lt, nullptr, nullptr, 0,
                                              lt);
@@ -88,14 +90,14 @@ void backward_small_rows(const Ctx<scalar_t>& cx) {
   const double g_all = p.reduction == Reduction::None ? 0.0 : scalar_grad<scalar_t>(p);
   auto* gi = static_cast<scalar_t*>(p.grad_input);
   at::parallel_for(0, u.count, 1, [&](int64_t b, int64_t e) {
-    alignas(64) scalar_t xt[kSmallClasses * B], gt[kSmallClasses * B],
-        tt[M == kProb ? kSmallClasses * B : 1];
+    alignas(64) scalar_t xt[kSmallClasses * B], gt[kSmallClasses * B];
+    alignas(64) Target<scalar_t, M> tt[is_prob(M) ? kSmallClasses * B : 1];
     for (int64_t unit = b; unit < e; ++unit) {
       const int64_t r_end = std::min(rows, (unit + 1) * u.rows);
       for (int64_t r0 = unit * u.rows; r0 < r_end; r0 += B) {
         const int64_t nl = std::min(B, r_end - r0);
         int64_t off[B];
-        load_row_tile<scalar_t, M == kProb>(cx, r0, nl, off, xt, tt);
+        load_row_tile<scalar_t, M>(cx, r0, nl, off, xt, tt);
         lanes_block_backward<scalar_t, M, HasW>(cx, xt, tt, gt, B, nl, r0, g_all, false,
                                                 /*pf=*/false);
         for (int64_t k = 0; k < nl; ++k) {

@@ -161,6 +161,20 @@ inline void stream_fence() {
 #endif
 }
 
+// The sum of the lanes of a and b in double: a row's weighted sums (label smoothing,
+// probabilities) are as exact as their float lanes, not rounded again lane by lane (with weights
+// of thousands, a float horizontal sum cost several ulp of the loss).
+template <typename acc_t>
+inline double hsum_double(const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) {
+  constexpr int64_t W = Vectorized<acc_t>::size();
+  acc_t tmp[2 * W];
+  a.store(tmp);
+  b.store(tmp + W);
+  double s = 0;
+  for (int64_t k = 0; k < 2 * W; ++k) s += static_cast<double>(tmp[k]);
+  return s;
+}
+
 template <typename acc_t>
 inline acc_t hsum(const Vectorized<acc_t>& v) {
   acc_t tmp[Vectorized<acc_t>::size()];
@@ -221,6 +235,49 @@ inline void store_acc(acc_t* p, int64_t n, const Vectorized<acc_t>& a, const Vec
   }
 }
 
+// Tensors that mixed precision may store as acc beside 16-bit logits (params.h: the loss and its
+// gradient, loss_dtype): one value, or a block of n <= B, as scalar_t or, with as_acc, as acc.
+template <typename scalar_t>
+inline void store_value(void* base, bool as_acc, int64_t i, double v) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  if (as_acc) {
+    static_cast<acc_t*>(base)[i] = static_cast<acc_t>(v);
+  } else {
+    static_cast<scalar_t*>(base)[i] = static_cast<scalar_t>(v);
+  }
+}
+template <typename scalar_t>
+inline double load_value(const void* base, bool as_acc, int64_t i) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  return as_acc ? static_cast<double>(static_cast<const acc_t*>(base)[i])
+                : static_cast<double>(static_cast<const scalar_t*>(base)[i]);
+}
+template <typename scalar_t>
+inline void store_values(void* base, bool as_acc, int64_t i, int64_t n,
+                         const Vectorized<typename AccOf<scalar_t>::type>& a,
+                         const Vectorized<typename AccOf<scalar_t>::type>& b) {
+  if (as_acc) {
+    store_acc(static_cast<typename AccOf<scalar_t>::type*>(base) + i, n, a, b);
+  } else {
+    IO<scalar_t>::store(static_cast<scalar_t*>(base) + i, n, a, b);
+  }
+}
+template <typename scalar_t>
+inline void load_values(const void* base, bool as_acc, int64_t i, int64_t n,
+                        Vectorized<typename AccOf<scalar_t>::type>& a,
+                        Vectorized<typename AccOf<scalar_t>::type>& b) {
+  if (as_acc) {
+    load_acc(static_cast<const typename AccOf<scalar_t>::type*>(base) + i, n, a, b);
+  } else {
+    IO<scalar_t>::load(static_cast<const scalar_t*>(base) + i, n, a, b);
+  }
+}
+// Whether a tensor of dtype `stored` beside logits of scalar_t is stored as acc (mixed precision).
+template <typename scalar_t>
+inline bool stored_as_acc(DType stored, DType dtype) {
+  return !std::is_same_v<scalar_t, typename AccOf<scalar_t>::type> && stored != dtype;
+}
+
 template <typename F>
 void dispatch_dtype(DType dt, F&& f) {
   switch (dt) {
@@ -230,6 +287,20 @@ void dispatch_dtype(DType dt, F&& f) {
     case DType::Float16: return f(c10::Half{});
   }
   TORCH_INTERNAL_ASSERT(false, "weighted_loss: unknown dtype");
+}
+
+// f(scalar_t{}, target_t{}): the logits' dtype, and the targets' (params.h: target_dtype), which
+// is the logits' or, beside 16-bit logits, acc (float).
+template <typename F>
+void dispatch_dtypes(DType dt, DType target_dt, F&& f) {
+  dispatch_dtype(dt, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = typename AccOf<scalar_t>::type;
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      if (target_dt != dt) return f(tag, acc_t{});
+    }
+    return f(tag, tag);
+  });
 }
 
 }  // namespace

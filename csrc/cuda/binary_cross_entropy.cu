@@ -101,13 +101,13 @@ __device__ __forceinline__ acc_t focal_grad_target(const BinaryCrossEntropyParam
   return pow_gamma(q, g) * (da * ce + focal_alpha_t(p, t, a) * (g * r * (sig_neg - sig) + dce_t));
 }
 
-// The elements of one thread: [f0, f0 + n), n <= Pack<T>::kSize, as acc.
-template <typename T, typename acc_t>
-__device__ __forceinline__ void load_elements(const T* src, int64_t f0, int n, bool vector,
+// The elements of one thread: [f0, f0 + n), n <= V (a Pack of the logits: 16 bytes of them), as
+// acc, from elements of E (the logits' dtype, or float beside 16-bit logits: 32 bytes).
+template <int V, typename E, typename acc_t>
+__device__ __forceinline__ void load_elements(const E* src, int64_t f0, int n, bool vector,
                                               acc_t* out) {
-  constexpr int V = Pack<T>::kSize;
   if (vector) {
-    const Pack<T> pk = *reinterpret_cast<const Pack<T>*>(src + f0);
+    const Elems<E, V> pk = *vector_ptr<Elems<E, V>>(src + f0);
 #pragma unroll
     for (int k = 0; k < V; ++k) out[k] = to_acc(pk.v[k]);
   } else {
@@ -116,19 +116,18 @@ __device__ __forceinline__ void load_elements(const T* src, int64_t f0, int n, b
   }
 }
 
-template <typename T, typename acc_t>
-__device__ __forceinline__ void store_elements(T* dst, int64_t f0, int n, bool vector,
+template <int V, typename E, typename acc_t>
+__device__ __forceinline__ void store_elements(E* dst, int64_t f0, int n, bool vector,
                                                const acc_t* in) {
-  constexpr int V = Pack<T>::kSize;
   if (vector) {
-    Pack<T> pk;
+    Elems<E, V> pk;
 #pragma unroll
-    for (int k = 0; k < V; ++k) pk.v[k] = from_acc<T>(in[k]);
-    *reinterpret_cast<Pack<T>*>(dst + f0) = pk;
+    for (int k = 0; k < V; ++k) pk.v[k] = from_acc<E>(in[k]);
+    *vector_ptr<Elems<E, V>>(dst + f0) = pk;
   } else {
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      if (k < n) dst[f0 + k] = from_acc<T>(in[k]);
+      if (k < n) dst[f0 + k] = from_acc<E>(in[k]);
     }
   }
 }
@@ -206,13 +205,15 @@ __device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* shared) {
 
 // Store: the loss of every element (Reduction::None), one vector per thread. Otherwise the grid
 // is at most kReduceBlocks blocks and each thread walks the elements a grid apart, so the last
-// block adds at most kReduceBlocks partials (a fixed count: the same sum on every GPU).
-template <typename T, bool Indexed, bool Store>
+// block adds at most kReduceBlocks partials (a fixed count: the same sum on every GPU). Logits
+// of T, targets of U (params.h: target_dtype), the loss of T or float (loss_dtype).
+template <typename T, typename U, bool Indexed, bool Store>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const BinaryCrossEntropyParams p, bool aligned, double* partial,
                    unsigned int* done) {
   using acc_t = typename AccOf<T>::type;
   constexpr int V = Pack<T>::kSize;
+  const bool loss_acc = p.loss_dtype != p.dtype;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads * V;
   double sum = 0;
   for (int64_t f0 = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V;
@@ -223,8 +224,8 @@ __global__ void __launch_bounds__(kThreads)
     // the weights first: their row offsets' 64-bit divisions are calls that the elements would
     // otherwise stay live across (register spills on sm_80)
     load_weights<T, Indexed>(p, f0, n, w, pw, a);
-    load_elements(static_cast<const T*>(p.input), f0, n, vector, x);
-    load_elements(static_cast<const T*>(p.target), f0, n, vector, t);
+    load_elements<V>(static_cast<const T*>(p.input), f0, n, vector, x);
+    load_elements<V>(static_cast<const U*>(p.target), f0, n, vector, t);
     acc_t part = 0;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
@@ -233,7 +234,11 @@ __global__ void __launch_bounds__(kThreads)
       part += l[k];
     }
     if constexpr (Store) {
-      store_elements(static_cast<T*>(p.loss), f0, n, vector, l);
+      if (loss_acc) {
+        store_elements<V>(static_cast<acc_t*>(p.loss), f0, n, vector, l);
+      } else {
+        store_elements<V>(static_cast<T*>(p.loss), f0, n, vector, l);
+      }
     } else {
       sum += part;
     }
@@ -258,31 +263,34 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) {
       const double out = p.reduction == Reduction::Mean ? total / static_cast<double>(p.numel)
                                                         : total;
-      *static_cast<T*>(p.loss) = from_acc<T>(static_cast<acc_t>(out));
+      store_value<T>(p.loss, loss_acc, 0, static_cast<acc_t>(out));
     }
   }
 }
 
-template <typename T, bool Indexed, bool GX, bool GT, bool GScalar>
+template <typename T, typename U, bool Indexed, bool GX, bool GT, bool GScalar>
 __global__ void __launch_bounds__(kThreads) backward_kernel(const BinaryCrossEntropyParams p,
                                                             bool aligned) {
   using acc_t = typename AccOf<T>::type;
   constexpr int V = Pack<T>::kSize;
+  const bool loss_acc = p.loss_dtype != p.dtype;
   const int64_t f0 = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V;
   if (f0 >= p.numel) return;
   const int n = static_cast<int>(p.numel - f0 < V ? p.numel - f0 : V);
   const bool vector = aligned && n == V;
   acc_t x[V], t[V], w[V], pw[V], a[V], g[V], dx[V], dt[V];
   load_weights<T, Indexed>(p, f0, n, w, pw, a);  // first: as in forward_kernel
-  load_elements(static_cast<const T*>(p.input), f0, n, vector, x);
-  load_elements(static_cast<const T*>(p.target), f0, n, vector, t);
+  load_elements<V>(static_cast<const T*>(p.input), f0, n, vector, x);
+  load_elements<V>(static_cast<const U*>(p.target), f0, n, vector, t);
   if constexpr (GScalar) {
-    acc_t gs = to_acc(*static_cast<const T*>(p.grad_loss));
+    acc_t gs = load_value<T>(p.grad_loss, loss_acc, 0);
     if (p.reduction == Reduction::Mean) gs /= static_cast<acc_t>(p.numel);
 #pragma unroll
     for (int k = 0; k < V; ++k) g[k] = gs;
+  } else if (loss_acc) {
+    load_elements<V>(static_cast<const acc_t*>(p.grad_loss), f0, n, vector, g);
   } else {
-    load_elements(static_cast<const T*>(p.grad_loss), f0, n, vector, g);
+    load_elements<V>(static_cast<const T*>(p.grad_loss), f0, n, vector, g);
   }
 #pragma unroll
   for (int k = 0; k < V; ++k) {
@@ -304,8 +312,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BinaryCrossEnt
                         : dce_t);
     }
   }
-  if constexpr (GX) store_elements(static_cast<T*>(p.grad_input), f0, n, vector, dx);
-  if constexpr (GT) store_elements(static_cast<T*>(p.grad_target), f0, n, vector, dt);
+  if constexpr (GX) store_elements<V>(static_cast<T*>(p.grad_input), f0, n, vector, dx);
+  if constexpr (GT) store_elements<V>(static_cast<U*>(p.grad_target), f0, n, vector, dt);
 }
 
 bool aligned16(const void* ptr) {
@@ -342,8 +350,9 @@ size_t binary_cross_entropy_forward_workspace(const BinaryCrossEntropyParams& p)
 cudaError_t binary_cross_entropy_forward(const BinaryCrossEntropyParams& p, void* workspace,
                                          cudaStream_t stream) {
   if (p.numel == 0 && p.reduction == Reduction::None) return cudaSuccess;
-  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
+  return dispatch_dtypes(p.dtype, p.target_dtype, [&](auto tag, auto target_tag) -> cudaError_t {
     using T = decltype(tag);
+    using U = decltype(target_tag);
     const unsigned int blocks = blocks_of<T>(p);
     const bool aligned = aligned16(p.input) && aligned16(p.target) &&
                          (p.reduction != Reduction::None || aligned16(p.loss));
@@ -354,13 +363,14 @@ cudaError_t binary_cross_entropy_forward(const BinaryCrossEntropyParams& p, void
     return with_indexed(p, [&](auto idx) -> cudaError_t {
       constexpr bool I = decltype(idx)::value;
       if (p.reduction == Reduction::None) {
-        launch<forward_kernel<T, I, true>>(blocks, kThreads, stream, p, aligned, nullptr, nullptr);
+        launch<forward_kernel<T, U, I, true>>(blocks, kThreads, stream, p, aligned, nullptr,
+                                              nullptr);
         return cudaGetLastError();
       }
       const cudaError_t err = cudaMemsetAsync(done, 0, sizeof(unsigned int), stream);
       if (err != cudaSuccess) return err;
-      launch<forward_kernel<T, I, false>>(reduce_blocks, kThreads, stream, p, aligned, partial,
-                                          done);
+      launch<forward_kernel<T, U, I, false>>(reduce_blocks, kThreads, stream, p, aligned,
+                                             partial, done);
       return cudaGetLastError();
     });
   });
@@ -368,8 +378,9 @@ cudaError_t binary_cross_entropy_forward(const BinaryCrossEntropyParams& p, void
 
 cudaError_t binary_cross_entropy_backward(const BinaryCrossEntropyParams& p, cudaStream_t stream) {
   if (p.numel == 0 || (p.grad_input == nullptr && p.grad_target == nullptr)) return cudaSuccess;
-  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
+  return dispatch_dtypes(p.dtype, p.target_dtype, [&](auto tag, auto target_tag) -> cudaError_t {
     using T = decltype(tag);
+    using U = decltype(target_tag);
     const unsigned int blocks = blocks_of<T>(p);
     const bool aligned = aligned16(p.input) && aligned16(p.target) && aligned16(p.grad_input) &&
                          aligned16(p.grad_target) && (p.grad_loss_scalar || aligned16(p.grad_loss));
@@ -378,9 +389,9 @@ cudaError_t binary_cross_entropy_backward(const BinaryCrossEntropyParams& p, cud
       auto run = [&](auto gx, auto gt) -> cudaError_t {
         constexpr bool GX = decltype(gx)::value, GT = decltype(gt)::value;
         if (p.grad_loss_scalar) {
-          launch<backward_kernel<T, I, GX, GT, true>>(blocks, kThreads, stream, p, aligned);
+          launch<backward_kernel<T, U, I, GX, GT, true>>(blocks, kThreads, stream, p, aligned);
         } else {
-          launch<backward_kernel<T, I, GX, GT, false>>(blocks, kThreads, stream, p, aligned);
+          launch<backward_kernel<T, U, I, GX, GT, false>>(blocks, kThreads, stream, p, aligned);
         }
         return cudaGetLastError();
       };

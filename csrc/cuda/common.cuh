@@ -65,11 +65,65 @@ inline cudaError_t dispatch_dtype(DType dt, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// f(T{}, U{}): the logits' storage dtype T and the targets' U (params.h: target_dtype), which is
+// T or, beside 16-bit logits, float (mixed precision).
+template <typename F>
+inline cudaError_t dispatch_dtypes(DType dt, DType target_dt, F&& f) {
+  return dispatch_dtype(dt, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    if constexpr (sizeof(T) == 2) {
+      if (target_dt != dt) return f(tag, float{});
+    }
+    return f(tag, tag);
+  });
+}
+
 // 16 bytes of consecutive elements, loaded and stored as one vector.
 template <typename T>
 struct alignas(16) Pack {
   static constexpr int kSize = 16 / sizeof(T);
   T v[kSize];
 };
+
+// N consecutive elements of E beside a Pack of N logits: a Pack itself when E is their dtype,
+// 32 bytes (two 16-byte loads) for float beside bfloat16/float16 (mixed precision).
+template <typename E, int N>
+struct alignas(16) Elems {
+  E v[N];
+};
+
+// p viewed as vectors of V: p must be aligned as V is. The emulator checks it, where a GPU
+// would fault on a misaligned address.
+template <typename V, typename E>
+__device__ __forceinline__ const V* vector_ptr(const E* p) {
+#if !defined(__CUDACC__)
+  assert(reinterpret_cast<uintptr_t>(p) % alignof(V) == 0 && "misaligned vector access");
+#endif
+  return reinterpret_cast<const V*>(p);
+}
+template <typename V, typename E>
+__device__ __forceinline__ V* vector_ptr(E* p) {
+#if !defined(__CUDACC__)
+  assert(reinterpret_cast<uintptr_t>(p) % alignof(V) == 0 && "misaligned vector access");
+#endif
+  return reinterpret_cast<V*>(p);
+}
+
+// A value of a tensor that mixed precision may store as acc beside 16-bit logits (params.h: the
+// loss and its gradient, loss_dtype): as T, or with as_acc as acc.
+template <typename T, typename acc_t>
+__device__ __forceinline__ void store_value(void* base, bool as_acc, int64_t i, acc_t v) {
+  if (as_acc) {
+    static_cast<acc_t*>(base)[i] = v;
+  } else {
+    static_cast<T*>(base)[i] = from_acc<T>(v);
+  }
+}
+template <typename T>
+__device__ __forceinline__ typename AccOf<T>::type load_value(const void* base, bool as_acc,
+                                                              int64_t i) {
+  using acc_t = typename AccOf<T>::type;
+  return as_acc ? static_cast<const acc_t*>(base)[i] : to_acc(static_cast<const T*>(base)[i]);
+}
 
 }  // namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS

@@ -27,47 +27,59 @@ __global__ void __launch_bounds__(kThreads) weight_sum_kernel(const CrossEntropy
   __shared__ double shared[kThreads / 32];
   double s = 0;
   for (int64_t c = threadIdx.x; c < p.total_classes; c += kThreads) {
-    s += to_acc(static_cast<const T*>(p.weight)[c]);
+    s += static_cast<const acc_t*>(p.weight)[c];
   }
   s = block_sum(s, shared);
   if (threadIdx.x == 0) *static_cast<acc_t*>(out) = static_cast<acc_t>(s);
 }
 
-// Gradient of probability targets: dt_k = -(1 - s) w_k ((x_k - sh) - L) g, times the focal
-// loss's m_k = (1 - p_k)^gamma, one thread per element.
-template <typename T, bool HasW>
+// Gradient of probability targets (stored as U: params.h target_dtype):
+// dt_k = -(1 - s) w_k ((x_k - sh) - L) g, times the focal loss's m_k = (1 - p_k)^gamma, one thread
+// per element.
+template <typename T, typename U, bool HasW>
 __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>) target_backward_kernel(const CrossEntropyParams p) {
   using acc_t = typename AccOf<T>::type;
   const int64_t rows = p.outer * p.inner;
   const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (e >= rows * p.classes) return;
   const int64_t r = e / p.classes, k = e - r * p.classes;
-  acc_t g;
-  if (p.reduction == Reduction::None) {
-    g = to_acc(static_cast<const T*>(p.grad_loss)[r]);
-  } else {
-    g = to_acc(*static_cast<const T*>(p.grad_loss));
-    if (p.reduction == Reduction::Mean) g /= static_cast<acc_t>(rows);
-  }
+  acc_t g = load_value<T>(p.grad_loss, loss_as_acc(p), p.reduction == Reduction::None ? r : 0);
+  if (p.reduction == Reduction::Mean) g /= static_cast<acc_t>(rows);
   const Smoothing<acc_t> smooth(p);
   const int64_t at = row_offset<T>(p, r) + k * p.stride_class;
-  const acc_t wk = HasW ? to_acc(static_cast<const T*>(p.weight)[k]) : acc_t(1);
+  const acc_t wk = HasW ? static_cast<const acc_t*>(p.weight)[k] : acc_t(1);
   const acc_t sh = static_cast<const acc_t*>(p.lse)[r], L = static_cast<const acc_t*>(p.lse)[rows + r];
   const acc_t lp = (capped(p, to_acc(static_cast<const T*>(p.input)[at])) - sh) - L;
   acc_t m = 1, s;
   if (p.focal_gamma > 0) focal_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), -lp, m, s);
-  static_cast<T*>(p.grad_target)[at] = from_acc<T>(-smooth.t_scale * wk * lp * m * g);
+  static_cast<U*>(p.grad_target)[at] = from_acc<U>(-smooth.t_scale * wk * lp * m * g);
 }
 
 // A split row's chunks hold at least this many classes, a multiple of kChunkAlign.
 constexpr int64_t kMinChunk = 4096, kChunkAlign = 256;
 
-bool aligned_alike(const void* a, const void* b) {
-  return b == nullptr ||
-         reinterpret_cast<uintptr_t>(a) % 16 == reinterpret_cast<uintptr_t>(b) % 16;
+size_t dtype_size(DType d) {
+  return d == DType::Float64 ? 8 : d == DType::Float32 ? 4 : 2;
 }
 
-bool aligned16(const void* a) { return a == nullptr || reinterpret_cast<uintptr_t>(a) % 16 == 0; }
+// Whether b (elements of eb bytes) is as misaligned as a (elements of ea bytes) from a 16-byte
+// vector of a's: the same element offset modulo its V = 16 / ea elements, so that where a reaches
+// a 16-byte boundary, b reaches one of V * eb bytes (16 for the same dtype, 32 for float targets
+// beside 16-bit logits). b == nullptr: nothing to match.
+bool aligned_alike(const void* a, size_t ea, const void* b, size_t eb) {
+  if (b == nullptr) return true;
+  const auto x = reinterpret_cast<uintptr_t>(a), y = reinterpret_cast<uintptr_t>(b);
+  const uintptr_t v = 16 / ea;
+  return x % ea == 0 && y % eb == 0 && (x / ea) % v == (y / eb) % v;
+}
+
+bool aligned_to(const void* a, size_t bytes) {
+  return a == nullptr || reinterpret_cast<uintptr_t>(a) % bytes == 0;
+}
+bool aligned16(const void* a) { return aligned_to(a, 16); }
+
+// The probability targets beside the logits, or nullptr for class indices.
+const void* prob_targets(const CrossEntropyParams& p) { return p.prob_target ? p.target : nullptr; }
 
 // The current device's SM count. cudaDeviceGetAttribute is a cheap lookup (no synchronization),
 // and asking on every plan lets the emulator's SM count change between launches.
@@ -95,7 +107,8 @@ Plan plan_of(const CrossEntropyParams& p) {
     const int64_t e = sizeof(T);
     const bool vec = p.stride_inner == 1 && p.inner % V == 0 && p.stride_outer * e % 16 == 0 &&
                      p.stride_class * e % 16 == 0 && aligned16(p.input) &&
-                     aligned16(p.prob_target ? p.target : nullptr) && aligned16(p.grad_input);
+                     aligned_to(prob_targets(p), dtype_size(p.target_dtype) * V) &&
+                     aligned16(p.grad_input);
     plan.kind = Plan::kLanes;
     plan.lanes = vec ? V : 1;
     plan.blocks = blocks(rows / plan.lanes);
@@ -151,8 +164,7 @@ Workspace workspace_of(const CrossEntropyParams& p, const Plan& plan) {
   Workspace w;
   if (p.reduction != Reduction::None) w.partial_bytes = size_t(plan.blocks) * 2 * sizeof(double) + 16;
   if (plan.kind == Plan::kSplitRows) {
-    const size_t acc = p.dtype == DType::Float64 ? sizeof(double) : sizeof(float);
-    w.state_bytes = size_t(p.outer * p.inner * plan.chunks) * 4 * acc;
+    w.state_bytes = size_t(p.outer * p.inner * plan.chunks) * 4 * sizeof(double);
   }
   return w;
 }
@@ -169,7 +181,8 @@ cudaError_t cross_entropy_forward(const CrossEntropyParams& p, void* workspace,
   if (rows == 0 && p.reduction == Reduction::None) return cudaSuccess;
   // 16-byte loads along class-contiguous rows: the logits and the targets read with them
   // equally aligned (each row then starts with the same few elements before a boundary)
-  const bool vector = aligned_alike(p.input, p.prob_target ? p.target : nullptr);
+  const size_t e = dtype_size(p.dtype);
+  const bool vector = aligned_alike(p.input, e, prob_targets(p), dtype_size(p.target_dtype));
   const Plan plan = plan_for(p);
   const Workspace ws = workspace_of(p, plan);
   ce::Reduce red;
@@ -200,10 +213,10 @@ cudaError_t cross_entropy_backward(const CrossEntropyParams& p, void* workspace,
   if (rows == 0 || p.classes == 0) return cudaSuccess;
   // every row of the gradient as misaligned as its row of the logits: the same base alignment,
   // and row strides that differ by a multiple of 16 bytes
-  const size_t e = p.dtype == DType::Float64 ? 8 : p.dtype == DType::Float32 ? 4 : 2;
-  const bool vector = aligned_alike(p.input, p.grad_input) &&
+  const size_t e = dtype_size(p.dtype);
+  const bool vector = aligned_alike(p.input, e, p.grad_input, e) &&
                       (p.grad_stride_outer - p.stride_outer) * e % 16 == 0 &&
-                      aligned_alike(p.input, p.prob_target ? p.target : nullptr);
+                      aligned_alike(p.input, e, prob_targets(p), dtype_size(p.target_dtype));
   const Plan plan = plan_for(p);
   if (cross_entropy_backward_workspace(p) > 0) {
     const cudaError_t err = dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
@@ -220,12 +233,13 @@ cudaError_t cross_entropy_target_backward(const CrossEntropyParams& p, cudaStrea
   const int64_t n = p.outer * p.inner * p.classes;
   if (n == 0) return cudaSuccess;
   const auto blocks = static_cast<unsigned int>((n + kThreads - 1) / kThreads);
-  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
+  return dispatch_dtypes(p.dtype, p.target_dtype, [&](auto tag, auto target_tag) -> cudaError_t {
     using T = decltype(tag);
+    using U = decltype(target_tag);
     if (p.weight != nullptr) {
-      launch<target_backward_kernel<T, true>>(blocks, kThreads, stream, p);
+      launch<target_backward_kernel<T, U, true>>(blocks, kThreads, stream, p);
     } else {
-      launch<target_backward_kernel<T, false>>(blocks, kThreads, stream, p);
+      launch<target_backward_kernel<T, U, false>>(blocks, kThreads, stream, p);
     }
     return cudaGetLastError();
   });

@@ -14,17 +14,18 @@ struct alignas(sizeof(T) * P) Lanes {
   T v[P];
 };
 
-// Calls f(c, xl, tl) for every class c of the P rows at x (t), loading kUnroll classes before
-// using the first.
-template <typename T, int P, bool WithT, typename F>
-__device__ __forceinline__ void for_lanes(const T* x, const T* t, int64_t classes, int64_t stride,
+// Calls f(c, xl, tl) for every class c of the P rows at x (t, stored as U: T, or float beside
+// 16-bit logits), loading kUnroll classes before using the first.
+template <typename T, typename U, int P, bool WithT, typename F>
+__device__ __forceinline__ void for_lanes(const T* x, const U* t, int64_t classes, int64_t stride,
                                           F&& f) {
-  const auto* px = reinterpret_cast<const Lanes<T, P>*>(x);
-  const auto* pt = reinterpret_cast<const Lanes<T, P>*>(WithT ? t : x);
+  const auto* px = vector_ptr<Lanes<T, P>>(x);
+  const auto* pt = WithT ? vector_ptr<Lanes<U, P>>(t) : nullptr;
   const int64_t s = stride / P;
   int64_t c = 0;
   for (; c + kUnroll <= classes; c += kUnroll) {
-    Lanes<T, P> bx[kUnroll], bt[kUnroll];
+    Lanes<T, P> bx[kUnroll];
+    Lanes<U, P> bt[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       bx[u] = px[(c + u) * s];
@@ -34,7 +35,7 @@ __device__ __forceinline__ void for_lanes(const T* x, const T* t, int64_t classe
     for (int u = 0; u < kUnroll; ++u) f(c + u, bx[u], bt[u]);
   }
   for (; c < classes; ++c) {
-    Lanes<T, P> bt{};
+    Lanes<U, P> bt{};
     if constexpr (WithT) bt = pt[c * s];
     f(c, px[c * s], bt);
   }
@@ -52,23 +53,24 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     const int64_t r0 = g * P;
     const int64_t off = row_offset<T>(p, r0);
     const T* x = static_cast<const T*>(p.input) + off;
-    const T* t = M == kProb ? static_cast<const T*>(p.target) + off : nullptr;
+    const auto* t = is_prob(M) ? static_cast<const TargetOf<T, M>*>(p.target) + off : nullptr;
     acc_t ref[P];
     Lse<acc_t> l[P];
     Sums<acc_t> sm[P];
     {
-      const Lanes<T, P> x0 = *reinterpret_cast<const Lanes<T, P>*>(x);
+      const Lanes<T, P> x0 = *vector_ptr<Lanes<T, P>>(x);
 #pragma unroll
       for (int k = 0; k < P; ++k) ref[k] = shift_of(capped(p, to_acc(x0.v[k])));
     }
-    for_lanes<T, P, M == kProb>(x, t, p.classes, p.stride_class,
-                                [&](int64_t c, const Lanes<T, P>& xl, const Lanes<T, P>& tl) {
+    for_lanes<T, TargetOf<T, M>, P, is_prob(M)>(
+        x, t, p.classes, p.stride_class,
+        [&](int64_t c, const Lanes<T, P>& xl, const Lanes<TargetOf<T, M>, P>& tl) {
 #pragma unroll
       for (int k = 0; k < P; ++k) {
         const acc_t xk = capped(p, to_acc(xl.v[k]));
         l[k].add_max(xk);
         l[k].add(xk);
-        sm[k].template add<T, M, HasW>(p, c, xk, M == kProb ? to_acc(tl.v[k]) : acc_t(0), ref[k],
+        sm[k].template add<T, M, HasW>(p, c, xk, is_prob(M) ? to_acc(tl.v[k]) : acc_t(0), ref[k],
                                        smooth);
       }
     });
@@ -80,22 +82,24 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
         L[k] = l[k].log_sum();
         sm[k] = Sums<acc_t>();
       }
-      for_lanes<T, P, M == kProb>(x, t, p.classes, p.stride_class,
-                                  [&](int64_t c, const Lanes<T, P>& xl, const Lanes<T, P>& tl) {
+      for_lanes<T, TargetOf<T, M>, P, is_prob(M)>(
+          x, t, p.classes, p.stride_class,
+          [&](int64_t c, const Lanes<T, P>& xl, const Lanes<TargetOf<T, M>, P>& tl) {
 #pragma unroll
         for (int k = 0; k < P; ++k) {
           focal_add<T, M, HasW>(p, sm[k], c, to_acc(xl.v[k]),
-                                M == kProb ? to_acc(tl.v[k]) : acc_t(0), sh[k], L[k], smooth);
+                                is_prob(M) ? to_acc(tl.v[k]) : acc_t(0), sh[k], L[k], smooth);
         }
       });
     }
 #pragma unroll
     for (int k = 0; k < P; ++k) {
-      const int64_t y = M == kProb ? -1 : target_of(p, r0 + k);
-      const bool active = M == kProb || y >= 0;
+      const int64_t y = is_prob(M) ? -1 : target_of(p, r0 + k);
+      const bool active = is_prob(M) || y >= 0;
       const acc_t xy =
-          active && M != kProb ? capped(p, to_acc(x[y * p.stride_class + k])) : acc_t(0);
-      finish_row<T, M, HasW>(p, r0 + k, y, active, l[k], sm[k], ref[k], xy, my_l, my_w);
+          active && !is_prob(M) ? capped(p, to_acc(x[y * p.stride_class + k])) : acc_t(0);
+      const Sums<double> row{sm[k].a, sm[k].q};  // one thread's: the row's
+      finish_row<T, M, HasW>(p, r0 + k, y, active, l[k], row, ref[k], xy, my_l, my_w);
     }
   }
   if (p.reduction == Reduction::None) return;
@@ -113,20 +117,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
   const int64_t r0 = g * P;
   const int64_t off = row_offset<T>(p, r0);
   const T* x = static_cast<const T*>(p.input) + off;
-  const T* t = M == kProb ? static_cast<const T*>(p.target) + off : nullptr;
-  auto* gx = reinterpret_cast<Lanes<T, P>*>(static_cast<T*>(p.grad_input) + off);
+  const auto* t = is_prob(M) ? static_cast<const TargetOf<T, M>*>(p.target) + off : nullptr;
+  auto* gx = vector_ptr<Lanes<T, P>>(static_cast<T*>(p.grad_input) + off);
   const acc_t ws = weight_sum<T, M, HasW>(p, w_sum);
   Coef<acc_t> c[P];
 #pragma unroll
   for (int k = 0; k < P; ++k) c[k] = row_coef<T, M, HasW>(p, r0 + k, ws);
   const int64_t s = p.stride_class / P;
-  for_lanes<T, P, M == kProb>(x, t, p.classes, p.stride_class,
-                              [&](int64_t cls, const Lanes<T, P>& xl, const Lanes<T, P>& tl) {
+  for_lanes<T, TargetOf<T, M>, P, is_prob(M)>(
+      x, t, p.classes, p.stride_class,
+      [&](int64_t cls, const Lanes<T, P>& xl, const Lanes<TargetOf<T, M>, P>& tl) {
     Lanes<T, P> out;
 #pragma unroll
     for (int k = 0; k < P; ++k) {
       out.v[k] = from_acc<T>(grad_element<T, M, HasW>(
-          p, c[k], cls, to_acc(xl.v[k]), M == kProb ? to_acc(tl.v[k]) : acc_t(0), smooth));
+          p, c[k], cls, to_acc(xl.v[k]), is_prob(M) ? to_acc(tl.v[k]) : acc_t(0), smooth));
     }
     gx[cls * s] = out;
   });

@@ -32,13 +32,19 @@ struct Reduce {
   unsigned int* done = nullptr;
 };
 
-// f(mode, has_weight) with both as compile-time constants.
-template <typename F>
+// f(mode, has_weight) with both as compile-time constants, for logits of T: probabilities
+// stored as float beside 16-bit logits (params.h: target_dtype) are a mode of their own.
+template <typename T, typename F>
 cudaError_t dispatch_mode(const CrossEntropyParams& p, F&& f) {
   auto with_w = [&](auto mode) -> cudaError_t {
     if (p.weight != nullptr) return f(mode, std::true_type{});
     return f(mode, std::false_type{});
   };
+  if constexpr (sizeof(T) == 2) {
+    if (p.prob_target && p.target_dtype != p.dtype) {
+      return with_w(std::integral_constant<int, kProbAcc>{});
+    }
+  }
   if (p.prob_target) return with_w(std::integral_constant<int, kProb>{});
   if (p.label_smoothing > 0) return with_w(std::integral_constant<int, kSmooth>{});
   return with_w(std::integral_constant<int, kPlain>{});
@@ -49,7 +55,7 @@ cudaError_t dispatch_mode(const CrossEntropyParams& p, F&& f) {
 template <typename F>
 cudaError_t dispatch_kernel(const CrossEntropyParams& p, F&& f) {
   return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
-    return dispatch_mode(p, [&](auto mode, auto has_w) -> cudaError_t {
+    return dispatch_mode<decltype(tag)>(p, [&](auto mode, auto has_w) -> cudaError_t {
       f(tag, mode, has_w);
       return cudaGetLastError();
     });

@@ -10,18 +10,20 @@ namespace {
 // 16-byte packs each thread loads before it uses the first, so that enough loads are in flight.
 constexpr int kUnroll = 4;
 
-// Calls f(c0, xv, tv, n) for classes [begin, end) of the row at x (probabilities at t), spread
-// over the TPR lanes of its group: n = 1 element at class c0, or a 16-byte pack of n = V
-// consecutive classes from c0. With `vector` (class-contiguous, and x, t and whatever the caller
-// writes equally aligned) the first classes up to a 16-byte boundary go one at a time, then each
-// lane loads kUnroll packs before it processes them (rows of sub-warp groups, at most 64
-// classes, hold too few packs per lane for that to pay: one at a time, and fewer registers), then
-// the tail.
-template <typename T, int TPR, bool WithT, typename F>
-__device__ __forceinline__ void for_range(const T* x, const T* t, int64_t begin, int64_t end,
+// Calls f(c0, xv, tv, n) for classes [begin, end) of the row at x (probabilities at t, stored as
+// U: T, or float beside 16-bit logits), spread over the TPR lanes of its group: n = 1 element at
+// class c0, or a 16-byte pack of n = V consecutive classes from c0 (and the V targets beside
+// them: 32 bytes of float). With `vector` (class-contiguous, and x, t and whatever the caller
+// writes equally aligned: cross_entropy.cu's aligned_alike) the first classes up to a 16-byte
+// boundary go one at a time, then each lane loads kUnroll packs before it processes them (rows
+// of sub-warp groups, at most 64 classes, hold too few packs per lane for that to pay: one at a
+// time, and fewer registers), then the tail.
+template <typename T, typename U, int TPR, bool WithT, typename F>
+__device__ __forceinline__ void for_range(const T* x, const U* t, int64_t begin, int64_t end,
                                           int64_t stride, int lane, bool vector, F&& f) {
   using acc_t = typename AccOf<T>::type;
   constexpr int V = Pack<T>::kSize;
+  using TPack = Elems<U, V>;
   auto one = [&](int64_t c) {
     acc_t xv[V] = {}, tv[V] = {};
     xv[0] = to_acc(x[c * stride]);
@@ -36,9 +38,10 @@ __device__ __forceinline__ void for_range(const T* x, const T* t, int64_t begin,
   const int64_t head = mis == 0 ? 0 : (V - mis < end - begin ? V - mis : end - begin);
   if (lane < head) one(begin + lane);
   const int64_t vb = begin + head, nv = (end - vb) / V;
-  const auto* px = reinterpret_cast<const Pack<T>*>(x + vb);
-  const auto* pt = reinterpret_cast<const Pack<T>*>(WithT ? t + vb : x + vb);
-  auto use = [&](int64_t v, const Pack<T>& bx, const Pack<T>& bt) {
+  // (a row shorter than its head has no packs, and its pointer past the head no alignment)
+  const auto* px = nv > 0 ? vector_ptr<Pack<T>>(x + vb) : nullptr;
+  const TPack* pt = WithT && nv > 0 ? vector_ptr<TPack>(t + vb) : nullptr;
+  auto use = [&](int64_t v, const Pack<T>& bx, const TPack& bt) {
     acc_t xv[V], tv[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) {
@@ -48,19 +51,20 @@ __device__ __forceinline__ void for_range(const T* x, const T* t, int64_t begin,
     f(vb + v * V, xv, tv, V);
   };
   int64_t v = lane;
-  constexpr int U = TPR < 32 ? 1 : kUnroll;
-  for (; v + (U - 1) * TPR < nv; v += U * TPR) {
-    Pack<T> bx[U], bt[U];
+  constexpr int kU = TPR < 32 ? 1 : kUnroll;
+  for (; v + (kU - 1) * TPR < nv; v += kU * TPR) {
+    Pack<T> bx[kU];
+    TPack bt[kU];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
+    for (int u = 0; u < kU; ++u) {
       bx[u] = px[v + u * TPR];
       if constexpr (WithT) bt[u] = pt[v + u * TPR];
     }
 #pragma unroll
-    for (int u = 0; u < U; ++u) use(v + u * TPR, bx[u], bt[u]);
+    for (int u = 0; u < kU; ++u) use(v + u * TPR, bx[u], bt[u]);
   }
   for (; v < nv; v += TPR) {
-    Pack<T> bt{};
+    TPack bt{};
     if constexpr (WithT) bt = pt[v];
     use(v, px[v], bt);
   }

@@ -10,35 +10,43 @@ namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS {
 namespace {
 
 // Reduce (lse state, sums) over the TPR threads of a row group in a fixed order; the result is
-// valid in the group's first thread. Groups narrower than a warp (TPR < 32) reduce within their
-// own TPR lanes (the shuffles' width), every lane of the warp taking part. shared holds one slot
-// per warp for TPR > 32.
-template <typename acc_t, int TPR>
-__device__ __forceinline__ void group_reduce(Lse<acc_t>& l, Sums<acc_t>& sm, acc_t* sh_m,
-                                             acc_t* sh_s, acc_t* sh_a, acc_t* sh_q) {
+// valid in the group's first thread: the lse state in place, the sums into `out` (double, see
+// Sums; only WithSums: modes that have them). Groups narrower than a warp (TPR < 32) reduce
+// within their own TPR lanes (the shuffles' width), every lane of the warp taking part. shared
+// holds one slot per warp for TPR > 32.
+template <typename acc_t, int TPR, bool WithSums>
+__device__ __forceinline__ void group_reduce(Lse<acc_t>& l, const Sums<acc_t>& sm,
+                                             Sums<double>& out, acc_t* sh_m, acc_t* sh_s,
+                                             double* sh_a, double* sh_q) {
   constexpr int kWidth = TPR < 32 ? TPR : 32;
+  out.a = sm.a;
+  out.q = sm.q;
 #pragma unroll
   for (int off = kWidth / 2; off > 0; off >>= 1) {
     const acc_t m2 = __shfl_down_sync(0xffffffffu, l.m, off, kWidth);
     const acc_t s2 = __shfl_down_sync(0xffffffffu, l.s, off, kWidth);
     l.merge(m2, s2);
-    sm.a += __shfl_down_sync(0xffffffffu, sm.a, off, kWidth);
-    sm.q += __shfl_down_sync(0xffffffffu, sm.q, off, kWidth);
+    if constexpr (WithSums) {
+      out.a += __shfl_down_sync(0xffffffffu, out.a, off, kWidth);
+      out.q += __shfl_down_sync(0xffffffffu, out.q, off, kWidth);
+    }
   }
   if constexpr (TPR > 32) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (lane == 0) {
       sh_m[warp] = l.m;
       sh_s[warp] = l.s;
-      sh_a[warp] = sm.a;
-      sh_q[warp] = sm.q;
+      sh_a[warp] = out.a;
+      sh_q[warp] = out.q;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
       for (int k = 1; k < TPR / 32; ++k) {
         l.merge(sh_m[k], sh_s[k]);
-        sm.a += sh_a[k];
-        sm.q += sh_q[k];
+        if constexpr (WithSums) {
+          out.a += sh_a[k];
+          out.q += sh_q[k];
+        }
       }
     }
     __syncthreads();
@@ -105,7 +113,7 @@ __device__ __forceinline__ void finish_forward(const CrossEntropyParams& p, doub
     const double denom = p.prob_target ? rows : wsum;
     if (!p.prob_target) *static_cast<acc_t*>(p.total_weight) = static_cast<acc_t>(wsum);
     const double out = p.reduction == Reduction::Mean ? total / denom : total;
-    *static_cast<T*>(p.loss) = from_acc<T>(static_cast<acc_t>(out));
+    store_value<T>(p.loss, loss_as_acc(p), 0, static_cast<acc_t>(out));
   }
 }
 

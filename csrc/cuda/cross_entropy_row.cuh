@@ -43,7 +43,17 @@ constexpr int kMinBlocks = 2;
 // speed matters.
 template <typename T>
 constexpr int kMinBlocksOf = sizeof(T) == 8 ? 1 : kMinBlocks;
-enum Mode : int { kPlain = 0, kSmooth = 1, kProb = 2 };
+// Class indices, with label smoothing, or probabilities: stored as the logits (kProb) or as float
+// beside 16-bit logits (kProbAcc, mixed precision: params.h target_dtype).
+enum Mode : int { kPlain = 0, kSmooth = 1, kProb = 2, kProbAcc = 3 };
+__host__ __device__ constexpr bool is_prob(int M) { return M >= kProb; }
+template <typename T, int M>
+using TargetOf = std::conditional_t<M == kProbAcc, typename AccOf<T>::type, T>;
+
+// Whether the loss and its gradient are stored as acc beside 16-bit logits (params.h: loss_dtype).
+__device__ __forceinline__ bool loss_as_acc(const CrossEntropyParams& p) {
+  return p.loss_dtype != p.dtype;
+}
 
 __device__ __forceinline__ float fast_exp(float v) { return __expf(v); }
 __device__ __forceinline__ double fast_exp(double v) { return exp(v); }
@@ -99,14 +109,17 @@ __device__ __forceinline__ typename AccOf<T>::type class_term(
     const CrossEntropyParams& p, int64_t c, typename AccOf<T>::type t,
     const Smoothing<typename AccOf<T>::type>& sm) {
   using acc_t = typename AccOf<T>::type;
-  const acc_t wc = HasW ? to_acc(static_cast<const T*>(p.weight)[p.class_offset + c]) : acc_t(1);
-  return M == kProb ? wc * (t * sm.t_scale + sm.t_shift) : wc;
+  const acc_t wc = HasW ? static_cast<const acc_t*>(p.weight)[p.class_offset + c] : acc_t(1);
+  return is_prob(M) ? wc * (t * sm.t_scale + sm.t_shift) : wc;
 }
 
-template <typename acc_t>
+// The weighted sums a and q: a thread's share in acc (Sums<acc_t>), a row's in double once its
+// threads' shares are added (Sums<double>: group_reduce, the split rows' merge): with weights of
+// thousands, a tree of float partial sums cost the loss several ulp.
+template <typename V>
 struct Sums {
-  acc_t a = 0, q = 0;
-  template <typename T, int M, bool HasW>
+  V a = 0, q = 0;
+  template <typename T, int M, bool HasW, typename acc_t>
   __device__ __forceinline__ void add(const CrossEntropyParams& p, int64_t c, acc_t x, acc_t t,
                                       acc_t ref, const Smoothing<acc_t>& smooth) {
     if constexpr (M != kPlain) {
@@ -193,18 +206,18 @@ __device__ __forceinline__ void focal_add(const CrossEntropyParams& p, Sums<type
 template <typename T, int M, bool HasW>
 __device__ __forceinline__ double row_loss(const CrossEntropyParams& p, int64_t y,
                                            typename AccOf<T>::type sh, typename AccOf<T>::type L,
-                                           typename AccOf<T>::type ref,
-                                           const Sums<typename AccOf<T>::type>& sm,
+                                           typename AccOf<T>::type ref, const Sums<double>& sm,
                                            typename AccOf<T>::type xy, double& wy, double& sy) {
   const double lse_ref = (static_cast<double>(sh) - ref) + L;  // lse - ref
   const double lse = static_cast<double>(sh) + L;
   const double z = p.z_loss > 0 ? p.z_loss * lse * lse : 0.0;  // z-loss: + z w_y lse^2
-  if constexpr (M == kProb) {
+  if constexpr (is_prob(M)) {
     wy = 1;
-    if (p.focal_gamma > 0) return static_cast<double>(sm.a) + z;  // sm: focal_add's
-    return static_cast<double>(sm.q) * lse_ref - sm.a + z;
+    if (p.focal_gamma > 0) return sm.a + z;  // sm: focal_add's
+    return sm.q * lse_ref - sm.a + z;
   } else {
-    wy = HasW ? static_cast<double>(to_acc(static_cast<const T*>(p.weight)[y])) : 1.0;
+    using acc_t = typename AccOf<T>::type;
+    wy = HasW ? static_cast<double>(static_cast<const acc_t*>(p.weight)[y]) : 1.0;
     const double nll = (static_cast<double>(sh) - xy) + L;
     if constexpr (M == kSmooth) {
       const double s = p.label_smoothing;
@@ -242,10 +255,10 @@ __device__ __forceinline__ void store_row(const CrossEntropyParams& p, int64_t r
   using acc_t = typename AccOf<T>::type;
   static_cast<acc_t*>(p.lse)[r] = sh;
   static_cast<acc_t*>(p.lse)[p.outer * p.inner + r] = L;
-  if constexpr (M == kProb) static_cast<acc_t*>(p.tsum)[r] = q;
-  if (M != kProb && p.focal_gamma > 0) static_cast<acc_t*>(p.lse)[2 * p.outer * p.inner + r] = q;
+  if constexpr (is_prob(M)) static_cast<acc_t*>(p.tsum)[r] = q;
+  if (!is_prob(M) && p.focal_gamma > 0) static_cast<acc_t*>(p.lse)[2 * p.outer * p.inner + r] = q;
   if (p.reduction == Reduction::None) {
-    static_cast<T*>(p.loss)[r] = from_acc<T>(static_cast<acc_t>(loss));
+    store_value<T>(p.loss, loss_as_acc(p), r, static_cast<acc_t>(loss));
   } else {
     my_l += loss;
     my_w += wy;
@@ -296,8 +309,7 @@ __device__ __forceinline__ typename AccOf<T>::type grad_element(
 template <typename T, int M, bool HasW>
 __device__ __forceinline__ void finish_row(const CrossEntropyParams& p, int64_t r, int64_t y,
                                            bool active, const Lse<typename AccOf<T>::type>& l,
-                                           const Sums<typename AccOf<T>::type>& sm,
-                                           typename AccOf<T>::type ref,
+                                           const Sums<double>& sm, typename AccOf<T>::type ref,
                                            typename AccOf<T>::type xy, double& my_l,
                                            double& my_w) {
   using acc_t = typename AccOf<T>::type;
@@ -308,7 +320,7 @@ __device__ __forceinline__ void finish_row(const CrossEntropyParams& p, int64_t 
     static_cast<acc_t*>(p.lse)[rows + r] = l.m == -INFINITY ? l.m + l.s : log(l.s);
     st[r] = xy;
     st[rows + r] = ref;
-    st[2 * rows + r] = sm.a;
+    st[2 * rows + r] = static_cast<acc_t>(sm.a);
     return;
   }
   acc_t sh = 0, L = l.ignored();
@@ -318,7 +330,7 @@ __device__ __forceinline__ void finish_row(const CrossEntropyParams& p, int64_t 
     L = l.log_sum();
     loss = row_loss<T, M, HasW>(p, y, sh, L, ref, sm, xy, wy, sy);
   }
-  store_row<T, M>(p, r, sh, L, loss, wy, M == kPlain ? static_cast<acc_t>(sy) : sm.q, my_l, my_w);
+  store_row<T, M>(p, r, sh, L, loss, wy, static_cast<acc_t>(M == kPlain ? sy : sm.q), my_l, my_w);
 }
 
 template <typename T, int M, bool HasW>
@@ -329,9 +341,9 @@ __device__ __forceinline__ Coef<typename AccOf<T>::type> row_coef(const CrossEnt
   Coef<acc_t> c;
   acc_t g;
   if (p.reduction == Reduction::None) {
-    g = to_acc(static_cast<const T*>(p.grad_loss)[r]);
+    g = load_value<T>(p.grad_loss, loss_as_acc(p), r);
   } else {
-    g = to_acc(*static_cast<const T*>(p.grad_loss));
+    g = load_value<T>(p.grad_loss, loss_as_acc(p), 0);
     if (p.reduction == Reduction::Mean) {
       g /= p.prob_target ? static_cast<acc_t>(p.outer * p.inner)
                          : *static_cast<const acc_t*>(p.total_weight);
@@ -341,14 +353,14 @@ __device__ __forceinline__ Coef<typename AccOf<T>::type> row_coef(const CrossEnt
   c.L = static_cast<const acc_t*>(p.lse)[p.outer * p.inner + r];
   // the z-loss's gradient 2 z w_y lse p_k joins the softmax coefficient
   const acc_t zl = p.z_loss > 0 ? static_cast<acc_t>(2 * p.z_loss) * (c.sh + c.L) : acc_t(0);
-  if constexpr (M == kProb) {
+  if constexpr (is_prob(M)) {
     c.cp = g * (static_cast<const acc_t*>(p.tsum)[r] + zl);
     c.cw = g;
     c.zero = false;
   } else {
     const int64_t y = target_of(p, r);
     if (y < 0) return c;
-    const acc_t wy = HasW ? to_acc(static_cast<const T*>(p.weight)[y]) : acc_t(1);
+    const acc_t wy = HasW ? static_cast<const acc_t*>(p.weight)[y] : acc_t(1);
     c.y = y - p.class_offset;  // matches no class of a shard that does not hold it
     c.zero = false;
     if constexpr (M == kSmooth) {

@@ -15,8 +15,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
                         unsigned int* done) {
   using acc_t = typename AccOf<T>::type;
   constexpr int RPB = kThreads / TPR;
-  __shared__ acc_t sh_m[kThreads / 32], sh_s[kThreads / 32], sh_a[kThreads / 32],
-      sh_q[kThreads / 32];
+  __shared__ acc_t sh_m[kThreads / 32], sh_s[kThreads / 32];
+  __shared__ double sh_a[kThreads / 32], sh_q[kThreads / 32];
   __shared__ double row_l[RPB], row_w[RPB];
   const int64_t rows = p.outer * p.inner;
   const int group = threadIdx.x / TPR, lane = threadIdx.x % TPR;
@@ -26,37 +26,38 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
   // every thread of a group takes part in the group's shuffles, valid row or not
   const bool valid = r < rows;
   int64_t y = -1;
-  if (valid && M != kProb) y = target_of(p, r);
-  const bool active = valid && (M == kProb || y >= 0);
+  if (valid && !is_prob(M)) y = target_of(p, r);
+  const bool active = valid && (is_prob(M) || y >= 0);
   const int64_t off = valid ? row_offset<T>(p, r) : 0;
   const T* x = static_cast<const T*>(p.input) + off;
-  const T* t = M == kProb ? static_cast<const T*>(p.target) + off : nullptr;
+  const auto* t = is_prob(M) ? static_cast<const TargetOf<T, M>*>(p.target) + off : nullptr;
   Lse<acc_t> l;
   Sums<acc_t> sm;
+  Sums<double> row;  // the row's, in the group's first thread
   const acc_t ref = valid ? shift_of(capped(p, to_acc(x[0]))) : acc_t(0);
   if (valid) {  // ignored rows too: their max and sum decide whether their gradient is NaN
-    for_range<T, TPR, M == kProb>(x, t, 0, p.classes, p.stride_class, lane, vector,
+    for_range<T, TargetOf<T, M>, TPR, is_prob(M)>(x, t, 0, p.classes, p.stride_class, lane, vector,
                                   [&](int64_t c0, const acc_t* xv, const acc_t* tv, int n) {
       accumulate<T, M, HasW>(p, l, sm, ref, smooth, c0, xv, tv, n);
     });
   }
-  group_reduce<acc_t, TPR>(l, sm, sh_m, sh_s, sh_a, sh_q);
+  group_reduce<acc_t, TPR, M != kPlain>(l, sm, row, sh_m, sh_s, sh_a, sh_q);
   if (soft_focal<M>(p)) {  // the focal loss over soft targets: a second pass (row.cuh)
     const acc_t sh = group_broadcast<acc_t, TPR>(l.shift(), sh_m);
     const acc_t L = group_broadcast<acc_t, TPR>(l.log_sum(), sh_m);
     Lse<acc_t> none;
     sm = Sums<acc_t>();
     if (active) {
-      for_range<T, TPR, M == kProb>(x, t, 0, p.classes, p.stride_class, lane, vector,
+      for_range<T, TargetOf<T, M>, TPR, is_prob(M)>(x, t, 0, p.classes, p.stride_class, lane, vector,
                                     [&](int64_t c0, const acc_t* xv, const acc_t* tv, int n) {
         for (int k = 0; k < n; ++k) focal_add<T, M, HasW>(p, sm, c0 + k, xv[k], tv[k], sh, L, smooth);
       });
     }
-    group_reduce<acc_t, TPR>(none, sm, sh_m, sh_s, sh_a, sh_q);
+    group_reduce<acc_t, TPR, true>(none, sm, row, sh_m, sh_s, sh_a, sh_q);
   }
   if (lane == 0 && valid) {
-    const acc_t xy = active && M != kProb ? target_logit(p, x, y) : acc_t(0);
-    finish_row<T, M, HasW>(p, r, y, active, l, sm, ref, xy, my_l, my_w);
+    const acc_t xy = active && !is_prob(M) ? target_logit(p, x, y) : acc_t(0);
+    finish_row<T, M, HasW>(p, r, y, active, l, row, ref, xy, my_l, my_w);
   }
   if (p.reduction == Reduction::None) return;
   if (lane == 0) {
@@ -91,10 +92,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
   const Smoothing<acc_t> smooth(p);
   const int64_t off = row_offset<T>(p, r);
   const T* x = static_cast<const T*>(p.input) + off;
-  const T* t = M == kProb ? static_cast<const T*>(p.target) + off : nullptr;
+  const auto* t = is_prob(M) ? static_cast<const TargetOf<T, M>*>(p.target) + off : nullptr;
   T* gx = static_cast<T*>(p.grad_input) + off + r / p.inner * (p.grad_stride_outer - p.stride_outer);
   const Coef<acc_t> c = row_coef<T, M, HasW>(p, r, weight_sum<T, M, HasW>(p, w_sum));
-  for_range<T, TPR, M == kProb>(x, t, begin, end, p.stride_class, lane, vector,
+  for_range<T, TargetOf<T, M>, TPR, is_prob(M)>(x, t, begin, end, p.stride_class, lane, vector,
                                 [&](int64_t c0, const acc_t* xv, const acc_t* tv, int n) {
     acc_t out[V];
 #pragma unroll

@@ -11,37 +11,38 @@ namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS {
 namespace {
 
 // Chunk blockIdx.x (of chunk_len classes) of row blockIdx.y: its (m, s, a, q) into
-// state[(row * chunks + chunk) * 4 ...].
+// state[(row * chunks + chunk) * 4 ...] (double: the sums as group_reduce leaves them).
 template <typename T, int M, bool HasW>
 __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     forward_split_kernel(const CrossEntropyParams p, bool vector, int64_t chunk_len,
-                         typename AccOf<T>::type* state) {
+                         double* state) {
   using acc_t = typename AccOf<T>::type;
-  __shared__ acc_t sh_m[kThreads / 32], sh_s[kThreads / 32], sh_a[kThreads / 32],
-      sh_q[kThreads / 32];
+  __shared__ acc_t sh_m[kThreads / 32], sh_s[kThreads / 32];
+  __shared__ double sh_a[kThreads / 32], sh_q[kThreads / 32];
   const int64_t r = blockIdx.y;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk_len;
   const int64_t end = begin + chunk_len < p.classes ? begin + chunk_len : p.classes;
   const Smoothing<acc_t> smooth(p);
   const int64_t off = row_offset<T>(p, r);
   const T* x = static_cast<const T*>(p.input) + off;
-  const T* t = M == kProb ? static_cast<const T*>(p.target) + off : nullptr;
+  const auto* t = is_prob(M) ? static_cast<const TargetOf<T, M>*>(p.target) + off : nullptr;
   Lse<acc_t> l;
   Sums<acc_t> sm;
+  Sums<double> chunk;
   {  // ignored rows too: their max and sum decide whether their gradient is NaN
     const acc_t ref = shift_of(capped(p, to_acc(x[0])));
-    for_range<T, kThreads, M == kProb>(x, t, begin, end, p.stride_class, threadIdx.x, vector,
+    for_range<T, TargetOf<T, M>, kThreads, is_prob(M)>(x, t, begin, end, p.stride_class, threadIdx.x, vector,
                                        [&](int64_t c0, const acc_t* xv, const acc_t* tv, int n) {
       accumulate<T, M, HasW>(p, l, sm, ref, smooth, c0, xv, tv, n);
     });
   }
-  group_reduce<acc_t, kThreads>(l, sm, sh_m, sh_s, sh_a, sh_q);
+  group_reduce<acc_t, kThreads, M != kPlain>(l, sm, chunk, sh_m, sh_s, sh_a, sh_q);
   if (threadIdx.x == 0) {
-    acc_t* st = state + 4 * (r * gridDim.x + blockIdx.x);
+    double* st = state + 4 * (r * gridDim.x + blockIdx.x);
     st[0] = l.m;
     st[1] = l.s;
-    st[2] = sm.a;
-    st[3] = sm.q;
+    st[2] = chunk.a;
+    st[3] = chunk.q;
   }
 }
 
@@ -49,27 +50,26 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
 // the reduction.
 template <typename T, int M, bool HasW>
 __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
-    forward_combine_kernel(const CrossEntropyParams p, int64_t chunks,
-                           const typename AccOf<T>::type* state, double* partial,
-                           unsigned int* done) {
+    forward_combine_kernel(const CrossEntropyParams p, int64_t chunks, const double* state,
+                           double* partial, unsigned int* done) {
   using acc_t = typename AccOf<T>::type;
   const int64_t rows = p.outer * p.inner;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   double my_l = 0, my_w = 0;
   if (r < rows) {
-    const int64_t y = M == kProb ? -1 : target_of(p, r);
-    const bool active = M == kProb || y >= 0;
+    const int64_t y = is_prob(M) ? -1 : target_of(p, r);
+    const bool active = is_prob(M) || y >= 0;
     Lse<acc_t> l;
-    Sums<acc_t> sm;
+    Sums<double> sm;
     for (int64_t k = 0; k < chunks; ++k) {
-      const acc_t* st = state + 4 * (r * chunks + k);
-      l.merge(st[0], st[1]);
+      const double* st = state + 4 * (r * chunks + k);
+      l.merge(static_cast<acc_t>(st[0]), static_cast<acc_t>(st[1]));
       sm.a += st[2];
       sm.q += st[3];
     }
     const T* x = static_cast<const T*>(p.input) + row_offset<T>(p, r);
     const acc_t ref = active ? shift_of(capped(p, to_acc(x[0]))) : acc_t(0);
-    const acc_t xy = active && M != kProb ? target_logit(p, x, y) : acc_t(0);
+    const acc_t xy = active && !is_prob(M) ? target_logit(p, x, y) : acc_t(0);
     finish_row<T, M, HasW>(p, r, y, active, l, sm, ref, xy, my_l, my_w);
   }
   if (p.reduction == Reduction::None) return;
@@ -84,8 +84,7 @@ cudaError_t ce::split_forward(const CrossEntropyParams& p, const Plan& plan, boo
     using T = decltype(tag);
     constexpr int M = decltype(mode)::value;
     constexpr bool W = decltype(has_w)::value;
-    using acc_t = typename AccOf<T>::type;
-    auto* st = static_cast<acc_t*>(state);
+    auto* st = static_cast<double*>(state);
     const dim3 grid(static_cast<unsigned int>(plan.chunks),
                     static_cast<unsigned int>(p.outer * p.inner));
     launch<forward_split_kernel<T, M, W>>(grid, kThreads, stream, p, vector, plan.chunk_len, st);

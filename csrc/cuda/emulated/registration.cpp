@@ -49,30 +49,30 @@ void poison_outputs(const CrossEntropyParams& p) {
   const size_t acc = p.dtype == DType::Float64 ? 8 : 4;
   const bool none = p.reduction == Reduction::None;
   if (p.grad_input == nullptr && p.grad_target == nullptr) {  // a forward
-    poison(p.loss, (none ? rows : 1) * dtype_size(p.dtype));
+    poison(p.loss, (none ? rows : 1) * dtype_size(p.loss_dtype));
     poison(p.lse, rows * acc);
     poison(p.tsum, p.prob_target ? rows * acc : 0);
     poison(p.shard_stats, p.shard_stats != nullptr ? 3 * rows * acc : 0);
   }
   // gradients are written where the logits' strides put them (the input's with its own row
   // stride); (outer, classes, inner) spans them
-  auto span = [&](int64_t stride_outer) {
+  auto span = [&](int64_t stride_outer, DType dtype) {
     return static_cast<size_t>((p.outer - 1) * stride_outer + (p.classes - 1) * p.stride_class +
-                               (p.inner - 1) * p.stride_inner + 1) * dtype_size(p.dtype);
+                               (p.inner - 1) * p.stride_inner + 1) * dtype_size(dtype);
   };
   if (rows > 0 && p.classes > 0 && p.grad_input != p.input) {  // in place: the logits
-    poison(p.grad_input, span(p.grad_stride_outer));
-    poison(p.grad_target, span(p.stride_outer));
+    poison(p.grad_input, span(p.grad_stride_outer, p.dtype));
+    poison(p.grad_target, span(p.stride_outer, p.target_dtype));
   }
 }
 
 void poison_outputs(const BinaryCrossEntropyParams& p) {
-  const size_t n = static_cast<size_t>(p.numel) * dtype_size(p.dtype);
+  const size_t n = static_cast<size_t>(p.numel);
   if (p.grad_input == nullptr && p.grad_target == nullptr) {
-    poison(p.loss, p.reduction == Reduction::None ? n : dtype_size(p.dtype));
+    poison(p.loss, (p.reduction == Reduction::None ? n : 1) * dtype_size(p.loss_dtype));
   }
-  poison(p.grad_input, n);
-  poison(p.grad_target, n);
+  poison(p.grad_input, n * dtype_size(p.dtype));
+  poison(p.grad_target, n * dtype_size(p.target_dtype));
 }
 
 at::Tensor empty_like_gradient(const at::Tensor& like) { return at::empty_like(like); }
