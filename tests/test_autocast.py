@@ -368,3 +368,25 @@ def test_compile_fullgraph_under_autocast(device):
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     got.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("low", LOW, ids=str)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_bce_op_every_target_and_loss_dtype(device, low, weighted):
+    """The BCE op takes 16-bit or float32 targets beside 16-bit logits and writes its loss in
+    either dtype (out_dtype), each read and written in place: every combination against float64."""
+    g = _gen(3)
+    x = (torch.randn(8, 33, generator=g) * 3).to(device, low)
+    t = torch.rand(8, 33, generator=g, dtype=torch.float64)
+    pw = (torch.rand(33, generator=g) + 0.5).to(device) if weighted else None
+    for tdtype in (low, torch.float32):
+        tt = t.to(device, tdtype)
+        ref = F.binary_cross_entropy_with_logits(
+            x.double(), tt.double(), pos_weight=None if pw is None else pw.double(),
+            reduction="none")
+        for out_dtype in (None, low, torch.float32):
+            loss = torch.ops.weighted_loss.binary_cross_entropy_with_logits_forward(
+                x, tt, None, pw, 0, out_dtype=out_dtype)
+            assert loss.dtype == (out_dtype or tdtype)
+            torch.testing.assert_close(loss.double(), ref.to(loss.dtype).double(),
+                                       rtol=2 * HALF_ULP[loss.dtype] * 2, atol=1e-6)

@@ -206,14 +206,14 @@ __device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* shared) {
 // Store: the loss of every element (Reduction::None), one vector per thread. Otherwise the grid
 // is at most kReduceBlocks blocks and each thread walks the elements a grid apart, so the last
 // block adds at most kReduceBlocks partials (a fixed count: the same sum on every GPU). Logits
-// of T, targets of U (params.h: target_dtype), the loss of T or float (loss_dtype).
-template <typename T, typename U, bool Indexed, bool Store>
+// of T, targets of U (params.h: target_dtype), a stored loss of L (loss_dtype: T or float; a
+// compile-time choice: two stores under a runtime branch made sm_90 spill 12 bytes).
+template <typename T, typename U, typename L, bool Indexed, bool Store>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const BinaryCrossEntropyParams p, bool aligned, double* partial,
                    unsigned int* done) {
   using acc_t = typename AccOf<T>::type;
   constexpr int V = Pack<T>::kSize;
-  const bool loss_acc = p.loss_dtype != p.dtype;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads * V;
   double sum = 0;
   for (int64_t f0 = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V;
@@ -234,11 +234,7 @@ __global__ void __launch_bounds__(kThreads)
       part += l[k];
     }
     if constexpr (Store) {
-      if (loss_acc) {
-        store_elements<V>(static_cast<acc_t*>(p.loss), f0, n, vector, l);
-      } else {
-        store_elements<V>(static_cast<T*>(p.loss), f0, n, vector, l);
-      }
+      store_elements<V>(static_cast<L*>(p.loss), f0, n, vector, l);
     } else {
       sum += part;
     }
@@ -263,7 +259,7 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) {
       const double out = p.reduction == Reduction::Mean ? total / static_cast<double>(p.numel)
                                                         : total;
-      store_value<T>(p.loss, loss_acc, 0, static_cast<acc_t>(out));
+      store_value<T>(p.loss, p.loss_dtype != p.dtype, 0, static_cast<acc_t>(out));
     }
   }
 }
@@ -273,7 +269,6 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BinaryCrossEnt
                                                             bool aligned) {
   using acc_t = typename AccOf<T>::type;
   constexpr int V = Pack<T>::kSize;
-  const bool loss_acc = p.loss_dtype != p.dtype;
   const int64_t f0 = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V;
   if (f0 >= p.numel) return;
   const int n = static_cast<int>(p.numel - f0 < V ? p.numel - f0 : V);
@@ -282,6 +277,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BinaryCrossEnt
   load_weights<T, Indexed>(p, f0, n, w, pw, a);  // first: as in forward_kernel
   load_elements<V>(static_cast<const T*>(p.input), f0, n, vector, x);
   load_elements<V>(static_cast<const U*>(p.target), f0, n, vector, t);
+  const bool loss_acc = p.loss_dtype != p.dtype;  // after the weights' divisions (see above)
   if constexpr (GScalar) {
     acc_t gs = load_value<T>(p.grad_loss, loss_acc, 0);
     if (p.reduction == Reduction::Mean) gs /= static_cast<acc_t>(p.numel);
@@ -363,14 +359,21 @@ cudaError_t binary_cross_entropy_forward(const BinaryCrossEntropyParams& p, void
     return with_indexed(p, [&](auto idx) -> cudaError_t {
       constexpr bool I = decltype(idx)::value;
       if (p.reduction == Reduction::None) {
-        launch<forward_kernel<T, U, I, true>>(blocks, kThreads, stream, p, aligned, nullptr,
-                                              nullptr);
+        if constexpr (sizeof(T) == 2) {
+          if (p.loss_dtype != p.dtype) {  // float32 losses of 16-bit logits (mixed precision)
+            launch<forward_kernel<T, U, float, I, true>>(blocks, kThreads, stream, p, aligned,
+                                                         nullptr, nullptr);
+            return cudaGetLastError();
+          }
+        }
+        launch<forward_kernel<T, U, T, I, true>>(blocks, kThreads, stream, p, aligned, nullptr,
+                                                 nullptr);
         return cudaGetLastError();
       }
       const cudaError_t err = cudaMemsetAsync(done, 0, sizeof(unsigned int), stream);
       if (err != cudaSuccess) return err;
-      launch<forward_kernel<T, U, I, false>>(reduce_blocks, kThreads, stream, p, aligned,
-                                             partial, done);
+      launch<forward_kernel<T, U, T, I, false>>(reduce_blocks, kThreads, stream, p, aligned,
+                                                partial, done);
       return cudaGetLastError();
     });
   });

@@ -22,17 +22,19 @@ __device__ __forceinline__ void for_lanes(const T* x, const U* t, int64_t classe
   const auto* px = vector_ptr<Lanes<T, P>>(x);
   const auto* pt = WithT ? vector_ptr<Lanes<U, P>>(t) : nullptr;
   const int64_t s = stride / P;
+  // float targets beside 16-bit logits take twice the registers: half as many classes in flight
+  constexpr int kU = WithT && sizeof(U) > sizeof(T) ? kUnroll / 2 : kUnroll;
   int64_t c = 0;
-  for (; c + kUnroll <= classes; c += kUnroll) {
-    Lanes<T, P> bx[kUnroll];
-    Lanes<U, P> bt[kUnroll];
+  for (; c + kU <= classes; c += kU) {
+    Lanes<T, P> bx[kU];
+    Lanes<U, P> bt[kU];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       bx[u] = px[(c + u) * s];
       if constexpr (WithT) bt[u] = pt[(c + u) * s];
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) f(c + u, bx[u], bt[u]);
+    for (int u = 0; u < kU; ++u) f(c + u, bx[u], bt[u]);
   }
   for (; c < classes; ++c) {
     Lanes<U, P> bt{};
@@ -65,13 +67,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     for_lanes<T, TargetOf<T, M>, P, is_prob(M)>(
         x, t, p.classes, p.stride_class,
         [&](int64_t c, const Lanes<T, P>& xl, const Lanes<TargetOf<T, M>, P>& tl) {
+      // the class's weight once for the P rows (loaded per row, sm_90 spilled 10 bytes)
+      const acc_t wc = M != kPlain ? class_weight<HasW, acc_t>(p, c) : acc_t(1);
 #pragma unroll
       for (int k = 0; k < P; ++k) {
         const acc_t xk = capped(p, to_acc(xl.v[k]));
         l[k].add_max(xk);
         l[k].add(xk);
-        sm[k].template add<T, M, HasW>(p, c, xk, is_prob(M) ? to_acc(tl.v[k]) : acc_t(0), ref[k],
-                                       smooth);
+        if constexpr (M != kPlain) {
+          sm[k].add_term(weighted_target<M>(wc, is_prob(M) ? to_acc(tl.v[k]) : acc_t(0), smooth),
+                         xk, ref[k]);
+        }
       }
     });
     if (soft_focal<M>(p)) {  // the focal loss over soft targets: a second pass (row.cuh)
@@ -85,10 +91,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
       for_lanes<T, TargetOf<T, M>, P, is_prob(M)>(
           x, t, p.classes, p.stride_class,
           [&](int64_t c, const Lanes<T, P>& xl, const Lanes<TargetOf<T, M>, P>& tl) {
+        const acc_t wc = class_weight<HasW, acc_t>(p, c);  // once for the P rows (as above)
 #pragma unroll
         for (int k = 0; k < P; ++k) {
-          focal_add<T, M, HasW>(p, sm[k], c, to_acc(xl.v[k]),
-                                is_prob(M) ? to_acc(tl.v[k]) : acc_t(0), sh[k], L[k], smooth);
+          focal_add_term<M>(p, sm[k], to_acc(xl.v[k]),
+                            weighted_target<M>(wc, is_prob(M) ? to_acc(tl.v[k]) : acc_t(0), smooth),
+                            sh[k], L[k]);
         }
       });
     }

@@ -103,14 +103,22 @@ struct Smoothing {
         t_shift(s / static_cast<acc_t>(p.total_classes)) {}
 };
 
-// w_c t'_c of class c (t' = 1 without probability targets, w = 1 without weight).
+// w_c of class c of these logits (1 without weight), and w_c t'_c (t' = 1 without probability
+// targets): class_term, or its two halves where one class's weight serves several rows.
+template <bool HasW, typename acc_t>
+__device__ __forceinline__ acc_t class_weight(const CrossEntropyParams& p, int64_t c) {
+  return HasW ? static_cast<const acc_t*>(p.weight)[p.class_offset + c] : acc_t(1);
+}
+template <int M, typename acc_t>
+__device__ __forceinline__ acc_t weighted_target(acc_t wc, acc_t t, const Smoothing<acc_t>& sm) {
+  return is_prob(M) ? wc * (t * sm.t_scale + sm.t_shift) : wc;
+}
 template <typename T, int M, bool HasW>
 __device__ __forceinline__ typename AccOf<T>::type class_term(
     const CrossEntropyParams& p, int64_t c, typename AccOf<T>::type t,
     const Smoothing<typename AccOf<T>::type>& sm) {
   using acc_t = typename AccOf<T>::type;
-  const acc_t wc = HasW ? static_cast<const acc_t*>(p.weight)[p.class_offset + c] : acc_t(1);
-  return is_prob(M) ? wc * (t * sm.t_scale + sm.t_shift) : wc;
+  return weighted_target<M>(class_weight<HasW, acc_t>(p, c), t, sm);
 }
 
 // The weighted sums a and q: a thread's share in acc (Sums<acc_t>), a row's in double once its
@@ -122,11 +130,13 @@ struct Sums {
   template <typename T, int M, bool HasW, typename acc_t>
   __device__ __forceinline__ void add(const CrossEntropyParams& p, int64_t c, acc_t x, acc_t t,
                                       acc_t ref, const Smoothing<acc_t>& smooth) {
-    if constexpr (M != kPlain) {
-      const acc_t tw = class_term<T, M, HasW>(p, c, t, smooth);
-      a += tw * (x - ref);
-      q += tw;
-    }
+    if constexpr (M != kPlain) add_term(class_term<T, M, HasW>(p, c, t, smooth), x, ref);
+  }
+  // a class's term tw = w_c t'_c (weighted_target), its logit x
+  template <typename acc_t>
+  __device__ __forceinline__ void add_term(acc_t tw, acc_t x, acc_t ref) {
+    a += tw * (x - ref);
+    q += tw;
   }
 };
 
@@ -184,6 +194,17 @@ __device__ __forceinline__ bool soft_focal(const CrossEntropyParams& p) {
   return M != kPlain && p.focal_gamma > 0;
 }
 
+// A class's focal terms (see the top) with its term f = w_c t'_c given (weighted_target).
+template <int M, typename acc_t>
+__device__ __forceinline__ void focal_add_term(const CrossEntropyParams& p, Sums<acc_t>& sm,
+                                               acc_t x, acc_t f, acc_t sh, acc_t L) {
+  const acc_t lp = (capped(p, x) - sh) - L;
+  acc_t m, s;
+  focal_class_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), lp, fast_exp(lp), m, s);
+  sm.a -= f * m * lp;
+  sm.q += f * s;
+}
+
 // Adds class c's focal terms (see the top) to sm: a += f_c m_c nll_c, q += f_c s_c, from its
 // logit x and probability t and the row's shift sh and log-sum L.
 template <typename T, int M, bool HasW>
@@ -192,12 +213,7 @@ __device__ __forceinline__ void focal_add(const CrossEntropyParams& p, Sums<type
                                           typename AccOf<T>::type t, typename AccOf<T>::type sh,
                                           typename AccOf<T>::type L,
                                           const Smoothing<typename AccOf<T>::type>& smooth) {
-  using acc_t = typename AccOf<T>::type;
-  const acc_t lp = (capped(p, x) - sh) - L, f = class_term<T, M, HasW>(p, c, t, smooth);
-  acc_t m, s;
-  focal_class_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), lp, fast_exp(lp), m, s);
-  sm.a -= f * m * lp;
-  sm.q += f * s;
+  focal_add_term<M>(p, sm, x, class_term<T, M, HasW>(p, c, t, smooth), sh, L);
 }
 
 // The loss of row r from its statistics, in double (each float statistic rounded once, nothing
