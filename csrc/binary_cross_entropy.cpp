@@ -38,8 +38,8 @@ Tensor weight_of(const std::optional<Tensor>& weight, const Tensor& input, const
   strides.assign(input.dim(), 0);
   if (!weight.has_value() || !weight->defined()) return Tensor();
   const Tensor& w = *weight;
-  TORCH_CHECK(w.is_floating_point(), op, ": ", name, " must be a floating point tensor, got ",
-              w.scalar_type());
+  // integer and bool weights are promoted, as PyTorch's arithmetic promotes them
+  TORCH_CHECK(!w.is_complex(), op, ": ", name, " must be a real tensor, got ", w.scalar_type());
   TORCH_CHECK(w.device() == input.device(), op, ": ", name, " is on ", w.device(),
               " but input is on ", input.device());
   const int64_t nd = input.dim(), wd = w.dim();
@@ -147,13 +147,15 @@ Prepared prepare(const Tensor& input, const Tensor& target,
   }
   r.input = input.contiguous();
   r.target = target.contiguous();
-  p.input = r.input.data_ptr();
-  p.target = r.target.data_ptr();
-  p.weight.data = r.weight.defined() ? r.weight.data_ptr() : nullptr;
+  // read-only inputs by const_data_ptr: a copy-on-write tensor (torch._lazy_clone) is read in
+  // place, not materialized
+  p.input = r.input.const_data_ptr();
+  p.target = r.target.const_data_ptr();
+  p.weight.data = r.weight.defined() ? r.weight.const_data_ptr() : nullptr;
   p.weight.inner_stride = w_inner;
-  p.pos_weight.data = r.pos_weight.defined() ? r.pos_weight.data_ptr() : nullptr;
+  p.pos_weight.data = r.pos_weight.defined() ? r.pos_weight.const_data_ptr() : nullptr;
   p.pos_weight.inner_stride = p_inner;
-  p.alpha.data = r.alpha.defined() ? r.alpha.data_ptr() : nullptr;
+  p.alpha.data = r.alpha.defined() ? r.alpha.const_data_ptr() : nullptr;
   p.alpha.inner_stride = a_inner;
   return r;
 }
@@ -216,7 +218,7 @@ std::tuple<Tensor, Tensor> binary_cross_entropy_backward_impl(
         grad_loss.numel() > 0 && std::all_of(st.begin(), st.end(), [](int64_t s) { return s == 0; });
     g = p.grad_loss_scalar ? grad_loss : grad_loss.contiguous();
   }
-  p.grad_loss = g.data_ptr();
+  p.grad_loss = g.const_data_ptr();
   Tensor gx = input_grad ? backend.empty_like(r.input) : at::empty({0}, input.options());
   Tensor gt = target_grad ? backend.empty_like(r.target) : at::empty({0}, input.options());
   p.grad_input = input_grad ? gx.data_ptr() : nullptr;

@@ -28,8 +28,9 @@ inline DType dtype_of(const at::Tensor& t, const char* op) {
     case at::kHalf: return DType::Float16;
     default: break;
   }
-  TORCH_CHECK(false, op, ": input must be a floating point tensor (float64, float32, bfloat16 or "
-              "float16), got ", t.scalar_type());
+  // NotImplementedError, as PyTorch's losses raise for integer logits
+  TORCH_CHECK_NOT_IMPLEMENTED(false, op, ": input must be a floating point tensor (float64, "
+                              "float32, bfloat16 or float16), got ", t.scalar_type());
 }
 
 // float32 accumulation, float64 for float64 data.

@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace weighted_loss {
@@ -58,6 +59,11 @@ void check_label_smoothing(double label_smoothing, const char* op) {
 // Class indices: (N, d...) for (N, C, d...) logits, () for (C,). Returns them contiguous, in
 // their own dtype (the kernels read int64, int32 and uint8: no copy to int64).
 Tensor check_index_target(const Tensor& input, const Tensor& target) {
+  // a batch mismatch first, PyTorch's ValueError (a float target of another shape than the
+  // logits' is taken for class indices, as by PyTorch)
+  TORCH_CHECK_VALUE(input.dim() < 2 || target.dim() == 0 || target.size(0) == input.size(0),
+                    "Expected input batch_size (", input.size(0), ") to match target batch_size (",
+                    target.size(0), ").");
   const auto st = target.scalar_type();
   TORCH_CHECK(st == at::kLong || st == at::kInt || st == at::kByte,
               "cross_entropy: target with class indices must be int64, int32 or uint8, got ", st);
@@ -67,8 +73,6 @@ Tensor check_index_target(const Tensor& input, const Tensor& target) {
   } else if (input.dim() == 2) {
     TORCH_CHECK(target.dim() == 1, "cross_entropy: for input of shape ", input.sizes(),
                 " target must be 1-d, got shape ", target.sizes());
-    TORCH_CHECK_VALUE(target.size(0) == input.size(0), "Expected input batch_size (",
-                      input.size(0), ") to match target batch_size (", target.size(0), ").");
   } else {
     std::vector<int64_t> expected{input.size(0)};
     for (int64_t d = 2; d < input.dim(); ++d) expected.push_back(input.size(d));
@@ -158,6 +162,17 @@ bool row_strided(const Tensor& x) {
 // targets would need strides of their own)
 Layout layout_of(const Tensor& input, bool in_place_rows) {
   Layout l;
+  if (input.numel() == 0) {  // nothing is read: the sizes as if contiguous (their strides may
+                             // be anything: (2, 5, 0, 3) has no single spatial stride)
+    l.input = input;
+    l.classes = input.size(input.dim() == 1 ? 0 : 1);
+    l.outer = input.dim() == 1 ? 1 : input.size(0);
+    for (int64_t d = 2; d < input.dim(); ++d) l.inner *= input.size(d);
+    l.stride_inner = 1;
+    l.stride_class = l.inner > 1 ? l.inner : 1;
+    l.stride_outer = l.classes * l.inner;
+    return l;
+  }
   if ((input.is_non_overlapping_and_dense() || (in_place_rows && row_strided(input))) &&
       view_of(input, l)) {
     return l;
@@ -173,9 +188,7 @@ Tensor check_prob_target(const Layout& l, const Tensor& input, const Tensor& tar
   TORCH_CHECK(target.sizes() == input.sizes(), "cross_entropy: target with class probabilities "
               "must have the input's shape ", input.sizes(), ", got ", target.sizes());
   aux_dtype_of(target.scalar_type(), input, "cross_entropy", "target with class probabilities");
-  TORCH_CHECK(l.classes > 0, "cross_entropy: input has no classes (size 0 along dimension ",
-              input.dim() == 1 ? 0 : 1, ")");
-  if (target.strides() == l.input.strides()) return target;
+  if (target.strides() == l.input.strides() || target.numel() == 0) return target;
   Tensor t = at::empty_like(l.input, target.options());
   t.copy_(target);
   return t;
@@ -212,12 +225,14 @@ CrossEntropyParams params_of(const Layout& l, const Tensor& target, const Tensor
   p.z_loss = terms.z_loss;
   p.softcap = terms.softcap;
   p.focal_gamma = terms.focal_gamma;
-  p.input = l.input.data_ptr();
-  p.target = target.data_ptr();
+  // read-only inputs by const_data_ptr: a copy-on-write tensor (torch._lazy_clone) is read in
+  // place, not materialized
+  p.input = l.input.const_data_ptr();
+  p.target = target.const_data_ptr();
   p.target_type = target.scalar_type() == at::kInt    ? TargetType::Int32
                   : target.scalar_type() == at::kByte ? TargetType::UInt8
                                                       : TargetType::Int64;
-  p.weight = weight.defined() ? weight.data_ptr() : nullptr;
+  p.weight = weight.defined() ? weight.const_data_ptr() : nullptr;
   return p;
 }
 
@@ -231,6 +246,7 @@ Tensor with_strides_of(const CrossEntropyBackend& backend, const Tensor& like, c
                        std::optional<at::ScalarType> dtype = std::nullopt) {
   const bool same = !dtype.has_value() || *dtype == like.scalar_type();
   Tensor out = same ? backend.empty_like(like) : at::empty_like(like, like.options().dtype(*dtype));
+  if (out.numel() == 0) return out;  // nothing to write (no rows, or no classes)
   p.grad_stride_outer = p.stride_outer;
   if (out.strides() == l.input.strides()) {
     run(out);
@@ -270,6 +286,9 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_impl(
   p.lse = lse.data_ptr();
   p.total_weight = total_weight.data_ptr();
   backend.launch(p);
+  // no classes: every target must be ignore_index (the kernels raised otherwise); PyTorch's
+  // smoothing term is (s / C) times an empty sum, 0 / 0 in every row, ignored or not
+  if (l.classes == 0 && label_smoothing > 0) loss.fill_(std::numeric_limits<double>::quiet_NaN());
   return {loss, lse, total_weight};
 }
 
@@ -293,10 +312,11 @@ Tensor index_backward(const Tensor& grad_loss, const Tensor& input, const Tensor
                   lse.scalar_type() == acc_type(input),
               "cross_entropy backward: lse does not match the input");
   const Tensor lse_c = lse.contiguous();
-  p.lse = lse_c.data_ptr();
-  p.total_weight = total_weight.data_ptr();
-  p.grad_loss = g.data_ptr();
+  p.lse = const_cast<void*>(lse_c.const_data_ptr());  // read by the backward
+  p.total_weight = const_cast<void*>(total_weight.const_data_ptr());
+  p.grad_loss = g.const_data_ptr();
   if (!out_of_place) {
+    if (input.numel() == 0) return input;
     p.grad_input = l.input.data_ptr();  // grad_stride_outer == stride_outer
     backend.launch(p);
     if (!l.input.is_same(input)) input.copy_(l.input);
@@ -349,6 +369,15 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_prob_forward_impl(
   p.loss_dtype = dtype_of(loss, kOp);
   Tensor lse = at::empty({2, l.outer * l.inner}, acc);
   Tensor tsum = at::empty({l.outer * l.inner}, acc);
+  if (l.classes == 0) {
+    // no classes, nothing to read: PyTorch's -sum over none of them is -0 per row, and its mean
+    // divides by numel / C = 0 / 0
+    lse.select(0, 0).zero_();
+    lse.select(0, 1).fill_(-std::numeric_limits<double>::infinity());
+    tsum.zero_();
+    loss.fill_(p.reduction == Reduction::Mean ? std::numeric_limits<double>::quiet_NaN() : -0.0);
+    return {loss, lse, tsum};
+  }
   p.loss = loss.data_ptr();
   p.lse = lse.data_ptr();
   p.tsum = tsum.data_ptr();
@@ -369,9 +398,9 @@ Tensor cross_entropy_prob_backward_impl(const Tensor& grad_loss, const Tensor& i
   TORCH_CHECK(lse.numel() == 2 * l.outer * l.inner && tsum.numel() == l.outer * l.inner,
               "cross_entropy backward: lse and tsum do not match the input");
   const Tensor lse_c = lse.contiguous(), tsum_c = tsum.contiguous();
-  p.lse = lse_c.data_ptr();
-  p.tsum = tsum_c.data_ptr();
-  p.grad_loss = g.data_ptr();
+  p.lse = const_cast<void*>(lse_c.const_data_ptr());  // read by the backward
+  p.tsum = const_cast<void*>(tsum_c.const_data_ptr());
+  p.grad_loss = g.const_data_ptr();
   return with_strides_of(backend, input, l, p, [&](Tensor& out) {
     p.grad_input = out.data_ptr();
     backend.launch(p);
@@ -393,8 +422,8 @@ Tensor cross_entropy_prob_target_backward_impl(const Tensor& grad_loss, const Te
   p.target_dtype = aux_dtype_of(tst, input, op, "target_dtype");
   const Tensor g = grad_of(grad_loss, input, p);
   const Tensor lse_c = lse.contiguous();
-  p.lse = lse_c.data_ptr();
-  p.grad_loss = g.data_ptr();
+  p.lse = const_cast<void*>(lse_c.const_data_ptr());  // read by the backward
+  p.grad_loss = g.const_data_ptr();
   return with_strides_of(
       backend, input, l, p,
       [&](Tensor& out) {

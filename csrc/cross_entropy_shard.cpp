@@ -49,9 +49,9 @@ CrossEntropyParams shard_params(const Tensor& x, const Tensor& y, const Tensor& 
   p.label_smoothing = label_smoothing;
   p.class_offset = class_offset;
   p.total_classes = total_classes;
-  p.input = x.data_ptr();
-  p.target = y.data_ptr();
-  p.weight = w.defined() ? w.data_ptr() : nullptr;
+  p.input = x.const_data_ptr();  // read in place, copy-on-write tensors too
+  p.target = y.const_data_ptr();
+  p.weight = w.defined() ? w.const_data_ptr() : nullptr;
   return p;
 }
 
@@ -99,9 +99,9 @@ Tensor cross_entropy_shard_backward_impl(const Tensor& grad_loss, const Tensor& 
               " backward: total_weight must be one ", acc_type(x), " value, got ",
               total_weight.sizes(), " of ", total_weight.scalar_type());
   const Tensor lse_c = lse.contiguous(), tw = total_weight.contiguous();
-  p.lse = lse_c.data_ptr();
-  p.total_weight = tw.data_ptr();
-  p.grad_loss = g.data_ptr();
+  p.lse = const_cast<void*>(lse_c.const_data_ptr());
+  p.total_weight = const_cast<void*>(tw.const_data_ptr());
+  p.grad_loss = g.const_data_ptr();
   // the gradient has empty_like(input)'s strides (the fake kernel's promise); the kernels write
   // rows with contiguous classes and a row stride of their own
   Tensor out = backend.empty_like(input);

@@ -63,3 +63,9 @@ def both_builds(tmp_path):
 def pytest_collection_modifyitems(config, items):
     """Tests marked runs_last (the emulator's coverage check) run after all others."""
     items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-cases", type=int, default=None,
+                     help="seeds of tests/fuzz.py per device in tests/test_fuzz.py (default 200, "
+                          "or WL_FUZZ_CASES)")

@@ -116,3 +116,5 @@ def test_vocab_parallel_errors_name_the_argument(tmp_path):
     for g in _run("vp-errors", 4, tmp_path, "vocab_parallel_worker.py"):
         assert not g["failures"], g
         assert "[9, 8, 8, 8] classes" in g["uneven"], g
+        assert "[8, 9, 8, 8] classes" in g["uneven_after_even"], g
+        assert "[8, 9, 8, 8] classes" in g["uneven_weighted"], g

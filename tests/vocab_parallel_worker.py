@@ -131,6 +131,16 @@ def main():
         got["uneven"] = expect_error(
             lambda: wl.vocab_parallel_cross_entropy(uneven, t), ValueError,
             "split unevenly", failures)
+        # an even split first, then rank 1 alone uneven: every rank raises, whatever ran before
+        # (a cache of the even split once let rank 0 skip the check rank 1 entered: a hang)
+        wl.vocab_parallel_cross_entropy(xs, t)
+        uneven = x[:, :9] if rank == 1 else xs
+        got["uneven_after_even"] = expect_error(
+            lambda: wl.vocab_parallel_cross_entropy(uneven, t), ValueError,
+            "split unevenly", failures)
+        got["uneven_weighted"] = expect_error(  # before the weight's length, which some pass
+            lambda: wl.vocab_parallel_cross_entropy(uneven, t, weight=w), ValueError,
+            "split unevenly", failures)
     else:
         raise SystemExit(f"unknown case {case}")
     got["failures"] = failures

@@ -8,6 +8,8 @@ what it needs in one pass. The forwards' out_dtype (the loss's dtype; float32 un
 """
 import torch
 
+from . import _composite
+
 _ops = torch.ops.weighted_loss
 _NONE = 0
 
@@ -57,13 +59,36 @@ def _no_weight_grad(ctx, index):
             "weighted_loss: the derivative for 'weight' is not implemented (as in PyTorch)")
 
 
+def _differentiable_grads(composite, args, grad_loss, wrt):
+    """The gradients of the loss with respect to the tensors `wrt` (a list, None where no gradient
+    is wanted), as a graph of PyTorch ops: a backward run with create_graph=True (double backward,
+    gradient penalties, torch.func.grad of grad) gets a gradient it can differentiate again. The
+    fused backward ops are first-order only."""
+    slots = [i for i, a in enumerate(args) if any(a is t for t in wrt if t is not None)]
+    order = [next(i for i in slots if args[i] is t) for t in wrt if t is not None]
+
+    def loss_of(*tensors):
+        full = list(args)
+        for i, v in zip(order, tensors):
+            full[i] = v
+        return composite(*full)
+
+    # torch.func.vjp rather than autograd.grad: it composes with the torch.func transforms that
+    # call this backward (jacrev, hessian) as well as with create_graph=True
+    loss, pullback = torch.func.vjp(loss_of, *[args[i] for i in order])
+    got = iter(pullback(grad_loss.to(loss.dtype)))
+    return [None if t is None else next(got) for t in wrt]
+
+
 def _ce_setup(ctx, inputs, output):
     # reduction, ignore_index, smoothing[, z, cap, gamma[, out_dtype]]
     input, target, weight, *args = inputs
     _, lse, total_weight = output
-    ctx.save_for_backward(input, target, weight, lse, total_weight)
+    ctx.to_save = (input, target, weight, lse, total_weight)  # (and for forward: _forward_ad)
+    ctx.save_for_backward(*ctx.to_save)
     ctx.n_inputs = len(inputs)
     ctx.args = tuple(args[:6])
+    ctx.out_dtype = output[0].dtype
     # lse and total_weight get no gradient: without this autograd would fill a zero (2, rows)
     # tensor for lse every backward (0.15 ms of 2.4 at (16, 19, 128, 128) float32 on the CPU)
     ctx.set_materialize_grads(False)
@@ -74,8 +99,13 @@ def _ce_backward(ctx, grad_loss, _grad_lse, _grad_total_weight):
     _no_weight_grad(ctx, 2)
     grad_input = None
     if ctx.needs_input_grad[0] and grad_loss is not None:  # None: only lse was differentiated
-        grad_input = _ops.cross_entropy_backward(grad_loss, input, target, weight, lse,
-                                                 total_weight, *ctx.args)
+        if torch.is_grad_enabled():  # create_graph=True: a gradient to differentiate again
+            (grad_input,) = _differentiable_grads(
+                _composite.cross_entropy, (input, target, weight, *ctx.args, ctx.out_dtype),
+                grad_loss, [input])
+        else:
+            grad_input = _ops.cross_entropy_backward(grad_loss, input, target, weight, lse,
+                                                     total_weight, *ctx.args)
     return (grad_input,) + (None,) * (ctx.n_inputs - 1)
 
 
@@ -111,9 +141,11 @@ def _ce_prob_setup(ctx, inputs, output):
     # reduction, label_smoothing[, z, softcap, gamma[, out_dtype]]
     input, target, weight, *args = inputs
     _, lse, tsum = output
-    ctx.save_for_backward(input, target, weight, lse, tsum)
+    ctx.to_save = (input, target, weight, lse, tsum)
+    ctx.save_for_backward(*ctx.to_save)
     ctx.n_inputs = len(inputs)
     ctx.args = tuple(args[:5])
+    ctx.out_dtype = output[0].dtype
     ctx.set_materialize_grads(False)  # no zero gradients for lse and tsum (as above)
 
 
@@ -123,6 +155,12 @@ def _ce_prob_backward(ctx, grad_loss, _grad_lse, _grad_tsum):
     grad_input = grad_target = None
     if grad_loss is None:  # only lse or tsum was differentiated: they carry no gradient
         return (None,) * ctx.n_inputs
+    if torch.is_grad_enabled():  # create_graph=True: gradients to differentiate again
+        grad_input, grad_target = _differentiable_grads(
+            _composite.cross_entropy_prob, (input, target, weight, *ctx.args, ctx.out_dtype),
+            grad_loss, [input if ctx.needs_input_grad[0] else None,
+                        target if ctx.needs_input_grad[1] else None])
+        return (grad_input, grad_target) + (None,) * (ctx.n_inputs - 2)
     if ctx.needs_input_grad[0]:
         grad_input = _ops.cross_entropy_prob_backward(grad_loss, input, target, weight, lse,
                                                       tsum, *ctx.args)
@@ -174,9 +212,11 @@ def _bce_setup(ctx, inputs, output):
     # [gamma, alpha, alpha_tensor, out_dtype]
     input, target, weight, pos_weight, reduction, *focal = inputs
     alpha_tensor = focal[2] if len(focal) > 2 else None
-    ctx.save_for_backward(input, target, weight, pos_weight, alpha_tensor)
+    ctx.to_save = (input, target, weight, pos_weight, alpha_tensor)
+    ctx.save_for_backward(*ctx.to_save)
     ctx.reduction, ctx.focal = reduction, tuple(focal[:2])
     ctx.has_alpha_tensor = alpha_tensor is not None
+    ctx.out_dtype = output.dtype
 
 
 def _bce_backward(ctx, grad_loss):
@@ -187,7 +227,13 @@ def _bce_backward(ctx, grad_loss):
                 f"weighted_loss: the derivative for '{name}' is not implemented (as in PyTorch)")
     need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_input = grad_target = None
-    if need_input or need_target:
+    if (need_input or need_target) and torch.is_grad_enabled():  # create_graph=True (above)
+        grad_input, grad_target = _differentiable_grads(
+            _composite.binary_cross_entropy,
+            (input, target, weight, pos_weight, ctx.reduction, *ctx.focal, alpha_tensor,
+             ctx.out_dtype),
+            grad_loss, [input if need_input else None, target if need_target else None])
+    elif need_input or need_target:
         gx, gt = _ops.binary_cross_entropy_with_logits_backward(
             grad_loss, input, target, weight, pos_weight, ctx.reduction, need_input, need_target,
             *ctx.focal, *((alpha_tensor,) if ctx.has_alpha_tensor else ()))
@@ -202,10 +248,12 @@ torch.library.register_autograd("weighted_loss::binary_cross_entropy_with_logits
 
 # ---------------------------------------------------------------- second derivatives
 
+# The backward ops compute first-order gradients only: a backward with create_graph=True goes
+# through _differentiable_grads instead (above). Called directly and differentiated, they raise.
 def _no_double_backward(ctx, *grads):
     raise NotImplementedError(
-        "weighted_loss: second derivatives (double backward) of the fused losses are not "
-        "implemented; use torch.nn.functional for higher-order gradients")
+        "weighted_loss: the fused backward ops are first-order; differentiate the losses "
+        "(a backward with create_graph=True builds a differentiable gradient)")
 
 
 for _name in ("cross_entropy_backward", "cross_entropy_prob_backward",

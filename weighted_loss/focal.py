@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-from . import _dtypes
+from . import _dtypes, _forward_ad
 
 
 __all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss", "focal_loss", "FocalLoss"]
@@ -74,7 +74,7 @@ def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: Union[float, Tensor
     if target.is_floating_point():  # the promoted dtype, 16-bit logits read in place
         input, target = _dtypes.floating_pair(input, target)
     tensor_alpha = isinstance(a, Tensor)  # the kernels' alpha switch on, each element's alpha read
-    return _ops.binary_cross_entropy_with_logits_forward(
+    return _forward_ad.binary_cross_entropy_with_logits_forward(
         input, target, weight, pos_weight, _Reduction.get_enum(reduction), g,
         0.0 if tensor_alpha else a, a if tensor_alpha else None)
 
@@ -145,9 +145,9 @@ def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, weight: Option
     red = _Reduction.get_enum(reduction)
     if prob:
         input, target, weight = prob_target_inputs(input, target, weight, ignore_index)
-        loss, _, _ = _ops.cross_entropy_prob_forward(input, target, weight, red, s, 0.0, 0.0, g)
+        loss, _, _ = _forward_ad.cross_entropy_prob_forward(input, target, weight, red, s, 0.0, 0.0, g)
         return loss
-    loss, _, _ = _ops.cross_entropy_forward(input, target, weight, red, int(ignore_index), s, 0.0,
+    loss, _, _ = _forward_ad.cross_entropy_forward(input, target, weight, red, int(ignore_index), s, 0.0,
                                             0.0, g)
     return loss
 

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-from . import _dtypes
+from . import _dtypes, _forward_ad
 from . import distributed as _dist
 
 __all__ = ["cross_entropy", "binary_cross_entropy_with_logits"]
@@ -76,14 +76,14 @@ def cross_entropy(
     z, cap = row_terms(z_loss, softcap)
     if input.shape == target.shape:
         input, target, weight = prob_target_inputs(input, target, weight, ignore_index)
-        loss, _, _ = _ops.cross_entropy_prob_forward(input, target, weight, red,
+        loss, _, _ = _forward_ad.cross_entropy_prob_forward(input, target, weight, red,
                                                      max(label_smoothing, 0.0), z, cap)
         if grouped:
             rows = input.numel() // max(1, input.shape[0 if input.dim() == 1 else 1])
             local = torch.tensor(float(rows), dtype=torch.float64, device=input.device)
             return _dist.global_mean(loss, local, process_group, total_weight)
         return loss
-    loss, _, local = _ops.cross_entropy_forward(input, target, weight, red, int(ignore_index),
+    loss, _, local = _forward_ad.cross_entropy_forward(input, target, weight, red, int(ignore_index),
                                                 max(label_smoothing, 0.0), z, cap)
     if grouped:
         return _dist.global_mean(loss, local, process_group, total_weight)
@@ -92,13 +92,19 @@ def cross_entropy(
 
 def prob_target_inputs(input, target, weight, ignore_index):
     """Class-probability targets as cross-entropy takes them: floating, no ignore_index, promoted
-    with the logits as PyTorch's arithmetic would, 16-bit logits read in place
-    (``_dtypes.floating_pair``); the weight is read in any floating dtype."""
+    with the logits and the weight as PyTorch's arithmetic would (a float64 weight beside float32
+    logits gives a float64 loss; an integer weight is promoted), 16-bit logits read in place
+    (``_dtypes.floating_pair``)."""
     if not target.is_floating_point():
         raise RuntimeError(
             f"Expected floating point type for target with class probabilities, got {target.dtype}")
     if ignore_index >= 0:
         raise RuntimeError("ignore_index is not supported for floating point target")
+    if weight is not None and input.is_floating_point():
+        if weight.is_floating_point():  # PyTorch's -(logp t w).sum() promotes with w's dtype too
+            target = target.to(torch.promote_types(target.dtype, weight.dtype))
+        else:  # integer weights: promoted, as that arithmetic promotes them
+            weight = weight.to(torch.promote_types(input.dtype, target.dtype))
     input, target = _dtypes.floating_pair(input, target)
     return input, target, weight
 
@@ -148,7 +154,7 @@ def binary_cross_entropy_with_logits(
     out_dtype = None if _dtypes.autocast_on(input) else target.dtype
     if target.is_floating_point():
         input, target = _dtypes.floating_pair(input, target)
-    loss = _ops.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight, red)
+    loss = _forward_ad.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight, red)
     if grouped:
         local = torch.tensor(float(input.numel()), dtype=torch.float64, device=input.device)
         loss = _dist.global_mean(loss, local, process_group, total_weight)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-from . import _dtypes
+from . import _composite, _dtypes, _forward_ad
 from .functional import row_terms
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
@@ -100,6 +100,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients were formed in the forward, from the chunks'
+            # logits, and hold no graph; keeping what a second derivative needs (the hidden
+            # states) would cost every first-order step their memory
+            raise NotImplementedError(
+                f"{_OP}: second derivatives (a backward with create_graph=True) are not "
+                "supported; use F.cross_entropy(F.linear(input, linear_weight, bias), ...) or "
+                "wl.cross_entropy on the logits")
         if ctx.reduction == "none":
             with torch.autocast(grad_loss.device.type, enabled=False):
                 grads = _backward_rows(ctx, grad_loss)
@@ -274,9 +282,16 @@ def linear_cross_entropy(
     prob = target.is_floating_point()
     want = lead + (classes,) if prob else lead
     if tuple(target.shape) != want:
-        raise ValueError(f"{_OP}: target must have shape {want} ("
-                         f"{'class probabilities' if prob else 'class indices'}) for input of "
-                         f"shape {tuple(input.shape)}, got {tuple(target.shape)}")
+        # the exception F.cross_entropy raises on its logits: ValueError for another batch size,
+        # RuntimeError for float class indices or probabilities of the wrong shape
+        exc = ValueError if target.dim() == 0 or (lead and target.shape[0] != lead[0]) \
+            else RuntimeError
+        raise exc(f"{_OP}: target must have shape {want} ("
+                  f"{'class probabilities' if prob else 'class indices'}) for input of shape "
+                  f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:  # also with no rows to compute
+        raise RuntimeError(f"{_OP}: label_smoothing must be between 0.0 and 1.0. Got: "
+                           f"{label_smoothing}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{_OP}: chunk_size must be a positive int, got {chunk_size!r}")
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
@@ -295,6 +310,23 @@ def linear_cross_entropy(
         out = torch.float32  # PyTorch's float32 policy for its losses
     else:
         out = t.dtype if prob else logits
+    if _forward_ad.active():
+        # forward-mode AD or a torch.func transform: the logits, held, through the composite
+        # loss (differentiable to any order); a custom jvp would not trace under torch.compile
+        z_, cap_ = z, cap
+        with torch.autocast(x.device.type, enabled=False):
+            lg = torch.nn.functional.linear(x.to(compute), linear_weight.to(compute),
+                                            None if bias is None else bias.to(compute))
+            lg = lg.to(logits)
+            if prob:
+                loss = _composite.cross_entropy_prob(lg, t, weight, _Reduction.get_enum(reduction),
+                                                     max(float(label_smoothing), 0.0), z_, cap_,
+                                                     out_dtype=out)
+            else:
+                loss = _composite.cross_entropy(lg, t, weight, _Reduction.get_enum(reduction),
+                                                int(ignore_index), max(float(label_smoothing), 0.0),
+                                                z_, cap_, out_dtype=out)
+        return loss.view(lead) if reduction == "none" else loss
     n = x.shape[0]
     chunk = chunk_size or _chunk_rows(n, classes, logits, x.device)
     plan = _Plan(compute, logits, out, chunk, torch.is_grad_enabled())

@@ -15,13 +15,12 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-from . import _dtypes
+from . import _dtypes, _forward_ad
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
 _ops = torch.ops.weighted_loss
 _OP = "vocab_parallel_cross_entropy"
-_checked = set()  # (group, shard size) pairs whose split was found even
 
 
 def _group_of(process_group):
@@ -53,11 +52,13 @@ def _gather(stats: Tensor, group, size: int) -> Tensor:
 
 
 def _check_even_split(group, size: int, local: int, device) -> None:
-    """Every rank must hold the same number of classes (rank r holds [r C / R, (r + 1) C / R)).
-    Checked once per (group, shard size), with one host synchronization; not under
-    torch.compile, which cannot trace it."""
-    key = (id(group), local)
-    if size == 1 or key in _checked or torch.compiler.is_compiling():
+    """Every rank must hold the same number of classes (rank r holds [r C / R, (r + 1) C / R)),
+    and every rank raises the same ValueError otherwise. Checked on every eager call, before
+    anything a rank could raise alone (the weight's length, the shard's offsets): a check that
+    one rank skipped (a cache of earlier even splits) while another entered it would hang NCCL.
+    It costs one all-gather of an int and one host synchronization per call; torch.compile
+    cannot trace it and skips it."""
+    if size == 1 or torch.compiler.is_compiling():
         return
     sizes = _all_gather(torch.tensor([local], device=device), group).tolist()
     if len(set(sizes)) != 1:
@@ -65,7 +66,6 @@ def _check_even_split(group, size: int, local: int, device) -> None:
             f"{_OP}: the classes are split unevenly over the {size} ranks of the group: their "
             f"logits hold {sizes} classes; each rank must hold C / {size} of them, rank r the "
             f"classes [r C / {size}, (r + 1) C / {size}) (pad the classes to a multiple of {size})")
-    _checked.add(key)
 
 
 def _merge(g: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
@@ -157,9 +157,15 @@ def vocab_parallel_cross_entropy(
     class indices (the same on every rank), shaped as for ``F.cross_entropy``. ``weight``: the full
     ``(C,)`` class weight. Every rank returns the loss of the unsharded problem; the gradient of its
     logits is its slice of the unsharded gradient. Costs one all-gather of 5 float32 per row (per
-    rank) in the forward; the backward communicates nothing."""
+    rank) in the forward, and in eager mode one of the shard sizes (with a host synchronization:
+    an uneven split raises the same ValueError on every rank); the backward communicates
+    nothing."""
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{_OP}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if _forward_ad.active():
+        raise NotImplementedError(
+            f"{_OP}: forward-mode AD and torch.func transforms are not supported across shards "
+            "(the gathered statistics carry no tangents); use wl.cross_entropy on gathered logits")
     if target.is_floating_point():
         raise TypeError(f"{_OP}: target must hold class indices (int64, int32 or uint8), got "
                         f"{target.dtype}; probability targets are not supported across shards")
@@ -168,6 +174,7 @@ def vocab_parallel_cross_entropy(
     group, size, rank = _group_of(process_group)
     cdim = 0 if logits.dim() == 1 else 1
     shard = logits.shape[cdim]
+    _check_even_split(group, size, shard, logits.device)  # first: every rank gets here alike
     want = () if logits.dim() == 1 else (logits.shape[0], *logits.shape[2:])
     if tuple(target.shape) != want:
         raise ValueError(f"{_OP}: target must have shape {want} for logits of shape "
@@ -180,7 +187,6 @@ def vocab_parallel_cross_entropy(
         if weight.requires_grad and torch.is_grad_enabled():
             raise NotImplementedError(
                 f"{_OP}: the derivative for 'weight' is not implemented (as in PyTorch)")
-    _check_even_split(group, size, shard, logits.device)
     x = logits.unsqueeze(0) if logits.dim() == 1 else logits
     if x.dim() > 2:
         x = x.movedim(1, -1).reshape(-1, shard)  # rows along the classes (a copy)

@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../params.h"
@@ -95,6 +96,9 @@ struct BceCtx {
   explicit BceCtx(const BinaryCrossEntropyParams& prm) : p(prm) {
     focal = p.focal_gamma >= 0;
     fl = {static_cast<acc_t>(focal ? p.focal_gamma : 0.0), focal && p.focal_alpha >= 0};
+    if (focal && p.focal_alpha >= 0 && p.alpha.data == nullptr) {
+      fl.one_minus_alpha = static_cast<acc_t>(1.0 - p.focal_alpha);
+    }
     al = focal ? static_cast<const acc_t*>(p.alpha.data) : nullptr;
     alpha = static_cast<acc_t>(p.focal_alpha);
     al_contiguous = p.alpha.inner_stride == 1 || gathers(p);
@@ -327,7 +331,10 @@ inline void backward_segment(const Cx& cx, int64_t f, int64_t n, const typename 
       }
       if constexpr (GT) {
         const V softplus_neg = at::vec::clamp_min(zero - xv, zero) + log1p_unit(e);
-        const V dce_t = at::vec::fmadd(pv - one, softplus_neg, zero - xv);
+        // at x = -inf its limit -P x = +inf (PyTorch's), not (P - 1) inf + inf = NaN
+        const V dce_t = V::blendv(at::vec::fmadd(pv - one, softplus_neg, zero - xv),
+                                  V(std::numeric_limits<acc_t>::infinity()),
+                                  xv == V(-std::numeric_limits<acc_t>::infinity()));
         dt = gv * (cx.focal ? cx.fl.grad_target(xv, tv, av, e, bce_loss(xv, tv, pv), dce_t)
                             : dce_t);
       }

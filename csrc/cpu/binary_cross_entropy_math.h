@@ -4,6 +4,8 @@
 // inside its CPU_CAPABILITY namespace.
 #pragma once
 
+#include <limits>
+
 #include "vec_common.h"
 
 namespace weighted_loss::cpu {
@@ -49,7 +51,11 @@ inline Vectorized<acc_t> bce_loss(const Vectorized<acc_t>& x, const Vectorized<a
   const V sp = log1p_unit(vexp(zero - x.abs()));
   const V a = one - t, b = pw * t;
   const V lin = x * V::blendv(zero - b, a, x >= zero);
-  return at::vec::fmadd(a + b, sp, lin);
+  // x = -inf: NaN, as PyTorch's (1 - t) x + (1 + (P - 1) t) (log1p(e) - min(x, 0)) gives
+  // (-inf + inf); elsewhere PyTorch's own NaN and inf fall out of this form too
+  const V loss = at::vec::fmadd(a + b, sp, lin);
+  return V::blendv(loss, V(std::numeric_limits<acc_t>::quiet_NaN()),
+                   x == V(-std::numeric_limits<acc_t>::infinity()));
 }
 
 // The sigmoid focal loss (params.h), from e = exp(-|x|): q = 1 - p_t = t sigmoid(-x) +
@@ -64,10 +70,16 @@ struct Focal {
   using V = Vectorized<acc_t>;
   acc_t gamma;
   bool has_alpha;
+  // a scalar alpha's 1 - alpha, from the double alpha (torchvision's 1 - alpha is a Python
+  // float's): 1 - float(alpha) would be 2e-6 off at alpha = 0.9923888; < 0 for an alpha tensor
+  acc_t one_minus_alpha = -1;
   // a t + (1 - a)(1 - t): two terms >= 0, no cancellation (as (2a - 1) t + 1 - a would have)
   inline V alpha_t(const V& t, const V& a) const {
-    return has_alpha ? at::vec::fmadd(a, t, (V(1) - a) * (V(1) - t)) : V(1);
+    if (!has_alpha) return V(1);
+    const V am = one_minus_alpha >= 0 ? V(one_minus_alpha) : V(1) - a;
+    return at::vec::fmadd(a, t, am * (V(1) - t));
   }
+
   // q from whichever of q and p_t = 1 - q is the smaller: each is a sum of two terms >= 0, exact
   // to about an ulp of itself, so 1 - p_t is the better q where q > 1/2 (soft targets).
   inline void sigmoids(const V& x, const V& e, V& sig, V& sig_neg, V& q, const V& t) const {
@@ -89,7 +101,9 @@ struct Focal {
     const V dce = (one - t) * sig - pw * t * sig_neg;
     const V r = V::blendv(zero, sig * sig_neg / q, q > zero);
     const V dm = V(gamma) * (one - t - t) * r;  // d log q^gamma / dx
-    return alpha_t(t, a) * pow_gamma(q, gamma) * at::vec::fmadd(dm, ce, dce);
+    // dm ce is 0 where dm is (gamma = 0, or a saturated logit, where ce may be infinite)
+    return alpha_t(t, a) * pow_gamma(q, gamma) *
+           at::vec::fmadd(dm, V::blendv(ce, zero, dm == zero), dce);
   }
   // d/dt of alpha_t q^gamma ce: q^gamma ((2 alpha - 1) ce + alpha_t (gamma (ce / q) dq/dt +
   // dce/dt)), dq/dt = sigmoid(-x) - sigmoid(x); ce / q is bounded where q -> 0 (about P or 1)
@@ -100,9 +114,11 @@ struct Focal {
     sigmoids(x, e, sig, sig_neg, q, t);
     const V zero(0);
     const V r = V::blendv(zero, ce / q, q > zero);
-    const V inner = at::vec::fmadd(V(gamma) * r, sig_neg - sig, dce_t);
+    // (gamma = 0: no term, where an infinite ce / q would make it 0 inf)
+    const V inner = gamma == 0 ? dce_t : at::vec::fmadd(V(gamma) * r, sig_neg - sig, dce_t);
     const V da = has_alpha ? a + a - V(1) : zero;
-    return pow_gamma(q, gamma) * at::vec::fmadd(da, ce, alpha_t(t, a) * inner);
+    return pow_gamma(q, gamma) * at::vec::fmadd(da, V::blendv(ce, zero, da == zero),
+                                                 alpha_t(t, a) * inner);
   }
 };
 

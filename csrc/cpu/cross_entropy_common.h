@@ -98,7 +98,9 @@ struct Ctx {
   const acc_t* w;               // the shard's weights (all of them unsharded), or nullptr
   const acc_t* w_full;          // the full weight (total_classes), or nullptr
   bool loss_acc;                // the loss and grad_loss stored as acc (params.h: loss_dtype)
-  acc_t w_sum;                  // sum of all total_classes weights (total_classes without weight)
+  double w_sum;                 // sum of all total_classes weights (total_classes without
+                                // weight), in double: a float sum of 128k weights of thousands
+                                // cost the smoothed loss 12x PyTorch's error
   acc_t smooth;                 // label smoothing s, 0 when off
   acc_t t_scale, t_shift;       // t' = t * t_scale + t_shift
   int64_t C;                    // classes of the logits (of the shard)
@@ -121,10 +123,10 @@ struct Ctx {
     t_shift = C_total > 0 ? smooth / static_cast<acc_t>(C_total) : acc_t(0);
     w = nullptr;
     w_full = static_cast<const acc_t*>(p.weight);
-    w_sum = static_cast<acc_t>(C_total);
+    w_sum = static_cast<double>(C_total);
     if (w_full != nullptr) {
       w_buf.resize(C);
-      acc_t s = 0;
+      double s = 0;
       for (int64_t c = 0; c < C_total; ++c) {
         const acc_t v = w_full[c];
         if (c >= p.class_offset && c < p.class_offset + C) w_buf[c - p.class_offset] = v;
@@ -231,12 +233,12 @@ C10_ALWAYS_INLINE void prefetch_write_block(scalar_t* p) {
 // beside L is m, or 0 for a row that is -inf throughout; such a row, and one holding NaN or +inf,
 // gets L = NaN: its loss and gradient are NaN, as PyTorch's (its log_softmax is NaN).
 template <typename acc_t>
-inline void finish_lse(acc_t m, acc_t e, acc_t& sh, double& L) {
+inline void finish_lse(acc_t m, double e, acc_t& sh, double& L) {
   sh = exp_shift(m);
   if (m - m != acc_t(0)) {  // NaN, +inf, or -inf throughout
     L = std::numeric_limits<double>::quiet_NaN();
   } else {
-    L = std::log(static_cast<double>(e));  // in double
+    L = std::log(e);  // in double
   }
 }
 

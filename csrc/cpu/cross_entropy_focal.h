@@ -97,7 +97,8 @@ inline void row_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const Tar
   const acc_t gamma = static_cast<acc_t>(cx.gamma);
   const Vec vsh(sh), vL(L), vzero(0);
   Vec A0(0), A1(0), Q0(0), Q1(0);
-  for_blocks<io::B>(cx.C, [&](int64_t c, int64_t cnt, auto full) {
+  double Ad = 0, Qd = 0;  // their float lanes added every kFlushBlocks blocks
+  for_blocks_flushed<io::B>(cx.C, [&](int64_t c, int64_t cnt, auto full) {
     Vec v0, v1;
     load_block<decltype(full)::value>(cx, x + c, cnt, v0, v1);
     Vec lp0 = (v0 - vsh) - vL, lp1 = (v1 - vsh) - vL;
@@ -113,9 +114,13 @@ inline void row_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const Tar
     A1 = at::vec::fmadd(f1 * m1, n1, A1);
     Q0 = at::vec::fmadd(f0, s0, Q0);
     Q1 = at::vec::fmadd(f1, s1, Q1);
+  }, [&] {
+    Ad += hsum_double(A0, A1);
+    Qd += hsum_double(Q0, Q1);
+    A0 = A1 = Q0 = Q1 = vzero;
   });
-  A = hsum_double(A0, A1);
-  Q = hsum_double(Q0, Q1);
+  A = Ad;
+  Q = Qd;
 }
 
 // The focal loss over soft targets for B lanes (row_focal_sums): with each
@@ -139,6 +144,8 @@ C10_ALWAYS_INLINE void lanes_focal_sums(const Ctx<scalar_t>& cx, const scalar_t*
   const acc_t gamma = static_cast<acc_t>(cx.gamma);
   const Vec vts(cx.t_scale), vtsh(cx.t_shift), vzero(0);
   A0 = A1 = Q0 = Q1 = vzero;
+  const bool flushed = cx.C > kLaneFlush;  // (vec_common.h's LaneSums)
+  LaneSums<acc_t, io::B, 2> sums;
   for (int64_t c = 0; c < cx.C; ++c) {
     Vec v0, v1;
     if (tile != nullptr) {
@@ -165,6 +172,11 @@ C10_ALWAYS_INLINE void lanes_focal_sums(const Ctx<scalar_t>& cx, const scalar_t*
     A1 = at::vec::fmadd(f1 * m1, n1, A1);
     Q0 = at::vec::fmadd(f0, s0, Q0);
     Q1 = at::vec::fmadd(f1, s1, Q1);
+    if (flushed && c % kLaneFlush == kLaneFlush - 1) sums.flush(A0, A1, Q0, Q1);
+  }
+  if (flushed) {
+    sums.flush(A0, A1, Q0, Q1);
+    sums.load(A0, A1, Q0, Q1);
   }
 }
 

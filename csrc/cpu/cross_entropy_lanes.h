@@ -99,6 +99,11 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
   const Vec sh0 = Vec::blendv(m0, vzero, m0 == vninf), sh1 = Vec::blendv(m1, vzero, m1 == vninf);
   // accumulators local to the loop, so they stay in registers
   Vec e0 = vzero, e1 = vzero, a0 = vzero, a1 = vzero, q0 = vzero, q1 = vzero;
+  // the exp sums compensated (Kahan): a float sum of even 19 terms cost the gradient 2x
+  // PyTorch's error; the weighted sums in double every kLaneFlush classes (LaneSums)
+  Vec k0 = vzero, k1 = vzero;
+  const bool flushed = M != kPlain && C > kLaneFlush;
+  LaneSums<acc_t, B, 2> sums;
   for (int64_t c = 0; c < C; ++c) {
     const int64_t at = c * sC;
     if (nx != nullptr) lanes_max_class<scalar_t, M>(cx, nx, tn, c, sC, nnl, tiled, next);
@@ -110,8 +115,8 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
       io::load(x + at, nl, v0, v1);
       cx.capped(v0, v1);
     }
-    e0 += vexp(v0 - sh0);
-    e1 += vexp(v1 - sh1);
+    kahan_add(e0, k0, vexp(v0 - sh0));
+    kahan_add(e1, k1, vexp(v1 - sh1));
     if constexpr (M != kPlain) {
       Vec f0(HasW ? cx.w[c] : acc_t(1)), f1 = f0;  // factor of (x - sh): w_c or w_c t'_c
       if constexpr (is_prob(M)) {
@@ -124,7 +129,12 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
       }
       a0 = at::vec::fmadd(f0, v0 - sh0, a0);
       a1 = at::vec::fmadd(f1, v1 - sh1, a1);
+      if (flushed && c % kLaneFlush == kLaneFlush - 1) sums.flush(a0, a1, q0, q1);
     }
+  }
+  if (flushed) {
+    sums.flush(a0, a1, q0, q1);
+    sums.load(a0, a1, q0, q1);
   }
   // The lanes' losses, vectorized (a scalar row_loss per row of 19 classes costs as much as the
   // row); each lane's loss is rounded a few times in acc, then added in double. An ignored lane
@@ -165,7 +175,7 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
     load_acc(kp, B, kp0, kp1);
     const Vec nll0 = (s0 - xy0) + L0, nll1 = (s1 - xy1) + L1;
     if constexpr (M == kSmooth) {
-      const Vec ks(acc_t(1) - cx.smooth), kt(cx.t_shift), kw(cx.w_sum);
+      const Vec ks(acc_t(1) - cx.smooth), kt(cx.t_shift), kw(static_cast<acc_t>(cx.w_sum));
       if (soft_focal) {
         const acc_t gamma = static_cast<acc_t>(cx.gamma);
         l0 = ks * wy0 * focal_loss_factor(gamma, nll0) * nll0 + kt * a0;

@@ -86,7 +86,7 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
     gy1 = Vec::blendv(zero, g1v * ks * wy1 * f1, keep1);
     if constexpr (M == kSmooth) {
       const Vec kt(cx.t_shift);
-      Vec kw0(cx.t_shift * cx.w_sum), kw1 = kw0;
+      Vec kw0(static_cast<acc_t>(cx.t_shift * cx.w_sum)), kw1 = kw0;
       if (cx.gamma > 0) {  // the focal loss: Q = sum_c w_c s_c of each lane for W
         load_acc(cx.template focal_plane<M>() + r0, nl, kw0, kw1);
         kw0 = kt * kw0;

@@ -17,8 +17,7 @@ using at::vec::Vectorized;
 // weighted sums are of terms <= 0 for weights and targets >= 0: nothing cancels.
 template <typename scalar_t, int M, bool HasW>
 inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const Target<scalar_t, M>* t,
-                     typename AccOf<scalar_t>::type sh, typename AccOf<scalar_t>::type& e,
-                     double& a, double& q) {
+                     typename AccOf<scalar_t>::type sh, double& e, double& a, double& q) {
   using io = IO<scalar_t>;
   using acc_t = typename io::acc_t;
   using Vec = typename io::Vec;
@@ -26,7 +25,8 @@ inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const Target<sc
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const Vec vsh(sh), vninf(ninf), vzero(0);
   Vec e0(0), e1(0), a0(0), a1(0), q0(0), q1(0);
-  for_blocks<B>(cx.C, [&](int64_t c, int64_t cnt, auto full) {
+  double ed = 0, ad = 0, qd = 0;  // their float lanes added every kFlushBlocks blocks
+  for_blocks_flushed<B>(cx.C, [&](int64_t c, int64_t cnt, auto full) {
     Vec v0, v1, u0, u1;
     if constexpr (decltype(full)::value) {
       io::load(x + c, v0, v1);
@@ -54,10 +54,18 @@ inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const Target<sc
         q1 += f1;
       }
     }
+  }, [&] {
+    ed += hsum_double(e0, e1);
+    e0 = e1 = vzero;
+    if constexpr (M != kPlain) {
+      ad += hsum_double(a0, a1);
+      qd += hsum_double(q0, q1);
+      a0 = a1 = q0 = q1 = vzero;
+    }
   });
-  e = hsum(e0 + e1);
-  a = hsum_double(a0, a1);
-  q = hsum_double(q0, q1);
+  e = ed;
+  a = ad;
+  q = qd;
 }
 
 // The loss of a row from its statistics (see row_sums), in double: the float statistics are
@@ -83,7 +91,7 @@ inline double row_loss(const Ctx<scalar_t>& cx, double sh, double L, double a, d
     if constexpr (M == kSmooth) {
       loss = (1.0 - cx.p.label_smoothing) * wy * nll +
              cx.p.label_smoothing / static_cast<double>(cx.C_total) *
-                 (static_cast<double>(cx.w_sum) * L - a);
+                 (cx.w_sum * L - a);
     } else {
       loss = wy * nll;
       if (cx.gamma > 0) {
@@ -114,8 +122,7 @@ inline void row_forward(const Ctx<scalar_t>& cx, int64_t r, const scalar_t* x,
     L = ignored_lse(m);
     return;
   }
-  acc_t e;
-  double a, q;
+  double e, a, q;
   row_sums<scalar_t, M, HasW>(cx, x, t, exp_shift(m), e, a, q);
   double Ld;
   finish_lse(m, e, sh, Ld);
@@ -193,11 +200,10 @@ void forward_shard_rows(const Ctx<scalar_t>& cx) {
       const scalar_t* x = cx.x + cx.offset(r / p.inner, r % p.inner);
       const int64_t yg = cx.checked_target(r), y = yg - p.class_offset;  // y: in the shard
       const acc_t m = row_max(cx, x), sh = exp_shift(m);
-      acc_t es;
-      double a, q;
+      double es, a, q;
       row_sums<scalar_t, M, HasW>(cx, x, nullptr, sh, es, a, q);
       m_out[r] = m;
-      L_out[r] = static_cast<acc_t>(std::log(static_cast<double>(es)));
+      L_out[r] = static_cast<acc_t>(std::log(es));
       const bool local = yg >= 0 && y >= 0 && y < cx.C;
       xy_out[r] = local ? cx.capped(static_cast<acc_t>(x[y * p.stride_class])) : acc_t(0);
       ref_out[r] = sh;
@@ -251,7 +257,7 @@ inline RowCoef<typename AccOf<scalar_t>::type> row_coef(const Ctx<scalar_t>& cx,
     }
     if constexpr (M == kSmooth) {
       const double ts = s / static_cast<double>(cx.C_total);
-      double ws = static_cast<double>(cx.w_sum);
+      double ws = cx.w_sum;
       if (cx.gamma > 0) {  // the focal loss: s_y at the target, Q = sum_c w_c s_c for W
         ws = static_cast<double>(cx.template focal_plane<M>()[r]);
         if (rc.y >= 0) {

@@ -48,7 +48,8 @@ __device__ __forceinline__ acc_t bce_loss(acc_t x, acc_t t, acc_t pw) {
   const acc_t sp = log1p(exp_neg_abs(x));
   const acc_t a = acc_t(1) - t, b = pw * t;
   const acc_t lin = x >= acc_t(0) ? a * x : -b * x;  // NaN x: -b * NaN
-  return (a + b) * sp + lin;
+  // x = -inf: NaN, as PyTorch's (1 - t) x + ... (-inf + inf) gives (the CPU's bce_loss)
+  return x == -INFINITY ? acc_t(NAN) : (a + b) * sp + lin;
 }
 
 // The sigmoid focal loss (params.h; the CPU kernel's Focal): q = 1 - p_t from sigmoids that do
@@ -65,11 +66,19 @@ __device__ __forceinline__ acc_t focal_q(acc_t x, acc_t t, acc_t e, acc_t& sig, 
   return pt < acc_t(0.5) ? acc_t(1) - pt : t * sig_neg + u * sig;
 }
 // a: the element's alpha (load_weights).
+// (a scalar alpha's 1 - alpha from the double alpha, as torchvision's Python float gives it: the
+// CPU's Focal::one_minus_alpha)
 template <typename acc_t>
 __device__ __forceinline__ acc_t focal_alpha_t(const BinaryCrossEntropyParams& p, acc_t t,
                                                acc_t a) {
   if (p.focal_alpha < 0) return acc_t(1);
-  return a * t + (acc_t(1) - a) * (acc_t(1) - t);
+  const acc_t am = p.alpha.data == nullptr ? static_cast<acc_t>(1.0 - p.focal_alpha) : acc_t(1) - a;
+  return a * t + am * (acc_t(1) - t);
+}
+// k y, with the term 0 where its factor k is (its limit: y may be infinite at a saturated logit)
+template <typename acc_t>
+__device__ __forceinline__ acc_t times(acc_t k, acc_t y) {
+  return k == acc_t(0) ? acc_t(0) : k * y;
 }
 template <typename acc_t>
 __device__ __forceinline__ acc_t focal_factor(const BinaryCrossEntropyParams& p, acc_t x, acc_t t,
@@ -86,7 +95,7 @@ __device__ __forceinline__ acc_t focal_grad(const BinaryCrossEntropyParams& p, a
   const acc_t dce = (acc_t(1) - t) * sig - pw * t * sig_neg;
   const acc_t g = static_cast<acc_t>(p.focal_gamma);
   const acc_t r = q > acc_t(0) ? sig * sig_neg / q : acc_t(0);
-  return focal_alpha_t(p, t, a) * pow_gamma(q, g) * (dce + g * (acc_t(1) - t - t) * r * ce);
+  return focal_alpha_t(p, t, a) * pow_gamma(q, g) * (dce + times(g * (acc_t(1) - t - t) * r, ce));
 }
 // d/dt of alpha_t q^gamma ce (the CPU kernel's Focal::grad_target): q = 0 contributes 0.
 template <typename acc_t>
@@ -98,7 +107,8 @@ __device__ __forceinline__ acc_t focal_grad_target(const BinaryCrossEntropyParam
   const acc_t g = static_cast<acc_t>(p.focal_gamma);
   const acc_t r = q > acc_t(0) ? ce / q : acc_t(0);
   const acc_t da = p.focal_alpha >= 0 ? a + a - acc_t(1) : acc_t(0);
-  return pow_gamma(q, g) * (da * ce + focal_alpha_t(p, t, a) * (g * r * (sig_neg - sig) + dce_t));
+  return pow_gamma(q, g) *
+         (times(da, ce) + focal_alpha_t(p, t, a) * (times(g, r) * (sig_neg - sig) + dce_t));
 }
 
 // The elements of one thread: [f0, f0 + n), n <= V (a Pack of the logits: 16 bytes of them), as
@@ -301,7 +311,9 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BinaryCrossEnt
     }
     if constexpr (GT) {
       const acc_t softplus_neg = (x[k] < acc_t(0) ? -x[k] : acc_t(0)) + log1p(e);
-      const acc_t dce_t = (pw[k] - acc_t(1)) * softplus_neg - x[k];
+      // at x = -inf its limit -P x = +inf (PyTorch's), not (P - 1) inf + inf = NaN
+      const acc_t dce_t = x[k] == -INFINITY ? acc_t(INFINITY)
+                                             : (pw[k] - acc_t(1)) * softplus_neg - x[k];
       dt[k] = gw * (p.focal_gamma >= 0
                         ? focal_grad_target(p, x[k], t[k], a[k], e, bce_loss(x[k], t[k], pw[k]),
                                             dce_t)

@@ -14,6 +14,74 @@ struct alignas(sizeof(T) * P) Lanes {
   T v[P];
 };
 
+// a += v compensated (Kahan; no fast-math here, so it is kept as written): c holds the low part
+// lost so far, and a - c is the sum within a few ulp however many terms a thread adds; an
+// infinite sum (a -inf logit's term) stays infinite.
+template <typename acc_t>
+__device__ __forceinline__ void kahan_add(acc_t& a, acc_t& c, acc_t v) {
+  const acc_t y = v - c;
+  const acc_t t = a + y;
+  c = t - t == acc_t(0) ? (t - a) - y : acc_t(0);  // inf - inf would make every later sum NaN
+  a = t;
+}
+
+// A lane's sums over its row: a thread adds every class in sequence (the row kernels' threads
+// add a few each and reduce in a tree), so with K they are compensated: a plain float sum over
+// 1,000 classes cost the loss and its gradient 7-10x PyTorch's error. The exp sum as Lse's
+// (rescaled as the max rises, its compensation with it); a and q as Sums'.
+template <typename acc_t, bool K>
+struct LaneSums {
+  acc_t m = -INFINITY, s = 0, cs = 0, a = 0, ca = 0, q = 0, cq = 0;
+  __device__ __forceinline__ void add(acc_t x) {  // Lse's add_max, then add
+    if (x > m) {
+      if (m != -INFINITY) {
+        const acc_t f = fast_exp(m - x);
+        s *= f;
+        if constexpr (K) cs *= f;
+      }
+      m = x;
+    }
+    if (m != -INFINITY) {
+      if constexpr (K) {
+        kahan_add(s, cs, fast_exp(x - m));
+      } else {
+        s += fast_exp(x - m);
+      }
+    } else if (x != x) {
+      s = x;  // NaN in an all -inf row
+    }
+  }
+  __device__ __forceinline__ void add_term(acc_t tw, acc_t x, acc_t ref) {  // Sums::add_term
+    add_a(tw * (x - ref));
+    add_q(tw);
+  }
+  __device__ __forceinline__ void add_a(acc_t v) {
+    if constexpr (K) {
+      kahan_add(a, ca, v);
+    } else {
+      a += v;
+    }
+  }
+  __device__ __forceinline__ void add_q(acc_t v) {
+    if constexpr (K) {
+      kahan_add(q, cq, v);
+    } else {
+      q += v;
+    }
+  }
+  __device__ __forceinline__ Lse<acc_t> lse() const {
+    Lse<acc_t> l;
+    l.m = m;
+    l.s = K ? s - cs : s;
+    return l;
+  }
+  __device__ __forceinline__ Sums<double> sums() const {
+    if constexpr (!K) return {a, q};
+    return {static_cast<double>(a) - static_cast<double>(ca),
+            static_cast<double>(q) - static_cast<double>(cq)};
+  }
+};
+
 // Calls f(c, xl, tl) for every class c of the P rows at x (t, stored as U: T, or float beside
 // 16-bit logits), loading kUnroll classes before using the first.
 template <typename T, typename U, int P, bool WithT, typename F>
@@ -57,12 +125,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     const T* x = static_cast<const T*>(p.input) + off;
     const auto* t = is_prob(M) ? static_cast<const TargetOf<T, M>*>(p.target) + off : nullptr;
     acc_t ref[P];
-    Lse<acc_t> l[P];
-    Sums<acc_t> sm[P];
-    {
+    // eight 16-bit rows a thread have no registers for the compensation (12-136 bytes of
+    // spills on sm_80): theirs are plain float sums, as before (a 16-bit logit's rounding is
+    // 2^15 times a float sum's step; the rows a thread of float32 or unaligned logits: compensated)
+    LaneSums<acc_t, P == 1 || sizeof(T) >= 4> ls[P];
+    if (p.classes > 0) {  // (no classes: no first logit, every target ignore_index)
       const Lanes<T, P> x0 = *vector_ptr<Lanes<T, P>>(x);
 #pragma unroll
       for (int k = 0; k < P; ++k) ref[k] = shift_of(capped(p, to_acc(x0.v[k])));
+    } else {
+#pragma unroll
+      for (int k = 0; k < P; ++k) ref[k] = acc_t(0);
     }
     for_lanes<T, TargetOf<T, M>, P, is_prob(M)>(
         x, t, p.classes, p.stride_class,
@@ -72,10 +145,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
 #pragma unroll
       for (int k = 0; k < P; ++k) {
         const acc_t xk = capped(p, to_acc(xl.v[k]));
-        l[k].add_max(xk);
-        l[k].add(xk);
+        ls[k].add(xk);
         if constexpr (M != kPlain) {
-          sm[k].add_term(weighted_target<M>(wc, is_prob(M) ? to_acc(tl.v[k]) : acc_t(0), smooth),
+          ls[k].add_term(weighted_target<M>(wc, is_prob(M) ? to_acc(tl.v[k]) : acc_t(0), smooth),
                          xk, ref[k]);
         }
       }
@@ -84,9 +156,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
       acc_t sh[P], L[P];
 #pragma unroll
       for (int k = 0; k < P; ++k) {
-        sh[k] = l[k].shift();
-        L[k] = l[k].log_sum();
-        sm[k] = Sums<acc_t>();
+        sh[k] = ls[k].lse().shift();
+        L[k] = ls[k].lse().log_sum();
+        ls[k].a = ls[k].ca = ls[k].q = ls[k].cq = acc_t(0);  // now the focal sums, compensated
       }
       for_lanes<T, TargetOf<T, M>, P, is_prob(M)>(
           x, t, p.classes, p.stride_class,
@@ -94,9 +166,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
         const acc_t wc = class_weight<HasW, acc_t>(p, c);  // once for the P rows (as above)
 #pragma unroll
         for (int k = 0; k < P; ++k) {
-          focal_add_term<M>(p, sm[k], to_acc(xl.v[k]),
+          Sums<acc_t> one;  // the class's terms
+          focal_add_term<M>(p, one, to_acc(xl.v[k]),
                             weighted_target<M>(wc, is_prob(M) ? to_acc(tl.v[k]) : acc_t(0), smooth),
                             sh[k], L[k]);
+          ls[k].add_a(one.a);
+          ls[k].add_q(one.q);
         }
       });
     }
@@ -106,8 +181,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
       const bool active = is_prob(M) || y >= 0;
       const acc_t xy =
           active && !is_prob(M) ? capped(p, to_acc(x[y * p.stride_class + k])) : acc_t(0);
-      const Sums<double> row{sm[k].a, sm[k].q};  // one thread's: the row's
-      finish_row<T, M, HasW>(p, r0 + k, y, active, l[k], row, ref[k], xy, my_l, my_w);
+      finish_row<T, M, HasW>(p, r0 + k, y, active, ls[k].lse(), ls[k].sums(), ref[k], xy, my_l,
+                             my_w);
     }
   }
   if (p.reduction == Reduction::None) return;

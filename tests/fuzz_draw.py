@@ -1,0 +1,175 @@
+"""Drawing the differential fuzzer's cases (tests/fuzz.py): one per seed, every loss, a shape
+with 0- and 1-sized dimensions among the others, a dtype, a layout, targets, weights, smoothing,
+a reduction, NaN and +-inf logits, and one case in eight an invalid argument."""
+import random
+
+import torch
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+EPS = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -9,
+       torch.float16: 2.0 ** -11}
+LOSSES = ["ce", "ce", "ce-prob", "bce", "bce", "focal", "sfocal", "linear"]
+
+
+# ------------------------------------------------------------------------------ drawing a case
+
+def _shape(r, loss):
+    """(N, C, d...) with 0s and 1s among the sizes; (C,) sometimes for cross-entropy."""
+    def size(lo=0, hi=9):
+        u = r.random()
+        return 0 if u < 0.06 else 1 if u < 0.2 else r.randint(max(lo, 2), hi)
+    if loss == "linear":
+        return (size(1, 40), r.choice([1, 3, 7, 64, 301]))
+    if loss in ("ce", "ce-prob", "focal") and r.random() < 0.1:
+        return (size(),)
+    C = r.choice([size(), 1, 5, 19, 64, 65, 300, 1000, 4097])
+    spatial = [size(1, 7) for _ in range(r.choice([0, 0, 1, 2]))]
+    N = size(1, 12 if spatial else 40)
+    if C >= 1000:
+        N = min(N, 4)
+        spatial = []
+    return (N, C, *spatial)
+
+
+def _layout(r, x):
+    """The logits as the user may hold them: contiguous, or another layout of the same values."""
+    kind = r.choice(["contig"] * 4 + ["transposed", "channels_last", "strided", "padded",
+                                      "offset"])
+    if kind == "transposed" and x.dim() == 2:
+        return kind, x.t().contiguous().t()
+    if kind == "channels_last" and x.dim() == 4:
+        return kind, x.contiguous(memory_format=torch.channels_last)
+    if kind == "strided" and x.dim() >= 1:
+        buf = torch.zeros(*x.shape, 2, dtype=x.dtype)
+        buf[..., 0] = x
+        return kind, buf[..., 0]
+    if kind == "padded" and x.dim() == 2:
+        buf = torch.zeros(x.shape[0], x.shape[1] + 3, dtype=x.dtype)
+        buf[:, :x.shape[1]] = x
+        return kind, buf[:, :x.shape[1]]
+    if kind == "offset":
+        buf = torch.zeros(x.numel() + 1, dtype=x.dtype)
+        out = buf[1:].view(x.shape)
+        out.copy_(x)
+        return kind, out
+    return "contig", x
+
+
+def _logits(r, g, shape, dtype):
+    scale = r.choice([0.5, 3.0, 3.0, 30.0])
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * scale
+    if x.numel() and r.random() < 0.15:  # non-finite logits
+        flat = x.view(-1)
+        for _ in range(r.randint(1, 3)):
+            flat[r.randrange(flat.numel())] = r.choice([float("nan"), float("inf"),
+                                                        float("-inf")])
+    return x.to(dtype)
+
+
+def draw(seed, device="cpu"):
+    """The case of a seed: a dict of what to call and with what (tensors on the CPU)."""
+    r = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    loss = r.choice(LOSSES)
+    dtype = r.choice(DTYPES)
+    shape = _shape(r, loss)
+    case = {"seed": seed, "loss": loss, "dtype": dtype, "shape": shape, "kw": {},
+            "device": device}
+    kw = case["kw"]
+    kw["reduction"] = r.choice(["none", "mean", "sum"])
+    if loss == "linear":
+        H = shape[1]
+        C = r.choice([1, 5, 33, 300])
+        case["x"] = (torch.randn(shape[0], H, generator=g, dtype=torch.float64)).to(dtype)
+        case["lw"] = (torch.randn(C, H, generator=g, dtype=torch.float64) * 0.3).to(dtype)
+        case["target"] = torch.randint(0, C, (shape[0],), generator=g)
+        if shape[0] and r.random() < 0.3:
+            case["target"][torch.rand(shape[0], generator=g) < 0.3] = -100
+        if r.random() < 0.5:
+            kw["weight"] = (torch.rand(C, generator=g, dtype=torch.float64) + 0.1).to(dtype)
+        if r.random() < 0.4:
+            kw["label_smoothing"] = r.choice([0.1, 0.5, 1.0])
+        kw["chunk_size"] = r.choice([None, 1, 3, 16])
+        case["layout"] = "contig"
+        _maybe_invalid(r, case)
+        return case
+    C = shape[0] if len(shape) == 1 else shape[1]
+    x = _logits(r, g, shape, dtype)
+    case["layout"], case["x"] = _layout(r, x)
+    if loss in ("bce", "sfocal"):
+        tdt = r.choice([dtype, dtype, torch.float32])
+        t = torch.rand(shape, generator=g, dtype=torch.float64)
+        if r.random() < 0.6:
+            t = t.round()
+        case["target"] = t.to(tdt)
+        if loss == "bce":
+            for name in ("weight", "pos_weight"):
+                if r.random() < 0.4:
+                    wshape = r.choice([shape[-1:] if shape else (), (1,) * len(shape), shape])
+                    wd = r.choice([dtype, dtype, torch.float32, torch.int64])
+                    w = torch.rand(wshape, generator=g, dtype=torch.float64) * 4 + 0.1
+                    kw[name] = (w * 3).round().to(wd) if wd == torch.int64 else w.to(wd)
+        else:
+            kw["alpha"] = r.choice([0.25, -1, 0.9923888, 0.5])
+            kw["gamma"] = r.choice([0.0, 0.5, 2.0, 3.0])
+    else:
+        prob = loss == "ce-prob" or (loss == "focal" and r.random() < 0.3)
+        if prob:
+            t = torch.rand(shape, generator=g, dtype=torch.float64)
+            if C:
+                t = t / t.sum(0 if len(shape) == 1 else 1, keepdim=True)
+            case["target"] = t.to(r.choice([dtype, dtype, torch.float32]))
+        else:
+            tshape = () if len(shape) == 1 else (shape[0], *shape[2:])
+            t = torch.randint(0, max(C, 1), tshape, generator=g)
+            ignore = r.choice([-100, -100, 255, 0, 1])
+            if t.numel() and (r.random() < 0.4 or C == 0):
+                t[torch.rand(tshape, generator=g) < (1.0 if C == 0 else 0.3)] = ignore
+            if ignore != -100:
+                kw["ignore_index"] = ignore
+            case["target"] = t.to(r.choice([torch.int64, torch.int64, torch.int32]))
+        if r.random() < 0.5:
+            wd = r.choice([dtype, dtype, dtype, torch.float32])
+            kw["weight"] = (torch.rand(C, generator=g, dtype=torch.float64) * 3 + 0.1).to(wd)
+        if r.random() < 0.5:
+            kw["label_smoothing"] = r.choice([0.05, 0.3, 1.0])
+        if loss == "focal":
+            kw["gamma"] = r.choice([0.5, 1.0, 2.0])
+    _maybe_invalid(r, case)
+    return case
+
+
+def _maybe_invalid(r, case):
+    """One case in eight gets an argument PyTorch rejects."""
+    if r.random() >= 0.125 or case["loss"] in ("focal", "sfocal"):
+        return
+    kw, t = case["kw"], case["target"]
+    what = r.choice(["reduction", "smoothing", "target_range", "target_shape", "weight_len",
+                     "int_logits", "float_index"])
+    if what == "reduction":
+        kw["reduction"] = "avg"
+    elif what == "smoothing" and case["loss"] != "bce":
+        kw["label_smoothing"] = 1.5
+    elif what == "target_range" and not t.is_floating_point() and t.numel():
+        t.view(-1)[0] = 10 ** 4
+    elif what == "target_shape" and t.dim() >= 1 and t.shape[0] > 0:
+        case["target"] = t[:-1]
+    elif what == "weight_len" and "weight" in kw and kw["weight"].dim() == 1 and \
+            kw["weight"].numel() > 1:
+        kw["weight"] = kw["weight"][:-1]
+    elif what == "int_logits" and case["loss"] != "linear":
+        case["x"] = case["x"].nan_to_num(0, 0, 0).round().long()
+    elif what == "float_index" and case["loss"] in ("ce", "linear") and \
+            not t.is_floating_point() and t.numel() and t.dim() != case["x"].dim():
+        case["target"] = t.double().to(torch.float32)
+    case["invalid"] = what
+
+
+def describe(case):
+    kw = {k: (f"{tuple(v.shape)} {str(v.dtype)[6:]}" if torch.is_tensor(v) else v)
+          for k, v in case["kw"].items()}
+    t = case["target"]
+    return (f"seed {case['seed']}: {case['loss']} {tuple(case['shape'])} "
+            f"{str(case['dtype'])[6:]} {case['layout']} target {tuple(t.shape)} "
+            f"{str(t.dtype)[6:]} {kw}{' invalid=' + case['invalid'] if 'invalid' in case else ''}"
+            f" on {case['device']}")

@@ -1,0 +1,128 @@
+"""The differential fuzzer's references (tests/fuzz.py): PyTorch's function for each loss (its
+composites for the focal losses, F.cross_entropy of F.linear for linear_cross_entropy), a float64
+reference where PyTorch's own formula loses digits, and the scales of the terms that cancel in a
+gradient, at which its floor is set."""
+import torch
+import torch.nn.functional as F
+
+import weighted_loss as wl
+from weighted_loss import _composite
+from weighted_loss.bench_focal import focal_composite, sigmoid_focal_composite
+
+
+def _focal_reference(input, target, gamma=2.0, weight=None, ignore_index=-100,
+                     reduction="mean", label_smoothing=0.0):
+    """The softmax focal loss in PyTorch ops: bench_focal's composite for class indices, the
+    library's composite (weighted_loss/_composite.py, PyTorch ops too) for probabilities; (C,)
+    logits as a batch of one."""
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if input.shape[0 if input.dim() == 1 else 1] == 0:  # no classes: no item to weigh
+        return F.cross_entropy(input, target, weight, ignore_index=ignore_index,
+                               reduction=reduction, label_smoothing=label_smoothing)
+    if target.is_floating_point():
+        out = _composite.cross_entropy_prob(input, target, weight, ["none", "mean", "sum"].index(
+            reduction), label_smoothing, gamma=gamma)
+        dt = torch.promote_types(input.dtype, target.dtype)  # and the weight's, as F.cross_entropy
+        return out.to(dt if weight is None else torch.promote_types(dt, weight.dtype))
+    if input.dim() == 1:
+        out = _focal_reference(input.unsqueeze(0), target.unsqueeze(0), gamma, weight,
+                               ignore_index, reduction, label_smoothing)
+        return out.squeeze(0) if reduction == "none" else out
+    # as F.cross_entropy (focal at gamma 0) treats ignored items: their logits never read (a
+    # NaN there stays out of the loss) and, when every item is ignored, the mean NaN with a
+    # zero gradient
+    keep = (target != ignore_index).unsqueeze(1)
+    input = torch.where(keep, input, torch.zeros((), dtype=input.dtype))
+    out = focal_composite(input, target, gamma, weight, ignore_index,
+                          "sum" if reduction == "mean" else reduction, label_smoothing)
+    out = out.to(input.dtype)  # a weight of another dtype (accepted, README): the logits' dtype
+    if reduction != "mean":
+        return out
+    y = torch.where(keep.squeeze(1), target, 0)
+    total = keep.squeeze(1).sum() if weight is None else (weight[y] * keep.squeeze(1)).sum()
+    return (out / total).to(input.dtype) if total > 0 else out * 0 + float("nan")
+
+
+def _sfocal_reference(input, target, alpha=0.25, gamma=2.0, reduction="none", weight=None,
+                      pos_weight=None):
+    """The float64 reference of the sigmoid focal loss: torchvision's formula with 1 - p_t formed
+    without cancelling, p (1 - t) + sigmoid(-x) t, and the BCE without cancelling either (the
+    composite loses most digits of p = 1e-15 at x = -34 even in float64; the kernels keep
+    them: checked against mpmath)."""
+    q = torch.sigmoid(input) * (1 - target) + torch.sigmoid(-input) * target
+    # BCE as softplus terms: PyTorch's log(exp(-m) + exp(-x - m)) keeps 4% of a loss of 3e-15
+    ce = (1 - target) * F.softplus(input, threshold=50) + (1 if pos_weight is None else pos_weight) * \
+        target * F.softplus(-input, threshold=50)
+    ce = ce if weight is None else ce * weight
+    loss = ce * q ** gamma
+    if isinstance(alpha, torch.Tensor) or alpha >= 0:
+        loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    if reduction == "mean":
+        return loss.mean()
+    return loss.sum() if reduction == "sum" else loss
+
+
+def _fns(loss):
+    if loss in ("ce", "ce-prob"):
+        return wl.cross_entropy, F.cross_entropy
+    if loss == "bce":
+        return wl.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits
+    if loss == "focal":
+        return wl.focal_loss, _focal_reference
+    if loss == "sfocal":
+        return wl.sigmoid_focal_loss, sigmoid_focal_composite
+    return (wl.linear_cross_entropy,
+            lambda h, lw, y, chunk_size=None, **kw: F.cross_entropy(F.linear(h, lw), y, **kw))
+
+
+def _softmax_terms(case, logits):
+    """A logit gradient is g (W_i p_c - w_c t'_c): two terms that cancel (at the target as p_y
+    nears 1; everywhere under heavy smoothing), so its floor is at their scale, the first term
+    g W_i p_c with W_i = sum_c w_c t'_c, in float64 (g: the upstream gradient, over the total
+    weight for a mean). Class indices only (else None)."""
+    t = case["target"]
+    kw = case["kw"]
+    if t.is_floating_point() or logits.dim() < 1:
+        return None
+    lg = logits.unsqueeze(0) if logits.dim() == 1 else logits
+    tt = t.reshape(1) if logits.dim() == 1 else t
+    C = lg.shape[1]
+    keep = tt != kw.get("ignore_index", -100)
+    w = kw.get("weight")
+    w = torch.ones(C, dtype=torch.float64) if w is None else w.double()
+    s = kw.get("label_smoothing", 0.0)
+    wy = torch.where(keep, w[torch.where(keep, tt, 0).long()], 0.0) if C else keep.double()
+    W = (1 - s) * wy + (s / C * w.sum() if C else 0.0) * keep
+    red = kw.get("reduction", "mean")
+    if red == "none":
+        go = torch.linspace(0.5, 1.5, tt.numel(), dtype=torch.float64).reshape(tt.shape)
+    else:
+        total = wy.sum() if red == "mean" else 1.0
+        go = torch.full(tt.shape, 0.5, dtype=torch.float64) / (total if total > 0 else 1.0)
+    return (go * W).unsqueeze(1) * torch.softmax(lg.double(), 1).nan_to_num(0, 0, 0)
+
+
+def _term_scales(case):
+    """The floors' scales of the gradients whose terms cancel (0: the result's own scale): a
+    logit gradient (_softmax_terms); linear_cross_entropy's, sums of products (dlogits @ weight,
+    dlogits^T @ h) at the scale of their terms, |dlogits| + those terms, times |weight| or |h|."""
+    if case["loss"] in ("ce", "focal"):
+        a = _softmax_terms(case, case["x"])
+        return [0.0, a.max().item() if a is not None and a.numel() else 0.0, 0.0]
+    if case["loss"] != "linear":
+        return [0.0] * 3
+    h, lw = case["x"].double(), case["lw"].double()
+    logits = (h @ lw.T).requires_grad_()
+    kw = {k: (v.double() if torch.is_tensor(v) else v) for k, v in case["kw"].items()
+          if k != "chunk_size"}
+    out = F.cross_entropy(logits, case["target"], **kw)
+    go = torch.linspace(0.5, 1.5, out.numel(), dtype=torch.float64).reshape(out.shape)
+    dl, = torch.autograd.grad(out, logits, go)
+    if not dl.numel() or not lw.shape[1]:
+        return [0.0] * 3
+    dl = dl.nan_to_num(0, 0, 0).abs() + _softmax_terms(case, logits.detach())
+    # the weight's gradient is added up chunk by chunk in its dtype (README: one rounding per
+    # chunk; a chunk_size of a row or two costs more than PyTorch's one matmul)
+    chunks = -(-h.shape[0] // (case["kw"].get("chunk_size") or h.shape[0]))
+    return [0.0, (dl @ lw.abs()).max().item(), chunks * (dl.T @ h.abs()).max().item()]
