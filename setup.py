@@ -6,14 +6,20 @@
   execution model (csrc/cuda/emulator/), when the CUDA headers are found (a toolkit or NVIDIA's
   pip wheels: csrc/cuda/emulated/headers.py), unless WEIGHTED_LOSS_EMULATOR=0. They run the CUDA
   kernels on CPU tensors under weighted_loss.testing.emulated_cuda().
+- Without debug info (-g0) unless WEIGHTED_LOSS_DEBUG=1.
 - WEIGHTED_LOSS_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer, with the
   DEFAULT CPU kernels only (make cuda-emu-asan, into a separate build directory).
 """
 import glob
 import os
 import runpy
+import sys
 
-import torch
+try:
+    import torch
+except ModuleNotFoundError:
+    sys.exit("weighted_loss builds against the torch you have installed: install torch first, then "
+             "`pip install --no-build-isolation .` (an isolated build cannot see your torch)")
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -43,13 +49,17 @@ def extension():
     # and once for the threaded one), which changed the last bit of results with the thread
     # count. FMAs are written out (at::vec::fmadd) where they are wanted.
     cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", "-ffp-contract=off"]
+    # Python's CFLAGS carry -g: without -g0 after them _C.so is ~10x its code in debug info
+    # (WEIGHTED_LOSS_DEBUG=1 keeps it)
+    if os.environ.get("WEIGHTED_LOSS_DEBUG", "0") != "1":
+        cxx.append("-g0")
     link = ["-fopenmp"]
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     if os.environ.get("WEIGHTED_LOSS_SANITIZE", "0") == "1":
         san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
         # -O0 -g1: a quarter of -O1's compile time, and line numbers in the reports; the DEFAULT
         # CPU kernels only: the AVX2/AVX-512 copies would take most of the build
-        cxx = ["-O0", "-g1", "-fno-omit-frame-pointer"] + cxx[1:] + san
+        cxx = ["-O0", "-g1", "-fno-omit-frame-pointer"] + [f for f in cxx[1:] if f != "-g0"] + san
         cxx += ["-DWEIGHTED_LOSS_CPU_DEFAULT_ONLY"]
         link += san
         srcs = [s for s in srcs if not s.endswith(("_avx2.cpp", "_avx512.cpp"))]

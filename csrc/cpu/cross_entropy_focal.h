@@ -97,7 +97,7 @@ inline void row_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const Tar
   const acc_t gamma = static_cast<acc_t>(cx.gamma);
   const Vec vsh(sh), vL(L), vzero(0);
   Vec A0(0), A1(0), Q0(0), Q1(0);
-  double Ad = 0, Qd = 0;  // their float lanes added every kFlushBlocks blocks
+  DoubleLanes<acc_t> Ad, Qd;  // their float lanes added every kFlushBlocks blocks
   for_blocks_flushed<io::B>(cx.C, [&](int64_t c, int64_t cnt, auto full) {
     Vec v0, v1;
     load_block<decltype(full)::value>(cx, x + c, cnt, v0, v1);
@@ -115,12 +115,12 @@ inline void row_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const Tar
     Q0 = at::vec::fmadd(f0, s0, Q0);
     Q1 = at::vec::fmadd(f1, s1, Q1);
   }, [&] {
-    Ad += hsum_double(A0, A1);
-    Qd += hsum_double(Q0, Q1);
+    Ad.add(A0, A1);
+    Qd.add(Q0, Q1);
     A0 = A1 = Q0 = Q1 = vzero;
   });
-  A = Ad;
-  Q = Qd;
+  A = Ad.sum();
+  Q = Qd.sum();
 }
 
 // The focal loss over soft targets for B lanes (row_focal_sums): with each

@@ -25,7 +25,7 @@ inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const Target<sc
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const Vec vsh(sh), vninf(ninf), vzero(0);
   Vec e0(0), e1(0), a0(0), a1(0), q0(0), q1(0);
-  double ed = 0, ad = 0, qd = 0;  // their float lanes added every kFlushBlocks blocks
+  DoubleLanes<acc_t> ed, ad, qd;  // their float lanes added every kFlushBlocks blocks
   for_blocks_flushed<B>(cx.C, [&](int64_t c, int64_t cnt, auto full) {
     Vec v0, v1, u0, u1;
     if constexpr (decltype(full)::value) {
@@ -55,17 +55,17 @@ inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const Target<sc
       }
     }
   }, [&] {
-    ed += hsum_double(e0, e1);
+    ed.add(e0, e1);
     e0 = e1 = vzero;
     if constexpr (M != kPlain) {
-      ad += hsum_double(a0, a1);
-      qd += hsum_double(q0, q1);
+      ad.add(a0, a1);
+      qd.add(q0, q1);
       a0 = a1 = q0 = q1 = vzero;
     }
   });
-  e = ed;
-  a = ad;
-  q = qd;
+  e = ed.sum();
+  a = ad.sum();
+  q = qd.sum();
 }
 
 // The loss of a row from its statistics (see row_sums), in double: the float statistics are
