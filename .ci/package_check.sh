@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# CI's packaging check: sdist -> wheel -> a fresh venv -> import -> a smoke test against PyTorch,
+# and the one-line error of a build without torch. The wheel builds without the emulator (a
+# test-only build) and without debug info, as a user's build does; prints _C.so's size.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+$PYTHON -c "import build" 2>/dev/null || $PYTHON -m pip install -q build
+$PYTHON -m build --sdist --no-isolation -o "$work/dist" . >/dev/null
+sdist="$(ls "$work"/dist/*.tar.gz)"
+echo "sdist: $(basename "$sdist") $(du -k "$sdist" | cut -f1) KiB, $(tar tzf "$sdist" | wc -l) files"
+
+# a venv without torch: the build stops with one line saying what to do
+$PYTHON -m venv "$work/bare"
+if "$work/bare/bin/pip" install -q --no-build-isolation "$sdist" >"$work/bare.log" 2>&1; then
+  echo "FAIL: built without torch" && exit 1
+fi
+grep -q "install torch first" "$work/bare.log" || { cat "$work/bare.log"; echo "FAIL: no hint"; exit 1; }
+echo "without torch: $(grep -o 'weighted_loss builds.*' "$work/bare.log" | head -1)"
+
+# a fresh venv with torch: wheel from the sdist, installed, imported, compared with PyTorch
+$PYTHON -m venv "$work/venv"
+py="$work/venv/bin/python"
+$py -m pip install -q "torch==$TORCH_VERSION" ninja "setuptools>=64" wheel
+start=$(date +%s)
+WEIGHTED_LOSS_EMULATOR=0 MAX_JOBS="${MAX_JOBS:-2}" \
+  $py -m pip wheel -q --no-build-isolation --no-deps -w "$work/wheels" "$sdist"
+echo "wheel built in $(( $(date +%s) - start )) s: $(ls "$work"/wheels)"
+$py -m pip install -q --no-deps "$work"/wheels/*.whl
+cd "$work"  # away from the clone, so the installed package is the one imported
+$py - <<'PY'
+import os
+import torch
+import torch.nn.functional as F
+import weighted_loss as wl
+
+so = next(f for f in os.listdir(os.path.dirname(wl.__file__)) if f.startswith("_C"))
+size = os.path.getsize(os.path.join(os.path.dirname(wl.__file__), so))
+assert "site-packages" in wl.__file__, wl.__file__
+assert not wl.testing.emulator_available(), "WEIGHTED_LOSS_EMULATOR=0 built the emulator in"
+x = torch.randn(64, 100, requires_grad=True)
+y = torch.randint(0, 100, (64,))
+w = torch.rand(100) + 0.5
+ours = wl.cross_entropy(x, y, weight=w, label_smoothing=0.1)
+ref = F.cross_entropy(x, y, weight=w, label_smoothing=0.1)
+torch.testing.assert_close(ours, ref)
+torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(ref, x)[0])
+t = torch.rand(64, 100)
+torch.testing.assert_close(wl.binary_cross_entropy_with_logits(x, t),
+                           F.binary_cross_entropy_with_logits(x, t))
+print(f"installed wheel: import, cross-entropy and BCE as PyTorch; {so} {size / 2**20:.1f} MiB")
+PY
