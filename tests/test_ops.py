@@ -290,3 +290,16 @@ def test_baseline_build_matches(both_builds):
     for shape, (loss, grad) in base.items():
         torch.testing.assert_close(here[shape][0], loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(here[shape][1], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_functional_and_modules_hold_every_loss():
+    """wl.functional holds every functional and wl.modules every module, as torch.nn.functional
+    and torch.nn do (each is defined beside its feature)."""
+    import weighted_loss.functional as WF
+    import weighted_loss.modules as WM
+    for name in ("cross_entropy", "binary_cross_entropy_with_logits", "focal_loss",
+                 "sigmoid_focal_loss", "linear_cross_entropy", "vocab_parallel_cross_entropy"):
+        assert getattr(WF, name) is getattr(wl, name) and name in WF.__all__
+    for name in ("CrossEntropyLoss", "BCEWithLogitsLoss", "FocalLoss", "SigmoidFocalLoss",
+                 "LinearCrossEntropyLoss"):
+        assert getattr(WM, name) is getattr(wl, name) and name in WM.__all__

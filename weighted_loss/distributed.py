@@ -74,7 +74,7 @@ def _as_denominator(total_weight, like: Tensor) -> Tensor:
     raise TypeError(f"total_weight must be a number or a tensor, got {type(total_weight).__name__}")
 
 
-def global_mean(local_sum: Tensor, local_weight: Tensor, process_group, total_weight) -> Tensor:
+def _global_mean(local_sum: Tensor, local_weight: Tensor, process_group, total_weight) -> Tensor:
     """The mean to return from a local sum and its denominator (see the module's docstring); the
     callers check that reduction is "mean"."""
     denom = None if total_weight is None else _as_denominator(total_weight, local_sum)

@@ -118,7 +118,7 @@ def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, weight: Option
     cross-entropy. The kernels take it in the same single pass backward and one more read of
     each row forward (its classes' terms need the row's log-sum-exp first: from cache, or from
     the tile of the (N, C, d...) lanes); probability targets get their gradient too."""
-    from .functional import cross_entropy, prob_target_inputs
+    from .functional import cross_entropy, _prob_target_inputs
     g = _check_gamma(gamma)
     if g == 0:
         return cross_entropy(input, target, weight, ignore_index=ignore_index,
@@ -144,7 +144,7 @@ def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, weight: Option
                                       "(as in PyTorch's cross-entropy)")
     red = _Reduction.get_enum(reduction)
     if prob:
-        input, target, weight = prob_target_inputs(input, target, weight, ignore_index)
+        input, target, weight = _prob_target_inputs(input, target, weight, ignore_index)
         loss, _, _ = _forward_ad.cross_entropy_prob_forward(input, target, weight, red, s, 0.0, 0.0, g)
         return loss
     loss, _, _ = _forward_ad.cross_entropy_forward(input, target, weight, red, int(ignore_index), s, 0.0,

@@ -13,7 +13,7 @@ __all__ = ["cross_entropy", "binary_cross_entropy_with_logits"]
 _ops = torch.ops.weighted_loss
 
 
-def row_terms(z_loss, softcap):
+def _row_terms(z_loss, softcap):
     """(z_loss, softcap) as the kernels take them (softcap 0: off), checked."""
     z = float(z_loss)
     if not z >= 0 or z == float("inf"):
@@ -73,24 +73,24 @@ def cross_entropy(
     else:
         red = _Reduction.get_enum(reduction)
     label_smoothing = float(label_smoothing)
-    z, cap = row_terms(z_loss, softcap)
+    z, cap = _row_terms(z_loss, softcap)
     if input.shape == target.shape:
-        input, target, weight = prob_target_inputs(input, target, weight, ignore_index)
+        input, target, weight = _prob_target_inputs(input, target, weight, ignore_index)
         loss, _, _ = _forward_ad.cross_entropy_prob_forward(input, target, weight, red,
                                                      max(label_smoothing, 0.0), z, cap)
         if grouped:
             rows = input.numel() // max(1, input.shape[0 if input.dim() == 1 else 1])
             local = torch.tensor(float(rows), dtype=torch.float64, device=input.device)
-            return _dist.global_mean(loss, local, process_group, total_weight)
+            return _dist._global_mean(loss, local, process_group, total_weight)
         return loss
     loss, _, local = _forward_ad.cross_entropy_forward(input, target, weight, red, int(ignore_index),
                                                 max(label_smoothing, 0.0), z, cap)
     if grouped:
-        return _dist.global_mean(loss, local, process_group, total_weight)
+        return _dist._global_mean(loss, local, process_group, total_weight)
     return loss
 
 
-def prob_target_inputs(input, target, weight, ignore_index):
+def _prob_target_inputs(input, target, weight, ignore_index):
     """Class-probability targets as cross-entropy takes them: floating, no ignore_index, promoted
     with the logits and the weight as PyTorch's arithmetic would (a float64 weight beside float32
     logits gives a float64 loss; an integer weight is promoted), 16-bit logits read in place
@@ -157,5 +157,15 @@ def binary_cross_entropy_with_logits(
     loss = _forward_ad.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight, red)
     if grouped:
         local = torch.tensor(float(input.numel()), dtype=torch.float64, device=input.device)
-        loss = _dist.global_mean(loss, local, process_group, total_weight)
+        loss = _dist._global_mean(loss, local, process_group, total_weight)
     return loss if out_dtype is None or loss.dtype == out_dtype else loss.to(out_dtype)
+
+
+# Every functional of the package, so that wl.functional holds them all as torch.nn.functional
+# does (each is defined beside its feature: focal.py, linear.py, vocab_parallel.py).
+from .focal import focal_loss, sigmoid_focal_loss  # noqa: E402
+from .linear import linear_cross_entropy  # noqa: E402
+from .vocab_parallel import vocab_parallel_cross_entropy  # noqa: E402
+
+__all__ += ["focal_loss", "sigmoid_focal_loss", "linear_cross_entropy",
+            "vocab_parallel_cross_entropy"]

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
 from . import _composite, _dtypes, _forward_ad
-from .functional import row_terms
+from .functional import _row_terms
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -269,7 +269,7 @@ def linear_cross_entropy(
     ``torch.inference_mode()`` only the loss is computed."""
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{_OP}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    z, cap = row_terms(z_loss, softcap)
+    z, cap = _row_terms(z_loss, softcap)
     if input.dim() < 1:
         raise ValueError(f"{_OP}: input must be (..., H), got a 0-d tensor")
     if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
@@ -344,7 +344,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
                  softcap: Optional[float] = None, chunk_size: Optional[int] = None):
         super().__init__()
-        row_terms(z_loss, softcap)
+        _row_terms(z_loss, softcap)
         self.register_buffer("weight", weight)
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing, self.chunk_size = label_smoothing, chunk_size

@@ -16,7 +16,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
     def __init__(self, *args, z_loss=0.0, softcap=None, process_group=None, **kwargs):
         super().__init__(*args, **kwargs)
-        F.row_terms(z_loss, softcap)
+        F._row_terms(z_loss, softcap)
         self.z_loss, self.softcap = z_loss, softcap
         self.process_group = process_group
 
@@ -41,3 +41,10 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
                                                   reduction=self.reduction,
                                                   process_group=self.process_group,
                                                   total_weight=total_weight)
+
+
+# Every module of the package, as torch.nn holds them (each defined beside its feature).
+from .focal import FocalLoss, SigmoidFocalLoss  # noqa: E402
+from .linear import LinearCrossEntropyLoss  # noqa: E402
+
+__all__ += ["FocalLoss", "SigmoidFocalLoss", "LinearCrossEntropyLoss"]
