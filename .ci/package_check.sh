@@ -24,7 +24,7 @@ echo "without torch: $(grep -o 'weighted_loss builds.*' "$work/bare.log" | head 
 # a fresh venv with torch: wheel from the sdist, installed, imported, compared with PyTorch
 $PYTHON -m venv "$work/venv"
 py="$work/venv/bin/python"
-$py -m pip install -q "torch==$TORCH_VERSION" ninja "setuptools>=64" wheel
+$py -m pip install -q "torch==$TORCH_VERSION" numpy ninja "setuptools>=64" wheel
 start=$(date +%s)
 WEIGHTED_LOSS_EMULATOR=0 MAX_JOBS="${MAX_JOBS:-2}" \
   $py -m pip wheel -q --no-build-isolation --no-deps -w "$work/wheels" "$sdist"
