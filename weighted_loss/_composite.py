@@ -22,15 +22,22 @@ def _focal_factor(logp, gamma):
     return (-torch.expm1(logp)) ** gamma
 
 
+def _batched_capped(input, target, softcap):
+    """(C,) logits and their target as a batch of one; the logits as the loss sees them
+    (softcap tanh(x / softcap) when softcap > 0)."""
+    x, t = input, target
+    if x.dim() == 1:
+        x, t = x.unsqueeze(0), t.unsqueeze(0)
+    if softcap > 0:
+        x = softcap * torch.tanh(x / softcap)
+    return x, t
+
+
 def cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, z_loss=0.0,
                   softcap=0.0, gamma=0.0, out_dtype=None):
     """The cross_entropy_forward op's loss (class indices): weighted, smoothed, with z-loss,
     softcap and the focal factor; the mean's divisor sum(weight[target]) over kept rows."""
-    x, y = input, target
-    if x.dim() == 1:
-        x, y = x.unsqueeze(0), y.unsqueeze(0)
-    if softcap > 0:
-        x = softcap * torch.tanh(x / softcap)
+    x, y = _batched_capped(input, target, softcap)
     C = x.shape[1]
     logp = F.log_softmax(x, 1)
     valid = y != ignore_index
@@ -58,11 +65,7 @@ def cross_entropy_prob(input, target, weight, reduction, label_smoothing, z_loss
                        gamma=0.0, out_dtype=None):
     """The cross_entropy_prob_forward op's loss: sum_c w_c t'_c (focal factor) (-log p_c) per
     row, t' = (1 - s) t + s / C, plus the z-loss; the mean divides by the number of rows."""
-    x, t = input, target
-    if x.dim() == 1:
-        x, t = x.unsqueeze(0), t.unsqueeze(0)
-    if softcap > 0:
-        x = softcap * torch.tanh(x / softcap)
+    x, t = _batched_capped(input, target, softcap)
     C = x.shape[1]
     dtype = torch.promote_types(x.dtype, t.dtype)
     logp = F.log_softmax(x, 1).to(dtype)

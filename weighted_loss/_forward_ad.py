@@ -52,6 +52,14 @@ def _add(a, b):
     return b if a is None else a + b
 
 
+def _setup(ctx, setup, inputs, output):
+    """An op's autograd setup (_ops), its saved tensors kept for the jvp too."""
+    setup(ctx, inputs, output)
+    ctx.save_for_forward(*ctx.to_save)
+    ctx.loss_shape = output[0].shape
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
 class CrossEntropy(torch.autograd.Function):
     """cross_entropy_forward (class indices) with a jvp."""
     generate_vmap_rule = True
@@ -62,10 +70,7 @@ class CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _autograd._ce_setup(ctx, inputs, output)
-        ctx.save_for_forward(*ctx.to_save)
-        ctx.loss_shape = output[0].shape
-        ctx.mark_non_differentiable(output[1], output[2])
+        _setup(ctx, _autograd._ce_setup, inputs, output)
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, grad_total_weight):
@@ -91,10 +96,7 @@ class CrossEntropyProb(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _autograd._ce_prob_setup(ctx, inputs, output)
-        ctx.save_for_forward(*ctx.to_save)
-        ctx.loss_shape = output[0].shape
-        ctx.mark_non_differentiable(output[1], output[2])
+        _setup(ctx, _autograd._ce_prob_setup, inputs, output)
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, grad_tsum):
