@@ -52,8 +52,9 @@ def _sfocal_reference(input, target, alpha=0.25, gamma=2.0, reduction="none", we
     them: checked against mpmath)."""
     q = torch.sigmoid(input) * (1 - target) + torch.sigmoid(-input) * target
     # BCE as softplus terms: PyTorch's log(exp(-m) + exp(-x - m)) keeps 4% of a loss of 3e-15
-    ce = (1 - target) * F.softplus(input, threshold=50) + (1 if pos_weight is None else pos_weight) * \
-        target * F.softplus(-input, threshold=50)
+    pw = 1 if pos_weight is None else pos_weight
+    ce = (1 - target) * F.softplus(input, threshold=50) + \
+        pw * target * F.softplus(-input, threshold=50)
     ce = ce if weight is None else ce * weight
     loss = ce * q ** gamma
     if isinstance(alpha, torch.Tensor) or alpha >= 0:

@@ -64,8 +64,7 @@ def _differentiable_grads(composite, args, grad_loss, wrt):
     is wanted), as a graph of PyTorch ops: a backward run with create_graph=True (double backward,
     gradient penalties, torch.func.grad of grad) gets a gradient it can differentiate again. The
     fused backward ops are first-order only."""
-    slots = [i for i, a in enumerate(args) if any(a is t for t in wrt if t is not None)]
-    order = [next(i for i in slots if args[i] is t) for t in wrt if t is not None]
+    order = [next(i for i, a in enumerate(args) if a is t) for t in wrt if t is not None]
 
     def loss_of(*tensors):
         full = list(args)

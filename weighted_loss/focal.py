@@ -145,10 +145,11 @@ def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, weight: Option
     red = _Reduction.get_enum(reduction)
     if prob:
         input, target, weight = _prob_target_inputs(input, target, weight, ignore_index)
-        loss, _, _ = _forward_ad.cross_entropy_prob_forward(input, target, weight, red, s, 0.0, 0.0, g)
+        loss, _, _ = _forward_ad.cross_entropy_prob_forward(input, target, weight, red, s, 0.0,
+                                                            0.0, g)
         return loss
-    loss, _, _ = _forward_ad.cross_entropy_forward(input, target, weight, red, int(ignore_index), s, 0.0,
-                                            0.0, g)
+    loss, _, _ = _forward_ad.cross_entropy_forward(input, target, weight, red, int(ignore_index),
+                                                   s, 0.0, 0.0, g)
     return loss
 
 

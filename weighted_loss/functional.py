@@ -77,14 +77,15 @@ def cross_entropy(
     if input.shape == target.shape:
         input, target, weight = _prob_target_inputs(input, target, weight, ignore_index)
         loss, _, _ = _forward_ad.cross_entropy_prob_forward(input, target, weight, red,
-                                                     max(label_smoothing, 0.0), z, cap)
+                                                            max(label_smoothing, 0.0), z, cap)
         if grouped:
             rows = input.numel() // max(1, input.shape[0 if input.dim() == 1 else 1])
             local = torch.tensor(float(rows), dtype=torch.float64, device=input.device)
             return _dist._global_mean(loss, local, process_group, total_weight)
         return loss
-    loss, _, local = _forward_ad.cross_entropy_forward(input, target, weight, red, int(ignore_index),
-                                                max(label_smoothing, 0.0), z, cap)
+    loss, _, local = _forward_ad.cross_entropy_forward(input, target, weight, red,
+                                                       int(ignore_index), max(label_smoothing, 0.0),
+                                                       z, cap)
     if grouped:
         return _dist._global_mean(loss, local, process_group, total_weight)
     return loss
@@ -154,7 +155,8 @@ def binary_cross_entropy_with_logits(
     out_dtype = None if _dtypes.autocast_on(input) else target.dtype
     if target.is_floating_point():
         input, target = _dtypes.floating_pair(input, target)
-    loss = _forward_ad.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight, red)
+    loss = _forward_ad.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight,
+                                                                red)
     if grouped:
         local = torch.tensor(float(input.numel()), dtype=torch.float64, device=input.device)
         loss = _dist._global_mean(loss, local, process_group, total_weight)

@@ -115,9 +115,8 @@ inline void row_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const Tar
     Q0 = at::vec::fmadd(f0, s0, Q0);
     Q1 = at::vec::fmadd(f1, s1, Q1);
   }, [&] {
-    Ad.add(A0, A1);
-    Qd.add(Q0, Q1);
-    A0 = A1 = Q0 = Q1 = vzero;
+    Ad.take(A0, A1);
+    Qd.take(Q0, Q1);
   });
   A = Ad.sum();
   Q = Qd.sum();
@@ -144,8 +143,8 @@ C10_ALWAYS_INLINE void lanes_focal_sums(const Ctx<scalar_t>& cx, const scalar_t*
   const acc_t gamma = static_cast<acc_t>(cx.gamma);
   const Vec vts(cx.t_scale), vtsh(cx.t_shift), vzero(0);
   A0 = A1 = Q0 = Q1 = vzero;
-  const bool flushed = cx.C > kLaneFlush;  // (vec_common.h's LaneSums)
-  LaneSums<acc_t, io::B, 2> sums;
+  const bool flushed = cx.C > kLaneFlush;  // (vec_common.h's kLaneFlush)
+  DoubleLanes<acc_t> As, Qs;
   for (int64_t c = 0; c < cx.C; ++c) {
     Vec v0, v1;
     if (tile != nullptr) {
@@ -172,11 +171,16 @@ C10_ALWAYS_INLINE void lanes_focal_sums(const Ctx<scalar_t>& cx, const scalar_t*
     A1 = at::vec::fmadd(f1 * m1, n1, A1);
     Q0 = at::vec::fmadd(f0, s0, Q0);
     Q1 = at::vec::fmadd(f1, s1, Q1);
-    if (flushed && c % kLaneFlush == kLaneFlush - 1) sums.flush(A0, A1, Q0, Q1);
+    if (flushed && c % kLaneFlush == kLaneFlush - 1) {
+      As.take(A0, A1);
+      Qs.take(Q0, Q1);
+    }
   }
   if (flushed) {
-    sums.flush(A0, A1, Q0, Q1);
-    sums.load(A0, A1, Q0, Q1);
+    As.take(A0, A1);
+    Qs.take(Q0, Q1);
+    As.load(A0, A1);
+    Qs.load(Q0, Q1);
   }
 }
 

@@ -100,10 +100,10 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
   // accumulators local to the loop, so they stay in registers
   Vec e0 = vzero, e1 = vzero, a0 = vzero, a1 = vzero, q0 = vzero, q1 = vzero;
   // the exp sums compensated (Kahan): a float sum of even 19 terms cost the gradient 2x
-  // PyTorch's error; the weighted sums in double every kLaneFlush classes (LaneSums)
+  // PyTorch's error; the weighted sums in double every kLaneFlush classes (DoubleLanes)
   Vec k0 = vzero, k1 = vzero;
   const bool flushed = M != kPlain && C > kLaneFlush;
-  LaneSums<acc_t, B, 2> sums;
+  DoubleLanes<acc_t> as, qs;
   for (int64_t c = 0; c < C; ++c) {
     const int64_t at = c * sC;
     if (nx != nullptr) lanes_max_class<scalar_t, M>(cx, nx, tn, c, sC, nnl, tiled, next);
@@ -129,12 +129,17 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
       }
       a0 = at::vec::fmadd(f0, v0 - sh0, a0);
       a1 = at::vec::fmadd(f1, v1 - sh1, a1);
-      if (flushed && c % kLaneFlush == kLaneFlush - 1) sums.flush(a0, a1, q0, q1);
+      if (flushed && c % kLaneFlush == kLaneFlush - 1) {
+        as.take(a0, a1);
+        qs.take(q0, q1);
+      }
     }
   }
   if (flushed) {
-    sums.flush(a0, a1, q0, q1);
-    sums.load(a0, a1, q0, q1);
+    as.take(a0, a1);
+    qs.take(q0, q1);
+    as.load(a0, a1);
+    qs.load(q0, q1);
   }
   // The lanes' losses, vectorized (a scalar row_loss per row of 19 classes costs as much as the
   // row); each lane's loss is rounded a few times in acc, then added in double. An ignored lane

@@ -55,12 +55,10 @@ inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const Target<sc
       }
     }
   }, [&] {
-    ed.add(e0, e1);
-    e0 = e1 = vzero;
+    ed.take(e0, e1);
     if constexpr (M != kPlain) {
-      ad.add(a0, a1);
-      qd.add(q0, q1);
-      a0 = a1 = q0 = q1 = vzero;
+      ad.take(a0, a1);
+      qd.take(q0, q1);
     }
   });
   e = ed.sum();

@@ -161,24 +161,32 @@ inline void stream_fence() {
 #endif
 }
 
-// A vector sum's lanes kept in double (for_blocks_flushed's flushes): each flush adds the float
-// lanes lane by lane, independent adds the compiler vectorizes (a horizontal sum in double per
-// flush was a chain of 32 dependent adds, 20% of a smoothed row's time); one horizontal sum at
-// the end.
+// A pair of float vectors' lanes kept in double: each take() adds the float lanes lane by lane,
+// independent adds the compiler vectorizes (a horizontal sum in double per flush was a chain of
+// 32 dependent adds, 20% of a smoothed row's time), and zeroes them. Rows (for_blocks_flushed)
+// take one sum() at the end; the lane layout, a row per lane, loads the lanes back rounded once.
 template <typename acc_t>
 struct DoubleLanes {
-  static constexpr int64_t W = Vectorized<acc_t>::size();
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t W = Vec::size();
   double d[2 * W] = {};
-  inline void add(const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) {
+  inline void take(Vec& a, Vec& b) {
     acc_t tmp[2 * W];
     a.store(tmp);
     b.store(tmp + W);
     for (int64_t k = 0; k < 2 * W; ++k) d[k] += static_cast<double>(tmp[k]);
+    a = b = Vec(0);
   }
   inline double sum() const {
     double s = 0;
     for (int64_t k = 0; k < 2 * W; ++k) s += d[k];
     return s;
+  }
+  inline void load(Vec& a, Vec& b) const {
+    acc_t tmp[2 * W];
+    for (int64_t k = 0; k < 2 * W; ++k) tmp[k] = static_cast<acc_t>(d[k]);
+    a = Vec::loadu(tmp);
+    b = Vec::loadu(tmp + W);
   }
 };
 
@@ -224,42 +232,11 @@ C10_ALWAYS_INLINE void kahan_add(Vec& s, Vec& c, const Vec& v) {
   s = t;
 }
 
-// The lane layout's per-lane weighted sums (a row per lane, its classes added one by one), as K
-// pairs of float vectors: they go to double every kLaneFlush classes and come back rounded once,
-// so a lane adds at most kLaneFlush terms in float (a row of 1,000 classes once cost the
-// smoothed loss 4.5x PyTorch's error). Rows of at most kLaneFlush classes never flush.
+// The lane layout's per-lane weighted sums (a row per lane, its classes added one by one) go to
+// DoubleLanes every kLaneFlush classes and come back rounded once, so a lane adds at most
+// kLaneFlush terms in float (a row of 1,000 classes once cost the smoothed loss 4.5x PyTorch's
+// error). Rows of at most kLaneFlush classes never flush.
 constexpr int64_t kLaneFlush = 32;
-template <typename acc_t, int64_t B, int K>
-struct LaneSums {
-  using Vec = Vectorized<acc_t>;
-  static constexpr int64_t W = Vec::size();
-  double s[K][B] = {};
-  // adds each pair (v[2i], v[2i+1]) to sum i lane by lane, and zeroes them
-  template <typename... V>
-  inline void flush(V&... v) {
-    static_assert(sizeof...(V) == 2 * K, "LaneSums: one pair of vectors per sum");
-    Vec* vs[] = {&v...};
-    for (int i = 0; i < K; ++i) {
-      acc_t t[B];
-      vs[2 * i]->store(t);
-      vs[2 * i + 1]->store(t + W);
-      for (int64_t k = 0; k < B; ++k) s[i][k] += static_cast<double>(t[k]);
-      *vs[2 * i] = *vs[2 * i + 1] = Vec(0);
-    }
-  }
-  // the sums, rounded once to acc
-  template <typename... V>
-  inline void load(V&... v) const {
-    static_assert(sizeof...(V) == 2 * K, "LaneSums: one pair of vectors per sum");
-    Vec* vs[] = {&v...};
-    for (int i = 0; i < K; ++i) {
-      acc_t t[B];
-      for (int64_t k = 0; k < B; ++k) t[k] = static_cast<acc_t>(s[i][k]);
-      *vs[2 * i] = Vec::loadu(t);
-      *vs[2 * i + 1] = Vec::loadu(t + W);
-    }
-  }
-};
 
 // The two halves of a block of n <= B elements: valid lanes from v, the rest from fill.
 template <typename Vec>
