@@ -15,22 +15,23 @@ SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*
            setup.py pyproject.toml
 NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
 
-.PHONY: test bench build deps test-deps cuda-headers bench-deps cuda-check cuda-emu-asan gpu-check clean
+.PHONY: test bench build deps test-deps emulator cuda-headers bench-deps cuda-check cuda-emu-asan \
+	gpu-check clean
 
-deps: cuda-headers
+deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
 	@$(PYTHON) -c "import ninja, pytest, pytest_benchmark, numpy, setuptools, expecttest" 2>/dev/null || \
 		$(PIP) install ninja pytest pytest-benchmark numpy "setuptools>=64" expecttest
 
-# The CUDA headers that the emulated CUDA kernels (weighted_loss.testing.emulated_cuda) are built
-# with: a CUDA toolkit's, or else NVIDIA's header wheels (a few MB, no libraries used).
+# The CUDA headers that the emulated CUDA kernels (tests/emulation.py, test-only) are built with: a
+# CUDA toolkit's, or else NVIDIA's header wheels (a few MB, no libraries used).
 EMU_HEADERS := csrc/cuda/emulated/headers.py
 cuda-headers:
 	@$(PYTHON) $(EMU_HEADERS) >/dev/null || $(PIP) install $$($(PYTHON) $(EMU_HEADERS) --wheels)
 
 # the training frameworks of tests/test_mixed_precision_frameworks.py (test-only)
 FRAMEWORKS := transformers==5.24.0 accelerate==1.16.0 lightning==2.6.6
-test-deps: deps
+test-deps: deps cuda-headers
 	@$(PYTHON) -c "import transformers, accelerate, lightning" 2>/dev/null || $(PIP) install $(FRAMEWORKS)
 
 # what the benchmark's table and plot use (it runs without them, plainer and with no PNG)
@@ -43,35 +44,37 @@ $(STAMP): $(SOURCES) | deps
 
 build: deps $(STAMP)
 
+# the CUDA kernels built by the host compiler against the emulator, as an extension of their own
+# (build/emulated/, op namespace weighted_loss_emulated), for the tests; ninja rebuilds what changed
+emulator: build test-deps
+	$(PYTHON) tests/emulation.py
+
 # the test suite (with the benchmark tool's own tests, which need bench-deps), plus the smoke
 # case of the bench/ pytest-benchmark suites (the rest run with `pytest bench/ --benchmark-only`)
-test: build bench-deps test-deps
+test: build bench-deps test-deps emulator
 	$(PYTHON) -m pytest tests bench -q
 
 # the quick suite on the best device: table, bench/out/<stamp>.{json,md,png}; options with
-# `make bench ARGS="--full"` or `python -m weighted_loss.bench --help`
+# `make bench ARGS="--full"` or `python bench/suite.py --help`
 bench: build bench-deps
-	$(PYTHON) -m weighted_loss.bench $(ARGS)
+	$(PYTHON) bench/suite.py $(ARGS)
 
 # Compiles every CUDA kernel with nvcc for sm_80 and sm_90 without torch; fails on an error or a
 # register spill and prints registers per kernel.
 cuda-check:
 	@bash bench/cuda_check.sh "$(NVCC)"
 
-# The emulated CUDA suite with the extension built with AddressSanitizer and
-# UndefinedBehaviorSanitizer (build/asan, apart from the regular build; -O0, DEFAULT CPU kernels
-# only, to build in about a minute): an out-of-bounds access or undefined behaviour in a kernel
-# fails it. opcheck, the repeated determinism runs and the emulator's self-tests (which have an
-# ASan build of their own) run in `make test` only: they add minutes here and no new accesses.
+# The emulated CUDA suite with the emulated kernels and the glue built with AddressSanitizer and
+# UndefinedBehaviorSanitizer (build/asan/emulated, -O0, built by the test process: the sanitized
+# library loads only with the sanitizer's runtime preloaded) beside the regular product build: an
+# out-of-bounds access or undefined behaviour in a kernel or the glue fails it. opcheck, the
+# repeated determinism runs and the emulator's self-tests (which have an ASan build of their own)
+# run in `make test` only: they add minutes here and no new accesses.
 # --capture=sys: a sanitizer's report (written to fd 2 as the process dies) reaches the log.
-ASAN_DIR := build/asan
 ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
-cuda-emu-asan: deps bench-deps
-	WEIGHTED_LOSS_SANITIZE=1 $(PYTHON) setup.py -q build_ext --build-temp $(ASAN_DIR)/temp \
-		--build-lib $(ASAN_DIR)/lib
-	cp weighted_loss/*.py $(ASAN_DIR)/lib/weighted_loss/
-	cd $(ASAN_DIR)/lib && LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 \
-		$(PYTHON) -m pytest $(CURDIR)/tests -q -p no:cacheprovider --capture=sys \
+cuda-emu-asan: build bench-deps test-deps
+	WEIGHTED_LOSS_SANITIZE=1 LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 \
+		$(PYTHON) -m pytest tests -q -p no:cacheprovider --capture=sys \
 		-k "(emulated or emulator) and not opcheck and not deterministic and not selftest"
 
 # On a GPU machine (no network): build against its torch, run the tests, benchmark fused vs native

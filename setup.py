@@ -2,17 +2,12 @@
 
 - CPU kernels always.
 - CUDA kernels when torch has CUDA and CUDA_HOME is set, or FORCE_CUDA=1.
-- The CUDA kernels once more, compiled by the host compiler with the emulator of the CUDA
-  execution model (csrc/cuda/emulator/), when the CUDA headers are found (a toolkit or NVIDIA's
-  pip wheels: csrc/cuda/emulated/headers.py), unless WEIGHTED_LOSS_EMULATOR=0. They run the CUDA
-  kernels on CPU tensors under weighted_loss.testing.emulated_cuda().
 - Without debug info (-g0) unless WEIGHTED_LOSS_DEBUG=1.
-- WEIGHTED_LOSS_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer, with the
-  DEFAULT CPU kernels only (make cuda-emu-asan, into a separate build directory).
+The CUDA emulator (test infrastructure) is not part of it: tests/emulation.py builds it as an
+extension of its own.
 """
 import glob
 import os
-import runpy
 import sys
 
 try:
@@ -20,6 +15,9 @@ try:
 except ModuleNotFoundError:
     sys.exit("weighted_loss builds against the torch you have installed: install torch first, then "
              "`pip install --no-build-isolation .` (an isolated build cannot see your torch)")
+TORCH_MIN = (2, 11)  # the oldest built and tested; pyproject.toml's dependencies say the same
+if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < TORCH_MIN:
+    sys.exit(f"weighted_loss needs torch>={TORCH_MIN[0]}.{TORCH_MIN[1]}, found {torch.__version__}")
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -30,13 +28,6 @@ def want_cuda():
     if os.environ.get("FORCE_CUDA", "0") == "1":
         return True
     return torch.version.cuda is not None and CUDA_HOME is not None
-
-
-def emulator_includes():
-    if os.environ.get("WEIGHTED_LOSS_EMULATOR", "1") == "0":
-        return None
-    find = runpy.run_path(os.path.join(ROOT, "csrc", "cuda", "emulated", "headers.py"))["find"]
-    return find()
 
 
 def sources(pattern):
@@ -55,23 +46,6 @@ def extension():
         cxx.append("-g0")
     link = ["-fopenmp"]
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
-    if os.environ.get("WEIGHTED_LOSS_SANITIZE", "0") == "1":
-        san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
-        # -O0 -g1: a quarter of -O1's compile time, and line numbers in the reports; the DEFAULT
-        # CPU kernels only: the AVX2/AVX-512 copies would take most of the build
-        cxx = ["-O0", "-g1", "-fno-omit-frame-pointer"] + [f for f in cxx[1:] if f != "-g0"] + san
-        cxx += ["-DWEIGHTED_LOSS_CPU_DEFAULT_ONLY"]
-        link += san
-        srcs = [s for s in srcs if not s.endswith(("_avx2.cpp", "_avx512.cpp"))]
-    includes = []
-    emulated = emulator_includes()
-    if emulated is not None:
-        # the same flags torch gives nvcc: no implicit half/bfloat16 conversions
-        cxx += ["-DWEIGHTED_LOSS_EMULATOR", "-Wno-unknown-pragmas", "-D__CUDA_NO_HALF_OPERATORS__",
-                "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-                "-D__CUDA_NO_HALF2_OPERATORS__"]
-        srcs += sources("csrc/cuda/emulated/*.cpp")
-        includes += emulated
     if want_cuda():
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
             # +PTX: GPUs newer than sm_90 (Blackwell) JIT-compile the sm_90 PTX instead of failing
@@ -80,7 +54,6 @@ def extension():
         return CUDAExtension(
             "weighted_loss._C",
             srcs + sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu"),
-            include_dirs=includes,
             extra_compile_args={"cxx": cxx + ["-DWEIGHTED_LOSS_CUDA"],
                                 # no --use_fast_math: it turns logf and float division into
                                 # approximations and flushes denormals, so results would differ
@@ -88,8 +61,7 @@ def extension():
                                 "nvcc": ["-O3", "-DWEIGHTED_LOSS_CUDA"]},
             extra_link_args=link,
         )
-    return CppExtension("weighted_loss._C", srcs, include_dirs=includes,
-                        extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    return CppExtension("weighted_loss._C", srcs, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 setup(

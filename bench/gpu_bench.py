@@ -1,4 +1,4 @@
-"""The GPU benchmark of bench/gpu_check.sh: `python -m weighted_loss.bench --full`'s measurements
+"""The GPU benchmark of bench/gpu_check.sh: `python bench/suite.py --full`'s measurements
 (fused vs native eager vs torch.compile, forward / backward / total, CUDA events, peak memory,
 copy bandwidth of the same run) written as the GPU results file the CUDA issue asks for:
 bench/results/<date>-<gpu>.json (keys: device, torch, cuda, tests_passed, tests_failed,
@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from weighted_loss.bench import FULL, environment, measure
+from suite import FULL, environment, measure
 
 
 def markdown(res):

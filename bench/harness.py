@@ -1,7 +1,7 @@
 """What the bench/ suites share: one timed forward+backward per implementation and case."""
 import torch
 
-from weighted_loss.bench import LOSSES, bytes_min, make_inputs
+from suite import LOSSES, bytes_min, make_inputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 IMPLS = ("native", "fused", "compiled")  # native first: the group's baseline

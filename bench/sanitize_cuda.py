@@ -1,15 +1,18 @@
-"""Every kernel family once on the GPU (weighted_loss/kernel_cases.py), for compute-sanitizer:
+"""Every kernel family once on the GPU (tests/kernel_cases.py), for compute-sanitizer:
 
     compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_cuda.py
 
 Small inputs, one forward+backward each, then a device synchronization, so that a sanitizer run
 stays within a minute or two even at its 10-100x slowdown. Prints each case as it finishes.
 """
+import os
 import sys
 
 import torch
 
-from weighted_loss.kernel_cases import CASES
+# the cases are a test fixture: tests/kernel_cases.py
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from kernel_cases import CASES  # noqa: E402
 
 
 def main(names=None):

@@ -6,10 +6,15 @@ import pytest
 import torch
 
 import weighted_loss  # noqa: F401  (loads the ops once for every test module)
-from weighted_loss.testing import emulated_cuda
+from emulation import emulated_cuda
 
-# "emulated": CPU tensors under weighted_loss.testing.emulated_cuda(), so the CUDA kernels run in
-# the emulator, on every machine (a build without the emulator fails these, saying why)
+# the benchmark's composites of the focal losses (bench/suite_focal.py: what users write without a
+# fused kernel) are the tests' references too
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+
+# "emulated": CPU tensors under emulation.emulated_cuda() (tests/emulation.py, an extension of its
+# own), so the CUDA kernels run in the emulator, on every machine (without the CUDA headers to
+# build it, these fail, saying why)
 DEVICES = ["cpu", "emulated"] + (["cuda"] if torch.cuda.is_available() else [])
 GPU_DEVICES = ["emulated"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import weighted_loss as wl
+import emulation
 
 DRAWS = 6
 BAR = 2.0
@@ -173,7 +174,7 @@ def measure(case, device="cpu", draws=DRAWS):
         ref = _call(tfn, x, args, kw, torch.float64, g)
         theirs = _call(tfn, x, args, kw, dtype, g)
         if device == "emulated":
-            with wl.testing.emulated_cuda():
+            with emulation.emulated_cuda():
                 ours = _call(ofn, x, args, kw, dtype, g)
         else:
             ours = _call(ofn, x, args, kw, dtype, g)

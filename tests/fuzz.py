@@ -34,6 +34,7 @@ import traceback
 import torch
 
 import weighted_loss as wl
+import emulation
 from fuzz_draw import EPS, describe, draw
 from fuzz_references import _fns, _sfocal_reference, _term_scales
 
@@ -152,7 +153,7 @@ def run_case(case):
     ours_fn, torch_fn = _fns(case["loss"])
     device = case["device"]
     if device == "emulated":
-        with wl.testing.emulated_cuda():
+        with emulation.emulated_cuda():
             ours, e_ours = _call(ours_fn, case)
     else:
         ours, e_ours = _call(ours_fn, case, device=device)

@@ -2,17 +2,23 @@
 composites for the focal losses, F.cross_entropy of F.linear for linear_cross_entropy), a float64
 reference where PyTorch's own formula loses digits, and the scales of the terms that cancel in a
 gradient, at which its floor is set."""
+import os
+import sys
+
 import torch
 import torch.nn.functional as F
 
 import weighted_loss as wl
 from weighted_loss import _composite
-from weighted_loss.bench_focal import focal_composite, sigmoid_focal_composite
+
+# the benchmark's focal composites (bench/suite_focal.py), also when run as a script (tests/fuzz.py)
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from suite_focal import focal_composite, sigmoid_focal_composite  # noqa: E402
 
 
 def _focal_reference(input, target, gamma=2.0, weight=None, ignore_index=-100,
                      reduction="mean", label_smoothing=0.0):
-    """The softmax focal loss in PyTorch ops: bench_focal's composite for class indices, the
+    """The softmax focal loss in PyTorch ops: suite_focal's composite for class indices, the
     library's composite (weighted_loss/_composite.py, PyTorch ops too) for probabilities; (C,)
     logits as a batch of one."""
     if reduction not in ("none", "mean", "sum"):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import weighted_loss as wl
-from weighted_loss.bench_focal import focal_composite, sigmoid_focal_composite
+from suite_focal import focal_composite, sigmoid_focal_composite
 
 LOW = [torch.bfloat16, torch.float16]
 BAR = 2.0

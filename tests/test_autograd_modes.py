@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.func import grad, hessian, jvp
 
 import weighted_loss as wl
-from weighted_loss.bench_focal import focal_composite, sigmoid_focal_composite
+from suite_focal import focal_composite, sigmoid_focal_composite
 
 D = torch.float64
 

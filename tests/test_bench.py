@@ -1,4 +1,4 @@
-"""The benchmark tool (python -m weighted_loss.bench): arguments, one case end to end, and what it
+"""The benchmark tool (python bench/suite.py): arguments, one case end to end, and what it
 writes. Timings are not checked (benchmarks, not tests); the figures' consistency is."""
 import argparse
 import json
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from weighted_loss import bench
+import suite as bench
 
 
 def test_parse_shape():
@@ -105,17 +105,17 @@ def test_main_rejects_bad_arguments(capsys):
 
 
 def test_select_linear_cases():
-    from weighted_loss import bench_linear
-    assert [c[0] for c in bench.select_linear_cases(_args())] == [c[0] for c in bench_linear.QUICK]
+    import suite_linear
+    assert [c[0] for c in bench.select_linear_cases(_args())] == [c[0] for c in suite_linear.QUICK]
     assert [c[0] for c in bench.select_linear_cases(_args("full", True, "loss", ["linear"]))] == \
-        [c[0] for c in bench_linear.FULL]
+        [c[0] for c in suite_linear.FULL]
     assert bench.select_linear_cases(_args("loss", ["ce"])) == []
     assert bench.select_linear_cases(_args("shape", [(64, 10)])) == []
 
 
 def test_run_linear_case_figures():
-    from weighted_loss import bench_linear
-    r = bench_linear.run_case("lin", 64, 16, 300, torch.float32, torch.device("cpu"), 2, False,
+    import suite_linear
+    r = suite_linear.run_case("lin", 64, 16, 300, torch.float32, torch.device("cpu"), 2, False,
                               bench)
     assert r["fused_max_loss_diff"] < 1e-5 and r["fused_max_grad_diff"] < 1e-5
     assert r["flops"] == 6 * 64 * 16 * 300
@@ -123,7 +123,7 @@ def test_run_linear_case_figures():
         assert r[f"{kind}_fwd_bwd_ms"] > 0 and r[f"peak_mem_{kind}_mb"] > 0
     assert r["memory_vs_native"] == pytest.approx(r["peak_mem_fused_mb"] / r["peak_mem_native_mb"])
     assert r["matmuls_ms"] > 0 and r["fused_vs_matmuls"] > 0
-    assert "| lin |" in bench_linear.markdown_table([r])
+    assert "| lin |" in suite_linear.markdown_table([r])
 
 
 def test_gpu_results_table_from_cpu_figures():

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import weighted_loss as wl
-from weighted_loss.bench_focal import focal_composite, sigmoid_focal_composite
+import emulation
+from suite_focal import focal_composite, sigmoid_focal_composite
 
 INF = float("inf")
 
@@ -237,7 +238,7 @@ def test_exception_types_match_pytorch(device, name):
             kinds.append(None)
         except Exception as e:  # noqa: BLE001 - the class is what is compared
             kinds.append(type(e))
-    if name == "target out of range" and wl.testing.emulating():
+    if name == "target out of range" and emulation.emulating():
         assert kinds == [IndexError, RuntimeError], kinds
         return
     assert kinds[0] is not None and kinds[0] is kinds[1], kinds

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import weighted_loss as wl
+import emulation
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -353,13 +354,13 @@ MODES = [("index", 0.0, False, None), ("index", 0.0, True, 2), ("index", 0.1, Tr
 
 def launched(fn, sm_count=132):
     """Runs fn(); the kernels the emulator launched meanwhile (None on a GPU)."""
-    if not wl.testing.emulating():
+    if not emulation.emulating():
         fn()
         return None
-    before = wl.testing.emulated_launches()
-    with wl.testing.emulated_cuda(sm_count=sm_count):
+    before = emulation.emulated_launches()
+    with emulation.emulated_cuda(sm_count=sm_count):
         fn()
-    after = wl.testing.emulated_launches()
+    after = emulation.emulated_launches()
     return {k for k, n in after.items() if n > before[k]}
 
 

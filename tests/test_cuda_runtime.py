@@ -1,4 +1,4 @@
-"""The CUDA runtime properties of every kernel family (weighted_loss/kernel_cases.py): on a GPU, a
+"""The CUDA runtime properties of every kernel family (tests/kernel_cases.py): on a GPU, a
 forward+backward that never synchronizes the host (torch.cuda.set_sync_debug_mode("error")), and
 one captured in a CUDA graph and replayed twice with the eager step's exact results. On every
 machine: the cases launch every kernel family of the emulated CUDA build, and give the same
@@ -6,8 +6,8 @@ bits twice, so that the GPU checks run what they mean to."""
 import pytest
 import torch
 
-from weighted_loss.kernel_cases import CASES
-from weighted_loss.testing import emulated_cuda, emulated_launches
+from kernel_cases import CASES
+from emulation import emulated_cuda, emulated_launches
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import weighted_loss as wl
-from weighted_loss.testing import emulated_cuda, emulated_launches, emulating
+from emulation import emulated_cuda, emulated_launches, emulating
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMULATOR = os.path.join(ROOT, "csrc", "cuda", "emulator")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import weighted_loss as wl
+import emulation
 
 sys.path.insert(0, os.path.dirname(__file__))
 import exactness  # noqa: E402
@@ -56,7 +57,7 @@ def test_exact_as_pytorch_other_cpu_builds(cap, tmp_path):
 def test_emulated_cuda_kernels_close_to_pytorch():
     """The CUDA kernels through the emulator: assert_close to PyTorch on every sample. (Their
     error ratio is not held to 2x yet: on the GPU __expf is not the emulator's exp.)"""
-    assert wl.testing.emulator_available(), "the emulated CUDA kernels are not built"
+    assert emulation.emulator_available(), "the emulated CUDA kernels are not built"
     _check(exactness.report("emulated"), bar=False)
 
 

@@ -1,5 +1,7 @@
 """wl.class_weights, wl.pos_weight, the dataset counters, wl.sampler and the demo."""
+import importlib.util
 import math
+import os
 import warnings
 
 import pytest
@@ -233,7 +235,11 @@ def test_sampler_oversamples_rare_classes():
 
 
 def test_demo_runs(tmp_path, capsys):
-    from weighted_loss import demo
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "demo.py")
+    spec = importlib.util.spec_from_file_location("demo", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
     results = demo.main(["--scale", "0.02", "--epochs", "1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     names = [r["run"] for r in results]

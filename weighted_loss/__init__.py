@@ -5,7 +5,7 @@ import torch  # noqa: F401  (loads libtorch and its OpenMP runtime before the ex
 
 from . import _C  # noqa: F401  (registers the weighted_loss ops)
 from . import _ops  # noqa: F401  (fake kernels and autograd)
-from . import distributed, functional, testing, vocab_parallel
+from . import distributed, functional, vocab_parallel
 from .distributed import total_weight
 from .functional import binary_cross_entropy_with_logits, cross_entropy
 from .focal import FocalLoss, SigmoidFocalLoss, focal_loss, sigmoid_focal_loss

@@ -40,10 +40,7 @@ Level env_cap(Level level) {
 }
 
 Kernels choose() {
-// WEIGHTED_LOSS_CPU_DEFAULT_ONLY: a build of the DEFAULT kernels alone (the sanitized build,
-// which is about the emulated CUDA kernels and would otherwise spend most of its time on the
-// AVX2 and AVX-512 copies)
-#if (defined(__x86_64__) || defined(_M_X64)) && !defined(WEIGHTED_LOSS_CPU_DEFAULT_ONLY)
+#if defined(__x86_64__) || defined(_M_X64)
   switch (env_cap(cpu_level())) {
     case kAvx512: return WEIGHTED_LOSS_KERNELS(AVX512);
     case kAvx2: return WEIGHTED_LOSS_KERNELS(AVX2);

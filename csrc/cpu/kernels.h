@@ -15,7 +15,7 @@ namespace weighted_loss::cpu {
   }
 
 WEIGHTED_LOSS_DECLARE_KERNELS(DEFAULT)
-#if (defined(__x86_64__) || defined(_M_X64)) && !defined(WEIGHTED_LOSS_CPU_DEFAULT_ONLY)
+#if defined(__x86_64__) || defined(_M_X64)
 WEIGHTED_LOSS_DECLARE_KERNELS(AVX2)
 WEIGHTED_LOSS_DECLARE_KERNELS(AVX512)
 #endif

@@ -1,9 +1,10 @@
 // The CUDA kernels on CPU tensors. The host compiler builds the .cu files with the emulator
 // (kernels_*.cpp); their launchers become backends of a Device policy of registration.h, exactly
 // as the CUDA glue makes them, except that scratch comes from host memory and errors carry the
-// emulator's explanation. weighted_loss.testing.emulated_cuda() calls _emulator_enable, which
-// registers those backends for the CPU dispatch key in a torch::Library of its own, over the CPU
-// kernels; _emulator_disable drops that library, and the CPU kernels are back.
+// emulator's explanation. This is its own extension (tests/emulation.py builds it; the product
+// neither compiles nor loads it): emulated_cuda() there calls weighted_loss_emulated::enable, which
+// registers those backends for the CPU dispatch key of the weighted_loss ops in a torch::Library of
+// its own, over the CPU kernels; disable drops that library, and the CPU kernels are back.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -177,8 +178,8 @@ std::tuple<std::vector<std::string>, std::vector<int64_t>> launches() {
 }  // namespace
 }  // namespace weighted_loss
 
-TORCH_LIBRARY_FRAGMENT(weighted_loss, m) {
-  m.def("_emulator_enable(int sm_count, bool shuffle_blocks) -> ()", &weighted_loss::enable);
-  m.def("_emulator_disable() -> ()", &weighted_loss::disable);
-  m.def("_emulator_launches() -> (str[], int[])", &weighted_loss::launches);
+TORCH_LIBRARY(weighted_loss_emulated, m) {
+  m.def("enable(int sm_count, bool shuffle_blocks) -> ()", &weighted_loss::enable);
+  m.def("disable() -> ()", &weighted_loss::disable);
+  m.def("launches() -> (str[], int[])", &weighted_loss::launches);
 }

@@ -1,5 +1,5 @@
 """The focal losses' benchmark cases and the composites they are measured against (the "native"
-column of python -m weighted_loss.bench): what users write, or call, without a fused kernel.
+column of python bench/suite.py): what users write, or call, without a fused kernel.
 
 ``sigmoid_focal_composite`` is the body of ``torchvision.ops.sigmoid_focal_loss`` (0.28), with
 ``weight`` and ``pos_weight`` passed to the BCE term; ``focal_composite`` the softmax focal loss as

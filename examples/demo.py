@@ -3,7 +3,7 @@ weights, with each class_weights() method, with a weighted sampler instead, and 
 loss (gamma = 2, alone and with balanced weights as its alpha), all through the fused losses;
 prints per-class recall, balanced accuracy and the loss curves, and saves a plot.
 
-    python -m weighted_loss.demo [--epochs 6] [--out demo_out] [--seed 0] [--scale 1.0]
+    python examples/demo.py [--epochs 6] [--out demo_out] [--seed 0] [--scale 1.0]
 
 The data: 8-dimensional Gaussian classes with strongly overlapping means and the class counts 2741,
 37919, 22858, 31235, 5499 (the ones users ask about); a held-out test set from the same

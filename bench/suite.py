@@ -1,11 +1,11 @@
 """Side-by-side benchmark: fused weighted_loss vs native PyTorch eager vs torch.compile of the
 native loss, forward, backward and total, with speed, bandwidth, memory and accuracy per case.
 
-    python -m weighted_loss.bench                      quick suite on the best device (CUDA, else CPU)
-    python -m weighted_loss.bench --full               the large GPU suite
-    python -m weighted_loss.bench --shape 8192x32000 --dtype bfloat16 --loss ce bce
-    python -m weighted_loss.bench --loss linear --full  fused linear + cross-entropy, large cases
-    python -m weighted_loss.bench --loss focal sfocal   the focal losses vs their composites
+    python bench/suite.py                      quick suite on the best device (CUDA, else CPU)
+    python bench/suite.py --full               the large GPU suite
+    python bench/suite.py --shape 8192x32000 --dtype bfloat16 --loss ce bce
+    python bench/suite.py --loss linear --full  fused linear + cross-entropy, large cases
+    python bench/suite.py --loss focal sfocal   the focal losses vs their composites
     options: --device, --dtype, --shape (repeatable), --loss, --case, --repeat, --no-compile, --out
 
 Method. Every case first computes the loss and the logits' gradient once with each implementation
@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 
 import weighted_loss as wl
-from weighted_loss import bench_focal, bench_linear
-from weighted_loss.bench_report import (COLUMNS, _Progress, environment, markdown_table,  # noqa: F401
-                                        plot, print_table)
+
+import suite_focal
+import suite_linear
+from report import COLUMNS, _Progress, environment, markdown_table, plot, print_table  # noqa: F401
 
 # name, loss, shape of the logits, dtype, extra keyword arguments
 QUICK = [
@@ -52,7 +53,7 @@ QUICK = [
     ("bce-8192x1000-f32-posw", "bce", (8192, 1000), torch.float32, {}),
     ("bce-seg-16x5x128x128-f32-posw", "bce", (16, 5, 128, 128), torch.float32, {}),
     ("ce-autocast-8192x32000-bf16", "ce", (8192, 32000), torch.bfloat16, {"autocast": True}),
-] + bench_focal.QUICK
+] + suite_focal.QUICK
 FULL = [
     ("ce-8192x32000-bf16", "ce", (8192, 32000), torch.bfloat16, {}),
     ("ce-autocast-8192x32000-bf16", "ce", (8192, 32000), torch.bfloat16, {"autocast": True}),
@@ -62,12 +63,12 @@ FULL = [
     ("ce-seg-16x19x512x512-bf16-ign255", "ce", (16, 19, 512, 512), torch.bfloat16,
      {"ignore_index": 255}),
     ("bce-8192x8192-bf16-posw", "bce", (8192, 8192), torch.bfloat16, {}),
-] + bench_focal.FULL
+] + suite_focal.FULL
 LOSSES = {
     "ce": (wl.cross_entropy, F.cross_entropy),
     "bce": (wl.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits),
-    "focal": (wl.focal_loss, bench_focal.focal_composite),  # gamma = 2, class weights
-    "sfocal": (wl.sigmoid_focal_loss, bench_focal.sigmoid_focal_composite),  # torchvision's
+    "focal": (wl.focal_loss, suite_focal.focal_composite),  # gamma = 2, class weights
+    "sfocal": (wl.sigmoid_focal_loss, suite_focal.sigmoid_focal_composite),  # torchvision's
 }
 DTYPES = {"float32": torch.float32, "f32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "f16": torch.float16,
@@ -226,11 +227,11 @@ def select_cases(args):
 
 
 def select_linear_cases(args):
-    """The linear + cross-entropy cases (bench_linear.py) the arguments ask for."""
+    """The linear + cross-entropy cases (suite_linear.py) the arguments ask for."""
     if args.shape or (args.loss and "linear" not in args.loss):
         return []
     picked = []
-    for name, n, h, c, dtype in (bench_linear.FULL if args.full else bench_linear.QUICK):
+    for name, n, h, c, dtype in (suite_linear.FULL if args.full else suite_linear.QUICK):
         if args.case and not any(k in name for k in args.case):
             continue
         for d in (args.dtype or [dtype]):
@@ -341,7 +342,7 @@ def main(argv=None):
     ap.add_argument("--dtype", type=parse_dtype, action="append",
                     help="float32, bfloat16, float16 or float64 (repeatable; overrides the suite's)")
     ap.add_argument("--loss", nargs="+", choices=sorted(LOSSES) + ["linear"],
-                    help="ce, bce, focal, sfocal (bench_focal.py), linear (bench_linear.py) or "
+                    help="ce, bce, focal, sfocal (suite_focal.py), linear (suite_linear.py) or "
                          "several")
     ap.add_argument("--case", action="append", help="only suite cases whose name contains this")
     ap.add_argument("--repeat", type=int, default=None,
@@ -367,11 +368,11 @@ def main(argv=None):
     bw, rows = measure(cases, device, repeat, not args.no_compile, not args.no_progress)
     if rows:
         print_table(env, bw, rows)
-    lin_rows = [bench_linear.run_case(*c, device, repeat, not args.no_compile, sys.modules[__name__])
+    lin_rows = [suite_linear.run_case(*c, device, repeat, not args.no_compile, sys.modules[__name__])
                 for c in linear]
     if lin_rows:
-        print("fused linear + cross-entropy (bench_linear.py)")
-        print(bench_linear.markdown_table(lin_rows))
+        print("fused linear + cross-entropy (suite_linear.py)")
+        print(suite_linear.markdown_table(lin_rows))
 
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -386,7 +387,7 @@ def main(argv=None):
         else:
             f.write(f"{env['device']}, torch {env['torch']}\n\n")
         if lin_rows:
-            f.write(bench_linear.markdown_table(lin_rows))
+            f.write(suite_linear.markdown_table(lin_rows))
     wrote = [stem + ".json", stem + ".md"]
     try:
         if rows:

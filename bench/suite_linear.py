@@ -1,4 +1,4 @@
-"""The linear + cross-entropy cases of ``python -m weighted_loss.bench`` (``--loss linear``):
+"""The linear + cross-entropy cases of ``python bench/suite.py`` (``--loss linear``):
 ``wl.linear_cross_entropy`` against native ``F.cross_entropy(F.linear(h, W), y, weight=w)`` and
 ``torch.compile`` of it, forward+backward to the gradients of the hidden states and of the
 classifier's weight, with class weights from the batch's label counts. Peak memory is what one
@@ -59,7 +59,7 @@ def _matmuls_ms(h, lw, device, repeat, bench):
 
 
 def run_case(name, n, hidden, classes, dtype, device, repeat, use_compile, bench, tick=None):
-    """Every figure of one case; `bench` is weighted_loss.bench (timing and memory helpers)."""
+    """Every figure of one case; `bench` is bench/suite.py (timing and memory helpers)."""
     h, lw, y, w = make_inputs(n, hidden, classes, dtype, device)
     fns = {"fused": _fused, "native": _native}
     if use_compile:
