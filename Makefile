@@ -50,9 +50,10 @@ emulator: build test-deps
 	$(PYTHON) tests/emulation.py
 
 # the test suite (with the benchmark tool's own tests, which need bench-deps), plus the smoke
-# case of the bench/ pytest-benchmark suites (the rest run with `pytest bench/ --benchmark-only`)
+# case of the bench/ pytest-benchmark suites (the rest run with `pytest bench/ --benchmark-only`);
+# a fixed quarter of the parity grids unless `make test TEST_ARGS=--full-grid`
 test: build bench-deps test-deps emulator
-	$(PYTHON) -m pytest tests bench -q
+	$(PYTHON) -m pytest tests bench -q $(TEST_ARGS)
 
 # the quick suite on the best device: table, bench/out/<stamp>.{json,md,png}; options with
 # `make bench ARGS="--full"` or `python bench/suite.py --help`

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import weighted_loss as wl
+
 import emulation
 
 DRAWS = 6

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 import weighted_loss as wl
 
+from bars import assert_within_2x
+
 LOW = (torch.bfloat16, torch.float16)
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
@@ -57,8 +59,10 @@ def run(fn, x, t, w, pw, reduction, target_grad=True):
     x = x.detach().requires_grad_(True)
     t = t.detach().requires_grad_(target_grad)
     loss = fn(x, t, weight=w, pos_weight=pw, reduction=reduction)
+    # upstream gradients exact in every dtype (bfloat16's 8 bits), so that the float64 reference
+    # sees the values the 16-bit runs see
     go = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape)
-    go = go.to(device=loss.device, dtype=loss.dtype)
+    go = go.to(torch.bfloat16).to(device=loss.device, dtype=loss.dtype)
     grads = torch.autograd.grad(loss, [x, t] if target_grad else [x], go)
     return [loss.detach()] + [g.detach() for g in grads]
 
@@ -71,24 +75,23 @@ def reference(x, t, w, pw, reduction, target_grad=True):
 
 def check_close(fused, native, ref, dtype):
     """float64: fused == native to rounding. float32, bfloat16, float16: fused's error against the
-    float64 reference within twice PyTorch's own error in that dtype (plus a hair for exact zeros):
-    both compute (P - 1) softplus(-x) - x and the like, which cancel near their zeros."""
-    slack = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-3}
+    float64 reference within twice PyTorch's own error in that dtype, over the finite elements
+    (tests/bars.py), or of an ulp of the largest value: both compute (P - 1) softplus(-x) - x and
+    the like, which cancel near their zeros."""
     for a, b, r in zip(fused, native, ref):
         assert a.shape == b.shape and a.dtype == b.dtype
         if dtype == torch.float64:
             torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-10, atol=1e-12)
             continue
         assert torch.equal(torch.isnan(a), torch.isnan(b))
-        fin = torch.isfinite(b.double()) & torch.isfinite(r)
-        if not fin.any():
-            continue
-        err_f = (a.double() - r)[fin].abs().max().item()
-        err_n = (b.double() - r)[fin].abs().max().item()
-        scale = r[fin].abs().max().item()
-        assert err_f <= 2 * err_n + slack[dtype] * scale + 1e-7, (err_f, err_n, scale)
+        # a floor of an ulp, as the fuzzer's: every gradient element is a product of 4-5 rounded
+        # terms, ~1 ulp of error for PyTorch too (over 30 seeds of the NCHW case, float32: max
+        # 1.06 ulp of the largest value for PyTorch, 1.31 for us; means 0.61 and 0.72)
+        assert_within_2x(a, b, r, dtype, where=torch.isfinite(b.double()) & torch.isfinite(r),
+                         ulps=1)
 
 
+@pytest.mark.grid
 @pytest.mark.parametrize("name,wshape,pshape", CASES, ids=lambda v: str(v).replace(" ", ""))
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))

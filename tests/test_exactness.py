@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import weighted_loss as wl
+
 import emulation
 
 sys.path.insert(0, os.path.dirname(__file__))

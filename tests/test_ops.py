@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import weighted_loss as wl
+
 import emulation
 
 ops = torch.ops.weighted_loss
