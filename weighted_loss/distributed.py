@@ -82,9 +82,12 @@ def _global_mean(local_sum: Tensor, local_weight: Tensor, process_group, total_w
         return (local_sum.double() / denom).to(local_sum.dtype)
     size = _group_size(process_group)
     s = local_sum.double()
-    s_all = _all_reduce(s.detach(), process_group)
-    if denom is None:
-        denom = _all_reduce(local_weight.detach().double(), process_group)
+    if denom is None:  # the sum and the denominator in one all-reduce
+        both = _all_reduce(torch.stack([s.detach().reshape(()),
+                                        local_weight.detach().double().reshape(())]), process_group)
+        s_all, denom = both[0].reshape(s.shape), both[1]
+    else:
+        s_all = _all_reduce(s.detach(), process_group)
     # value: the group's sum over its denominator; gradient: size x this rank's share, which
     # DDP's (or FSDP's) averaging over the group turns into the gradient of the whole batch
     scaled = s * size
