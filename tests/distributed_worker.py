@@ -20,6 +20,18 @@ import weighted_loss as wl
 C, H, N = 7, 16, 120
 
 
+class LMHead(torch.nn.Module):
+    """A language model's last layer as the fused linear loss uses it: the forward passes the
+    hidden states through, the loss reads proj's weight and bias (the model is DDP's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(H, C)
+
+    def forward(self, h):
+        return h
+
+
 def global_batch(loss):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, H, generator=g)
@@ -47,10 +59,12 @@ def main():
     x, y = x_all[start:start + sizes[rank]], y_all[start:start + sizes[rank]]
 
     torch.manual_seed(1)
-    model = torch.nn.Linear(H, C)
+    model = LMHead() if loss_kind == "linear" else torch.nn.Linear(H, C)
     ref = copy.deepcopy(model)
     if loss_kind == "bce":
         ref_loss = F.binary_cross_entropy_with_logits(ref(x_all), y_all)
+    elif loss_kind == "linear":
+        ref_loss = F.cross_entropy(ref.proj(x_all), y_all, weight=w)
     else:
         ref_loss = F.cross_entropy(ref(x_all), y_all, weight=w)
     ref_loss.backward()
@@ -85,6 +99,26 @@ def main():
         loss = fn(ddp(x), y)
         loss.backward()
         value = loss.item()
+    elif case == "linear-ddp":  # the fused linear head, chunks of 9 rows
+        head = ddp.module.proj
+        loss = wl.linear_cross_entropy(ddp(x), head.weight, y, head.bias, weight=w,
+                                       chunk_size=9, process_group=group)
+        loss.backward()
+        value = loss.item()
+    elif case == "linear-accum":  # two micro-batches, the denominator of the whole step
+        head = ddp.module.proj
+        half = x.shape[0] // 2
+        parts = [(x[:half], y[:half]), (x[half:], y[half:])]
+        total = wl.total_weight([p[1] for p in parts], w, process_group=group)
+        fn = wl.LinearCrossEntropyLoss(weight=w, chunk_size=9, process_group=group)
+        value = 0.0
+        with ddp.no_sync():
+            loss = fn(ddp(parts[0][0]), head.weight, parts[0][1], head.bias, total_weight=total)
+            loss.backward()
+            value += loss.item()
+        loss = fn(ddp(parts[1][0]), head.weight, parts[1][1], head.bias, total_weight=total)
+        loss.backward()
+        value += loss.item()
     elif case == "bce-ddp":
         loss = wl.binary_cross_entropy_with_logits(ddp(x), y, process_group=group)
         loss.backward()

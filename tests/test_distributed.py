@@ -50,7 +50,8 @@ def _run(case, world, tmp_path, worker="distributed_worker.py"):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("case", ["ce-ddp", "ce-module", "ce-accum", "bce-ddp"])
+@pytest.mark.parametrize("case", ["ce-ddp", "ce-module", "ce-accum", "bce-ddp", "linear-ddp",
+                                  "linear-accum"])
 def test_global_mean_equals_one_process(case, world, tmp_path):
     got = _run(case, world, tmp_path)
     for g in got:

@@ -189,3 +189,36 @@ def test_non_contiguous_input_and_weight():
     torch.testing.assert_close(ours, ref)
     for a, c in zip(gs, gr):
         torch.testing.assert_close(a, c)
+
+
+def test_total_weight_over_micro_batches_is_the_whole_batch_mean():
+    """total_weight= (wl.total_weight of a step's micro-batches): the micro-batches' losses add up
+    to the whole batch's weighted mean, and so do their gradients."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    lw = torch.randn(9, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 9, (60,), generator=g)
+    y[::7] = -100
+    w = torch.rand(9, generator=g, dtype=torch.float64) + 0.2
+    total = wl.total_weight([y[:25], y[25:]], weight=w)
+    fn = wl.LinearCrossEntropyLoss(weight=w, chunk_size=7)
+    loss = fn(x[:25], lw, y[:25], b, total_weight=total) + fn(x[25:], lw, y[25:], b,
+                                                                total_weight=total)
+    ref = F.cross_entropy(F.linear(x, lw, b), y, weight=w)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    for a, c in zip(torch.autograd.grad(loss, (x, lw, b)), torch.autograd.grad(ref, (x, lw, b))):
+        torch.testing.assert_close(a, c, rtol=1e-11, atol=1e-12)
+    with pytest.raises(ValueError, match="reduction='mean'"):
+        wl.linear_cross_entropy(x, lw, y, reduction="sum", total_weight=total)
+
+
+def test_default_chunk_bounds_small_batches():
+    """The default chunk holds at most a quarter of the rows' logits (at least 256 rows) and at
+    most 128 MiB of logits on the CPU: 1,000 rows at 32,000 classes once held all of them."""
+    from weighted_loss.linear import _chunk_rows
+    cpu = torch.device("cpu")
+    assert _chunk_rows(1000, 32000, torch.float32, cpu) == 256
+    assert _chunk_rows(100, 32000, torch.float32, cpu) == 100
+    assert _chunk_rows(8192, 32000, torch.float32, cpu) == (128 << 20) // (32000 * 4)
+    assert _chunk_rows(4000, 1000, torch.bfloat16, cpu) == 1000

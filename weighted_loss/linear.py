@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
 from . import _composite, _dtypes, _forward_ad
+from . import distributed as _dist
 from .functional import _row_terms
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
@@ -27,12 +28,16 @@ _OP = "linear_cross_entropy"
 # at full speed, small against the N x C logits of a language model (the chunk's gradient is
 # written over its logits)
 _CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 256 << 20}
+# and at most a quarter of the rows, where that leaves at least _MIN_CHUNK_ROWS: a small batch
+# holds a quarter of its logits, not all of them (each chunk adds the weight's gradient once)
+_MIN_CHUNK_ROWS = 256
 
 
 def _chunk_rows(n: int, classes: int, dtype: torch.dtype, device: torch.device) -> int:
     budget = _CHUNK_BYTES.get(device.type, 256 << 20)
     per_row = max(1, classes) * torch.empty((), dtype=dtype).element_size()
-    return max(1, min(n, budget // per_row))
+    quarter = max(_MIN_CHUNK_ROWS, -(-n // 4))
+    return max(1, min(n, budget // per_row, quarter))
 
 
 def _grad_buffer(shape, dtype: torch.dtype, device) -> Tensor:
@@ -71,9 +76,12 @@ class _Plan:
     per-chunk losses in `acc` (float32 for 16-bit logits: a chunk's sum is not rounded to 16 bits)
     and the loss returned in `out`."""
 
-    def __init__(self, compute, logits, out, chunk, grads):
+    def __init__(self, compute, logits, out, chunk, grads, grouped=False):
         self.compute, self.logits, self.out, self.chunk, self.grads = \
             compute, logits, out, chunk, grads
+        # a sum for the group's mean (process_group= / total_weight=): returned in float64, so
+        # that it is rounded once, after the division
+        self.grouped = grouped
         self.acc = torch.float32 if logits in (torch.bfloat16, torch.float16) else logits
 
     def cast(self, x, lw, bias):
@@ -92,14 +100,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z, cap,
                 reduction, plan):
+        """The loss, and the mean's local divisor (sum of weight[target] over the rows kept, or the
+        number of rows for probabilities; not differentiable)."""
         # the plan's dtypes stand for autocast's: none of this runs under it (autocast would
         # recast, and refuses mm's out=)
         with torch.autocast(x.device.type, enabled=False):
-            return _forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z,
-                            cap, reduction, plan)
+            loss, divisor = _forward(ctx, x, lw, bias, target, weight, ignore_index,
+                                     label_smoothing, z, cap, reduction, plan)
+        ctx.mark_non_differentiable(divisor)
+        return loss, divisor
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_divisor):
         if torch.is_grad_enabled():
             # create_graph=True: the gradients were formed in the forward, from the chunks'
             # logits, and hold no graph; keeping what a second derivative needs (the hidden
@@ -188,11 +200,12 @@ def _forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z,
         tsum_all = torch.cat(tsum_parts) if tsum_parts else torch.empty((0,), dtype=acc,
                                                                         device=dev)
         ctx.save_for_backward(x, lw, bias, target, weight, lse_all, tsum_all)
-        return torch.cat(rows_loss) if rows_loss else x.new_empty((0,), dtype=plan.out)
+        rows = torch.cat(rows_loss) if rows_loss else x.new_empty((0,), dtype=plan.out)
+        return rows, divisor
     ctx.save_for_backward(gx, gw, gb, divisor)
     ctx.dtypes = (x.dtype, lw.dtype, None if bias is None else bias.dtype)
     out = total / divisor if reduction == "mean" else total
-    return out.to(plan.out)
+    return (out if plan.grouped else out.to(plan.out)), divisor.clone()
 
 
 def _backward_rows(ctx, grad_rows):
@@ -255,6 +268,9 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
+    *,
+    process_group=None,
+    total_weight=None,
 ) -> Tensor:
     """``F.cross_entropy(F.linear(input, linear_weight, bias), target, weight=weight, ...)``
     without the ``(N, C)`` logits: computed over chunks of ``chunk_size`` rows (chosen from C and
@@ -266,9 +282,18 @@ def linear_cross_entropy(
     :func:`weighted_loss.cross_entropy`. Gradients flow to ``input``, ``linear_weight`` and
     ``bias``, each in its own dtype. Under ``torch.autocast`` the matmuls run in autocast's dtype
     (as ``F.linear`` would) and the loss is float32; under ``torch.no_grad()`` or
-    ``torch.inference_mode()`` only the loss is computed."""
+    ``torch.inference_mode()`` only the loss is computed.
+
+    ``process_group`` / ``total_weight`` (with ``reduction="mean"``), as for
+    :func:`weighted_loss.cross_entropy`: the weighted mean over the whole group's rows (or over a
+    given denominator, ``wl.total_weight`` of a step's micro-batches), with a gradient that DDP's
+    or FSDP's averaging turns into the gradient of the concatenated batch."""
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{_OP}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    grouped = process_group is not None or total_weight is not None
+    if grouped and reduction != "mean":
+        raise ValueError(f"{_OP}: process_group= and total_weight= apply to reduction='mean', "
+                         f"got reduction={reduction!r}")
     z, cap = _row_terms(z_loss, softcap)
     if input.dim() < 1:
         raise ValueError(f"{_OP}: input must be (..., H), got a 0-d tensor")
@@ -314,36 +339,47 @@ def linear_cross_entropy(
         # forward-mode AD or a torch.func transform: the logits, held, through the composite
         # loss (differentiable to any order); a custom jvp would not trace under torch.compile
         z_, cap_ = z, cap
+        red = "sum" if grouped else reduction
         with torch.autocast(x.device.type, enabled=False):
             lg = torch.nn.functional.linear(x.to(compute), linear_weight.to(compute),
                                             None if bias is None else bias.to(compute))
             lg = lg.to(logits)
             if prob:
-                loss = _composite.cross_entropy_prob(lg, t, weight, _Reduction.get_enum(reduction),
+                loss = _composite.cross_entropy_prob(lg, t, weight, _Reduction.get_enum(red),
                                                      max(float(label_smoothing), 0.0), z_, cap_,
                                                      out_dtype=out)
             else:
-                loss = _composite.cross_entropy(lg, t, weight, _Reduction.get_enum(reduction),
+                loss = _composite.cross_entropy(lg, t, weight, _Reduction.get_enum(red),
                                                 int(ignore_index), max(float(label_smoothing), 0.0),
                                                 z_, cap_, out_dtype=out)
+        if grouped:
+            local = (torch.tensor(float(t.shape[0]), dtype=torch.float64, device=x.device) if prob
+                     else _dist._local_weight(t, weight, int(ignore_index)))
+            return _dist._global_mean(loss, local, process_group, total_weight)
         return loss.view(lead) if reduction == "none" else loss
     n = x.shape[0]
     chunk = chunk_size or _chunk_rows(n, classes, logits, x.device)
-    plan = _Plan(compute, logits, out, chunk, torch.is_grad_enabled())
-    loss = _LinearCrossEntropy.apply(x, linear_weight, bias, t, weight, int(ignore_index),
-                                     max(float(label_smoothing), 0.0), z, cap, reduction, plan)
+    plan = _Plan(compute, logits, out, chunk, torch.is_grad_enabled(), grouped)
+    loss, divisor = _LinearCrossEntropy.apply(x, linear_weight, bias, t, weight, int(ignore_index),
+                                              max(float(label_smoothing), 0.0), z, cap,
+                                              "sum" if grouped else reduction, plan)
+    if grouped:
+        return _dist._global_mean(loss, divisor, process_group, total_weight).to(out)
     return loss.view(lead) if reduction == "none" else loss
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
     """:func:`linear_cross_entropy` as a module: ``forward(input, linear_weight, target,
     bias=None)`` with the class weight and the options of :class:`torch.nn.CrossEntropyLoss`
-    given at construction (``weight`` a buffer, as there)."""
+    given at construction (``weight`` a buffer, as there); ``process_group=`` and
+    ``forward(..., total_weight=)`` as for :class:`weighted_loss.CrossEntropyLoss`."""
 
     def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 softcap: Optional[float] = None, chunk_size: Optional[int] = None):
+                 softcap: Optional[float] = None, chunk_size: Optional[int] = None, *,
+                 process_group=None):
         super().__init__()
+        self.process_group = process_group
         _row_terms(z_loss, softcap)
         self.register_buffer("weight", weight)
         self.ignore_index, self.reduction = ignore_index, reduction
@@ -351,7 +387,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.z_loss, self.softcap = z_loss, softcap
 
     def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
-                bias: Optional[Tensor] = None) -> Tensor:
+                bias: Optional[Tensor] = None, total_weight=None) -> Tensor:
         return linear_cross_entropy(input, linear_weight, target, bias, self.weight,
                                     self.ignore_index, self.reduction, self.label_smoothing,
-                                    self.z_loss, self.softcap, self.chunk_size)
+                                    self.z_loss, self.softcap, self.chunk_size,
+                                    process_group=self.process_group, total_weight=total_weight)
