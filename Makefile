@@ -78,8 +78,8 @@ cuda-emu-asan: build bench-deps test-deps
 		$(PYTHON) -m pytest tests -q -p no:cacheprovider --capture=sys \
 		-k "(emulated or emulator) and not opcheck and not deterministic and not selftest"
 
-# On a GPU machine (no network): build against its torch, run the tests, benchmark fused vs native
-# vs torch.compile, write bench/results/<date>-<gpu>.{json,md}.
+# On a GPU machine (no network), in one call of under 8 minutes: build for sm_90 against its torch,
+# the CUDA-device tests, memcheck, the key benchmark cases; bench/results/<date>-<gpu>.{json,md}.
 gpu-check:
 	@bash bench/gpu_check.sh
 

@@ -7,6 +7,8 @@ bandwidth_fraction, peak_mem_fused_mb, peak_mem_native_mb, and every other figur
 table beside it.
 
     python bench/gpu_bench.py --out bench/results [--tests-passed N --tests-failed M] [--repeat 20]
+    python bench/gpu_bench.py --key ...     the key cases only (bench/gpu_check.sh), the linear
+                                            head's among them; the files rewritten after each case
 """
 import argparse
 import datetime
@@ -15,6 +17,8 @@ import os
 
 import torch
 
+import suite
+import suite_linear
 from suite import FULL, environment, measure
 
 
@@ -24,7 +28,7 @@ def markdown(res):
         "",
         f"torch {res['torch']}, CUDA {res['cuda']}; tests passed {res['tests_passed']}, failed "
         f"{res['tests_failed']}; compute-sanitizer: {res['sanitizers']}; copy bandwidth "
-        f"{res['copy_bandwidth_gbs']:.0f} GB/s.",
+        f"{res['copy_bandwidth_gbs'] or 0:.0f} GB/s.",
         "",
         "Times in ms, forward + backward (forward / backward).",
         "",
@@ -46,7 +50,16 @@ def markdown(res):
             f"{c['bytes_min'] / 1e9:.2f} GB | {100 * c['bandwidth_fraction']:.0f}% | "
             f"{c['speedup_vs_native']:.2f}x | {vs_compiled} | {c['peak_mem_fused_mb']:.0f} / "
             f"{c['peak_mem_native_mb']:.0f} |")
+    if res.get("linear_cases"):
+        lines += ["", "Fused linear + cross-entropy (bench/suite_linear.py):", "",
+                  suite_linear.markdown_table(res["linear_cases"])]
     return "\n".join(lines) + "\n"
+
+
+# the key cases of a short GPU run (bench/gpu_check.sh), as the CUDA issue names them
+KEY = ["ce-8192x128256-bf16", "ce-32768x32000-bf16", "ce-seg-16x19x512x512-bf16-ign255",
+       "bce-8192x8192-bf16-posw"]
+KEY_LINEAR = ["linear-16384x4096x128256-bf16"]
 
 
 def main(argv=None):
@@ -58,26 +71,50 @@ def main(argv=None):
     ap.add_argument("--sanitizers", default="not-run",
                     help="compute-sanitizer's verdicts, e.g. 'memcheck=clean racecheck=clean'")
     ap.add_argument("--case", action="append", help="run only cases whose name contains this")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu rehearses this script's code")
+    ap.add_argument("--key", action="store_true",
+                    help="only the key cases (KEY, KEY_LINEAR): the short GPU run")
     args = ap.parse_args(argv)
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     env = environment(device)
-    cases = [c for c in FULL if not args.case or any(k in c[0] for k in args.case)]
-    bw, rows = measure(cases, device, args.repeat)
+    if args.key:
+        cases = [c for c in FULL if c[0] in KEY]
+        linear = [c for c in suite_linear.FULL if c[0] in KEY_LINEAR]
+    else:
+        cases = [c for c in FULL if not args.case or any(k in c[0] for k in args.case)]
+        linear = [c for c in suite_linear.QUICK + suite_linear.FULL
+                  if args.case and any(k in c[0] for k in args.case)]
     res = {"date": datetime.date.today().isoformat(), "device": env["device"], "torch": env["torch"],
-           "cuda": env["cuda"], "tests_passed": args.tests_passed, "tests_failed": args.tests_failed,
-           "sanitizers": args.sanitizers, "copy_bandwidth_gbs": bw, "environment": env,
-           "cases": rows}
-    for r in rows:
-        print(f"{r['case']:34} fused {r['fused_fwd_bwd_ms']:8.3f} ms  native "
-              f"{r['native_fwd_bwd_ms']:8.3f}  compiled {r.get('compiled_fwd_bwd_ms', float('nan')):8.3f}"
-              f"  {100 * r['bandwidth_fraction']:5.1f}% of copy bw", flush=True)
+           "cuda": env.get("cuda"), "tests_passed": args.tests_passed, "tests_failed": args.tests_failed,
+           "sanitizers": args.sanitizers, "copy_bandwidth_gbs": None, "environment": env,
+           "cases": [], "linear_cases": []}
     os.makedirs(args.out, exist_ok=True)
     gpu = env["device"].replace("NVIDIA ", "").replace(" ", "-").lower()
     stem = os.path.join(args.out, f"{res['date']}-{gpu}")
-    with open(stem + ".json", "w") as f:
-        json.dump(res, f, indent=2)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(res))
+
+    def write():  # after every case: a run cut short still leaves what it measured
+        with open(stem + ".json", "w") as f:
+            json.dump(res, f, indent=2)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(res))
+
+    for case in cases:
+        bw, rows = measure([case], device, args.repeat, progress=False)
+        res["copy_bandwidth_gbs"] = bw
+        r = rows[0]
+        res["cases"].append(r)
+        print(f"{r['case']:34} fused {r['fused_fwd_bwd_ms']:8.3f} ms  native "
+              f"{r['native_fwd_bwd_ms']:8.3f}  compiled "
+              f"{r.get('compiled_fwd_bwd_ms', float('nan')):8.3f}  "
+              f"{100 * r['bandwidth_fraction']:5.1f}% of copy bw ({bw:.0f} GB/s)", flush=True)
+        write()
+    for case in linear:
+        r = suite_linear.run_case(*case, device, args.repeat, True, suite)
+        res["linear_cases"].append(r)
+        print(f"{r['case']:34} {json.dumps({k: v for k, v in r.items() if 'ms' in k or 'mb' in k})}",
+              flush=True)
+        write()
+    write()
     print(f"wrote {stem}.json and {stem}.md")
 
 

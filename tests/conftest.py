@@ -73,9 +73,24 @@ def both_builds(tmp_path):
 GRID_SAMPLE = 4
 
 
+def _on_cuda(item):
+    """Whether a test runs on a CUDA device: its device (or gpu) parameter is "cuda", or it is
+    skipped where no CUDA device is (the CUDA-only tests)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "cuda" in (params.get("device"), params.get("gpu")):
+        return True
+    return any(m.kwargs.get("reason", "").endswith(("CUDA device", "second device"))
+               for m in item.iter_markers("skipif"))
+
+
 def pytest_collection_modifyitems(config, items):
-    """Samples the parity grids (unless --full-grid); tests marked runs_last (the emulator's
-    coverage check) run after all others."""
+    """Samples the parity grids (unless --full-grid); --only-cuda keeps the tests that run on a
+    CUDA device; tests marked runs_last (the emulator's coverage check) run after all others."""
+    if config.getoption("--only-cuda"):
+        other = [item for item in items if not _on_cuda(item)]
+        if other:
+            config.hook.pytest_deselected(items=other)
+            items[:] = [item for item in items if _on_cuda(item)]
     if not (config.getoption("--full-grid") or os.environ.get("WL_FULL_GRID") == "1"):
         skipped = [item for item in items if item.get_closest_marker("grid") is not None
                    and zlib.crc32(item.nodeid.encode()) % GRID_SAMPLE != 0]
@@ -87,6 +102,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_addoption(parser):
+    parser.addoption("--only-cuda", action="store_true",
+                     help="only the tests that run on a CUDA device (the GPU run: "
+                          "bench/gpu_check.sh)")
     parser.addoption("--full-grid", action="store_true",
                      help=f"every case of the parity grids (tests marked grid), not the fixed one "
                           f"in {GRID_SAMPLE} that runs by default (or WL_FULL_GRID=1)")
