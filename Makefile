@@ -11,7 +11,9 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 PIP := $(PYTHON) -m pip --disable-pip-version-check -q
 STAMP := build/.built
-SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \)) \
+# the product's sources (the emulator's are the tests': tests/emulation.py rebuilds what changed)
+SOURCES := $(shell find csrc \( -path csrc/cuda/emulator -o -path csrc/cuda/emulated \) -prune -o \
+             -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) -print) \
            setup.py pyproject.toml
 NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
 
