@@ -75,17 +75,20 @@ GRID_SAMPLE = 4
 
 def _on_cuda(item):
     """Whether a test runs on a CUDA device: its device (or gpu) parameter is "cuda", or it is
-    skipped where no CUDA device is (the CUDA-only tests)."""
+    marked cuda (the CUDA-only tests)."""
     params = getattr(getattr(item, "callspec", None), "params", {})
-    if "cuda" in (params.get("device"), params.get("gpu")):
-        return True
-    return any(m.kwargs.get("reason", "").endswith(("CUDA device", "second device"))
-               for m in item.iter_markers("skipif"))
+    return "cuda" in (params.get("device"), params.get("gpu")) or \
+        item.get_closest_marker("cuda") is not None
 
 
 def pytest_collection_modifyitems(config, items):
     """Samples the parity grids (unless --full-grid); --only-cuda keeps the tests that run on a
-    CUDA device; tests marked runs_last (the emulator's coverage check) run after all others."""
+    CUDA device; tests marked cuda are skipped without one; tests marked runs_last (the
+    emulator's coverage check) run after all others."""
+    if not torch.cuda.is_available():
+        for item in items:
+            if item.get_closest_marker("cuda") is not None:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
     if config.getoption("--only-cuda"):
         other = [item for item in items if not _on_cuda(item)]
         if other:

@@ -423,7 +423,7 @@ def test_backward_op_is_first_order(device):
         gx.sum().backward()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+@pytest.mark.cuda  # a second device
 def test_error_weight_device():
     x, t = torch.randn(4, 5, device="cuda"), torch.rand(4, 5, device="cuda")
     with pytest.raises(RuntimeError, match="pos_weight is on cpu but input is on cuda"):
@@ -480,8 +480,6 @@ def test_baseline_build_matches(both_builds):
 # ------------------------------------------------------------------------------------ CUDA
 # The CUDA kernels, in the emulator always and on a GPU when there is one.
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_deterministic_runs(gpu, dtype):
@@ -518,7 +516,7 @@ def test_cuda_unaligned_and_tails(gpu, offset, dtype):
         check_close(fused, native, reference(xs, ts, None, None, red), dtype)
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_cuda_graph_reduce_overhead():
     """Current stream only and no host sync: forward and backward run under CUDA graphs."""
     torch._dynamo.reset()

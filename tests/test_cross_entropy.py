@@ -11,7 +11,6 @@ import weighted_loss as wl
 import emulation
 from bars import assert_within_2x
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 SHAPES = {
     "unbatched": (7,),
@@ -440,7 +439,7 @@ def test_cuda_deterministic_runs(gpu, shape, kind):
         assert all(torch.equal(a, b) for a, b in zip(got, ref))
 
 
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("shape", [(64, 3000), (2, 5, 8, 8)], ids=str)
 def test_cuda_graph_reduce_overhead(shape):
     """Current stream only and no host sync: forward and backward replay under CUDA graphs."""

@@ -9,8 +9,6 @@ import torch
 from kernel_cases import CASES
 from emulation import emulated_cuda, emulated_launches
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
 
 def _family(name):
     return name.split("<")[0]
@@ -30,7 +28,7 @@ def test_cases_launch_every_kernel_family_and_repeat_exactly():
     assert ran == {_family(k) for k in after}, sorted({_family(k) for k in after} - ran)
 
 
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", list(CASES))
 def test_no_host_sync(name):
     _, step = CASES[name](torch.device("cuda"))
@@ -44,7 +42,7 @@ def test_no_host_sync(name):
     torch.cuda.synchronize()
 
 
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", list(CASES))
 def test_cuda_graph_replays_the_eager_step(name):
     _, step = CASES[name](torch.device("cuda"))

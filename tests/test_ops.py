@@ -230,7 +230,7 @@ def test_error_weight_requires_grad(device):
         loss.backward()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+@pytest.mark.cuda  # a second device
 def test_error_weight_device():
     x = torch.randn(4, 5, device="cuda")
     t = torch.zeros(4, dtype=torch.long, device="cuda")
