@@ -13,8 +13,13 @@ loss honours is honoured: the label shift (or ``shift_labels=``), ``ignore_index
 (the labels of the positions kept), and the float32 loss of 16-bit models. ``output.logits`` is
 None then. In eval mode, without labels, or under ``torch.no_grad()`` the model's own forward runs
 unchanged (generation, metrics on logits). Optionally class weights, label smoothing and z-loss.
+
+With class weights, train under ``WeightedLossTrainer`` (weighted_loss/integrations/trainer.py),
+whose ``num_items_in_batch`` is the step's summed label weight; ``CrossEntropyTrainerLoss`` is the
+``compute_loss_func=`` for models whose logits are formed (classification, segmentation, LMs).
 """
 import contextlib
+import inspect
 import types
 from typing import Optional
 
@@ -23,8 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..linear import linear_cross_entropy
+from . import trainer as _trainer
+from .trainer import CrossEntropyTrainerLoss
 
-__all__ = ["fuse_linear_cross_entropy"]
+__all__ = ["fuse_linear_cross_entropy", "CrossEntropyTrainerLoss", "WeightedLossTrainer"]
 
 _IGNORE = -100
 
@@ -61,6 +68,7 @@ def _loss(hidden: Tensor, head, labels, shift_labels, num_items, cap, options) -
                                     ignore_index=_IGNORE, reduction=reduction, softcap=cap,
                                     **options)
     if num_items is not None:
+        _trainer.check_denominator(num_items, options["weight"], "fuse_linear_cross_entropy")
         if torch.is_tensor(num_items):
             num_items = num_items.to(loss.device)
         loss = loss / num_items
@@ -83,20 +91,39 @@ def fuse_linear_cross_entropy(model, weight: Optional[Tensor] = None, label_smoo
     options = {"weight": weight, "label_smoothing": float(label_smoothing),
                "z_loss": float(z_loss), "chunk_size": chunk_size}
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, **kwargs):  # self's original forward: a deepcopy runs its own
         labels, shift = kwargs.get("labels"), kwargs.get("shift_labels")
         if not (self.training and torch.is_grad_enabled()) or (labels is None and shift is None):
-            return original(*args, **kwargs)
+            return self._wl_original_forward(*args, **kwargs)
         kwargs.pop("labels", None)
         kwargs.pop("shift_labels", None)
         num_items = kwargs.pop("num_items_in_batch", None)
         head = self.get_output_embeddings()
         with _head_passes_hidden_states(head, self.config) as cap:
-            out = original(*args, **kwargs)
+            out = self._wl_original_forward(*args, **kwargs)
         loss = _loss(out.logits, head, labels, shift, num_items, cap, options)
         out.loss, out.logits = loss, None
         return out
 
+    # the model's own signature: Trainer keeps the dataset columns it names
+    forward.__signature__ = inspect.signature(getattr(original, "__func__", original))
     model._wl_original_forward = original
     model.forward = types.MethodType(forward, model)
+    model._wl_step_denominator = _StepDenominator(weight)  # WeightedLossTrainer's
     return model
+
+
+class _StepDenominator:
+    """The fused model's mean divides by the summed weight of the shifted labels of a step."""
+
+    def __init__(self, weight):
+        self.weight = weight
+
+    def step_denominator(self, batches) -> Tensor:
+        return _trainer.step_denominator(batches, self.weight, shift=True)
+
+
+def __getattr__(name):
+    if name == "WeightedLossTrainer":
+        return _trainer.WeightedLossTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
