@@ -24,6 +24,11 @@ def _all_reduce(t: Tensor, group) -> Tensor:
     return funcol.all_reduce(t, "sum", group)
 
 
+def _global_sum(local_sum: Tensor, group) -> Tensor:
+    """The group's sum as the value, this rank's share as the gradient (a DTensor shard's)."""
+    return _all_reduce(local_sum.detach(), group) + (local_sum - local_sum.detach())
+
+
 def _group_size(group) -> int:
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
@@ -74,9 +79,11 @@ def _as_denominator(total_weight, like: Tensor) -> Tensor:
     raise TypeError(f"total_weight must be a number or a tensor, got {type(total_weight).__name__}")
 
 
-def _global_mean(local_sum: Tensor, local_weight: Tensor, process_group, total_weight) -> Tensor:
+def _global_mean(local_sum: Tensor, local_weight: Tensor, process_group, total_weight,
+                 replicas_average: bool = True) -> Tensor:
     """The mean to return from a local sum and its denominator (see the module's docstring); the
-    callers check that reduction is "mean"."""
+    callers check that reduction is "mean". ``replicas_average=False``: the gradient is this
+    rank's share itself (a DTensor shard's gradient, which nothing averages afterwards)."""
     denom = None if total_weight is None else _as_denominator(total_weight, local_sum)
     if process_group is None:
         return (local_sum.double() / denom).to(local_sum.dtype)
@@ -90,5 +97,6 @@ def _global_mean(local_sum: Tensor, local_weight: Tensor, process_group, total_w
         s_all = _all_reduce(s.detach(), process_group)
     # value: the group's sum over its denominator; gradient: size x this rank's share, which
     # DDP's (or FSDP's) averaging over the group turns into the gradient of the whole batch
-    scaled = s * size
+    # (a DTensor shard: the share alone)
+    scaled = s * size if replicas_average else s
     return ((scaled + (s_all - scaled).detach()) / denom).to(local_sum.dtype)

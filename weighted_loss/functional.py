@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-from . import _dtypes, _forward_ad
+from . import _dtensor, _dtypes, _forward_ad
 from . import distributed as _dist
 
 __all__ = ["cross_entropy", "binary_cross_entropy_with_logits"]
@@ -64,6 +64,17 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
+    if _dtensor.any_dtensor(input, target, weight):
+        return _dtensor.cross_entropy(input, target, weight, ignore_index, reduction,
+                                      label_smoothing, z_loss, softcap, process_group,
+                                      total_weight)
+    return _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                          softcap, process_group, total_weight)
+
+
+def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                   softcap, process_group, total_weight, replicas_average=True):
+    """cross_entropy on plain tensors; ``replicas_average`` as for ``_dist._global_mean``."""
     grouped = process_group is not None or total_weight is not None
     if grouped:
         red = _Reduction.get_enum("sum")
@@ -81,13 +92,13 @@ def cross_entropy(
         if grouped:
             rows = input.numel() // max(1, input.shape[0 if input.dim() == 1 else 1])
             local = torch.tensor(float(rows), dtype=torch.float64, device=input.device)
-            return _dist._global_mean(loss, local, process_group, total_weight)
+            return _dist._global_mean(loss, local, process_group, total_weight, replicas_average)
         return loss
     loss, _, local = _forward_ad.cross_entropy_forward(input, target, weight, red,
                                                        int(ignore_index), max(label_smoothing, 0.0),
                                                        z, cap)
     if grouped:
-        return _dist._global_mean(loss, local, process_group, total_weight)
+        return _dist._global_mean(loss, local, process_group, total_weight, replicas_average)
     return loss
 
 
@@ -136,6 +147,17 @@ def binary_cross_entropy_with_logits(
     """
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
+    if _dtensor.any_dtensor(input, target, weight, pos_weight):
+        return _dtensor.binary_cross_entropy_with_logits(input, target, weight, pos_weight,
+                                                         reduction, process_group, total_weight)
+    return _binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,
+                                             process_group, total_weight)
+
+
+def _binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,
+                                      process_group, total_weight, replicas_average=True):
+    """binary_cross_entropy_with_logits on plain tensors; ``replicas_average`` as for
+    ``_dist._global_mean``."""
     grouped = process_group is not None or total_weight is not None
     if grouped and reduction != "mean":
         raise ValueError(f"process_group= and total_weight= apply to reduction='mean', got "
@@ -159,7 +181,7 @@ def binary_cross_entropy_with_logits(
                                                                 red)
     if grouped:
         local = torch.tensor(float(input.numel()), dtype=torch.float64, device=input.device)
-        loss = _dist._global_mean(loss, local, process_group, total_weight)
+        loss = _dist._global_mean(loss, local, process_group, total_weight, replicas_average)
     return loss if out_dtype is None or loss.dtype == out_dtype else loss.to(out_dtype)
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-from . import _composite, _dtypes, _forward_ad
+from . import _composite, _dtensor, _dtypes, _forward_ad
 from . import distributed as _dist
 from .functional import _row_terms
 
@@ -295,6 +295,13 @@ def linear_cross_entropy(
         raise ValueError(f"{_OP}: process_group= and total_weight= apply to reduction='mean', "
                          f"got reduction={reduction!r}")
     z, cap = _row_terms(z_loss, softcap)
+    if _dtensor.any_dtensor(input, target):
+        raise NotImplementedError(
+            f"{_OP}: input and target as DTensors are not supported: pass their local tensors "
+            "(with process_group= for the mean over the group)")
+    # a head sharded by FSDP2 (fully_shard) read whole; a DTensor class weight, whole
+    linear_weight = _dtensor.gathered_weight(linear_weight, _OP)
+    bias, weight = _dtensor.gathered_weight(bias, _OP), _dtensor._whole(weight)
     if input.dim() < 1:
         raise ValueError(f"{_OP}: input must be (..., H), got a 0-d tensor")
     if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:

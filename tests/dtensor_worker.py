@@ -1,0 +1,193 @@
+"""One rank of tests/test_dtensor.py, run as `python dtensor_worker.py CASE OUT_DIR` with RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (gloo, a 1-D CPU mesh of every rank). Each case feeds
+the losses DTensors laid out as tensor and data parallelism lay them out, and compares the loss
+and every gradient with PyTorch's loss on the whole tensors in one process. Writes
+OUT_DIR/<rank>.json: {sub-case: [loss error, gradient error]} (largest |difference| over the
+reference's scale)."""
+import copy
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+import weighted_loss as wl
+
+
+def err(got, want):
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item() \
+        if want.numel() else 0.0
+
+
+def compare(ours, theirs, x, upstream):
+    """[loss error, input-gradient error] of ours(DTensor x) against theirs(whole x)."""
+    xd = x.detach().clone().requires_grad_()
+    want = theirs(xd)
+    (gw,) = torch.autograd.grad((want * upstream).sum(), xd)
+    got = ours()
+    whole = got.full_tensor()
+    leaf = got_leaf[0]
+    (gg,) = torch.autograd.grad((whole * upstream).sum(), leaf)
+    gg = gg.full_tensor()
+    return [err(whole.detach(), want.detach()), err(gg, gw)]
+
+
+got_leaf = [None]
+
+
+def dtensor_leaf(x, mesh, placement):
+    d = distribute_tensor(x.detach().clone(), mesh, [placement]).requires_grad_()
+    got_leaf[0] = d
+    return d
+
+
+def ce_cases(mesh, out):
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(12, generator=g, dtype=torch.float64) * 4 + 0.1
+    for shape in [(10, 12), (3, 12, 5)]:
+        x = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+        y = torch.randint(0, 12, (shape[0], *shape[2:]), generator=g)
+        y[0] = -100
+        places = {"class": Shard(1), "batch": Shard(0), "replicate": Replicate()}
+        if len(shape) == 3:
+            places["spatial"] = Shard(2)
+        for where, p in places.items():
+            for red in ("mean", "sum", "none"):
+                up = torch.randn(y.shape, generator=g, dtype=torch.float64) if red == "none" \
+                    else torch.tensor(1.5, dtype=torch.float64)
+                for smooth in (0.0, 0.2):
+                    kw = dict(weight=w, ignore_index=-100, reduction=red, label_smoothing=smooth)
+                    out[f"ce{shape}-{where}-{red}-ls{smooth}"] = compare(
+                        lambda: wl.cross_entropy(dtensor_leaf(x, mesh, p), y, **kw),
+                        lambda t: F.cross_entropy(t, y, **kw), x, up)
+            # a DTensor target and weight, and a step's denominator
+            yd = distribute_tensor(y, mesh, [Replicate()])
+            wd = distribute_tensor(w, mesh, [Replicate()])
+            total = w[y[y >= 0]].sum() * 2  # as if another micro-batch weighed the same
+            one = torch.tensor(1.0, dtype=torch.float64)
+            out[f"ce{shape}-{where}-dtensor-args-total"] = compare(
+                lambda: wl.cross_entropy(dtensor_leaf(x, mesh, p), yd, weight=wd,
+                                         total_weight=total),
+                lambda t: F.cross_entropy(t, y, weight=w, reduction="sum") / total, x, one)
+    # probability targets, batch-sharded; float32 logits
+    x = torch.randn(9, 12, generator=g, dtype=torch.float64)
+    t = torch.softmax(torch.randn(9, 12, generator=g, dtype=torch.float64), 1)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    out["ce-prob-batch"] = compare(
+        lambda: wl.cross_entropy(dtensor_leaf(x, mesh, Shard(0)), t, weight=w),
+        lambda z: F.cross_entropy(z, t, weight=w), x, one)
+    x32, y = torch.randn(16, 12, generator=g), torch.randint(0, 12, (16,), generator=g)
+    out["ce-float32-class"] = compare(
+        lambda: wl.cross_entropy(dtensor_leaf(x32, mesh, Shard(1)), y, weight=w.float()),
+        lambda z: F.cross_entropy(z.double(), y, weight=w), x32, one)
+
+
+def bce_cases(mesh, out):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 10, generator=g, dtype=torch.float64) * 2
+    t = (torch.rand(6, 10, generator=g) < 0.3).double()
+    w = torch.rand(10, generator=g, dtype=torch.float64) + 0.5
+    pw = torch.rand(10, generator=g, dtype=torch.float64) * 5 + 1
+    for where, p in {"rows": Shard(0), "classes": Shard(1), "replicate": Replicate()}.items():
+        for red in ("mean", "sum", "none"):
+            up = torch.randn(6, 10, generator=g, dtype=torch.float64) if red == "none" \
+                else torch.tensor(0.7, dtype=torch.float64)
+            kw = dict(weight=w, pos_weight=pw, reduction=red)
+            out[f"bce-{where}-{red}"] = compare(
+                lambda: wl.binary_cross_entropy_with_logits(dtensor_leaf(x, mesh, p), t, **kw),
+                lambda z: F.binary_cross_entropy_with_logits(z, t, **kw), x, up)
+
+
+def tp_head_case(mesh, out):
+    """A column-parallel LM head (classes sharded over the ranks, the logits a DTensor), the loss
+    with class weights, ignored labels and smoothing, as loss_parallel() would take it."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    g = torch.Generator().manual_seed(2)
+    V, H = 16 * mesh.size(), 8
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(H, V, dtype=torch.float64)
+    head = torch.nn.Linear(H, V, dtype=torch.float64)
+    head.load_state_dict(ref.state_dict())
+    parallelize_module(head, mesh, ColwiseParallel(output_layouts=Shard(-1),
+                                                   use_local_output=False))
+    h = torch.randn(2, 7, H, generator=g, dtype=torch.float64)
+    y = torch.randint(0, V, (2, 7), generator=g)
+    y[1, :3] = -100
+    w = torch.rand(V, generator=g, dtype=torch.float64) + 0.2
+    kw = dict(weight=w, ignore_index=-100, label_smoothing=0.1)
+    logits = head(h)
+    assert isinstance(logits, DTensor) and logits.placements[0] == Shard(2), logits.placements
+    loss = wl.cross_entropy(logits.flatten(0, 1), y.flatten(), **kw)
+    loss.full_tensor().backward()
+    want = F.cross_entropy(ref(h).flatten(0, 1), y.flatten(), **kw)
+    want.backward()
+    out["tp-head"] = [err(loss.full_tensor().detach(), want.detach()),
+                      max(err(head.weight.grad.full_tensor(), ref.weight.grad),
+                          err(head.bias.grad.full_tensor(), ref.bias.grad))]
+
+
+class _Net(torch.nn.Module):
+    """A model whose forward ends before its head: the loss reads the head's weight."""
+
+    def __init__(self, body, head):
+        super().__init__()
+        self.body, self.head = body, head
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def fsdp2_case(mesh, out):
+    """FSDP2 (fully_shard) with the head's weight sharded on its rows (61 classes: uneven over
+    the ranks), the loss over its DTensor weight with process_group= (the exact mean): every
+    parameter's gradient equals one process's on the whole batch."""
+    from torch.distributed.fsdp import fully_shard
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(3)
+    V, H, N = 61, 8, 40
+    x_all = torch.randn(N, H, generator=g, dtype=torch.float64)
+    y_all = torch.randint(0, V, (N,), generator=g)
+    y_all[::5] = -100
+    w = torch.rand(V, generator=g, dtype=torch.float64) * 3 + 0.1
+    torch.manual_seed(0)
+    body = torch.nn.Linear(H, H, dtype=torch.float64)
+    head = torch.nn.Linear(H, V, dtype=torch.float64)
+    ref_body, ref_head = copy.deepcopy(body), copy.deepcopy(head)
+    model = _Net(body, head)
+    fully_shard(head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    sizes = [N * (r + 1) // sum(range(1, world + 1)) for r in range(world)]
+    sizes[-1] = N - sum(sizes[:-1])
+    lo = sum(sizes[:rank])
+    x, y = x_all[lo:lo + sizes[rank]], y_all[lo:lo + sizes[rank]]
+    assert isinstance(head.weight, DTensor)
+    loss = wl.linear_cross_entropy(model(x), head.weight, y, head.bias, weight=w,
+                                   process_group=dist.group.WORLD)
+    loss.backward()
+    want = F.cross_entropy(ref_head(ref_body(x_all)), y_all, weight=w)
+    want.backward()
+    errs = [err(p.grad.full_tensor(), q.grad) for p, q in
+            zip([body.weight, body.bias, head.weight, head.bias],
+                [ref_body.weight, ref_body.bias, ref_head.weight, ref_head.bias])]
+    out["fsdp2-linear"] = [err(loss.detach(), want.detach()), max(errs)]
+
+
+def main():
+    case, out_dir = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    out = {}
+    {"ce": ce_cases, "bce": bce_cases, "tp-head": tp_head_case, "fsdp2": fsdp2_case}[case](
+        mesh, out)
+    with open(os.path.join(out_dir, f"{dist.get_rank()}.json"), "w") as f:
+        json.dump(out, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
