@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 import weighted_loss as wl
 
@@ -74,6 +74,16 @@ def ce_cases(mesh, out):
                 lambda: wl.cross_entropy(dtensor_leaf(x, mesh, p), yd, weight=wd,
                                          total_weight=total),
                 lambda t: F.cross_entropy(t, y, weight=w, reduction="sum") / total, x, one)
+    # classes split unevenly (10 over 4 ranks: 3, 3, 3, 1), as Shard splits them
+    x = torch.randn(7, 10, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (7,), generator=g)
+    y[2] = -100
+    w10 = w[:10]
+    for smooth in (0.0, 0.3):
+        kw = dict(weight=w10, label_smoothing=smooth)
+        out[f"ce-uneven-classes-ls{smooth}"] = compare(
+            lambda: wl.cross_entropy(dtensor_leaf(x, mesh, Shard(1)), y, **kw),
+            lambda z: F.cross_entropy(z, y, **kw), x, torch.tensor(1.0, dtype=torch.float64))
     # probability targets, batch-sharded; float32 logits
     x = torch.randn(9, 12, generator=g, dtype=torch.float64)
     t = torch.softmax(torch.randn(9, 12, generator=g, dtype=torch.float64), 1)
@@ -85,6 +95,53 @@ def ce_cases(mesh, out):
     out["ce-float32-class"] = compare(
         lambda: wl.cross_entropy(dtensor_leaf(x32, mesh, Shard(1)), y, weight=w.float()),
         lambda z: F.cross_entropy(z.double(), y, weight=w), x32, one)
+
+
+def focal_cases(mesh, out):
+    """The focal losses: sharded (off the classes) and replicated DTensors against the same loss on
+    the whole tensors; the vocab-parallel entry point with DTensor logits; the refusals."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.rand(6, generator=g, dtype=torch.float64) + 0.3
+    x = torch.randn(5, 6, 3, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, 6, (5, 3), generator=g)
+    y[1, 1] = -100
+    for where, p in {"batch": Shard(0), "spatial": Shard(2), "replicate": Replicate()}.items():
+        for red in ("mean", "sum", "none"):
+            up = torch.randn(y.shape, generator=g, dtype=torch.float64) if red == "none" \
+                else torch.tensor(1.0, dtype=torch.float64)
+            kw = dict(gamma=1.5, weight=w, reduction=red, label_smoothing=0.1)
+            out[f"focal-{where}-{red}"] = compare(
+                lambda: wl.focal_loss(dtensor_leaf(x, mesh, p), y, **kw),
+                lambda z: wl.focal_loss(z, y, **kw), x, up)
+    xb = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    tb = (torch.rand(4, 6, generator=g) < 0.4).double()
+    alpha = torch.rand(6, generator=g, dtype=torch.float64)
+    for where, p in {"rows": Shard(0), "classes": Shard(1), "replicate": Replicate()}.items():
+        kw = dict(alpha=alpha, gamma=2.0, reduction="mean", pos_weight=w)
+        out[f"sigmoid-focal-{where}"] = compare(
+            lambda: wl.sigmoid_focal_loss(dtensor_leaf(xb, mesh, p), tb, **kw),
+            lambda z: wl.sigmoid_focal_loss(z, tb, **kw), xb, torch.tensor(1.0, dtype=xb.dtype))
+    yv = torch.randint(0, 6, (4,), generator=g)
+    out["vocab-parallel-entry"] = compare(
+        lambda: wl.vocab_parallel_cross_entropy(dtensor_leaf(xb, mesh, Shard(1)), yv, w),
+        lambda z: F.cross_entropy(z, yv, w), xb, torch.tensor(1.0, dtype=xb.dtype))
+    refusals = [
+        (NotImplementedError, lambda: wl.cross_entropy(distribute_tensor(xb, mesh, [Shard(1)]),
+                                                       yv, z_loss=1e-4)),
+        (NotImplementedError, lambda: wl.focal_loss(distribute_tensor(xb, mesh, [Shard(1)]), yv)),
+        (ValueError, lambda: wl.cross_entropy(distribute_tensor(xb, mesh, [Shard(0)]), yv,
+                                              process_group=dist.group.WORLD)),
+        (TypeError, lambda: wl.cross_entropy(xb, distribute_tensor(yv, mesh, [Replicate()]))),
+        (NotImplementedError, lambda: wl.cross_entropy(
+            DTensor.from_local(xb, mesh, [Partial()]), yv)),
+    ]
+    for i, (kind, call) in enumerate(refusals):
+        try:
+            call()
+        except kind as e:
+            assert "DTensor" in str(e) or "Shard" in str(e) or "Partial" in str(e), str(e)
+        else:
+            raise AssertionError(f"refusal {i} did not raise {kind.__name__}")
 
 
 def bce_cases(mesh, out):
@@ -182,7 +239,7 @@ def main():
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     out = {}
-    {"ce": ce_cases, "bce": bce_cases, "tp-head": tp_head_case, "fsdp2": fsdp2_case}[case](
+    {"ce": ce_cases, "bce": bce_cases, "focal": focal_cases, "tp-head": tp_head_case, "fsdp2": fsdp2_case}[case](
         mesh, out)
     with open(os.path.join(out_dir, f"{dist.get_rank()}.json"), "w") as f:
         json.dump(out, f)

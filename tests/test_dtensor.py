@@ -1,7 +1,8 @@
 """DTensor inputs (weighted_loss/_dtensor.py) over 2 and 4 gloo ranks (tests/dtensor_worker.py):
 logits sharded on the classes (the vocab-parallel path, as loss_parallel()), on the batch or a
-spatial dim (local rows, the exact mean), replicated; a column-parallel LM head; FSDP2 with the
-head's weight sharded. Every loss and gradient equals PyTorch's on the whole float64 tensors."""
+spatial dim (local rows, the exact mean), replicated; the focal losses; a column-parallel LM head;
+FSDP2 with the head's weight sharded. Every loss and gradient equals PyTorch's (or, for the focal
+losses, the same loss's) on the whole float64 tensors; unsupported layouts are refused."""
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ TOL = 1e-12  # float64 throughout (one float32 case, held to float32's rounding)
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("case", ["ce", "bce", "tp-head", "fsdp2"])
+@pytest.mark.parametrize("case", ["ce", "bce", "focal", "tp-head", "fsdp2"])
 def test_dtensor_losses_equal_the_whole_tensors(case, world, tmp_path):
     ranks = _run(case, world, tmp_path, worker="dtensor_worker.py")
     assert ranks[0], "no sub-case ran"

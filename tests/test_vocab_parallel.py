@@ -14,23 +14,39 @@ from bars import assert_within_2x
 _ops = torch.ops.weighted_loss
 
 
-def sharded(x, t, w, R, ignore_index=-100, ls=0.0, reduction="mean", grad_out=None):
-    """The loss and the gradient of x (N, C) split into R shards, as R ranks compute them."""
+def sharded(x, t, w, R, ignore_index=-100, ls=0.0, reduction="mean", grad_out=None, sizes=None):
+    """The loss and the gradient of x (N, C) split into R shards (of `sizes` classes; equal by
+    default), as R ranks compute them."""
     C = x.shape[1]
-    s = C // R
-    shards = [x[:, r * s:(r + 1) * s].detach() for r in range(R)]
-    stats = torch.stack([_ops.cross_entropy_shard_forward(sh, t, w, ignore_index, ls, r * s, C)
-                         for r, sh in enumerate(shards)])
-    row, wy, planes = vp._merge(stats, t, w, ignore_index, ls, s)
+    sizes = tuple(sizes or (C // R,) * R)
+    starts = [sum(sizes[:r]) for r in range(R)]
+    shards = [x[:, o:o + n].detach() for o, n in zip(starts, sizes)]
+    stats = torch.stack([_ops.cross_entropy_shard_forward(sh, t, w, ignore_index, ls, o, C)
+                         for o, sh in zip(starts, shards)])
+    row, wy, planes = vp._merge(stats, t, w, ignore_index, ls, sizes)
     tw = wy.sum()
     loss = row if reduction == "none" else row.sum() if reduction == "sum" else row.sum() / tw
     g = torch.ones_like(loss) if grad_out is None else grad_out
     red = _Reduction.get_enum(reduction)
     grads = [_ops.cross_entropy_shard_backward(g.to(x.dtype), sh, t, w, planes,
-                                               tw.to(planes.dtype), red, ignore_index, ls, r * s,
-                                               C)
-             for r, sh in enumerate(shards)]
+                                               tw.to(planes.dtype), red, ignore_index, ls, o, C)
+             for o, sh in zip(starts, shards)]
     return loss.to(x.dtype), torch.cat(grads, 1)
+
+
+@pytest.mark.parametrize("sizes", [(3, 3, 3, 1), (4, 4, 2, 0), (10, 0)])
+def test_uneven_and_empty_shards_merge_to_the_unsharded_loss(sizes):
+    """A DTensor's Shard split (torch.chunk's sizes: the last shards smaller or empty)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 10, generator=g, dtype=torch.float64) * 3
+    t = torch.randint(0, 10, (6,), generator=g)
+    t[1] = -100
+    w = torch.rand(10, generator=g, dtype=torch.float64) + 0.2
+    for ls in (0.0, 0.25):
+        loss, grad = sharded(x, t, w, len(sizes), ls=ls, sizes=sizes)
+        want, want_grad = reference(x, t, w, ls=ls)
+        torch.testing.assert_close(loss, want, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-13, atol=1e-13)
 
 
 def reference(x, t, w, ignore_index=-100, ls=0.0, reduction="mean", grad_out=None):

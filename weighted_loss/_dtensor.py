@@ -87,88 +87,124 @@ def _wrap(out: Tensor, mesh, shard_dim=None, shape=None):
                                       shape=torch.Size(shape), stride=stride)
 
 
-def _check_input(input, op: str, process_group):
+def _layout_of(input, op: str, process_group):
+    """(mesh, shard dim or None) of the DTensor input, the arguments checked."""
     if not isinstance(input, _dtensor_type()):
         raise TypeError(f"{op}: an argument is a DTensor but input is a {type(input).__name__}: "
                         "pass the input as a DTensor too, or every argument as a plain tensor")
     if process_group is not None:
         raise ValueError(f"{op}: process_group= does not apply to DTensor input (the input's "
                          "device mesh gives the group)")
+    return _layout(input, op)
 
 
-def _sharded_reduction(local_fn, reduction, mesh, total_weight, target_dim, shape):
-    """A loss over shards of the rows: ``local_fn(reduction, group, total_weight)`` runs the op
-    on this rank's rows; ``shape``: the whole loss's for reduction="none"."""
-    group = mesh.get_group()
-    if reduction == "mean":
-        return _wrap(local_fn("mean", group, total_weight), mesh)
-    if total_weight is not None:
+def _over_shards(local, denominator, reduction, mesh, total_weight, dim, shape):
+    """A loss whose items are split over the mesh (input sharded off the class dim):
+    ``local(reduction)`` is the op on this rank's items, ``denominator()`` their share of the
+    mean's divisor. mean: the whole tensor's (sum and divisor all-reduced, in float64; the
+    gradient this shard's own), sum: the whole sum, none: the items, sharded on ``dim`` of the
+    loss's whole ``shape``."""
+    if total_weight is not None and reduction != "mean":
         raise ValueError(f"total_weight= applies to reduction='mean', got reduction={reduction!r}")
-    out = local_fn(reduction, None, None)
+    if reduction == "none":
+        return _wrap(local("none"), mesh, dim, shape)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    group = mesh.get_group()
+    s = local("sum")
     if reduction == "sum":
-        return _wrap(_dist._global_sum(out, group), mesh)
-    return _wrap(out, mesh, target_dim, shape)
+        return _wrap(_dist._global_sum(s, group), mesh)
+    return _wrap(_dist._global_mean(s, denominator(), group, total_weight,
+                                    replicas_average=False), mesh)
+
+
+def _count(n: int, device) -> Tensor:
+    return torch.tensor(float(n), dtype=torch.float64, device=device)
+
+
+def _cut(w, mesh, dim: int, ndim: int):
+    """A broadcast weight's piece along the input's sharded dim (as is where it broadcasts)."""
+    if w is None or not isinstance(w, Tensor):
+        return w
+    k = dim - (ndim - w.dim())
+    return w if k < 0 or w.shape[k] == 1 else _piece(w, mesh, k)
 
 
 def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                  softcap, process_group, total_weight):
-    from .functional import _cross_entropy
-    from .vocab_parallel import vocab_parallel_cross_entropy
-    op = "cross_entropy"
-    _check_input(input, op, process_group)
-    mesh, dim = _layout(input, op)
+                  softcap, process_group, total_weight, gamma=None):
+    """cross_entropy (or, with ``gamma``, focal_loss) of a DTensor input."""
+    from .focal import focal_loss
+    from .functional import cross_entropy as ce
+    from .vocab_parallel import sharded_cross_entropy
+    op = "cross_entropy" if gamma is None else "focal_loss"
+    mesh, dim = _layout_of(input, op, process_group)
     weight = _whole(weight)
+
+    def loss(x, t, red, tw=None):
+        if gamma is not None:
+            return focal_loss(x, t, gamma, weight, ignore_index, red, label_smoothing)
+        return ce(x, t, weight, ignore_index=ignore_index, reduction=red,
+                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                  total_weight=tw)
     if dim is None:
-        out = _cross_entropy(input.to_local(), _whole(target), weight, ignore_index, reduction,
-                             label_smoothing, z_loss, softcap, None, total_weight)
-        return _wrap(out, mesh)
+        return _wrap(loss(input.to_local(), _whole(target), reduction, total_weight), mesh)
     cdim = 0 if input.dim() == 1 else 1
-    prob = tuple(input.shape) == tuple(target.shape)
+    prob = target.is_floating_point()
     if dim == cdim:
-        if prob or z_loss or softcap is not None:
+        if prob or z_loss or softcap is not None or gamma is not None:
             raise NotImplementedError(
-                f"{op}: with the classes sharded (input placement Shard({dim})): class-index "
-                "targets only, without z_loss and softcap (gather the logits for those)")
-        red = "sum" if total_weight is not None else reduction
+                f"{op}: with the classes sharded (input placement Shard({dim})): cross-entropy "
+                "of class-index targets, without z_loss and softcap (gather the logits for the "
+                "others)")
         if total_weight is not None and reduction != "mean":
             raise ValueError(f"total_weight= applies to reduction='mean', got {reduction!r}")
-        out = vocab_parallel_cross_entropy(input.to_local(), _whole(target), weight, ignore_index,
-                                           red, label_smoothing, mesh.get_group())
+        red = "sum" if total_weight is not None else reduction
+        t = _whole(target)
+        if t.is_floating_point() or tuple(t.shape) != tuple(target.shape):
+            raise ValueError(f"{op}: target must be class indices of shape "
+                             f"{tuple(target.shape)}, got {t.dtype} {tuple(t.shape)}")
+        classes, ranks = input.shape[cdim], mesh.size()
+        per = -(-classes // ranks)  # Shard's split: torch.chunk's sizes, padded with empty shards
+        sizes = tuple(max(0, min(per, classes - r * per)) for r in range(ranks))
+        out = sharded_cross_entropy(input.to_local(), t, weight, ignore_index, red,
+                                    label_smoothing, mesh.get_group(), sizes,
+                                    mesh.get_local_rank())
         if total_weight is not None:
             out = (out.double() / _dist._as_denominator(total_weight, out)).to(out.dtype)
         return _wrap(out, mesh)
     tdim = dim if prob or dim < cdim else dim - 1
     x, t = input.to_local(), _piece(target, mesh, tdim)
-
-    def local(red, group, tw):
-        return _cross_entropy(x, t, weight, ignore_index, red, label_smoothing, z_loss, softcap,
-                              group, tw, replicas_average=False)
-    return _sharded_reduction(local, reduction, mesh, total_weight, tdim, target.shape)
+    if prob:
+        denominator = lambda: _count(t.numel() // max(1, t.shape[cdim]), t.device)  # noqa: E731
+    else:
+        denominator = lambda: _dist._local_weight(t, weight, int(ignore_index))  # noqa: E731
+    return _over_shards(lambda red: loss(x, t, red), denominator, reduction, mesh, total_weight,
+                        tdim, target.shape)
 
 
 def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,
-                                     process_group, total_weight):
-    from .functional import _binary_cross_entropy_with_logits
-    op = "binary_cross_entropy_with_logits"
-    _check_input(input, op, process_group)
-    mesh, dim = _layout(input, op)
+                                     process_group, total_weight, focal=None):
+    """binary_cross_entropy_with_logits (or, with ``focal=(alpha, gamma)``, sigmoid_focal_loss)
+    of a DTensor input: elementwise, so any shard is the local elements and the mean's."""
+    from .focal import sigmoid_focal_loss
+    from .functional import binary_cross_entropy_with_logits as bce
+    op = "binary_cross_entropy_with_logits" if focal is None else "sigmoid_focal_loss"
+    mesh, dim = _layout_of(input, op, process_group)
     weight, pos_weight = _whole(weight), _whole(pos_weight)
+    alpha = None if focal is None else _whole(focal[0])
+
+    def loss(x, t, w, pw, a, red, tw=None):
+        if focal is not None:
+            return sigmoid_focal_loss(x, t, a, focal[1], red, w, pw)
+        return bce(x, t, w, reduction=red, pos_weight=pw, total_weight=tw)
     if dim is None:
-        out = _binary_cross_entropy_with_logits(input.to_local(), _whole(target), weight,
-                                                pos_weight, reduction, None, total_weight)
-        return _wrap(out, mesh)
-
-    def cut(w):  # a broadcast weight's piece along the input's sharded dim
-        if w is None:
-            return None
-        k = dim - (input.dim() - w.dim())
-        return w if k < 0 or w.shape[k] == 1 else _piece(w, mesh, k)
-    x, t, w, pw = input.to_local(), _piece(target, mesh, dim), cut(weight), cut(pos_weight)
-
-    def local(red, group, tw):
-        return _binary_cross_entropy_with_logits(x, t, w, pw, red, group, tw,
-                                                 replicas_average=False)
-    return _sharded_reduction(local, reduction, mesh, total_weight, dim, input.shape)
+        return _wrap(loss(input.to_local(), _whole(target), weight, pos_weight, alpha, reduction,
+                          total_weight), mesh)
+    n = input.dim()
+    x, t = input.to_local(), _piece(target, mesh, dim)
+    w, pw, a = (_cut(v, mesh, dim, n) for v in (weight, pos_weight, alpha))
+    return _over_shards(lambda red: loss(x, t, w, pw, a, red), lambda: _count(x.numel(), x.device),
+                        reduction, mesh, total_weight, dim, input.shape)
 
 
 class _GatherRows(torch.autograd.Function):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-from . import _dtypes, _forward_ad
+from . import _dtensor, _dtypes, _forward_ad
 
 
 __all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss", "focal_loss", "FocalLoss"]
@@ -63,6 +63,9 @@ def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: Union[float, Tensor
         raise ValueError(f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction "
                          "modes: 'none', 'mean', 'sum'")
     g, a = _check_gamma(gamma), _check_alpha(alpha)
+    if _dtensor.any_dtensor(input, target, weight, pos_weight, a):
+        return _dtensor.binary_cross_entropy_with_logits(input, target, weight, pos_weight,
+                                                         reduction, None, None, focal=(a, g))
     if target.size() != input.size():
         raise ValueError(f"Target size ({target.size()}) must be the same as input size "
                          f"({input.size()})")
@@ -120,6 +123,9 @@ def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, weight: Option
     the tile of the (N, C, d...) lanes); probability targets get their gradient too."""
     from .functional import cross_entropy, _prob_target_inputs
     g = _check_gamma(gamma)
+    if g != 0 and _dtensor.any_dtensor(input, target, weight):
+        return _dtensor.cross_entropy(input, target, weight, ignore_index, reduction,
+                                      label_smoothing, 0.0, None, None, None, gamma=g)
     if g == 0:
         return cross_entropy(input, target, weight, ignore_index=ignore_index,
                              reduction=reduction, label_smoothing=label_smoothing)

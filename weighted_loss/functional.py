@@ -68,13 +68,6 @@ def cross_entropy(
         return _dtensor.cross_entropy(input, target, weight, ignore_index, reduction,
                                       label_smoothing, z_loss, softcap, process_group,
                                       total_weight)
-    return _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                          softcap, process_group, total_weight)
-
-
-def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                   softcap, process_group, total_weight, replicas_average=True):
-    """cross_entropy on plain tensors; ``replicas_average`` as for ``_dist._global_mean``."""
     grouped = process_group is not None or total_weight is not None
     if grouped:
         red = _Reduction.get_enum("sum")
@@ -92,13 +85,13 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
         if grouped:
             rows = input.numel() // max(1, input.shape[0 if input.dim() == 1 else 1])
             local = torch.tensor(float(rows), dtype=torch.float64, device=input.device)
-            return _dist._global_mean(loss, local, process_group, total_weight, replicas_average)
+            return _dist._global_mean(loss, local, process_group, total_weight)
         return loss
     loss, _, local = _forward_ad.cross_entropy_forward(input, target, weight, red,
                                                        int(ignore_index), max(label_smoothing, 0.0),
                                                        z, cap)
     if grouped:
-        return _dist._global_mean(loss, local, process_group, total_weight, replicas_average)
+        return _dist._global_mean(loss, local, process_group, total_weight)
     return loss
 
 
@@ -150,14 +143,6 @@ def binary_cross_entropy_with_logits(
     if _dtensor.any_dtensor(input, target, weight, pos_weight):
         return _dtensor.binary_cross_entropy_with_logits(input, target, weight, pos_weight,
                                                          reduction, process_group, total_weight)
-    return _binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,
-                                             process_group, total_weight)
-
-
-def _binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,
-                                      process_group, total_weight, replicas_average=True):
-    """binary_cross_entropy_with_logits on plain tensors; ``replicas_average`` as for
-    ``_dist._global_mean``."""
     grouped = process_group is not None or total_weight is not None
     if grouped and reduction != "mean":
         raise ValueError(f"process_group= and total_weight= apply to reduction='mean', got "
@@ -181,7 +166,7 @@ def _binary_cross_entropy_with_logits(input, target, weight, pos_weight, reducti
                                                                 red)
     if grouped:
         local = torch.tensor(float(input.numel()), dtype=torch.float64, device=input.device)
-        loss = _dist._global_mean(loss, local, process_group, total_weight, replicas_average)
+        loss = _dist._global_mean(loss, local, process_group, total_weight)
     return loss if out_dtype is None or loss.dtype == out_dtype else loss.to(out_dtype)
 
 

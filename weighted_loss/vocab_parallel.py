@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-from . import _dtypes, _forward_ad
+from . import _dtensor, _dtypes, _forward_ad
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
@@ -69,7 +69,7 @@ def _check_even_split(group, size: int, local: int, device) -> None:
 
 
 def _merge(g: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-           label_smoothing: float, shard: int):
+           label_smoothing: float, sizes: tuple):
     """The unsharded rows from the shards' statistics g (R, 5, rows): per-row losses and weights
     (float64), and the (shift, log-sum) planes the backward reads (acc dtype).
 
@@ -93,11 +93,11 @@ def _merge(g: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: in
         wy = weight.detach().double().index_select(0, y) * valid
     row = wy * ((M - xy.sum(0)) + Lg)
     if label_smoothing > 0:
-        C = R * shard
+        C = sum(sizes)
         if weight is None:
-            Wr = torch.full((R, 1), float(shard), dtype=torch.float64, device=g.device)
+            Wr = torch.tensor(sizes, dtype=torch.float64, device=g.device).view(R, 1)
         else:
-            Wr = weight.detach().double().view(R, shard).sum(1, keepdim=True)
+            Wr = torch.stack([w.sum() for w in weight.detach().double().split(sizes)]).view(R, 1)
         smooth = (Wr * ((M - ref) + Lg) - a).sum(0)
         row = (1.0 - label_smoothing) * row + (label_smoothing / C) * smooth
     row = torch.where(valid, row, torch.zeros_like(row))  # an ignored row's NaN stays out
@@ -110,14 +110,13 @@ def _merge(g: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: in
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, target, weight, ignore_index, label_smoothing, reduction, group, size,
+    def forward(ctx, x, target, weight, ignore_index, label_smoothing, reduction, group, sizes,
                 rank, out_dtype):
-        shard = x.shape[1]
-        offset, total = rank * shard, size * shard
+        offset, total, size = sum(sizes[:rank]), sum(sizes), len(sizes)
         stats = _ops.cross_entropy_shard_forward(x, target, weight, ignore_index, label_smoothing,
                                                  offset, total)
         row, wy, planes = _merge(_gather(stats, group, size), target, weight, ignore_index,
-                                 label_smoothing, shard)
+                                 label_smoothing, sizes)
         total_weight = wy.sum()
         if reduction == "none":
             loss = row
@@ -159,30 +158,47 @@ def vocab_parallel_cross_entropy(
     logits is its slice of the unsharded gradient. Costs one all-gather of 5 float32 per row (per
     rank) in the forward, and in eager mode one of the shard sizes (with a host synchronization:
     an uneven split raises the same ValueError on every rank); the backward communicates
-    nothing."""
+    nothing. DTensor logits (the output of a ``ColwiseParallel`` head) go to
+    :func:`weighted_loss.cross_entropy`, which takes this path over their mesh when they are
+    sharded on the classes."""
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{_OP}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if _forward_ad.active():
-        raise NotImplementedError(
-            f"{_OP}: forward-mode AD and torch.func transforms are not supported across shards "
-            "(the gathered statistics carry no tangents); use wl.cross_entropy on gathered logits")
+    if _dtensor.any_dtensor(logits, target, weight):  # the DTensor's mesh and placement say it
+        from .functional import cross_entropy
+        return cross_entropy(logits, target, weight, ignore_index=ignore_index,
+                             reduction=reduction, label_smoothing=label_smoothing,
+                             process_group=process_group)
     if target.is_floating_point():
         raise TypeError(f"{_OP}: target must hold class indices (int64, int32 or uint8), got "
                         f"{target.dtype}; probability targets are not supported across shards")
     if logits.dim() == 0:
         raise ValueError(f"{_OP}: logits must have a class dimension, got a 0-d tensor")
     group, size, rank = _group_of(process_group)
-    cdim = 0 if logits.dim() == 1 else 1
-    shard = logits.shape[cdim]
+    shard = logits.shape[0 if logits.dim() == 1 else 1]
     _check_even_split(group, size, shard, logits.device)  # first: every rank gets here alike
+    return sharded_cross_entropy(logits, target, weight, ignore_index, reduction,
+                                 label_smoothing, group, (shard,) * size, rank)
+
+
+def sharded_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, group,
+                          sizes, rank):
+    """The loss over a split of the classes known to every rank: rank r holds ``sizes[r]``
+    classes from ``sum(sizes[:r])`` on (a DTensor's ``Shard``: torch.chunk's sizes, the last
+    ones possibly smaller or empty)."""
+    if _forward_ad.active():
+        raise NotImplementedError(
+            f"{_OP}: forward-mode AD and torch.func transforms are not supported across shards "
+            "(the gathered statistics carry no tangents); use wl.cross_entropy on gathered logits")
+    cdim = 0 if logits.dim() == 1 else 1
+    shard, total = logits.shape[cdim], sum(sizes)
     want = () if logits.dim() == 1 else (logits.shape[0], *logits.shape[2:])
     if tuple(target.shape) != want:
         raise ValueError(f"{_OP}: target must have shape {want} for logits of shape "
                          f"{tuple(logits.shape)}, got {tuple(target.shape)}")
     if weight is not None:
-        if weight.dim() != 1 or weight.numel() != size * shard:
+        if weight.dim() != 1 or weight.numel() != total:
             raise ValueError(
-                f"{_OP}: weight must hold all {size * shard} classes ({size} ranks x {shard} "
+                f"{_OP}: weight must hold all {total} classes ({len(sizes)} ranks, {shard} "
                 f"classes in this rank's logits), got shape {tuple(weight.shape)}")
         if weight.requires_grad and torch.is_grad_enabled():
             raise NotImplementedError(
@@ -192,5 +208,5 @@ def vocab_parallel_cross_entropy(
         x = x.movedim(1, -1).reshape(-1, shard)  # rows along the classes (a copy)
     loss = _VocabParallelCrossEntropy.apply(x, target.reshape(-1), weight, int(ignore_index),
                                             max(float(label_smoothing), 0.0), reduction, group,
-                                            size, rank, _dtypes.loss_dtype(x))
+                                            tuple(sizes), rank, _dtypes.loss_dtype(x))
     return loss.view(want) if reduction == "none" else loss
