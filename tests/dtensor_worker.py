@@ -234,12 +234,53 @@ def fsdp2_case(mesh, out):
     out["fsdp2-linear"] = [err(loss.detach(), want.detach()), max(errs)]
 
 
+def fsdp2_llama_case(mesh, out):
+    """A transformers causal LM under FSDP2 (every decoder layer, the head and the root sharded),
+    fused with class weights; each rank's own batch, the step's weighted denominator from
+    wl.total_weight over the group, the loss scaled by the group size as Trainer scales it: every
+    parameter's gradient equals one process's on all the ranks' batches."""
+    import transformers
+    from torch.distributed.fsdp import fully_shard
+    from weighted_loss.integrations.transformers import fuse_linear_cross_entropy
+    rank, world = dist.get_rank(), dist.get_world_size()
+    V = 61
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1)
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(cfg).double()
+    model = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, V, (2 * world, 9), generator=g)
+    labels = ids.clone()
+    labels[torch.rand(ids.shape, generator=g) < 0.25] = -100
+    w = torch.rand(V, generator=g, dtype=torch.float64) * 3 + 0.1
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model.lm_head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    fuse_linear_cross_entropy(model, weight=w)
+    mine, my_labels = ids[2 * rank:2 * rank + 2], labels[2 * rank:2 * rank + 2]
+    total = wl.total_weight(my_labels[:, 1:], w, process_group=dist.group.WORLD)
+    model.train()
+    loss = model(input_ids=mine, labels=my_labels, num_items_in_batch=total).loss
+    (loss * world).backward()
+    logits = ref(input_ids=ids).logits
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), weight=w)
+    want.backward()
+    got = dict(model.named_parameters())
+    errs = [err(got[n].grad.full_tensor(), p.grad) for n, p in ref.named_parameters()]
+    whole = wl.total_weight(labels[:, 1:], w)
+    out["fsdp2-llama"] = [abs(total.item() - whole.item()) / whole.item(), max(errs)]
+
+
 def main():
     case, out_dir = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     out = {}
-    {"ce": ce_cases, "bce": bce_cases, "focal": focal_cases, "tp-head": tp_head_case, "fsdp2": fsdp2_case}[case](
+    {"ce": ce_cases, "bce": bce_cases, "focal": focal_cases, "tp-head": tp_head_case, "fsdp2": fsdp2_case,
+     "fsdp2-llama": fsdp2_llama_case}[case](
         mesh, out)
     with open(os.path.join(out_dir, f"{dist.get_rank()}.json"), "w") as f:
         json.dump(out, f)

@@ -35,6 +35,7 @@ def main():
     with open(os.path.join(out, f"{rank}.json"), "w") as f:
         json.dump({"diff": tc.max_diff(got, ref), "step": step,
                    "world": torch.distributed.get_world_size()}, f)
+    torch.distributed.destroy_process_group()  # else gloo's threads may abort the exit
 
 
 if __name__ == "__main__":

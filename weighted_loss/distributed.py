@@ -26,7 +26,8 @@ def _all_reduce(t: Tensor, group) -> Tensor:
 
 def _global_sum(local_sum: Tensor, group) -> Tensor:
     """The group's sum as the value, this rank's share as the gradient (a DTensor shard's)."""
-    return _all_reduce(local_sum.detach(), group) + (local_sum - local_sum.detach())
+    s = local_sum.double()
+    return (_all_reduce(s.detach(), group) + (s - s.detach())).to(local_sum.dtype)
 
 
 def _group_size(group) -> int:
