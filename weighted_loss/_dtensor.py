@@ -213,24 +213,18 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local, rows, group, size):
-        import torch.distributed._functional_collectives as funcol
         per = -(-rows // size)
         padded = torch.zeros((per, *local.shape[1:]), dtype=local.dtype, device=local.device)
         padded[:local.shape[0]] = local
-        whole = funcol.all_gather_tensor(padded, 0, group)
-        whole = funcol.wait_tensor(whole) if hasattr(funcol, "wait_tensor") else whole
         ctx.args = (rows, group, size, per, local.shape[0])
-        return whole[:rows].clone()
+        return _dist._all_gather(padded, group)[:rows].clone()
 
     @staticmethod
     def backward(ctx, grad):
-        import torch.distributed._functional_collectives as funcol
         rows, group, size, per, mine = ctx.args
         padded = torch.zeros((per * size, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
         padded[:rows] = grad
-        part = funcol.reduce_scatter_tensor(padded, "sum", 0, group)
-        part = funcol.wait_tensor(part) if hasattr(funcol, "wait_tensor") else part
-        return part[:mine] / size, None, None, None
+        return _dist._reduce_scatter(padded, group)[:mine] / size, None, None, None
 
 
 def gathered_weight(t, op: str):

@@ -24,6 +24,21 @@ def _all_reduce(t: Tensor, group) -> Tensor:
     return funcol.all_reduce(t, "sum", group)
 
 
+def _all_gather(t: Tensor, group) -> Tensor:
+    """The group's tensors concatenated along dim 0, in rank order (functional: traceable, no host
+    synchronization)."""
+    import torch.distributed._functional_collectives as funcol
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # torch < 2.12
+    return gather(t, 0, group)
+
+
+def _reduce_scatter(t: Tensor, group) -> Tensor:
+    """The group's sum of ``t``, this rank's block of dim 0 (functional)."""
+    import torch.distributed._functional_collectives as funcol
+    scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+    return scatter(t, "sum", 0, group)
+
+
 def _global_sum(local_sum: Tensor, group) -> Tensor:
     """The group's sum as the value, this rank's share as the gradient (a DTensor shard's)."""
     s = local_sum.double()

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
 from . import _dtensor, _dtypes, _forward_ad
+from .distributed import _all_gather
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
@@ -34,14 +35,6 @@ def _group_of(process_group):
         return None, 1, 0
     group = process_group if process_group is not None else dist.group.WORLD
     return group, dist.get_world_size(group), dist.get_rank(group)
-
-
-def _all_gather(t: Tensor, group) -> Tensor:
-    """The group's tensors stacked along dim 0, in rank order (functional: traceable, no host
-    synchronization)."""
-    import torch.distributed._functional_collectives as funcol
-    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # torch < 2.12
-    return gather(t, 0, group)
 
 
 def _gather(stats: Tensor, group, size: int) -> Tensor:

@@ -5,7 +5,7 @@
 
 Any causal LM whose output embedding is a linear head (found with ``get_output_embeddings()``, no
 list of architectures): in training with labels, the forward runs the model up to its head (the
-head's forward returns the hidden states it is given), then ``wl.linear_cross_entropy`` over them
+head's slot passes the hidden states through), then ``wl.linear_cross_entropy`` over them
 and the head's weight, so the ``(B, T, vocab)`` logits are never formed. What the model's own
 loss honours is honoured: the label shift (or ``shift_labels=``), ``ignore_index=-100``,
 ``num_items_in_batch`` (Trainer's: the loss is the sum over it), ``final_logit_softcapping``
@@ -36,17 +36,30 @@ __all__ = ["fuse_linear_cross_entropy", "CrossEntropyTrainerLoss", "WeightedLoss
 _IGNORE = -100
 
 
+def _slot_of(model, head):
+    """(parent module, attribute name) that holds the head."""
+    for parent in model.modules():
+        for name, child in parent._modules.items():
+            if child is head:
+                return parent, name
+    raise TypeError(f"fuse_linear_cross_entropy: the output embedding {type(head).__name__} is "
+                    "not a submodule of the model")
+
+
 @contextlib.contextmanager
-def _head_passes_hidden_states(head, config):
-    """The head returns its input, and the config's logit softcapping is off, for one call."""
-    head.forward = lambda h: h
+def _head_passes_hidden_states(model, head, config):
+    """For one call the head's slot holds a module that returns its input (the head itself is not
+    called: no hooks of its own run, such as FSDP2's all-gather of its weight, which the loss
+    reads as it is), and the config's logit softcapping is off."""
+    parent, name = _slot_of(model, head)
+    parent._modules[name] = torch.nn.Identity()
     cap = getattr(config, "final_logit_softcapping", None)
     if cap is not None:
         config.final_logit_softcapping = None
     try:
         yield cap
     finally:
-        del head.forward
+        parent._modules[name] = head
         if cap is not None:
             config.final_logit_softcapping = cap
 
@@ -99,7 +112,7 @@ def fuse_linear_cross_entropy(model, weight: Optional[Tensor] = None, label_smoo
         kwargs.pop("shift_labels", None)
         num_items = kwargs.pop("num_items_in_batch", None)
         head = self.get_output_embeddings()
-        with _head_passes_hidden_states(head, self.config) as cap:
+        with _head_passes_hidden_states(self, head, self.config) as cap:
             out = self._wl_original_forward(*args, **kwargs)
         loss = _loss(out.logits, head, labels, shift, num_items, cap, options)
         out.loss, out.logits = loss, None
