@@ -274,13 +274,67 @@ def fsdp2_llama_case(mesh, out):
     out["fsdp2-llama"] = [abs(total.item() - whole.item()) / whole.item(), max(errs)]
 
 
+def fsdp2_llama_bf16_case(mesh, out):
+    """FSDP2's mixed precision (bfloat16 parameters in compute, float32 shards and gradient
+    reduction): the fused model with class weights and the same sharded model's own logits
+    through F.cross_entropy, each against float64 in one process."""
+    import transformers
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from weighted_loss.integrations.transformers import fuse_linear_cross_entropy
+    rank, V = dist.get_rank(), 61
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1)
+    g = torch.Generator().manual_seed(7 + rank)
+    ids = torch.randint(0, V, (2, 9), generator=g)
+    w = torch.linspace(0.2, 3.0, V)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    models = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg)
+        for part in [*model.model.layers, model.lm_head, model]:
+            fully_shard(part, mesh=mesh, mp_policy=mp)
+        model.train()
+        if fused:
+            loss = fuse_linear_cross_entropy(model, weight=w)(input_ids=ids, labels=ids).loss
+        else:
+            logits = model(input_ids=ids).logits.float()
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1),
+                                   weight=w)
+        loss.backward()
+        models.append((model, loss))
+    (fm, fl), (rm, rl) = models
+    assert fl.dtype == torch.float32, fl.dtype
+    # float64, one process: every rank's loss, the gradients averaged over the ranks as FSDP2's
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(cfg).double()
+    world = dist.get_world_size()
+    for r in range(world):
+        ids_r = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(7 + r))
+        lg = ref(input_ids=ids_r).logits
+        loss_r = F.cross_entropy(lg[:, :-1].reshape(-1, V), ids_r[:, 1:].reshape(-1),
+                                 weight=w.double())
+        (loss_r / world).backward()
+        if r == rank:
+            want = loss_r.detach()
+    refp = dict(ref.named_parameters())
+
+    def errors(model, loss):
+        return [err(loss.detach().double(), want),
+                max(err(p.grad.full_tensor().double(), refp[n].grad)
+                    for n, p in model.named_parameters())]
+    # [ours: loss, gradients; PyTorch's: loss, gradients], each against float64
+    out["fsdp2-llama-bf16"] = errors(fm, fl) + errors(rm, rl)
+
+
 def main():
     case, out_dir = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     out = {}
     {"ce": ce_cases, "bce": bce_cases, "focal": focal_cases, "tp-head": tp_head_case, "fsdp2": fsdp2_case,
-     "fsdp2-llama": fsdp2_llama_case}[case](
+     "fsdp2-llama": fsdp2_llama_case, "fsdp2-llama-bf16": fsdp2_llama_bf16_case}[case](
         mesh, out)
     with open(os.path.join(out_dir, f"{dist.get_rank()}.json"), "w") as f:
         json.dump(out, f)

@@ -13,13 +13,19 @@ TOL = 1e-12  # float64 throughout (one float32 case, held to float32's rounding)
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("case", ["ce", "bce", "focal", "tp-head", "fsdp2", "fsdp2-llama"])
+@pytest.mark.parametrize("case", ["ce", "bce", "focal", "tp-head", "fsdp2", "fsdp2-llama",
+                                  "fsdp2-llama-bf16"])
 def test_dtensor_losses_equal_the_whole_tensors(case, world, tmp_path):
     ranks = _run(case, world, tmp_path, worker="dtensor_worker.py")
     assert ranks[0], "no sub-case ran"
     for got in ranks:
         assert got.keys() == ranks[0].keys()
-        for name, (loss_err, grad_err) in got.items():
+        for name, errs in got.items():
+            if len(errs) == 4:  # bfloat16: within 2x of PyTorch's own error against float64
+                ours, theirs = errs[:2], errs[2:]
+                assert all(o <= 2 * t + 1e-6 for o, t in zip(ours, theirs)), (name, errs)
+                continue
+            loss_err, grad_err = errs
             tol = 2e-6 if "float32" in name else TOL
             assert loss_err <= tol and grad_err <= tol, (name, loss_err, grad_err)
 
