@@ -91,6 +91,14 @@ def ce_cases(mesh, out):
     out["ce-prob-batch"] = compare(
         lambda: wl.cross_entropy(dtensor_leaf(x, mesh, Shard(0)), t, weight=w),
         lambda z: F.cross_entropy(z, t, weight=w), x, one)
+    x = torch.randn(4, 12, 6, generator=g, dtype=torch.float64)
+    t = torch.softmax(torch.randn(4, 12, 6, generator=g, dtype=torch.float64), 1)
+    for red in ("none", "mean"):
+        up = torch.randn(4, 6, generator=g, dtype=torch.float64) if red == "none" else one
+        out[f"ce-prob-spatial-{red}"] = compare(
+            lambda: wl.cross_entropy(dtensor_leaf(x, mesh, Shard(2)), t, weight=w, reduction=red,
+                                     label_smoothing=0.1),
+            lambda z: F.cross_entropy(z, t, weight=w, reduction=red, label_smoothing=0.1), x, up)
     x32, y = torch.randn(16, 12, generator=g), torch.randint(0, 12, (16,), generator=g)
     out["ce-float32-class"] = compare(
         lambda: wl.cross_entropy(dtensor_leaf(x32, mesh, Shard(1)), y, weight=w.float()),

@@ -172,14 +172,15 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
         if total_weight is not None:
             out = (out.double() / _dist._as_denominator(total_weight, out)).to(out.dtype)
         return _wrap(out, mesh)
-    tdim = dim if prob or dim < cdim else dim - 1
-    x, t = input.to_local(), _piece(target, mesh, tdim)
+    ldim = dim if dim < cdim else dim - 1  # the sharded dim of the per-item losses
+    x, t = input.to_local(), _piece(target, mesh, dim if prob else ldim)
     if prob:
         denominator = lambda: _count(t.numel() // max(1, t.shape[cdim]), t.device)  # noqa: E731
     else:
         denominator = lambda: _dist._local_weight(t, weight, int(ignore_index))  # noqa: E731
+    shape = input.shape[:cdim] + input.shape[cdim + 1:]
     return _over_shards(lambda red: loss(x, t, red), denominator, reduction, mesh, total_weight,
-                        tdim, target.shape)
+                        ldim, shape)
 
 
 def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,
