@@ -336,13 +336,29 @@ def fsdp2_llama_bf16_case(mesh, out):
     out["fsdp2-llama-bf16"] = errors(fm, fl) + errors(rm, rl)
 
 
+def compile_cases(mesh, out):
+    """torch.compile of a loss over DTensor logits sharded on the batch and on the classes."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(8, 12, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 12, (8,), generator=g)
+    y[3] = -100
+    w = torch.rand(12, generator=g, dtype=torch.float64) + 0.5
+    kw = dict(weight=w, label_smoothing=0.1)
+    step = torch.compile(lambda z: wl.cross_entropy(z, y, **kw))
+    for where, p in {"batch": Shard(0), "class": Shard(1)}.items():
+        out[f"compile-{where}"] = compare(lambda: step(dtensor_leaf(x, mesh, p)),
+                                          lambda z: F.cross_entropy(z, y, **kw), x,
+                                          torch.tensor(1.0, dtype=torch.float64))
+
+
 def main():
     case, out_dir = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     out = {}
     {"ce": ce_cases, "bce": bce_cases, "focal": focal_cases, "tp-head": tp_head_case, "fsdp2": fsdp2_case,
-     "fsdp2-llama": fsdp2_llama_case, "fsdp2-llama-bf16": fsdp2_llama_bf16_case}[case](
+     "fsdp2-llama": fsdp2_llama_case, "fsdp2-llama-bf16": fsdp2_llama_bf16_case,
+     "compile": compile_cases}[case](
         mesh, out)
     with open(os.path.join(out_dir, f"{dist.get_rank()}.json"), "w") as f:
         json.dump(out, f)

@@ -30,7 +30,14 @@ def test_dtensor_losses_equal_the_whole_tensors(case, world, tmp_path):
             assert loss_err <= tol and grad_err <= tol, (name, loss_err, grad_err)
 
 
-def test_dtensor_input_needs_an_initialized_mesh_and_plain_args_stay_plain():
+def test_dtensor_losses_under_torch_compile(tmp_path):
+    for got in _run("compile", 2, tmp_path, worker="dtensor_worker.py"):
+        assert set(got) == {"compile-batch", "compile-class"}
+        for name, (loss_err, grad_err) in got.items():
+            assert loss_err <= TOL and grad_err <= TOL, (name, loss_err, grad_err)
+
+
+def test_plain_tensors_give_plain_tensors():
     x = torch.randn(4, 3, requires_grad=True)
     y = torch.tensor([0, 2, 1, 0])
     out = wl.cross_entropy(x, y)
