@@ -58,7 +58,7 @@ def _layout(x, op: str):
     return mesh, placements[0].dim % max(1, x.dim())
 
 
-def _whole(t):
+def whole(t):
     """A DTensor argument read whole on every rank (a plain tensor as it is)."""
     D = _dtensor_type()
     return t.full_tensor() if isinstance(t, D) else t
@@ -87,7 +87,7 @@ def _wrap(out: Tensor, mesh, shard_dim=None, shape=None):
                                       shape=torch.Size(shape), stride=stride)
 
 
-def _layout_of(input, op: str, process_group):
+def _layout_of(input, op: str, process_group, total_weight, reduction):
     """(mesh, shard dim or None) of the DTensor input, the arguments checked."""
     if not isinstance(input, _dtensor_type()):
         raise TypeError(f"{op}: an argument is a DTensor but input is a {type(input).__name__}: "
@@ -95,6 +95,9 @@ def _layout_of(input, op: str, process_group):
     if process_group is not None:
         raise ValueError(f"{op}: process_group= does not apply to DTensor input (the input's "
                          "device mesh gives the group)")
+    if total_weight is not None and reduction != "mean":
+        raise ValueError(f"{op}: total_weight= applies to reduction='mean', got "
+                         f"reduction={reduction!r}")
     return _layout(input, op)
 
 
@@ -104,16 +107,14 @@ def _over_shards(local, denominator, reduction, mesh, total_weight, dim, shape):
     mean's divisor. mean: the whole tensor's (sum and divisor all-reduced, in float64; the
     gradient this shard's own), sum: the whole sum, none: the items, sharded on ``dim`` of the
     loss's whole ``shape``."""
-    if total_weight is not None and reduction != "mean":
-        raise ValueError(f"total_weight= applies to reduction='mean', got reduction={reduction!r}")
     if reduction == "none":
         return _wrap(local("none"), mesh, dim, shape)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     group = mesh.get_group()
     s = local("sum")
-    if reduction == "sum":
-        return _wrap(_dist._global_sum(s, group), mesh)
+    if reduction == "sum":  # the group's sum: a mean over 1, the gradient the shard's own
+        return _wrap(_dist._global_mean(s, None, group, 1, replicas_average=False), mesh)
     return _wrap(_dist._global_mean(s, denominator(), group, total_weight,
                                     replicas_average=False), mesh)
 
@@ -137,8 +138,8 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
     from .functional import cross_entropy as ce
     from .vocab_parallel import sharded_cross_entropy
     op = "cross_entropy" if gamma is None else "focal_loss"
-    mesh, dim = _layout_of(input, op, process_group)
-    weight = _whole(weight)
+    mesh, dim = _layout_of(input, op, process_group, total_weight, reduction)
+    weight = whole(weight)
 
     def loss(x, t, red, tw=None):
         if gamma is not None:
@@ -147,7 +148,7 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
                   label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                   total_weight=tw)
     if dim is None:
-        return _wrap(loss(input.to_local(), _whole(target), reduction, total_weight), mesh)
+        return _wrap(loss(input.to_local(), whole(target), reduction, total_weight), mesh)
     cdim = 0 if input.dim() == 1 else 1
     prob = target.is_floating_point()
     if dim == cdim:
@@ -156,10 +157,8 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
                 f"{op}: with the classes sharded (input placement Shard({dim})): cross-entropy "
                 "of class-index targets, without z_loss and softcap (gather the logits for the "
                 "others)")
-        if total_weight is not None and reduction != "mean":
-            raise ValueError(f"total_weight= applies to reduction='mean', got {reduction!r}")
         red = "sum" if total_weight is not None else reduction
-        t = _whole(target)
+        t = whole(target)
         if t.is_floating_point() or tuple(t.shape) != tuple(target.shape):
             raise ValueError(f"{op}: target must be class indices of shape "
                              f"{tuple(target.shape)}, got {t.dtype} {tuple(t.shape)}")
@@ -169,8 +168,8 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
         out = sharded_cross_entropy(input.to_local(), t, weight, ignore_index, red,
                                     label_smoothing, mesh.get_group(), sizes,
                                     mesh.get_local_rank())
-        if total_weight is not None:
-            out = (out.double() / _dist._as_denominator(total_weight, out)).to(out.dtype)
+        if total_weight is not None:  # every rank holds the whole sum: no group
+            out = _dist._global_mean(out, None, None, total_weight)
         return _wrap(out, mesh)
     ldim = dim if dim < cdim else dim - 1  # the sharded dim of the per-item losses
     x, t = input.to_local(), _piece(target, mesh, dim if prob else ldim)
@@ -190,16 +189,16 @@ def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reductio
     from .focal import sigmoid_focal_loss
     from .functional import binary_cross_entropy_with_logits as bce
     op = "binary_cross_entropy_with_logits" if focal is None else "sigmoid_focal_loss"
-    mesh, dim = _layout_of(input, op, process_group)
-    weight, pos_weight = _whole(weight), _whole(pos_weight)
-    alpha = None if focal is None else _whole(focal[0])
+    mesh, dim = _layout_of(input, op, process_group, total_weight, reduction)
+    weight, pos_weight = whole(weight), whole(pos_weight)
+    alpha = None if focal is None else whole(focal[0])
 
     def loss(x, t, w, pw, a, red, tw=None):
         if focal is not None:
             return sigmoid_focal_loss(x, t, a, focal[1], red, w, pw)
         return bce(x, t, w, reduction=red, pos_weight=pw, total_weight=tw)
     if dim is None:
-        return _wrap(loss(input.to_local(), _whole(target), weight, pos_weight, alpha, reduction,
+        return _wrap(loss(input.to_local(), whole(target), weight, pos_weight, alpha, reduction,
                           total_weight), mesh)
     n = input.dim()
     x, t = input.to_local(), _piece(target, mesh, dim)

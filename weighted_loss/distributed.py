@@ -39,12 +39,6 @@ def _reduce_scatter(t: Tensor, group) -> Tensor:
     return scatter(t, "sum", 0, group)
 
 
-def _global_sum(local_sum: Tensor, group) -> Tensor:
-    """The group's sum as the value, this rank's share as the gradient (a DTensor shard's)."""
-    s = local_sum.double()
-    return (_all_reduce(s.detach(), group) + (s - s.detach())).to(local_sum.dtype)
-
-
 def _group_size(group) -> int:
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):

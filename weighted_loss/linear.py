@@ -301,7 +301,7 @@ def linear_cross_entropy(
             "(with process_group= for the mean over the group)")
     # a head sharded by FSDP2 (fully_shard) read whole; a DTensor class weight, whole
     linear_weight = _dtensor.gathered_weight(linear_weight, _OP)
-    bias, weight = _dtensor.gathered_weight(bias, _OP), _dtensor._whole(weight)
+    bias, weight = _dtensor.gathered_weight(bias, _OP), _dtensor.whole(weight)
     if input.dim() < 1:
         raise ValueError(f"{_OP}: input must be (..., H), got a 0-d tensor")
     if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:

@@ -64,7 +64,8 @@ def _check_even_split(group, size: int, local: int, device) -> None:
 def _merge(g: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
            label_smoothing: float, sizes: tuple):
     """The unsharded rows from the shards' statistics g (R, 5, rows): per-row losses and weights
-    (float64), and the (shift, log-sum) planes the backward reads (acc dtype).
+    (float64), and the (shift, log-sum) planes the backward reads (acc dtype). ``sizes``: each
+    rank's number of classes, as torch.chunk splits them (all equal, or the last ones fewer).
 
     Per row, with shard r's max m_r, log-sum L_r = log sum exp(x - s_r) (s_r = m_r, 0 when -inf),
     target logit (in one shard) and smoothing sum a_r = sum w_c (x_c - ref_r) over W_r = sum of
@@ -90,7 +91,10 @@ def _merge(g: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: in
         if weight is None:
             Wr = torch.tensor(sizes, dtype=torch.float64, device=g.device).view(R, 1)
         else:
-            Wr = torch.stack([w.sum() for w in weight.detach().double().split(sizes)]).view(R, 1)
+            # sizes split as torch.chunk does (rank r from r * sizes[0]): one padded view
+            w = weight.detach().double()
+            w = torch.nn.functional.pad(w, (0, R * sizes[0] - C))
+            Wr = w.view(R, sizes[0]).sum(1, keepdim=True)
         smooth = (Wr * ((M - ref) + Lg) - a).sum(0)
         row = (1.0 - label_smoothing) * row + (label_smoothing / C) * smooth
     row = torch.where(valid, row, torch.zeros_like(row))  # an ignored row's NaN stays out

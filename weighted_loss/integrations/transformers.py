@@ -69,6 +69,7 @@ def _loss(hidden: Tensor, head, labels, shift_labels, num_items, cap, options) -
         shift_labels = F.pad(labels, (0, 1), value=_IGNORE)[..., 1:]
     if hidden.shape[-2] != shift_labels.shape[-1]:  # logits_to_keep: the last positions' labels
         shift_labels = shift_labels[..., shift_labels.shape[-1] - hidden.shape[-2]:]
+    _trainer.check_denominator(num_items, options["weight"], "fuse_linear_cross_entropy")
     x = hidden.reshape(-1, hidden.shape[-1])
     y = shift_labels.reshape(-1).to(x.device)
     reduction = "mean" if num_items is None else "sum"
@@ -81,7 +82,6 @@ def _loss(hidden: Tensor, head, labels, shift_labels, num_items, cap, options) -
                                     ignore_index=_IGNORE, reduction=reduction, softcap=cap,
                                     **options)
     if num_items is not None:
-        _trainer.check_denominator(num_items, options["weight"], "fuse_linear_cross_entropy")
         if torch.is_tensor(num_items):
             num_items = num_items.to(loss.device)
         loss = loss / num_items
