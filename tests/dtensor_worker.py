@@ -362,7 +362,13 @@ def main():
         mesh, out)
     with open(os.path.join(out_dir, f"{dist.get_rank()}.json"), "w") as f:
         json.dump(out, f)
+    dist.barrier()
     dist.destroy_process_group()
+    # as distributed_worker.py: functional collectives over gloo leave a thread that now and then
+    # aborts the interpreter's teardown ("terminate called without an active exception": 2 of 12
+    # runs of the tp-head case under pytest); the results are written, the group torn down
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
