@@ -105,7 +105,7 @@ def test_module():
 
 
 def test_default_chunk_is_bounded():
-    from weighted_loss.linear import _chunk_rows
+    from weighted_loss._linear_chunks import chunk_rows as _chunk_rows
     assert _chunk_rows(16384, 128256, torch.bfloat16, torch.device("cuda")) == 1046
     assert _chunk_rows(8192, 32000, torch.float32, torch.device("cpu")) == 1048
     assert _chunk_rows(10, 32000, torch.float32, torch.device("cpu")) == 10
@@ -216,7 +216,7 @@ def test_total_weight_over_micro_batches_is_the_whole_batch_mean():
 def test_default_chunk_bounds_small_batches():
     """The default chunk holds at most a quarter of the rows' logits (at least 256 rows) and at
     most 128 MiB of logits on the CPU: 1,000 rows at 32,000 classes once held all of them."""
-    from weighted_loss.linear import _chunk_rows
+    from weighted_loss._linear_chunks import chunk_rows as _chunk_rows
     cpu = torch.device("cpu")
     assert _chunk_rows(1000, 32000, torch.float32, cpu) == 256
     assert _chunk_rows(100, 32000, torch.float32, cpu) == 100

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.nn import _reduction as _Reduction
 
 import weighted_loss as wl
-from weighted_loss import vocab_parallel as vp
+from weighted_loss import _sharded
 from bars import assert_within_2x
 
 _ops = torch.ops.weighted_loss
@@ -23,7 +23,7 @@ def sharded(x, t, w, R, ignore_index=-100, ls=0.0, reduction="mean", grad_out=No
     shards = [x[:, o:o + n].detach() for o, n in zip(starts, sizes)]
     stats = torch.stack([_ops.cross_entropy_shard_forward(sh, t, w, ignore_index, ls, o, C)
                          for o, sh in zip(starts, shards)])
-    row, wy, planes = vp._merge(stats, t, w, ignore_index, ls, sizes)
+    row, wy, planes = _sharded._merge(stats, t, w, ignore_index, ls, sizes)
     tw = wy.sum()
     loss = row if reduction == "none" else row.sum() if reduction == "sum" else row.sum() / tw
     g = torch.ones_like(loss) if grad_out is None else grad_out

@@ -20,6 +20,7 @@ and averaged over the group in the backward, as FSDP2 treats the parameters it g
 import torch
 from torch import Tensor
 
+from . import _grouped, _local, _sharded
 from . import distributed as _dist
 
 _DTensor = None
@@ -87,40 +88,31 @@ def _wrap(out: Tensor, mesh, shard_dim=None, shape=None):
                                       shape=torch.Size(shape), stride=stride)
 
 
-def _layout_of(input, op: str, process_group, total_weight, reduction):
-    """(mesh, shard dim or None) of the DTensor input, the arguments checked."""
+def _layout_of(input, op: str, o):
+    """(mesh, shard dim or None) of the DTensor input, the options checked against it."""
     if not isinstance(input, _dtensor_type()):
         raise TypeError(f"{op}: an argument is a DTensor but input is a {type(input).__name__}: "
                         "pass the input as a DTensor too, or every argument as a plain tensor")
-    if process_group is not None:
+    if o.process_group is not None:
         raise ValueError(f"{op}: process_group= does not apply to DTensor input (the input's "
                          "device mesh gives the group)")
-    if total_weight is not None and reduction != "mean":
-        raise ValueError(f"{op}: total_weight= applies to reduction='mean', got "
-                         f"reduction={reduction!r}")
     return _layout(input, op)
 
 
-def _over_shards(local, denominator, reduction, mesh, total_weight, dim, shape):
+def _over_shards(local, denominator, o, mesh, dim, shape):
     """A loss whose items are split over the mesh (input sharded off the class dim):
     ``local(reduction)`` is the op on this rank's items, ``denominator()`` their share of the
-    mean's divisor. mean: the whole tensor's (sum and divisor all-reduced, in float64; the
-    gradient this shard's own), sum: the whole sum, none: the items, sharded on ``dim`` of the
-    loss's whole ``shape``."""
-    if reduction == "none":
+    mean's divisor, ``o`` the loss's options (reduction, total_weight). mean: the whole tensor's
+    (sum and divisor all-reduced, in float64; the gradient this shard's own), sum: the whole sum,
+    none: the items, sharded on ``dim`` of the loss's whole ``shape``."""
+    if o.reduction == "none":
         return _wrap(local("none"), mesh, dim, shape)
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     group = mesh.get_group()
     s = local("sum")
-    if reduction == "sum":  # the group's sum: a mean over 1, the gradient the shard's own
+    if o.reduction == "sum":  # the group's sum: a mean over 1, the gradient the shard's own
         return _wrap(_dist._global_mean(s, None, group, 1, replicas_average=False), mesh)
-    return _wrap(_dist._global_mean(s, denominator(), group, total_weight,
+    return _wrap(_dist._global_mean(s, denominator(), group, o.total_weight,
                                     replicas_average=False), mesh)
-
-
-def _count(n: int, device) -> Tensor:
-    return torch.tensor(float(n), dtype=torch.float64, device=device)
 
 
 def _cut(w, mesh, dim: int, ndim: int):
@@ -131,33 +123,21 @@ def _cut(w, mesh, dim: int, ndim: int):
     return w if k < 0 or w.shape[k] == 1 else _piece(w, mesh, k)
 
 
-def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                  softcap, process_group, total_weight, gamma=None):
-    """cross_entropy (or, with ``gamma``, focal_loss) of a DTensor input."""
-    from .focal import focal_loss
-    from .functional import cross_entropy as ce
-    from .vocab_parallel import sharded_cross_entropy
-    op = "cross_entropy" if gamma is None else "focal_loss"
-    mesh, dim = _layout_of(input, op, process_group, total_weight, reduction)
-    weight = whole(weight)
-
-    def loss(x, t, red, tw=None):
-        if gamma is not None:
-            return focal_loss(x, t, gamma, weight, ignore_index, red, label_smoothing)
-        return ce(x, t, weight, ignore_index=ignore_index, reduction=red,
-                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                  total_weight=tw)
+def cross_entropy(input, target, o):
+    """cross_entropy (or, with ``o.gamma``, focal_loss) of a DTensor input."""
+    op = "focal_loss" if o.gamma else "cross_entropy"
+    mesh, dim = _layout_of(input, op, o)
+    o = o.but(weight=whole(o.weight))
     if dim is None:
-        return _wrap(loss(input.to_local(), whole(target), reduction, total_weight), mesh)
+        return _wrap(_grouped.cross_entropy(input.to_local(), whole(target), o), mesh)
     cdim = 0 if input.dim() == 1 else 1
     prob = target.is_floating_point()
     if dim == cdim:
-        if prob or z_loss or softcap is not None or gamma is not None:
+        if prob or o.z_loss or o.softcap or o.gamma:
             raise NotImplementedError(
                 f"{op}: with the classes sharded (input placement Shard({dim})): cross-entropy "
                 "of class-index targets, without z_loss and softcap (gather the logits for the "
                 "others)")
-        red = "sum" if total_weight is not None else reduction
         t = whole(target)
         if t.is_floating_point() or tuple(t.shape) != tuple(target.shape):
             raise ValueError(f"{op}: target must be class indices of shape "
@@ -165,46 +145,35 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
         classes, ranks = input.shape[cdim], mesh.size()
         per = -(-classes // ranks)  # Shard's split: torch.chunk's sizes, padded with empty shards
         sizes = tuple(max(0, min(per, classes - r * per)) for r in range(ranks))
-        out = sharded_cross_entropy(input.to_local(), t, weight, ignore_index, red,
-                                    label_smoothing, mesh.get_group(), sizes,
-                                    mesh.get_local_rank())
-        if total_weight is not None:  # every rank holds the whole sum: no group
-            out = _dist._global_mean(out, None, None, total_weight)
-        return _wrap(out, mesh)
+        local, hook = _grouped.mean(o)  # total_weight=: every rank holds the whole sum
+        out = _sharded.cross_entropy(input.to_local(), t, local, mesh.get_group(), sizes,
+                                     mesh.get_local_rank())
+        return _wrap(out if hook is None else hook(out, None), mesh)
     ldim = dim if dim < cdim else dim - 1  # the sharded dim of the per-item losses
     x, t = input.to_local(), _piece(target, mesh, dim if prob else ldim)
-    if prob:
-        denominator = lambda: _count(t.numel() // max(1, t.shape[cdim]), t.device)  # noqa: E731
-    else:
-        denominator = lambda: _dist._local_weight(t, weight, int(ignore_index))  # noqa: E731
+    def denominator():
+        if prob:
+            return _local.count(t.numel() // max(1, t.shape[cdim]), t.device)
+        return _dist._local_weight(t, o.weight, o.ignore_index)
     shape = input.shape[:cdim] + input.shape[cdim + 1:]
-    return _over_shards(lambda red: loss(x, t, red), denominator, reduction, mesh, total_weight,
-                        ldim, shape)
+    return _over_shards(lambda red: _local.cross_entropy(x, t, o.local(red)), denominator, o,
+                        mesh, ldim, shape)
 
 
-def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,
-                                     process_group, total_weight, focal=None):
-    """binary_cross_entropy_with_logits (or, with ``focal=(alpha, gamma)``, sigmoid_focal_loss)
-    of a DTensor input: elementwise, so any shard is the local elements and the mean's."""
-    from .focal import sigmoid_focal_loss
-    from .functional import binary_cross_entropy_with_logits as bce
-    op = "binary_cross_entropy_with_logits" if focal is None else "sigmoid_focal_loss"
-    mesh, dim = _layout_of(input, op, process_group, total_weight, reduction)
-    weight, pos_weight = whole(weight), whole(pos_weight)
-    alpha = None if focal is None else whole(focal[0])
-
-    def loss(x, t, w, pw, a, red, tw=None):
-        if focal is not None:
-            return sigmoid_focal_loss(x, t, a, focal[1], red, w, pw)
-        return bce(x, t, w, reduction=red, pos_weight=pw, total_weight=tw)
+def binary_cross_entropy_with_logits(input, target, o):
+    """binary_cross_entropy_with_logits (or, with ``o.focal``, sigmoid_focal_loss) of a DTensor
+    input: elementwise, so any shard is the local elements and the mean's."""
+    op = "sigmoid_focal_loss" if o.focal else "binary_cross_entropy_with_logits"
+    mesh, dim = _layout_of(input, op, o)
+    o = o.but(weight=whole(o.weight), pos_weight=whole(o.pos_weight), alpha=whole(o.alpha))
     if dim is None:
-        return _wrap(loss(input.to_local(), whole(target), weight, pos_weight, alpha, reduction,
-                          total_weight), mesh)
+        return _wrap(_grouped.binary_cross_entropy_with_logits(input.to_local(), whole(target),
+                                                               o), mesh)
     n = input.dim()
     x, t = input.to_local(), _piece(target, mesh, dim)
-    w, pw, a = (_cut(v, mesh, dim, n) for v in (weight, pos_weight, alpha))
-    return _over_shards(lambda red: loss(x, t, w, pw, a, red), lambda: _count(x.numel(), x.device),
-                        reduction, mesh, total_weight, dim, input.shape)
+    o = o.but(**{k: _cut(getattr(o, k), mesh, dim, n) for k in ("weight", "pos_weight", "alpha")})
+    return _over_shards(lambda red: _local.binary_cross_entropy_with_logits(x, t, o.local(red)),
+                        lambda: _local.count(x.numel(), x.device), o, mesh, dim, input.shape)
 
 
 class _GatherRows(torch.autograd.Function):

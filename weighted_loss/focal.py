@@ -8,41 +8,14 @@ pass forward and one backward, plus ``weight`` and ``pos_weight`` as in
 softmax focal loss ``-w[y] (1 - p_y)^gamma log p_y`` computed by the cross-entropy kernels with
 theirs, over class indices, probability targets or with label smoothing.
 """
-import math
-import numbers
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
-from torch.nn import _reduction as _Reduction
 
-from . import _dtensor, _dtypes, _forward_ad
-
+from . import _dtensor, _local, _options
 
 __all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss", "focal_loss", "FocalLoss"]
-
-_ops = torch.ops.weighted_loss
-
-
-def _check_gamma(gamma) -> float:
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or math.isnan(gamma) \
-            or gamma < 0 or math.isinf(gamma):
-        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
-    return float(gamma)
-
-
-def _check_alpha(alpha):
-    """A float in [0, 1] or -1 (off), as torchvision checks it, or a floating tensor (its values
-    are not checked: that would synchronize with the device)."""
-    if isinstance(alpha, Tensor):
-        if not alpha.is_floating_point():
-            raise TypeError(f"alpha must be a floating point tensor, got {alpha.dtype}")
-        return alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or \
-            not (0 <= alpha <= 1 or alpha == -1):
-        raise ValueError(f"Invalid alpha value: {alpha!r}. alpha must be in the range [0,1] or -1 "
-                         "for ignore.")
-    return float(alpha)
 
 
 def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: Union[float, Tensor] = 0.25,
@@ -62,24 +35,11 @@ def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: Union[float, Tensor
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction "
                          "modes: 'none', 'mean', 'sum'")
-    g, a = _check_gamma(gamma), _check_alpha(alpha)
-    if _dtensor.any_dtensor(input, target, weight, pos_weight, a):
-        return _dtensor.binary_cross_entropy_with_logits(input, target, weight, pos_weight,
-                                                         reduction, None, None, focal=(a, g))
-    if target.size() != input.size():
-        raise ValueError(f"Target size ({target.size()}) must be the same as input size "
-                         f"({input.size()})")
-    if torch.is_grad_enabled():
-        for name, t in (("weight", weight), ("pos_weight", pos_weight), ("alpha", a)):
-            if isinstance(t, Tensor) and t.requires_grad:
-                raise NotImplementedError(
-                    f"sigmoid_focal_loss: the derivative for '{name}' is not implemented")
-    if target.is_floating_point():  # the promoted dtype, 16-bit logits read in place
-        input, target = _dtypes.floating_pair(input, target)
-    tensor_alpha = isinstance(a, Tensor)  # the kernels' alpha switch on, each element's alpha read
-    return _forward_ad.binary_cross_entropy_with_logits_forward(
-        input, target, weight, pos_weight, _Reduction.get_enum(reduction), g,
-        0.0 if tensor_alpha else a, a if tensor_alpha else None)
+    o = _options.binary(weight, pos_weight, reduction, _options.check_gamma(gamma),
+                        _options.check_alpha(alpha))
+    if _dtensor.any_dtensor(input, target, weight, pos_weight, o.alpha):
+        return _dtensor.binary_cross_entropy_with_logits(input, target, o)
+    return _local.binary_cross_entropy_with_logits(input, target, o)
 
 
 class SigmoidFocalLoss(torch.nn.Module):
@@ -89,7 +49,7 @@ class SigmoidFocalLoss(torch.nn.Module):
     def __init__(self, alpha=0.25, gamma: float = 2.0, reduction: str = "none",
                  weight: Optional[Tensor] = None, pos_weight: Optional[Tensor] = None):
         super().__init__()
-        alpha, self.gamma = _check_alpha(alpha), _check_gamma(gamma)
+        alpha, self.gamma = _options.check_alpha(alpha), _options.check_gamma(gamma)
         if isinstance(alpha, Tensor):
             self.register_buffer("alpha", alpha)
         else:
@@ -121,42 +81,11 @@ def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, weight: Option
     cross-entropy. The kernels take it in the same single pass backward and one more read of
     each row forward (its classes' terms need the row's log-sum-exp first: from cache, or from
     the tile of the (N, C, d...) lanes); probability targets get their gradient too."""
-    from .functional import cross_entropy, _prob_target_inputs
-    g = _check_gamma(gamma)
-    if g != 0 and _dtensor.any_dtensor(input, target, weight):
-        return _dtensor.cross_entropy(input, target, weight, ignore_index, reduction,
-                                      label_smoothing, 0.0, None, None, None, gamma=g)
-    if g == 0:
-        return cross_entropy(input, target, weight, ignore_index=ignore_index,
-                             reduction=reduction, label_smoothing=label_smoothing)
-    if reduction not in ("none", "mean", "sum"):
-        raise ValueError(f"{reduction} is not a valid value for reduction")
-    s = float(label_smoothing)
-    if not 0.0 <= s <= 1.0:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    if input.dim() == 0:
-        raise ValueError("focal_loss: input must have the class dim (C,), (N, C) or (N, C, d...)")
-    prob = target.is_floating_point()
-    if prob or s > 0:
-        if prob and target.shape != input.shape:
-            raise ValueError(f"focal_loss: probability targets must have the input's shape "
-                             f"{tuple(input.shape)}, got {tuple(target.shape)}")
-        C = input.shape[1 if input.dim() > 1 else 0]
-        if weight is not None and weight.shape != (C,):
-            raise ValueError(f"focal_loss: weight must have one value per class, shape ({C},), "
-                             f"got {tuple(weight.shape)}")
-        if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-            raise NotImplementedError("focal_loss: the derivative for 'weight' is not implemented "
-                                      "(as in PyTorch's cross-entropy)")
-    red = _Reduction.get_enum(reduction)
-    if prob:
-        input, target, weight = _prob_target_inputs(input, target, weight, ignore_index)
-        loss, _, _ = _forward_ad.cross_entropy_prob_forward(input, target, weight, red, s, 0.0,
-                                                            0.0, g)
-        return loss
-    loss, _, _ = _forward_ad.cross_entropy_forward(input, target, weight, red, int(ignore_index),
-                                                   s, 0.0, 0.0, g)
-    return loss
+    g = _options.check_gamma(gamma)
+    o = _options.cross_entropy(weight, ignore_index, reduction, label_smoothing, gamma=g)
+    if _dtensor.any_dtensor(input, target, weight):
+        return _dtensor.cross_entropy(input, target, o)
+    return _local.cross_entropy(input, target, o)  # gamma 0: wl.cross_entropy's path
 
 
 class FocalLoss(torch.nn.Module):
@@ -166,7 +95,7 @@ class FocalLoss(torch.nn.Module):
                  ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0):
         super().__init__()
-        self.gamma = _check_gamma(gamma)
+        self.gamma = _options.check_gamma(gamma)
         self.register_buffer("weight", weight)
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing = label_smoothing

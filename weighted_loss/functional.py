@@ -1,29 +1,14 @@
-"""Drop-in functional losses: same signatures and results as torch.nn.functional."""
+"""Drop-in functional losses: same signatures and results as torch.nn.functional. The entry
+points: legacy arguments, the options checked once (_options), the dispatch to the DTensor path
+(_dtensor) or to the process-group and single-device ones (_grouped, _local)."""
 from typing import Optional
 
-import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-from . import _dtensor, _dtypes, _forward_ad
-from . import distributed as _dist
+from . import _dtensor, _grouped, _options
 
 __all__ = ["cross_entropy", "binary_cross_entropy_with_logits"]
-
-_ops = torch.ops.weighted_loss
-
-
-def _row_terms(z_loss, softcap):
-    """(z_loss, softcap) as the kernels take them (softcap 0: off), checked."""
-    z = float(z_loss)
-    if not z >= 0 or z == float("inf"):
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
-    if softcap is None:
-        return z, 0.0
-    cap = float(softcap)
-    if not cap > 0 or cap == float("inf"):
-        raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap!r}")
-    return z, cap
 
 
 def cross_entropy(
@@ -64,54 +49,11 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
+    o = _options.cross_entropy(weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                               process_group=process_group, total_weight=total_weight)
     if _dtensor.any_dtensor(input, target, weight):
-        return _dtensor.cross_entropy(input, target, weight, ignore_index, reduction,
-                                      label_smoothing, z_loss, softcap, process_group,
-                                      total_weight)
-    grouped = process_group is not None or total_weight is not None
-    if grouped:
-        red = _Reduction.get_enum("sum")
-        if reduction != "mean":
-            raise ValueError(f"process_group= and total_weight= apply to reduction='mean', got "
-                             f"reduction={reduction!r}")
-    else:
-        red = _Reduction.get_enum(reduction)
-    label_smoothing = float(label_smoothing)
-    z, cap = _row_terms(z_loss, softcap)
-    if input.shape == target.shape:
-        input, target, weight = _prob_target_inputs(input, target, weight, ignore_index)
-        loss, _, _ = _forward_ad.cross_entropy_prob_forward(input, target, weight, red,
-                                                            max(label_smoothing, 0.0), z, cap)
-        if grouped:
-            rows = input.numel() // max(1, input.shape[0 if input.dim() == 1 else 1])
-            local = torch.tensor(float(rows), dtype=torch.float64, device=input.device)
-            return _dist._global_mean(loss, local, process_group, total_weight)
-        return loss
-    loss, _, local = _forward_ad.cross_entropy_forward(input, target, weight, red,
-                                                       int(ignore_index), max(label_smoothing, 0.0),
-                                                       z, cap)
-    if grouped:
-        return _dist._global_mean(loss, local, process_group, total_weight)
-    return loss
-
-
-def _prob_target_inputs(input, target, weight, ignore_index):
-    """Class-probability targets as cross-entropy takes them: floating, no ignore_index, promoted
-    with the logits and the weight as PyTorch's arithmetic would (a float64 weight beside float32
-    logits gives a float64 loss; an integer weight is promoted), 16-bit logits read in place
-    (``_dtypes.floating_pair``)."""
-    if not target.is_floating_point():
-        raise RuntimeError(
-            f"Expected floating point type for target with class probabilities, got {target.dtype}")
-    if ignore_index >= 0:
-        raise RuntimeError("ignore_index is not supported for floating point target")
-    if weight is not None and input.is_floating_point():
-        if weight.is_floating_point():  # PyTorch's -(logp t w).sum() promotes with w's dtype too
-            target = target.to(torch.promote_types(target.dtype, weight.dtype))
-        else:  # integer weights: promoted, as that arithmetic promotes them
-            weight = weight.to(torch.promote_types(input.dtype, target.dtype))
-    input, target = _dtypes.floating_pair(input, target)
-    return input, target, weight
+        return _dtensor.cross_entropy(input, target, o)
+    return _grouped.cross_entropy(input, target, o)
 
 
 def binary_cross_entropy_with_logits(
@@ -140,34 +82,11 @@ def binary_cross_entropy_with_logits(
     """
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
+    o = _options.binary(weight, pos_weight, reduction, process_group=process_group,
+                        total_weight=total_weight)
     if _dtensor.any_dtensor(input, target, weight, pos_weight):
-        return _dtensor.binary_cross_entropy_with_logits(input, target, weight, pos_weight,
-                                                         reduction, process_group, total_weight)
-    grouped = process_group is not None or total_weight is not None
-    if grouped and reduction != "mean":
-        raise ValueError(f"process_group= and total_weight= apply to reduction='mean', got "
-                         f"reduction={reduction!r}")
-    red = _Reduction.get_enum("sum" if grouped else reduction)
-    if target.size() != input.size():
-        raise ValueError(
-            f"Target size ({target.size()}) must be the same as input size ({input.size()})")
-    if torch.is_grad_enabled():
-        for name, w in (("weight", weight), ("pos_weight", pos_weight)):
-            if w is not None and w.requires_grad:
-                raise RuntimeError(
-                    "The function 'binary_cross_entropy_with_logits' is not differentiable with "
-                    f"respect to argument '{name}'. This input cannot have requires_grad True.")
-    # PyTorch computes in the promoted dtype and returns the target's; under autocast, float32
-    # (the op's rule), which this cast must leave alone
-    out_dtype = None if _dtypes.autocast_on(input) else target.dtype
-    if target.is_floating_point():
-        input, target = _dtypes.floating_pair(input, target)
-    loss = _forward_ad.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight,
-                                                                red)
-    if grouped:
-        local = torch.tensor(float(input.numel()), dtype=torch.float64, device=input.device)
-        loss = _dist._global_mean(loss, local, process_group, total_weight)
-    return loss if out_dtype is None or loss.dtype == out_dtype else loss.to(out_dtype)
+        return _dtensor.binary_cross_entropy_with_logits(input, target, o)
+    return _grouped.binary_cross_entropy_with_logits(input, target, o)
 
 
 # Every functional of the package, so that wl.functional holds them all as torch.nn.functional

@@ -3,6 +3,7 @@ state_dict, whose forward runs the fused kernels."""
 import torch
 from torch import Tensor
 
+from . import _options
 from . import functional as F
 
 __all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss"]
@@ -16,7 +17,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
     def __init__(self, *args, z_loss=0.0, softcap=None, process_group=None, **kwargs):
         super().__init__(*args, **kwargs)
-        F._row_terms(z_loss, softcap)
+        _options.row_terms(z_loss, softcap)
         self.z_loss, self.softcap = z_loss, softcap
         self.process_group = process_group
 

@@ -1,0 +1,272 @@
+"""Linear + cross-entropy over row chunks on one device: what weighted_loss/linear.py's entry
+point computes once it has checked the arguments and planned the dtypes and the chunk.
+
+Each chunk's logits come from one matmul; the fused cross-entropy kernels take the chunk's loss
+and, the loss being the last node of the graph, its logits' gradient right away (for a reduced
+loss: the upstream gradient is a scalar, applied later); matmuls turn that into the chunk's share
+of the gradients of ``input``, ``linear_weight`` and ``bias``, and the chunk's logits are dropped.
+Peak extra memory is a chunk of logits and its gradient, plus the gradients themselves; the
+backward only scales those by the upstream gradient (divided by the mean's divisor). With
+``reduction="none"`` the upstream gradient is per row and unknown in the forward: the forward
+keeps each row's log-sum-exp, and the backward computes every chunk's logits once more.
+"""
+import torch
+from torch import Tensor
+from torch.nn import _reduction as _Reduction
+
+from . import _composite, _forward_ad
+from . import distributed as _dist
+from ._options import CrossEntropyOptions
+
+_ops = torch.ops.weighted_loss
+_OP = "linear_cross_entropy"
+# bytes of one chunk's logits when chunk_size is not given: large enough for the matmuls to run
+# at full speed, small against the N x C logits of a language model (the chunk's gradient is
+# written over its logits)
+_CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 256 << 20}
+# and at most a quarter of the rows, where that leaves at least _MIN_CHUNK_ROWS: a small batch
+# holds a quarter of its logits, not all of them (each chunk adds the weight's gradient once)
+_MIN_CHUNK_ROWS = 256
+
+
+def chunk_rows(n: int, classes: int, dtype: torch.dtype, device: torch.device) -> int:
+    budget = _CHUNK_BYTES.get(device.type, 256 << 20)
+    per_row = max(1, classes) * torch.empty((), dtype=dtype).element_size()
+    quarter = max(_MIN_CHUNK_ROWS, -(-n // 4))
+    return max(1, min(n, budget // per_row, quarter))
+
+
+def _grad_buffer(shape, dtype: torch.dtype, device) -> Tensor:
+    """A zeroed accumulator for a gradient summed over chunks: float32 for bfloat16/float16."""
+    acc = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    return torch.zeros(shape, dtype=acc, device=device)
+
+
+def _add_weight_grad(gw: Tensor, g: Tensor, xc: Tensor) -> None:
+    """gw += g^T xc. A float32 sum of bfloat16/float16 products goes by blocks of gw's rows (16 MiB
+    of float32 each): one product of all of them, and the float32 copy the mixed-dtype sum makes
+    of it, would hold 1.5 x gw more."""
+    if gw.dtype == g.dtype:
+        gw.addmm_(g.t(), xc)
+        return
+    step = max(1, (16 << 20) // (4 * max(1, xc.shape[1])))
+    for c in range(0, gw.shape[0], step):
+        gw[c:c + step] += torch.mm(g[:, c:c + step].t(), xc)
+
+
+def _add_chunk_grads(g: Tensor, xc: Tensor, lw: Tensor, gx, gw, gb) -> None:
+    """A chunk's share of the gradients from its logits' gradient g: gx (the chunk's rows of the
+    input's gradient) = g lw, gw += g^T xc, gb += the column sums of g; None: not wanted."""
+    if gx is not None:
+        torch.mm(g, lw, out=gx)
+    if gw is not None:
+        _add_weight_grad(gw, g, xc)
+    if gb is not None:
+        gb += g.sum(0, dtype=gb.dtype)
+
+
+class Plan:
+    """What one call computes in: the matmuls in `compute` (autocast's dtype under autocast, else
+    the input's), each chunk's logits handed to the kernels in `logits` (compute, or the dtype
+    probability targets promote it to: 16-bit logits beside float32 targets stay 16-bit), the
+    per-chunk losses in `acc` (float32 for 16-bit logits: a chunk's sum is not rounded to 16 bits)
+    and the loss returned in `out`."""
+
+    def __init__(self, compute, logits, out, chunk, grads, grouped=False):
+        self.compute, self.logits, self.out, self.chunk, self.grads = \
+            compute, logits, out, chunk, grads
+        # a sum for the group's mean (process_group= / total_weight=): returned in float64, so
+        # that it is rounded once, after the division
+        self.grouped = grouped
+        self.acc = torch.float32 if logits in (torch.bfloat16, torch.float16) else logits
+
+    def cast(self, x, lw, bias):
+        return (x.to(self.compute), lw.to(self.compute),
+                None if bias is None else bias.to(self.compute))
+
+    def chunk_logits(self, xc, lw, bias):
+        logits = torch.nn.functional.linear(xc, lw, bias)
+        return logits if logits.dtype == self.logits else logits.to(self.logits)
+
+    def chunk_grad(self, g):
+        return g if g.dtype == self.compute else g.to(self.compute)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z, cap,
+                reduction, plan):
+        """The loss, and the mean's local divisor (sum of weight[target] over the rows kept, or the
+        number of rows for probabilities; not differentiable)."""
+        # the plan's dtypes stand for autocast's: none of this runs under it (autocast would
+        # recast, and refuses mm's out=)
+        with torch.autocast(x.device.type, enabled=False):
+            loss, divisor = _forward(ctx, x, lw, bias, target, weight, ignore_index,
+                                     label_smoothing, z, cap, reduction, plan)
+        ctx.mark_non_differentiable(divisor)
+        return loss, divisor
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_divisor):
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients were formed in the forward, from the chunks'
+            # logits, and hold no graph; keeping what a second derivative needs (the hidden
+            # states) would cost every first-order step their memory
+            raise NotImplementedError(
+                f"{_OP}: second derivatives (a backward with create_graph=True) are not "
+                "supported; use F.cross_entropy(F.linear(input, linear_weight, bias), ...) or "
+                "wl.cross_entropy on the logits")
+        if ctx.reduction == "none":
+            with torch.autocast(grad_loss.device.type, enabled=False):
+                grads = _backward_rows(ctx, grad_loss)
+            return (*grads, None, None, None, None, None, None, None, None)
+        gx, gw, gb, divisor = ctx.saved_tensors
+        scale = grad_loss.double()
+        if ctx.reduction == "mean":
+            # every target ignored: the loss is NaN (0 / 0) and the gradients 0, as PyTorch's
+            scale = torch.where(divisor == 0, torch.zeros_like(scale), scale / divisor)
+        grads = []
+        for g, dtype in zip((gx, gw, gb), ctx.dtypes):
+            if g is None:
+                grads.append(None)
+                continue
+            out = torch.empty(g.shape, dtype=dtype, device=g.device)  # one rounding, no temp
+            grads.append(torch.mul(g, scale.to(g.dtype), out=out))
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def _forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z, cap, reduction,
+             plan):
+    n, prob = x.shape[0], target.is_floating_point()
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = bias is not None and ctx.needs_input_grad[2]
+    red_none = reduction == "none"
+    # under no_grad / inference_mode (an eval loop) the forward only: no gradient work
+    grads_now = plan.grads and (need_x or need_w or need_b) and not red_none
+    xq, lwq, bq = plan.cast(x, lw, bias)
+    dev = x.device
+    gx = torch.empty(x.shape, dtype=plan.compute, device=dev) if grads_now and need_x else None
+    gw = _grad_buffer(lw.shape, plan.compute, dev) if grads_now and need_w else None
+    gb = _grad_buffer(bias.shape, plan.compute, dev) if grads_now and need_b else None
+    one = torch.ones((), dtype=plan.acc, device=dev)
+    red = _Reduction.get_enum("none" if red_none else "sum")
+    # per-row losses in the returned dtype; sums in acc
+    out_dtype = plan.out if red_none else plan.acc
+    rows_loss, lse_parts, tsum_parts = [], [], []
+    total = torch.zeros((), dtype=torch.float64, device=dev)
+    divisor = torch.zeros((), dtype=torch.float64, device=dev)
+    for a in range(0, n, plan.chunk):
+        xc, tc = xq[a:a + plan.chunk], target[a:a + plan.chunk]
+        logits = plan.chunk_logits(xc, lwq, bq)
+        if prob:
+            loss, lse, tsum = _ops.cross_entropy_prob_forward(
+                logits, tc, weight, red, label_smoothing, z, cap, out_dtype=out_dtype)
+            divisor += tc.shape[0]
+        else:
+            loss, lse, tw = _ops.cross_entropy_forward(logits, tc, weight, red, ignore_index,
+                                                       label_smoothing, z, cap,
+                                                       out_dtype=out_dtype)
+        if red_none:
+            rows_loss.append(loss)
+            lse_parts.append(lse)
+            if prob:
+                tsum_parts.append(tsum)
+            continue
+        total += loss.double()
+        if not prob:
+            divisor += tw.double()
+        if grads_now:
+            if prob:
+                g = _ops.cross_entropy_prob_backward(one, logits, tc, weight, lse, tsum, red,
+                                                     label_smoothing, z, cap)
+            else:  # over the logits: a chunk holds one N x C buffer, not two
+                _ops.cross_entropy_backward_(one, logits, tc, weight, lse, tw, red, ignore_index,
+                                             label_smoothing, z, cap)
+                g = logits
+            del logits
+            g = plan.chunk_grad(g)
+            _add_chunk_grads(g, xc, lwq, None if gx is None else gx[a:a + plan.chunk], gw, gb)
+            del g  # before the next chunk's logits: one chunk buffer at a time
+    ctx.reduction, ctx.prob, ctx.plan = reduction, prob, plan
+    if red_none:
+        ctx.args = (ignore_index, label_smoothing, z, cap)
+        acc = torch.float64 if plan.logits == torch.float64 else torch.float32
+        lse_all = torch.cat(lse_parts, 1) if lse_parts else torch.empty((2, 0), dtype=acc,
+                                                                         device=dev)
+        tsum_all = torch.cat(tsum_parts) if tsum_parts else torch.empty((0,), dtype=acc,
+                                                                        device=dev)
+        ctx.save_for_backward(x, lw, bias, target, weight, lse_all, tsum_all)
+        rows = torch.cat(rows_loss) if rows_loss else x.new_empty((0,), dtype=plan.out)
+        return rows, divisor
+    ctx.save_for_backward(gx, gw, gb, divisor)
+    ctx.dtypes = (x.dtype, lw.dtype, None if bias is None else bias.dtype)
+    out = total / divisor if reduction == "mean" else total
+    return (out if plan.grouped else out.to(plan.out)), divisor.clone()
+
+
+def _backward_rows(ctx, grad_rows):
+    """reduction="none": the upstream gradient per row, each chunk's logits once more."""
+    x, lw, bias, target, weight, lse, tsum = ctx.saved_tensors
+    ignore_index, label_smoothing, z, cap = ctx.args
+    plan = ctx.plan
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = bias is not None and ctx.needs_input_grad[2]
+    xq, lwq, bq = plan.cast(x, lw, bias)
+    gx = torch.empty(x.shape, dtype=plan.compute, device=x.device) if need_x else None
+    gw = _grad_buffer(lw.shape, plan.compute, x.device) if need_w else None
+    gb = _grad_buffer(bias.shape, plan.compute, x.device) if need_b else None
+    red = _Reduction.get_enum("none")
+    grad_rows = grad_rows.to(plan.out).contiguous()  # the loss's dtype, as the kernels read it
+    for a in range(0, x.shape[0], plan.chunk):
+        xc, tc = xq[a:a + plan.chunk], target[a:a + plan.chunk]
+        logits = plan.chunk_logits(xc, lwq, bq)
+        lc = lse[:, a:a + plan.chunk].contiguous()
+        if ctx.prob:
+            g = _ops.cross_entropy_prob_backward(grad_rows[a:a + plan.chunk], logits, tc, weight,
+                                                 lc, tsum[a:a + plan.chunk].contiguous(), red,
+                                                 label_smoothing, z, cap)
+        else:
+            _ops.cross_entropy_backward_(grad_rows[a:a + plan.chunk], logits, tc, weight, lc,
+                                         torch.ones((), dtype=lse.dtype, device=x.device), red,
+                                         ignore_index, label_smoothing, z, cap)
+            g = logits
+        del logits
+        g = plan.chunk_grad(g)
+        _add_chunk_grads(g, xc, lwq, None if gx is None else gx[a:a + plan.chunk], gw, gb)
+        del g
+    return (None if gx is None else gx.to(x.dtype), None if gw is None else gw.to(lw.dtype),
+            None if gb is None else gb.to(bias.dtype))
+
+
+def _composite_loss(x, lw, bias, t, o: CrossEntropyOptions, plan, mean):
+    """Forward-mode AD or a torch.func transform: the logits, held, through the composite loss
+    (differentiable to any order); a custom jvp would not trace under torch.compile."""
+    prob = t.is_floating_point()
+    with torch.autocast(x.device.type, enabled=False):
+        lg = torch.nn.functional.linear(x.to(plan.compute), lw.to(plan.compute),
+                                        None if bias is None else bias.to(plan.compute))
+        lg = lg.to(plan.logits)
+        if prob:
+            loss = _composite.cross_entropy_prob(lg, t, o.weight, *o.prob_args(),
+                                                 out_dtype=plan.out)
+        else:
+            loss = _composite.cross_entropy(lg, t, o.weight, *o.index_args(),
+                                            out_dtype=plan.out)
+    if mean is None:
+        return loss
+    local = (torch.tensor(float(t.shape[0]), dtype=torch.float64, device=x.device) if prob
+             else _dist._local_weight(t, o.weight, o.ignore_index))
+    return mean(loss, local)
+
+
+def linear_cross_entropy(x: Tensor, lw: Tensor, bias, t: Tensor, o: CrossEntropyOptions, mean,
+                         plan) -> Tensor:
+    """The loss of ``F.cross_entropy(F.linear(x, lw, bias), t, ...)`` for 2-D ``x`` and the
+    options ``o`` (``o.reduction`` "sum" where ``mean``, the process-group layer's hook, is
+    given), planned by ``plan``; per-row losses flat for reduction "none"."""
+    if _forward_ad.active():
+        return _composite_loss(x, lw, bias, t, o, plan, mean)
+    loss, divisor = _LinearCrossEntropy.apply(x, lw, bias, t, o.weight, o.ignore_index,
+                                              max(o.label_smoothing, 0.0), o.z_loss, o.softcap,
+                                              o.reduction, plan)
+    return loss if mean is None else mean(loss, divisor).to(plan.out)
