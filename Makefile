@@ -11,9 +11,9 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 PIP := $(PYTHON) -m pip --disable-pip-version-check -q
 STAMP := build/.built
-# the product's sources (the emulator's are the tests': tests/emulation.py rebuilds what changed)
-SOURCES := $(shell find csrc \( -path csrc/cuda/emulator -o -path csrc/cuda/emulated \) -prune -o \
-             -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) -print) \
+# the product's sources (the emulator, tests/emulator and tests/emulated, is the tests':
+# tests/emulation.py rebuilds what changed)
+SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \)) \
            setup.py pyproject.toml
 NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
 
@@ -27,7 +27,7 @@ deps:
 
 # The CUDA headers that the emulated CUDA kernels (tests/emulation.py, test-only) are built with: a
 # CUDA toolkit's, or else NVIDIA's header wheels (a few MB, no libraries used).
-EMU_HEADERS := csrc/cuda/emulated/headers.py
+EMU_HEADERS := tests/emulated/headers.py
 cuda-headers:
 	@$(PYTHON) $(EMU_HEADERS) >/dev/null || $(PIP) install $$($(PYTHON) $(EMU_HEADERS) --wheels)
 

@@ -1,5 +1,5 @@
 """The CUDA kernels on CPU tensors, through the emulator of the CUDA execution model
-(csrc/cuda/emulator/), so that they run, and are checked against PyTorch, on any machine. Test
+(tests/emulator/), so that they run, and are checked against PyTorch, on any machine. Test
 infrastructure: a separate extension (op namespace ``weighted_loss_emulated``) that the product
 (weighted_loss._C) neither compiles nor imports.
 
@@ -11,7 +11,7 @@ infrastructure: a separate extension (op namespace ``weighted_loss_emulated``) t
     emulated_launches()                   # {"forward_rows_kernel<float, 0, true, 32>": 3, ...}
 
 The extension is the .cu files built by the host compiler against the emulator
-(csrc/cuda/emulated/*.cpp) with the device-agnostic glue (csrc/cross_entropy.cpp, ...); within
+(tests/emulated/*.cpp) with the device-agnostic glue (csrc/cross_entropy.cpp, ...); within
 emulated_cuda() it registers their launchers for the CPU dispatch key of the weighted_loss ops,
 over the CPU kernels. The emulator runs each block's threads as fibers, so barriers and warp
 shuffles are real, and it fails a launch loudly on barrier divergence, missing shuffle lanes, bad
@@ -19,7 +19,7 @@ launch shapes and device asserts. It cannot show timing, the memory model or ban
 
 WEIGHTED_LOSS_SANITIZE=1 builds and loads an AddressSanitizer/UBSan build (build/asan/emulated,
 for make cuda-emu-asan). The build needs the CUDA headers (a toolkit's or NVIDIA's header wheels:
-csrc/cuda/emulated/headers.py).
+tests/emulated/headers.py).
 """
 import contextlib
 import os
@@ -34,6 +34,9 @@ import weighted_loss  # noqa: F401  (defines the ops the emulated kernels are re
 __all__ = ["build", "emulator_available", "emulated_cuda", "emulating", "emulated_launches"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the emulator (header-only) and the .cu files built for it, beside this file
+EMULATOR = os.path.join(ROOT, "tests", "emulator")
+EMULATED = os.path.join(ROOT, "tests", "emulated")
 NAME = "weighted_loss_emulated"
 _active = []  # (sm_count, shuffle_blocks) of each emulated_cuda() entered and not left
 _loaded = []  # the error of a failed build, or True once loaded
@@ -61,17 +64,16 @@ def _flags():
 
 
 def _sources():
-    emulated = os.path.join(ROOT, "csrc", "cuda", "emulated")
     glue = ["cross_entropy.cpp", "cross_entropy_shard.cpp", "binary_cross_entropy.cpp"]
     return ([os.path.join(ROOT, "csrc", f) for f in glue] +
-            sorted(os.path.join(emulated, f) for f in os.listdir(emulated) if f.endswith(".cpp")))
+            sorted(os.path.join(EMULATED, f) for f in os.listdir(EMULATED) if f.endswith(".cpp")))
 
 
 def build(verbose: bool = False) -> str:
     """Builds the extension where it is out of date (ninja: only what changed) and loads it into
     torch.ops.weighted_loss_emulated; returns the library's path."""
     from torch.utils.cpp_extension import load
-    find = runpy.run_path(os.path.join(ROOT, "csrc", "cuda", "emulated", "headers.py"))["find"]
+    find = runpy.run_path(os.path.join(EMULATED, "headers.py"))["find"]
     includes = find()
     if includes is None:
         raise RuntimeError(
@@ -81,8 +83,8 @@ def build(verbose: bool = False) -> str:
     os.makedirs(where, exist_ok=True)
     cxx, link = _flags()
     load(NAME, _sources(), extra_cflags=cxx, extra_ldflags=link,
-         extra_include_paths=[os.path.join(ROOT, "csrc")] + includes, build_directory=where,
-         is_python_module=False, verbose=verbose)
+         extra_include_paths=[os.path.join(ROOT, "csrc"), EMULATOR] + includes,
+         build_directory=where, is_python_module=False, verbose=verbose)
     return os.path.join(where, NAME + ".so")
 
 

@@ -14,11 +14,11 @@ import weighted_loss as wl
 from emulation import emulated_cuda, emulated_launches, emulating
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMULATOR = os.path.join(ROOT, "csrc", "cuda", "emulator")
+EMULATOR = os.path.join(ROOT, "tests", "emulator")
 
 
 def _compile_and_run(tmp_path, *flags):
-    find = runpy.run_path(os.path.join(ROOT, "csrc", "cuda", "emulated", "headers.py"))["find"]
+    find = runpy.run_path(os.path.join(ROOT, "tests", "emulated", "headers.py"))["find"]
     includes = find()
     assert includes is not None, "no CUDA headers: run `make cuda-headers`"
     cxx = os.environ.get("CXX", "g++")

@@ -1,7 +1,7 @@
 // Device helpers shared by the CUDA kernels: the accumulation type, conversions between the
 // storage dtypes and it, and the one way a kernel is launched. CUDA headers and params.h only (no
 // torch), so the kernels compile with nvcc alone (make cuda-check) and, with the emulator, with
-// the host compiler (emulator/).
+// the host compiler (tests/emulator/: the tests' build only).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -11,7 +11,7 @@
 #include <cstdint>
 
 #if !defined(__CUDACC__)
-#include "emulator/cuda_emulator.h"
+#include "cuda_emulator.h"  // tests/emulator/, on the emulated build's include path
 #endif
 #include "kernels.h"
 

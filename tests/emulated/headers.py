@@ -2,8 +2,8 @@
 (CUDA_HOME, /usr/local/cuda) or of NVIDIA's pip wheels (nvidia-cuda-runtime, nvidia-cuda-crt,
 nvidia-cuda-cccl), whichever first holds all of REQUIRED.
 
-    python csrc/cuda/emulated/headers.py           prints them, one per line; exits 1 if none
-    python csrc/cuda/emulated/headers.py --wheels  prints the pip requirements of the wheels
+    python tests/emulated/headers.py           prints them, one per line; exits 1 if none
+    python tests/emulated/headers.py --wheels  prints the pip requirements of the wheels
 """
 import glob
 import os

@@ -14,10 +14,10 @@
 #include <tuple>
 #include <vector>
 
-#include "../../registration.h"
+#include "registration.h"
 #define WEIGHTED_LOSS_CUDA_NS emulated
-#include "../emulator/runtime.h"
-#include "../kernels.h"
+#include "runtime.h"
+#include "cuda/kernels.h"
 
 namespace weighted_loss {
 namespace {

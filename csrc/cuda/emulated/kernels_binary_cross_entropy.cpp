@@ -1,4 +1,0 @@
-// ../binary_cross_entropy.cu as the host compiler builds it, to run in the emulator (../emulator/), in a
-// namespace of its own beside a real CUDA build's.
-#define WEIGHTED_LOSS_CUDA_NS emulated
-#include "../binary_cross_entropy.cu"

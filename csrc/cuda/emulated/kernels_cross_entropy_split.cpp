@@ -1,4 +1,0 @@
-// ../cross_entropy_split.cu as the host compiler builds it, to run in the emulator (../emulator/), in a
-// namespace of its own beside a real CUDA build's.
-#define WEIGHTED_LOSS_CUDA_NS emulated
-#include "../cross_entropy_split.cu"
