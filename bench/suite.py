@@ -10,9 +10,10 @@ native loss, forward, backward and total, with speed, bandwidth, memory and accu
 
 Method. Every case first computes the loss and the logits' gradient once with each implementation
 (which also compiles the compiled one) and records the largest differences from the native
-result. Then, after two warm-up calls, it times forward and forward+backward of every
-implementation in alternation, `repeat` rounds (so all see the same machine noise), and reports
-medians; backward = forward+backward - forward. CUDA times come from CUDA events, CPU times from
+result. Then, after two warm-up calls, it times the forward, the backward and forward+backward
+of every implementation in alternation, `repeat` rounds (so all see the same machine noise), and
+reports medians: three measurements, none derived from another (the backward alone runs on the
+graph of a forward that is not timed), so no column can be negative. CUDA times come from CUDA events, CPU times from
 perf_counter. The bandwidth bound is a case's minimal bytes: cross-entropy and the softmax focal
 loss 3 x the logits (read forward, read backward, gradient written), BCE and the sigmoid focal
 loss 5 x (logits and targets read forward and backward, gradient written); achieved GB/s =
@@ -129,6 +130,35 @@ def copy_bandwidth_gbs(device, nbytes=None, repeat=7):
     _sync(device)
     ms = statistics.median(time_ms(lambda: dst.copy_(src), device) for _ in range(repeat))
     return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def time_backward_ms(forward, backward, device):
+    """Milliseconds of a backward alone: the forward that builds its graph runs first, untimed."""
+    out = forward()
+    _sync(device)
+    return time_ms(lambda: backward(out), device)
+
+
+def time_rounds(forwards, backward, device, repeat, tick=None):
+    """{(kind, "fwd" | "bwd" | "fwd_bwd"): median ms} of each implementation's forward
+    (``forwards[kind]()``), its backward alone (``backward(output)``, see time_backward_ms) and
+    the two in one call, timed in alternation ``repeat`` rounds after two warm-up calls of each;
+    tick() after each round."""
+    timers = {}
+    for kind, fwd in forwards.items():
+        timers[kind, "fwd"] = lambda fwd=fwd: time_ms(fwd, device)
+        timers[kind, "bwd"] = lambda fwd=fwd: time_backward_ms(fwd, backward, device)
+        timers[kind, "fwd_bwd"] = lambda fwd=fwd: time_ms(lambda: backward(fwd()), device)
+    for timer in timers.values():  # warm-up
+        timer()
+        timer()
+    times = {k: [] for k in timers}
+    for _ in range(repeat):
+        for k, timer in timers.items():
+            times[k].append(timer())
+        if tick:
+            tick()
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def peak_mb(fn, device):
@@ -278,28 +308,18 @@ def run_case(name, loss, shape, dtype, kwargs, device, repeat, use_compile=True,
     del results, ref_v, ref_g
 
     xr = x.detach().requires_grad_(True)
-    calls = {}
-    for kind, fn in fns.items():
-        calls[kind, "fwd"] = lambda fn=fn: fn(xr, y, **kw)
-        calls[kind, "fwd_bwd"] = lambda fn=fn: torch.autograd.grad(fn(xr, y, **kw), xr)
-    for f in calls.values():  # warm-up
-        f()
-        f()
-    _sync(device)
-    times = {k: [] for k in calls}
-    for _ in range(repeat):
-        for k, f in calls.items():
-            times[k].append(time_ms(f, device))
-        if tick:
-            tick()
+    forwards = {kind: (lambda fn=fn: fn(xr, y, **kw)) for kind, fn in fns.items()}
+
+    def backward(value):
+        return torch.autograd.grad(value, xr)
+    medians = time_rounds(forwards, backward, device, repeat, tick)
     nbytes = bytes_min(loss, x)
     out["bytes_min"] = nbytes
     for kind in fns:
-        for what in ("fwd", "fwd_bwd"):
-            out[f"{kind}_{what}_ms"] = statistics.median(times[kind, what])
-        out[f"{kind}_bwd_ms"] = out[f"{kind}_fwd_bwd_ms"] - out[f"{kind}_fwd_ms"]
+        for what in ("fwd", "bwd", "fwd_bwd"):
+            out[f"{kind}_{what}_ms"] = medians[kind, what]
         out[f"{kind}_gbs"] = nbytes / (out[f"{kind}_fwd_bwd_ms"] * 1e-3) / 1e9
-        out[f"peak_mem_{kind}_mb"] = peak_mb(calls[kind, "fwd_bwd"], device)
+        out[f"peak_mem_{kind}_mb"] = peak_mb(lambda f=forwards[kind]: backward(f()), device)
     out["speedup_vs_native"] = out["native_fwd_bwd_ms"] / out["fused_fwd_bwd_ms"]
     if "compiled" in fns:
         out["speedup_vs_compiled"] = out["compiled_fwd_bwd_ms"] / out["fused_fwd_bwd_ms"]

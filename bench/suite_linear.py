@@ -68,10 +68,6 @@ def run_case(name, n, hidden, classes, dtype, device, repeat, use_compile, bench
     out = {"case": name, "loss": "linear", "N": n, "H": hidden, "C": classes,
            "dtype": bench.dtype_name(dtype), "flops": 6 * n * hidden * classes}
     hr, lr = h.detach().requires_grad_(), lw.detach().requires_grad_()
-
-    def fwd_bwd(fn):
-        return torch.autograd.grad(fn(hr, lr, y, w), (hr, lr))
-
     results = {}
     for kind, fn in list(fns.items()):
         try:
@@ -90,25 +86,16 @@ def run_case(name, n, hidden, classes, dtype, device, repeat, use_compile, bench
             out[f"{kind}_max_grad_diff"] = max((a - b).abs().max().item()
                                                for a, b in zip(results[kind][1:], ref[1:]))
     del results, ref
-    calls = {}
-    for kind, fn in fns.items():
-        calls[kind, "fwd"] = lambda fn=fn: fn(hr, lr, y, w)
-        calls[kind, "fwd_bwd"] = lambda fn=fn: fwd_bwd(fn)
-    for f in calls.values():
-        f()
-    bench._sync(device)
-    times = {k: [] for k in calls}
-    for _ in range(repeat):
-        for k, f in calls.items():
-            times[k].append(bench.time_ms(f, device))
-        if tick:
-            tick()
+    forwards = {kind: (lambda fn=fn: fn(hr, lr, y, w)) for kind, fn in fns.items()}
+
+    def backward(value):
+        return torch.autograd.grad(value, (hr, lr))
+    medians = bench.time_rounds(forwards, backward, device, repeat, tick)
     for kind in fns:
-        for what in ("fwd", "fwd_bwd"):
-            out[f"{kind}_{what}_ms"] = statistics.median(times[kind, what])
-        out[f"{kind}_bwd_ms"] = out[f"{kind}_fwd_bwd_ms"] - out[f"{kind}_fwd_ms"]
+        for what in ("fwd", "bwd", "fwd_bwd"):
+            out[f"{kind}_{what}_ms"] = medians[kind, what]
         out[f"{kind}_tflops"] = out["flops"] / (out[f"{kind}_fwd_bwd_ms"] * 1e-3) / 1e12
-        out[f"peak_mem_{kind}_mb"] = bench.peak_mb(calls[kind, "fwd_bwd"], device)
+        out[f"peak_mem_{kind}_mb"] = bench.peak_mb(lambda f=forwards[kind]: backward(f()), device)
     out["matmuls_ms"] = _matmuls_ms(h, lw, device, repeat, bench)
     out["fused_vs_matmuls"] = out["fused_fwd_bwd_ms"] / out["matmuls_ms"]
     out["speedup_vs_native"] = out["native_fwd_bwd_ms"] / out["fused_fwd_bwd_ms"]

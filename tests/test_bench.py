@@ -59,7 +59,8 @@ def test_run_case_figures(loss, shape, kw):
     assert r["bytes_min"] == (3 if loss in ("ce", "focal") else 5) * numel * 4
     for kind in ("fused", "native"):
         assert r[f"{kind}_fwd_bwd_ms"] > 0 and r[f"{kind}_fwd_ms"] > 0
-        assert r[f"{kind}_bwd_ms"] == pytest.approx(r[f"{kind}_fwd_bwd_ms"] - r[f"{kind}_fwd_ms"])
+        # the backward measured alone (on an untimed forward's graph), not a difference
+        assert r[f"{kind}_bwd_ms"] > 0
         assert r[f"{kind}_gbs"] == pytest.approx(r["bytes_min"] / r[f"{kind}_fwd_bwd_ms"] / 1e6)
     assert r["speedup_vs_native"] == pytest.approx(r["native_fwd_bwd_ms"] / r["fused_fwd_bwd_ms"])
     assert "compiled_fwd_bwd_ms" not in r
@@ -121,6 +122,7 @@ def test_run_linear_case_figures():
     assert r["flops"] == 6 * 64 * 16 * 300
     for kind in ("fused", "native"):
         assert r[f"{kind}_fwd_bwd_ms"] > 0 and r[f"peak_mem_{kind}_mb"] > 0
+        assert r[f"{kind}_fwd_ms"] > 0 and r[f"{kind}_bwd_ms"] > 0  # each measured alone
     assert r["memory_vs_native"] == pytest.approx(r["peak_mem_fused_mb"] / r["peak_mem_native_mb"])
     assert r["matmuls_ms"] > 0 and r["fused_vs_matmuls"] > 0
     assert "| lin |" in suite_linear.markdown_table([r])
