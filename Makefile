@@ -67,18 +67,21 @@ bench: build bench-deps
 cuda-check:
 	@bash bench/cuda_check.sh "$(NVCC)"
 
-# The emulated CUDA suite with the emulated kernels and the glue built with AddressSanitizer and
-# UndefinedBehaviorSanitizer (build/asan/emulated, -O0, built by the test process: the sanitized
-# library loads only with the sanitizer's runtime preloaded) beside the regular product build: an
-# out-of-bounds access or undefined behaviour in a kernel or the glue fails it. opcheck, the
-# repeated determinism runs and the emulator's self-tests (which have an ASan build of their own)
-# run in `make test` only: they add minutes here and no new accesses.
+# The emulated CUDA kernels and the glue built with AddressSanitizer and UndefinedBehaviorSanitizer
+# (build/asan/emulated, -O0, built by the test process: the sanitized library loads only with the
+# sanitizer's runtime preloaded) beside the regular product build, run over the kernel-case
+# matrix: every emulated test but those that repeat the same launches for numerics (gradcheck,
+# the OpInfo exactness samples, torch.compile, opcheck, the repeated determinism runs) and the
+# emulator's self-tests (which have an ASan build of their own); the last test checks that every
+# kernel instantiation the launchers can choose ran under the sanitizers. An out-of-bounds
+# access or undefined behaviour in a kernel or the glue fails it.
 # --capture=sys: a sanitizer's report (written to fd 2 as the process dies) reaches the log.
 ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
+ASAN_TESTS := (emulated or emulator) and not opcheck and not deterministic and not selftest \
+	and not gradcheck and not exactness and not compile
 cuda-emu-asan: build bench-deps test-deps
 	WEIGHTED_LOSS_SANITIZE=1 LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 \
-		$(PYTHON) -m pytest tests -q -p no:cacheprovider --capture=sys \
-		-k "(emulated or emulator) and not opcheck and not deterministic and not selftest"
+		$(PYTHON) -m pytest tests -q -p no:cacheprovider --capture=sys -k "$(ASAN_TESTS)"
 
 # On a GPU machine (no network), in one call of under 8 minutes: build for sm_90 against its torch,
 # the CUDA-device tests, memcheck, the key benchmark cases; bench/results/<date>-<gpu>.{json,md}.

@@ -2,7 +2,9 @@
 # CI's packaging check: sdist -> wheel -> a fresh venv -> import -> a smoke test against PyTorch,
 # and the one-line error of a build without torch. The wheel builds without the emulator (a
 # test-only extension of its own, tests/emulation.py) and without debug info, as every build does;
-# prints _C.so's size and checks that it holds no emulator.
+# prints _C.so's size and checks that it holds no emulator. With WHEEL_OUT=DIR the wheel (and the
+# torch version it was built against, DIR/torch-version) is kept there: CI's tests run its _C.so,
+# so that the product is compiled once (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -29,6 +31,11 @@ $py -m pip install -q "torch==$TORCH_VERSION" numpy ninja "setuptools>=64" wheel
 start=$(date +%s)
 MAX_JOBS="${MAX_JOBS:-2}" $py -m pip wheel -q --no-build-isolation --no-deps -w "$work/wheels" "$sdist"
 echo "wheel built in $(( $(date +%s) - start )) s: $(ls "$work"/wheels)"
+if [ -n "${WHEEL_OUT:-}" ]; then
+  mkdir -p "$WHEEL_OUT"
+  cp "$work"/wheels/*.whl "$WHEEL_OUT"/
+  $py -c "import torch; print(torch.__version__)" > "$WHEEL_OUT/torch-version"
+fi
 # with its dependencies: the torch installed satisfies them, so nothing is fetched
 $py -m pip install -q "$work"/wheels/*.whl
 cd "$work"  # away from the clone, so the installed package is the one imported

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Compile every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 (no torch needed: the .cu files
 # include only CUDA headers and csrc/params.h), print registers per kernel, and fail on any error
-# or register spill. Then check that every csrc/cuda/*.cpp glue file compiles (syntax and types)
-# against the installed torch's headers and the CUDA toolkit's, which works with a CPU-only torch:
-# its wheel ships the c10/cuda headers but not the generated cuda_cmake_macros.h, stubbed here.
+# or register spill. Each file is compiled once for both architectures, device code only
+# (--fatbin: the front end parses the whole file, host code included, and cicc + ptxas run per
+# architecture; no host object, whose code the emulated build compiles with the host compiler):
+# 13% less work than a full compile per architecture. Then check that every csrc/cuda/*.cpp glue
+# file compiles (syntax and types) against the installed torch's headers and the CUDA toolkit's,
+# which works with a CPU-only torch: its wheel ships the c10/cuda headers but not the generated
+# cuda_cmake_macros.h, stubbed here.
 set -euo pipefail
 nvcc="${1:-nvcc}"
 python="${PYTHON:-python3}"
@@ -17,35 +21,44 @@ fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 status=0
-# every (file, arch) compiles as its own job, as many at once as there are cores
+ARCHS=(80 90)
+# every file compiles as its own job, as many at once as there are cores
 jobs=$(nproc 2>/dev/null || echo 2)
-compile() {  # file arch: the flags setup.py gives nvcc, and those torch.utils.cpp_extension adds
-  local rc=0
+compile() {  # file: the flags setup.py gives nvcc, and those torch.utils.cpp_extension adds
+  local rc=0 name gencode=()
+  name=$(basename "$1")
+  for arch in "${ARCHS[@]}"; do gencode+=(-gencode "arch=compute_$arch,code=sm_$arch"); done
   "$nvcc" -std=c++20 -O3 -DWEIGHTED_LOSS_CUDA -Icsrc \
     -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
     -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
-    -gencode "arch=compute_$2,code=sm_$2" \
-    -Xptxas -v -c "$1" -o "$out/$(basename "$1").$2.o" >"$out/$(basename "$1").$2.log" 2>&1 || rc=$?
-  echo "$rc" >"$out/$(basename "$1").$2.rc"
+    "${gencode[@]}" -Xptxas -v --fatbin "$1" -o "$out/$name.fatbin" >"$out/$name.log" 2>&1 || rc=$?
+  echo "$rc" >"$out/$name.rc"
 }
 for f in "${files[@]}"; do
-  for arch in 80 90; do
-    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 1; done
-    compile "$f" "$arch" &
-  done
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 1; done
+  compile "$f" &
 done
 wait
 for f in "${files[@]}"; do
-  for arch in 80 90; do
-    log="$out/$(basename "$f").$arch.log"
-    if [ "$(cat "$out/$(basename "$f").$arch.rc")" != 0 ]; then
-      cat "$log"; echo "cuda-check: $f failed to compile for sm_$arch"; status=1; continue
-    fi
-    grep -E "Compiling entry|registers" "$log" | sed "s|^|sm_$arch $(basename "$f"): |"
-    if grep -E "bytes spill (stores|loads)" "$log" | grep -vq " 0 bytes spill stores, 0 bytes spill loads"; then
-      grep -E "spill" "$log"; echo "cuda-check: register spill in $f for sm_$arch"; status=1
+  name=$(basename "$f")
+  log="$out/$name.log"
+  if [ "$(cat "$out/$name.rc")" != 0 ]; then
+    cat "$log"; echo "cuda-check: $f failed to compile"; status=1; continue
+  fi
+  # ptxas reports each kernel ("Compiling entry function '...' for 'sm_XY'") before its
+  # registers: each line is labelled with the architecture of the entry above it
+  awk -v f="$name" '/Compiling entry/ { match($0, /for .sm_[0-9]+./); arch = substr($0, RSTART + 5, RLENGTH - 6) }
+                    /Compiling entry|registers/ { print arch " " f ": " $0 }' "$log"
+  for arch in "${ARCHS[@]}"; do
+    if ! grep -q "for 'sm_$arch'" "$log"; then
+      cat "$log"; echo "cuda-check: no kernel of $f compiled for sm_$arch"; status=1
     fi
   done
+  spills=$(awk '/Compiling entry/ { entry = $0 }
+                /bytes spill/ && !/ 0 bytes spill stores, 0 bytes spill loads/ { print entry; print }' "$log")
+  if [ -n "$spills" ]; then
+    echo "$spills"; echo "cuda-check: register spill in $f"; status=1
+  fi
 done
 
 glue=(csrc/cuda/*.cpp)
