@@ -11,7 +11,8 @@ PYTHON="${PYTHON:-python3}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-$PYTHON -c "import build" 2>/dev/null || $PYTHON -m pip install -q build
+# build.__main__: a build/ folder in the clone would pass for the package "build" (a namespace)
+$PYTHON -c "import build.__main__" 2>/dev/null || $PYTHON -m pip install -q build
 $PYTHON -m build --sdist --no-isolation -o "$work/dist" . >/dev/null
 sdist="$(ls "$work"/dist/*.tar.gz)"
 echo "sdist: $(basename "$sdist") $(du -k "$sdist" | cut -f1) KiB, $(tar tzf "$sdist" | wc -l) files"
