@@ -1,5 +1,5 @@
 """The exact weighted mean under data parallelism (weighted_loss.distributed): 2 and 4 gloo ranks,
-spawned as processes on this machine (tests/distributed_worker.py), each with a differently
+run as processes on this machine (tests/distributed_worker.py, forked by tests/ranks.py), each with a differently
 imbalanced, unequal share of one batch and some ignored targets. Every rank's loss equals the
 single-process loss of the whole batch, and the gradients after DDP's averaging (also with two
 accumulated micro-batches) equal the single-process gradients. Vocab-parallel cross-entropy
@@ -8,15 +8,13 @@ gradient of its shard equal the unsharded F.cross_entropy's. A rank that hangs f
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import weighted_loss as wl
+from ranks import run_ranks
 
-HERE = os.path.dirname(__file__)
 TIMEOUT_S = 180
 
 
@@ -27,25 +25,17 @@ def _free_port():
 
 
 def _run(case, world, tmp_path, worker="distributed_worker.py"):
-    # the ranks import the weighted_loss this test imported
+    # the ranks: forks of a process that imported the weighted_loss this test imported
+    # (tests/ranks.py), with the environment torchrun would give them
     root = os.path.dirname(os.path.dirname(os.path.abspath(wl.__file__)))
     path = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                WORLD_SIZE=str(world), OMP_NUM_THREADS="1", PYTHONPATH=path)
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, worker), case,
-                               str(tmp_path)], env=dict(env, RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(world)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0].decode(errors="replace"))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
+    codes, logs = run_ranks(worker, case, world, tmp_path, env, TIMEOUT_S)
+    if None in codes:
         pytest.fail(f"{case} with {world} ranks hung (killed after {TIMEOUT_S} s)")
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-3000:]}"
+    for r, (code, log) in enumerate(zip(codes, logs)):
+        assert code == 0, f"rank {r} failed:\n{log[-3000:]}"
     return [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(world)]
 
 
