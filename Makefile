@@ -17,8 +17,8 @@ SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*
            setup.py pyproject.toml
 NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
 
-.PHONY: test bench build deps test-deps emulator cuda-headers bench-deps cuda-check cuda-emu-asan \
-	gpu-check clean
+.PHONY: test bench build deps test-deps emulator emulator-asan cuda-headers bench-deps cuda-check \
+	cuda-emu-asan gpu-check clean
 
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
@@ -79,9 +79,11 @@ cuda-check:
 ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
 ASAN_TESTS := (emulated or emulator) and not opcheck and not deterministic and not selftest \
 	and not gradcheck and not exactness and not compile
-cuda-emu-asan: build bench-deps test-deps
-	WEIGHTED_LOSS_SANITIZE=1 LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 \
-		$(PYTHON) -m pytest tests -q -p no:cacheprovider --capture=sys -k "$(ASAN_TESTS)"
+ASAN_ENV = WEIGHTED_LOSS_SANITIZE=1 LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0
+emulator-asan: build test-deps
+	$(ASAN_ENV) $(PYTHON) tests/emulation.py
+cuda-emu-asan: emulator-asan bench-deps
+	$(ASAN_ENV) $(PYTHON) -m pytest tests -q -p no:cacheprovider --capture=sys -k "$(ASAN_TESTS)"
 
 # On a GPU machine (no network), in one call of under 8 minutes: build for sm_90 against its torch,
 # the CUDA-device tests, memcheck, the key benchmark cases; bench/results/<date>-<gpu>.{json,md}.
