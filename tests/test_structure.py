@@ -110,12 +110,14 @@ def test_the_cycle_finder_finds_a_cycle():
     ("weighted_loss._linear_chunks", {"weighted_loss._dtensor", "weighted_loss._grouped",
                                       "weighted_loss._sharded"}),
     ("weighted_loss._options", None),  # a leaf: nothing of the package
+    ("weighted_loss._composite", None),  # a leaf: PyTorch's ops only (never a patched name)
     ("weighted_loss._ops", {"weighted_loss._forward_ad", "weighted_loss._local"}),
 ])
 def test_layers_import_only_below_them(layer, may_not_import):
     graph = import_graph()
     entries = {"weighted_loss.functional", "weighted_loss.modules", "weighted_loss.focal",
-               "weighted_loss.linear", "weighted_loss.vocab_parallel", "weighted_loss"}
+               "weighted_loss.linear", "weighted_loss.vocab_parallel", "weighted_loss.patch",
+               "weighted_loss"}
     reached, todo = set(), [layer]
     while todo:  # everything the layer imports, directly or not
         for m in graph[todo.pop()]:

@@ -11,6 +11,7 @@ from .functional import binary_cross_entropy_with_logits, cross_entropy
 from .focal import FocalLoss, SigmoidFocalLoss, focal_loss, sigmoid_focal_loss
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss
+from .patch import is_patched, patch_torch, unpatch_torch
 from .vocab_parallel import vocab_parallel_cross_entropy
 from .weights import (class_weights, class_weights_from, count_labels, count_positives, pos_weight,
                       pos_weight_from_counts, sampler)
@@ -21,7 +22,7 @@ __all__ = [
     "count_positives", "pos_weight_from_counts", "class_weights_from", "sampler", "distributed",
     "total_weight", "vocab_parallel", "vocab_parallel_cross_entropy", "linear_cross_entropy",
     "LinearCrossEntropyLoss", "sigmoid_focal_loss", "SigmoidFocalLoss",
-    "focal_loss", "FocalLoss",
+    "focal_loss", "FocalLoss", "patch_torch", "unpatch_torch", "is_patched",
 ]
 __version__ = "0.1.0"
 

@@ -3,9 +3,13 @@ term for term (csrc/params.h), for the paths the kernels do not take. Their back
 build a gradient that is itself differentiable when the backward runs with create_graph=True
 (double backward, gradient penalties, Hessian-vector products, torch.func.grad of grad or jvp of
 grad); a first-order backward never comes here.
+
+They call PyTorch's implementations themselves (torch.log_softmax, torch.ops.aten.log_sigmoid),
+never a name in torch.nn.functional: a user may have swapped those for ours (wl.patch_torch),
+which would call back here forever. They compute one precision up (float32 for 16-bit logits,
+float64 for float32 ones; _acc_dtype; the sigmoid focal loss in float64), the result cast back.
 """
 import torch
-import torch.nn.functional as F
 
 _NONE, _MEAN, _SUM = 0, 1, 2
 
@@ -22,10 +26,22 @@ def _focal_factor(logp, gamma):
     return (-torch.expm1(logp)) ** gamma
 
 
+def _acc_dtype(dtype):
+    """One precision up: float32 for the 16-bit dtypes, float64 for float32. A second derivative
+    is a sum of products of first-order terms that cancel; computed in the logits' own dtype it
+    is 2-20x less exact than PyTorch's own formulas at times. The result is rounded back once."""
+    return {torch.float16: torch.float32, torch.bfloat16: torch.float32,
+            torch.float32: torch.float64}.get(dtype, dtype)
+
+
+def _acc(x):
+    return x.to(_acc_dtype(x.dtype))
+
+
 def _batched_capped(input, target, softcap):
     """(C,) logits and their target as a batch of one; the logits as the loss sees them
-    (softcap tanh(x / softcap) when softcap > 0)."""
-    x, t = input, target
+    (softcap tanh(x / softcap) when softcap > 0), one precision up (_acc_dtype)."""
+    x, t = _acc(input), target
     if x.dim() == 1:
         x, t = x.unsqueeze(0), t.unsqueeze(0)
     if softcap > 0:
@@ -39,14 +55,16 @@ def cross_entropy(input, target, weight, reduction, ignore_index, label_smoothin
     softcap and the focal factor; the mean's divisor sum(weight[target]) over kept rows."""
     x, y = _batched_capped(input, target, softcap)
     C = x.shape[1]
-    logp = F.log_softmax(x, 1)
+    logp = torch.log_softmax(x, 1)
+    y = y.long()  # a uint8 target beside ignore_index 256 compares as int64, not modulo 256
     valid = y != ignore_index
-    yc = torch.where(valid, y, torch.zeros_like(y)).long()
-    lp_y = logp.gather(1, yc.unsqueeze(1)).squeeze(1)
+    yc = torch.where(valid, y, torch.zeros_like(y))
+    # (no classes: every item is ignored, the kernels checked it; nothing to gather)
+    lp_y = logp.gather(1, yc.unsqueeze(1)).squeeze(1) if C else logp.new_zeros(y.shape)
     w_y = valid.to(logp.dtype) if weight is None else weight.to(logp.dtype)[yc] * valid
     term_y = -lp_y if gamma <= 0 else -_focal_factor(lp_y, gamma) * lp_y
     rows = (1.0 - label_smoothing) * w_y * term_y if label_smoothing > 0 else w_y * term_y
-    if label_smoothing > 0:
+    if label_smoothing > 0 and C:
         shape = (1, C) + (1,) * (x.dim() - 2)
         wc = 1.0 if weight is None else weight.to(logp.dtype).view(shape)
         terms = -logp if gamma <= 0 else -_focal_factor(logp, gamma) * logp
@@ -67,10 +85,10 @@ def cross_entropy_prob(input, target, weight, reduction, label_smoothing, z_loss
     row, t' = (1 - s) t + s / C, plus the z-loss; the mean divides by the number of rows."""
     x, t = _batched_capped(input, target, softcap)
     C = x.shape[1]
-    dtype = torch.promote_types(x.dtype, t.dtype)
-    logp = F.log_softmax(x, 1).to(dtype)
+    dtype = torch.promote_types(x.dtype, _acc_dtype(t.dtype))
+    logp = torch.log_softmax(x, 1).to(dtype)
     tt = t.to(dtype)
-    if label_smoothing > 0:
+    if label_smoothing > 0 and C:
         tt = (1.0 - label_smoothing) * tt + label_smoothing / C
     if weight is not None:
         tt = tt * weight.to(dtype).view((1, C) + (1,) * (x.dim() - 2))
@@ -85,22 +103,39 @@ def cross_entropy_prob(input, target, weight, reduction, label_smoothing, z_loss
     return out.to(out_dtype or target.dtype)
 
 
+def _bce_terms(x, t, weight, pos_weight, focal=False):
+    """PyTorch's BCE with logits per element, w ((1 - t) softplus(x) + P t softplus(-x)), written
+    so that its derivatives are PyTorch's where the logits are infinite or NaN too, under autograd
+    and under the torch.func transforms alike (the aten op's decomposition, which torch.func
+    differentiates, gives NaN at -inf): the input's (1 - t) p - P t (1 - p), finite at +-inf; the
+    target's -P log sigmoid(x) + log sigmoid(-x), P inf at -inf. Without pos_weight it is
+    softplus(x) - t x, whose mixed derivative is -1 also at a NaN logit, as PyTorch's; but whose
+    input derivative sigmoid(x) - t cancels to 0 where the true one is -sigmoid(-x) (PyTorch's
+    too): the focal loss, which multiplies it by (1 - p_t)^(gamma - 2), takes the other form."""
+    log_sigmoid = torch.ops.aten.log_sigmoid
+    if pos_weight is None and not focal:
+        ce = -log_sigmoid(-x) - t * x
+    else:
+        pt = t if pos_weight is None else pos_weight * t
+        ce = -(pt * log_sigmoid(x) + (1 - t) * log_sigmoid(-x))
+    return ce if weight is None else ce * weight
+
+
 def binary_cross_entropy(input, target, weight, pos_weight, reduction, gamma=-1.0, alpha=-1.0,
                          alpha_tensor=None, out_dtype=None):
     """The binary_cross_entropy_with_logits_forward op's loss, the sigmoid focal loss's with
     gamma >= 0 (alpha_t (1 - p_t)^gamma times the weighted BCE; alpha_tensor per element)."""
-    dtype = torch.promote_types(input.dtype, target.dtype)
+    dtype = _acc_dtype(torch.promote_types(input.dtype, target.dtype))
+    if gamma >= 0:  # the focal factor's derivatives (singular at p_t = 1 for gamma < 1, terms
+        dtype = torch.float64  # of e^-1.5x that cancel) lose 3-4 digits even in float32
     x, t = input.to(dtype), target.to(dtype)
     cast = lambda v: None if v is None else v.to(dtype)  # noqa: E731
+    ce = _bce_terms(x, t, cast(weight), cast(pos_weight), focal=gamma >= 0)
     if gamma < 0:
-        out = F.binary_cross_entropy_with_logits(x, t, cast(weight), pos_weight=cast(pos_weight),
-                                                 reduction=["none", "mean", "sum"][reduction])
-        return out.to(out_dtype or target.dtype)
-    ce = F.binary_cross_entropy_with_logits(x, t, cast(weight), pos_weight=cast(pos_weight),
-                                            reduction="none")
-    p = torch.sigmoid(x)
-    p_t = p * t + (1 - p) * (1 - t)
-    loss = ce * (1 - p_t) ** gamma
+        return _reduce(ce, ce.numel(), reduction).to(out_dtype or target.dtype)
+    # 1 - p_t = p (1 - t) + (1 - p) t with 1 - p = sigmoid(-x): no cancellation where p_t is
+    # near 1, whose derivatives (gamma < 1) are singular there
+    loss = ce * (torch.sigmoid(x) * (1 - t) + torch.sigmoid(-x) * t) ** gamma
     a = cast(alpha_tensor) if alpha_tensor is not None else (alpha if alpha >= 0 else None)
     if a is not None:
         loss = (a * t + (1 - a) * (1 - t)) * loss

@@ -1,0 +1,104 @@
+"""``wl.patch_torch()``: the drop-in for code that cannot be edited (timm, torchvision's reference
+scripts, a Lightning template, a transformers model), by swapping PyTorch's names for ours.
+
+What it changes (and nothing else):
+  - ``torch.nn.functional.cross_entropy`` and ``binary_cross_entropy_with_logits``;
+  - ``torch.nn.CrossEntropyLoss`` and ``BCEWithLogitsLoss``, under each name PyTorch exports them
+    (``torch.nn``, ``torch.nn.modules``, ``torch.nn.modules.loss``);
+  - with ``torchvision=True`` where torchvision is importable: ``torchvision.ops.sigmoid_focal_loss``
+    (and ``torchvision.ops.focal_loss.sigmoid_focal_loss``), with torchvision's argument names.
+
+PyTorch's own modules look their functional up at call time, so an ``nn.CrossEntropyLoss`` made
+before the patch computes with ours too; a name bound before it (``from torch.nn.functional import
+cross_entropy`` in a module imported earlier, a class object kept aside) stays PyTorch's: patch at
+the program's start, before importing the libraries whose losses should change.
+
+``patch_torch()`` patches at once and returns a handle; ``with wl.patch_torch(): ...`` restores on
+exit what each name held when it was entered (so nested uses compose), ``wl.unpatch_torch()``
+restores PyTorch's originals. Patching twice changes nothing more; a lock serializes concurrent
+calls. The library itself never calls a name this swaps (its composites use PyTorch's
+implementations directly, ``_composite``), so patched or not every autograd mode gives the same
+result.
+"""
+import importlib
+import threading
+from typing import Dict, List, Tuple
+
+from torch import Tensor
+
+from . import focal, functional, modules
+
+__all__ = ["patch_torch", "unpatch_torch", "is_patched"]
+
+_LOCK = threading.RLock()
+_ORIGINALS: Dict[Tuple[str, str], object] = {}  # (module, name) -> PyTorch's, at the first patch
+
+
+def _tv_sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25,
+                           gamma: float = 2, reduction: str = "none") -> Tensor:
+    """``torchvision.ops.sigmoid_focal_loss`` (its signature and argument names), computed by
+    :func:`weighted_loss.sigmoid_focal_loss`."""
+    return focal.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)
+
+
+def _targets(torchvision: bool) -> List[Tuple[str, str, object]]:
+    """(module, name, ours) for every name the patch swaps."""
+    out = [("torch.nn.functional", "cross_entropy", functional.cross_entropy),
+           ("torch.nn.functional", "binary_cross_entropy_with_logits",
+            functional.binary_cross_entropy_with_logits)]
+    for where in ("torch.nn", "torch.nn.modules", "torch.nn.modules.loss"):
+        out += [(where, "CrossEntropyLoss", modules.CrossEntropyLoss),
+                (where, "BCEWithLogitsLoss", modules.BCEWithLogitsLoss)]
+    if torchvision:
+        try:
+            importlib.import_module("torchvision.ops")
+        except Exception:  # noqa: BLE001 - absent or broken: nothing of torchvision to patch
+            return out
+        out += [(where, "sigmoid_focal_loss", _tv_sigmoid_focal_loss)
+                for where in ("torchvision.ops", "torchvision.ops.focal_loss")]
+    return out
+
+
+class _Patch:
+    """The handle ``patch_torch()`` returns: a context manager restoring, on exit, what each name
+    held before the call."""
+
+    def __init__(self, before: List[Tuple[str, str, object]]):
+        self._before = before
+
+    def __enter__(self) -> "_Patch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with _LOCK:
+            for module, name, value in reversed(self._before):
+                setattr(importlib.import_module(module), name, value)
+
+
+def patch_torch(*, torchvision: bool = True) -> _Patch:
+    """Swap PyTorch's cross-entropy and BCE-with-logits (functional and modules), and
+    torchvision's ``sigmoid_focal_loss`` with ``torchvision=True``, for the fused ones; see the
+    module's doc for the names. Returns a context manager that undoes this call on exit."""
+    with _LOCK:
+        before = []
+        for module, name, ours in _targets(torchvision):
+            mod = importlib.import_module(module)
+            current = getattr(mod, name)
+            if current is not ours:
+                _ORIGINALS.setdefault((module, name), current)
+            before.append((module, name, current))
+            setattr(mod, name, ours)
+        return _Patch(before)
+
+
+def unpatch_torch() -> None:
+    """Restore PyTorch's (and torchvision's) originals of every name ``patch_torch`` swapped."""
+    with _LOCK:
+        for (module, name), value in _ORIGINALS.items():
+            setattr(importlib.import_module(module), name, value)
+
+
+def is_patched() -> bool:
+    """Whether ``torch.nn.functional.cross_entropy`` is ours now."""
+    import torch.nn.functional as F
+    return F.cross_entropy is functional.cross_entropy
