@@ -65,11 +65,17 @@ Tensor check_index_target(const Tensor& input, const Tensor& target) {
                     "Expected input batch_size (", input.size(0), ") to match target batch_size (",
                     target.size(0), ").");
   const auto st = target.scalar_type();
+  // PyTorch's wording first (its tests match it), then ours: int32 is taken too
   TORCH_CHECK(st == at::kLong || st == at::kInt || st == at::kByte,
-              "cross_entropy: target with class indices must be int64, int32 or uint8, got ", st);
+              "expected target dtype to be Long or Byte, but got ", st,
+              " (cross_entropy: target with class indices must be int64, int32 or uint8)");
   if (input.dim() == 1) {
-    TORCH_CHECK(target.dim() == 0, "cross_entropy: for unbatched input of shape ", input.sizes(),
-                " target must be 0-d, got shape ", target.sizes());
+    // (a (1,) target is taken as the 0-d one by the Python layer, _local, as by PyTorch)
+    TORCH_CHECK_VALUE(target.dim() != 1, "For 1D input, 1D target must have size 1, but got "
+                      "target size: ", target.size(0));
+    TORCH_CHECK(target.dim() == 0, "0D or 1D target tensor expected, multi-target not supported "
+                "(cross_entropy: for unbatched input of shape ", input.sizes(),
+                " target must be 0-d, got shape ", target.sizes(), ")");
   } else if (input.dim() == 2) {
     TORCH_CHECK(target.dim() == 1, "cross_entropy: for input of shape ", input.sizes(),
                 " target must be 1-d, got shape ", target.sizes());

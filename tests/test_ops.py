@@ -178,7 +178,7 @@ def test_ignored_index_out_of_range_is_fine(device):
                 torch.zeros(4, dtype=torch.long, device=d), None),
      RuntimeError, "input must be a floating point tensor.*got Long"),
     (lambda d: (_x(d, 4, 5), torch.zeros(4, device=d), None),
-     RuntimeError, "target with class indices must be int64, int32 or uint8, got Float"),
+     RuntimeError, "expected target dtype to be Long or Byte, but got Float"),
     (lambda d: (_x(d, 4, 5), torch.zeros(4, 5, dtype=torch.long, device=d), None),
      RuntimeError, "Expected floating point type for target with class probabilities, got torch.int64"),
     (lambda d: (torch.randn((), device=d), torch.tensor(0.5, device=d), None),

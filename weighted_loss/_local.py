@@ -45,7 +45,8 @@ def _focal_checks(input: Tensor, target: Tensor, o: CrossEntropyOptions) -> bool
     if not 0.0 <= s <= 1.0:
         raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {s}")
     if input.dim() == 0:
-        raise ValueError("focal_loss: input must have the class dim (C,), (N, C) or (N, C, d...)")
+        raise IndexError("focal_loss: input must have the class dim (C,), (N, C) or (N, C, d...), "
+                         "got a 0-d input")  # (the composite's IndexError: no dim 1 to index)
     prob, weight = target.is_floating_point(), o.weight
     if prob or s > 0:
         if prob and target.shape != input.shape:
@@ -75,6 +76,8 @@ def cross_entropy(input: Tensor, target: Tensor, o: CrossEntropyOptions, mean=No
             return loss
         rows = input.numel() // max(1, input.shape[0 if input.dim() == 1 else 1])
         return mean(loss, count(rows, input.device))
+    if input.dim() == 1 and target.dim() == 1 and target.numel() == 1:
+        target = target.reshape(())  # PyTorch takes a (1,) target beside (C,) logits as 0-d
     loss, _, divisor = _forward_ad.cross_entropy_forward(input, target, o.weight, *o.index_args())
     return loss if mean is None else mean(loss, divisor)
 

@@ -330,11 +330,11 @@ inline void backward_segment(const Cx& cx, int64_t f, int64_t n, const typename 
         }
       }
       if constexpr (GT) {
-        const V softplus_neg = at::vec::clamp_min(zero - xv, zero) + log1p_unit(e);
-        // at x = -inf its limit -P x = +inf (PyTorch's), not (P - 1) inf + inf = NaN
-        const V dce_t = V::blendv(at::vec::fmadd(pv - one, softplus_neg, zero - xv),
-                                  V(std::numeric_limits<acc_t>::infinity()),
-                                  xv == V(-std::numeric_limits<acc_t>::infinity()));
+        // d/dt = P softplus(-x) - softplus(x) = (P - 1) log1p(e) - (x < 0 ? P : 1) x: the large
+        // terms cancelled exactly, the small one kept (PyTorch's -P log sigmoid(x) +
+        // log sigmoid(-x) keeps it too), and at x = -inf its P inf (NaN for P = 0)
+        const V dce_t = at::vec::fmadd(pv - one, log1p_unit(e),
+                                       zero - V::blendv(one, pv, xv < zero) * xv);
         dt = gv * (cx.focal ? cx.fl.grad_target(xv, tv, av, e, bce_loss(xv, tv, pv), dce_t)
                             : dce_t);
       }

@@ -51,11 +51,11 @@ inline Vectorized<acc_t> bce_loss(const Vectorized<acc_t>& x, const Vectorized<a
   const V sp = log1p_unit(vexp(zero - x.abs()));
   const V a = one - t, b = pw * t;
   const V lin = x * V::blendv(zero - b, a, x >= zero);
-  // x = -inf: NaN, as PyTorch's (1 - t) x + (1 + (P - 1) t) (log1p(e) - min(x, 0)) gives
-  // (-inf + inf); elsewhere PyTorch's own NaN and inf fall out of this form too
+  // x = -inf: PyTorch's (1 - t) x + (1 + (P - 1) t) (log1p(e) - min(x, 0)) as IEEE arithmetic
+  // gives it, a x - (a + b) x: NaN where the infinities cancel (targets in [0, 1]), +-inf where
+  // they agree (targets outside); elsewhere PyTorch's own NaN and inf fall out of this form too
   const V loss = at::vec::fmadd(a + b, sp, lin);
-  return V::blendv(loss, V(std::numeric_limits<acc_t>::quiet_NaN()),
-                   x == V(-std::numeric_limits<acc_t>::infinity()));
+  return V::blendv(loss, a * x - (a + b) * x, x == V(-std::numeric_limits<acc_t>::infinity()));
 }
 
 // The sigmoid focal loss (params.h), from e = exp(-|x|): q = 1 - p_t = t sigmoid(-x) +
@@ -99,7 +99,7 @@ struct Focal {
     sigmoids(x, e, sig, sig_neg, q, t);
     const V zero(0), one(1);
     const V dce = (one - t) * sig - pw * t * sig_neg;
-    const V r = V::blendv(zero, sig * sig_neg / q, q > zero);
+    const V r = V::blendv(sig * sig_neg / q, zero, q == zero);
     const V dm = V(gamma) * (one - t - t) * r;  // d log q^gamma / dx
     // dm ce is 0 where dm is (gamma = 0, or a saturated logit, where ce may be infinite)
     return alpha_t(t, a) * pow_gamma(q, gamma) *
@@ -107,13 +107,14 @@ struct Focal {
   }
   // d/dt of alpha_t q^gamma ce: q^gamma ((2 alpha - 1) ce + alpha_t (gamma (ce / q) dq/dt +
   // dce/dt)), dq/dt = sigmoid(-x) - sigmoid(x); ce / q is bounded where q -> 0 (about P or 1)
-  // and q^gamma takes the term to 0 there, so q = 0 contributes 0 (its limit).
+  // and q^gamma takes the term to 0 there, so q = 0 contributes 0 (its limit). A target outside
+  // [0, 1] (torchvision's formula takes it) may give q < 0: its term as the composite's.
   inline V grad_target(const V& x, const V& t, const V& a, const V& e, const V& ce,
                        const V& dce_t) const {
     V sig, sig_neg, q;
     sigmoids(x, e, sig, sig_neg, q, t);
     const V zero(0);
-    const V r = V::blendv(zero, ce / q, q > zero);
+    const V r = V::blendv(ce / q, zero, q == zero);
     // (gamma = 0: no term, where an infinite ce / q would make it 0 inf)
     const V inner = gamma == 0 ? dce_t : at::vec::fmadd(V(gamma) * r, sig_neg - sig, dce_t);
     const V da = has_alpha ? a + a - V(1) : zero;

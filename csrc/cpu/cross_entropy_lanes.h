@@ -101,7 +101,7 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
   Vec e0 = vzero, e1 = vzero, a0 = vzero, a1 = vzero, q0 = vzero, q1 = vzero;
   // the exp sums compensated (Kahan): a float sum of even 19 terms cost the gradient 2x
   // PyTorch's error; the weighted sums in double every kLaneFlush classes (DoubleLanes)
-  Vec k0 = vzero, k1 = vzero;
+  Vec k0 = vzero, k1 = vzero, kq0 = vzero, kq1 = vzero;
   const bool flushed = M != kPlain && C > kLaneFlush;
   DoubleLanes<acc_t> as, qs;
   for (int64_t c = 0; c < C; ++c) {
@@ -124,17 +124,24 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
         IO<Target<scalar_t, M>>::load(t + at, nl, t0, t1);
         f0 = f0 * at::vec::fmadd(t0, vts, vtsh);
         f1 = f1 * at::vec::fmadd(t1, vts, vtsh);
-        q0 += f0;
-        q1 += f1;
+        // compensated too: W = sum_c w_c t'_c is every gradient element's coefficient (a
+        // float sum of 64 terms, 1.3 ulp off, made the gradient 2x PyTorch's error)
+        kahan_add(q0, kq0, f0);
+        kahan_add(q1, kq1, f1);
       }
       a0 = at::vec::fmadd(f0, v0 - sh0, a0);
       a1 = at::vec::fmadd(f1, v1 - sh1, a1);
       if (flushed && c % kLaneFlush == kLaneFlush - 1) {
         as.take(a0, a1);
+        q0 = q0 - kq0;
+        q1 = q1 - kq1;
+        kq0 = kq1 = vzero;
         qs.take(q0, q1);
       }
     }
   }
+  q0 = q0 - kq0;
+  q1 = q1 - kq1;
   if (flushed) {
     as.take(a0, a1);
     qs.take(q0, q1);

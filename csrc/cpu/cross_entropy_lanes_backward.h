@@ -150,8 +150,8 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
         w0 = w0 * s0;
         w1 = w1 * s1;
       }
-      g0 = g0 - cw0 * w0;
-      g1 = g1 - cw1 * w1;
+      g0 = at::vec::fnmadd(cw0, w0, g0);  // one rounding: cp p - cw w t'
+      g1 = at::vec::fnmadd(cw1, w1, g1);
     }
     cx.cap_slope(v0, v1, g0, g1);
     if (stream && nl == B) {

@@ -345,8 +345,8 @@ void backward_rows(const Ctx<scalar_t>& cx) {
             f0 = f0 * s0;
             f1 = f1 * s1;
           }
-          g0 = g0 - vcw * f0;
-          g1 = g1 - vcw * f1;
+          g0 = at::vec::fnmadd(vcw, f0, g0);  // one rounding: cp p - cw f
+          g1 = at::vec::fnmadd(vcw, f1, g1);
         }
         cx.cap_slope(v0, v1, g0, g1);
         if constexpr (decltype(full)::value) {

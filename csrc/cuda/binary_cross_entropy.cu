@@ -48,8 +48,9 @@ __device__ __forceinline__ acc_t bce_loss(acc_t x, acc_t t, acc_t pw) {
   const acc_t sp = log1p(exp_neg_abs(x));
   const acc_t a = acc_t(1) - t, b = pw * t;
   const acc_t lin = x >= acc_t(0) ? a * x : -b * x;  // NaN x: -b * NaN
-  // x = -inf: NaN, as PyTorch's (1 - t) x + ... (-inf + inf) gives (the CPU's bce_loss)
-  return x == -INFINITY ? acc_t(NAN) : (a + b) * sp + lin;
+  // x = -inf: PyTorch's (1 - t) x + (1 + (P - 1) t) (-x) as IEEE arithmetic gives it (NaN where
+  // the two infinities cancel or a factor is 0; +-inf where they agree: targets outside [0, 1])
+  return x == -INFINITY ? a * x - (a + b) * x : (a + b) * sp + lin;
 }
 
 // The sigmoid focal loss (params.h; the CPU kernel's Focal): q = 1 - p_t from sigmoids that do
@@ -94,10 +95,11 @@ __device__ __forceinline__ acc_t focal_grad(const BinaryCrossEntropyParams& p, a
   const acc_t q = focal_q(x, t, e, sig, sig_neg);
   const acc_t dce = (acc_t(1) - t) * sig - pw * t * sig_neg;
   const acc_t g = static_cast<acc_t>(p.focal_gamma);
-  const acc_t r = q > acc_t(0) ? sig * sig_neg / q : acc_t(0);
+  const acc_t r = q != acc_t(0) ? sig * sig_neg / q : acc_t(0);
   return focal_alpha_t(p, t, a) * pow_gamma(q, g) * (dce + times(g * (acc_t(1) - t - t) * r, ce));
 }
-// d/dt of alpha_t q^gamma ce (the CPU kernel's Focal::grad_target): q = 0 contributes 0.
+// d/dt of alpha_t q^gamma ce (the CPU kernel's Focal::grad_target): q = 0 contributes 0; a
+// q < 0 (a target outside [0, 1]) its term, as the composite's (1 - p_t)^gamma differentiates.
 template <typename acc_t>
 __device__ __forceinline__ acc_t focal_grad_target(const BinaryCrossEntropyParams& p, acc_t x,
                                                    acc_t t, acc_t a, acc_t e, acc_t ce,
@@ -105,7 +107,7 @@ __device__ __forceinline__ acc_t focal_grad_target(const BinaryCrossEntropyParam
   acc_t sig, sig_neg;
   const acc_t q = focal_q(x, t, e, sig, sig_neg);
   const acc_t g = static_cast<acc_t>(p.focal_gamma);
-  const acc_t r = q > acc_t(0) ? ce / q : acc_t(0);
+  const acc_t r = q != acc_t(0) ? ce / q : acc_t(0);
   const acc_t da = p.focal_alpha >= 0 ? a + a - acc_t(1) : acc_t(0);
   return pow_gamma(q, g) *
          (times(da, ce) + focal_alpha_t(p, t, a) * (times(g, r) * (sig_neg - sig) + dce_t));
@@ -310,10 +312,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BinaryCrossEnt
                         : ((acc_t(1) - t[k]) + b) * sig - b);
     }
     if constexpr (GT) {
-      const acc_t softplus_neg = (x[k] < acc_t(0) ? -x[k] : acc_t(0)) + log1p(e);
-      // at x = -inf its limit -P x = +inf (PyTorch's), not (P - 1) inf + inf = NaN
-      const acc_t dce_t = x[k] == -INFINITY ? acc_t(INFINITY)
-                                             : (pw[k] - acc_t(1)) * softplus_neg - x[k];
+      // d/dt = P softplus(-x) - softplus(x) = (P - 1) log1p(e) - (x < 0 ? P : 1) x: the large
+      // terms cancelled exactly, the small one kept (PyTorch's -P log sigmoid(x) +
+      // log sigmoid(-x) keeps it too), and at x = -inf its P inf (NaN for P = 0)
+      const acc_t dce_t = (pw[k] - acc_t(1)) * log1p(e) - (x[k] < acc_t(0) ? pw[k] : acc_t(1)) * x[k];
       dt[k] = gw * (p.focal_gamma >= 0
                         ? focal_grad_target(p, x[k], t[k], a[k], e, bce_loss(x[k], t[k], pw[k]),
                                             dce_t)

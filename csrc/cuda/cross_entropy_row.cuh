@@ -98,9 +98,12 @@ template <typename acc_t>
 struct Smoothing {
   acc_t s, t_scale, t_shift;
   __device__ __forceinline__ explicit Smoothing(const CrossEntropyParams& p)
+      // 1 - s and s / C from the double s, each rounded once: 1 - float(0.96) is 1.5e-6 off
+      // (the target gradient's whole factor under strong smoothing)
       : s(p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0)),
-        t_scale(acc_t(1) - s),
-        t_shift(s / static_cast<acc_t>(p.total_classes)) {}
+        t_scale(static_cast<acc_t>(1.0 - (p.label_smoothing > 0 ? p.label_smoothing : 0.0))),
+        t_shift(static_cast<acc_t>((p.label_smoothing > 0 ? p.label_smoothing : 0.0) /
+                                   static_cast<double>(p.total_classes))) {}
 };
 
 // w_c of class c of these logits (1 without weight), and w_c t'_c (t' = 1 without probability
