@@ -6,8 +6,10 @@ Each seed draws one case: the loss, a shape with 0- and 1-sized dimensions among
 dtype, a layout (contiguous, transposed, channels-last, strided, padded rows, a storage offset),
 targets of each kind (class indices with ignored ones, probabilities, 16-bit or float32 targets),
 weights (none, of the logits' dtype or another, integer for BCE), label smoothing (0, random, 1),
-z-loss and softcap off (PyTorch has neither), every reduction, NaN and +-inf logits, and, one case
-in eight, an invalid argument. A case passes when, against the same call to PyTorch:
+z-loss and softcap off (PyTorch has neither), every reduction, NaN and +-inf logits, one case in
+seven the gradient's gradient too (create_graph=True: the gradient of <gradients, v>, a
+second-order result's floor at its first-order one's scale), and, one case in eight, an invalid
+argument. A case passes when, against the same call to PyTorch:
   - both raise, with the same exception class (an out-of-range class index: PyTorch's IndexError
     on the CPU, a device-side assert, RuntimeError, in the CUDA kernels), or neither does;
   - the outputs (the loss and the gradient of every floating input) have PyTorch's dtypes and
@@ -56,13 +58,21 @@ def _call(fn, case, cast=None, device="cpu"):
     kw = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kw.items()}
     if case["loss"] == "sfocal" and "reduction" not in case["kw"]:
         kw["reduction"] = "none"
+    second = case.get("order") == 2
     try:
         out = fn(*args, **kw)
         wrt = [a for a in args if torch.is_tensor(a) and a.requires_grad]
         go = torch.linspace(0.5, 1.5, out.numel(), dtype=torch.float64).reshape(out.shape)
-        grads = torch.autograd.grad(out, wrt, go.to(out), allow_unused=True)
-        res = [out.detach()] + [g if g is not None else torch.zeros_like(a)
-                                for g, a in zip(grads, wrt)]
+        grads = torch.autograd.grad(out, wrt, go.to(out), allow_unused=True,
+                                    create_graph=second)
+        grads = [g if g is not None else torch.zeros_like(a) for g, a in zip(grads, wrt)]
+        res = [out.detach()] + [g.detach() for g in grads]
+        if second:  # the gradient of <grads, v>: a Hessian-vector product, a gradient penalty's
+            dot = sum((g * torch.linspace(-1, 1, g.numel(), dtype=torch.float64)
+                       .reshape(g.shape).to(g)).sum() for g in grads if g.requires_grad)
+            gg = torch.autograd.grad(dot, wrt, allow_unused=True) if torch.is_tensor(dot) \
+                else [None] * len(wrt)
+            res += [g if g is not None else torch.zeros_like(a) for g, a in zip(gg, wrt)]
         return [v.cpu() for v in res], None
     except Exception as e:  # noqa: BLE001 - the class is what is compared
         return None, e
@@ -92,11 +102,16 @@ def _documented(case, k, ours, theirs):
     return skip
 
 
+WORST = {"ratio": 0.0, "seed": None, "output": None}  # the largest error / bar of a run
+
+
 def _check(case, ours, theirs, ref):
     """Problems (strings) of a case that ran on both sides."""
     probs = []
     scales = _term_scales(case)
-    names = ["loss"] + [f"grad{k}" for k in range(1, len(ours))]
+    first = (len(ours) - 1) // 2 if case.get("order") == 2 else len(ours) - 1
+    names = ["loss"] + [f"grad{k}" for k in range(1, first + 1)] + \
+        [f"gradgrad{k}" for k in range(1, len(ours) - first)]
     if len(ours) != len(theirs):
         return [f"{len(ours)} outputs, PyTorch {len(theirs)}"]
     for k, (o, t, f) in enumerate(zip(ours, theirs, ref)):
@@ -112,6 +127,10 @@ def _check(case, ours, theirs, ref):
             t.isinf() & torch.isfinite(f) & (f.abs() <= torch.finfo(o.dtype).max) &
             torch.isfinite(o.double()))
         skip |= better
+        # NaN or inf where the float64 result has it too and PyTorch's rounding does not (a
+        # 16-bit 1 - p_t rounded to 0 where the exact one is below 0: torchvision's formula
+        # takes targets outside [0, 1]): the exact answer
+        skip |= (o.isnan() & f.isnan()) | (o.isinf() & f.isinf() & (o.double() == f))
         for what, mo, mt in (("NaN", o.isnan(), t.isnan()), ("inf", o.isinf(), t.isinf())):
             bad = (mo != mt) & ~skip
             if bad.any():
@@ -142,8 +161,15 @@ def _check(case, ours, theirs, ref):
             case["shape"][1 if len(case["shape"]) > 1 else 0]
         if k > 0 and (mag == 0 or classes == 1):
             mag = max(mag, 1.0)
-        mag = max(mag, scales[k] if k < len(scales) else 0.0)
+        mag = max(mag, scales[k] if k <= first and k < len(scales) else 0.0)
+        if k > first:  # a second-order gradient: its terms are at its first-order one's scale
+            r1 = ref[k - first].double()
+            r1 = r1[torch.isfinite(r1)]
+            mag = max(mag, r1.abs().max().item() if r1.numel() else 0.0)
         floor = ulps * EPS[o.dtype] * 2 * mag
+        ratio = e_o / max(e_t, floor, 1e-300)
+        if ratio > WORST["ratio"]:
+            WORST.update(ratio=ratio, seed=case["seed"], output=n)
         if e_o > 2 * max(e_t, floor) + 1e-300:
             probs.append(f"{n}: error {e_o:.3e}, PyTorch's {e_t:.3e} (floor {floor:.3e})")
     return probs
@@ -158,7 +184,13 @@ def run_case(case):
             ours, e_ours = _call(ours_fn, case)
     else:
         ours, e_ours = _call(ours_fn, case, device=device)
-    theirs, e_theirs = _call(torch_fn, case, device=device if device != "emulated" else "cpu")
+    if case["target"].dtype == torch.uint8 and case["kw"].get("ignore_index", -100) > 255:
+        # PyTorch's label-smoothing term compares uint8 targets with ignore_index modulo 256
+        # (class 0 taken for ignored beside 256); its nll term, and ours, compare the values
+        pt_case = dict(case, target=case["target"].long())
+    else:
+        pt_case = case
+    theirs, e_theirs = _call(torch_fn, pt_case, device=device if device != "emulated" else "cpu")
     case["raised"] = e_theirs is not None
     if e_theirs is not None or e_ours is not None:
         if e_theirs is None and case.get("invalid") == "int_logits" and \
@@ -191,7 +223,7 @@ def run_case(case):
                     f"PyTorch {type(e_theirs).__name__} ({str(e_theirs).splitlines()[0][:120]})"]
         return []
     ref_fn = _sfocal_reference if case["loss"] == "sfocal" else torch_fn
-    ref, e_ref = _call(ref_fn, case, cast=torch.float64)
+    ref, e_ref = _call(ref_fn, pt_case, cast=torch.float64)
     if e_ref is not None:
         return [f"the float64 reference raised {type(e_ref).__name__}: {e_ref}"]
     return _check(case, ours, theirs, ref)
@@ -206,14 +238,21 @@ def _accepted(case, e_theirs, ours):
     torch_fn = _fns(case["loss"])[1]
     dev = case["device"] if case["device"] != "emulated" else "cpu"
     # int32 indices: "expected target dtype to be Long or Byte, but got Int" (torch 2.13), or
-    # "expected scalar type Long but found Int" (torch 2.11, a 0-d target)
-    if case["target"].dtype == torch.int32 and ("but got Int" in msg or "but found Int" in msg):
+    # "expected scalar type Long but found Int" (torch 2.11, a 0-d target); uint8 indices beside
+    # spatial dims: "expected scalar type Long but found Byte" (nll_loss2d's)
+    # and uint8 ones beside label smoothing and a weight: "gather(): Expected dtype int32/int64
+    # for index" (PyTorch's smoothing term gathers the weight with them)
+    if case["target"].dtype in (torch.int32, torch.uint8) and \
+            any(m in msg for m in ("but got Int", "but found Int", "but found Byte",
+                                   "gather(): Expected dtype int32/int64 for index")):
         case = dict(case, target=case["target"].long())
         theirs, e = _call(torch_fn, case, device=dev)
         ref, e_ref = _call(torch_fn, case, cast=torch.float64)
         if e is None and e_ref is None:
             return _check(case, ours, theirs, ref)
         msg = str(e)
+    if "expected scalar type" in msg and case["target"].dtype == torch.uint8:
+        case = dict(case, target=case["target"].long())  # (the weight's dtype next)
     if "expected scalar type" in msg and "weight" in case["kw"] and \
             case["kw"]["weight"].is_floating_point():
         out_dtype = case["x"].dtype
@@ -223,6 +262,11 @@ def _accepted(case, e_theirs, ours):
         ref, e_ref = _call(torch_fn, case, cast=torch.float64)
         if e is None and e_ref is None:
             theirs = [v.to(out_dtype) if v.dtype == torch.float32 else v for v in theirs]
+            if case.get("order") == 2:
+                # PyTorch's float32 run differentiates float32 gradients a second time, ours
+                # the 16-bit ones a user gets: the loss and the gradients are compared
+                n = 1 + (len(ours) - 1) // 2
+                case, ours, theirs, ref = dict(case, order=1), ours[:n], theirs[:n], ref[:n]
             return _check(case, ours, theirs, ref)
     x = case["x"]
     if "size mismatch (got input: [" in msg and x.dim() > 2 and x.shape[1] == 0:
@@ -266,12 +310,14 @@ def main(argv=None):
             print(describe(case), "\n   ", "\n    ".join(probs), flush=True)
         if a.out:  # after every case: a crash in the next one keeps these
             with open(a.out, "w") as f:
-                json.dump({"counts": counts, "failures": failures}, f)
+                json.dump({"counts": counts, "failures": failures, "worst": WORST}, f)
     if a.progress:
         with open(a.progress, "w") as f:
             f.write("done")
     print(f"{counts['cases']} cases ({counts['invalid']} with an invalid argument, "
-          f"{counts['raised']} raising in PyTorch) on {a.device}: {len(failures)} failed")
+          f"{counts['raised']} raising in PyTorch) on {a.device}: {len(failures)} failed; the "
+          f"largest error, {WORST['ratio']:.2f}x the larger of PyTorch's error and the floor "
+          f"(seed {WORST['seed']}, {WORST['output']})")
     return 1 if failures else 0
 
 

@@ -1,6 +1,8 @@
 """Drawing the differential fuzzer's cases (tests/fuzz.py): one per seed, every loss, a shape
-with 0- and 1-sized dimensions among the others, a dtype, a layout, targets, weights, smoothing,
-a reduction, NaN and +-inf logits, and one case in eight an invalid argument."""
+with 0- and 1-sized dimensions among the others, a dtype, a layout, targets (uint8 class indices
+beside an ignore_index of 256 or 2^40, BCE targets outside [0, 1]), weights (all zero at times),
+smoothing (strong, over a few rows of 4,097 classes), a reduction, NaN and +-inf logits, one case
+in seven the gradient's gradient too, and one case in eight an invalid argument."""
 import random
 
 import torch
@@ -101,6 +103,8 @@ def draw(seed, device="cpu"):
         t = torch.rand(shape, generator=g, dtype=torch.float64)
         if r.random() < 0.6:
             t = t.round()
+        if r.random() < 0.1:  # outside [0, 1]: PyTorch's formula (and torchvision's) takes them
+            t = t * 3 - 1
         case["target"] = t.to(tdt)
         if loss == "bce":
             for name in ("weight", "pos_weight"):
@@ -114,6 +118,12 @@ def draw(seed, device="cpu"):
             kw["gamma"] = r.choice([0.0, 0.5, 2.0, 3.0])
     else:
         prob = loss == "ce-prob" or (loss == "focal" and r.random() < 0.3)
+        wide = prob and r.random() < 0.15  # a few rows of 4,097 classes, strongly smoothed
+        if wide:
+            shape = case["shape"] = (r.choice([1, 2]), 4097)
+            C = 4097
+            case["layout"], case["x"] = "contig", _logits(r, g, shape, dtype)
+            kw["label_smoothing"] = r.choice([0.96, 0.5, 1.0])
         if prob:
             t = torch.rand(shape, generator=g, dtype=torch.float64)
             if C:
@@ -122,19 +132,28 @@ def draw(seed, device="cpu"):
         else:
             tshape = () if len(shape) == 1 else (shape[0], *shape[2:])
             t = torch.randint(0, max(C, 1), tshape, generator=g)
-            ignore = r.choice([-100, -100, 255, 0, 1])
-            if t.numel() and (r.random() < 0.4 or C == 0):
+            tdt = r.choice([torch.int64, torch.int64, torch.int32] +
+                           [torch.uint8] * (0 < C <= 256))
+            # uint8 targets: an ignore_index of 256 or 2^40 matches no class (0 modulo 256)
+            ignore = r.choice([-100, -100, 255, 0, 1] if tdt != torch.uint8 else
+                              [255, 0, 1, 256, 2 ** 40])
+            if t.numel() and (r.random() < 0.4 or C == 0) and ignore < 256:
                 t[torch.rand(tshape, generator=g) < (1.0 if C == 0 else 0.3)] = ignore
             if ignore != -100:
                 kw["ignore_index"] = ignore
-            case["target"] = t.to(r.choice([torch.int64, torch.int64, torch.int32]))
-        if r.random() < 0.5:
+            case["target"] = t.to(tdt)
+        if r.random() < (0.7 if len(shape) == 1 else 0.5):
             wd = r.choice([dtype, dtype, dtype, torch.float32])
-            kw["weight"] = (torch.rand(C, generator=g, dtype=torch.float64) * 3 + 0.1).to(wd)
-        if r.random() < 0.5:
+            w = torch.rand(C, generator=g, dtype=torch.float64) * 3 + 0.1
+            if r.random() < (0.3 if len(shape) == 1 else 0.05):
+                w.zero_()  # all-zero weights (an unbatched ignored item: 0 / 0)
+            kw["weight"] = w.to(wd)
+        if not wide and r.random() < 0.5:
             kw["label_smoothing"] = r.choice([0.05, 0.3, 1.0])
         if loss == "focal":
             kw["gamma"] = r.choice([0.5, 1.0, 2.0])
+    if r.random() < 0.15:  # the gradient's gradient too (create_graph=True)
+        case["order"] = 2
     _maybe_invalid(r, case)
     return case
 
@@ -150,7 +169,8 @@ def _maybe_invalid(r, case):
         kw["reduction"] = "avg"
     elif what == "smoothing" and case["loss"] != "bce":
         kw["label_smoothing"] = 1.5
-    elif what == "target_range" and not t.is_floating_point() and t.numel():
+    elif what == "target_range" and not t.is_floating_point() and t.numel() and \
+            t.dtype != torch.uint8:
         t.view(-1)[0] = 10 ** 4
     elif what == "target_shape" and t.dim() >= 1 and t.shape[0] > 0:
         case["target"] = t[:-1]
@@ -172,4 +192,5 @@ def describe(case):
     return (f"seed {case['seed']}: {case['loss']} {tuple(case['shape'])} "
             f"{str(case['dtype'])[6:]} {case['layout']} target {tuple(t.shape)} "
             f"{str(t.dtype)[6:]} {kw}{' invalid=' + case['invalid'] if 'invalid' in case else ''}"
+            f"{' double backward' if case.get('order') == 2 else ''}"
             f" on {case['device']}")

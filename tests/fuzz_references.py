@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 import weighted_loss as wl
-from weighted_loss import _composite
 
 # the benchmark's focal composites (bench/suite_focal.py), also when run as a script (tests/fuzz.py)
 sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
@@ -19,7 +18,7 @@ from suite_focal import focal_composite, sigmoid_focal_composite  # noqa: E402
 def _focal_reference(input, target, gamma=2.0, weight=None, ignore_index=-100,
                      reduction="mean", label_smoothing=0.0):
     """The softmax focal loss in PyTorch ops: suite_focal's composite for class indices, the
-    library's composite (weighted_loss/_composite.py, PyTorch ops too) for probabilities; (C,)
+    composite written here for probabilities (_focal_prob_composite); (C,)
     logits as a batch of one."""
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{reduction} is not a valid value for reduction")
@@ -27,10 +26,10 @@ def _focal_reference(input, target, gamma=2.0, weight=None, ignore_index=-100,
         return F.cross_entropy(input, target, weight, ignore_index=ignore_index,
                                reduction=reduction, label_smoothing=label_smoothing)
     if target.is_floating_point():
-        out = _composite.cross_entropy_prob(input, target, weight, ["none", "mean", "sum"].index(
-            reduction), label_smoothing, gamma=gamma)
+        out = _focal_prob_composite(input, target, gamma, weight, reduction, label_smoothing)
         dt = torch.promote_types(input.dtype, target.dtype)  # and the weight's, as F.cross_entropy
         return out.to(dt if weight is None else torch.promote_types(dt, weight.dtype))
+    target = target.long()  # uint8 indices: gathered, and compared with ignore_index, as int64
     if input.dim() == 1:
         out = _focal_reference(input.unsqueeze(0), target.unsqueeze(0), gamma, weight,
                                ignore_index, reduction, label_smoothing)
@@ -47,7 +46,29 @@ def _focal_reference(input, target, gamma=2.0, weight=None, ignore_index=-100,
         return out
     y = torch.where(keep.squeeze(1), target, 0)
     total = keep.squeeze(1).sum() if weight is None else (weight[y] * keep.squeeze(1)).sum()
-    return (out / total).to(input.dtype) if total > 0 else out * 0 + float("nan")
+    # every item ignored: NaN with a zero gradient; kept items of total weight 0: 0 / 0, NaN
+    # gradients too, as F.cross_entropy's
+    return (out / total).to(input.dtype) if keep.any() else out * 0 + float("nan")
+
+
+def _focal_prob_composite(input, target, gamma, weight, reduction, label_smoothing):
+    """The softmax focal loss over probability targets as a user writes it, in the promoted
+    dtype: -sum_c w_c t'_c (1 - p_c)^gamma log p_c per item, t' = (1 - s) t + s / C, the mean
+    over the items; (C,) logits as a batch of one."""
+    x, t = (input, target) if input.dim() > 1 else (input.unsqueeze(0), target.unsqueeze(0))
+    dtype = torch.promote_types(x.dtype, t.dtype)
+    C = x.shape[1]
+    logp = torch.log_softmax(x, 1).to(dtype)
+    tt = t.to(dtype)
+    if label_smoothing > 0:
+        tt = (1.0 - label_smoothing) * tt + label_smoothing / C
+    if weight is not None:
+        tt = tt * weight.to(dtype).view((1, C) + (1,) * (x.dim() - 2))
+    rows = (tt * -(-torch.expm1(logp)) ** gamma * logp).sum(1)
+    rows = rows if input.dim() > 1 else rows.squeeze(0)
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / rows.numel()
 
 
 def _sfocal_reference(input, target, alpha=0.25, gamma=2.0, reduction="none", weight=None,
@@ -95,7 +116,7 @@ def _softmax_terms(case, logits):
     lg = logits.unsqueeze(0) if logits.dim() == 1 else logits
     tt = t.reshape(1) if logits.dim() == 1 else t
     C = lg.shape[1]
-    keep = tt != kw.get("ignore_index", -100)
+    keep = tt.long() != kw.get("ignore_index", -100)
     w = kw.get("weight")
     w = torch.ones(C, dtype=torch.float64) if w is None else w.double()
     s = kw.get("label_smoothing", 0.0)
@@ -132,4 +153,8 @@ def _term_scales(case):
     # the weight's gradient is added up chunk by chunk in its dtype (README: one rounding per
     # chunk; a chunk_size of a row or two costs more than PyTorch's one matmul)
     chunks = -(-h.shape[0] // (case["kw"].get("chunk_size") or h.shape[0]))
-    return [0.0, (dl @ lw.abs()).max().item(), chunks * (dl.T @ h.abs()).max().item()]
+    # chunks of one row: matrix-vector products, which BLAS sums along one chain of C terms
+    # (docs/semantics.md): sqrt(C) roundings at the terms' scale
+    gemv = lw.shape[0] ** 0.5 if case["kw"].get("chunk_size") == 1 else 1.0
+    return [0.0, gemv * (dl @ lw.abs()).max().item(),
+            gemv * chunks * (dl.T @ h.abs()).max().item()]
