@@ -78,7 +78,8 @@ cuda-check:
 # --capture=sys: a sanitizer's report (written to fd 2 as the process dies) reaches the log.
 ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
 ASAN_TESTS := (emulated or emulator) and not opcheck and not deterministic and not selftest \
-	and not gradcheck and not exactness and not compile
+	and not gradcheck and not exactness and not compile and not opinfo_gradients \
+	and not moduleinfo_samples
 ASAN_ENV = WEIGHTED_LOSS_SANITIZE=1 LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0
 emulator-asan: build test-deps
 	$(ASAN_ENV) $(PYTHON) tests/emulation.py
