@@ -105,6 +105,41 @@ def ce_cases(mesh, out):
         lambda z: F.cross_entropy(z.double(), y, weight=w), x32, one)
 
 
+def reweight_cases(mesh, out):
+    """logit_adjustment= and sample_weight= over every placement (the classes: each rank's slice
+    of the adjustment), against the composite on the whole float64 tensors."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.rand(12, generator=g, dtype=torch.float64) * 2 + 0.1
+    a = torch.randn(12, generator=g, dtype=torch.float64) * 2
+    for shape in [(10, 12), (3, 12, 5)]:
+        x = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+        y = torch.randint(0, 12, (shape[0], *shape[2:]), generator=g)
+        y[0] = -100
+        v = torch.rand(y.shape, generator=g, dtype=torch.float64) * 2
+        places = {"class": Shard(1), "batch": Shard(0), "replicate": Replicate()}
+        if len(shape) == 3:
+            places["spatial"] = Shard(2)
+
+        def composite(z, red, smooth):
+            z = z + a.view((12,) + (1,) * (z.dim() - 2))
+            rows = F.cross_entropy(z, y, weight=w, reduction="none", label_smoothing=smooth)
+            kept = torch.where(y == -100, torch.zeros_like(v), v)
+            if red == "none":
+                return rows * kept
+            s = (rows * kept).sum()
+            return s if red == "sum" else s / (kept * w[y.clamp_min(0)] * (y != -100)).sum()
+        for where, p in places.items():
+            for red in ("mean", "sum", "none"):
+                up = torch.randn(y.shape, generator=g, dtype=torch.float64) if red == "none" \
+                    else torch.tensor(1.5, dtype=torch.float64)
+                for smooth in (0.0, 0.2):
+                    kw = dict(weight=w, reduction=red, label_smoothing=smooth,
+                              logit_adjustment=a, sample_weight=v)
+                    out[f"reweight{shape}-{where}-{red}-ls{smooth}"] = compare(
+                        lambda: wl.cross_entropy(dtensor_leaf(x, mesh, p), y, **kw),
+                        lambda z: composite(z, red, smooth), x, up)
+
+
 def focal_cases(mesh, out):
     """The focal losses: sharded (off the classes) and replicated DTensors against the same loss on
     the whole tensors; the vocab-parallel entry point with DTensor logits; the refusals."""
@@ -356,7 +391,7 @@ def main():
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     out = {}
-    {"ce": ce_cases, "bce": bce_cases, "focal": focal_cases, "tp-head": tp_head_case, "fsdp2": fsdp2_case,
+    {"ce": ce_cases, "reweight": reweight_cases, "bce": bce_cases, "focal": focal_cases, "tp-head": tp_head_case, "fsdp2": fsdp2_case,
      "fsdp2-llama": fsdp2_llama_case, "fsdp2-llama-bf16": fsdp2_llama_bf16_case,
      "compile": compile_cases}[case](
         mesh, out)

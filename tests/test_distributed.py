@@ -94,7 +94,7 @@ def test_vocab_parallel_equals_unsharded(world, tmp_path):
     """float32 and bfloat16; (N, C), (N, C, d1, d2) and (C,) logits; with and without class
     weights and label smoothing; every reduction; ~15% ignored targets."""
     for g in _run("vp", world, tmp_path, "vocab_parallel_worker.py"):
-        assert g["checked"] == 72 and not g["failures"], g
+        assert g["checked"] == 72 and g["reweight"] == 24 and not g["failures"], g
 
 
 def test_vocab_parallel_under_torch_compile(tmp_path):

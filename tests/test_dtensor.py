@@ -13,7 +13,7 @@ TOL = 1e-12  # float64 throughout (one float32 case, held to float32's rounding)
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("case", ["ce", "bce", "focal", "tp-head", "fsdp2", "fsdp2-llama",
+@pytest.mark.parametrize("case", ["ce", "reweight", "bce", "focal", "tp-head", "fsdp2", "fsdp2-llama",
                                   "fsdp2-llama-bf16"])
 def test_dtensor_losses_equal_the_whole_tensors(case, world, tmp_path):
     ranks = _run(case, world, tmp_path, worker="dtensor_worker.py")

@@ -82,6 +82,53 @@ def check_parity(rank, world, failures):
     return checked
 
 
+def check_reweight(rank, world, failures):
+    """logit_adjustment (each rank's slice) and sample_weight across the shards, float64, against
+    the composite on the whole logits; bfloat16 within 2x of the composite's error."""
+    checked = 0
+    for dtype, shape_of, red, ls in itertools.product(
+            (torch.float64, torch.bfloat16), (lambda C: (24, C), lambda C: (3, C, 4)),
+            ("mean", "sum", "none"), (0.0, 0.1)):
+        C = 16 * world
+        shape = shape_of(C)
+        x, t, w = draw(shape, C, dtype, seed=100 + checked)
+        gen = torch.Generator().manual_seed(checked)
+        a = (torch.randn(C, generator=gen, dtype=torch.float64) * 2).to(dtype)
+        v = torch.rand(t.shape, generator=gen, dtype=torch.float64).to(dtype)
+        kw = dict(reduction=red, label_smoothing=ls)
+        xs, d, s = shard_of(x, rank, world)
+        xs = xs.detach().requires_grad_()
+        loss = wl.vocab_parallel_cross_entropy(xs, t, weight=w, logit_adjustment=a,
+                                               sample_weight=v, **kw)
+        go = torch.rand(loss.shape, generator=torch.Generator().manual_seed(7)).to(loss.dtype)
+        (g,) = torch.autograd.grad(loss, xs, go)
+
+        def whole(x, w, a, v, go):
+            x = x.detach().requires_grad_()
+            z = x + a.view((C,) + (1,) * (x.dim() - 2))
+            rows = F.cross_entropy(z, t, weight=w, reduction="none", label_smoothing=ls)
+            kept = torch.where(t == -100, torch.zeros_like(v), v)
+            wy = kept * (t != -100) * w[t.clamp_min(0)]
+            out = rows * kept if red == "none" else (rows * kept).sum()
+            out = out / wy.sum() if red == "mean" else out
+            return out.detach(), torch.autograd.grad(out, x, go)[0].narrow(d, rank * s, s)
+        ref, gref = whole(x, w, a, v, go)
+        checked += 1
+        name = f"reweight {dtype} {tuple(shape)} ls={ls} {red}"
+        try:
+            if dtype == torch.float64:
+                torch.testing.assert_close(loss, ref, rtol=1e-11, atol=1e-12)
+                torch.testing.assert_close(g, gref, rtol=1e-11, atol=1e-12)
+            else:
+                e, ge = whole(x.double(), w.double(), a.double(), v.double(), go.double())
+                for ours, pt, exact in ((loss, ref, e), (g, gref, ge)):
+                    assert torch.equal(ours.isnan(), exact.isnan()), "NaN elsewhere"
+                    assert_within_2x(ours, pt, exact, dtype, where=~exact.isnan(), ulps=1.0)
+        except AssertionError as err:
+            failures.append(f"{name}: {err}")
+    return checked
+
+
 def expect_error(fn, exc, text, failures):
     try:
         fn()
@@ -100,6 +147,7 @@ def main():
     failures, got = [], {"rank": rank}
     if case == "vp":
         got["checked"] = check_parity(rank, world, failures)
+        got["reweight"] = check_reweight(rank, world, failures)
     elif case == "vp-compile":  # traced whole: the all-gather is a functional collective
         C = 32 * world
         x, t, w = draw((16, C), C, torch.float32, seed=1)

@@ -12,6 +12,7 @@ from .focal import FocalLoss, SigmoidFocalLoss, focal_loss, sigmoid_focal_loss
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss
 from .patch import is_patched, patch_torch, unpatch_torch
+from .priors import adjust_logits, logit_adjustment
 from .vocab_parallel import vocab_parallel_cross_entropy
 from .weights import (class_weights, class_weights_from, count_labels, count_positives, pos_weight,
                       pos_weight_from_counts, sampler)
@@ -22,7 +23,8 @@ __all__ = [
     "count_positives", "pos_weight_from_counts", "class_weights_from", "sampler", "distributed",
     "total_weight", "vocab_parallel", "vocab_parallel_cross_entropy", "linear_cross_entropy",
     "LinearCrossEntropyLoss", "sigmoid_focal_loss", "SigmoidFocalLoss",
-    "focal_loss", "FocalLoss", "patch_torch", "unpatch_torch", "is_patched",
+    "focal_loss", "FocalLoss", "patch_torch", "unpatch_torch", "is_patched", "logit_adjustment",
+    "adjust_logits",
 ]
 __version__ = "0.1.0"
 

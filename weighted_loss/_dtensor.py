@@ -20,7 +20,7 @@ and averaged over the group in the backward, as FSDP2 treats the parameters it g
 import torch
 from torch import Tensor
 
-from . import _grouped, _local, _sharded
+from . import _grouped, _local, _reweight, _sharded
 from . import distributed as _dist
 
 _DTensor = None
@@ -127,7 +127,8 @@ def cross_entropy(input, target, o):
     """cross_entropy (or, with ``o.gamma``, focal_loss) of a DTensor input."""
     op = "focal_loss" if o.gamma else "cross_entropy"
     mesh, dim = _layout_of(input, op, o)
-    o = o.but(weight=whole(o.weight))
+    o = o.but(weight=whole(o.weight), logit_adjustment=whole(o.logit_adjustment),
+              sample_weight=whole(o.sample_weight))
     if dim is None:
         return _wrap(_grouped.cross_entropy(input.to_local(), whole(target), o), mesh)
     cdim = 0 if input.dim() == 1 else 1
@@ -151,9 +152,21 @@ def cross_entropy(input, target, o):
         return _wrap(out if hook is None else hook(out, None), mesh)
     ldim = dim if dim < cdim else dim - 1  # the sharded dim of the per-item losses
     x, t = input.to_local(), _piece(target, mesh, dim if prob else ldim)
+    v = o.sample_weight
+    if v is not None:  # the items' weights, cut as the items are
+        items = tuple(input.shape[:cdim]) + tuple(input.shape[cdim + 1:])
+        v = _piece(_reweight.check_sample_weight(v, items, v.device, op).contiguous(), mesh,
+                   ldim)
+        o = o.but(sample_weight=v)
+
     def denominator():
         if prob:
+            if v is not None:
+                return _reweight.prob_weight(v)
             return _local.count(t.numel() // max(1, t.shape[cdim]), t.device)
+        if v is not None:
+            return _reweight.kept_weight(t, o.weight, o.ignore_index,
+                                         _reweight.kept(v, t, o.ignore_index))
         return _dist._local_weight(t, o.weight, o.ignore_index)
     shape = input.shape[:cdim] + input.shape[cdim + 1:]
     return _over_shards(lambda red: _local.cross_entropy(x, t, o.local(red)), denominator, o,

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-from . import _composite, _forward_ad
+from . import _composite, _forward_ad, _reweight
 from . import distributed as _dist
 from ._options import CrossEntropyOptions
 
@@ -75,10 +75,17 @@ class Plan:
     def __init__(self, compute, logits, out, chunk, grads, grouped=False):
         self.compute, self.logits, self.out, self.chunk, self.grads = \
             compute, logits, out, chunk, grads
+        self.adjust = None  # the logit adjustment in the logits' dtype, added to each chunk's
         # a sum for the group's mean (process_group= / total_weight=): returned in float64, so
         # that it is rounded once, after the division
         self.grouped = grouped
         self.acc = torch.float32 if logits in (torch.bfloat16, torch.float16) else logits
+
+    def with_out(self, out):
+        """The same plan returning ``out`` (per-row losses in acc for sample weights)."""
+        plan = Plan(self.compute, self.logits, out, self.chunk, self.grads, self.grouped)
+        plan.adjust = self.adjust
+        return plan
 
     def cast(self, x, lw, bias):
         return (x.to(self.compute), lw.to(self.compute),
@@ -86,7 +93,8 @@ class Plan:
 
     def chunk_logits(self, xc, lw, bias):
         logits = torch.nn.functional.linear(xc, lw, bias)
-        return logits if logits.dtype == self.logits else logits.to(self.logits)
+        logits = logits if logits.dtype == self.logits else logits.to(self.logits)
+        return logits if self.adjust is None else logits.add_(self.adjust)
 
     def chunk_grad(self, g):
         return g if g.dtype == self.compute else g.to(self.compute)
@@ -95,14 +103,14 @@ class Plan:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z, cap,
-                reduction, plan):
+                reduction, plan, adjust=None, v=None):
         """The loss, and the mean's local divisor (sum of weight[target] over the rows kept, or the
         number of rows for probabilities; not differentiable)."""
         # the plan's dtypes stand for autocast's: none of this runs under it (autocast would
         # recast, and refuses mm's out=)
         with torch.autocast(x.device.type, enabled=False):
             loss, divisor = _forward(ctx, x, lw, bias, target, weight, ignore_index,
-                                     label_smoothing, z, cap, reduction, plan)
+                                     label_smoothing, z, cap, reduction, plan, adjust, v)
         ctx.mark_non_differentiable(divisor)
         return loss, divisor
 
@@ -118,38 +126,44 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 "wl.cross_entropy on the logits")
         if ctx.reduction == "none":
             with torch.autocast(grad_loss.device.type, enabled=False):
-                grads = _backward_rows(ctx, grad_loss)
-            return (*grads, None, None, None, None, None, None, None, None)
-        gx, gw, gb, divisor = ctx.saved_tensors
+                return _backward_rows(ctx, grad_loss)
+        gx, gw, gb, ga, divisor = ctx.saved_tensors
         scale = grad_loss.double()
         if ctx.reduction == "mean":
             # every target ignored: the loss is NaN (0 / 0) and the gradients 0, as PyTorch's
             scale = torch.where(divisor == 0, torch.zeros_like(scale), scale / divisor)
         grads = []
-        for g, dtype in zip((gx, gw, gb), ctx.dtypes):
+        for g, dtype in zip((gx, gw, gb, ga), ctx.dtypes):
             if g is None:
                 grads.append(None)
                 continue
             out = torch.empty(g.shape, dtype=dtype, device=g.device)  # one rounding, no temp
             grads.append(torch.mul(g, scale.to(g.dtype), out=out))
-        return (*grads, None, None, None, None, None, None, None, None)
+        ga = grads.pop()
+        return (*grads, None, None, None, None, None, None, None, None, ga, None)
 
 
 def _forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z, cap, reduction,
-             plan):
+             plan, adjust, v):
     n, prob = x.shape[0], target.is_floating_point()
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = bias is not None and ctx.needs_input_grad[2]
+    need_a = adjust is not None and ctx.needs_input_grad[11]
     red_none = reduction == "none"
     # under no_grad / inference_mode (an eval loop) the forward only: no gradient work
-    grads_now = plan.grads and (need_x or need_w or need_b) and not red_none
+    grads_now = plan.grads and (need_x or need_w or need_b or need_a) and not red_none
     xq, lwq, bq = plan.cast(x, lw, bias)
     dev = x.device
     gx = torch.empty(x.shape, dtype=plan.compute, device=dev) if grads_now and need_x else None
     gw = _grad_buffer(lw.shape, plan.compute, dev) if grads_now and need_w else None
     gb = _grad_buffer(bias.shape, plan.compute, dev) if grads_now and need_b else None
+    # the adjustment's gradient: the column sums of the logits' (in their dtype, not compute's)
+    ga = _grad_buffer(adjust.shape, plan.logits, dev) if grads_now and need_a else None
     one = torch.ones((), dtype=plan.acc, device=dev)
-    red = _Reduction.get_enum("none" if red_none else "sum")
+    # with sample weights v, each chunk's rows (in acc) weighted here, and its gradient with v as
+    # the rows' upstream gradient
+    rows_v = v is not None and not red_none
+    red = _Reduction.get_enum("none" if red_none or rows_v else "sum")
     # per-row losses in the returned dtype; sums in acc
     out_dtype = plan.out if red_none else plan.acc
     rows_loss, lse_parts, tsum_parts = [], [], []
@@ -161,11 +175,21 @@ def _forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z,
         if prob:
             loss, lse, tsum = _ops.cross_entropy_prob_forward(
                 logits, tc, weight, red, label_smoothing, z, cap, out_dtype=out_dtype)
-            divisor += tc.shape[0]
+            if not rows_v:
+                divisor += tc.shape[0]
         else:
             loss, lse, tw = _ops.cross_entropy_forward(logits, tc, weight, red, ignore_index,
                                                        label_smoothing, z, cap,
                                                        out_dtype=out_dtype)
+        gl = one
+        if rows_v:
+            vc = v[a:a + plan.chunk]
+            loss = (loss.double() * vc.double()).sum()
+            if prob:
+                divisor += _reweight.prob_weight(vc)
+            else:
+                tw = _reweight.kept_weight(tc, weight, ignore_index, vc)
+            gl = vc.to(plan.acc).contiguous()
         if red_none:
             rows_loss.append(loss)
             lse_parts.append(lse)
@@ -177,13 +201,15 @@ def _forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z,
             divisor += tw.double()
         if grads_now:
             if prob:
-                g = _ops.cross_entropy_prob_backward(one, logits, tc, weight, lse, tsum, red,
+                g = _ops.cross_entropy_prob_backward(gl, logits, tc, weight, lse, tsum, red,
                                                      label_smoothing, z, cap)
             else:  # over the logits: a chunk holds one N x C buffer, not two
-                _ops.cross_entropy_backward_(one, logits, tc, weight, lse, tw, red, ignore_index,
-                                             label_smoothing, z, cap)
+                _ops.cross_entropy_backward_(gl, logits, tc, weight, lse, tw.to(lse.dtype), red,
+                                             ignore_index, label_smoothing, z, cap)
                 g = logits
             del logits
+            if ga is not None:
+                ga += g.sum(0, dtype=ga.dtype)
             g = plan.chunk_grad(g)
             _add_chunk_grads(g, xc, lwq, None if gx is None else gx[a:a + plan.chunk], gw, gb)
             del g  # before the next chunk's logits: one chunk buffer at a time
@@ -195,22 +221,25 @@ def _forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z,
                                                                          device=dev)
         tsum_all = torch.cat(tsum_parts) if tsum_parts else torch.empty((0,), dtype=acc,
                                                                         device=dev)
-        ctx.save_for_backward(x, lw, bias, target, weight, lse_all, tsum_all)
+        ctx.save_for_backward(x, lw, bias, target, weight, lse_all, tsum_all, adjust)
         rows = torch.cat(rows_loss) if rows_loss else x.new_empty((0,), dtype=plan.out)
         return rows, divisor
-    ctx.save_for_backward(gx, gw, gb, divisor)
-    ctx.dtypes = (x.dtype, lw.dtype, None if bias is None else bias.dtype)
+    ctx.save_for_backward(gx, gw, gb, ga, divisor)
+    ctx.dtypes = (x.dtype, lw.dtype, None if bias is None else bias.dtype,
+                  None if adjust is None else adjust.dtype)
     out = total / divisor if reduction == "mean" else total
     return (out if plan.grouped else out.to(plan.out)), divisor.clone()
 
 
 def _backward_rows(ctx, grad_rows):
     """reduction="none": the upstream gradient per row, each chunk's logits once more."""
-    x, lw, bias, target, weight, lse, tsum = ctx.saved_tensors
+    x, lw, bias, target, weight, lse, tsum, adjust = ctx.saved_tensors
     ignore_index, label_smoothing, z, cap = ctx.args
     plan = ctx.plan
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = bias is not None and ctx.needs_input_grad[2]
+    need_a = adjust is not None and ctx.needs_input_grad[11]
+    ga = _grad_buffer(adjust.shape, plan.logits, x.device) if need_a else None
     xq, lwq, bq = plan.cast(x, lw, bias)
     gx = torch.empty(x.shape, dtype=plan.compute, device=x.device) if need_x else None
     gw = _grad_buffer(lw.shape, plan.compute, x.device) if need_w else None
@@ -231,27 +260,38 @@ def _backward_rows(ctx, grad_rows):
                                          ignore_index, label_smoothing, z, cap)
             g = logits
         del logits
+        if ga is not None:
+            ga += g.sum(0, dtype=ga.dtype)
         g = plan.chunk_grad(g)
         _add_chunk_grads(g, xc, lwq, None if gx is None else gx[a:a + plan.chunk], gw, gb)
         del g
     return (None if gx is None else gx.to(x.dtype), None if gw is None else gw.to(lw.dtype),
-            None if gb is None else gb.to(bias.dtype))
+            None if gb is None else gb.to(bias.dtype), None, None, None, None, None, None, None,
+            None, None if ga is None else ga.to(adjust.dtype), None)
 
 
-def _composite_loss(x, lw, bias, t, o: CrossEntropyOptions, plan, mean):
+def _composite_loss(x, lw, bias, t, o: CrossEntropyOptions, plan, mean, adjust, v):
     """Forward-mode AD or a torch.func transform: the logits, held, through the composite loss
     (differentiable to any order); a custom jvp would not trace under torch.compile."""
     prob = t.is_floating_point()
+    red = "none" if v is not None else None
+    rows_dtype = plan.acc if v is not None else plan.out
     with torch.autocast(x.device.type, enabled=False):
         lg = torch.nn.functional.linear(x.to(plan.compute), lw.to(plan.compute),
                                         None if bias is None else bias.to(plan.compute))
         lg = lg.to(plan.logits)
+        if adjust is not None:
+            lg = lg + adjust
         if prob:
-            loss = _composite.cross_entropy_prob(lg, t, o.weight, *o.prob_args(),
-                                                 out_dtype=plan.out)
+            loss = _composite.cross_entropy_prob(lg, t, o.weight, *o.prob_args(red),
+                                                 out_dtype=rows_dtype)
         else:
-            loss = _composite.cross_entropy(lg, t, o.weight, *o.index_args(),
-                                            out_dtype=plan.out)
+            loss = _composite.cross_entropy(lg, t, o.weight, *o.index_args(red),
+                                            out_dtype=rows_dtype)
+    if v is not None:
+        divisor = (_reweight.prob_weight(v) if prob
+                   else _reweight.kept_weight(t, o.weight, o.ignore_index, v))
+        return _reweight.reduce(loss, v, divisor, o.reduction, plan.out, mean)
     if mean is None:
         return loss
     local = (torch.tensor(float(t.shape[0]), dtype=torch.float64, device=x.device) if prob
@@ -264,9 +304,17 @@ def linear_cross_entropy(x: Tensor, lw: Tensor, bias, t: Tensor, o: CrossEntropy
     """The loss of ``F.cross_entropy(F.linear(x, lw, bias), t, ...)`` for 2-D ``x`` and the
     options ``o`` (``o.reduction`` "sum" where ``mean``, the process-group layer's hook, is
     given), planned by ``plan``; per-row losses flat for reduction "none"."""
+    adjust, v = plan.adjust, o.sample_weight  # (v: flat, the ignored items' 0)
     if _forward_ad.active():
-        return _composite_loss(x, lw, bias, t, o, plan, mean)
+        return _composite_loss(x, lw, bias, t, o, plan, mean, adjust, v)
+    if v is not None and (o.reduction == "none" or (v.requires_grad and torch.is_grad_enabled())):
+        # the items' losses weighted around the op, v's gradient the product's
+        rows = linear_cross_entropy(x, lw, bias, t, o.but(sample_weight=None, reduction="none"),
+                                    None, plan.with_out(plan.acc))
+        divisor = (_reweight.prob_weight(v) if t.is_floating_point()
+                   else _reweight.kept_weight(t, o.weight, o.ignore_index, v))
+        return _reweight.reduce(rows, v, divisor, o.reduction, plan.out, mean)
     loss, divisor = _LinearCrossEntropy.apply(x, lw, bias, t, o.weight, o.ignore_index,
                                               max(o.label_smoothing, 0.0), o.z_loss, o.softcap,
-                                              o.reduction, plan)
+                                              o.reduction, plan, adjust, v)
     return loss if mean is None else mean(loss, divisor).to(plan.out)

@@ -10,7 +10,7 @@ number of items).
 import torch
 from torch import Tensor
 
-from . import _dtypes, _forward_ad
+from . import _dtypes, _forward_ad, _reweight
 from ._options import BinaryOptions, CrossEntropyOptions
 
 
@@ -62,24 +62,63 @@ def _focal_checks(input: Tensor, target: Tensor, o: CrossEntropyOptions) -> bool
     return prob
 
 
-def cross_entropy(input: Tensor, target: Tensor, o: CrossEntropyOptions, mean=None) -> Tensor:
+def cross_entropy(input: Tensor, target: Tensor, o: CrossEntropyOptions, mean=None,
+                  out_dtype=None) -> Tensor:
     """Cross-entropy (the softmax focal loss where ``o.gamma > 0``) of class indices, or of
-    probabilities (the input's shape; for the focal loss: a floating target)."""
+    probabilities (the input's shape; for the focal loss: a floating target); with
+    ``o.logit_adjustment`` and ``o.sample_weight`` as weighted_loss/_reweight.py says.
+    ``out_dtype``: the loss's dtype where given (the accumulation dtype's per-item losses)."""
+    op = "focal_loss" if o.gamma else "cross_entropy"
+    if o.logit_adjustment is not None:
+        a = _reweight.check_adjustment(o.logit_adjustment, input, op)
+        input, o = _reweight.adjusted(input, a), o.but(logit_adjustment=None)
+    if o.sample_weight is not None:
+        return _sample_weighted(input, target, o, mean, op)
     if o.gamma:
         prob = _focal_checks(input, target, o)
     else:
         prob = input.shape == target.shape
     if prob:
         input, target, weight = prob_target_inputs(input, target, o.weight, o.ignore_index)
-        loss, _, _ = _forward_ad.cross_entropy_prob_forward(input, target, weight, *o.prob_args())
+        loss, _, _ = _forward_ad.cross_entropy_prob_forward(input, target, weight, *o.prob_args(),
+                                                            out_dtype=out_dtype)
         if mean is None:
             return loss
         rows = input.numel() // max(1, input.shape[0 if input.dim() == 1 else 1])
         return mean(loss, count(rows, input.device))
     if input.dim() == 1 and target.dim() == 1 and target.numel() == 1:
         target = target.reshape(())  # PyTorch takes a (1,) target beside (C,) logits as 0-d
-    loss, _, divisor = _forward_ad.cross_entropy_forward(input, target, o.weight, *o.index_args())
+    loss, _, divisor = _forward_ad.cross_entropy_forward(input, target, o.weight, *o.index_args(),
+                                                         out_dtype=out_dtype)
     return loss if mean is None else mean(loss, divisor)
+
+
+def _sample_weighted(input: Tensor, target: Tensor, o: CrossEntropyOptions, mean, op: str):
+    """The loss with per-item weights: the items' losses from the fused op (its one pass each
+    way, in the accumulation dtype), weighted and reduced around it (_reweight)."""
+    prob = target.is_floating_point() and (o.gamma or input.shape == target.shape)
+    if not prob and input.dim() == 1 and target.dim() == 1 and target.numel() == 1:
+        target = target.reshape(())
+    items = _reweight.item_shape(input, target) if prob or input.dim() != 1 else ()
+    v = _reweight.check_sample_weight(o.sample_weight, items, input.device, op)
+    # the loss's dtype without sample_weight: float32 for 16-bit logits under autocast, else the
+    # logits' (class indices) or the promoted target's (probabilities: prob_target_inputs)
+    out = _dtypes.loss_dtype(input)
+    if prob and not (_dtypes.autocast_on(input) and _dtypes.is_16bit(input)):
+        t = target.dtype
+        if o.weight is not None and o.weight.is_floating_point():
+            t = torch.promote_types(t, o.weight.dtype)
+        out = _dtypes.floating_dtypes(input.dtype, t)[1] if input.is_floating_point() else t
+    acc = _reweight.acc_dtype(out)
+    rows = cross_entropy(input, target, o.but(sample_weight=None, reduction="none"),
+                         out_dtype=acc)
+    if prob:
+        divisor = _reweight.prob_weight(v)
+    else:
+        v = _reweight.kept(v, target, o.ignore_index)
+        divisor = _reweight.kept_weight(target, o.weight, o.ignore_index, v)
+    reduction = "sum" if mean is not None else o.reduction
+    return _reweight.reduce(rows, v, divisor, reduction, out, mean)
 
 
 def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, o: BinaryOptions,

@@ -31,6 +31,9 @@ class CrossEntropyOptions:
     gamma: float = 0.0  # the focal loss's exponent; 0 is cross-entropy
     process_group: Any = None
     total_weight: Any = None
+    # (weighted_loss/_reweight.py) a (C,) tensor added to the logits; one weight per item
+    logit_adjustment: Optional[Tensor] = None
+    sample_weight: Optional[Tensor] = None
 
     @property
     def grouped(self) -> bool:
@@ -150,7 +153,8 @@ def _check_grouped(reduction, process_group, total_weight, op):
 
 def cross_entropy(weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                   z_loss=0.0, softcap=None, gamma=0.0, process_group=None, total_weight=None,
-                  op: Optional[str] = None) -> CrossEntropyOptions:
+                  op: Optional[str] = None, logit_adjustment=None,
+                  sample_weight=None) -> CrossEntropyOptions:
     """Checked options of cross-entropy (``gamma``: of the focal loss, checked by the caller).
     ``op`` names the entry point in the messages that name it (linear, vocab-parallel)."""
     if op is not None:  # the entry points that name themselves check the reduction first
@@ -158,8 +162,16 @@ def cross_entropy(weight=None, ignore_index=-100, reduction="mean", label_smooth
     _check_grouped(reduction, process_group, total_weight, op)
     check_reduction(reduction, op)
     z, cap = row_terms(z_loss, softcap)
+    name = op or ("focal_loss" if gamma else "cross_entropy")
+    for arg, t in (("logit_adjustment", logit_adjustment), ("sample_weight", sample_weight)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name}: {arg} must be a tensor or None, got {type(t).__name__}")
+    if logit_adjustment is not None and not logit_adjustment.is_floating_point():
+        raise TypeError(f"{name}: logit_adjustment must be a floating tensor, got "
+                        f"{logit_adjustment.dtype}")
     return CrossEntropyOptions(weight, int(ignore_index), reduction, float(label_smoothing), z,
-                               cap, gamma, process_group, total_weight)
+                               cap, gamma, process_group, total_weight, logit_adjustment,
+                               sample_weight)
 
 
 def binary(weight=None, pos_weight=None, reduction="mean", gamma=-1.0, alpha=-1.0,

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-from . import _dtypes, _forward_ad
+from . import _dtypes, _forward_ad, _reweight
 from ._options import CrossEntropyOptions
 from .distributed import _all_gather
 
@@ -78,12 +78,17 @@ def _merge(g: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: in
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, target, weight, ignore_index, label_smoothing, reduction, group, sizes,
-                rank, out_dtype):
+                rank, out_dtype, v=None):
         offset, total, size = sum(sizes[:rank]), sum(sizes), len(sizes)
         stats = _ops.cross_entropy_shard_forward(x, target, weight, ignore_index, label_smoothing,
                                                  offset, total)
         row, wy, planes = _merge(_gather(stats, group, size), target, weight, ignore_index,
                                  label_smoothing, sizes)
+        ctx.v = None
+        if v is not None:  # per-item weights (_reweight), the ignored items' 0
+            vd = v.double()
+            row, wy = row * vd, wy * vd
+            ctx.v = v
         total_weight = wy.sum()
         if reduction == "none":
             loss = row
@@ -100,10 +105,18 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         x, target, weight, planes, total_weight = ctx.saved_tensors
         grad = None
         if ctx.needs_input_grad[0]:
+            args = ctx.args
+            if ctx.v is not None:
+                # each item's upstream gradient, v (over the divisor for the mean), per row in
+                # the accumulation dtype
+                g = ctx.v.double() * grad_loss.double()
+                if args[0] == _Reduction.get_enum("mean"):
+                    g = g / total_weight.double()
+                grad_loss, args = g.to(planes.dtype), (_Reduction.get_enum("none"), *args[1:])
             # grad_loss in the loss's dtype (float32 beside 16-bit logits under autocast)
             grad = _ops.cross_entropy_shard_backward(grad_loss.contiguous(), x, target, weight,
-                                                     planes, total_weight, *ctx.args)
-        return grad, None, None, None, None, None, None, None, None, None
+                                                     planes, total_weight, *args)
+        return grad, None, None, None, None, None, None, None, None, None, None
 
 
 def cross_entropy(logits: Tensor, target: Tensor, o: CrossEntropyOptions, group, sizes,
@@ -130,10 +143,24 @@ def cross_entropy(logits: Tensor, target: Tensor, o: CrossEntropyOptions, group,
         if weight.requires_grad and torch.is_grad_enabled():
             raise NotImplementedError(
                 f"{_OP}: the derivative for 'weight' is not implemented (as in PyTorch)")
+    v = o.sample_weight
+    if v is not None:
+        v = _reweight.check_sample_weight(v, want, logits.device, _OP)
+        if v.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError(f"{_OP}: the derivative for 'sample_weight' is not "
+                                      "implemented across shards")
+        v = _reweight.kept(v, target, o.ignore_index).reshape(-1)
+    a = o.logit_adjustment
+    if a is not None:
+        if a.dim() != 1 or a.shape[0] != total or not a.is_floating_point():
+            raise ValueError(f"{_OP}: logit_adjustment must be a floating tensor holding all "
+                             f"{total} classes, got {a.dtype} {tuple(a.shape)}")
+        logits = _reweight.adjusted(logits, a.to(logits.device), sum(sizes[:rank]))
+    out_dtype = _dtypes.loss_dtype(logits)
     x = logits.unsqueeze(0) if logits.dim() == 1 else logits
     if x.dim() > 2:
         x = x.movedim(1, -1).reshape(-1, shard)  # rows along the classes (a copy)
     loss = _VocabParallelCrossEntropy.apply(x, target.reshape(-1), weight, o.ignore_index,
                                             max(o.label_smoothing, 0.0), o.reduction, group,
-                                            tuple(sizes), rank, _dtypes.loss_dtype(x))
+                                            tuple(sizes), rank, out_dtype, v)
     return loss.view(want) if o.reduction == "none" else loss

@@ -16,6 +16,8 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor
 
+from . import _reweight
+
 __all__ = ["total_weight"]
 
 
@@ -50,20 +52,18 @@ def _group_size(group) -> int:
 def _local_weight(target: Tensor, weight: Optional[Tensor], ignore_index: int) -> Tensor:
     """sum of weight[y] over the targets that are not ignore_index (their count without weight),
     in float64 on the target's device, without a host synchronization (no boolean indexing)."""
-    y = target.reshape(-1).long()
-    valid = y != ignore_index
-    if weight is None:
-        return valid.sum(dtype=torch.float64)
-    idx = torch.where(valid, y, torch.zeros_like(y))
-    return (weight.detach().double().index_select(0, idx) * valid).sum()
+    return _reweight.kept_weight(target, weight, ignore_index)
 
 
 def total_weight(targets: Union[Tensor, Iterable[Tensor]], weight: Optional[Tensor] = None,
-                 ignore_index: int = -100, process_group=None) -> Tensor:
+                 ignore_index: int = -100, process_group=None, *,
+                 sample_weights: Union[None, Tensor, Iterable[Tensor]] = None) -> Tensor:
     """The denominator of the weighted mean over every micro-batch of a step (and every rank of
     ``process_group``): ``sum weight[y]`` over the class-index targets that are not
-    ``ignore_index``, their count without ``weight``. Pass it as ``total_weight=`` to each
-    micro-batch's loss. A float64 0-d tensor on the targets' device."""
+    ``ignore_index``, their count without ``weight``; with ``sample_weights`` (one per target
+    tensor, each broadcast to its target's shape, as the losses' ``sample_weight=``)
+    ``sum sample_weight * weight[y]``. Pass it as ``total_weight=`` to each micro-batch's loss.
+    A float64 0-d tensor on the targets' device."""
     ts = [targets] if isinstance(targets, Tensor) else list(targets)
     if not ts:
         raise ValueError("total_weight: targets is empty")
@@ -71,7 +71,17 @@ def total_weight(targets: Union[Tensor, Iterable[Tensor]], weight: Optional[Tens
         if t.is_floating_point():
             raise TypeError(f"total_weight: targets must hold class indices, got {t.dtype} (for "
                             "probability targets the denominator is the number of rows)")
-    w = sum(_local_weight(t, weight, ignore_index) for t in ts)
+    if sample_weights is None:
+        w = sum(_local_weight(t, weight, ignore_index) for t in ts)
+    else:
+        vs = [sample_weights] if isinstance(sample_weights, Tensor) else list(sample_weights)
+        if len(vs) != len(ts):
+            raise ValueError(f"total_weight: {len(vs)} sample_weights for {len(ts)} targets")
+        w = 0
+        for t, v in zip(ts, vs):
+            v = _reweight.check_sample_weight(v, tuple(t.shape), t.device, "total_weight")
+            w = w + _reweight.kept_weight(t, weight, ignore_index, _reweight.kept(
+                v.detach(), t, ignore_index))
     if process_group is not None:
         _group_size(process_group)
         w = _all_reduce(w, process_group)

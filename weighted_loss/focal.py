@@ -65,7 +65,8 @@ class SigmoidFocalLoss(torch.nn.Module):
 
 def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, weight: Optional[Tensor] = None,
                ignore_index: int = -100, reduction: str = "mean",
-               label_smoothing: float = 0.0) -> Tensor:
+               label_smoothing: float = 0.0, *, logit_adjustment: Optional[Tensor] = None,
+               sample_weight: Optional[Tensor] = None) -> Tensor:
     """The softmax focal loss ``-weight[y] * (1 - p_y)**gamma * log p_y`` per item (``p`` the
     softmax over the classes, dim 1 of ``(N, C, d...)`` logits read in place), with ``weight`` as
     the per-class alpha. ``reduction="mean"`` divides by ``sum(weight[target])`` over the items
@@ -80,26 +81,33 @@ def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, weight: Option
     number of items for probabilities and by ``sum(weight[target])`` for indices, as
     cross-entropy. The kernels take it in the same single pass backward and one more read of
     each row forward (its classes' terms need the row's log-sum-exp first: from cache, or from
-    the tile of the (N, C, d...) lanes); probability targets get their gradient too."""
+    the tile of the (N, C, d...) lanes); probability targets get their gradient too.
+
+    ``logit_adjustment`` and ``sample_weight`` as for :func:`weighted_loss.cross_entropy` (the
+    focal factor is taken from the adjusted logits' softmax)."""
     g = _options.check_gamma(gamma)
-    o = _options.cross_entropy(weight, ignore_index, reduction, label_smoothing, gamma=g)
-    if _dtensor.any_dtensor(input, target, weight):
+    o = _options.cross_entropy(weight, ignore_index, reduction, label_smoothing, gamma=g,
+                               logit_adjustment=logit_adjustment, sample_weight=sample_weight)
+    if _dtensor.any_dtensor(input, target, weight, logit_adjustment, sample_weight):
         return _dtensor.cross_entropy(input, target, o)
     return _local.cross_entropy(input, target, o)  # gamma 0: wl.cross_entropy's path
 
 
 class FocalLoss(torch.nn.Module):
-    """:func:`focal_loss` as a module, ``weight`` a buffer as in ``torch.nn.CrossEntropyLoss``."""
+    """:func:`focal_loss` as a module, ``weight`` and ``logit_adjustment`` buffers as ``weight`` is
+    in ``torch.nn.CrossEntropyLoss``; ``forward(input, target, sample_weight=None)``."""
 
     def __init__(self, gamma: float = 2.0, weight: Optional[Tensor] = None,
                  ignore_index: int = -100, reduction: str = "mean",
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, *, logit_adjustment: Optional[Tensor] = None):
         super().__init__()
         self.gamma = _options.check_gamma(gamma)
         self.register_buffer("weight", weight)
+        self.register_buffer("logit_adjustment", logit_adjustment)
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing = label_smoothing
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, sample_weight=None) -> Tensor:
         return focal_loss(input, target, self.gamma, self.weight, self.ignore_index,
-                          self.reduction, self.label_smoothing)
+                          self.reduction, self.label_smoothing,
+                          logit_adjustment=self.logit_adjustment, sample_weight=sample_weight)

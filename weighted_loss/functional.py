@@ -25,6 +25,8 @@ def cross_entropy(
     softcap: Optional[float] = None,
     process_group=None,
     total_weight=None,
+    logit_adjustment: Optional[Tensor] = None,
+    sample_weight: Optional[Tensor] = None,
 ) -> Tensor:
     """Fused ``F.cross_entropy``: log-softmax, class-weight gather and (weighted) reduction in one
     pass over the logits forward and one backward. Same arguments, results and corner cases.
@@ -46,12 +48,22 @@ def cross_entropy(
     the same on every rank, with a gradient that DDP's averaging turns into the gradient of the
     concatenated batch (``weighted_loss.distributed``). ``total_weight``: the denominator to use
     instead of this batch's (``wl.total_weight`` over a step's micro-batches).
+
+    ``logit_adjustment``: a ``(C,)`` floating tensor added to every item's logits before the
+    softmax (``wl.logit_adjustment(counts, tau)``: Menon et al.'s logit-adjusted loss, Balanced
+    Softmax at ``tau=1``); the same as ``F.cross_entropy(input + logit_adjustment, ...)``, its
+    gradient included where it requires grad. ``sample_weight``: one weight per item (the
+    target's shape for class indices, the logits' without the class dim for probabilities;
+    broadcast as PyTorch broadcasts), multiplying the item's loss; ``reduction="mean"`` divides by
+    ``sum(sample_weight * weight[target])`` over the items not ignored (by ``sum(sample_weight)``
+    for probabilities). See docs/api.md for the rules on ignored items and odd values.
     """
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
     o = _options.cross_entropy(weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                               process_group=process_group, total_weight=total_weight)
-    if _dtensor.any_dtensor(input, target, weight):
+                               process_group=process_group, total_weight=total_weight,
+                               logit_adjustment=logit_adjustment, sample_weight=sample_weight)
+    if _dtensor.any_dtensor(input, target, weight, logit_adjustment, sample_weight):
         return _dtensor.cross_entropy(input, target, o)
     return _grouped.cross_entropy(input, target, o)
 

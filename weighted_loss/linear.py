@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _dtensor, _dtypes, _grouped, _linear_chunks, _options
+from . import _dtensor, _dtypes, _grouped, _linear_chunks, _options, _reweight
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -44,6 +44,8 @@ def linear_cross_entropy(
     *,
     process_group=None,
     total_weight=None,
+    logit_adjustment: Optional[Tensor] = None,
+    sample_weight: Optional[Tensor] = None,
 ) -> Tensor:
     """``F.cross_entropy(F.linear(input, linear_weight, bias), target, weight=weight, ...)``
     without the ``(N, C)`` logits: computed over chunks of ``chunk_size`` rows (chosen from C and
@@ -60,10 +62,18 @@ def linear_cross_entropy(
     ``process_group`` / ``total_weight`` (with ``reduction="mean"``), as for
     :func:`weighted_loss.cross_entropy`: the weighted mean over the whole group's rows (or over a
     given denominator, ``wl.total_weight`` of a step's micro-batches), with a gradient that DDP's
-    or FSDP's averaging turns into the gradient of the concatenated batch."""
+    or FSDP's averaging turns into the gradient of the concatenated batch.
+
+    ``logit_adjustment`` (``(C,)``) is added to each chunk's logits as they are made (never to
+    all of them at once), as ``F.cross_entropy(F.linear(...) + logit_adjustment, ...)``, with
+    its gradient where it requires grad; ``sample_weight`` (the target's leading shape: a weight
+    per token) multiplies each row's loss, the mean dividing by ``sum(sample_weight *
+    weight[target])`` over the rows kept, as for :func:`weighted_loss.cross_entropy`; the chunks'
+    gradients take it as their rows' upstream gradient, in the same single pass."""
     o = _options.cross_entropy(weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                               process_group=process_group, total_weight=total_weight, op=_OP)
-    if _dtensor.any_dtensor(input, target):
+                               process_group=process_group, total_weight=total_weight, op=_OP,
+                               logit_adjustment=logit_adjustment, sample_weight=sample_weight)
+    if _dtensor.any_dtensor(input, target, logit_adjustment, sample_weight):
         raise NotImplementedError(
             f"{_OP}: input and target as DTensors are not supported: pass their local tensors "
             "(with process_group= for the mean over the group)")
@@ -98,14 +108,24 @@ def linear_cross_entropy(
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(
             f"{_OP}: the derivative for 'weight' is not implemented (as in PyTorch)")
+    a = logit_adjustment
+    if a is not None and (a.shape != (classes,) or a.device != input.device):
+        raise ValueError(f"{_OP}: logit_adjustment must be ({classes},) on {input.device}, got "
+                         f"{tuple(a.shape)} on {a.device}")
+    v = _reweight.check_sample_weight(sample_weight, lead, input.device, _OP)
     x = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1, classes) if prob else target.reshape(-1)
+    if v is not None:
+        v = v.reshape(-1) if prob else _reweight.kept(v, target, o.ignore_index).reshape(-1)
+        o = o.but(sample_weight=v)
     logits = compute
+    if a is not None:  # the chunk's logits + a in PyTorch's promoted dtype
+        logits = torch.promote_types(logits, a.dtype)
     if prob:
         if o.ignore_index >= 0:
             raise RuntimeError("ignore_index is not supported for floating point target")
         # F.cross_entropy promotes the logits with the targets (16-bit logits read in place)
-        logits, target_dtype = _dtypes.floating_dtypes(compute, t.dtype)
+        logits, target_dtype = _dtypes.floating_dtypes(logits, t.dtype)
         t = t.to(target_dtype)
     if _dtypes.autocast_on(input) and compute in (torch.bfloat16, torch.float16):
         out = torch.float32  # PyTorch's float32 policy for its losses
@@ -113,6 +133,8 @@ def linear_cross_entropy(
         out = t.dtype if prob else logits
     chunk = chunk_size or _linear_chunks.chunk_rows(x.shape[0], classes, logits, x.device)
     plan = _linear_chunks.Plan(compute, logits, out, chunk, torch.is_grad_enabled(), o.grouped)
+    if a is not None:
+        plan.adjust = a if a.dtype == logits else a.to(logits)
     loss = _linear_chunks.linear_cross_entropy(x, linear_weight, bias, t, *_grouped.mean(o), plan)
     return loss.view(lead) if o.reduction == "none" else loss
 
@@ -120,24 +142,28 @@ def linear_cross_entropy(
 class LinearCrossEntropyLoss(torch.nn.Module):
     """:func:`linear_cross_entropy` as a module: ``forward(input, linear_weight, target,
     bias=None)`` with the class weight and the options of :class:`torch.nn.CrossEntropyLoss`
-    given at construction (``weight`` a buffer, as there); ``process_group=`` and
-    ``forward(..., total_weight=)`` as for :class:`weighted_loss.CrossEntropyLoss`."""
+    given at construction (``weight`` and ``logit_adjustment`` buffers, as ``weight`` is there);
+    ``process_group=`` and ``forward(..., total_weight=, sample_weight=)`` as for
+    :class:`weighted_loss.CrossEntropyLoss`."""
 
     def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
                  softcap: Optional[float] = None, chunk_size: Optional[int] = None, *,
-                 process_group=None):
+                 process_group=None, logit_adjustment: Optional[Tensor] = None):
         super().__init__()
         self.process_group = process_group
         _options.row_terms(z_loss, softcap)
         self.register_buffer("weight", weight)
+        self.register_buffer("logit_adjustment", logit_adjustment)
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing, self.chunk_size = label_smoothing, chunk_size
         self.z_loss, self.softcap = z_loss, softcap
 
     def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
-                bias: Optional[Tensor] = None, total_weight=None) -> Tensor:
+                bias: Optional[Tensor] = None, total_weight=None, sample_weight=None) -> Tensor:
         return linear_cross_entropy(input, linear_weight, target, bias, self.weight,
                                     self.ignore_index, self.reduction, self.label_smoothing,
                                     self.z_loss, self.softcap, self.chunk_size,
-                                    process_group=self.process_group, total_weight=total_weight)
+                                    process_group=self.process_group, total_weight=total_weight,
+                                    logit_adjustment=self.logit_adjustment,
+                                    sample_weight=sample_weight)

@@ -13,19 +13,25 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """``torch.nn.CrossEntropyLoss`` computed by :func:`weighted_loss.cross_entropy`;
     ``z_loss=`` and ``softcap=`` as there; ``process_group=`` makes the mean the whole group's
     (see :mod:`weighted_loss.distributed`), and ``forward(..., total_weight=)`` divides by a given
-    denominator."""
+    denominator. ``logit_adjustment=`` (a buffer, carried by ``state_dict`` as ``weight`` is;
+    absent from it when None) and ``forward(..., sample_weight=)`` as for the function."""
 
-    def __init__(self, *args, z_loss=0.0, softcap=None, process_group=None, **kwargs):
+    def __init__(self, *args, z_loss=0.0, softcap=None, process_group=None,
+                 logit_adjustment=None, **kwargs):
         super().__init__(*args, **kwargs)
         _options.row_terms(z_loss, softcap)
         self.z_loss, self.softcap = z_loss, softcap
         self.process_group = process_group
+        self.register_buffer("logit_adjustment", logit_adjustment)
 
-    def forward(self, input: Tensor, target: Tensor, total_weight=None) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, total_weight=None,
+                sample_weight=None) -> Tensor:
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                                reduction=self.reduction, label_smoothing=self.label_smoothing,
                                z_loss=self.z_loss, softcap=self.softcap,
-                               process_group=self.process_group, total_weight=total_weight)
+                               process_group=self.process_group, total_weight=total_weight,
+                               logit_adjustment=self.logit_adjustment,
+                               sample_weight=sample_weight)
 
 
 class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):

@@ -54,6 +54,9 @@ def vocab_parallel_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     process_group=None,
+    *,
+    logit_adjustment: Optional[Tensor] = None,
+    sample_weight: Optional[Tensor] = None,
 ) -> Tensor:
     """``F.cross_entropy`` of logits whose classes are split over the ranks of ``process_group``
     (the default group when None and torch.distributed is initialized; one shard otherwise).
@@ -67,9 +70,14 @@ def vocab_parallel_cross_entropy(
     an uneven split raises the same ValueError on every rank); the backward communicates
     nothing. DTensor logits (the output of a ``ColwiseParallel`` head) go to
     :func:`weighted_loss.cross_entropy`, which takes this path over their mesh when they are
-    sharded on the classes."""
-    o = _options.cross_entropy(weight, ignore_index, reduction, label_smoothing, op=_OP)
-    if _dtensor.any_dtensor(logits, target, weight):  # the DTensor's mesh and placement say it
+    sharded on the classes.
+
+    ``logit_adjustment``: the full ``(C,)`` adjustment (each rank adds its slice to its shard);
+    ``sample_weight``: one weight per item, the target's shape (as for
+    :func:`weighted_loss.cross_entropy`)."""
+    o = _options.cross_entropy(weight, ignore_index, reduction, label_smoothing, op=_OP,
+                               logit_adjustment=logit_adjustment, sample_weight=sample_weight)
+    if _dtensor.any_dtensor(logits, target, weight, logit_adjustment, sample_weight):  # the DTensor's mesh and placement say it
         # (process_group is refused there: the mesh gives the group)
         return _dtensor.cross_entropy(logits, target, o.but(process_group=process_group))
     if target.is_floating_point():
