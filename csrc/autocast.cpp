@@ -21,6 +21,14 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using OptDtype = std::optional<at::ScalarType>;
 
+// PyTorch's message (autocast_mode.cpp) where its CUDA autocast meets binary_cross_entropy
+constexpr const char* kBceBanned =
+    "torch.nn.functional.binary_cross_entropy and torch.nn.BCELoss are unsafe to autocast.\n"
+    "Many models use a sigmoid layer right before the binary cross entropy layer.\n"
+    "In this case, combine the two layers using torch.nn.functional.binary_cross_entropy_with_logits\n"
+    "or torch.nn.BCEWithLogitsLoss.  binary_cross_entropy_with_logits and BCEWithLogits are\n"
+    "safe to autocast.";
+
 bool is_16bit(const Tensor& t) {
   return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
 }
@@ -70,7 +78,10 @@ struct Rule {
   }
   static Tensor bce_forward(const Tensor& input, const Tensor& target, const OptTensor& weight,
                             const OptTensor& pos_weight, int64_t reduction, double gamma,
-                            double alpha, const OptTensor& alpha_tensor, OptDtype out_dtype) {
+                            double alpha, const OptTensor& alpha_tensor, OptDtype out_dtype,
+                            bool prob_input) {
+    // PyTorch's CUDA autocast refuses BCE of probabilities (its CPU autocast runs it in float32)
+    TORCH_CHECK(!(prob_input && Key == c10::DispatchKey::AutocastCUDA), kBceBanned);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
     static const auto op =
         c10::Dispatcher::singleton()
@@ -79,7 +90,7 @@ struct Rule {
     // float32 for 16-bit logits; with float32 logits a 16-bit target is cast, and the loss
     // takes its new dtype
     return op.call(input, autocast_target(target, input), weight, pos_weight, reduction, gamma,
-                   alpha, alpha_tensor, autocast_loss_dtype(input, out_dtype));
+                   alpha, alpha_tensor, autocast_loss_dtype(input, out_dtype), prob_input);
   }
   static void register_all(torch::Library& m) {
     m.impl("cross_entropy_forward", &ce_forward);

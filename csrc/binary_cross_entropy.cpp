@@ -13,6 +13,7 @@ namespace {
 using at::Tensor;
 
 constexpr const char* kOp = "binary_cross_entropy_with_logits";
+constexpr const char* kProbOp = "binary_cross_entropy";
 
 // Rows shorter than kMinRow are slow to walk (a few vectors each); when the weights repeat row
 // after row, several rows are joined into one and the weights repeated to match: for inputs of
@@ -162,9 +163,13 @@ Prepared prepare(const Tensor& input, const Tensor& target,
 
 // The focal terms (params.h): gamma < 0 is plain BCE; NaN is an error. An alpha tensor (already
 // in p.alpha) switches alpha_t on and replaces the scalar alpha.
-void set_focal(BinaryCrossEntropyParams& p, double gamma, double alpha, const char* op) {
+void set_focal(BinaryCrossEntropyParams& p, double gamma, double alpha, bool prob_input,
+               const char* op) {
   TORCH_CHECK_VALUE(gamma == gamma && alpha == alpha && std::isfinite(gamma), op,
                     ": gamma and alpha must be numbers, got gamma=", gamma, ", alpha=", alpha);
+  TORCH_CHECK_VALUE(!prob_input || gamma < 0, op, ": the focal loss takes logits, not "
+                    "probabilities (prob_input), got gamma=", gamma);
+  p.prob_input = prob_input;
   TORCH_CHECK_VALUE(p.alpha.data == nullptr || gamma >= 0, op, ": an alpha tensor needs the "
                     "focal loss (gamma >= 0), got gamma=", gamma);
   p.focal_gamma = gamma;
@@ -178,14 +183,15 @@ Tensor binary_cross_entropy_forward_impl(const Tensor& input, const Tensor& targ
                                          const std::optional<Tensor>& pos_weight,
                                          int64_t reduction, double gamma, double alpha,
                                          const std::optional<Tensor>& alpha_tensor,
-                                         std::optional<at::ScalarType> out_dtype,
+                                         std::optional<at::ScalarType> out_dtype, bool prob_input,
                                          const BinaryCrossEntropyBackend& backend) {
-  Prepared r = prepare(input, target, weight, pos_weight, alpha_tensor, reduction, kOp);
-  set_focal(r.p, gamma, alpha, kOp);
+  const char* op = prob_input ? kProbOp : kOp;
+  Prepared r = prepare(input, target, weight, pos_weight, alpha_tensor, reduction, op);
+  set_focal(r.p, gamma, alpha, prob_input, op);
   // the target's dtype, as PyTorch's result has, unless out_dtype says otherwise
-  const auto lo = input.options().dtype(loss_dtype_of(out_dtype, target.scalar_type(), input, kOp));
+  const auto lo = input.options().dtype(loss_dtype_of(out_dtype, target.scalar_type(), input, op));
   Tensor loss = r.p.reduction == Reduction::None ? at::empty(input.sizes(), lo) : at::empty({}, lo);
-  r.p.loss_dtype = dtype_of(loss, kOp);
+  r.p.loss_dtype = dtype_of(loss, op);
   r.p.loss = loss.data_ptr();
   backend.launch(r.p);
   return loss;
@@ -195,11 +201,13 @@ std::tuple<Tensor, Tensor> binary_cross_entropy_backward_impl(
     const Tensor& grad_loss, const Tensor& input, const Tensor& target,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& pos_weight,
     int64_t reduction, bool input_grad, bool target_grad, double gamma, double alpha,
-    const std::optional<Tensor>& alpha_tensor, const BinaryCrossEntropyBackend& backend) {
-  constexpr const char* op = "binary_cross_entropy_with_logits backward";
+    const std::optional<Tensor>& alpha_tensor, bool prob_input,
+    const BinaryCrossEntropyBackend& backend) {
+  const char* op = prob_input ? "binary_cross_entropy backward"
+                              : "binary_cross_entropy_with_logits backward";
   Prepared r = prepare(input, target, weight, pos_weight, alpha_tensor, reduction, op);
   BinaryCrossEntropyParams& p = r.p;
-  set_focal(p, gamma, alpha, op);
+  set_focal(p, gamma, alpha, prob_input, op);
   p.loss_dtype = aux_dtype_of(grad_loss.scalar_type(), input, op, "grad_loss");
   TORCH_CHECK(grad_loss.device() == input.device(), op, ": grad_loss is on ", grad_loss.device(),
               " but input is on ", input.device());

@@ -73,15 +73,17 @@ TORCH_LIBRARY(weighted_loss, m) {
   // BCE with logits. weight and pos_weight broadcast against input as in PyTorch; target has the
   // input's shape and dtype; gamma >= 0 makes it the sigmoid focal loss (params.h), with
   // alpha_tensor (broadcast as weight) each element's alpha when given. The backward
-  // returns (grad_input, grad_target), each an empty (0,) tensor unless asked for.
+  // returns (grad_input, grad_target), each an empty (0,) tensor unless asked for. prob_input:
+  // the input holds probabilities (F.binary_cross_entropy with pos_weight; params.h).
   m.def(
       "binary_cross_entropy_with_logits_forward(Tensor input, Tensor target, Tensor? weight, "
       "Tensor? pos_weight, int reduction, float gamma=-1., float alpha=-1., "
-      "Tensor? alpha_tensor=None, ScalarType? out_dtype=None) -> Tensor");
+      "Tensor? alpha_tensor=None, ScalarType? out_dtype=None, bool prob_input=False) -> Tensor");
   m.def(
       "binary_cross_entropy_with_logits_backward(Tensor grad_loss, Tensor input, Tensor target, "
       "Tensor? weight, Tensor? pos_weight, int reduction, bool input_grad, bool target_grad, "
-      "float gamma=-1., float alpha=-1., Tensor? alpha_tensor=None) -> (Tensor, Tensor)");
+      "float gamma=-1., float alpha=-1., Tensor? alpha_tensor=None, bool prob_input=False) "
+      "-> (Tensor, Tensor)");
   // Which CPU kernel build runs here: DEFAULT, AVX2 or AVX512.
   m.def("cpu_capability() -> str", &cpu_capability);
 }

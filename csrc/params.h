@@ -138,6 +138,13 @@ struct BinaryCrossEntropyParams {
   double focal_gamma;
   double focal_alpha;
   BroadcastWeight alpha;
+  // BCE of probabilities (F.binary_cross_entropy; not with the focal loss): `input` holds p in
+  // [0, 1], the loss PyTorch's -w (P t max(log p, -100) + (1 - t) max(log1p(-p), -100)) with
+  // pos_weight P scaling the positive term as for logits, dloss/dp = w (p (1 + (P - 1) t) - P t)
+  // / max(p (1 - p), 1e-12) (PyTorch's (p - t) / max(p (1 - p), eps) at P = 1) and dloss/dt =
+  // w (log1p(-p) - P log p); an input outside [0, 1] or NaN is an error of the forward (a device
+  // assert on a GPU), as PyTorch's.
+  bool prob_input;
 
   const void* input;           // logits, dtype
   const void* target;          // probabilities in [0, 1], target_dtype

@@ -125,20 +125,22 @@ struct BinaryCrossEntropyOps {
   static Tensor forward(const Tensor& input, const Tensor& target, const OptTensor& weight,
                         const OptTensor& pos_weight, int64_t reduction, double gamma,
                         double alpha, const OptTensor& alpha_tensor,
-                        std::optional<at::ScalarType> out_dtype) {
+                        std::optional<at::ScalarType> out_dtype, bool prob_input) {
     const typename Device::Guard guard(input.device());
     return binary_cross_entropy_forward_impl(input, target, weight, pos_weight, reduction, gamma,
-                                             alpha, alpha_tensor, out_dtype, Device::forward());
+                                             alpha, alpha_tensor, out_dtype, prob_input,
+                                             Device::forward());
   }
   static std::tuple<Tensor, Tensor> backward(const Tensor& grad_loss, const Tensor& input,
                                              const Tensor& target, const OptTensor& weight,
                                              const OptTensor& pos_weight, int64_t reduction,
                                              bool input_grad, bool target_grad, double gamma,
-                                             double alpha, const OptTensor& alpha_tensor) {
+                                             double alpha, const OptTensor& alpha_tensor,
+                                             bool prob_input) {
     const typename Device::Guard guard(input.device());
     return binary_cross_entropy_backward_impl(grad_loss, input, target, weight, pos_weight,
                                               reduction, input_grad, target_grad, gamma, alpha,
-                                              alpha_tensor, Device::backward());
+                                              alpha_tensor, prob_input, Device::backward());
   }
 };
 

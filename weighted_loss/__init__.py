@@ -7,10 +7,10 @@ from . import _C  # noqa: F401  (registers the weighted_loss ops)
 from . import _ops  # noqa: F401  (fake kernels and autograd)
 from . import distributed, functional, vocab_parallel
 from .distributed import total_weight
-from .functional import binary_cross_entropy_with_logits, cross_entropy
+from .functional import binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy
 from .focal import FocalLoss, SigmoidFocalLoss, focal_loss, sigmoid_focal_loss
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
-from .modules import BCEWithLogitsLoss, CrossEntropyLoss
+from .modules import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss
 from .patch import is_patched, patch_torch, unpatch_torch
 from .priors import adjust_logits, logit_adjustment
 from .vocab_parallel import vocab_parallel_cross_entropy
@@ -24,7 +24,7 @@ __all__ = [
     "total_weight", "vocab_parallel", "vocab_parallel_cross_entropy", "linear_cross_entropy",
     "LinearCrossEntropyLoss", "sigmoid_focal_loss", "SigmoidFocalLoss",
     "focal_loss", "FocalLoss", "patch_torch", "unpatch_torch", "is_patched", "logit_adjustment",
-    "adjust_logits",
+    "adjust_logits", "binary_cross_entropy", "BCELoss",
 ]
 __version__ = "0.1.0"
 

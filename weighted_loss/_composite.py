@@ -121,11 +121,29 @@ def _bce_terms(x, t, weight, pos_weight, focal=False):
     return ce if weight is None else ce * weight
 
 
+def _bce_prob_terms(p, t, weight, pos_weight):
+    """BCE of probabilities per element through PyTorch's own op (its -100 clamps, and its
+    gradients' eps, to every order): with pos_weight P, P t bce(p, 1) + (1 - t) bce(p, 0), whose
+    input gradient is the fused kernels' (p (1 + (P - 1) t) - P t) / max(p (1 - p), eps)."""
+    bce = torch.ops.aten.binary_cross_entropy
+    if pos_weight is None:
+        ce = bce(p, t, None, 0)
+    else:
+        ce = pos_weight * t * bce(p, torch.ones_like(p), None, 0) + \
+            (1 - t) * bce(p, torch.zeros_like(p), None, 0)
+    return ce if weight is None else ce * weight
+
+
 def binary_cross_entropy(input, target, weight, pos_weight, reduction, gamma=-1.0, alpha=-1.0,
-                         alpha_tensor=None, out_dtype=None):
+                         alpha_tensor=None, out_dtype=None, prob_input=False):
     """The binary_cross_entropy_with_logits_forward op's loss, the sigmoid focal loss's with
-    gamma >= 0 (alpha_t (1 - p_t)^gamma times the weighted BCE; alpha_tensor per element)."""
+    gamma >= 0 (alpha_t (1 - p_t)^gamma times the weighted BCE; alpha_tensor per element); with
+    prob_input BCE of probabilities."""
     dtype = _acc_dtype(torch.promote_types(input.dtype, target.dtype))
+    if prob_input:
+        cast = lambda v: None if v is None else v.to(dtype)  # noqa: E731
+        ce = _bce_prob_terms(input.to(dtype), target.to(dtype), cast(weight), cast(pos_weight))
+        return _reduce(ce, ce.numel(), reduction).to(out_dtype or target.dtype)
     if gamma >= 0:  # the focal factor's derivatives (singular at p_t = 1 for gamma < 1, terms
         dtype = torch.float64  # of e^-1.5x that cancel) lose 3-4 digits even in float32
     x, t = input.to(dtype), target.to(dtype)

@@ -144,7 +144,8 @@ class BinaryCrossEntropy(torch.autograd.Function):
         gx, gt = _ops.binary_cross_entropy_with_logits_backward(
             _ones_like_loss(ctx, input), input, target, weight, pos_weight, ctx.reduction,
             d_input is not None, d_target is not None, *ctx.focal,
-            *((alpha_tensor,) if ctx.has_alpha_tensor else ()))
+            *((alpha_tensor,) if ctx.has_alpha_tensor else ()),
+            **({"prob_input": True} if ctx.prob_input else {}))
         out = None
         if d_input is not None:
             out = _contract(gx, d_input, ctx.reduction, None, ctx.out_dtype)

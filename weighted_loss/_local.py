@@ -143,10 +143,11 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, o: BinaryOpt
 
 def _no_parameter_grads(o: BinaryOptions) -> None:
     if not o.focal:
+        op = "binary_cross_entropy" if o.prob_input else "binary_cross_entropy_with_logits"
         for name, w in (("weight", o.weight), ("pos_weight", o.pos_weight)):
             if w is not None and w.requires_grad:
                 raise RuntimeError(
-                    "The function 'binary_cross_entropy_with_logits' is not differentiable with "
+                    f"The function '{op}' is not differentiable with "
                     f"respect to argument '{name}'. This input cannot have requires_grad True.")
         return
     for name, t in (("weight", o.weight), ("pos_weight", o.pos_weight), ("alpha", o.alpha)):

@@ -193,14 +193,14 @@ def _(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_ind
 
 @torch.library.register_fake("weighted_loss::binary_cross_entropy_with_logits_forward")
 def _(input, target, weight, pos_weight, reduction, gamma=-1.0, alpha=-1.0, alpha_tensor=None,
-      out_dtype=None):
+      out_dtype=None, prob_input=False):
     return input.new_empty(input.shape if reduction == _NONE else (),
                            dtype=out_dtype or target.dtype)
 
 
 @torch.library.register_fake("weighted_loss::binary_cross_entropy_with_logits_backward")
 def _(grad_loss, input, target, weight, pos_weight, reduction, input_grad, target_grad,
-      gamma=-1.0, alpha=-1.0, alpha_tensor=None):
+      gamma=-1.0, alpha=-1.0, alpha_tensor=None, prob_input=False):
     # contiguous, as the kernels write them; the target's in its dtype
     grad_input = input.new_empty(input.shape if input_grad else (0,))
     grad_target = target.new_empty(input.shape) if target_grad else input.new_empty((0,))
@@ -208,9 +208,10 @@ def _(grad_loss, input, target, weight, pos_weight, reduction, input_grad, targe
 
 
 def _bce_setup(ctx, inputs, output):
-    # [gamma, alpha, alpha_tensor, out_dtype]
+    # [gamma, alpha, alpha_tensor, out_dtype, prob_input]
     input, target, weight, pos_weight, reduction, *focal = inputs
     alpha_tensor = focal[2] if len(focal) > 2 else None
+    ctx.prob_input = bool(focal[4]) if len(focal) > 4 else False
     ctx.to_save = (input, target, weight, pos_weight, alpha_tensor)
     ctx.save_for_backward(*ctx.to_save)
     ctx.reduction, ctx.focal = reduction, tuple(focal[:2])
@@ -230,12 +231,13 @@ def _bce_backward(ctx, grad_loss):
         grad_input, grad_target = _differentiable_grads(
             _composite.binary_cross_entropy,
             (input, target, weight, pos_weight, ctx.reduction, *ctx.focal, alpha_tensor,
-             ctx.out_dtype),
+             ctx.out_dtype, ctx.prob_input),
             grad_loss, [input if need_input else None, target if need_target else None])
     elif need_input or need_target:
         gx, gt = _ops.binary_cross_entropy_with_logits_backward(
             grad_loss, input, target, weight, pos_weight, ctx.reduction, need_input, need_target,
-            *ctx.focal, *((alpha_tensor,) if ctx.has_alpha_tensor else ()))
+            *ctx.focal, *((alpha_tensor,) if ctx.has_alpha_tensor else ()),
+            **({"prob_input": True} if ctx.prob_input else {}))
         grad_input = gx if need_input else None
         grad_target = gt if need_target else None
     return (grad_input, grad_target) + (None,) * (len(ctx.needs_input_grad) - 2)

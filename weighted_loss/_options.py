@@ -71,6 +71,7 @@ class BinaryOptions:
     alpha: Union[float, Tensor] = -1.0  # its alpha: a float (-1: off) or a tensor per element
     process_group: Any = None
     total_weight: Any = None
+    prob_input: bool = False  # BCE of probabilities (F.binary_cross_entropy), not of logits
 
     @property
     def focal(self) -> bool:
@@ -92,6 +93,8 @@ class BinaryOptions:
         the focal ones only for the focal loss (a tensor alpha switches the kernels' per-element
         alpha on, the float one then unused)."""
         red = _Reduction.get_enum(self.reduction)
+        if self.prob_input:  # (gamma, alpha, alpha_tensor, out_dtype, prob_input)
+            return (self.weight, self.pos_weight, red, -1.0, -1.0, None, None, True)
         if not self.focal:
             return (self.weight, self.pos_weight, red)
         tensor_alpha = isinstance(self.alpha, Tensor)
@@ -175,10 +178,10 @@ def cross_entropy(weight=None, ignore_index=-100, reduction="mean", label_smooth
 
 
 def binary(weight=None, pos_weight=None, reduction="mean", gamma=-1.0, alpha=-1.0,
-           process_group=None, total_weight=None) -> BinaryOptions:
+           process_group=None, total_weight=None, prob_input=False) -> BinaryOptions:
     """Checked options of BCE with logits (gamma and alpha: the sigmoid focal loss's, checked by
     its entry point with torchvision's messages)."""
     _check_grouped(reduction, process_group, total_weight, None)
     check_reduction(reduction)
     return BinaryOptions(weight, pos_weight, reduction, gamma, alpha, process_group,
-                         total_weight)
+                         total_weight, prob_input)

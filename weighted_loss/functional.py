@@ -3,12 +3,13 @@ points: legacy arguments, the options checked once (_options), the dispatch to t
 (_dtensor) or to the process-group and single-device ones (_grouped, _local)."""
 from typing import Optional
 
+import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-from . import _dtensor, _grouped, _options
+from . import _dtensor, _dtypes, _grouped, _options
 
-__all__ = ["cross_entropy", "binary_cross_entropy_with_logits"]
+__all__ = ["cross_entropy", "binary_cross_entropy_with_logits", "binary_cross_entropy"]
 
 
 def cross_entropy(
@@ -96,6 +97,61 @@ def binary_cross_entropy_with_logits(
         reduction = _Reduction.legacy_get_string(size_average, reduce)
     o = _options.binary(weight, pos_weight, reduction, process_group=process_group,
                         total_weight=total_weight)
+    if _dtensor.any_dtensor(input, target, weight, pos_weight):
+        return _dtensor.binary_cross_entropy_with_logits(input, target, o)
+    return _grouped.binary_cross_entropy_with_logits(input, target, o)
+
+
+_DTYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
+                torch.float16: "Half", torch.int64: "Long", torch.int32: "Int", torch.int16: "Short",
+                torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool"}
+
+_BCE_AUTOCAST = (
+    "torch.nn.functional.binary_cross_entropy and torch.nn.BCELoss are unsafe to autocast.\n"
+    "Many models use a sigmoid layer right before the binary cross entropy layer.\n"
+    "In this case, combine the two layers using torch.nn.functional.binary_cross_entropy_with_logits"
+    "\nor torch.nn.BCEWithLogitsLoss.  binary_cross_entropy_with_logits and BCEWithLogits are\n"
+    "safe to autocast.")
+
+
+def binary_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    pos_weight: Optional[Tensor] = None,
+    *,
+    process_group=None,
+    total_weight=None,
+) -> Tensor:
+    """Fused ``F.binary_cross_entropy`` (inputs are probabilities, after a sigmoid), with
+    ``pos_weight`` as :func:`binary_cross_entropy_with_logits` has it: each element's loss
+    ``-weight * (pos_weight * t * max(log p, -100) + (1 - t) * max(log(1 - p), -100))``, one pass
+    forward and one backward. Without ``pos_weight`` it is PyTorch's: the same values and
+    gradients (``(p - t) / max(p (1 - p), 1e-12)``), the log clamped at -100, a RuntimeError for
+    an input outside [0, 1], ``target`` of the input's dtype and shape, ``weight`` broadcast to
+    the input. ``pos_weight`` broadcasts as ``weight`` does (``(C,)`` on the last dim). Under
+    CUDA autocast it raises as PyTorch does; under CPU autocast the loss is float32 (16-bit
+    inputs read in place). ``process_group`` / ``total_weight``: as for
+    :func:`binary_cross_entropy_with_logits`."""
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
+    if _dtypes.autocast_on(input) and input.device.type == "cuda":
+        raise RuntimeError(_BCE_AUTOCAST)
+    if target.size() != input.size():
+        raise ValueError(f"Using a target size ({target.size()}) that is different to the input "
+                         f"size ({input.size()}) is deprecated. Please ensure they have the same "
+                         "size.")
+    if target.dtype != input.dtype and not _dtypes.autocast_on(input):
+        name = lambda d: _DTYPE_NAMES.get(d, str(d))  # noqa: E731
+        raise RuntimeError(f"Found dtype {name(target.dtype)} but expected {name(input.dtype)}")
+    if not input.is_floating_point():
+        raise NotImplementedError(f'"binary_cross_entropy" not implemented for '
+                                  f"'{_DTYPE_NAMES.get(input.dtype, input.dtype)}'")
+    o = _options.binary(weight, pos_weight, reduction, process_group=process_group,
+                        total_weight=total_weight, prob_input=True)
     if _dtensor.any_dtensor(input, target, weight, pos_weight):
         return _dtensor.binary_cross_entropy_with_logits(input, target, o)
     return _grouped.binary_cross_entropy_with_logits(input, target, o)

@@ -6,7 +6,7 @@ from torch import Tensor
 from . import _options
 from . import functional as F
 
-__all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss"]
+__all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss", "BCELoss"]
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -48,6 +48,25 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
                                                   reduction=self.reduction,
                                                   process_group=self.process_group,
                                                   total_weight=total_weight)
+
+
+class BCELoss(torch.nn.BCELoss):
+    """``torch.nn.BCELoss`` computed by :func:`weighted_loss.binary_cross_entropy`, with
+    ``pos_weight=`` as ``torch.nn.BCEWithLogitsLoss`` has it (a buffer, carried by ``state_dict``;
+    absent from it when None); ``process_group=`` and ``total_weight=`` as for
+    :class:`CrossEntropyLoss`."""
+
+    def __init__(self, weight=None, size_average=None, reduce=None, reduction: str = "mean",
+                 pos_weight=None, *, process_group=None):
+        super().__init__(weight, size_average, reduce, reduction)
+        self.register_buffer("pos_weight", pos_weight)
+        self.process_group = process_group
+
+    def forward(self, input: Tensor, target: Tensor, total_weight=None) -> Tensor:
+        return F.binary_cross_entropy(input, target, self.weight, reduction=self.reduction,
+                                      pos_weight=self.pos_weight,
+                                      process_group=self.process_group,
+                                      total_weight=total_weight)
 
 
 # Every module of the package, as torch.nn holds them (each defined beside its feature).

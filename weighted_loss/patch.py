@@ -2,8 +2,10 @@
 scripts, a Lightning template, a transformers model), by swapping PyTorch's names for ours.
 
 What it changes (and nothing else):
-  - ``torch.nn.functional.cross_entropy`` and ``binary_cross_entropy_with_logits``;
-  - ``torch.nn.CrossEntropyLoss`` and ``BCEWithLogitsLoss``, under each name PyTorch exports them
+  - ``torch.nn.functional.cross_entropy``, ``binary_cross_entropy_with_logits`` and
+    ``binary_cross_entropy``;
+  - ``torch.nn.CrossEntropyLoss``, ``BCEWithLogitsLoss`` and ``BCELoss``, under each name PyTorch
+    exports them
     (``torch.nn``, ``torch.nn.modules``, ``torch.nn.modules.loss``);
   - with ``torchvision=True`` where torchvision is importable: ``torchvision.ops.sigmoid_focal_loss``
     (and ``torchvision.ops.focal_loss.sigmoid_focal_loss``), with torchvision's argument names.
@@ -45,10 +47,12 @@ def _targets(torchvision: bool) -> List[Tuple[str, str, object]]:
     """(module, name, ours) for every name the patch swaps."""
     out = [("torch.nn.functional", "cross_entropy", functional.cross_entropy),
            ("torch.nn.functional", "binary_cross_entropy_with_logits",
-            functional.binary_cross_entropy_with_logits)]
+            functional.binary_cross_entropy_with_logits),
+           ("torch.nn.functional", "binary_cross_entropy", functional.binary_cross_entropy)]
     for where in ("torch.nn", "torch.nn.modules", "torch.nn.modules.loss"):
         out += [(where, "CrossEntropyLoss", modules.CrossEntropyLoss),
-                (where, "BCEWithLogitsLoss", modules.BCEWithLogitsLoss)]
+                (where, "BCEWithLogitsLoss", modules.BCEWithLogitsLoss),
+                (where, "BCELoss", modules.BCELoss)]
     if torchvision:
         try:
             importlib.import_module("torchvision.ops")
@@ -76,7 +80,7 @@ class _Patch:
 
 
 def patch_torch(*, torchvision: bool = True) -> _Patch:
-    """Swap PyTorch's cross-entropy and BCE-with-logits (functional and modules), and
+    """Swap PyTorch's cross-entropy, BCE-with-logits and BCE (functional and modules), and
     torchvision's ``sigmoid_focal_loss`` with ``torchvision=True``, for the fused ones; see the
     module's doc for the names. Returns a context manager that undoes this call on exit."""
     with _LOCK:

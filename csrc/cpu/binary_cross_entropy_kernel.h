@@ -17,6 +17,7 @@
 // through their strides (BroadcastWeight), never expanded.
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <cmath>
 #include <limits>
@@ -90,10 +91,11 @@ struct BceCtx {
   const acc_t* pw;
   const acc_t* al;   // the alpha tensor, or nullptr: the scalar alpha
   acc_t one = 1, alpha;
-  bool focal, al_contiguous, loss_acc;
+  bool focal, al_contiguous, loss_acc, prob;
   Focal<acc_t> fl;
 
   explicit BceCtx(const BinaryCrossEntropyParams& prm) : p(prm) {
+    prob = p.prob_input;
     focal = p.focal_gamma >= 0;
     fl = {static_cast<acc_t>(focal ? p.focal_gamma : 0.0), focal && p.focal_alpha >= 0};
     if (focal && p.focal_alpha >= 0 && p.alpha.data == nullptr) {
@@ -222,8 +224,16 @@ inline void forward_segment(const Cx& cx, int64_t f, int64_t n, const typename C
     V xv[2], tv[2], wv[2], pv[2];
     load_elements<scalar_t, typename Cx::target_t, WC, PC, decltype(full)::value>(
         x, t, w, pw, k, cnt, xv, tv, wv, pv);
-    V l0 = bce_loss(xv[0], tv[0], pv[0]) * wv[0];
-    V l1 = bce_loss(xv[1], tv[1], pv[1]) * wv[1];
+    V l0, l1;
+    if (cx.prob) {  // probabilities: each checked in [0, 1], as PyTorch's forward checks them
+      TORCH_CHECK(!outside_unit(xv[0]) && !outside_unit(xv[1]),
+                  "all elements of input should be between 0 and 1");
+      l0 = bce_prob_loss(xv[0], tv[0], pv[0]) * wv[0];
+      l1 = bce_prob_loss(xv[1], tv[1], pv[1]) * wv[1];
+    } else {
+      l0 = bce_loss(xv[0], tv[0], pv[0]) * wv[0];
+      l1 = bce_loss(xv[1], tv[1], pv[1]) * wv[1];
+    }
     if (cx.focal) {
       V av[2];
       load_alpha(cx, a, k, cnt, av);
@@ -319,6 +329,11 @@ inline void backward_segment(const Cx& cx, int64_t f, int64_t n, const typename 
     if (cx.focal) load_alpha(cx, a, k, cnt, av);
     auto grads = [&](const V& xv, const V& tv, const V& av, const V& pv, const V& gv, V& dx,
                      V& dt) {
+      if (cx.prob) {  // probabilities (binary_cross_entropy_math.h)
+        if constexpr (GX) dx = gv * bce_prob_grad(xv, tv, pv);
+        if constexpr (GT) dt = gv * bce_prob_grad_target(xv, pv);
+        return;
+      }
       const V e = exp_neg_abs(xv);
       if constexpr (GX) {
         if (cx.focal) {

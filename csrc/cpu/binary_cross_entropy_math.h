@@ -58,6 +58,43 @@ inline Vectorized<acc_t> bce_loss(const Vectorized<acc_t>& x, const Vectorized<a
   return V::blendv(loss, a * x - (a + b) * x, x == V(-std::numeric_limits<acc_t>::infinity()));
 }
 
+// BCE of probabilities p (params.h: prob_input), PyTorch's form with pos_weight P on the positive
+// term: (t - 1) max(log1p(-p), -100) - P t max(log p, -100), exactly PyTorch's at P = 1.
+template <typename acc_t>
+inline Vectorized<acc_t> bce_prob_loss(const Vectorized<acc_t>& p, const Vectorized<acc_t>& t,
+                                       const Vectorized<acc_t>& pw) {
+  using V = Vectorized<acc_t>;
+  const V lo(-100), one(1);
+  const V lq = at::vec::maximum((V(0) - p).log1p(), lo);
+  const V lp = at::vec::maximum(p.log(), lo);
+  return (t - one) * lq - pw * t * lp;
+}
+
+// Its gradients: d/dp = (p (1 + (P - 1) t) - P t) / max(p (1 - p), 1e-12) (PyTorch's
+// (p - t) / max((1 - p) p, eps) at P = 1) and d/dt = log1p(-p) - P log p (PyTorch's -logit(p)).
+template <typename acc_t>
+inline Vectorized<acc_t> bce_prob_grad(const Vectorized<acc_t>& p, const Vectorized<acc_t>& t,
+                                       const Vectorized<acc_t>& pw) {
+  using V = Vectorized<acc_t>;
+  const V one(1), b = pw * t;
+  const V num = p * ((one - t) + b) - b;
+  return num / at::vec::maximum((one - p) * p, V(acc_t(1e-12)));
+}
+template <typename acc_t>
+inline Vectorized<acc_t> bce_prob_grad_target(const Vectorized<acc_t>& p,
+                                              const Vectorized<acc_t>& pw) {
+  using V = Vectorized<acc_t>;
+  return (V(0) - p).log1p() - pw * p.log();
+}
+
+// Whether an element of p is outside [0, 1] or NaN (a block's unused lanes are loaded as 0).
+template <typename acc_t>
+inline bool outside_unit(const Vectorized<acc_t>& p) {
+  using V = Vectorized<acc_t>;
+  const V bad = (p < V(0)) | (p > V(1)) | (p != p);
+  return bad.zero_mask() != (1 << V::size()) - 1;
+}
+
 // The sigmoid focal loss (params.h), from e = exp(-|x|): q = 1 - p_t = t sigmoid(-x) +
 // (1 - t) sigmoid(x), each sigmoid without cancellation; the loss factor alpha_t q^gamma, and the
 // gradient alpha_t q^gamma (dce + gamma (1 - 2 t) sigmoid(x) sigmoid(-x) / q ce), whose second

@@ -53,6 +53,21 @@ __device__ __forceinline__ acc_t bce_loss(acc_t x, acc_t t, acc_t pw) {
   return x == -INFINITY ? a * x - (a + b) * x : (a + b) * sp + lin;
 }
 
+// BCE of probabilities (params.h: prob_input; the CPU kernel's bce_prob_*): PyTorch's loss with
+// pos_weight on the positive term, its gradients (d/dp's denominator clamped at 1e-12), and
+// PyTorch's device assert on an input outside [0, 1] or NaN.
+template <typename acc_t>
+__device__ __forceinline__ acc_t bce_prob_loss(acc_t p, acc_t t, acc_t pw) {
+  assert(p >= acc_t(0) && p <= acc_t(1) && "all elements of input should be between 0 and 1");
+  const acc_t lq = fmax(log1p(-p), acc_t(-100)), lp = fmax(log(p), acc_t(-100));
+  return (t - acc_t(1)) * lq - pw * t * lp;
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t bce_prob_grad(acc_t p, acc_t t, acc_t pw) {
+  const acc_t b = pw * t;
+  return (p * ((acc_t(1) - t) + b) - b) / fmax((acc_t(1) - p) * p, acc_t(1e-12));
+}
+
 // The sigmoid focal loss (params.h; the CPU kernel's Focal): q = 1 - p_t from sigmoids that do
 // not cancel, the loss factor alpha_t q^gamma, and the gradient
 // alpha_t q^gamma (dce + gamma (1 - 2 t) sigmoid(x) sigmoid(-x) / q ce), its second term 0 where
@@ -241,7 +256,9 @@ __global__ void __launch_bounds__(kThreads)
     acc_t part = 0;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      l[k] = k < n ? w[k] * bce_loss(x[k], t[k], pw[k]) : acc_t(0);
+      l[k] = k >= n ? acc_t(0)
+                    : w[k] * (p.prob_input ? bce_prob_loss(x[k], t[k], pw[k])
+                                           : bce_loss(x[k], t[k], pw[k]));
       if (p.focal_gamma >= 0 && k < n) l[k] *= focal_factor(p, x[k], t[k], a[k]);
       part += l[k];
     }
@@ -302,8 +319,13 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BinaryCrossEnt
   }
 #pragma unroll
   for (int k = 0; k < V; ++k) {
-    const acc_t e = exp_neg_abs(x[k]);
     const acc_t gw = g[k] * w[k];
+    if (p.prob_input) {  // probabilities
+      if constexpr (GX) dx[k] = gw * bce_prob_grad(x[k], t[k], pw[k]);
+      if constexpr (GT) dt[k] = gw * (log1p(-x[k]) - pw[k] * log(x[k]));
+      continue;
+    }
+    const acc_t e = exp_neg_abs(x[k]);
     if constexpr (GX) {
       const acc_t sig = (x[k] >= acc_t(0) ? acc_t(1) : e) / (acc_t(1) + e);
       const acc_t b = pw[k] * t[k];
