@@ -141,9 +141,9 @@ struct BinaryCrossEntropyParams {
   // BCE of probabilities (F.binary_cross_entropy; not with the focal loss): `input` holds p in
   // [0, 1], the loss PyTorch's -w (P t max(log p, -100) + (1 - t) max(log1p(-p), -100)) with
   // pos_weight P scaling the positive term as for logits, dloss/dp = w (p (1 + (P - 1) t) - P t)
-  // / max(p (1 - p), 1e-12) (PyTorch's (p - t) / max(p (1 - p), eps) at P = 1) and dloss/dt =
-  // w (log1p(-p) - P log p); an input outside [0, 1] or NaN is an error of the forward (a device
-  // assert on a GPU), as PyTorch's.
+  // / max(p (1 - p), eps) (PyTorch's (p - t) / max(p (1 - p), eps) at P = 1, eps its float 1e-12)
+  // and dloss/dt = w (log1p(-p) - P log p) (-w logit(p) at P = 1); an input outside [0, 1] or NaN
+  // is an error of the forward (a device assert on a GPU), as PyTorch's.
   bool prob_input;
 
   const void* input;           // logits, dtype

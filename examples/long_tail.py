@@ -14,7 +14,7 @@ The data:
   2741, 37919, 22858, 31235, 5499, the test set from the same (imbalanced) distribution.
 
 The methods, all through weighted_loss: none; 1/n class weights; effective-number weights
-(beta = 0.999); a weighted sampler (1/n); the focal loss (gamma = 2); the logit-adjusted loss
+(beta = 1 - 1 / max(n)); a weighted sampler (1/n); the focal loss (gamma = 2); the logit-adjusted loss
 (``logit_adjustment=wl.logit_adjustment(counts, tau=1)``, Menon et al. 2021); the plain model's
 logits adjusted after training (``wl.adjust_logits``, the same trained model as "none"); and
 class weights deferred to the last quarter of the epochs (1/n, Cao et al.'s DRW schedule). Every
@@ -99,7 +99,10 @@ def train(method, data, classes, seed, epochs, batch, lr):
     g = torch.Generator().manual_seed(seed + 1)
     inverse = wl.class_weights(counts, "inverse")
     weight = {"1/n weights": inverse,
-              "effective number": wl.class_weights(counts, "effective_number", beta=0.999)
+              # beta = 1 - 1 / max(n): 1 / (1 - beta) at the largest class's size (with
+              # beta = 0.999 and n <= 110 the weights would be 1/n to 5%: the same model)
+              "effective number": wl.class_weights(counts, "effective_number",
+                                                   beta=1.0 - 1.0 / counts.max().item())
               }.get(method)
     adjustment = wl.logit_adjustment(counts, tau=1.0)
     sampler = wl.sampler(ytr, "inverse", generator=g) if method == "sampler" else None
@@ -177,10 +180,11 @@ def plot(path, results):
                    label=metric.replace("_", " "))
         ax.set_xticks(list(x))
         ax.set_xticklabels(METHODS, rotation=40, ha="right", fontsize=7)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.18)
+        ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
         ax.set_title(name, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="upper center", ncol=3)
     fig.suptitle("weighted_loss: imbalance methods on long-tailed data (mean ± std over seeds)",
                  fontsize=11)
     fig.tight_layout()

@@ -256,8 +256,9 @@ def _accepted(case, e_theirs, ours):
     if "expected scalar type" in msg and "weight" in case["kw"] and \
             case["kw"]["weight"].is_floating_point():
         out_dtype = case["x"].dtype
-        up = dict(case, x=case["x"].float(), kw=dict(case["kw"],
-                                                     weight=case["kw"]["weight"].float()))
+        up = dict(case, x=case["x"].float(), kw=dict(case["kw"], **{
+            k: case["kw"][k].float() for k in ("weight", "logit_adjustment", "sample_weight")
+            if k in case["kw"]}))
         theirs, e = _call(torch_fn, up, device=dev)
         ref, e_ref = _call(torch_fn, case, cast=torch.float64)
         if e is None and e_ref is None:

@@ -2,7 +2,10 @@
 with 0- and 1-sized dimensions among the others, a dtype, a layout, targets (uint8 class indices
 beside an ignore_index of 256 or 2^40, BCE targets outside [0, 1]), weights (all zero at times),
 smoothing (strong, over a few rows of 4,097 classes), a reduction, NaN and +-inf logits, one case
-in seven the gradient's gradient too, and one case in eight an invalid argument."""
+in seven the gradient's gradient too, and one case in eight an invalid argument; a logit
+adjustment and per-item sample weights for the cross-entropy losses (a quarter of the cases
+each), and BCE of probabilities (F.binary_cross_entropy: 0 and 1 among them, now and then one
+outside [0, 1])."""
 import random
 
 import torch
@@ -10,7 +13,7 @@ import torch
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 EPS = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -9,
        torch.float16: 2.0 ** -11}
-LOSSES = ["ce", "ce", "ce-prob", "bce", "bce", "focal", "sfocal", "linear"]
+LOSSES = ["ce", "ce", "ce-prob", "bce", "bce", "focal", "sfocal", "linear", "bce-prob"]
 
 
 # ------------------------------------------------------------------------------ drawing a case
@@ -93,11 +96,25 @@ def draw(seed, device="cpu"):
             kw["label_smoothing"] = r.choice([0.1, 0.5, 1.0])
         kw["chunk_size"] = r.choice([None, 1, 3, 16])
         case["layout"] = "contig"
+        _reweight(r, g, case, C, (shape[0],))
         _maybe_invalid(r, case)
         return case
     C = shape[0] if len(shape) == 1 else shape[1]
     x = _logits(r, g, shape, dtype)
     case["layout"], case["x"] = _layout(r, x)
+    if loss == "bce-prob":  # probabilities: exact 0 and 1 among them (saturated sigmoids)
+        p = torch.sigmoid(x.double().nan_to_num(0.5, 40, -40))
+        if p.numel() and r.random() < 0.05:
+            p.view(-1)[r.randrange(p.numel())] = r.choice([1.5, -0.25, float("nan")])
+        case["layout"], case["x"] = _layout(r, p.to(dtype))
+        t = torch.rand(shape, generator=g, dtype=torch.float64)
+        case["target"] = (t.round() if r.random() < 0.6 else t).to(dtype)
+        if r.random() < 0.4:
+            wshape = r.choice([shape[-1:] if shape else (), (1,) * len(shape), shape])
+            kw["weight"] = (torch.rand(wshape, generator=g, dtype=torch.float64) * 4 + 0.1).to(
+                r.choice([dtype, torch.float32]))
+        _maybe_invalid(r, case)
+        return case
     if loss in ("bce", "sfocal"):
         tdt = r.choice([dtype, dtype, torch.float32])
         t = torch.rand(shape, generator=g, dtype=torch.float64)
@@ -152,10 +169,27 @@ def draw(seed, device="cpu"):
             kw["label_smoothing"] = r.choice([0.05, 0.3, 1.0])
         if loss == "focal":
             kw["gamma"] = r.choice([0.5, 1.0, 2.0])
+        items = tuple(shape[:1]) + tuple(shape[2:]) if len(shape) > 1 else ()
+        _reweight(r, g, case, C, items)
     if r.random() < 0.15:  # the gradient's gradient too (create_graph=True)
         case["order"] = 2
     _maybe_invalid(r, case)
     return case
+
+
+def _reweight(r, g, case, C, items):
+    """A logit adjustment (C,) and sample weights of the items' shape (or one that broadcasts to
+    it), a quarter of the cases each, in the logits' dtype."""
+    kw, dtype = case["kw"], case["dtype"]
+    if r.random() < 0.25:
+        kw["logit_adjustment"] = (torch.randn(C, generator=g, dtype=torch.float64) *
+                                  r.choice([1.0, 3.0])).to(dtype)
+    if r.random() < 0.25:
+        vshape = items if not items or r.random() < 0.7 else items[:1] + (1,) * (len(items) - 1)
+        v = torch.rand(vshape, generator=g, dtype=torch.float64) * 2
+        if v.numel() and r.random() < 0.2:
+            v.view(-1)[0] = 0.0
+        kw["sample_weight"] = v.to(dtype)
 
 
 def _maybe_invalid(r, case):

@@ -91,17 +91,49 @@ def _sfocal_reference(input, target, alpha=0.25, gamma=2.0, reduction="none", we
     return loss.sum() if reduction == "sum" else loss
 
 
+def _reweighted(ref):
+    """ref (a loss of (logits, target, **kw)) with logit_adjustment= and sample_weight= as their
+    composites: ref(logits + a, ...), and (v * ref(..., "none")).sum() over
+    sum(v * weight[y]) of the kept items (sum(v) for probabilities)."""
+    def fn(x, y, logit_adjustment=None, sample_weight=None, **kw):
+        if logit_adjustment is not None and x.dim() >= 1:
+            a = logit_adjustment
+            x = x + a.view((a.shape[0],) + (1,) * (x.dim() - (1 if x.dim() == 1 else 2)))
+        if sample_weight is None:
+            return ref(x, y, **kw)
+        red = kw.pop("reduction", "mean")
+        rows = ref(x, y, reduction="none", **kw)
+        v = sample_weight.expand(rows.shape)
+        if y.is_floating_point():
+            div = v.sum()
+        else:
+            keep = y.long() != kw.get("ignore_index", -100)
+            v = torch.where(keep, v, torch.zeros((), dtype=v.dtype))
+            w = kw.get("weight")
+            wy = keep.to(v.dtype) if w is None or w.shape[0] == 0 else \
+                w[torch.where(keep, y.long(), 0)].to(v.dtype) * keep
+            div = (v * wy).sum()
+        if red == "none":
+            return rows * v
+        s = (rows * v).sum()
+        return s if red == "sum" else s / div
+    return fn
+
+
 def _fns(loss):
     if loss in ("ce", "ce-prob"):
-        return wl.cross_entropy, F.cross_entropy
+        return wl.cross_entropy, _reweighted(F.cross_entropy)
     if loss == "bce":
         return wl.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits
+    if loss == "bce-prob":
+        return wl.binary_cross_entropy, F.binary_cross_entropy
     if loss == "focal":
-        return wl.focal_loss, _focal_reference
+        return wl.focal_loss, _reweighted(_focal_reference)
     if loss == "sfocal":
         return wl.sigmoid_focal_loss, sigmoid_focal_composite
+    ref = _reweighted(F.cross_entropy)
     return (wl.linear_cross_entropy,
-            lambda h, lw, y, chunk_size=None, **kw: F.cross_entropy(F.linear(h, lw), y, **kw))
+            lambda h, lw, y, chunk_size=None, **kw: ref(F.linear(h, lw), y, **kw))
 
 
 def _softmax_terms(case, logits):
@@ -113,6 +145,10 @@ def _softmax_terms(case, logits):
     kw = case["kw"]
     if t.is_floating_point() or logits.dim() < 1:
         return None
+    a = kw.get("logit_adjustment")
+    if a is not None and logits.shape[0 if logits.dim() == 1 else 1] == a.shape[0]:
+        logits = logits.double() + a.double().view(
+            (a.shape[0],) + (1,) * (logits.dim() - (1 if logits.dim() == 1 else 2)))
     lg = logits.unsqueeze(0) if logits.dim() == 1 else logits
     tt = t.reshape(1) if logits.dim() == 1 else t
     C = lg.shape[1]
@@ -121,12 +157,19 @@ def _softmax_terms(case, logits):
     w = torch.ones(C, dtype=torch.float64) if w is None else w.double()
     s = kw.get("label_smoothing", 0.0)
     wy = torch.where(keep, w[torch.where(keep, tt, 0).long()], 0.0) if C else keep.double()
-    W = (1 - s) * wy + (s / C * w.sum() if C else 0.0) * keep
+    v = kw.get("sample_weight")
+    v = torch.ones((), dtype=torch.float64) if v is None else v.double()
+    try:
+        v = torch.where(keep, v.reshape(v.shape if logits.dim() > 1 else (1,) * v.dim())
+                        .expand(tt.shape), 0.0).abs()
+    except RuntimeError:  # an invalid case's sample weight: no floor from it
+        v = torch.ones(tt.shape, dtype=torch.float64)
+    W = ((1 - s) * wy + (s / C * w.sum() if C else 0.0) * keep) * v
     red = kw.get("reduction", "mean")
     if red == "none":
         go = torch.linspace(0.5, 1.5, tt.numel(), dtype=torch.float64).reshape(tt.shape)
     else:
-        total = wy.sum() if red == "mean" else 1.0
+        total = (wy * v).sum() if red == "mean" else 1.0
         go = torch.full(tt.shape, 0.5, dtype=torch.float64) / (total if total > 0 else 1.0)
     return (go * W).unsqueeze(1) * torch.softmax(lg.double(), 1).nan_to_num(0, 0, 0)
 
@@ -144,7 +187,7 @@ def _term_scales(case):
     logits = (h @ lw.T).requires_grad_()
     kw = {k: (v.double() if torch.is_tensor(v) else v) for k, v in case["kw"].items()
           if k != "chunk_size"}
-    out = F.cross_entropy(logits, case["target"], **kw)
+    out = _reweighted(F.cross_entropy)(logits, case["target"], **kw)
     go = torch.linspace(0.5, 1.5, out.numel(), dtype=torch.float64).reshape(out.shape)
     dl, = torch.autograd.grad(out, logits, go)
     if not dl.numel() or not lw.shape[1]:

@@ -92,7 +92,7 @@ def kept_weight(target: Tensor, weight: Optional[Tensor], ignore_index: int,
     respect to ``sample_weight``."""
     y = target.reshape(-1).long()
     valid = y != ignore_index
-    if weight is None:
+    if weight is None or weight.numel() == 0:  # (no class: the items count 1, as PyTorch's)
         w = valid.double()
     else:
         w = weight.detach().double().index_select(0, torch.where(valid, y, torch.zeros_like(y)))
@@ -106,7 +106,8 @@ def kept_weight(target: Tensor, weight: Optional[Tensor], ignore_index: int,
 def kept(v: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     """The sample weights of class-index items with the ignored ones' set to 0: an ignored item's
     weight is not read (its NaN or inf stays out of the loss, as its class weight does)."""
-    return torch.where(target == ignore_index, torch.zeros_like(v), v)
+    # compared as int64: a uint8 target beside an ignore_index of 256 or 2^40 matches no item
+    return torch.where(target.long() == ignore_index, torch.zeros_like(v), v)
 
 
 def prob_weight(sample_weight: Tensor) -> Tensor:

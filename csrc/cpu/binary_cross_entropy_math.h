@@ -70,21 +70,25 @@ inline Vectorized<acc_t> bce_prob_loss(const Vectorized<acc_t>& p, const Vectori
   return (t - one) * lq - pw * t * lp;
 }
 
-// Its gradients: d/dp = (p (1 + (P - 1) t) - P t) / max(p (1 - p), 1e-12) (PyTorch's
-// (p - t) / max((1 - p) p, eps) at P = 1) and d/dt = log1p(-p) - P log p (PyTorch's -logit(p)).
+// Its gradients: d/dp = ((p - t) + (P - 1) t (p - 1)) / max((1 - p) p, eps), eps = float(1e-12)
+// as PyTorch's (its EPSILON is a float, also for float64), PyTorch's
+// (p - t) / max((1 - p) p, eps) bit for bit at P = 1; d/dt = -log(p / (1 - p)) at P = 1
+// (PyTorch's -logit(p)), log1p(-p) - P log p otherwise.
 template <typename acc_t>
 inline Vectorized<acc_t> bce_prob_grad(const Vectorized<acc_t>& p, const Vectorized<acc_t>& t,
                                        const Vectorized<acc_t>& pw) {
   using V = Vectorized<acc_t>;
-  const V one(1), b = pw * t;
-  const V num = p * ((one - t) + b) - b;
-  return num / at::vec::maximum((one - p) * p, V(acc_t(1e-12)));
+  const V one(1);
+  const V num = (p - t) + (pw - one) * t * (p - one);
+  return num / at::vec::maximum((one - p) * p, V(acc_t(1e-12f)));
 }
 template <typename acc_t>
 inline Vectorized<acc_t> bce_prob_grad_target(const Vectorized<acc_t>& p,
                                               const Vectorized<acc_t>& pw) {
   using V = Vectorized<acc_t>;
-  return (V(0) - p).log1p() - pw * p.log();
+  const V one(1);
+  const V logit = (p / (one - p)).log();
+  return V::blendv((V(0) - p).log1p() - pw * p.log(), V(0) - logit, pw == one);
 }
 
 // Whether an element of p is outside [0, 1] or NaN (a block's unused lanes are loaded as 0).

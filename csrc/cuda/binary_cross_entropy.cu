@@ -64,8 +64,12 @@ __device__ __forceinline__ acc_t bce_prob_loss(acc_t p, acc_t t, acc_t pw) {
 }
 template <typename acc_t>
 __device__ __forceinline__ acc_t bce_prob_grad(acc_t p, acc_t t, acc_t pw) {
-  const acc_t b = pw * t;
-  return (p * ((acc_t(1) - t) + b) - b) / fmax((acc_t(1) - p) * p, acc_t(1e-12));
+  const acc_t num = (p - t) + (pw - acc_t(1)) * t * (p - acc_t(1));  // p - t at P = 1
+  return num / fmax((acc_t(1) - p) * p, acc_t(1e-12f));
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t bce_prob_grad_target(acc_t p, acc_t pw) {
+  return pw == acc_t(1) ? -log(p / (acc_t(1) - p)) : log1p(-p) - pw * log(p);
 }
 
 // The sigmoid focal loss (params.h; the CPU kernel's Focal): q = 1 - p_t from sigmoids that do
@@ -322,7 +326,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BinaryCrossEnt
     const acc_t gw = g[k] * w[k];
     if (p.prob_input) {  // probabilities
       if constexpr (GX) dx[k] = gw * bce_prob_grad(x[k], t[k], pw[k]);
-      if constexpr (GT) dt[k] = gw * (log1p(-x[k]) - pw[k] * log(x[k]));
+      if constexpr (GT) dt[k] = gw * bce_prob_grad_target(x[k], pw[k]);
       continue;
     }
     const acc_t e = exp_neg_abs(x[k]);
