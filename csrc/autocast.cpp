@@ -54,13 +54,14 @@ struct Rule {
                                                        int64_t ignore_index,
                                                        double label_smoothing, double z_loss,
                                                        double softcap, double gamma,
-                                                       OptDtype out_dtype) {
+                                                       OptDtype out_dtype,
+                                                       const OptTensor& adjust) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("weighted_loss::cross_entropy_forward", "")
                                .typed<decltype(ce_forward)>();
     return op.call(input, target, weight, reduction, ignore_index, label_smoothing, z_loss,
-                   softcap, gamma, autocast_loss_dtype(input, out_dtype));
+                   softcap, gamma, autocast_loss_dtype(input, out_dtype), adjust);
   }
   static std::tuple<Tensor, Tensor, Tensor> ce_prob_forward(const Tensor& input,
                                                             const Tensor& target,
@@ -68,13 +69,14 @@ struct Rule {
                                                             int64_t reduction,
                                                             double label_smoothing, double z_loss,
                                                             double softcap, double gamma,
-                                                            OptDtype out_dtype) {
+                                                            OptDtype out_dtype,
+                                                            const OptTensor& adjust) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("weighted_loss::cross_entropy_prob_forward", "")
                                .typed<decltype(ce_prob_forward)>();
     return op.call(input, autocast_target(target, input), weight, reduction, label_smoothing,
-                   z_loss, softcap, gamma, autocast_loss_dtype(input, out_dtype));
+                   z_loss, softcap, gamma, autocast_loss_dtype(input, out_dtype), adjust);
   }
   static Tensor bce_forward(const Tensor& input, const Tensor& target, const OptTensor& weight,
                             const OptTensor& pos_weight, int64_t reduction, double gamma,

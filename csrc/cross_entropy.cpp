@@ -208,9 +208,11 @@ std::vector<int64_t> row_shape(const Tensor& input) {
   return s;
 }
 
+// terms.logit_adjust, when given, is checked and replaced by the acc copy the kernels read (the
+// caller's terms hold it for the launch).
 CrossEntropyParams params_of(const Layout& l, const Tensor& target, const Tensor& weight,
                              int64_t reduction, bool prob, int64_t ignore_index,
-                             double label_smoothing, RowTerms terms) {
+                             double label_smoothing, RowTerms& terms) {
   CrossEntropyParams p{};
   p.dtype = dtype_of(l.input, kOp);
   p.target_dtype = prob ? aux_dtype_of(target.scalar_type(), l.input, kOp, "target") : p.dtype;
@@ -239,6 +241,21 @@ CrossEntropyParams params_of(const Layout& l, const Tensor& target, const Tensor
                   : target.scalar_type() == at::kByte ? TargetType::UInt8
                                                       : TargetType::Int64;
   p.weight = weight.defined() ? weight.const_data_ptr() : nullptr;
+  p.logit_adjust = nullptr;
+  if (terms.logit_adjust.defined()) {
+    const Tensor& a = terms.logit_adjust;
+    TORCH_CHECK(a.dim() == 1 && a.numel() == l.classes, kOp,
+                ": logit_adjustment must have one value per class, shape (", l.classes,
+                ",), got ", a.sizes());
+    TORCH_CHECK(a.is_floating_point(), kOp, ": logit_adjustment must be a floating point tensor, "
+                "got ", a.scalar_type());
+    TORCH_CHECK(a.device() == l.input.device(), kOp, ": logit_adjustment is on ", a.device(),
+                " but input is on ", l.input.device());
+    TORCH_CHECK(terms.softcap == 0, kOp, ": logit_adjustment beside softcap is not read by the "
+                "kernels (add it to the logits)");
+    terms.logit_adjust = a.to(acc_type(l.input)).contiguous();
+    p.logit_adjust = terms.logit_adjust.const_data_ptr();
+  }
   return p;
 }
 

@@ -19,6 +19,7 @@ using CrossEntropyBackend = Backend<CrossEntropyParams>;
 // softmax focal loss's gamma (params.h; 0 leaves them off).
 struct RowTerms {
   double z_loss = 0, softcap = 0, focal_gamma = 0;
+  at::Tensor logit_adjust;  // (C,) added to every row's logits; undefined: off (params.h)
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_impl(

@@ -22,6 +22,8 @@ std::string cpu_capability() { return weighted_loss::cpu::kernels().name; }
 }  // namespace
 
 TORCH_LIBRARY(weighted_loss, m) {
+  // logit_adjustment (params.h: a (C,) vector added to the logits; not with softcap) defaults to
+  // off in the cross-entropy ops of whole rows.
   // z_loss and softcap (params.h) default to off in every cross-entropy op, and so does gamma
   // (the softmax focal loss) in those of class-index targets. out_dtype: the loss's dtype, by
   // default the input's (the targets' for probabilities and BCE: the input's, or float32 beside
@@ -33,31 +35,37 @@ TORCH_LIBRARY(weighted_loss, m) {
   m.def(
       "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, "
       "int ignore_index, float label_smoothing, float z_loss=0., float softcap=0., "
-      "float gamma=0., ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor)");
+      "float gamma=0., ScalarType? out_dtype=None, "
+      "Tensor? logit_adjustment=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
       "Tensor lse, Tensor total_weight, int reduction, int ignore_index, float label_smoothing, "
-      "float z_loss=0., float softcap=0., float gamma=0.) -> Tensor");
+      "float z_loss=0., float softcap=0., float gamma=0., "
+      "Tensor? logit_adjustment=None) -> Tensor");
   // The same, written over the logits (weighted_loss/linear.py: a chunk's logits it no longer
   // needs).
   m.def(
       "cross_entropy_backward_(Tensor grad_loss, Tensor(a!) input, Tensor target, Tensor? weight, "
       "Tensor lse, Tensor total_weight, int reduction, int ignore_index, float label_smoothing, "
-      "float z_loss=0., float softcap=0., float gamma=0.) -> ()");
+      "float z_loss=0., float softcap=0., float gamma=0., "
+      "Tensor? logit_adjustment=None) -> ()");
   // Probability targets (the logits' shape). Returns (loss, lse, tsum): tsum per row is
   // sum_c weight_c * target'_c, the softmax coefficient of the backward.
   m.def(
       "cross_entropy_prob_forward(Tensor input, Tensor target, Tensor? weight, int reduction, "
       "float label_smoothing, float z_loss=0., float softcap=0., float gamma=0., "
-      "ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor)");
+      "ScalarType? out_dtype=None, "
+      "Tensor? logit_adjustment=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cross_entropy_prob_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
       "Tensor lse, Tensor tsum, int reduction, float label_smoothing, float z_loss=0., "
-      "float softcap=0., float gamma=0.) -> Tensor");
+      "float softcap=0., float gamma=0., "
+      "Tensor? logit_adjustment=None) -> Tensor");
   m.def(
       "cross_entropy_prob_target_backward(Tensor grad_loss, Tensor input, Tensor? weight, "
       "Tensor lse, int reduction, float label_smoothing, float z_loss=0., float softcap=0., "
-      "float gamma=0., ScalarType? target_dtype=None) -> Tensor");
+      "float gamma=0., ScalarType? target_dtype=None, "
+      "Tensor? logit_adjustment=None) -> Tensor");
   // A vocab-parallel shard of the classes: the logits (rows, classes) hold classes
   // [class_offset, class_offset + classes) of total_classes; targets are global indices, weight
   // the full (total_classes,). The forward returns the shard's statistics (5, rows) (params.h),

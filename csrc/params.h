@@ -78,6 +78,10 @@ struct CrossEntropyParams {
   const void* target;        // index rows (contiguous), or probabilities (target_dtype) with the
                              // logits' strides
   const void* weight;        // (classes,) acc, contiguous; nullptr when absent
+  const void* logit_adjust;  // (classes,) acc, contiguous, added to every row's logits before
+                             // anything else reads them (the loss and every gradient are those
+                             // of input + logit_adjust); nullptr when absent. Not with softcap,
+                             // nor in shard mode
 
   // forward outputs
   void* loss;                // rows of loss_dtype (Reduction::None) or a 0-d loss_dtype scalar

@@ -25,63 +25,70 @@ struct CrossEntropyOps {
   using Tensor = at::Tensor;
   using OptTensor = std::optional<at::Tensor>;
 
+  static RowTerms terms_of(double z_loss, double softcap, double gamma, const OptTensor& adjust) {
+    return {z_loss, softcap, gamma, adjust.value_or(Tensor())};
+  }
+
   static std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& input, const Tensor& target,
                                                     const OptTensor& weight, int64_t reduction,
                                                     int64_t ignore_index, double label_smoothing,
                                                     double z_loss, double softcap, double gamma,
-                                                    std::optional<at::ScalarType> out_dtype) {
+                                                    std::optional<at::ScalarType> out_dtype,
+                                                    const OptTensor& adjust) {
     const typename Device::Guard guard(input.device());
     return cross_entropy_forward_impl(input, target, weight, reduction, ignore_index,
-                                      label_smoothing, {z_loss, softcap, gamma}, out_dtype,
+                                      label_smoothing, terms_of(z_loss, softcap, gamma, adjust), out_dtype,
                                       Device::forward());
   }
   static Tensor backward(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                          const OptTensor& weight, const Tensor& lse, const Tensor& total_weight,
                          int64_t reduction, int64_t ignore_index, double label_smoothing,
-                         double z_loss, double softcap, double gamma) {
+                         double z_loss, double softcap, double gamma, const OptTensor& adjust) {
     const typename Device::Guard guard(input.device());
     return cross_entropy_backward_impl(grad_loss, input, target, weight, lse, total_weight,
                                        reduction, ignore_index, label_smoothing,
-                                       {z_loss, softcap, gamma}, Device::backward());
+                                       terms_of(z_loss, softcap, gamma, adjust), Device::backward());
   }
   static void backward_inplace(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                                const OptTensor& weight, const Tensor& lse,
                                const Tensor& total_weight, int64_t reduction,
                                int64_t ignore_index, double label_smoothing, double z_loss,
-                               double softcap, double gamma) {
+                               double softcap, double gamma, const OptTensor& adjust) {
     const typename Device::Guard guard(input.device());
     cross_entropy_backward_inplace_impl(grad_loss, input, target, weight, lse, total_weight,
                                         reduction, ignore_index, label_smoothing,
-                                        {z_loss, softcap, gamma}, Device::backward());
+                                        terms_of(z_loss, softcap, gamma, adjust), Device::backward());
   }
   static std::tuple<Tensor, Tensor, Tensor> prob_forward(const Tensor& input, const Tensor& target,
                                                          const OptTensor& weight,
                                                          int64_t reduction,
                                                          double label_smoothing, double z_loss,
                                                          double softcap, double gamma,
-                                                         std::optional<at::ScalarType> out_dtype) {
+                                                         std::optional<at::ScalarType> out_dtype,
+                                                         const OptTensor& adjust) {
     const typename Device::Guard guard(input.device());
     return cross_entropy_prob_forward_impl(input, target, weight, reduction, label_smoothing,
-                                           {z_loss, softcap, gamma}, out_dtype,
+                                           terms_of(z_loss, softcap, gamma, adjust), out_dtype,
                                            Device::forward());
   }
   static Tensor prob_backward(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                               const OptTensor& weight, const Tensor& lse, const Tensor& tsum,
                               int64_t reduction, double label_smoothing, double z_loss,
-                              double softcap, double gamma) {
+                              double softcap, double gamma, const OptTensor& adjust) {
     const typename Device::Guard guard(input.device());
     return cross_entropy_prob_backward_impl(grad_loss, input, target, weight, lse, tsum,
-                                            reduction, label_smoothing, {z_loss, softcap, gamma},
+                                            reduction, label_smoothing, terms_of(z_loss, softcap, gamma, adjust),
                                             Device::backward());
   }
   static Tensor prob_target_backward(const Tensor& grad_loss, const Tensor& input,
                                      const OptTensor& weight, const Tensor& lse,
                                      int64_t reduction, double label_smoothing, double z_loss,
                                      double softcap, double gamma,
-                                     std::optional<at::ScalarType> target_dtype) {
+                                     std::optional<at::ScalarType> target_dtype,
+                                     const OptTensor& adjust) {
     const typename Device::Guard guard(input.device());
     return cross_entropy_prob_target_backward_impl(grad_loss, input, weight, lse, reduction,
-                                                   label_smoothing, {z_loss, softcap, gamma},
+                                                   label_smoothing, terms_of(z_loss, softcap, gamma, adjust),
                                                    target_dtype, Device::target_backward());
   }
   static Tensor shard_forward(const Tensor& input, const Tensor& target, const OptTensor& weight,

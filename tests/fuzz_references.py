@@ -102,6 +102,8 @@ def _reweighted(ref):
         if sample_weight is None:
             return ref(x, y, **kw)
         red = kw.pop("reduction", "mean")
+        if red not in ("none", "mean", "sum"):  # PyTorch's error for it
+            return ref(x, y, reduction=red, **kw)
         rows = ref(x, y, reduction="none", **kw)
         v = sample_weight.expand(rows.shape)
         if y.is_floating_point():

@@ -73,7 +73,8 @@ def ours(x, y, *, gamma=0.0, **kw):
 
 CASES = [  # (input shape, target kind)
     ((6, 5), "index"), ((5,), "index"), ((3, 4, 5, 2), "index"), ((6, 5), "prob"),
-    ((2, 7, 3), "prob"), ((4, 2100), "index"), ((0, 5), "index"), ((0, 5, 3), "index"), ((0, 4), "prob"),
+    ((2, 7, 3), "prob"), ((4, 2100), "index"), ((2, 8300), "index"), ((2, 8300), "prob"),
+    ((0, 5), "index"), ((0, 5, 3), "index"), ((0, 4), "prob"),
 ]
 
 
@@ -380,3 +381,62 @@ def test_sample_weight_gradient_and_negative_values_as_the_composite():
                   ["sample_weight"], weight=w, sample_weight=v)
     for p, q in zip(got, want):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_the_kernels_read_the_adjustment_beside_the_logits(monkeypatch):
+    """An adjustment of the logits' dtype (or float32 beside 16-bit logits) is read by the fused
+    kernels: input + a is never formed (the fallback raises here); with softcap it is."""
+    from weighted_loss import _reweight
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("input + logit_adjustment was formed")
+    monkeypatch.setattr(_reweight, "adjusted", no_copy)
+    for dtype, adt in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                       (torch.bfloat16, torch.bfloat16), (D, D)):
+        for kind in ("index", "prob"):
+            x, y, a, v, w = _case((6, 5, 3), kind, 13)
+            x = x.to(dtype).requires_grad_()
+            y = y.to(dtype) if kind == "prob" else y
+            loss = wl.cross_entropy(x, y, weight=w.to(dtype), logit_adjustment=a.to(adt),
+                                    sample_weight=v.to(dtype), label_smoothing=0.1)
+            loss.backward()
+            assert loss.dtype == torch.promote_types(dtype, adt)
+            wl.focal_loss(x, y, logit_adjustment=a.to(adt)).backward()
+    with pytest.raises(AssertionError, match="was formed"):
+        wl.cross_entropy(x, y, logit_adjustment=a.to(dtype), softcap=5.0)
+
+
+def test_adjustment_beside_softcap_caps_the_adjusted_logits(device):
+    x, y, a, _, w = _case((6, 7), "index", 14)
+    got = _grads(ours, x, y, ["logit_adjustment"], weight=w, softcap=3.0, logit_adjustment=a)
+
+    def ref(x, y, logit_adjustment, **k):
+        z = x + logit_adjustment
+        return F.cross_entropy(3.0 * torch.tanh(z / 3.0), y, weight=w)
+    want = _grads(ref, x, y, ["logit_adjustment"], logit_adjustment=a)
+    for p_, q in zip(got, want):
+        torch.testing.assert_close(p_, q, rtol=1e-10, atol=1e-12)
+
+
+def test_adjustment_tangents_and_opcheck():
+    x, y, a, _, w = _case((5, 6), "index", 15)
+    da, dx = torch.randn_like(a), torch.randn_like(x)
+    for kind in ("index", "prob"):
+        x, y, a, _, w = _case((5, 6), kind, 15)
+        f = lambda x, a: wl.cross_entropy(x, y, weight=None if kind == "prob" else w,  # noqa
+                                          logit_adjustment=a, label_smoothing=0.2)
+        g = lambda x, a: composite(x, y, a=a, weight=None if kind == "prob" else w,  # noqa
+                                   label_smoothing=0.2)
+        _, j1 = torch.func.jvp(f, (x, a), (dx, da))
+        _, j2 = torch.func.jvp(g, (x, a), (dx, da))
+        torch.testing.assert_close(j1, j2, rtol=1e-10, atol=1e-12)
+        torch.autograd.gradcheck(f, (x.clone().requires_grad_(), a.clone().requires_grad_()))
+        torch.autograd.gradgradcheck(f, (x.clone().requires_grad_(), a.clone().requires_grad_()))
+    ops = torch.ops.weighted_loss
+    xf, af = x.float().requires_grad_(), a.float()
+    yi = torch.tensor([0, 1, 2, 3, 4])
+    torch.library.opcheck(ops.cross_entropy_forward, (xf, yi, None, 1, -100, 0.1),
+                          {"logit_adjustment": af})
+    torch.library.opcheck(ops.cross_entropy_prob_forward,
+                          (xf, torch.softmax(torch.randn(5, 6), 1), None, 1, 0.1),
+                          {"logit_adjustment": af})

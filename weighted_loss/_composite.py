@@ -38,22 +38,26 @@ def _acc(x):
     return x.to(_acc_dtype(x.dtype))
 
 
-def _batched_capped(input, target, softcap):
+def _batched_capped(input, target, softcap, adjust=None):
     """(C,) logits and their target as a batch of one; the logits as the loss sees them
-    (softcap tanh(x / softcap) when softcap > 0), one precision up (_acc_dtype)."""
+    (softcap tanh(x / softcap) when softcap > 0, + the logit adjustment when given), one
+    precision up (_acc_dtype)."""
     x, t = _acc(input), target
     if x.dim() == 1:
         x, t = x.unsqueeze(0), t.unsqueeze(0)
     if softcap > 0:
         x = softcap * torch.tanh(x / softcap)
+    if adjust is not None:
+        x = x + adjust.to(x.dtype).view((1, -1) + (1,) * (x.dim() - 2))
     return x, t
 
 
 def cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, z_loss=0.0,
-                  softcap=0.0, gamma=0.0, out_dtype=None):
+                  softcap=0.0, gamma=0.0, out_dtype=None, logit_adjustment=None):
     """The cross_entropy_forward op's loss (class indices): weighted, smoothed, with z-loss,
-    softcap and the focal factor; the mean's divisor sum(weight[target]) over kept rows."""
-    x, y = _batched_capped(input, target, softcap)
+    softcap, the logit adjustment and the focal factor; the mean's divisor sum(weight[target])
+    over kept rows."""
+    x, y = _batched_capped(input, target, softcap, logit_adjustment)
     C = x.shape[1]
     logp = torch.log_softmax(x, 1)
     y = y.long()  # a uint8 target beside ignore_index 256 compares as int64, not modulo 256
@@ -80,10 +84,10 @@ def cross_entropy(input, target, weight, reduction, ignore_index, label_smoothin
 
 
 def cross_entropy_prob(input, target, weight, reduction, label_smoothing, z_loss=0.0, softcap=0.0,
-                       gamma=0.0, out_dtype=None):
+                       gamma=0.0, out_dtype=None, logit_adjustment=None):
     """The cross_entropy_prob_forward op's loss: sum_c w_c t'_c (focal factor) (-log p_c) per
     row, t' = (1 - s) t + s / C, plus the z-loss; the mean divides by the number of rows."""
-    x, t = _batched_capped(input, target, softcap)
+    x, t = _batched_capped(input, target, softcap, logit_adjustment)
     C = x.shape[1]
     dtype = torch.promote_types(x.dtype, _acc_dtype(t.dtype))
     logp = torch.log_softmax(x, 1).to(dtype)

@@ -52,6 +52,15 @@ def _add(a, b):
     return b if a is None else a + b
 
 
+def _with_adjust(d_input, d_adjust, input):
+    """The logits' tangent with the logit adjustment's added to every item (None: neither)."""
+    if d_adjust is None:
+        return d_input
+    cdim = _class_dim(input)
+    da = d_adjust.view((-1,) + (1,) * (input.dim() - cdim - 1)).expand(input.shape)
+    return da if d_input is None else d_input + da
+
+
 def _setup(ctx, setup, inputs, output):
     """An op's autograd setup (_ops), its saved tensors kept for the jvp too."""
     setup(ctx, inputs, output)
@@ -77,13 +86,15 @@ class CrossEntropy(torch.autograd.Function):
         return _autograd._ce_backward(ctx, grad_loss, grad_lse, grad_total_weight)
 
     @staticmethod
-    def jvp(ctx, d_input, *_):
-        input, target, weight, lse, total_weight = ctx.saved_tensors
-        if d_input is None:
+    def jvp(ctx, d_input, *rest):
+        input, target, weight, lse, total_weight, adjust = ctx.saved_tensors
+        d_adjust = rest[9] if len(rest) > 9 else None  # (the inputs after input: 10 with it)
+        if d_input is None and d_adjust is None:
             return None, None, None
         g = _ops.cross_entropy_backward(_ones_like_loss(ctx, input), input, target, weight, lse,
-                                        total_weight, *ctx.args)
-        return _contract(g, d_input, ctx.args[0], _class_dim(input), ctx.out_dtype), None, None
+                                        total_weight, *ctx.args, logit_adjustment=adjust)
+        return _contract(g, _with_adjust(d_input, d_adjust, input), ctx.args[0],
+                         _class_dim(input), ctx.out_dtype), None, None
 
 
 class CrossEntropyProb(torch.autograd.Function):
@@ -103,16 +114,20 @@ class CrossEntropyProb(torch.autograd.Function):
         return _autograd._ce_prob_backward(ctx, grad_loss, grad_lse, grad_tsum)
 
     @staticmethod
-    def jvp(ctx, d_input, d_target, *_):
-        input, target, weight, lse, tsum = ctx.saved_tensors
+    def jvp(ctx, d_input, d_target, *rest):
+        input, target, weight, lse, tsum, adjust = ctx.saved_tensors
+        d_adjust = rest[7] if len(rest) > 7 else None  # (the inputs after target: 8 with it)
         ones, red, cdim = _ones_like_loss(ctx, input), ctx.args[0], _class_dim(input)
         out = None
+        d_input = _with_adjust(d_input, d_adjust, input)
         if d_input is not None:
-            g = _ops.cross_entropy_prob_backward(ones, input, target, weight, lse, tsum, *ctx.args)
+            g = _ops.cross_entropy_prob_backward(ones, input, target, weight, lse, tsum, *ctx.args,
+                                                 logit_adjustment=adjust)
             out = _contract(g, d_input, red, cdim, ctx.out_dtype)
         if d_target is not None:
             g = _ops.cross_entropy_prob_target_backward(ones, input, weight, lse, *ctx.args,
-                                                        target_dtype=target.dtype)
+                                                        target_dtype=target.dtype,
+                                                        logit_adjustment=adjust)
             out = _add(out, _contract(g, d_target, red, cdim, ctx.out_dtype))
         return out, None, None
 

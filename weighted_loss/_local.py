@@ -69,9 +69,14 @@ def cross_entropy(input: Tensor, target: Tensor, o: CrossEntropyOptions, mean=No
     ``o.logit_adjustment`` and ``o.sample_weight`` as weighted_loss/_reweight.py says.
     ``out_dtype``: the loss's dtype where given (the accumulation dtype's per-item losses)."""
     op = "focal_loss" if o.gamma else "cross_entropy"
-    if o.logit_adjustment is not None:
-        a = _reweight.check_adjustment(o.logit_adjustment, input, op)
-        input, o = _reweight.adjusted(input, a), o.but(logit_adjustment=None)
+    a = o.logit_adjustment
+    if a is not None:
+        a = _reweight.check_adjustment(a, input, op)
+        if _reweight.fused_adjustment(input, a, o.softcap):  # read by the kernels
+            if out_dtype is None and a.dtype != input.dtype:
+                out_dtype = torch.float32  # float32 beside 16-bit logits, as input + a
+        else:  # formed once: input + a in PyTorch's promoted dtype
+            input, o, a = _reweight.adjusted(input, a), o.but(logit_adjustment=None), None
     if o.sample_weight is not None:
         return _sample_weighted(input, target, o, mean, op)
     if o.gamma:
@@ -80,16 +85,21 @@ def cross_entropy(input: Tensor, target: Tensor, o: CrossEntropyOptions, mean=No
         prob = input.shape == target.shape
     if prob:
         input, target, weight = prob_target_inputs(input, target, o.weight, o.ignore_index)
-        loss, _, _ = _forward_ad.cross_entropy_prob_forward(input, target, weight, *o.prob_args(),
-                                                            out_dtype=out_dtype)
+        # (the adjustment positionally: autograd gives its gradient to positional inputs)
+        extra = (out_dtype, a) if a is not None else ()
+        loss, _, _ = _forward_ad.cross_entropy_prob_forward(
+            input, target, weight, *o.prob_args(), *extra,
+            **({} if a is not None else {"out_dtype": out_dtype}))
         if mean is None:
             return loss
         rows = input.numel() // max(1, input.shape[0 if input.dim() == 1 else 1])
         return mean(loss, count(rows, input.device))
     if input.dim() == 1 and target.dim() == 1 and target.numel() == 1:
         target = target.reshape(())  # PyTorch takes a (1,) target beside (C,) logits as 0-d
-    loss, _, divisor = _forward_ad.cross_entropy_forward(input, target, o.weight, *o.index_args(),
-                                                         out_dtype=out_dtype)
+    extra = (out_dtype, a) if a is not None else ()
+    loss, _, divisor = _forward_ad.cross_entropy_forward(
+        input, target, o.weight, *o.index_args(), *extra,
+        **({} if a is not None else {"out_dtype": out_dtype}))
     return loss if mean is None else mean(loss, divisor)
 
 
@@ -109,6 +119,8 @@ def _sample_weighted(input: Tensor, target: Tensor, o: CrossEntropyOptions, mean
         if o.weight is not None and o.weight.is_floating_point():
             t = torch.promote_types(t, o.weight.dtype)
         out = _dtypes.floating_dtypes(input.dtype, t)[1] if input.is_floating_point() else t
+    if o.logit_adjustment is not None and input.is_floating_point():  # (fused: input + a's)
+        out = torch.promote_types(out, o.logit_adjustment.dtype)
     acc = _reweight.acc_dtype(out)
     rows = cross_entropy(input, target, o.but(sample_weight=None, reduction="none"),
                          out_dtype=acc)

@@ -33,7 +33,7 @@ def _row_shape(input):
 
 @torch.library.register_fake("weighted_loss::cross_entropy_forward")
 def _(input, target, weight, reduction, ignore_index, label_smoothing, z_loss=0.0, softcap=0.0,
-      gamma=0.0, out_dtype=None):
+      gamma=0.0, out_dtype=None, logit_adjustment=None):
     acc = _acc_dtype(input.dtype)
     loss = input.new_empty(target.shape if reduction == _NONE else (),
                            dtype=out_dtype or input.dtype)
@@ -43,13 +43,13 @@ def _(input, target, weight, reduction, ignore_index, label_smoothing, z_loss=0.
 
 @torch.library.register_fake("weighted_loss::cross_entropy_backward")
 def _(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index,
-      label_smoothing, z_loss=0.0, softcap=0.0, gamma=0.0):
+      label_smoothing, z_loss=0.0, softcap=0.0, gamma=0.0, logit_adjustment=None):
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("weighted_loss::cross_entropy_backward_")
 def _(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index,
-      label_smoothing, z_loss=0.0, softcap=0.0, gamma=0.0):
+      label_smoothing, z_loss=0.0, softcap=0.0, gamma=0.0, logit_adjustment=None):
     return None
 
 
@@ -79,11 +79,20 @@ def _differentiable_grads(composite, args, grad_loss, wrt):
     return [None if t is None else next(got) for t in wrt]
 
 
+def _adjust_grad(grad_input, input):
+    """The logit adjustment's gradient from the logits' (the adjustment is added to every item):
+    their sum over every dim but the classes'."""
+    cdim = 0 if input.dim() == 1 else 1
+    dims = [d for d in range(grad_input.dim()) if d != cdim]
+    return grad_input.sum(dims) if dims else grad_input
+
+
 def _ce_setup(ctx, inputs, output):
-    # reduction, ignore_index, smoothing[, z, cap, gamma[, out_dtype]]
+    # reduction, ignore_index, smoothing[, z, cap, gamma[, out_dtype[, logit_adjustment]]]
     input, target, weight, *args = inputs
     _, lse, total_weight = output
-    ctx.to_save = (input, target, weight, lse, total_weight)  # (and for forward: _forward_ad)
+    ctx.adjust = args[7] if len(args) > 7 else None
+    ctx.to_save = (input, target, weight, lse, total_weight, ctx.adjust)  # (and _forward_ad's)
     ctx.save_for_backward(*ctx.to_save)
     ctx.n_inputs = len(inputs)
     ctx.args = tuple(args[:6])
@@ -94,18 +103,28 @@ def _ce_setup(ctx, inputs, output):
 
 
 def _ce_backward(ctx, grad_loss, _grad_lse, _grad_total_weight):
-    input, target, weight, lse, total_weight = ctx.saved_tensors
+    input, target, weight, lse, total_weight, adjust = ctx.saved_tensors
     _no_weight_grad(ctx, 2)
-    grad_input = None
-    if ctx.needs_input_grad[0] and grad_loss is not None:  # None: only lse was differentiated
+    need_a = adjust is not None and len(ctx.needs_input_grad) > 10 and ctx.needs_input_grad[10]
+    grad_input = grad_adjust = None
+    if (ctx.needs_input_grad[0] or need_a) and grad_loss is not None:  # None: only lse was
         if torch.is_grad_enabled():  # create_graph=True: a gradient to differentiate again
-            (grad_input,) = _differentiable_grads(
-                _composite.cross_entropy, (input, target, weight, *ctx.args, ctx.out_dtype),
-                grad_loss, [input])
+            grad_input, grad_adjust = _differentiable_grads(
+                _composite.cross_entropy,
+                (input, target, weight, *ctx.args, ctx.out_dtype, adjust), grad_loss,
+                [input if ctx.needs_input_grad[0] else None, adjust if need_a else None])
         else:
             grad_input = _ops.cross_entropy_backward(grad_loss, input, target, weight, lse,
-                                                     total_weight, *ctx.args)
-    return (grad_input,) + (None,) * (ctx.n_inputs - 1)
+                                                     total_weight, *ctx.args,
+                                                     logit_adjustment=adjust)
+            if need_a:
+                grad_adjust = _adjust_grad(grad_input, input).to(adjust.dtype)
+            if not ctx.needs_input_grad[0]:
+                grad_input = None
+    out = [grad_input] + [None] * (ctx.n_inputs - 1)
+    if need_a:
+        out[10] = grad_adjust
+    return tuple(out)
 
 
 torch.library.register_autograd("weighted_loss::cross_entropy_forward", _ce_backward,
@@ -116,7 +135,7 @@ torch.library.register_autograd("weighted_loss::cross_entropy_forward", _ce_back
 
 @torch.library.register_fake("weighted_loss::cross_entropy_prob_forward")
 def _(input, target, weight, reduction, label_smoothing, z_loss=0.0, softcap=0.0, gamma=0.0,
-      out_dtype=None):
+      out_dtype=None, logit_adjustment=None):
     acc = _acc_dtype(input.dtype)
     loss = input.new_empty(_row_shape(input) if reduction == _NONE else (),
                            dtype=out_dtype or target.dtype)
@@ -126,21 +145,22 @@ def _(input, target, weight, reduction, label_smoothing, z_loss=0.0, softcap=0.0
 
 @torch.library.register_fake("weighted_loss::cross_entropy_prob_backward")
 def _(grad_loss, input, target, weight, lse, tsum, reduction, label_smoothing, z_loss=0.0,
-      softcap=0.0, gamma=0.0):
+      softcap=0.0, gamma=0.0, logit_adjustment=None):
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("weighted_loss::cross_entropy_prob_target_backward")
 def _(grad_loss, input, weight, lse, reduction, label_smoothing, z_loss=0.0, softcap=0.0,
-      gamma=0.0, target_dtype=None):
+      gamma=0.0, target_dtype=None, logit_adjustment=None):
     return torch.empty_like(input, dtype=target_dtype or input.dtype)
 
 
 def _ce_prob_setup(ctx, inputs, output):
-    # reduction, label_smoothing[, z, softcap, gamma[, out_dtype]]
+    # reduction, label_smoothing[, z, softcap, gamma[, out_dtype[, logit_adjustment]]]
     input, target, weight, *args = inputs
     _, lse, tsum = output
-    ctx.to_save = (input, target, weight, lse, tsum)
+    ctx.adjust = args[6] if len(args) > 6 else None
+    ctx.to_save = (input, target, weight, lse, tsum, ctx.adjust)
     ctx.save_for_backward(*ctx.to_save)
     ctx.n_inputs = len(inputs)
     ctx.args = tuple(args[:5])
@@ -149,24 +169,34 @@ def _ce_prob_setup(ctx, inputs, output):
 
 
 def _ce_prob_backward(ctx, grad_loss, _grad_lse, _grad_tsum):
-    input, target, weight, lse, tsum = ctx.saved_tensors
+    input, target, weight, lse, tsum, adjust = ctx.saved_tensors
     _no_weight_grad(ctx, 2)
-    grad_input = grad_target = None
+    need_a = adjust is not None and len(ctx.needs_input_grad) > 9 and ctx.needs_input_grad[9]
+    grad_input = grad_target = grad_adjust = None
     if grad_loss is None:  # only lse or tsum was differentiated: they carry no gradient
         return (None,) * ctx.n_inputs
+    out = [None] * ctx.n_inputs
     if torch.is_grad_enabled():  # create_graph=True: gradients to differentiate again
-        grad_input, grad_target = _differentiable_grads(
-            _composite.cross_entropy_prob, (input, target, weight, *ctx.args, ctx.out_dtype),
-            grad_loss, [input if ctx.needs_input_grad[0] else None,
-                        target if ctx.needs_input_grad[1] else None])
-        return (grad_input, grad_target) + (None,) * (ctx.n_inputs - 2)
-    if ctx.needs_input_grad[0]:
+        out[0], out[1], grad_adjust = _differentiable_grads(
+            _composite.cross_entropy_prob,
+            (input, target, weight, *ctx.args, ctx.out_dtype, adjust), grad_loss,
+            [input if ctx.needs_input_grad[0] else None,
+             target if ctx.needs_input_grad[1] else None, adjust if need_a else None])
+        if need_a:
+            out[9] = grad_adjust
+        return tuple(out)
+    if ctx.needs_input_grad[0] or need_a:
         grad_input = _ops.cross_entropy_prob_backward(grad_loss, input, target, weight, lse,
-                                                      tsum, *ctx.args)
+                                                      tsum, *ctx.args, logit_adjustment=adjust)
+        if need_a:
+            out[9] = _adjust_grad(grad_input, input).to(adjust.dtype)
+        if ctx.needs_input_grad[0]:
+            out[0] = grad_input
     if ctx.needs_input_grad[1]:
-        grad_target = _ops.cross_entropy_prob_target_backward(
-            grad_loss, input, weight, lse, *ctx.args, target_dtype=target.dtype)
-    return (grad_input, grad_target) + (None,) * (ctx.n_inputs - 2)
+        out[1] = _ops.cross_entropy_prob_target_backward(
+            grad_loss, input, weight, lse, *ctx.args, target_dtype=target.dtype,
+            logit_adjustment=adjust)
+    return tuple(out)
 
 
 torch.library.register_autograd("weighted_loss::cross_entropy_prob_forward", _ce_prob_backward,

@@ -47,6 +47,18 @@ def check_adjustment(a, input: Tensor, op: str) -> Optional[Tensor]:
     return a
 
 
+def fused_adjustment(input: Tensor, a: Tensor, softcap: float) -> bool:
+    """Whether the kernels read the adjustment beside the logits (params.h: logit_adjust), its
+    result the composite's: ``a`` of the logits' dtype (added in the accumulation dtype, where
+    the composite rounds input + a to 16 bits: closer to float64), or float32 beside 16-bit
+    logits (the composite's float32 logits; the loss float32). Otherwise (a wider dtype, softcap,
+    integer logits) input + a is formed once."""
+    if softcap or not input.is_floating_point():
+        return False
+    return a.dtype == input.dtype or (input.dtype in (torch.bfloat16, torch.float16)
+                                      and a.dtype == torch.float32)
+
+
 def adjusted(input: Tensor, a: Tensor, start: int = 0) -> Tensor:
     """``input + a[start:start + C]`` along the class dim (dim 1; 0 for ``(C,)``)."""
     cdim = 0 if input.dim() == 1 else 1

@@ -106,6 +106,8 @@ struct Ctx {
   int64_t C;                    // classes of the logits (of the shard)
   int64_t C_total;              // classes of the unsharded problem (C unsharded)
   acc_t cap;                    // softcap (params.h), 0 when off
+  const acc_t* adj;             // the logit adjustment (params.h), nullptr when off (and then
+                                // also when softcap is on: never both)
   double z;                     // z-loss (params.h), 0 when off
   double gamma;                 // the softmax focal loss's gamma (params.h), 0 when off
 
@@ -116,6 +118,7 @@ struct Ctx {
     C = p.classes;
     C_total = p.total_classes;
     cap = p.softcap > 0 ? static_cast<acc_t>(p.softcap) : acc_t(0);
+    adj = static_cast<const acc_t*>(p.logit_adjust);
     z = p.z_loss > 0 ? p.z_loss : 0.0;
     gamma = p.focal_gamma > 0 ? p.focal_gamma : 0.0;
     smooth = p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0);
@@ -167,6 +170,30 @@ struct Ctx {
       const Vectorized<acc_t> k(cap);
       v0 = k * (v0 / k).tanh();
       v1 = k * (v1 / k).tanh();
+    }
+  }
+  // The logit the loss sees, right after each load: capped, then adjusted (the two are never on
+  // together): class c's scalar, a vector of lanes of class c, a block of cnt <= B classes from c.
+  C10_ALWAYS_INLINE acc_t logit(acc_t v, int64_t c) const {
+    return adj != nullptr ? v + adj[c] : capped(v);
+  }
+  C10_ALWAYS_INLINE void lane_logits(Vectorized<acc_t>& v, int64_t c) const {
+    if (adj != nullptr) {
+      v = v + Vectorized<acc_t>(adj[c]);
+    } else if (cap > 0) {
+      const Vectorized<acc_t> k(cap);
+      v = k * (v / k).tanh();
+    }
+  }
+  C10_ALWAYS_INLINE void logits(Vectorized<acc_t>& v0, Vectorized<acc_t>& v1, int64_t c,
+                                int64_t cnt) const {
+    if (adj != nullptr) {
+      Vectorized<acc_t> a0, a1;
+      load_acc(adj + c, cnt, a0, a1);
+      v0 = v0 + a0;
+      v1 = v1 + a1;
+    } else {
+      capped(v0, v1);
     }
   }
   // the chain rule through the softcap, from the capped logits c: g *= 1 - (c / cap)^2
@@ -268,17 +295,17 @@ inline Vectorized<acc_t> ignored_lse(const Vectorized<acc_t>& m) {
 }
 
 // Logits [k, k + cnt) of a class-contiguous row (a full block of B when Full), read as the loss
-// sees them (softcap).
+// sees them (softcap, logit adjustment); x points at class k.
 template <bool Full, typename scalar_t>
-C10_ALWAYS_INLINE void load_block(const Ctx<scalar_t>& cx, const scalar_t* x, int64_t cnt,
-                                  Vectorized<typename AccOf<scalar_t>::type>& v0,
+C10_ALWAYS_INLINE void load_block(const Ctx<scalar_t>& cx, const scalar_t* x, int64_t k,
+                                  int64_t cnt, Vectorized<typename AccOf<scalar_t>::type>& v0,
                                   Vectorized<typename AccOf<scalar_t>::type>& v1) {
   if constexpr (Full) {
     IO<scalar_t>::load(x, v0, v1);
   } else {
     IO<scalar_t>::load(x, cnt, v0, v1);
   }
-  cx.capped(v0, v1);
+  cx.logits(v0, v1, k, cnt);
 }
 
 // The max of a row, NaN if it holds one.
@@ -293,10 +320,10 @@ inline typename AccOf<scalar_t>::type row_max(const Ctx<scalar_t>& cx, const sca
     Vec v0, v1;
     if constexpr (decltype(full)::value) {
       io::load(x + k, v0, v1);
-      cx.capped(v0, v1);
+      cx.logits(v0, v1, k, cnt);
     } else {
       io::load(x + k, cnt, v0, v1);
-      cx.capped(v0, v1);
+      cx.logits(v0, v1, k, cnt);
       keep_valid(cnt, vninf, v0, v1);
     }
     m0 = at::vec::maximum(m0, v0);

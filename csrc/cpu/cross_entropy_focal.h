@@ -100,7 +100,7 @@ inline void row_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const Tar
   DoubleLanes<acc_t> Ad, Qd;  // their float lanes added every kFlushBlocks blocks
   for_blocks_flushed<io::B>(cx.C, [&](int64_t c, int64_t cnt, auto full) {
     Vec v0, v1;
-    load_block<decltype(full)::value>(cx, x + c, cnt, v0, v1);
+    load_block<decltype(full)::value>(cx, x + c, c, cnt, v0, v1);
     Vec lp0 = (v0 - vsh) - vL, lp1 = (v1 - vsh) - vL;
     if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, lp0, lp1);
     const Vec n0 = vzero - lp0, n1 = vzero - lp1;
@@ -152,7 +152,8 @@ C10_ALWAYS_INLINE void lanes_focal_sums(const Ctx<scalar_t>& cx, const scalar_t*
       v1 = Vec::loadu(tile + c * io::B + io::W);
     } else {
       io::load(x + c * sC, nl, v0, v1);
-      cx.capped(v0, v1);
+      cx.lane_logits(v0, c);
+      cx.lane_logits(v1, c);
     }
     const Vec n0 = L0 - (v0 - sh0), n1 = L1 - (v1 - sh1);
     Vec p0, p1, q0, q1, m0, m1, s0, s1;

@@ -51,7 +51,7 @@ void target_backward(const Ctx<scalar_t>& cx) {
         const Vec vk(k0), vsh(sh_in[r]), vL(L_in[r]);
         for_blocks<B>(C, [&](int64_t k, int64_t cnt, auto full) {
           Vec v0, v1;
-          load_block<decltype(full)::value>(cx, cx.x + off + k, cnt, v0, v1);
+          load_block<decltype(full)::value>(cx, cx.x + off + k, k, cnt, v0, v1);
           Vec g0 = vk * ((v0 - vsh) - vL), g1 = vk * ((v1 - vsh) - vL);
           if (gamma > 0) focal_target_factor(gamma, v0, v1, vsh, vsh, vL, vL, g0, g1);
           if constexpr (HasW) {
@@ -89,7 +89,8 @@ void target_backward(const Ctx<scalar_t>& cx) {
           Vec v0, v1;
           prefetch(cx.x + base + c * sC + u.rows);
           io::load(cx.x + base + c * sC, nl, v0, v1);
-          cx.capped(v0, v1);
+          cx.lane_logits(v0, c);
+          cx.lane_logits(v1, c);
           Vec g0 = k0 * ((v0 - s0) - l0), g1 = k1 * ((v1 - s1) - l1);
           if (gamma > 0) focal_target_factor(gamma, v0, v1, s0, s1, l0, l1, g0, g1);
           if constexpr (HasW) {

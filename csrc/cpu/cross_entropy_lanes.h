@@ -45,7 +45,8 @@ C10_ALWAYS_INLINE void lanes_max_class(const Ctx<scalar_t>& cx, const scalar_t* 
   }
   typename io::Vec v0, v1;
   io::load(x + at, nl, v0, v1);
-  cx.capped(v0, v1);  // the tile holds the capped logits
+  cx.lane_logits(v0, c);  // the tile holds the logits the loss sees (capped or adjusted)
+  cx.lane_logits(v1, c);
   lt.m0 = at::vec::maximum(lt.m0, v0);
   lt.m1 = at::vec::maximum(lt.m1, v1);
   if (tiled) {
@@ -113,7 +114,8 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
       v1 = Vec::loadu(tile + c * B + io::W);
     } else {
       io::load(x + at, nl, v0, v1);
-      cx.capped(v0, v1);
+      cx.lane_logits(v0, c);
+      cx.lane_logits(v1, c);
     }
     kahan_add(e0, k0, vexp(v0 - sh0));
     kahan_add(e1, k1, vexp(v1 - sh1));
@@ -178,7 +180,7 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
       const int64_t yv = cx.checked_target(r0 + k);
       if (yv < 0) continue;
       wy[k] = HasW ? cx.w[yv] : acc_t(1);
-      xy[k] = cx.capped(static_cast<acc_t>(x[yv * sC + k]));
+      xy[k] = cx.logit(static_cast<acc_t>(x[yv * sC + k]), yv);
       kp[k] = 1;
     }
     Vec xy0, xy1, kp0, kp1;

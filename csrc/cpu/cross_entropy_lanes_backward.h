@@ -44,7 +44,7 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
       yk[k] = static_cast<acc_t>(yv);
       if (yv >= 0) wyk[k] = HasW ? cx.w[yv] : acc_t(1);
       if (M == kSmooth && cx.gamma > 0 && yv >= 0) {
-        xk[k] = cx.capped(static_cast<acc_t>(x[yv * sC + k]));
+        xk[k] = cx.logit(static_cast<acc_t>(x[yv * sC + k]), yv);
       }
     }
   }
@@ -114,7 +114,8 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
     }
     Vec v0, v1;
     io::load(x + at, nl, v0, v1);
-    cx.capped(v0, v1);
+    cx.lane_logits(v0, c);
+    cx.lane_logits(v1, c);
     // at the target, cp p - gy in one rounding: g (1 - s) w_y (p_y - 1) does not cancel more
     // than PyTorch's fused grad - exp(out) * sum
     Vec d0(0), d1(0);

@@ -30,12 +30,12 @@ inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const Target<sc
     Vec v0, v1, u0, u1;
     if constexpr (decltype(full)::value) {
       io::load(x + c, v0, v1);
-      cx.capped(v0, v1);
+      cx.logits(v0, v1, c, cnt);
       u0 = v0;
       u1 = v1;
     } else {
       io::load(x + c, cnt, v0, v1);
-      cx.capped(v0, v1);
+      cx.logits(v0, v1, c, cnt);
       u0 = v0;
       u1 = v1;
       keep_valid(cnt, vninf, u0, u1);  // -inf: exp gives 0
@@ -129,7 +129,7 @@ inline void row_forward(const Ctx<scalar_t>& cx, int64_t r, const scalar_t* x,
   tsum = static_cast<acc_t>(q);
   wy = is_prob(M) ? 1.0 : cx.target_weight(yv);
   const double xy =
-      is_prob(M) ? 0.0 : static_cast<double>(cx.capped(static_cast<acc_t>(x[yv * cx.p.stride_class])));
+      is_prob(M) ? 0.0 : static_cast<double>(cx.logit(static_cast<acc_t>(x[yv * cx.p.stride_class]), yv));
   double sy = 0;
   loss = row_loss<scalar_t, M>(cx, sh, Ld, a, q, xy, wy, sy);
   if (M == kPlain && cx.gamma > 0) tsum = static_cast<acc_t>(sy);  // the focal loss's s_y, saved
@@ -260,7 +260,8 @@ inline RowCoef<typename AccOf<scalar_t>::type> row_coef(const Ctx<scalar_t>& cx,
         ws = static_cast<double>(cx.template focal_plane<M>()[r]);
         if (rc.y >= 0) {
           const scalar_t* x = cx.x + cx.offset(r / p.inner, r % p.inner);
-          const double xy = static_cast<double>(cx.capped(static_cast<acc_t>(x[rc.y * p.stride_class])));
+          const double xy =
+              static_cast<double>(cx.logit(static_cast<acc_t>(x[rc.y * p.stride_class]), rc.y));
           rc.syd = focal_grad_factor(cx.gamma, (static_cast<double>(rc.sh) - xy) + rc.L);
         }
         rc.gyd *= rc.syd;
@@ -284,7 +285,8 @@ inline RowCoef<typename AccOf<scalar_t>::type> row_coef(const Ctx<scalar_t>& cx,
 template <typename scalar_t, int M, bool HasW>
 inline scalar_t target_grad(const Ctx<scalar_t>& cx, const RowCoef<typename AccOf<scalar_t>::type>& rc,
                             scalar_t xy) {
-  const double c = static_cast<double>(cx.capped(static_cast<typename AccOf<scalar_t>::type>(xy)));
+  const double c =
+      static_cast<double>(cx.logit(static_cast<typename AccOf<scalar_t>::type>(xy), rc.y));
   const double lp = (c - rc.sh) - static_cast<double>(rc.L);
   double gv = rc.gyd * std::expm1(lp);
   if constexpr (M == kSmooth) {
@@ -324,7 +326,7 @@ void backward_rows(const Ctx<scalar_t>& cx) {
       const acc_t gamma = static_cast<acc_t>(cx.gamma);
       for_blocks<B>(C, [&](int64_t k, int64_t cnt, auto full) {
         Vec v0, v1;
-        load_block<decltype(full)::value>(cx, x + k, cnt, v0, v1);
+        load_block<decltype(full)::value>(cx, x + k, k, cnt, v0, v1);
         const Vec lp0 = (v0 - vsh) - vL, lp1 = (v1 - vsh) - vL;
         Vec p0, p1, q0, q1;  // q = 1 - p for the focal loss over soft targets
         if (M != kPlain && gamma > 0) {

@@ -84,7 +84,7 @@ __device__ __forceinline__ void accumulate(const CrossEntropyParams& p,
   constexpr int V = Pack<T>::kSize;
   acc_t xc[V];
 #pragma unroll
-  for (int k = 0; k < V; ++k) xc[k] = capped(p, xv[k]);
+  for (int k = 0; k < V; ++k) xc[k] = k < n ? logit_of(p, xv[k], c0 + k) : xv[k];  // (in bounds)
   acc_t mv = xc[0];
 #pragma unroll
   for (int k = 1; k < V; ++k) {

@@ -151,6 +151,13 @@ __device__ __forceinline__ acc_t capped(const CrossEntropyParams& p, acc_t x) {
   const acc_t k = static_cast<acc_t>(p.softcap);
   return k * tanh(x / k);
 }
+// The logit the loss sees of (local) class c: capped, or with the logit adjustment added
+// (params.h: never both; cap_slope is 1 with the adjustment on).
+template <typename acc_t>
+__device__ __forceinline__ acc_t logit_of(const CrossEntropyParams& p, acc_t x, int64_t c) {
+  if (p.logit_adjust != nullptr) return x + static_cast<const acc_t*>(p.logit_adjust)[c];
+  return capped(p, x);
+}
 template <typename acc_t>
 __device__ __forceinline__ acc_t cap_slope(const CrossEntropyParams& p, acc_t c) {
   if (p.softcap <= 0) return acc_t(1);
@@ -187,7 +194,7 @@ template <typename T>
 __device__ __forceinline__ typename AccOf<T>::type target_logit(const CrossEntropyParams& p,
                                                                 const T* x, int64_t y) {
   const int64_t k = y - p.class_offset;
-  return (y >= 0 && k >= 0 && k < p.classes) ? capped(p, to_acc(x[k * p.stride_class]))
+  return (y >= 0 && k >= 0 && k < p.classes) ? logit_of(p, to_acc(x[k * p.stride_class]), k)
                                              : typename AccOf<T>::type(0);
 }
 
@@ -200,8 +207,8 @@ __device__ __forceinline__ bool soft_focal(const CrossEntropyParams& p) {
 // A class's focal terms (see the top) with its term f = w_c t'_c given (weighted_target).
 template <int M, typename acc_t>
 __device__ __forceinline__ void focal_add_term(const CrossEntropyParams& p, Sums<acc_t>& sm,
-                                               acc_t x, acc_t f, acc_t sh, acc_t L) {
-  const acc_t lp = (capped(p, x) - sh) - L;
+                                               acc_t x, int64_t c, acc_t f, acc_t sh, acc_t L) {
+  const acc_t lp = (logit_of(p, x, c) - sh) - L;
   acc_t m, s;
   focal_class_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), lp, fast_exp(lp), m, s);
   sm.a -= f * m * lp;
@@ -216,7 +223,7 @@ __device__ __forceinline__ void focal_add(const CrossEntropyParams& p, Sums<type
                                           typename AccOf<T>::type t, typename AccOf<T>::type sh,
                                           typename AccOf<T>::type L,
                                           const Smoothing<typename AccOf<T>::type>& smooth) {
-  focal_add_term<M>(p, sm, x, class_term<T, M, HasW>(p, c, t, smooth), sh, L);
+  focal_add_term<M>(p, sm, x, c, class_term<T, M, HasW>(p, c, t, smooth), sh, L);
 }
 
 // The loss of row r from its statistics, in double (each float statistic rounded once, nothing
@@ -292,7 +299,7 @@ __device__ __forceinline__ typename AccOf<T>::type grad_element(
     const Smoothing<typename AccOf<T>::type>& sm) {
   using acc_t = typename AccOf<T>::type;
   if (c.zero) return c.L == c.L ? acc_t(0) : c.L;
-  x = capped(p, x);
+  x = logit_of(p, x, k);
   const acc_t lp = (x - c.sh) - c.L;  // log p_k
   if (k == c.y) {  // g (1 - s) w_y (p_y - 1) without cancelling when p_y is near 1; once a row
     acc_t v = c.gy * expm1(lp);
@@ -389,7 +396,7 @@ __device__ __forceinline__ Coef<typename AccOf<T>::type> row_coef(const CrossEnt
         ws = static_cast<const acc_t*>(p.lse)[2 * p.outer * p.inner + r];
         if (c.y >= 0 && c.y < p.classes) {
           const T* x = static_cast<const T*>(p.input) + row_offset<T>(p, r);
-          const acc_t xy = capped(p, to_acc(x[c.y * p.stride_class]));
+          const acc_t xy = logit_of(p, to_acc(x[c.y * p.stride_class]), c.y);
           acc_t m;
           focal_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), (c.sh - xy) + c.L, m, sy);
         }

@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
   Sums<acc_t> sm;
   Sums<double> row;  // the row's, in the group's first thread
   // (a row of no classes has no first logit: every target is ignore_index there)
-  const acc_t ref = valid && p.classes > 0 ? shift_of(capped(p, to_acc(x[0]))) : acc_t(0);
+  const acc_t ref = valid && p.classes > 0 ? shift_of(logit_of(p, to_acc(x[0]), 0)) : acc_t(0);
   if (valid) {  // ignored rows too: their max and sum decide whether their gradient is NaN
     for_range<T, TargetOf<T, M>, TPR, is_prob(M)>(x, t, 0, p.classes, p.stride_class, lane, vector,
                                   [&](int64_t c0, const acc_t* xv, const acc_t* tv, int n) {

@@ -30,7 +30,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
   Sums<acc_t> sm;
   Sums<double> chunk;
   {  // ignored rows too: their max and sum decide whether their gradient is NaN
-    const acc_t ref = shift_of(capped(p, to_acc(x[0])));
+    const acc_t ref = shift_of(logit_of(p, to_acc(x[0]), 0));
     for_range<T, TargetOf<T, M>, kThreads, is_prob(M)>(x, t, begin, end, p.stride_class, threadIdx.x, vector,
                                        [&](int64_t c0, const acc_t* xv, const acc_t* tv, int n) {
       accumulate<T, M, HasW>(p, l, sm, ref, smooth, c0, xv, tv, n);
@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
       sm.q += st[3];
     }
     const T* x = static_cast<const T*>(p.input) + row_offset<T>(p, r);
-    const acc_t ref = active ? shift_of(capped(p, to_acc(x[0]))) : acc_t(0);
+    const acc_t ref = active ? shift_of(logit_of(p, to_acc(x[0]), 0)) : acc_t(0);
     const acc_t xy = active && !is_prob(M) ? target_logit(p, x, y) : acc_t(0);
     finish_row<T, M, HasW>(p, r, y, active, l, sm, ref, xy, my_l, my_w);
   }
