@@ -169,6 +169,8 @@ void set_focal(BinaryCrossEntropyParams& p, double gamma, double alpha, bool pro
                     ": gamma and alpha must be numbers, got gamma=", gamma, ", alpha=", alpha);
   TORCH_CHECK_VALUE(!prob_input || gamma < 0, op, ": the focal loss takes logits, not "
                     "probabilities (prob_input), got gamma=", gamma);
+  TORCH_CHECK(!prob_input || p.target_dtype == p.dtype, op, ": probabilities and their target "
+              "must share a dtype (prob_input)");
   p.prob_input = prob_input;
   TORCH_CHECK_VALUE(p.alpha.data == nullptr || gamma >= 0, op, ": an alpha tensor needs the "
                     "focal loss (gamma >= 0), got gamma=", gamma);

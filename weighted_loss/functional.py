@@ -144,9 +144,14 @@ def binary_cross_entropy(
         raise ValueError(f"Using a target size ({target.size()}) that is different to the input "
                          f"size ({input.size()}) is deprecated. Please ensure they have the same "
                          "size.")
-    if target.dtype != input.dtype and not _dtypes.autocast_on(input):
-        name = lambda d: _DTYPE_NAMES.get(d, str(d))  # noqa: E731
-        raise RuntimeError(f"Found dtype {name(target.dtype)} but expected {name(input.dtype)}")
+    if target.dtype != input.dtype:
+        if not (_dtypes.autocast_on(input) and input.is_floating_point() and
+                target.is_floating_point()):
+            name = lambda d: _DTYPE_NAMES.get(d, str(d))  # noqa: E731
+            raise RuntimeError(f"Found dtype {name(target.dtype)} but expected "
+                               f"{name(input.dtype)}")
+        # PyTorch's CPU autocast runs it on float32 copies of both
+        input, target = input.float(), target.float()
     if not input.is_floating_point():
         raise NotImplementedError(f'"binary_cross_entropy" not implemented for '
                                   f"'{_DTYPE_NAMES.get(input.dtype, input.dtype)}'")

@@ -21,6 +21,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../params.h"
@@ -91,11 +92,10 @@ struct BceCtx {
   const acc_t* pw;
   const acc_t* al;   // the alpha tensor, or nullptr: the scalar alpha
   acc_t one = 1, alpha;
-  bool focal, al_contiguous, loss_acc, prob;
+  bool focal, al_contiguous, loss_acc;
   Focal<acc_t> fl;
 
   explicit BceCtx(const BinaryCrossEntropyParams& prm) : p(prm) {
-    prob = p.prob_input;
     focal = p.focal_gamma >= 0;
     fl = {static_cast<acc_t>(focal ? p.focal_gamma : 0.0), focal && p.focal_alpha >= 0};
     if (focal && p.focal_alpha >= 0 && p.alpha.data == nullptr) {
@@ -208,7 +208,7 @@ inline void for_segments(const Cx& cx, int64_t f0, int64_t f1, F&& seg) {
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
-template <typename Cx, bool WC, bool PC, bool Store>
+template <typename Cx, bool WC, bool PC, bool Store, bool Prob>
 inline void forward_segment(const Cx& cx, int64_t f, int64_t n, const typename Cx::acc_t* w,
                             const typename Cx::acc_t* pw, const typename Cx::acc_t* a,
                             double* sum) {
@@ -225,7 +225,7 @@ inline void forward_segment(const Cx& cx, int64_t f, int64_t n, const typename C
     load_elements<scalar_t, typename Cx::target_t, WC, PC, decltype(full)::value>(
         x, t, w, pw, k, cnt, xv, tv, wv, pv);
     V l0, l1;
-    if (cx.prob) {  // probabilities: each checked in [0, 1], as PyTorch's forward checks them
+    if constexpr (Prob) {  // probabilities: each checked in [0, 1], as PyTorch's forward does
       TORCH_CHECK(!outside_unit(xv[0]) && !outside_unit(xv[1]),
                   "all elements of input should be between 0 and 1");
       l0 = bce_prob_loss(xv[0], tv[0], pv[0]) * wv[0];
@@ -260,7 +260,7 @@ inline void forward_segment(const Cx& cx, int64_t f, int64_t n, const typename C
   });
 }
 
-template <typename Cx, bool WC, bool PC>
+template <typename Cx, bool WC, bool PC, bool Prob>
 void forward(const Cx& cx) {
   using scalar_t = typename Cx::scalar_t;
   using acc_t = typename Cx::acc_t;
@@ -270,7 +270,7 @@ void forward(const Cx& cx) {
     at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b, int64_t e) {
       for_segments(cx, b * kBlock, std::min(p.numel, e * kBlock),
                    [&](int64_t f, int64_t n, const acc_t* w, const acc_t* pw, const acc_t* a) {
-                     forward_segment<Cx, WC, PC, true>(cx, f, n, w, pw, a, nullptr);
+                     forward_segment<Cx, WC, PC, true, Prob>(cx, f, n, w, pw, a, nullptr);
                    });
     });
     return;
@@ -281,7 +281,7 @@ void forward(const Cx& cx) {
       double sum[IO<scalar_t>::B] = {};
       for_segments(cx, blk * kBlock, std::min(p.numel, (blk + 1) * kBlock),
                    [&](int64_t f, int64_t n, const acc_t* w, const acc_t* pw, const acc_t* a) {
-                     forward_segment<Cx, WC, PC, false>(cx, f, n, w, pw, a, sum);
+                     forward_segment<Cx, WC, PC, false, Prob>(cx, f, n, w, pw, a, sum);
                    });
       double total = 0;
       for (const double v : sum) total += v;
@@ -297,7 +297,7 @@ void forward(const Cx& cx) {
 // ---------------------------------------------------------------------------------------------
 // Backward. g is the upstream gradient of the element's loss (divided by numel for the mean).
 
-template <typename Cx, bool WC, bool PC, bool GX, bool GT, bool GScalar>
+template <typename Cx, bool WC, bool PC, bool GX, bool GT, bool GScalar, bool Prob>
 inline void backward_segment(const Cx& cx, int64_t f, int64_t n, const typename Cx::acc_t* w,
                              const typename Cx::acc_t* pw, const typename Cx::acc_t* a,
                              typename Cx::acc_t g_scalar) {
@@ -329,7 +329,7 @@ inline void backward_segment(const Cx& cx, int64_t f, int64_t n, const typename 
     if (cx.focal) load_alpha(cx, a, k, cnt, av);
     auto grads = [&](const V& xv, const V& tv, const V& av, const V& pv, const V& gv, V& dx,
                      V& dt) {
-      if (cx.prob) {  // probabilities (binary_cross_entropy_math.h)
+      if constexpr (Prob) {  // probabilities (binary_cross_entropy_math.h)
         if constexpr (GX) dx = gv * bce_prob_grad(xv, tv, pv);
         if constexpr (GT) dt = gv * bce_prob_grad_target(xv, pv);
         return;
@@ -367,7 +367,7 @@ inline void backward_segment(const Cx& cx, int64_t f, int64_t n, const typename 
   });
 }
 
-template <typename Cx, bool WC, bool PC, bool GX, bool GT, bool GScalar>
+template <typename Cx, bool WC, bool PC, bool GX, bool GT, bool GScalar, bool Prob>
 void backward(const Cx& cx) {
   using acc_t = typename Cx::acc_t;
   const auto& p = cx.p;
@@ -380,13 +380,22 @@ void backward(const Cx& cx) {
   at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b, int64_t e) {
     for_segments(cx, b * kBlock, std::min(p.numel, e * kBlock),
                  [&](int64_t f, int64_t n, const acc_t* w, const acc_t* pw, const acc_t* a) {
-                   backward_segment<Cx, WC, PC, GX, GT, GScalar>(cx, f, n, w, pw, a, g);
+                   backward_segment<Cx, WC, PC, GX, GT, GScalar, Prob>(cx, f, n, w, pw, a, g);
                  });
   });
 }
 
 // ---------------------------------------------------------------------------------------------
-// Compile-time switches: contiguous or per-row weights; which gradients; scalar upstream gradient.
+// Compile-time switches: contiguous or per-row weights; which gradients; scalar upstream gradient;
+// probabilities (params.h: prob_input, whose target has the input's dtype: the glue checks it).
+
+template <typename scalar_t, typename target_t, typename F>
+void dispatch_prob(const BinaryCrossEntropyParams& p, F&& f) {
+  if constexpr (std::is_same_v<scalar_t, target_t>) {
+    if (p.prob_input) return f(std::true_type{});
+  }
+  f(std::false_type{});
+}
 
 template <typename F>
 void dispatch_weights(const BinaryCrossEntropyParams& p, F&& f) {
@@ -408,8 +417,10 @@ void binary_cross_entropy_forward(const BinaryCrossEntropyParams& p) {
   dispatch_dtypes(p.dtype, p.target_dtype, [&](auto tag, auto target_tag) {
     using Cx = BceCtx<decltype(tag), decltype(target_tag)>;
     const Cx cx(p);
-    dispatch_weights(p, [&](auto wc, auto pc) {
-      forward<Cx, decltype(wc)::value, decltype(pc)::value>(cx);
+    dispatch_prob<decltype(tag), decltype(target_tag)>(p, [&](auto prob) {
+      dispatch_weights(p, [&](auto wc, auto pc) {
+        forward<Cx, decltype(wc)::value, decltype(pc)::value, decltype(prob)::value>(cx);
+      });
     });
   });
 }
@@ -419,23 +430,26 @@ void binary_cross_entropy_backward(const BinaryCrossEntropyParams& p) {
   dispatch_dtypes(p.dtype, p.target_dtype, [&](auto tag, auto target_tag) {
     using Cx = BceCtx<decltype(tag), decltype(target_tag)>;
     const Cx cx(p);
-    dispatch_weights(p, [&](auto wc, auto pc) {
-      constexpr bool WC = decltype(wc)::value, PC = decltype(pc)::value;
-      auto with_g = [&](auto gx, auto gt) {
-        constexpr bool GX = decltype(gx)::value, GT = decltype(gt)::value;
-        if (p.grad_loss_scalar) {
-          backward<Cx, WC, PC, GX, GT, true>(cx);
-        } else {
-          backward<Cx, WC, PC, GX, GT, false>(cx);
+    dispatch_prob<decltype(tag), decltype(target_tag)>(p, [&](auto prob) {
+      constexpr bool Prob = decltype(prob)::value;
+      dispatch_weights(p, [&](auto wc, auto pc) {
+        constexpr bool WC = decltype(wc)::value, PC = decltype(pc)::value;
+        auto with_g = [&](auto gx, auto gt) {
+          constexpr bool GX = decltype(gx)::value, GT = decltype(gt)::value;
+          if (p.grad_loss_scalar) {
+            backward<Cx, WC, PC, GX, GT, true, Prob>(cx);
+          } else {
+            backward<Cx, WC, PC, GX, GT, false, Prob>(cx);
+          }
+        };
+        if (p.grad_input != nullptr && p.grad_target != nullptr) {
+          with_g(std::true_type{}, std::true_type{});
+        } else if (p.grad_input != nullptr) {
+          with_g(std::true_type{}, std::false_type{});
+        } else if (p.grad_target != nullptr) {
+          with_g(std::false_type{}, std::true_type{});
         }
-      };
-      if (p.grad_input != nullptr && p.grad_target != nullptr) {
-        with_g(std::true_type{}, std::true_type{});
-      } else if (p.grad_input != nullptr) {
-        with_g(std::true_type{}, std::false_type{});
-      } else if (p.grad_target != nullptr) {
-        with_g(std::false_type{}, std::true_type{});
-      }
+      });
     });
   });
 }

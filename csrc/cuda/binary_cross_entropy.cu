@@ -239,7 +239,7 @@ __device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* shared) {
 // block adds at most kReduceBlocks partials (a fixed count: the same sum on every GPU). Logits
 // of T, targets of U (params.h: target_dtype), a stored loss of L (loss_dtype: T or float; a
 // compile-time choice: two stores under a runtime branch made sm_90 spill 12 bytes).
-template <typename T, typename U, typename L, bool Indexed, bool Store>
+template <typename T, typename U, typename L, bool Indexed, bool Store, bool Prob>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const BinaryCrossEntropyParams p, bool aligned, double* partial,
                    unsigned int* done) {
@@ -261,8 +261,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       l[k] = k >= n ? acc_t(0)
-                    : w[k] * (p.prob_input ? bce_prob_loss(x[k], t[k], pw[k])
-                                           : bce_loss(x[k], t[k], pw[k]));
+                    : w[k] * (Prob ? bce_prob_loss(x[k], t[k], pw[k]) : bce_loss(x[k], t[k], pw[k]));
       if (p.focal_gamma >= 0 && k < n) l[k] *= focal_factor(p, x[k], t[k], a[k]);
       part += l[k];
     }
@@ -297,7 +296,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, typename U, bool Indexed, bool GX, bool GT, bool GScalar>
+template <typename T, typename U, bool Indexed, bool GX, bool GT, bool GScalar, bool Prob>
 __global__ void __launch_bounds__(kThreads) backward_kernel(const BinaryCrossEntropyParams p,
                                                             bool aligned) {
   using acc_t = typename AccOf<T>::type;
@@ -324,7 +323,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BinaryCrossEnt
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     const acc_t gw = g[k] * w[k];
-    if (p.prob_input) {  // probabilities
+    if constexpr (Prob) {  // probabilities
       if constexpr (GX) dx[k] = gw * bce_prob_grad(x[k], t[k], pw[k]);
       if constexpr (GT) dt[k] = gw * bce_prob_grad_target(x[k], pw[k]);
       continue;
@@ -376,6 +375,16 @@ cudaError_t with_indexed(const BinaryCrossEntropyParams& p, F&& f) {
   return f(std::false_type{});
 }
 
+// f(prob_input) as a compile-time constant: probabilities have the input's dtype (the glue
+// checks it), so only T == U instantiates it.
+template <typename T, typename U, typename F>
+cudaError_t with_prob(const BinaryCrossEntropyParams& p, F&& f) {
+  if constexpr (std::is_same_v<T, U>) {
+    if (p.prob_input) return f(std::true_type{});
+  }
+  return f(std::false_type{});
+}
+
 }  // namespace
 
 size_t binary_cross_entropy_forward_workspace(const BinaryCrossEntropyParams& p) {
@@ -396,25 +405,28 @@ cudaError_t binary_cross_entropy_forward(const BinaryCrossEntropyParams& p, void
     auto* done = reinterpret_cast<unsigned int*>(partial + kReduceBlocks);
     const auto reduce_blocks =
         static_cast<unsigned int>(blocks < kReduceBlocks ? blocks : kReduceBlocks);
-    return with_indexed(p, [&](auto idx) -> cudaError_t {
-      constexpr bool I = decltype(idx)::value;
-      if (p.reduction == Reduction::None) {
-        if constexpr (sizeof(T) == 2) {
-          if (p.loss_dtype != p.dtype) {  // float32 losses of 16-bit logits (mixed precision)
-            launch<forward_kernel<T, U, float, I, true>>(blocks, kThreads, stream, p, aligned,
-                                                         nullptr, nullptr);
-            return cudaGetLastError();
+    return with_prob<T, U>(p, [&](auto prob) -> cudaError_t {
+      constexpr bool P = decltype(prob)::value;
+      return with_indexed(p, [&](auto idx) -> cudaError_t {
+        constexpr bool I = decltype(idx)::value;
+        if (p.reduction == Reduction::None) {
+          if constexpr (sizeof(T) == 2) {
+            if (p.loss_dtype != p.dtype) {  // float32 losses of 16-bit logits (mixed precision)
+              launch<forward_kernel<T, U, float, I, true, P>>(blocks, kThreads, stream, p,
+                                                              aligned, nullptr, nullptr);
+              return cudaGetLastError();
+            }
           }
+          launch<forward_kernel<T, U, T, I, true, P>>(blocks, kThreads, stream, p, aligned,
+                                                      nullptr, nullptr);
+          return cudaGetLastError();
         }
-        launch<forward_kernel<T, U, T, I, true>>(blocks, kThreads, stream, p, aligned, nullptr,
-                                                 nullptr);
+        const cudaError_t err = cudaMemsetAsync(done, 0, sizeof(unsigned int), stream);
+        if (err != cudaSuccess) return err;
+        launch<forward_kernel<T, U, T, I, false, P>>(reduce_blocks, kThreads, stream, p, aligned,
+                                                     partial, done);
         return cudaGetLastError();
-      }
-      const cudaError_t err = cudaMemsetAsync(done, 0, sizeof(unsigned int), stream);
-      if (err != cudaSuccess) return err;
-      launch<forward_kernel<T, U, T, I, false>>(reduce_blocks, kThreads, stream, p, aligned,
-                                                partial, done);
-      return cudaGetLastError();
+      });
     });
   });
 }
@@ -427,20 +439,25 @@ cudaError_t binary_cross_entropy_backward(const BinaryCrossEntropyParams& p, cud
     const unsigned int blocks = blocks_of<T>(p);
     const bool aligned = aligned16(p.input) && aligned16(p.target) && aligned16(p.grad_input) &&
                          aligned16(p.grad_target) && (p.grad_loss_scalar || aligned16(p.grad_loss));
-    return with_indexed(p, [&](auto idx) -> cudaError_t {
-      constexpr bool I = decltype(idx)::value;
-      auto run = [&](auto gx, auto gt) -> cudaError_t {
-        constexpr bool GX = decltype(gx)::value, GT = decltype(gt)::value;
-        if (p.grad_loss_scalar) {
-          launch<backward_kernel<T, U, I, GX, GT, true>>(blocks, kThreads, stream, p, aligned);
-        } else {
-          launch<backward_kernel<T, U, I, GX, GT, false>>(blocks, kThreads, stream, p, aligned);
-        }
-        return cudaGetLastError();
-      };
-      if (p.grad_input && p.grad_target) return run(std::true_type{}, std::true_type{});
-      if (p.grad_input) return run(std::true_type{}, std::false_type{});
-      return run(std::false_type{}, std::true_type{});
+    return with_prob<T, U>(p, [&](auto prob) -> cudaError_t {
+      constexpr bool P = decltype(prob)::value;
+      return with_indexed(p, [&](auto idx) -> cudaError_t {
+        constexpr bool I = decltype(idx)::value;
+        auto run = [&](auto gx, auto gt) -> cudaError_t {
+          constexpr bool GX = decltype(gx)::value, GT = decltype(gt)::value;
+          if (p.grad_loss_scalar) {
+            launch<backward_kernel<T, U, I, GX, GT, true, P>>(blocks, kThreads, stream, p,
+                                                              aligned);
+          } else {
+            launch<backward_kernel<T, U, I, GX, GT, false, P>>(blocks, kThreads, stream, p,
+                                                               aligned);
+          }
+          return cudaGetLastError();
+        };
+        if (p.grad_input && p.grad_target) return run(std::true_type{}, std::true_type{});
+        if (p.grad_input) return run(std::true_type{}, std::false_type{});
+        return run(std::false_type{}, std::true_type{});
+      });
     });
   });
 }
