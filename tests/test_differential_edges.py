@@ -206,3 +206,20 @@ def test_exception_classes(device):
     with pytest.raises(RuntimeError, match="expected target dtype to be Long or Byte, but got "
                                            "Float"):
         wl.cross_entropy(torch.randn(2, 3), torch.zeros(2))
+
+
+def test_no_classes_with_a_weight_under_double_backward(device):
+    """(N, 0) logits, a (0,) weight, every item ignored, smoothing: the double-backward composite
+    gathered the empty weight (IndexError); PyTorch gives a NaN loss and an empty gradient."""
+    x = torch.randn(29, 0, dtype=D)
+    y = torch.full((29,), 255)
+    kw = dict(weight=torch.zeros(0, dtype=D), ignore_index=255, label_smoothing=1.0)
+    out = []
+    for fn in (wl.cross_entropy, F.cross_entropy):
+        xr = x.clone().requires_grad_()
+        loss = fn(xr, y, **kw)
+        (g,) = torch.autograd.grad(loss, xr, create_graph=True)
+        out.append((loss.detach(), g.detach()))
+    for a, b in zip(*out):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, equal_nan=True)

@@ -65,7 +65,8 @@ def cross_entropy(input, target, weight, reduction, ignore_index, label_smoothin
     yc = torch.where(valid, y, torch.zeros_like(y))
     # (no classes: every item is ignored, the kernels checked it; nothing to gather)
     lp_y = logp.gather(1, yc.unsqueeze(1)).squeeze(1) if C else logp.new_zeros(y.shape)
-    w_y = valid.to(logp.dtype) if weight is None else weight.to(logp.dtype)[yc] * valid
+    w_y = valid.to(logp.dtype) if weight is None or not C else \
+        weight.to(logp.dtype)[yc] * valid  # (no classes: no weight to gather, all ignored)
     term_y = -lp_y if gamma <= 0 else -_focal_factor(lp_y, gamma) * lp_y
     rows = (1.0 - label_smoothing) * w_y * term_y if label_smoothing > 0 else w_y * term_y
     if label_smoothing > 0 and C:
