@@ -129,7 +129,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 return _backward_rows(ctx, grad_loss)
         gx, gw, gb, ga, divisor = ctx.saved_tensors
         scale = grad_loss.double()
-        if ctx.reduction == "mean":
+        if ctx.reduction == "mean" and ctx.weighted:  # sample weights: the composite's
+            scale = scale / divisor  # (v * rows).sum() / (v w_y).sum(), 0 / 0 included
+        elif ctx.reduction == "mean":
             # every target ignored: the loss is NaN (0 / 0) and the gradients 0, as PyTorch's
             scale = torch.where(divisor == 0, torch.zeros_like(scale), scale / divisor)
         grads = []
@@ -213,7 +215,7 @@ def _forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z,
             g = plan.chunk_grad(g)
             _add_chunk_grads(g, xc, lwq, None if gx is None else gx[a:a + plan.chunk], gw, gb)
             del g  # before the next chunk's logits: one chunk buffer at a time
-    ctx.reduction, ctx.prob, ctx.plan = reduction, prob, plan
+    ctx.reduction, ctx.prob, ctx.plan, ctx.weighted = reduction, prob, plan, rows_v
     if red_none:
         ctx.args = (ignore_index, label_smoothing, z, cap)
         acc = torch.float64 if plan.logits == torch.float64 else torch.float32
