@@ -230,16 +230,20 @@ def run_case(case):
 
 
 def _adjusted_inputs(case):
-    """A logit-adjusted case's float64 reference takes the adjusted logits as the composite
-    forms them, input + a in the case's dtype, as its rounded input (as every input is rounded
-    to the case's dtype first): the kernels form the same sum in that precision, so its rounding
-    is neither's error (one draw, seed 7152, put PyTorch's luck against it at 2.4x: against this
-    reference ours was 3.4e-9, PyTorch's 3.3e-8)."""
+    """A logit-adjusted case's float64 reference takes input + a rounded as any implementation
+    in the accumulation dtype must round it (float32 for float32 logits, as the composite does)
+    as its input: that rounding is neither implementation's error (one draw, seed 7152, put
+    PyTorch's luck against it at 2.4x: against this reference ours was 3.4e-9, PyTorch's 3.3e-8).
+    16-bit logits' sums are exact in float32, where the composite rounds them to 16 bits."""
     a, x = case["kw"].get("logit_adjustment"), case["x"]
     if a is None or case["loss"] == "linear" or x.dim() == 0 or not x.is_floating_point() or \
             x.shape[0 if x.dim() == 1 else 1] != a.shape[0]:
         return case
-    z = x + a.to(x.dtype).view((a.shape[0],) + (1,) * (x.dim() - (1 if x.dim() == 1 else 2)))
+    # the sum rounded as the kernels form it, in the accumulation dtype (float32 beside 16-bit
+    # and float32 logits: the composite's own rounding for float32; for 16-bit logits it is
+    # exact where the composite rounds it to 16 bits)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    z = x.to(acc) + a.to(acc).view((a.shape[0],) + (1,) * (x.dim() - (1 if x.dim() == 1 else 2)))
     return dict(case, x=z, kw={k: v for k, v in case["kw"].items() if k != "logit_adjustment"})
 
 

@@ -214,3 +214,37 @@ def test_pos_weight_broadcasts_as_for_logits(device, shape, pw_shape):
         want = _grads(composite, p, t, weight=w, reduction=red, pos_weight=pw)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [D, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("indexed", [False, True])
+def test_every_cuda_instantiation(gpu, dtype, indexed):
+    """The CUDA kernels' probability instantiations, each once (tests/test_emulator.py checks
+    that every one ran): reduced and per-element losses (a float32 loss of 16-bit inputs under
+    autocast), the input's, the target's and both gradients, scalar and per-element upstream
+    gradients; against the composite in float64."""
+    p, t = _inputs((6, 8), 20, dtype)
+    w = (torch.rand(6, 1, dtype=D) + 0.5).to(dtype) if indexed else None  # read by row
+    for red, wants in itertools.product(("none", "mean"), ((1, 0), (0, 1), (1, 1))):
+        for per_element in ((False, True) if red == "none" else (False,)):
+            pr = p.detach().clone().requires_grad_(bool(wants[0]))
+            tr = t.detach().clone().requires_grad_(bool(wants[1]))
+            loss = wl.binary_cross_entropy(pr, tr, w, reduction=red)
+            go = torch.rand(loss.shape, dtype=D).to(loss.dtype) if per_element else \
+                torch.ones_like(loss)
+            got = torch.autograd.grad(loss, [v for v in (pr, tr) if v.requires_grad], go)
+            pd, td = p.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+            want_loss = F.binary_cross_entropy(pd, td, None if w is None else w.double(),
+                                               reduction=red)
+            want = torch.autograd.grad(want_loss, [v for v, k in ((pd, wants[0]), (td, wants[1]))
+                                                   if k], go.double())
+            tol = dict(rtol=1e-10, atol=1e-12) if dtype == D else dict(rtol=2e-2, atol=1e-2)
+            torch.testing.assert_close(loss.double(), want_loss, **tol)
+            for a, b in zip(got, want):
+                fin = torch.isfinite(b)
+                torch.testing.assert_close(a.double()[fin], b[fin], **tol)
+    if dtype in (torch.bfloat16, torch.float16):  # a float32 loss of 16-bit inputs
+        with torch.autocast("cpu", dtype=dtype):
+            loss = wl.binary_cross_entropy(p, t, w, reduction="none")
+            loss2 = wl.binary_cross_entropy(p, t, w, reduction="mean")
+        assert loss.dtype == loss2.dtype == torch.float32

@@ -81,8 +81,9 @@ def test_sm_count_must_be_positive_int(bad):
 def test_launch_names_carry_template_arguments():
     names = emulated_launches()
     assert "forward_split_kernel<__nv_bfloat16, 2, true>" in names
-    assert "backward_kernel<__half, __half, true, true, false, true>" in names
-    assert "backward_kernel<__nv_bfloat16, float, true, true, false, true>" in names
+    assert "backward_kernel<__half, __half, true, true, false, true, false>" in names
+    assert "backward_kernel<__nv_bfloat16, float, true, true, false, true, false>" in names
+    assert "backward_kernel<__half, __half, true, true, false, true, true>" in names
     assert len(names) == len(set(names)) >= 300
 
 

@@ -110,7 +110,9 @@ Plan plan_of(const CrossEntropyParams& p) {
                      aligned_to(prob_targets(p), dtype_size(p.target_dtype) * V) &&
                      aligned16(p.grad_input);
     plan.kind = Plan::kLanes;
-    plan.lanes = vec ? V : 1;
+    // (a logit adjustment: one row a thread; the rows a thread of 16-bit logits have no
+    // register left for it: a spill on sm_90)
+    plan.lanes = vec && p.logit_adjust == nullptr ? V : 1;
     plan.blocks = blocks(rows / plan.lanes);
     return plan;
   }

@@ -132,7 +132,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     if (p.classes > 0) {  // (no classes: no first logit, every target ignore_index)
       const Lanes<T, P> x0 = *vector_ptr<Lanes<T, P>>(x);
 #pragma unroll
-      for (int k = 0; k < P; ++k) ref[k] = shift_of(logit_of(p, to_acc(x0.v[k]), 0));
+      for (int k = 0; k < P; ++k) {
+        ref[k] = shift_of(P == 1 ? logit_of(p, to_acc(x0.v[k]), 0) : capped(p, to_acc(x0.v[k])));
+      }
     } else {
 #pragma unroll
       for (int k = 0; k < P; ++k) ref[k] = acc_t(0);
@@ -144,7 +146,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
       const acc_t wc = M != kPlain ? class_weight<HasW, acc_t>(p, c) : acc_t(1);
 #pragma unroll
       for (int k = 0; k < P; ++k) {
-        const acc_t xk = logit_of(p, to_acc(xl.v[k]), c);
+        // the logit adjustment only at one row a thread (plan_of: none of the P > 1 kernels'
+        // registers go to it; the 8-row bfloat16 ones spilled)
+        const acc_t xk = P == 1 ? logit_of(p, to_acc(xl.v[k]), c) : capped(p, to_acc(xl.v[k]));
         ls[k].add(xk);
         if constexpr (M != kPlain) {
           ls[k].add_term(weighted_target<M>(wc, is_prob(M) ? to_acc(tl.v[k]) : acc_t(0), smooth),
@@ -167,7 +171,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
 #pragma unroll
         for (int k = 0; k < P; ++k) {
           Sums<acc_t> one;  // the class's terms
-          focal_add_term<M>(p, one, to_acc(xl.v[k]), c,
+          focal_add_term<M, acc_t, P == 1>(p, one, to_acc(xl.v[k]), c,
                             weighted_target<M>(wc, is_prob(M) ? to_acc(tl.v[k]) : acc_t(0), smooth),
                             sh[k], L[k]);
           ls[k].add_a(one.a);
@@ -180,7 +184,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
       const int64_t y = is_prob(M) ? -1 : target_of(p, r0 + k);
       const bool active = is_prob(M) || y >= 0;
       const acc_t xy =
-          active && !is_prob(M) ? logit_of(p, to_acc(x[y * p.stride_class + k]), y) : acc_t(0);
+          active && !is_prob(M)
+              ? (P == 1 ? logit_of(p, to_acc(x[y * p.stride_class + k]), y)
+                        : capped(p, to_acc(x[y * p.stride_class + k])))
+              : acc_t(0);
       finish_row<T, M, HasW>(p, r0 + k, y, active, ls[k].lse(), ls[k].sums(), ref[k], xy, my_l,
                              my_w);
     }

@@ -205,10 +205,11 @@ __device__ __forceinline__ bool soft_focal(const CrossEntropyParams& p) {
 }
 
 // A class's focal terms (see the top) with its term f = w_c t'_c given (weighted_target).
-template <int M, typename acc_t>
+// (Adj false: the logit adjustment is off at compile time, for kernels that never see it)
+template <int M, typename acc_t, bool Adj = true>
 __device__ __forceinline__ void focal_add_term(const CrossEntropyParams& p, Sums<acc_t>& sm,
                                                acc_t x, int64_t c, acc_t f, acc_t sh, acc_t L) {
-  const acc_t lp = (logit_of(p, x, c) - sh) - L;
+  const acc_t lp = ((Adj ? logit_of(p, x, c) : capped(p, x)) - sh) - L;
   acc_t m, s;
   focal_class_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), lp, fast_exp(lp), m, s);
   sm.a -= f * m * lp;
