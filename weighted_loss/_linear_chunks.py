@@ -129,10 +129,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 return _backward_rows(ctx, grad_loss)
         gx, gw, gb, ga, divisor = ctx.saved_tensors
         scale = grad_loss.double()
-        if ctx.reduction == "mean" and ctx.weighted:  # sample weights: the composite's
-            scale = scale / divisor  # (v * rows).sum() / (v w_y).sum(), 0 / 0 included
-        elif ctx.reduction == "mean":
-            # every target ignored: the loss is NaN (0 / 0) and the gradients 0, as PyTorch's
+        if ctx.reduction == "mean":
+            # every target ignored (or an empty batch): the loss is NaN (0 / 0) and the
+            # gradients 0, as PyTorch's; with sample weights also where the kept rows all weigh
+            # 0 (the composite's gradient is NaN there: docs/semantics.md)
             scale = torch.where(divisor == 0, torch.zeros_like(scale), scale / divisor)
         grads = []
         for g, dtype in zip((gx, gw, gb, ga), ctx.dtypes):
