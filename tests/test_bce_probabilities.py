@@ -179,6 +179,25 @@ def test_cpu_autocast_float32_loss_from_16bit_inputs():
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.cuda
+def test_cuda_autocast_raises_as_pytorch():
+    """PyTorch's CUDA autocast bans binary_cross_entropy at dispatch: its size check comes first,
+    then the ban, whatever the dtypes; the op's own rule gives direct callers the same message."""
+    p, t = (x.cuda() for x in _inputs((16, 8), 11, torch.float32))
+    cases = [(p, t), (p.bfloat16(), t), (p, t.double()), (p, t[0])]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for a, b in cases:
+            errors = []
+            for fn in (F.binary_cross_entropy, wl.binary_cross_entropy):
+                with pytest.raises((RuntimeError, ValueError)) as info:
+                    fn(a, b)
+                errors.append((info.type, str(info.value)))
+            assert errors[0] == errors[1]
+        with pytest.raises(RuntimeError, match="unsafe to autocast"):
+            torch.ops.weighted_loss.binary_cross_entropy_with_logits_forward(
+                p, t, None, None, reduction=1, prob_input=True)
+
+
 def test_module_and_patch():
     w, pw = torch.rand(4) + 0.5, torch.rand(4) + 0.5
     m = wl.BCELoss(weight=w, pos_weight=pw, reduction="sum")

@@ -138,12 +138,14 @@ def binary_cross_entropy(
     :func:`binary_cross_entropy_with_logits`."""
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
-    if _dtypes.autocast_on(input) and input.device.type == "cuda":
-        raise RuntimeError(_BCE_AUTOCAST)
     if target.size() != input.size():
         raise ValueError(f"Using a target size ({target.size()}) that is different to the input "
                          f"size ({input.size()}) is deprecated. Please ensure they have the same "
                          "size.")
+    # PyTorch's CUDA autocast bans the op at dispatch, after the size check and before any dtype
+    # check; the op's own AutocastCUDA rule (csrc/autocast.cpp) says the same to direct callers
+    if _dtypes.autocast_on(input) and input.device.type == "cuda":
+        raise RuntimeError(_BCE_AUTOCAST)
     if target.dtype != input.dtype:
         if not (_dtypes.autocast_on(input) and input.is_floating_point() and
                 target.is_floating_point()):
