@@ -71,9 +71,9 @@ if [ ${#glue[@]} -gt 0 ]; then
   if inc=$("$python" -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'include'))" 2>/dev/null); then
     pyinc=$("$python" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
     # the toolkit's headers: where nvcc says it lives (it may be a wrapper script), or CUDA_HOME
-    top=$("$nvcc" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | grep -m1 -o "_TOP_=[^ ]*" | cut -d= -f2 || true)
+    bin=$("$nvcc" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | grep -m1 -o "_HERE_=[^ ]*" | cut -d= -f2 || true)
     cudainc=""
-    for d in "$top/.." "${CUDA_HOME:-}" /usr/local/cuda; do
+    for d in "${bin:+$bin/..}" "${CUDA_HOME:-}" /usr/local/cuda; do
       if [ -n "$d" ] && [ -f "$d/include/cuda_runtime.h" ]; then cudainc="$d/include"; break; fi
     done
     mkdir -p "$out/stub/c10/cuda/impl"

@@ -17,6 +17,16 @@ budget="${GPU_CHECK_BUDGET_S:-460}"  # racecheck and synccheck run only within i
 start=$SECONDS
 phase() { echo "== $1 (at $((SECONDS - start)) s)"; }
 
+# torch takes the toolkit from CUDA_HOME, else from the nvcc on PATH, whose parent's parent is wrong
+# where that nvcc is a wrapper script: take the folder nvcc itself reports when it holds the headers
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
+  bin=$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | grep -m1 -o "_HERE_=[^ ]*" | cut -d= -f2)
+  if [ -n "$bin" ] && [ -f "$bin/../include/cuda_runtime.h" ]; then
+    CUDA_HOME=$(cd "$bin/.." && pwd); export CUDA_HOME
+  fi
+fi
+echo "CUDA_HOME=${CUDA_HOME:-unset}, nvcc $(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*')"
+
 phase "build against $("$python" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
 t=$SECONDS
 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
