@@ -142,7 +142,9 @@ def binary_cross_entropy(
         raise ValueError(f"Using a target size ({target.size()}) that is different to the input "
                          f"size ({input.size()}) is deprecated. Please ensure they have the same "
                          "size.")
-    # PyTorch's CUDA autocast bans the op at dispatch, after the size check and before any dtype
+    if weight is not None:  # PyTorch's broadcast check (torch 2.13's message) before the op's
+        torch.broadcast_shapes(target.size(), weight.size())
+    # PyTorch's CUDA autocast bans the op at dispatch, after the size checks and before any dtype
     # check; the op's own AutocastCUDA rule (csrc/autocast.cpp) says the same to direct callers
     if _dtypes.autocast_on(input) and input.device.type == "cuda":
         raise RuntimeError(_BCE_AUTOCAST)
