@@ -8,7 +8,7 @@ what it needs in one pass. The forwards' out_dtype (the loss's dtype; float32 un
 """
 import torch
 
-from . import _composite
+from . import _composite, _reweight
 
 _ops = torch.ops.weighted_loss
 _NONE = 0
@@ -82,7 +82,7 @@ def _differentiable_grads(composite, args, grad_loss, wrt):
 def _adjust_grad(grad_input, input):
     """The logit adjustment's gradient from the logits' (the adjustment is added to every item):
     their sum over every dim but the classes'."""
-    cdim = 0 if input.dim() == 1 else 1
+    cdim = _reweight.class_dim(input)
     dims = [d for d in range(grad_input.dim()) if d != cdim]
     return grad_input.sum(dims) if dims else grad_input
 

@@ -29,16 +29,22 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def class_dim(input: Tensor) -> int:
+    """The class dim of logits: 0 of ``(C,)``, 1 of ``(N, C, d...)``."""
+    return 0 if input.dim() == 1 else 1
+
+
+def along_classes(a: Tensor, input: Tensor) -> Tensor:
+    """The ``(C,)`` tensor ``a`` viewed to broadcast along ``input``'s class dim."""
+    return a.view((a.shape[0],) + (1,) * (input.dim() - class_dim(input) - 1))
+
+
 def check_adjustment(a, input: Tensor, op: str) -> Optional[Tensor]:
-    """The logit adjustment of ``input``'s classes (``(C,)`` or ``(N, C, d...)`` logits), checked."""
+    """The logit adjustment of ``input``'s classes (``(C,)`` or ``(N, C, d...)`` logits), checked
+    against them (its type and dtype are the options' checks: _options.cross_entropy)."""
     if a is None:
         return None
-    if not isinstance(a, Tensor):
-        raise TypeError(f"{op}: logit_adjustment must be a (C,) floating tensor, got "
-                        f"{type(a).__name__}")
-    if not a.is_floating_point():
-        raise TypeError(f"{op}: logit_adjustment must be a floating tensor, got {a.dtype}")
-    classes = input.shape[0 if input.dim() == 1 else 1] if input.dim() else None
+    classes = input.shape[class_dim(input)] if input.dim() else None
     if a.dim() != 1 or (classes is not None and a.shape[0] != classes):
         raise ValueError(f"{op}: logit_adjustment must have one value per class, shape "
                          f"({classes},), got {tuple(a.shape)}")
@@ -61,16 +67,15 @@ def fused_adjustment(input: Tensor, a: Tensor, softcap: float) -> bool:
 
 def adjusted(input: Tensor, a: Tensor, start: int = 0) -> Tensor:
     """``input + a[start:start + C]`` along the class dim (dim 1; 0 for ``(C,)``)."""
-    cdim = 0 if input.dim() == 1 else 1
-    part = a.narrow(0, start, input.shape[cdim]) if (start or a.shape[0] != input.shape[cdim]) \
-        else a
-    return input + part.view((part.shape[0],) + (1,) * (input.dim() - cdim - 1))
+    classes = input.shape[class_dim(input)]
+    part = a.narrow(0, start, classes) if (start or a.shape[0] != classes) else a
+    return input + along_classes(part, input)
 
 
 def item_shape(input: Tensor, target: Tensor) -> tuple:
     """The shape of the loss's items: the index target's, or the logits' without the class dim."""
     if target.is_floating_point() and target.shape == input.shape:
-        cdim = 0 if input.dim() == 1 else 1
+        cdim = class_dim(input)
         return tuple(input.shape[:cdim]) + tuple(input.shape[cdim + 1:])
     return tuple(target.shape)
 

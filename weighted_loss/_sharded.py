@@ -152,7 +152,7 @@ def cross_entropy(logits: Tensor, target: Tensor, o: CrossEntropyOptions, group,
         v = _reweight.kept(v, target, o.ignore_index).reshape(-1)
     a = o.logit_adjustment
     if a is not None:
-        if a.dim() != 1 or a.shape[0] != total or not a.is_floating_point():
+        if a.dim() != 1 or a.shape[0] != total:  # (its dtype: the options' check)
             raise ValueError(f"{_OP}: logit_adjustment must be a floating tensor holding all "
                              f"{total} classes, got {a.dtype} {tuple(a.shape)}")
         logits = _reweight.adjusted(logits, a.to(logits.device), sum(sizes[:rank]))

@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from ._reweight import along_classes, class_dim
 from .weights import _counts_of
 
 __all__ = ["logit_adjustment", "adjust_logits"]
@@ -58,9 +59,8 @@ def adjust_logits(logits: Tensor, adjustment: Tensor) -> Tensor:
     if logits.dim() == 0:
         raise ValueError("adjust_logits: logits must have a class dim, (C,) or (N, C, d...), got "
                          "a 0-d tensor")
-    cdim = 0 if logits.dim() == 1 else 1
+    cdim = class_dim(logits)
     if logits.shape[cdim] != adjustment.shape[0]:
         raise ValueError(f"adjust_logits: logits have {logits.shape[cdim]} classes (dim {cdim} of "
                          f"{tuple(logits.shape)}), the adjustment {adjustment.shape[0]}")
-    return logits - adjustment.to(logits.device).view(
-        (adjustment.shape[0],) + (1,) * (logits.dim() - cdim - 1))
+    return logits - along_classes(adjustment.to(logits.device), logits)
