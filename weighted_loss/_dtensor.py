@@ -165,8 +165,7 @@ def cross_entropy(input, target, o):
                 return _reweight.prob_weight(v)
             return _local.count(t.numel() // max(1, t.shape[cdim]), t.device)
         if v is not None:
-            return _reweight.kept_weight(t, o.weight, o.ignore_index,
-                                         _reweight.kept(v, t, o.ignore_index))
+            return _reweight.kept_weight(t, o.weight, o.ignore_index, v)
         return _dist._local_weight(t, o.weight, o.ignore_index)
     shape = input.shape[:cdim] + input.shape[cdim + 1:]
     return _over_shards(lambda red: _local.cross_entropy(x, t, o.local(red)), denominator, o,

@@ -80,8 +80,7 @@ def total_weight(targets: Union[Tensor, Iterable[Tensor]], weight: Optional[Tens
         w = 0
         for t, v in zip(ts, vs):
             v = _reweight.check_sample_weight(v, tuple(t.shape), t.device, "total_weight")
-            w = w + _reweight.kept_weight(t, weight, ignore_index, _reweight.kept(
-                v.detach(), t, ignore_index))
+            w = w + _reweight.kept_weight(t, weight, ignore_index, v.detach())
     if process_group is not None:
         _group_size(process_group)
         w = _all_reduce(w, process_group)
