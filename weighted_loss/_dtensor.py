@@ -160,12 +160,10 @@ def cross_entropy(input, target, o):
         o = o.but(sample_weight=v)
 
     def denominator():
-        if prob:
-            if v is not None:
-                return _reweight.prob_weight(v)
-            return _local.count(t.numel() // max(1, t.shape[cdim]), t.device)
         if v is not None:
-            return _reweight.kept_weight(t, o.weight, o.ignore_index, v)
+            return _reweight.divisor(v, t, o.weight, o.ignore_index, prob)
+        if prob:
+            return _local.count(t.numel() // max(1, t.shape[cdim]), t.device)
         return _dist._local_weight(t, o.weight, o.ignore_index)
     shape = input.shape[:cdim] + input.shape[cdim + 1:]
     return _over_shards(lambda red: _local.cross_entropy(x, t, o.local(red)), denominator, o,

@@ -187,10 +187,11 @@ def _forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z,
         if rows_v:
             vc = v[a:a + plan.chunk]
             loss = (loss.double() * vc.double()).sum()
+            part = _reweight.divisor(vc, tc, weight, ignore_index, prob)
             if prob:
-                divisor += _reweight.prob_weight(vc)
+                divisor += part
             else:
-                tw = _reweight.kept_weight(tc, weight, ignore_index, vc)
+                tw = part
             gl = vc.to(plan.acc).contiguous()
         if red_none:
             rows_loss.append(loss)
@@ -291,8 +292,7 @@ def _composite_loss(x, lw, bias, t, o: CrossEntropyOptions, plan, mean, adjust, 
             loss = _composite.cross_entropy(lg, t, o.weight, *o.index_args(red),
                                             out_dtype=rows_dtype)
     if v is not None:
-        divisor = (_reweight.prob_weight(v) if prob
-                   else _reweight.kept_weight(t, o.weight, o.ignore_index, v))
+        divisor = _reweight.divisor(v, t, o.weight, o.ignore_index, prob)
         return _reweight.reduce(loss, v, divisor, o.reduction, plan.out, mean)
     if mean is None:
         return loss
@@ -313,8 +313,7 @@ def linear_cross_entropy(x: Tensor, lw: Tensor, bias, t: Tensor, o: CrossEntropy
         # the items' losses weighted around the op, v's gradient the product's
         rows = linear_cross_entropy(x, lw, bias, t, o.but(sample_weight=None, reduction="none"),
                                     None, plan.with_out(plan.acc))
-        divisor = (_reweight.prob_weight(v) if t.is_floating_point()
-                   else _reweight.kept_weight(t, o.weight, o.ignore_index, v))
+        divisor = _reweight.divisor(v, t, o.weight, o.ignore_index, t.is_floating_point())
         return _reweight.reduce(rows, v, divisor, o.reduction, plan.out, mean)
     loss, divisor = _LinearCrossEntropy.apply(x, lw, bias, t, o.weight, o.ignore_index,
                                               max(o.label_smoothing, 0.0), o.z_loss, o.softcap,

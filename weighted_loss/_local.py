@@ -124,11 +124,9 @@ def _sample_weighted(input: Tensor, target: Tensor, o: CrossEntropyOptions, mean
     acc = _reweight.acc_dtype(out)
     rows = cross_entropy(input, target, o.but(sample_weight=None, reduction="none"),
                          out_dtype=acc)
-    if prob:
-        divisor = _reweight.prob_weight(v)
-    else:
+    if not prob:
         v = _reweight.kept(v, target, o.ignore_index)
-        divisor = _reweight.kept_weight(target, o.weight, o.ignore_index, v)
+    divisor = _reweight.divisor(v, target, o.weight, o.ignore_index, prob)
     reduction = "sum" if mean is not None else o.reduction
     return _reweight.reduce(rows, v, divisor, reduction, out, mean)
 

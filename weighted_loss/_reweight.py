@@ -127,9 +127,13 @@ def kept(v: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     return torch.where(target.long() == ignore_index, torch.zeros_like(v), v)
 
 
-def prob_weight(sample_weight: Tensor) -> Tensor:
-    """The mean's divisor of probability targets: sum(v), float64."""
-    return sample_weight.double().sum()
+def divisor(v: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+            prob: bool) -> Tensor:
+    """The weighted mean's divisor, float64: ``sum(v)`` for probability targets, for class
+    indices ``sum(v * weight[y])`` over the kept items (:func:`kept_weight`)."""
+    if prob:
+        return v.double().sum()
+    return kept_weight(target, weight, ignore_index, v)
 
 
 def reduce(rows: Tensor, v: Tensor, divisor: Tensor, reduction: str, out_dtype: torch.dtype,
