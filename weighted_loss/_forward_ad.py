@@ -15,6 +15,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 
 from . import _ops as _autograd
+from . import _reweight
 
 _ops = torch.ops.weighted_loss
 _NONE = 0
@@ -44,10 +45,6 @@ def _contract(grad, tangent, reduction, class_dim, out_dtype):
     return out.to(out_dtype)
 
 
-def _class_dim(input):
-    return 0 if input.dim() == 1 else 1
-
-
 def _add(a, b):
     return b if a is None else a + b
 
@@ -56,8 +53,7 @@ def _with_adjust(d_input, d_adjust, input):
     """The logits' tangent with the logit adjustment's added to every item (None: neither)."""
     if d_adjust is None:
         return d_input
-    cdim = _class_dim(input)
-    da = d_adjust.view((-1,) + (1,) * (input.dim() - cdim - 1)).expand(input.shape)
+    da = _reweight.along_classes(d_adjust, input).expand(input.shape)
     return da if d_input is None else d_input + da
 
 
@@ -94,7 +90,7 @@ class CrossEntropy(torch.autograd.Function):
         g = _ops.cross_entropy_backward(_ones_like_loss(ctx, input), input, target, weight, lse,
                                         total_weight, *ctx.args, logit_adjustment=adjust)
         return _contract(g, _with_adjust(d_input, d_adjust, input), ctx.args[0],
-                         _class_dim(input), ctx.out_dtype), None, None
+                         _reweight.class_dim(input), ctx.out_dtype), None, None
 
 
 class CrossEntropyProb(torch.autograd.Function):
@@ -117,7 +113,7 @@ class CrossEntropyProb(torch.autograd.Function):
     def jvp(ctx, d_input, d_target, *rest):
         input, target, weight, lse, tsum, adjust = ctx.saved_tensors
         d_adjust = rest[7] if len(rest) > 7 else None  # (the inputs after target: 8 with it)
-        ones, red, cdim = _ones_like_loss(ctx, input), ctx.args[0], _class_dim(input)
+        ones, red, cdim = _ones_like_loss(ctx, input), ctx.args[0], _reweight.class_dim(input)
         out = None
         d_input = _with_adjust(d_input, d_adjust, input)
         if d_input is not None:
