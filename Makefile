@@ -55,7 +55,7 @@ emulator: build test-deps
 # case of the bench/ pytest-benchmark suites (the rest run with `pytest bench/ --benchmark-only`);
 # a fixed quarter of the parity grids unless `make test TEST_ARGS=--full-grid`
 test: build bench-deps test-deps emulator
-	$(PYTHON) -m pytest tests bench -q $(TEST_ARGS)
+	$(PYTHON) -m pytest tests bench -q --durations=25 $(TEST_ARGS)
 
 # the quick suite on the best device: table, bench/out/<stamp>.{json,md,png}; options with
 # `make bench ARGS="--full"` or `python bench/suite.py --help`
@@ -68,23 +68,17 @@ cuda-check:
 	@bash bench/cuda_check.sh "$(NVCC)"
 
 # The emulated CUDA kernels and the glue built with AddressSanitizer and UndefinedBehaviorSanitizer
-# (build/asan/emulated, -O0, built by the test process: the sanitized library loads only with the
-# sanitizer's runtime preloaded) beside the regular product build, run over the kernel-case
-# matrix: every emulated test but those that repeat the same launches for numerics (gradcheck,
-# the OpInfo exactness samples, torch.compile, opcheck, the repeated determinism runs) and the
-# emulator's self-tests (which have an ASan build of their own); the last test checks that every
-# kernel instantiation the launchers can choose ran under the sanitizers. An out-of-bounds
-# access or undefined behaviour in a kernel or the glue fails it.
-# --capture=sys: a sanitizer's report (written to fd 2 as the process dies) reaches the log.
+# (build/asan/emulated, -O0; the sanitized library loads only with the sanitizer's runtime
+# preloaded), run over the tests marked emulated but not asan_skip (tests/conftest.py says which;
+# docs/development.md why). --capture=sys: a sanitizer's report (written to fd 2 as the process
+# dies) reaches the log.
 ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
-ASAN_TESTS := (emulated or emulator) and not opcheck and not deterministic and not selftest \
-	and not gradcheck and not exactness and not compile and not opinfo_gradients \
-	and not moduleinfo_samples
 ASAN_ENV = WEIGHTED_LOSS_SANITIZE=1 LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0
 emulator-asan: build test-deps
 	$(ASAN_ENV) $(PYTHON) tests/emulation.py
 cuda-emu-asan: emulator-asan bench-deps
-	$(ASAN_ENV) $(PYTHON) -m pytest tests -q -p no:cacheprovider --capture=sys -k "$(ASAN_TESTS)"
+	$(ASAN_ENV) $(PYTHON) -m pytest tests -q -p no:cacheprovider --capture=sys \
+		-m "emulated and not asan_skip"
 
 # On a GPU machine (no network), in one call of under 8 minutes: build for sm_90 against its torch,
 # the CUDA-device tests, memcheck, the key benchmark cases; bench/results/<date>-<gpu>.{json,md}.

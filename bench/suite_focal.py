@@ -6,8 +6,15 @@ column of python bench/suite.py): what users write, or call, without a fused ker
 it is usually written, from ``log_softmax`` and a gather. Both have wl's arguments, so the
 benchmark calls every implementation the same way; neither is used by the library itself.
 """
+import os
+import sys
+
 import torch
-import torch.nn.functional as F
+
+# the composites are the test suite's references (tests/references.py): one copy of each formula
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+from references import focal_composite, sigmoid_focal_composite  # noqa: E402,F401
 
 # name, loss, shape of the logits, dtype, extra keyword arguments (bench.py's QUICK and FULL)
 QUICK = [
@@ -24,39 +31,3 @@ FULL = [
     ("focal-seg-16x19x512x512-bf16", "focal", (16, 19, 512, 512), torch.bfloat16, {}),
     ("sfocal-8192x8192-bf16", "sfocal", (8192, 8192), torch.bfloat16, {"reduction": "mean"}),
 ]
-
-
-def sigmoid_focal_composite(input, target, alpha=0.25, gamma=2.0, reduction="none", weight=None,
-                            pos_weight=None):
-    """torchvision.ops.sigmoid_focal_loss's formula, op for op."""
-    p = torch.sigmoid(input)
-    ce = F.binary_cross_entropy_with_logits(input, target, weight=weight, pos_weight=pos_weight,
-                                            reduction="none")
-    p_t = p * target + (1 - p) * (1 - target)
-    loss = ce * ((1 - p_t) ** gamma)
-    if isinstance(alpha, torch.Tensor) or alpha >= 0:
-        loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
-    if reduction == "mean":
-        return loss.mean()
-    return loss.sum() if reduction == "sum" else loss
-
-
-def focal_composite(input, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean",
-                    label_smoothing=0.0):
-    """-weight[y] (1 - p_y)^gamma log p_y over (N, C, d...) logits; the mean over the kept
-    items' sum of weight[y], as cross-entropy's. With label smoothing s each item's loss is
-    -sum_c w_c t'_c (1 - p_c)^gamma log p_c, t' = (1 - s) onehot(y) + s / C."""
-    logp = F.log_softmax(input, dim=1)
-    valid = target != ignore_index
-    y = torch.where(valid, target, torch.zeros_like(target))
-    lp = logp.gather(1, y.unsqueeze(1)).squeeze(1)
-    w = valid.to(lp.dtype) if weight is None else weight[y] * valid
-    loss = -w * (1 - lp.exp()) ** gamma * lp
-    if label_smoothing > 0:
-        C = input.shape[1]
-        wc = 1.0 if weight is None else weight.reshape(C, *([1] * (input.dim() - 2)))
-        spread = (-wc * (1 - logp.exp()) ** gamma * logp).sum(1)
-        loss = (1 - label_smoothing) * loss + (label_smoothing / C) * spread * valid
-    if reduction == "none":
-        return loss
-    return loss.sum() if reduction == "sum" else loss.sum() / w.sum()

@@ -47,57 +47,74 @@ Tensor autocast_target(const Tensor& target, const Tensor& input) {
   return target.to(input.scalar_type());
 }
 
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> op_of(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
 template <c10::DispatchKey Key>
 struct Rule {
-  static std::tuple<Tensor, Tensor, Tensor> ce_forward(const Tensor& input, const Tensor& target,
-                                                       const OptTensor& weight, int64_t reduction,
-                                                       int64_t ignore_index,
-                                                       double label_smoothing, double z_loss,
-                                                       double softcap, double gamma,
-                                                       OptDtype out_dtype,
-                                                       const OptTensor& adjust) {
+  using OptDouble = std::optional<double>;
+  using Sv = c10::string_view;
+
+  static std::tuple<Tensor, Tensor, Tensor> ce_forward(
+      const Tensor& input, const Tensor& target, const OptTensor& weight, Sv reduction,
+      int64_t ignore_index, double label_smoothing, double z_loss, OptDouble softcap,
+      OptDouble gamma, const OptTensor& logit_adjustment, OptDtype out_dtype) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("weighted_loss::cross_entropy_forward", "")
-                               .typed<decltype(ce_forward)>();
+    static const auto op = op_of<decltype(ce_forward)>("weighted_loss::cross_entropy_forward");
     return op.call(input, target, weight, reduction, ignore_index, label_smoothing, z_loss,
-                   softcap, gamma, autocast_loss_dtype(input, out_dtype), adjust);
+                   softcap, gamma, logit_adjustment, autocast_loss_dtype(input, out_dtype));
   }
-  static std::tuple<Tensor, Tensor, Tensor> ce_prob_forward(const Tensor& input,
-                                                            const Tensor& target,
-                                                            const OptTensor& weight,
-                                                            int64_t reduction,
-                                                            double label_smoothing, double z_loss,
-                                                            double softcap, double gamma,
-                                                            OptDtype out_dtype,
-                                                            const OptTensor& adjust) {
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("weighted_loss::cross_entropy_prob_forward", "")
-                               .typed<decltype(ce_prob_forward)>();
-    return op.call(input, autocast_target(target, input), weight, reduction, label_smoothing,
-                   z_loss, softcap, gamma, autocast_loss_dtype(input, out_dtype), adjust);
-  }
-  static Tensor bce_forward(const Tensor& input, const Tensor& target, const OptTensor& weight,
-                            const OptTensor& pos_weight, int64_t reduction, double gamma,
-                            double alpha, const OptTensor& alpha_tensor, OptDtype out_dtype,
-                            bool prob_input) {
-    // PyTorch's CUDA autocast refuses BCE of probabilities (its CPU autocast runs it in float32)
-    TORCH_CHECK(!(prob_input && Key == c10::DispatchKey::AutocastCUDA), kBceBanned);
+  static std::tuple<Tensor, Tensor, Tensor> ce_prob_forward(
+      const Tensor& input, const Tensor& target, const OptTensor& weight, Sv reduction,
+      double label_smoothing, double z_loss, OptDouble softcap, OptDouble gamma,
+      const OptTensor& logit_adjustment, OptDtype out_dtype) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
     static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("weighted_loss::binary_cross_entropy_with_logits_forward", "")
-            .typed<decltype(bce_forward)>();
-    // float32 for 16-bit logits; with float32 logits a 16-bit target is cast, and the loss
-    // takes its new dtype
-    return op.call(input, autocast_target(target, input), weight, pos_weight, reduction, gamma,
-                   alpha, alpha_tensor, autocast_loss_dtype(input, out_dtype), prob_input);
+        op_of<decltype(ce_prob_forward)>("weighted_loss::cross_entropy_prob_forward");
+    return op.call(input, autocast_target(target, input), weight, reduction, label_smoothing,
+                   z_loss, softcap, gamma, logit_adjustment,
+                   autocast_loss_dtype(input, out_dtype));
+  }
+  // The elementwise losses: float32 for 16-bit logits; with float32 logits a 16-bit target is
+  // cast, and the loss takes its new dtype.
+  static Tensor bce_logits_forward(const Tensor& input, const Tensor& target,
+                                   const OptTensor& weight, const OptTensor& pos_weight,
+                                   Sv reduction, OptDtype out_dtype) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
+    static const auto op = op_of<decltype(bce_logits_forward)>(
+        "weighted_loss::binary_cross_entropy_with_logits_forward");
+    return op.call(input, autocast_target(target, input), weight, pos_weight, reduction,
+                   autocast_loss_dtype(input, out_dtype));
+  }
+  static Tensor sigmoid_focal_forward(const Tensor& input, const Tensor& target, double gamma,
+                                      OptDouble alpha, const OptTensor& alpha_tensor,
+                                      const OptTensor& weight, const OptTensor& pos_weight,
+                                      Sv reduction, OptDtype out_dtype) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
+    static const auto op =
+        op_of<decltype(sigmoid_focal_forward)>("weighted_loss::sigmoid_focal_loss_forward");
+    return op.call(input, autocast_target(target, input), gamma, alpha, alpha_tensor, weight,
+                   pos_weight, reduction, autocast_loss_dtype(input, out_dtype));
+  }
+  static Tensor bce_prob_forward(const Tensor& input, const Tensor& target,
+                                 const OptTensor& weight, const OptTensor& pos_weight,
+                                 Sv reduction, OptDtype out_dtype) {
+    // PyTorch's CUDA autocast refuses BCE of probabilities (its CPU autocast runs it in float32)
+    TORCH_CHECK(Key != c10::DispatchKey::AutocastCUDA, kBceBanned);
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
+    static const auto op =
+        op_of<decltype(bce_prob_forward)>("weighted_loss::binary_cross_entropy_forward");
+    return op.call(input, autocast_target(target, input), weight, pos_weight, reduction,
+                   autocast_loss_dtype(input, out_dtype));
   }
   static void register_all(torch::Library& m) {
     m.impl("cross_entropy_forward", &ce_forward);
     m.impl("cross_entropy_prob_forward", &ce_prob_forward);
-    m.impl("binary_cross_entropy_with_logits_forward", &bce_forward);
+    m.impl("binary_cross_entropy_with_logits_forward", &bce_logits_forward);
+    m.impl("sigmoid_focal_loss_forward", &sigmoid_focal_forward);
+    m.impl("binary_cross_entropy_forward", &bce_prob_forward);
   }
 };
 

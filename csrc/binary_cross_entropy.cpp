@@ -5,15 +5,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 namespace weighted_loss {
 namespace {
 
 using at::Tensor;
-
-constexpr const char* kOp = "binary_cross_entropy_with_logits";
-constexpr const char* kProbOp = "binary_cross_entropy";
 
 // Rows shorter than kMinRow are slow to walk (a few vectors each); when the weights repeat row
 // after row, several rows are joined into one and the weights repeated to match: for inputs of
@@ -91,7 +89,7 @@ struct Prepared {
 
 Prepared prepare(const Tensor& input, const Tensor& target,
                  const std::optional<Tensor>& weight, const std::optional<Tensor>& pos_weight,
-                 const std::optional<Tensor>& alpha, int64_t reduction, const char* op) {
+                 const std::optional<Tensor>& alpha, Reduction reduction, const char* op) {
   check_inputs(input, target, op);
   Prepared r;
   std::vector<int64_t> ws, ps, as;
@@ -113,7 +111,7 @@ Prepared prepare(const Tensor& input, const Tensor& target,
   p.dtype = dtype_of(input, op);
   p.target_dtype = aux_dtype_of(target.scalar_type(), input, op, "target");
   p.loss_dtype = p.target_dtype;
-  p.reduction = reduction_of(reduction, op);
+  p.reduction = reduction;
   p.numel = input.numel();
   p.inner = 1;
   p.outer_dims = 0;
@@ -161,21 +159,33 @@ Prepared prepare(const Tensor& input, const Tensor& target,
   return r;
 }
 
-// The focal terms (params.h): gamma < 0 is plain BCE; NaN is an error. An alpha tensor (already
-// in p.alpha) switches alpha_t on and replaces the scalar alpha.
-void set_focal(BinaryCrossEntropyParams& p, double gamma, double alpha, bool prob_input,
-               const char* op) {
-  TORCH_CHECK_VALUE(gamma == gamma && alpha == alpha && std::isfinite(gamma), op,
-                    ": gamma and alpha must be numbers, got gamma=", gamma, ", alpha=", alpha);
-  TORCH_CHECK_VALUE(!prob_input || gamma < 0, op, ": the focal loss takes logits, not "
-                    "probabilities (prob_input), got gamma=", gamma);
-  TORCH_CHECK(!prob_input || p.target_dtype == p.dtype, op, ": probabilities and their target "
-              "must share a dtype (prob_input)");
-  p.prob_input = prob_input;
-  TORCH_CHECK_VALUE(p.alpha.data == nullptr || gamma >= 0, op, ": an alpha tensor needs the "
-                    "focal loss (gamma >= 0), got gamma=", gamma);
-  p.focal_gamma = gamma;
-  p.focal_alpha = gamma < 0 ? -1.0 : p.alpha.data != nullptr ? 0.0 : alpha;
+// The loss's terms as params.h has them (the kernels' compile-time switches read these): plain
+// BCE is focal_gamma < 0, no alpha_t is focal_alpha < 0; an alpha tensor (already in p.alpha)
+// replaces the scalar alpha.
+void set_loss(BinaryCrossEntropyParams& p, const BinaryLoss& loss, const char* op) {
+  const bool focal = loss.kind == BinaryLoss::Kind::SigmoidFocal;
+  p.prob_input = loss.kind == BinaryLoss::Kind::Probabilities;
+  TORCH_CHECK(!p.prob_input || p.target_dtype == p.dtype, op, ": probabilities and their target "
+              "must share a dtype");
+  p.focal_gamma = -1.0;
+  p.focal_alpha = -1.0;
+  if (!focal) return;
+  TORCH_CHECK_VALUE(loss.gamma >= 0 && std::isfinite(loss.gamma), op,
+                    ": gamma must be a finite number >= 0, got ", loss.gamma);
+  TORCH_CHECK_VALUE(!loss.alpha.has_value() || *loss.alpha >= 0, op,
+                    ": alpha must be a number >= 0 or None (no alpha_t), got ", *loss.alpha);
+  TORCH_CHECK_VALUE(!(loss.alpha.has_value() && p.alpha.data != nullptr), op,
+                    ": alpha and alpha_tensor are exclusive, got both");
+  p.focal_gamma = loss.gamma;
+  p.focal_alpha = p.alpha.data != nullptr ? 0.0 : loss.alpha.value_or(-1.0);
+}
+
+const char* name_of(const BinaryLoss& loss) {
+  switch (loss.kind) {
+    case BinaryLoss::Kind::SigmoidFocal: return "sigmoid_focal_loss";
+    case BinaryLoss::Kind::Probabilities: return "binary_cross_entropy";
+    default: return "binary_cross_entropy_with_logits";
+  }
 }
 
 }  // namespace
@@ -183,33 +193,31 @@ void set_focal(BinaryCrossEntropyParams& p, double gamma, double alpha, bool pro
 Tensor binary_cross_entropy_forward_impl(const Tensor& input, const Tensor& target,
                                          const std::optional<Tensor>& weight,
                                          const std::optional<Tensor>& pos_weight,
-                                         int64_t reduction, double gamma, double alpha,
-                                         const std::optional<Tensor>& alpha_tensor,
-                                         std::optional<at::ScalarType> out_dtype, bool prob_input,
+                                         Reduction reduction, const BinaryLoss& loss,
+                                         std::optional<at::ScalarType> out_dtype,
                                          const BinaryCrossEntropyBackend& backend) {
-  const char* op = prob_input ? kProbOp : kOp;
-  Prepared r = prepare(input, target, weight, pos_weight, alpha_tensor, reduction, op);
-  set_focal(r.p, gamma, alpha, prob_input, op);
+  const char* op = name_of(loss);
+  Prepared r = prepare(input, target, weight, pos_weight, loss.alpha_tensor, reduction, op);
+  set_loss(r.p, loss, op);
   // the target's dtype, as PyTorch's result has, unless out_dtype says otherwise
   const auto lo = input.options().dtype(loss_dtype_of(out_dtype, target.scalar_type(), input, op));
-  Tensor loss = r.p.reduction == Reduction::None ? at::empty(input.sizes(), lo) : at::empty({}, lo);
-  r.p.loss_dtype = dtype_of(loss, op);
-  r.p.loss = loss.data_ptr();
+  Tensor out = r.p.reduction == Reduction::None ? at::empty(input.sizes(), lo) : at::empty({}, lo);
+  r.p.loss_dtype = dtype_of(out, op);
+  r.p.loss = out.data_ptr();
   backend.launch(r.p);
-  return loss;
+  return out;
 }
 
 std::tuple<Tensor, Tensor> binary_cross_entropy_backward_impl(
     const Tensor& grad_loss, const Tensor& input, const Tensor& target,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& pos_weight,
-    int64_t reduction, bool input_grad, bool target_grad, double gamma, double alpha,
-    const std::optional<Tensor>& alpha_tensor, bool prob_input,
+    Reduction reduction, const BinaryLoss& loss, bool input_grad, bool target_grad,
     const BinaryCrossEntropyBackend& backend) {
-  const char* op = prob_input ? "binary_cross_entropy backward"
-                              : "binary_cross_entropy_with_logits backward";
-  Prepared r = prepare(input, target, weight, pos_weight, alpha_tensor, reduction, op);
+  const std::string name = std::string(name_of(loss)) + " backward";
+  const char* op = name.c_str();
+  Prepared r = prepare(input, target, weight, pos_weight, loss.alpha_tensor, reduction, op);
   BinaryCrossEntropyParams& p = r.p;
-  set_focal(p, gamma, alpha, prob_input, op);
+  set_loss(p, loss, op);
   p.loss_dtype = aux_dtype_of(grad_loss.scalar_type(), input, op, "grad_loss");
   TORCH_CHECK(grad_loss.device() == input.device(), op, ": grad_loss is on ", grad_loss.device(),
               " but input is on ", input.device());

@@ -4,9 +4,11 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include <functional>
 #include <optional>
+#include <string>
 
 #include "params.h"
 
@@ -61,10 +63,13 @@ inline at::ScalarType loss_dtype_of(const std::optional<at::ScalarType>& out_dty
   return st;
 }
 
-inline Reduction reduction_of(int64_t reduction, const char* op) {
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, op,
-              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-  return static_cast<Reduction>(reduction);
+// The ops' reduction argument, named as PyTorch names it: "none", "mean" or "sum".
+inline Reduction reduction_of(c10::string_view reduction, const char* op) {
+  if (reduction == "none") return Reduction::None;
+  if (reduction == "mean") return Reduction::Mean;
+  TORCH_CHECK_VALUE(reduction == "sum", op, ": reduction must be 'none', 'mean' or 'sum', got '",
+                    std::string(reduction), "'");
+  return Reduction::Sum;
 }
 
 }  // namespace weighted_loss

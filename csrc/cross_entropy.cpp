@@ -211,7 +211,7 @@ std::vector<int64_t> row_shape(const Tensor& input) {
 // terms.logit_adjust, when given, is checked and replaced by the acc copy the kernels read (the
 // caller's terms hold it for the launch).
 CrossEntropyParams params_of(const Layout& l, const Tensor& target, const Tensor& weight,
-                             int64_t reduction, bool prob, int64_t ignore_index,
+                             Reduction reduction, bool prob, int64_t ignore_index,
                              double label_smoothing, RowTerms& terms) {
   CrossEntropyParams p{};
   p.dtype = dtype_of(l.input, kOp);
@@ -224,7 +224,7 @@ CrossEntropyParams params_of(const Layout& l, const Tensor& target, const Tensor
   p.stride_class = l.stride_class;
   p.stride_inner = l.stride_inner;
   p.grad_stride_outer = l.stride_outer;
-  p.reduction = reduction_of(reduction, kOp);
+  p.reduction = reduction;
   p.prob_target = prob;
   p.ignore_index = ignore_index;
   p.label_smoothing = label_smoothing;
@@ -290,7 +290,7 @@ Tensor with_strides_of(const CrossEntropyBackend& backend, const Tensor& like, c
 
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_impl(
     const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-    int64_t reduction, int64_t ignore_index, double label_smoothing, RowTerms terms,
+    Reduction reduction, int64_t ignore_index, double label_smoothing, RowTerms terms,
     std::optional<at::ScalarType> out_dtype, const CrossEntropyBackend& backend) {
   check_common(input, target, "cross_entropy");
   check_label_smoothing(label_smoothing, "cross_entropy");
@@ -322,7 +322,7 @@ namespace {
 // written, by the thread that writes it), or a contiguous copy of them, then copied back.
 Tensor index_backward(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                       const std::optional<Tensor>& weight, const Tensor& lse,
-                      const Tensor& total_weight, int64_t reduction, int64_t ignore_index,
+                      const Tensor& total_weight, Reduction reduction, int64_t ignore_index,
                       double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend,
                       bool out_of_place) {
   check_common(input, target, "cross_entropy backward");
@@ -356,7 +356,7 @@ Tensor index_backward(const Tensor& grad_loss, const Tensor& input, const Tensor
 Tensor cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& input,
                                    const Tensor& target, const std::optional<Tensor>& weight,
                                    const Tensor& lse, const Tensor& total_weight,
-                                   int64_t reduction, int64_t ignore_index,
+                                   Reduction reduction, int64_t ignore_index,
                                    double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend) {
   return index_backward(grad_loss, input, target, weight, lse, total_weight, reduction,
                         ignore_index, label_smoothing, terms, backend, true);
@@ -365,7 +365,7 @@ Tensor cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& input,
 void cross_entropy_backward_inplace_impl(const Tensor& grad_loss, const Tensor& input,
                                          const Tensor& target,
                                          const std::optional<Tensor>& weight, const Tensor& lse,
-                                         const Tensor& total_weight, int64_t reduction,
+                                         const Tensor& total_weight, Reduction reduction,
                                          int64_t ignore_index, double label_smoothing,
                                          RowTerms terms, const CrossEntropyBackend& backend) {
   index_backward(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index,
@@ -374,7 +374,7 @@ void cross_entropy_backward_inplace_impl(const Tensor& grad_loss, const Tensor& 
 
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_prob_forward_impl(
     const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-    int64_t reduction, double label_smoothing, RowTerms terms,
+    Reduction reduction, double label_smoothing, RowTerms terms,
     std::optional<at::ScalarType> out_dtype, const CrossEntropyBackend& backend) {
   check_common(input, target, "cross_entropy");
   check_label_smoothing(label_smoothing, "cross_entropy");
@@ -410,7 +410,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_prob_forward_impl(
 
 Tensor cross_entropy_prob_backward_impl(const Tensor& grad_loss, const Tensor& input,
                                         const Tensor& target, const std::optional<Tensor>& weight,
-                                        const Tensor& lse, const Tensor& tsum, int64_t reduction,
+                                        const Tensor& lse, const Tensor& tsum, Reduction reduction,
                                         double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend) {
   check_common(input, target, "cross_entropy backward");
   const Layout l = layout_of(input, /*in_place_rows=*/false);
@@ -432,7 +432,7 @@ Tensor cross_entropy_prob_backward_impl(const Tensor& grad_loss, const Tensor& i
 
 Tensor cross_entropy_prob_target_backward_impl(const Tensor& grad_loss, const Tensor& input,
                                                const std::optional<Tensor>& weight,
-                                               const Tensor& lse, int64_t reduction,
+                                               const Tensor& lse, Reduction reduction,
                                                double label_smoothing, RowTerms terms,
                                                std::optional<at::ScalarType> target_dtype,
                                                const CrossEntropyBackend& backend) {

@@ -24,14 +24,14 @@ struct RowTerms {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_impl(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t reduction, int64_t ignore_index, double label_smoothing, RowTerms terms,
+    Reduction reduction, int64_t ignore_index, double label_smoothing, RowTerms terms,
     std::optional<at::ScalarType> out_dtype, const CrossEntropyBackend& backend);
 
 at::Tensor cross_entropy_backward_impl(const at::Tensor& grad_loss, const at::Tensor& input,
                                        const at::Tensor& target,
                                        const std::optional<at::Tensor>& weight,
                                        const at::Tensor& lse, const at::Tensor& total_weight,
-                                       int64_t reduction, int64_t ignore_index,
+                                       Reduction reduction, int64_t ignore_index,
                                        double label_smoothing, RowTerms terms, const CrossEntropyBackend& backend);
 
 // The same gradient written over the logits (input), which the caller gives up.
@@ -39,20 +39,20 @@ void cross_entropy_backward_inplace_impl(const at::Tensor& grad_loss, const at::
                                          const at::Tensor& target,
                                          const std::optional<at::Tensor>& weight,
                                          const at::Tensor& lse, const at::Tensor& total_weight,
-                                         int64_t reduction, int64_t ignore_index,
+                                         Reduction reduction, int64_t ignore_index,
                                          double label_smoothing, RowTerms terms,
                                          const CrossEntropyBackend& backend);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward_impl(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t reduction, double label_smoothing, RowTerms terms,
+    Reduction reduction, double label_smoothing, RowTerms terms,
     std::optional<at::ScalarType> out_dtype, const CrossEntropyBackend& backend);
 
 at::Tensor cross_entropy_prob_backward_impl(const at::Tensor& grad_loss, const at::Tensor& input,
                                             const at::Tensor& target,
                                             const std::optional<at::Tensor>& weight,
                                             const at::Tensor& lse, const at::Tensor& tsum,
-                                            int64_t reduction, double label_smoothing, RowTerms terms,
+                                            Reduction reduction, double label_smoothing, RowTerms terms,
                                             const CrossEntropyBackend& backend);
 
 // A vocab-parallel shard (params.h): the forward's statistics (5, rows) of acc, the shard's raw
@@ -67,7 +67,7 @@ at::Tensor cross_entropy_shard_forward_impl(const at::Tensor& input, const at::T
 at::Tensor cross_entropy_shard_backward_impl(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& total_weight,
-    int64_t reduction, int64_t ignore_index, double label_smoothing, int64_t class_offset,
+    Reduction reduction, int64_t ignore_index, double label_smoothing, int64_t class_offset,
     int64_t total_classes, const CrossEntropyBackend& backend);
 
 // The argument checks both glue files use (cross_entropy.cpp), each naming the argument.
@@ -85,7 +85,7 @@ at::Tensor grad_of(const at::Tensor& grad_loss, const at::Tensor& input, CrossEn
 at::Tensor cross_entropy_prob_target_backward_impl(const at::Tensor& grad_loss,
                                                    const at::Tensor& input,
                                                    const std::optional<at::Tensor>& weight,
-                                                   const at::Tensor& lse, int64_t reduction,
+                                                   const at::Tensor& lse, Reduction reduction,
                                                    double label_smoothing, RowTerms terms,
                                                    std::optional<at::ScalarType> target_dtype,
                                                    const CrossEntropyBackend& backend);

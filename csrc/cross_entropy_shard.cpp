@@ -80,7 +80,7 @@ Tensor cross_entropy_shard_forward_impl(const Tensor& input, const Tensor& targe
 Tensor cross_entropy_shard_backward_impl(const Tensor& grad_loss, const Tensor& input,
                                          const Tensor& target, const std::optional<Tensor>& weight,
                                          const Tensor& lse, const Tensor& total_weight,
-                                         int64_t reduction, int64_t ignore_index,
+                                         Reduction reduction, int64_t ignore_index,
                                          double label_smoothing, int64_t class_offset,
                                          int64_t total_classes,
                                          const CrossEntropyBackend& backend) {
@@ -88,7 +88,7 @@ Tensor cross_entropy_shard_backward_impl(const Tensor& grad_loss, const Tensor& 
   const Tensor x = shard_rows(input);
   const Tensor y = check_index_target(x, target);
   const Tensor w = check_weight(weight, x, total_classes, kOp);
-  CrossEntropyParams p = shard_params(x, y, w, reduction_of(reduction, kOp), ignore_index,
+  CrossEntropyParams p = shard_params(x, y, w, reduction, ignore_index,
                                       label_smoothing > 0 ? label_smoothing : 0.0, class_offset,
                                       total_classes);
   const Tensor g = grad_of(grad_loss, x, p);

@@ -9,9 +9,6 @@ import torch
 import weighted_loss  # noqa: F401  (loads the ops once for every test module)
 from emulation import emulated_cuda
 
-# the benchmark's composites of the focal losses (bench/suite_focal.py: what users write without a
-# fused kernel) are the tests' references too
-sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
 # "emulated": CPU tensors under emulation.emulated_cuda() (tests/emulation.py, an extension of its
 # own), so the CUDA kernels run in the emulator, on every machine (without the CUDA headers to
@@ -45,6 +42,15 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "runs_last: runs after every other test of the session")
     config.addinivalue_line("markers", "grid: one case of a parity grid: a fixed sample of them "
                                        "runs unless --full-grid (or WL_FULL_GRID=1)")
+    config.addinivalue_line("markers", "emulated: runs the CUDA kernels in the emulator (given to "
+                                       "every test whose device or gpu parameter is 'emulated', "
+                                       "and to the emulator's own tests): the sanitizer run's "
+                                       "selection (make cuda-emu-asan)")
+    config.addinivalue_line("markers", "asan_skip: repeats launches for numerics only (gradcheck, "
+                                       "opcheck, PyTorch's samples, determinism repeats, the "
+                                       "emulator's self-test): left out of the sanitizer run, "
+                                       "whose last test checks that every kernel instantiation "
+                                       "still ran")
 
 
 @pytest.fixture
@@ -81,10 +87,19 @@ def _on_cuda(item):
         item.get_closest_marker("cuda") is not None
 
 
+def _on_emulator(item):
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return "emulated" in (params.get("device"), params.get("gpu"))
+
+
 def pytest_collection_modifyitems(config, items):
-    """Samples the parity grids (unless --full-grid); --only-cuda keeps the tests that run on a
-    CUDA device; tests marked cuda are skipped without one; tests marked runs_last (the
-    emulator's coverage check) run after all others."""
+    """Marks the tests on the emulated device emulated; samples the parity grids (unless
+    --full-grid); --only-cuda keeps the tests that run on a CUDA device; tests marked cuda are
+    skipped without one; tests marked runs_last (the emulator's coverage check) run after all
+    others."""
+    for item in items:
+        if _on_emulator(item):
+            item.add_marker(pytest.mark.emulated)
     if not torch.cuda.is_available():
         for item in items:
             if item.get_closest_marker("cuda") is not None:

@@ -39,7 +39,8 @@ import weighted_loss as wl
 
 import emulation
 from fuzz_draw import EPS, describe, draw
-from fuzz_references import _fns, _sfocal_reference, _term_scales
+from fuzz_references import _fns, _term_scales
+from references import sfocal_reference
 
 
 def _call(fn, case, cast=None, device="cpu"):
@@ -222,7 +223,7 @@ def run_case(case):
             return [f"raised {type(e_ours).__name__} ({str(e_ours).splitlines()[0][:120]}), "
                     f"PyTorch {type(e_theirs).__name__} ({str(e_theirs).splitlines()[0][:120]})"]
         return []
-    ref_fn = _sfocal_reference if case["loss"] == "sfocal" else torch_fn
+    ref_fn = sfocal_reference if case["loss"] == "sfocal" else torch_fn
     ref, e_ref = _call(ref_fn, _adjusted_inputs(pt_case), cast=torch.float64)
     if e_ref is not None:
         return [f"the float64 reference raised {type(e_ref).__name__}: {e_ref}"]

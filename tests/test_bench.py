@@ -3,11 +3,15 @@ writes. Timings are not checked (benchmarks, not tests); the figures' consistenc
 import argparse
 import json
 import math
+import os
+import sys
 
 import pytest
 import torch
 
-import suite as bench
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "bench"))
+import suite as bench  # noqa: E402
 
 
 def test_parse_shape():

@@ -9,7 +9,7 @@ import weighted_loss as wl
 
 import emulation
 from bars import assert_within_2x
-from suite_focal import focal_composite, sigmoid_focal_composite
+from references import focal_composite, sigmoid_focal_composite
 
 INF = float("inf")
 

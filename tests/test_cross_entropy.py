@@ -93,11 +93,23 @@ def compare(x, t, w, kind, ignore, ls, reduction, dtype):
     gt = kind.startswith("prob")
     fused = run(wl.cross_entropy, x, t, w, grad_target=gt, **kw)
     native = run(F.cross_entropy, x, t, w, grad_target=gt, **kw)
-    ref = None
+    def exact():
+        return run(F.cross_entropy, x.double(), t.double() if gt else t,
+                   None if w is None else w.double(), grad_target=gt, **kw)
     if dtype in LOW:
-        ref = run(F.cross_entropy, x.double(), t.double() if gt else t,
-                  None if w is None else w.double(), grad_target=gt, **kw)
-    check_close(fused, native, ref, dtype)
+        check_close(fused, native, exact(), dtype)
+        return
+    try:
+        check_close(fused, native, None, dtype)
+    except AssertionError:
+        if dtype != torch.float32:
+            raise
+        # PyTorch's own float32 result can be the one that is off (its AVX2 build's gradient
+        # under smoothing over 5,003 classes: 7.3e-6 from float64, ours 7.9e-8): then the bar is
+        # the project's, within 2x of PyTorch's error against float64
+        for a, b, r in zip(fused, native, exact()):
+            assert torch.equal(a.isnan(), b.isnan())
+            assert_within_2x(a, b, r, dtype, where=~r.isnan())
 
 
 @pytest.mark.parametrize("ignore_index", [255, -100, 0])
@@ -426,6 +438,7 @@ def test_offsets_beyond_32_bits(gpu, classes):
 
 @pytest.mark.parametrize("shape", [(512, 3000), (4, 19, 33, 45), (4096, 1000), (3, 200003)], ids=str)
 @pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.asan_skip
 def test_cuda_deterministic_runs(gpu, shape, kind):
     """Fixed reduction trees and the last-block pass: the same bits on every run (in the emulator,
     with the blocks run in a different order each time)."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import weighted_loss as wl
 from bars import assert_within_2x
-from suite_focal import focal_composite, sigmoid_focal_composite
+from references import focal_composite, sigmoid_focal_composite
 
 import exactness
 

@@ -1,7 +1,7 @@
 """wl.linear_cross_entropy against the unfused composite F.cross_entropy(F.linear(...)): loss and
 the gradients of input, linear_weight and bias, over chunk sizes (one row, a chunk that does not
 divide N, the default), class weights, ignore_index (all ignored too), label smoothing,
-probability targets, reductions and dtypes; compile, errors."""
+probability targets, reductions and dtypes; errors (the modes: tests/test_modes.py)."""
 import itertools
 
 import pytest
@@ -112,18 +112,6 @@ def test_default_chunk_is_bounded():
     assert _chunk_rows(10, 10 ** 9, torch.float32, torch.device("cpu")) == 1
 
 
-def test_compile_fullgraph():
-    x, lw, b, t, w = _case("cpu", torch.float32)
-    fn = torch.compile(lambda x, lw, t, b: wl.linear_cross_entropy(x, lw, t, b, weight=w,
-                                                                   chunk_size=8),
-                       fullgraph=True, backend="aot_eager")
-    loss = fn(x, lw, t, b)
-    ref = _composite(x, lw, t, b, weight=w)
-    torch.testing.assert_close(loss, ref)
-    for a, c in zip(torch.autograd.grad(loss, (x, lw, b)), torch.autograd.grad(ref, (x, lw, b))):
-        torch.testing.assert_close(a, c)
-
-
 def test_errors_name_the_argument():
     x, lw, b, t, w = _case("cpu", torch.float32)
     with pytest.raises(ValueError, match=r"linear_weight must be \(C, 16\)"):
@@ -166,10 +154,10 @@ def test_backward_over_the_logits_equals_out_of_place(device, layout, ls, z, cap
     t.view(-1)[::4] = -100
     w = torch.rand(C, generator=g) + 0.5
     x, t, w = x.to(device), t.to(device), w.to(device)  # layouts kept: dense strides move as-is
-    cap = 0.0 if cap is None else cap
-    loss, lse, tw = ops.cross_entropy_forward(x, t, w, 1, -100, ls, z, cap)
+    kw = dict(label_smoothing=ls, z_loss=z, softcap=cap)
+    loss, lse, tw = ops.cross_entropy_forward(x, t, w, **kw)
     one = torch.tensor(0.7, device=device)
-    ref = ops.cross_entropy_backward(one, x, t, w, lse, tw, 1, -100, ls, z, cap)
+    ref = ops.cross_entropy_backward(one, x, t, w, lse, tw, **kw)
     buf = x.clone() if layout not in ("row-strided", "transposed") else x
     if layout == "row-strided":
         base = torch.randn(9, 320, generator=g).to(device)
@@ -177,7 +165,7 @@ def test_backward_over_the_logits_equals_out_of_place(device, layout, ls, z, cap
         buf = base[:, :300]
     elif layout == "transposed":
         buf = x.t().clone().t()
-    ops.cross_entropy_backward_(one, buf, t, w, lse, tw, 1, -100, ls, z, cap)
+    ops.cross_entropy_backward_(one, buf, t, w, lse, tw, **kw)
     torch.testing.assert_close(buf, ref, rtol=0, atol=0)
 
 

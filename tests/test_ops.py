@@ -1,5 +1,6 @@
-"""The op layer: gradcheck in float64, torch.library.opcheck on every op, torch.compile with no
-graph break, errors that name the argument, determinism across runs and thread counts."""
+"""Cross-entropy's errors that name the argument (out-of-range targets on every device), its
+determinism across runs and thread counts, and the CPU kernel builds. The modes every loss runs in
+(gradcheck, opcheck, compile...) are tests/test_modes.py's."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,8 +8,6 @@ import torch.nn.functional as F
 import weighted_loss as wl
 
 import emulation
-
-ops = torch.ops.weighted_loss
 
 
 def _inputs(shape, kind, device, dtype=torch.float64, seed=0, ignore=None):
@@ -25,96 +24,6 @@ def _inputs(shape, kind, device, dtype=torch.float64, seed=0, ignore=None):
         t = t.to(device)
     w = (0.5 + torch.rand(C, generator=g, dtype=dtype)).to(device)
     return x, t, w
-
-
-@pytest.mark.parametrize("shape", [(5,), (4, 6), (3, 4, 5)])
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-@pytest.mark.parametrize("ls", [0.0, 0.2])
-def test_gradcheck_index(device, shape, reduction, ls):
-    ignore = 1 if len(shape) > 1 else -100  # an unbatched ignored target would give NaN
-    x, t, w = _inputs(shape, "index", device, ignore=ignore)
-    x.requires_grad_(True)
-    f = lambda x: wl.cross_entropy(x, t, weight=w, ignore_index=ignore,  # noqa: E731
-                                   reduction=reduction, label_smoothing=ls)
-    assert torch.autograd.gradcheck(f, (x,))
-
-
-@pytest.mark.parametrize("shape", [(5,), (4, 6), (3, 4, 5)])
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-@pytest.mark.parametrize("ls", [0.0, 0.2])
-def test_gradcheck_prob(device, shape, reduction, ls):
-    x, t, w = _inputs(shape, "prob", device)
-    x.requires_grad_(True)
-    t.requires_grad_(True)
-    f = lambda x, t: wl.cross_entropy(x, t, weight=w, reduction=reduction,  # noqa: E731
-                                      label_smoothing=ls)
-    assert torch.autograd.gradcheck(f, (x, t))
-
-
-def _opcheck_cases(device):
-    for dtype in (torch.float32, torch.float64):
-        for shape in [(6,), (5, 7), (2, 3, 4, 5)]:
-            x, t, w = _inputs(shape, "index", device, dtype, ignore=2)
-            for red in (0, 1, 2):
-                for weight in (None, w):
-                    for ls in (0.0, 0.1):
-                        yield ops.cross_entropy_forward, (x.requires_grad_(), t, weight, red, 2, ls)
-                        with torch.no_grad():
-                            loss, lse, tw = ops.cross_entropy_forward(x, t, weight, red, 2, ls)
-                        yield ops.cross_entropy_backward, (torch.ones_like(loss), x.detach(), t,
-                                                           weight, lse, tw, red, 2, ls)
-            x, t, w = _inputs(shape, "prob", device, dtype)
-            for red in (0, 1, 2):
-                for ls in (0.0, 0.1):
-                    yield ops.cross_entropy_prob_forward, (x.requires_grad_(), t.requires_grad_(),
-                                                           w, red, ls)
-                    with torch.no_grad():
-                        loss, lse, ts = ops.cross_entropy_prob_forward(x, t, w, red, ls)
-                    go = torch.ones_like(loss)
-                    yield ops.cross_entropy_prob_backward, (go, x.detach(), t.detach(), w, lse,
-                                                            ts, red, ls)
-                    yield ops.cross_entropy_prob_target_backward, (go, x.detach(), w, lse, red, ls)
-
-
-def test_opcheck(device):
-    n = 0
-    for op, args in _opcheck_cases(device):
-        torch.library.opcheck(op, args)
-        n += 1
-    assert n > 100
-
-
-@pytest.mark.parametrize("kind", ["index", "prob"])
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_compile_fullgraph(device, kind, dynamic):
-    torch._dynamo.reset()
-    x, t, w = _inputs((8, 5, 3), kind, device, torch.float32, ignore=None)
-
-    def step(x, t, w):
-        return wl.cross_entropy(x, t, weight=w, label_smoothing=0.1) * 2
-
-    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic)
-    xe = x.clone().requires_grad_(True)
-    xc = x.clone().requires_grad_(True)
-    le, lc = step(xe, t, w), compiled(xc, t, w)
-    torch.testing.assert_close(lc, le)
-    le.backward()
-    lc.backward()
-    torch.testing.assert_close(xc.grad, xe.grad)
-    # a new batch size with dynamic shapes, without a graph break
-    x2, t2, _ = _inputs((5, 5, 3), kind, device, torch.float32, seed=1)
-    torch.testing.assert_close(compiled(x2, t2, w), step(x2, t2, w))
-
-
-def test_module_compile(device):
-    torch._dynamo.reset()
-    x, t, w = _inputs((16, 10), "index", device, torch.float32)
-    model = torch.nn.Sequential(torch.nn.Linear(10, 10), wl.CrossEntropyLoss(weight=w))
-    loss_fn = wl.CrossEntropyLoss(weight=w).to(device)
-    lin = torch.nn.Linear(10, 10).to(device)
-    f = torch.compile(lambda x, t: loss_fn(lin(x), t), fullgraph=True)
-    torch.testing.assert_close(f(x, t), loss_fn(lin(x), t))
-    del model
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -208,18 +117,6 @@ def test_error_reduction(device):
 def test_error_prob_ignore_index(device):
     with pytest.raises(RuntimeError, match="ignore_index is not supported for floating point target"):
         wl.cross_entropy(_x(device, 4, 5), torch.rand(4, 5, device=device), ignore_index=3)
-
-
-def test_backward_op_is_first_order(device):
-    """The fused backward op, called directly and differentiated, raises: the loss's own double
-    backward goes through differentiable PyTorch ops (tests/test_autograd_modes.py)."""
-    x = _x(device, 4, 5).requires_grad_()
-    y = torch.zeros(4, dtype=torch.long, device=device)
-    _, lse, tw = torch.ops.weighted_loss.cross_entropy_forward(x.detach(), y, None, 1, -100, 0.0)
-    g = torch.ops.weighted_loss.cross_entropy_backward(torch.ones((), device=device), x, y, None,
-                                                      lse, tw, 1, -100, 0.0)
-    with pytest.raises(NotImplementedError, match="first-order"):
-        g.sum().backward()
 
 
 def test_error_weight_requires_grad(device):

@@ -161,7 +161,7 @@ def test_forward_ad_and_func_transforms_under_patch(device, k, patched):
 
 def test_focal_losses_double_backward_under_patch(patched):
     """The focal losses' composites (double backward) never call a patched name either."""
-    from suite_focal import focal_composite
+    from references import focal_composite
     g = _gen(5)
     x0 = torch.randn(7, 4, generator=g, dtype=D)
     y = torch.randint(0, 4, (7,), generator=g)

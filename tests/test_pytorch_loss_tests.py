@@ -71,6 +71,7 @@ def patched():
 
 @pytest.mark.parametrize("check", ["gradcheck", "bwgrad_bwgrad", "fwgrad_bwgrad"])
 @pytest.mark.parametrize("k", range(len(_op_ids())), ids=_op_ids())
+@pytest.mark.asan_skip
 def test_opinfo_gradients(device, k, check, patched):
     op = _op_db()[k]
     h, patched_op = _helper(), _patched_op(op)
@@ -144,6 +145,7 @@ MODULE_CASES = _module_cases()
 
 
 @pytest.mark.parametrize("k", range(len(MODULE_CASES)), ids=[c[0] for c in MODULE_CASES])
+@pytest.mark.asan_skip
 def test_moduleinfo_samples(device, k, patched):
     """test_modules' test_forward (against PyTorch's module: 2x its error below float64, equal
     in float64 to a few ulp), test_grad and test_gradgrad (float64), test_errors."""

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import weighted_loss as wl
 from bars import assert_within_2x
-from fuzz_references import _focal_reference
+from references import focal_reference
 
 D = torch.float64
 
@@ -33,8 +33,8 @@ def composite(x, y, *, a=None, v=None, weight=None, reduction="mean", ignore_ind
     prob = y.is_floating_point()
 
     def rows(red):
-        if gamma:  # the fuzzer's: bench/suite_focal.py's composite, and one for probabilities
-            return _focal_reference(z, y, gamma, weight, ignore_index, red, label_smoothing)
+        if gamma:  # tests/references.py's
+            return focal_reference(z, y, gamma, weight, ignore_index, red, label_smoothing)
         return F.cross_entropy(z, y, weight, ignore_index=ignore_index, reduction=red,
                                label_smoothing=label_smoothing)
     if v is None:
@@ -266,22 +266,6 @@ def test_linear_cross_entropy_bfloat16_within_2x():
         assert_within_2x(o, t, e, lo)
 
 
-def test_forward_ad_double_backward_and_compile():
-    x, y, a, v, w = _case((6, 5), "index", 10)
-    kw = dict(weight=w, logit_adjustment=a, sample_weight=v, label_smoothing=0.1)
-    tx = torch.randn_like(x)
-    f_ours = lambda x: wl.cross_entropy(x, y, **kw)  # noqa: E731
-    f_ref = lambda x: composite(x, y, weight=w, a=a, v=v, label_smoothing=0.1)  # noqa: E731
-    _, j1 = torch.func.jvp(f_ours, (x,), (tx,))
-    _, j2 = torch.func.jvp(f_ref, (x,), (tx,))
-    torch.testing.assert_close(j1, j2, rtol=1e-10, atol=1e-12)
-    h1 = torch.func.hessian(f_ours)(x)
-    h2 = torch.func.hessian(f_ref)(x)
-    torch.testing.assert_close(h1, h2, rtol=1e-9, atol=1e-11)
-    compiled = torch.compile(f_ours, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x), f_ref(x), rtol=1e-10, atol=1e-12)
-
-
 def test_autocast_reads_16bit_logits_with_sample_weight():
     x, y, a, v, w = _case((16, 12), "index", 11)
     xb = x.to(torch.bfloat16)
@@ -417,26 +401,3 @@ def test_adjustment_beside_softcap_caps_the_adjusted_logits(device):
     for p_, q in zip(got, want):
         torch.testing.assert_close(p_, q, rtol=1e-10, atol=1e-12)
 
-
-def test_adjustment_tangents_and_opcheck():
-    x, y, a, _, w = _case((5, 6), "index", 15)
-    da, dx = torch.randn_like(a), torch.randn_like(x)
-    for kind in ("index", "prob"):
-        x, y, a, _, w = _case((5, 6), kind, 15)
-        f = lambda x, a: wl.cross_entropy(x, y, weight=None if kind == "prob" else w,  # noqa
-                                          logit_adjustment=a, label_smoothing=0.2)
-        g = lambda x, a: composite(x, y, a=a, weight=None if kind == "prob" else w,  # noqa
-                                   label_smoothing=0.2)
-        _, j1 = torch.func.jvp(f, (x, a), (dx, da))
-        _, j2 = torch.func.jvp(g, (x, a), (dx, da))
-        torch.testing.assert_close(j1, j2, rtol=1e-10, atol=1e-12)
-        torch.autograd.gradcheck(f, (x.clone().requires_grad_(), a.clone().requires_grad_()))
-        torch.autograd.gradgradcheck(f, (x.clone().requires_grad_(), a.clone().requires_grad_()))
-    ops = torch.ops.weighted_loss
-    xf, af = x.float().requires_grad_(), a.float()
-    yi = torch.tensor([0, 1, 2, 3, 4])
-    torch.library.opcheck(ops.cross_entropy_forward, (xf, yi, None, 1, -100, 0.1),
-                          {"logit_adjustment": af})
-    torch.library.opcheck(ops.cross_entropy_prob_forward,
-                          (xf, torch.softmax(torch.randn(5, 6), 1), None, 1, 0.1),
-                          {"logit_adjustment": af})

@@ -2,9 +2,9 @@
 reference() below: the only torchvision wheel for this torch offline is a CUDA build, which cannot
 load against a CPU torch), with weight and pos_weight as in F.binary_cross_entropy_with_logits
 and alpha a float or a broadcast tensor, on the CPU and the CUDA kernels (emulated, and a GPU when
-there is one): float64 parity of the loss and both gradients (input and target), gradcheck,
-float32/bfloat16 within 2x of the composite's own error, |logits| up to 1e4, gamma in [0, 5]
-including gamma < 1 at p_t -> 1, opcheck, compile, errors."""
+there is one): float64 parity of the loss and both gradients (input and target), float32/bfloat16
+within 2x of the composite's own error, |logits| up to 1e4, gamma in [0, 5] including gamma < 1
+at p_t -> 1, errors (the modes: tests/test_modes.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,8 @@ def _check_both_grads(ours, ref, x1, t1, x2, t2, device, rtol=1e-10, atol=1e-13)
 
 @pytest.mark.parametrize("shape,wshape", [((40, 7), (7,)), ((4, 3, 5, 5), (3, 1, 1)),
                                           ((33,), None)])
-@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1, 0.5), (0.75, 0.0), (0.5, 5.0)])
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1, 0.5), (0.75, 0.0), (0.5, 5.0),
+                                         (0.3, 1.0), (-1, 0.3)])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("hard", [True, False])
 def test_matches_formula(device, shape, wshape, alpha, gamma, reduction, hard):
@@ -115,19 +116,6 @@ def test_torchvision_defaults_and_bce_special_case(device):
                                wl.binary_cross_entropy_with_logits(x, t), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0, 2.0, 5.0])
-def test_gradcheck(device, gamma):
-    x, t = _inputs((6, 5), scale=2.0, hard=False, device=device)
-    t = t.clamp(0.05, 0.95)  # soft targets away from the ends, where q^(gamma-1) has its kink
-    w = _rand(5, device, 0.5, 1.5)
-    x.requires_grad_()
-    t.requires_grad_()
-    for alpha in (0.3, -1, _rand((6, 1), device, seed=5)):
-        assert torch.autograd.gradcheck(
-            lambda v, s: wl.sigmoid_focal_loss(v, s, alpha, gamma, "sum", weight=w,
-                                               pos_weight=w * 2), (x, t))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_within_2x_of_composite_error(device, dtype):
     x, t = _inputs((256, 40), dtype, seed=4, scale=4.0, hard=False, device=device)
@@ -169,7 +157,7 @@ def test_stable_for_large_logits(device, gamma):
         # the -sigmoid(-30) at t = 1, x = 30 that sigmoid(x) - t rounds to 0)
 
 
-def test_module_opcheck_compile():
+def test_module():
     x, t = _inputs((16, 4), torch.float32)
     pw = torch.tensor([1.0, 2.0, 3.0, 4.0])
     crit = wl.SigmoidFocalLoss(alpha=0.5, gamma=1.5, reduction="mean", pos_weight=pw)
@@ -179,25 +167,6 @@ def test_module_opcheck_compile():
     crit = wl.SigmoidFocalLoss(alpha=alpha, gamma=1.5, reduction="sum")
     assert "alpha" in crit.state_dict()
     torch.testing.assert_close(crit(x, t), reference(x, t, alpha, 1.5, "sum"))
-    torch.library.opcheck(_ops.binary_cross_entropy_with_logits_forward.default,
-                          (x, t, None, pw, 1, 1.5, 0.5))
-    torch.library.opcheck(_ops.binary_cross_entropy_with_logits_forward.default,
-                          (x.requires_grad_(), t, None, pw, 1, 1.5, 0.0, alpha))
-    x = x.detach()
-    torch.library.opcheck(_ops.binary_cross_entropy_with_logits_backward.default,
-                          (torch.tensor(1.0), x, t, None, pw, 1, True, True, 1.5, 0.5))
-    torch.library.opcheck(_ops.binary_cross_entropy_with_logits_backward.default,
-                          (torch.tensor(1.0), x, t, None, pw, 1, True, True, 1.5, 0.0, alpha))
-    for a in (0.5, alpha):
-        xr, tr = x.clone().requires_grad_(), t.clone().requires_grad_()
-        fn = torch.compile(lambda v, s: wl.sigmoid_focal_loss(v, s, a, 1.5, "sum"),
-                           fullgraph=True, backend="aot_eager")
-        loss = fn(xr, tr)
-        xr2, tr2 = x.clone().requires_grad_(), t.clone().requires_grad_()
-        ref = reference(xr2, tr2, a, 1.5, "sum")
-        torch.testing.assert_close(loss, ref)
-        for u, v in zip(torch.autograd.grad(loss, (xr, tr)), torch.autograd.grad(ref, (xr2, tr2))):
-            torch.testing.assert_close(u, v)
 
 
 @pytest.mark.parametrize("kw,exc,text", [
@@ -219,6 +188,7 @@ def test_errors_name_the_argument(kw, exc, text):
         wl.sigmoid_focal_loss(x, t[:2])
     with pytest.raises(NotImplementedError, match="derivative for 'pos_weight'"):
         wl.sigmoid_focal_loss(x, t, pos_weight=torch.ones(3, requires_grad=True))
-    with pytest.raises(ValueError, match="an alpha tensor needs the focal loss"):
-        _ops.binary_cross_entropy_with_logits_forward(x, t, None, None, 1, -1.0, 0.0,
-                                                      torch.rand(3))
+    with pytest.raises(ValueError, match="alpha and alpha_tensor are exclusive"):
+        _ops.sigmoid_focal_loss_forward(x, t, gamma=2.0, alpha=0.5, alpha_tensor=torch.rand(3))
+    with pytest.raises(ValueError, match="sigmoid_focal_loss: gamma must be a finite number"):
+        _ops.sigmoid_focal_loss_forward(x, t, gamma=-1.0, alpha=None)

@@ -1,6 +1,6 @@
 """wl.focal_loss (the softmax focal loss) against its composite, on the CPU and the CUDA kernels
-(emulated, and a GPU when there is one): float64 parity, gradcheck, float32/bfloat16 within 2x of
-the composite's own error, confident rows without NaN, opcheck, compile, errors."""
+(emulated, and a GPU when there is one): float64 parity, float32/bfloat16 within 2x of the
+composite's own error, confident rows without NaN, errors (the modes: tests/test_modes.py)."""
 import itertools
 
 import pytest
@@ -52,15 +52,9 @@ def test_softmax_focal_matches_composite(device, shape, gamma, weighted, reducti
                                torch.autograd.grad(ref, x2, go)[0], rtol=1e-9, atol=1e-12)
 
 
-def test_softmax_focal_gamma_zero_is_cross_entropy_and_gradcheck(device):
+def test_softmax_focal_gamma_zero_is_cross_entropy(device):
     x, t, w = _index_inputs((16, 30), torch.float32, device=device)
     assert torch.equal(wl.focal_loss(x, t, 0.0, w), wl.cross_entropy(x, t, w))
-    for shape in ((6, 70), (6, 7), (2, 4, 3, 3)):
-        x, t, w = _index_inputs(shape, scale=1.5, device=device)
-        x.requires_grad_()
-        for gamma in (0.3, 2.0):
-            assert torch.autograd.gradcheck(
-                lambda v: wl.focal_loss(v, t, gamma, w, reduction="sum"), (x,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -96,20 +90,11 @@ def test_softmax_focal_confident_rows_no_nan(device, gamma):
     torch.testing.assert_close(g.double()[ok], gr[ok], rtol=1e-5, atol=1e-12)
 
 
-def test_softmax_focal_module_opcheck_compile_errors():
+def test_softmax_focal_module_and_errors():
     x, t, w = _index_inputs((12, 9), torch.float32)
     crit = wl.FocalLoss(gamma=1.5, weight=w)
     assert "weight" in crit.state_dict()
     torch.testing.assert_close(crit(x, t), softmax_reference(x, t, 1.5, w))
-    torch.library.opcheck(_ops.cross_entropy_forward.default,
-                          (x, t, w, 1, -100, 0.0, 0.0, 0.0, 1.5))
-    xr = x.clone().requires_grad_()
-    fn = torch.compile(lambda v: wl.focal_loss(v, t, 1.5, w), fullgraph=True, backend="aot_eager")
-    loss = fn(xr)
-    xr2 = x.clone().requires_grad_()
-    ref = softmax_reference(xr2, t, 1.5, w)
-    torch.testing.assert_close(loss, ref)
-    torch.testing.assert_close(torch.autograd.grad(loss, xr)[0], torch.autograd.grad(ref, xr2)[0])
     with pytest.raises(ValueError, match="gamma must be a finite number >= 0, got -0.5"):
         wl.focal_loss(x, t, -0.5)
     with pytest.raises(ValueError, match="label_smoothing must be between 0.0 and 1.0. Got: 1.5"):
@@ -121,12 +106,7 @@ def test_softmax_focal_module_opcheck_compile_errors():
     with pytest.raises(IndexError, match="Target 9 is out of bounds"):
         wl.focal_loss(x, torch.full_like(t, 9), 2.0, label_smoothing=0.1)
     # the soft-target forms: smoothing saves a third lse plane (Q), probabilities Q as tsum
-    torch.library.opcheck(_ops.cross_entropy_forward.default,
-                          (x, t, w, 1, -100, 0.1, 0.0, 0.0, 2.0))
-    assert _ops.cross_entropy_forward(x, t, w, 1, -100, 0.1, 0.0, 0.0, 2.0)[1].shape == (3, 12)
-    p = torch.softmax(torch.randn(12, 9, generator=torch.Generator().manual_seed(5)), 1)
-    torch.library.opcheck(_ops.cross_entropy_prob_forward.default,
-                          (x.clone().requires_grad_(), p, w, 1, 0.1, 0.0, 0.0, 2.0))
+    assert _ops.cross_entropy_forward(x, t, w, label_smoothing=0.1, gamma=2.0)[1].shape == (3, 12)
 
 
 # ---------------------------------------------------------------- soft targets
@@ -193,26 +173,18 @@ def test_soft_targets_gradient_for_the_target(device, s):
     ref = soft_reference(x, t2, 2.0, w, s=s)
     torch.testing.assert_close(torch.autograd.grad(ours, t1)[0], torch.autograd.grad(ref, t2)[0],
                                rtol=1e-12, atol=1e-14)
-    t1 = t.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda v: wl.focal_loss(x, v, 0.7, w, label_smoothing=s),
-                                    (t1,))
     with pytest.raises(NotImplementedError, match="derivative for 'weight'"):
         wl.focal_loss(x, t, 2.0, w.clone().requires_grad_(), label_smoothing=s)
     with pytest.raises(RuntimeError, match="ignore_index is not supported for floating point"):
         wl.focal_loss(x, t, 2.0, w, ignore_index=0, label_smoothing=s)  # as cross-entropy
 
 
-def test_soft_targets_gamma_zero_is_cross_entropy_and_gradcheck(device):
+def test_soft_targets_gamma_zero_is_cross_entropy(device):
     for prob, s in ((True, 0.0), (True, 0.3), (False, 0.1)):
         x, t, w = _soft_inputs((12, 9), prob, device=device)
         torch.testing.assert_close(
             wl.focal_loss(x, t, 1e-300, w, label_smoothing=s),  # gamma > 0: the soft path
             wl.cross_entropy(x, t, w, label_smoothing=s), rtol=1e-12, atol=1e-14)
-        x = x[:4].clone().requires_grad_()
-        for gamma in (0.4, 2.0):
-            assert torch.autograd.gradcheck(
-                lambda v: wl.focal_loss(v, t[:4], gamma, w, reduction="sum", label_smoothing=s),
-                (x,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -230,7 +202,7 @@ def test_soft_targets_within_2x_of_composite_error(device, dtype):
             assert_within_2x(o, r, e, dtype, prob)
 
 
-def test_soft_targets_confident_rows_and_compile(device):
+def test_soft_targets_confident_rows(device):
     x = torch.zeros(3, 4, device=device)
     x[0, 1], x[1, 2], x[2, 0] = 1e4, 100.0, 30.0
     t = torch.tensor([1, 2, 0], device=device)
@@ -240,13 +212,6 @@ def test_soft_targets_confident_rows_and_compile(device):
         loss = wl.focal_loss(xr, tr, gamma, reduction="sum", label_smoothing=0.1)
         grads = torch.autograd.grad(loss, [xr, tr] if target is p else [xr])
         assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads), (gamma, loss)
-    x, p, w = _soft_inputs((8, 6), True, torch.float32, device=device)
-    xr, xr2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    fn = torch.compile(lambda v: wl.focal_loss(v, p, 2.0, w, label_smoothing=0.05),
-                       fullgraph=True, backend="aot_eager")
-    loss, ref = fn(xr), wl.focal_loss(xr2, p, 2.0, w, label_smoothing=0.05)
-    torch.testing.assert_close(loss, ref)
-    torch.testing.assert_close(torch.autograd.grad(loss, xr)[0], torch.autograd.grad(ref, xr2)[0])
 
 
 @pytest.mark.parametrize("shape", [(6, 2000), (2, 8192), (2, 150, 3, 5), (4, 70)])
@@ -277,9 +242,11 @@ def test_focal_with_z_loss_and_softcap(device, shape, prob, s):
     z, cap, gamma = 0.05, 3.0, 1.5
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     if prob:
-        ours = _ops.cross_entropy_prob_forward(x1, t, w, 1, s, z, cap, gamma)[0]
+        ours = _ops.cross_entropy_prob_forward(x1, t, w, label_smoothing=s, z_loss=z,
+                                               softcap=cap, gamma=gamma)[0]
     else:
-        ours = _ops.cross_entropy_forward(x1, t, w, 1, -100, s, z, cap, gamma)[0]
+        ours = _ops.cross_entropy_forward(x1, t, w, label_smoothing=s, z_loss=z, softcap=cap,
+                                          gamma=gamma)[0]
     xc = cap * torch.tanh(x2 / cap)
     if prob or s > 0:
         rows = soft_reference(xc, t, gamma, w, reduction="none", s=s)

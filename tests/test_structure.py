@@ -130,3 +130,40 @@ def test_layers_import_only_below_them(layer, may_not_import):
     else:
         bad = reached & (may_not_import | entries)
         assert not bad, f"{layer} reaches {sorted(bad)}"
+
+
+def literal_indices(source: str):
+    """(line, expression) of every subscript by an integer literal above 0 (an index or a slice
+    bound) in ``source``, but of a shape (``x.shape[1]``, ``x.shape[2:]``): what counting
+    arguments, needs_input_grad or gradients by position looks like."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Subscript):
+            continue
+        if isinstance(node.value, ast.Attribute) and node.value.attr == "shape":
+            continue
+        sl = node.slice
+        parts = [sl.lower, sl.upper, sl.step] if isinstance(sl, ast.Slice) else [sl]
+        for p in parts:
+            if isinstance(p, ast.UnaryOp) and isinstance(p.op, ast.USub):
+                p = p.operand  # x[-2]: a position counted from the end
+            if isinstance(p, ast.Constant) and type(p.value) is int and p.value > 0:
+                found.append((node.lineno, ast.unparse(node)))
+                break
+    return found
+
+
+def test_no_argument_is_read_by_position():
+    """Autograd rules read their inputs and return their gradients by name (_named.py): an index
+    like args[7] or needs_input_grad[10] silently picks the wrong argument once one is added."""
+    bad = []
+    for name, path in sorted(_modules().items()):
+        with open(path) as fh:
+            bad += [f"{name}:{line}: {expr}" for line, expr in literal_indices(fh.read())]
+    assert not bad, "literal indices in weighted_loss/:\n" + "\n".join(bad)
+
+
+def test_the_index_finder_finds_indices():
+    src = ("a = args[7]\nb = ctx.needs_input_grad[10]\nc = focal[:2]\nd = out[-1]\n"
+           "e = x.shape[1]\nf = x.shape[2:]\ng = t[0]\nh = rest[i]\n")
+    assert [line for line, _ in literal_indices(src)] == [1, 2, 3, 4]

@@ -11,14 +11,11 @@ float64 for float32 ones; _acc_dtype; the sigmoid focal loss in float64), the re
 """
 import torch
 
-_NONE, _MEAN, _SUM = 0, 1, 2
-
-
 def _reduce(rows, divisor, reduction):
-    if reduction == _NONE:
+    if reduction == "none":
         return rows
     total = rows.sum()
-    return total / divisor if reduction == _MEAN else total
+    return total / divisor if reduction == "mean" else total
 
 
 def _focal_factor(logp, gamma):
@@ -40,20 +37,21 @@ def _acc(x):
 
 def _batched_capped(input, target, softcap, adjust=None):
     """(C,) logits and their target as a batch of one; the logits as the loss sees them
-    (softcap tanh(x / softcap) when softcap > 0, + the logit adjustment when given), one
+    (softcap tanh(x / softcap) when softcap is given, + the logit adjustment when given), one
     precision up (_acc_dtype)."""
     x, t = _acc(input), target
     if x.dim() == 1:
         x, t = x.unsqueeze(0), t.unsqueeze(0)
-    if softcap > 0:
+    if softcap:
         x = softcap * torch.tanh(x / softcap)
     if adjust is not None:
         x = x + adjust.to(x.dtype).view((1, -1) + (1,) * (x.dim() - 2))
     return x, t
 
 
-def cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, z_loss=0.0,
-                  softcap=0.0, gamma=0.0, out_dtype=None, logit_adjustment=None):
+def cross_entropy(input, target, weight=None, reduction="mean", ignore_index=-100,
+                  label_smoothing=0.0, z_loss=0.0, softcap=None, gamma=None,
+                  logit_adjustment=None, out_dtype=None):
     """The cross_entropy_forward op's loss (class indices): weighted, smoothed, with z-loss,
     softcap, the logit adjustment and the focal factor; the mean's divisor sum(weight[target])
     over kept rows."""
@@ -67,12 +65,12 @@ def cross_entropy(input, target, weight, reduction, ignore_index, label_smoothin
     lp_y = logp.gather(1, yc.unsqueeze(1)).squeeze(1) if C else logp.new_zeros(y.shape)
     w_y = valid.to(logp.dtype) if weight is None or not C else \
         weight.to(logp.dtype)[yc] * valid  # (no classes: no weight to gather, all ignored)
-    term_y = -lp_y if gamma <= 0 else -_focal_factor(lp_y, gamma) * lp_y
+    term_y = -lp_y if not gamma else -_focal_factor(lp_y, gamma) * lp_y
     rows = (1.0 - label_smoothing) * w_y * term_y if label_smoothing > 0 else w_y * term_y
     if label_smoothing > 0 and C:
         shape = (1, C) + (1,) * (x.dim() - 2)
         wc = 1.0 if weight is None else weight.to(logp.dtype).view(shape)
-        terms = -logp if gamma <= 0 else -_focal_factor(logp, gamma) * logp
+        terms = -logp if not gamma else -_focal_factor(logp, gamma) * logp
         rows = rows + label_smoothing / C * (wc * terms).sum(1) * valid
     if z_loss > 0:
         lse = torch.logsumexp(x, 1)
@@ -84,8 +82,9 @@ def cross_entropy(input, target, weight, reduction, ignore_index, label_smoothin
     return out.to(out_dtype or input.dtype)
 
 
-def cross_entropy_prob(input, target, weight, reduction, label_smoothing, z_loss=0.0, softcap=0.0,
-                       gamma=0.0, out_dtype=None, logit_adjustment=None):
+def cross_entropy_prob(input, target, weight=None, reduction="mean", label_smoothing=0.0,
+                       z_loss=0.0, softcap=None, gamma=None, logit_adjustment=None,
+                       out_dtype=None):
     """The cross_entropy_prob_forward op's loss: sum_c w_c t'_c (focal factor) (-log p_c) per
     row, t' = (1 - s) t + s / C, plus the z-loss; the mean divides by the number of rows."""
     x, t = _batched_capped(input, target, softcap, logit_adjustment)
@@ -97,7 +96,7 @@ def cross_entropy_prob(input, target, weight, reduction, label_smoothing, z_loss
         tt = (1.0 - label_smoothing) * tt + label_smoothing / C
     if weight is not None:
         tt = tt * weight.to(dtype).view((1, C) + (1,) * (x.dim() - 2))
-    terms = -logp if gamma <= 0 else -_focal_factor(logp, gamma) * logp
+    terms = -logp if not gamma else -_focal_factor(logp, gamma) * logp
     rows = (tt * terms).sum(1)
     if z_loss > 0:
         lse = torch.logsumexp(x, 1).to(dtype)
@@ -139,28 +138,40 @@ def _bce_prob_terms(p, t, weight, pos_weight):
     return ce if weight is None else ce * weight
 
 
-def binary_cross_entropy(input, target, weight, pos_weight, reduction, gamma=-1.0, alpha=-1.0,
-                         alpha_tensor=None, out_dtype=None, prob_input=False):
-    """The binary_cross_entropy_with_logits_forward op's loss, the sigmoid focal loss's with
-    gamma >= 0 (alpha_t (1 - p_t)^gamma times the weighted BCE; alpha_tensor per element); with
-    prob_input BCE of probabilities."""
+def _cast_all(dtype, *tensors):
+    return [None if v is None else v.to(dtype) for v in tensors]
+
+
+def binary_cross_entropy_with_logits(input, target, weight=None, pos_weight=None,
+                                     reduction="mean", out_dtype=None):
+    """The binary_cross_entropy_with_logits_forward op's loss."""
     dtype = _acc_dtype(torch.promote_types(input.dtype, target.dtype))
-    if prob_input:
-        cast = lambda v: None if v is None else v.to(dtype)  # noqa: E731
-        ce = _bce_prob_terms(input.to(dtype), target.to(dtype), cast(weight), cast(pos_weight))
-        return _reduce(ce, ce.numel(), reduction).to(out_dtype or target.dtype)
-    if gamma >= 0:  # the focal factor's derivatives (singular at p_t = 1 for gamma < 1, terms
-        dtype = torch.float64  # of e^-1.5x that cancel) lose 3-4 digits even in float32
-    x, t = input.to(dtype), target.to(dtype)
-    cast = lambda v: None if v is None else v.to(dtype)  # noqa: E731
-    ce = _bce_terms(x, t, cast(weight), cast(pos_weight), focal=gamma >= 0)
-    if gamma < 0:
-        return _reduce(ce, ce.numel(), reduction).to(out_dtype or target.dtype)
+    x, t, w, pw = _cast_all(dtype, input, target, weight, pos_weight)
+    ce = _bce_terms(x, t, w, pw)
+    return _reduce(ce, ce.numel(), reduction).to(out_dtype or target.dtype)
+
+
+def sigmoid_focal_loss(input, target, gamma, alpha, alpha_tensor=None, weight=None,
+                       pos_weight=None, reduction="none", out_dtype=None):
+    """The sigmoid_focal_loss_forward op's loss: alpha_t (1 - p_t)^gamma times the weighted BCE
+    (alpha_tensor per element; alpha None: no alpha_t). In float64: the focal factor's
+    derivatives (singular at p_t = 1 for gamma < 1, terms of e^-1.5x that cancel) lose 3-4
+    digits even in float32."""
+    x, t, w, pw, at = _cast_all(torch.float64, input, target, weight, pos_weight, alpha_tensor)
+    ce = _bce_terms(x, t, w, pw, focal=True)
     # 1 - p_t = p (1 - t) + (1 - p) t with 1 - p = sigmoid(-x): no cancellation where p_t is
     # near 1, whose derivatives (gamma < 1) are singular there
     loss = ce * (torch.sigmoid(x) * (1 - t) + torch.sigmoid(-x) * t) ** gamma
-    a = cast(alpha_tensor) if alpha_tensor is not None else (alpha if alpha >= 0 else None)
+    a = at if at is not None else alpha
     if a is not None:
         loss = (a * t + (1 - a) * (1 - t)) * loss
     out = _reduce(loss, loss.numel(), reduction)
     return out.to(out_dtype or target.dtype)
+
+
+def binary_cross_entropy(input, target, weight=None, pos_weight=None, reduction="mean",
+                         out_dtype=None):
+    """The binary_cross_entropy_forward op's loss: BCE of probabilities."""
+    dtype = _acc_dtype(torch.promote_types(input.dtype, target.dtype))
+    ce = _bce_prob_terms(*_cast_all(dtype, input, target, weight, pos_weight))
+    return _reduce(ce, ce.numel(), reduction).to(out_dtype or target.dtype)

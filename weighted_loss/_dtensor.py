@@ -125,7 +125,7 @@ def _cut(w, mesh, dim: int, ndim: int):
 
 def cross_entropy(input, target, o):
     """cross_entropy (or, with ``o.gamma``, focal_loss) of a DTensor input."""
-    op = "focal_loss" if o.gamma else "cross_entropy"
+    op = o.loss
     mesh, dim = _layout_of(input, op, o)
     o = o.but(weight=whole(o.weight), logit_adjustment=whole(o.logit_adjustment),
               sample_weight=whole(o.sample_weight))
@@ -170,19 +170,17 @@ def cross_entropy(input, target, o):
                         mesh, ldim, shape)
 
 
-def binary_cross_entropy_with_logits(input, target, o):
-    """binary_cross_entropy_with_logits (or, with ``o.focal``, sigmoid_focal_loss) of a DTensor
-    input: elementwise, so any shard is the local elements and the mean's."""
-    op = "sigmoid_focal_loss" if o.focal else "binary_cross_entropy_with_logits"
-    mesh, dim = _layout_of(input, op, o)
+def elementwise(input, target, o):
+    """The elementwise loss ``o.loss`` names of a DTensor input: any shard is the local elements
+    and the mean's."""
+    mesh, dim = _layout_of(input, o.loss, o)
     o = o.but(weight=whole(o.weight), pos_weight=whole(o.pos_weight), alpha=whole(o.alpha))
     if dim is None:
-        return _wrap(_grouped.binary_cross_entropy_with_logits(input.to_local(), whole(target),
-                                                               o), mesh)
+        return _wrap(_grouped.elementwise(input.to_local(), whole(target), o), mesh)
     n = input.dim()
     x, t = input.to_local(), _piece(target, mesh, dim)
     o = o.but(**{k: _cut(getattr(o, k), mesh, dim, n) for k in ("weight", "pos_weight", "alpha")})
-    return _over_shards(lambda red: _local.binary_cross_entropy_with_logits(x, t, o.local(red)),
+    return _over_shards(lambda red: _local.elementwise(x, t, o.local(red)),
                         lambda: _local.count(x.numel(), x.device), o, mesh, dim, input.shape)
 
 

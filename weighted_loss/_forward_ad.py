@@ -3,22 +3,23 @@
 
 The ops' autograd (torch.library.register_autograd, _ops.py) is reverse-mode only: an op called
 with dual tensors would drop their tangents. So where a forward-AD level or a torch.func transform
-is active, the functions call the ops through the autograd.Functions below instead: the same
-forward and backward (_ops.py's), plus a jvp. The tangent of a loss is its gradient contracted
+is active, ``call`` runs the ops through the autograd.Functions below instead: the same forward
+and backward (_ops.py's rules), plus a jvp. The tangent of a loss is its gradient contracted
 with the inputs' tangents, d loss = sum_k (d loss / d x_k) dx_k (and the target's likewise), with
 the gradient from the fused backward op at an upstream gradient of ones: one more pass over the
 logits. Tangents of the gradient (forward-over-reverse, Hessian-vector products) come from the
-backward's differentiable path (_ops._differentiable_grads), which torch.func.grad takes.
+backward's differentiable path (_ops.differentiable_grads), which torch.func.grad takes.
 torch.compile traces the plain ops (it cannot trace a custom jvp), so none of this runs there.
 """
+import functools
+
 import torch
 import torch.autograd.forward_ad as _fwad
 
+from . import _named, _reweight
 from . import _ops as _autograd
-from . import _reweight
 
 _ops = torch.ops.weighted_loss
-_NONE = 0
 
 
 def active() -> bool:
@@ -38,7 +39,7 @@ def _contract(grad, tangent, reduction, class_dim, out_dtype):
     otherwise; accumulated in float32 at least (float64 for float64)."""
     acc = torch.promote_types(torch.promote_types(grad.dtype, tangent.dtype), torch.float32)
     prod = grad.to(acc) * tangent.to(acc)
-    if reduction == _NONE:
+    if reduction == "none":
         out = prod.sum(class_dim) if class_dim is not None else prod
     else:
         out = prod.sum()
@@ -57,132 +58,91 @@ def _with_adjust(d_input, d_adjust, input):
     return da if d_input is None else d_input + da
 
 
-def _setup(ctx, setup, inputs, output):
-    """An op's autograd setup (_ops), its saved tensors kept for the jvp too."""
-    setup(ctx, inputs, output)
-    ctx.save_for_forward(*ctx.to_save)
-    ctx.loss_shape = output[0].shape
-    ctx.mark_non_differentiable(output[1], output[2])
+def _ce_jvp(ctx, d):
+    """Class indices: the logits' tangent (with the adjustment's) against their gradient."""
+    s = _named.saved(ctx)
+    if d.input is None and d.logit_adjustment is None:
+        return None, None, None
+    g = _ops.cross_entropy_backward(_ones_like_loss(ctx, s.input), s.input, s.target, s.weight,
+                                    s.lse, s.total_weight, **ctx.options,
+                                    logit_adjustment=s.logit_adjustment)
+    d_input = _with_adjust(d.input, d.logit_adjustment, s.input)
+    return _contract(g, d_input, ctx.options["reduction"], _reweight.class_dim(s.input),
+                     ctx.out_dtype), None, None
 
 
-class CrossEntropy(torch.autograd.Function):
-    """cross_entropy_forward (class indices) with a jvp."""
-    generate_vmap_rule = True
+def _ce_prob_jvp(ctx, d):
+    """Probabilities: the logits' and the target's tangents."""
+    s = _named.saved(ctx)
+    ones, red, cdim = _ones_like_loss(ctx, s.input), ctx.options["reduction"], \
+        _reweight.class_dim(s.input)
+    out = None
+    d_input = _with_adjust(d.input, d.logit_adjustment, s.input)
+    if d_input is not None:
+        g = _ops.cross_entropy_prob_backward(ones, s.input, s.target, s.weight, s.lse, s.tsum,
+                                             **ctx.options, logit_adjustment=s.logit_adjustment)
+        out = _contract(g, d_input, red, cdim, ctx.out_dtype)
+    if d.target is not None:
+        g = _ops.cross_entropy_prob_target_backward(ones, s.input, s.weight, s.lse, **ctx.options,
+                                                    logit_adjustment=s.logit_adjustment,
+                                                    target_dtype=s.target.dtype)
+        out = _add(out, _contract(g, d.target, red, cdim, ctx.out_dtype))
+    return out, None, None
 
-    @staticmethod
-    def forward(input, target, weight, *args):
-        return _ops.cross_entropy_forward(input, target, weight, *args)
 
-    @staticmethod
+def _elementwise_jvp(rule, ctx, d):
+    """The elementwise losses: the input's and the target's tangents."""
+    s = _named.saved(ctx)
+    if d.input is None and d.target is None:
+        return None
+    gx, gt = rule.backward(_ones_like_loss(ctx, s.input),
+                           **{n: s[n] for n in rule.inputs}, **ctx.options,
+                           input_grad=d.input is not None, target_grad=d.target is not None)
+    red = ctx.options["reduction"]
+    out = None
+    if d.input is not None:
+        out = _contract(gx, d.input, red, None, ctx.out_dtype)
+    if d.target is not None:
+        out = _add(out, _contract(gt, d.target, red, None, ctx.out_dtype))
+    return out
+
+
+def _function(rule) -> type:
+    """The op as an autograd.Function: its rule's setup and backward (_ops), plus a jvp."""
+    if rule is _autograd.CROSS_ENTROPY:
+        jvp = _ce_jvp
+    elif rule is _autograd.CROSS_ENTROPY_PROB:
+        jvp = _ce_prob_jvp
+    else:
+        jvp = functools.partial(_elementwise_jvp, rule)
+    setup, backward = _autograd.setup_of(rule), _autograd.backward_of(rule)
+
     def setup_context(ctx, inputs, output):
-        _setup(ctx, _autograd._ce_setup, inputs, output)
+        ctx.for_forward = True  # (_named.save: the jvp reads the saved tensors too)
+        setup(rule, ctx, inputs, output)
+        if isinstance(output, tuple):  # (loss, saved outputs: lse, total_weight or tsum)
+            _, *saved_outputs = output
+            ctx.mark_non_differentiable(*saved_outputs)
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_lse, grad_total_weight):
-        return _autograd._ce_backward(ctx, grad_loss, grad_lse, grad_total_weight)
-
-    @staticmethod
-    def jvp(ctx, d_input, *rest):
-        input, target, weight, lse, total_weight, adjust = ctx.saved_tensors
-        d_adjust = rest[9] if len(rest) > 9 else None  # (the inputs after input: 10 with it)
-        if d_input is None and d_adjust is None:
-            return None, None, None
-        g = _ops.cross_entropy_backward(_ones_like_loss(ctx, input), input, target, weight, lse,
-                                        total_weight, *ctx.args, logit_adjustment=adjust)
-        return _contract(g, _with_adjust(d_input, d_adjust, input), ctx.args[0],
-                         _reweight.class_dim(input), ctx.out_dtype), None, None
+    _, _, name = rule.signature.owner.rpartition("::")
+    return type(name, (torch.autograd.Function,), {
+        "generate_vmap_rule": True,
+        "forward": staticmethod(lambda *args: rule.forward(*args)),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(lambda ctx, *grads: backward(rule, ctx, *grads)),
+        "jvp": staticmethod(lambda ctx, *tangents: jvp(ctx, rule.signature.bind(tangents))),
+    })
 
 
-class CrossEntropyProb(torch.autograd.Function):
-    """cross_entropy_prob_forward (probability targets) with a jvp: the target's tangent too."""
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(input, target, weight, *args):
-        return _ops.cross_entropy_prob_forward(input, target, weight, *args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup(ctx, _autograd._ce_prob_setup, inputs, output)
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_lse, grad_tsum):
-        return _autograd._ce_prob_backward(ctx, grad_loss, grad_lse, grad_tsum)
-
-    @staticmethod
-    def jvp(ctx, d_input, d_target, *rest):
-        input, target, weight, lse, tsum, adjust = ctx.saved_tensors
-        d_adjust = rest[7] if len(rest) > 7 else None  # (the inputs after target: 8 with it)
-        ones, red, cdim = _ones_like_loss(ctx, input), ctx.args[0], _reweight.class_dim(input)
-        out = None
-        d_input = _with_adjust(d_input, d_adjust, input)
-        if d_input is not None:
-            g = _ops.cross_entropy_prob_backward(ones, input, target, weight, lse, tsum, *ctx.args,
-                                                 logit_adjustment=adjust)
-            out = _contract(g, d_input, red, cdim, ctx.out_dtype)
-        if d_target is not None:
-            g = _ops.cross_entropy_prob_target_backward(ones, input, weight, lse, *ctx.args,
-                                                        target_dtype=target.dtype,
-                                                        logit_adjustment=adjust)
-            out = _add(out, _contract(g, d_target, red, cdim, ctx.out_dtype))
-        return out, None, None
+FUNCTIONS = {op: _function(rule) for op, rule in _autograd.RULES.items()}
 
 
-class BinaryCrossEntropy(torch.autograd.Function):
-    """binary_cross_entropy_with_logits_forward (and the sigmoid focal loss) with a jvp."""
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(input, target, weight, pos_weight, *args):
-        return _ops.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight,
-                                                             *args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _autograd._bce_setup(ctx, inputs, output)
-        ctx.save_for_forward(*ctx.to_save)
-        ctx.loss_shape = output.shape
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return _autograd._bce_backward(ctx, grad_loss)
-
-    @staticmethod
-    def jvp(ctx, d_input, d_target, *_):
-        input, target, weight, pos_weight, alpha_tensor = ctx.saved_tensors
-        if d_input is None and d_target is None:
-            return None
-        gx, gt = _ops.binary_cross_entropy_with_logits_backward(
-            _ones_like_loss(ctx, input), input, target, weight, pos_weight, ctx.reduction,
-            d_input is not None, d_target is not None, *ctx.focal,
-            *((alpha_tensor,) if ctx.has_alpha_tensor else ()),
-            **({"prob_input": True} if ctx.prob_input else {}))
-        out = None
-        if d_input is not None:
-            out = _contract(gx, d_input, ctx.reduction, None, ctx.out_dtype)
-        if d_target is not None:
-            out = _add(out, _contract(gt, d_target, ctx.reduction, None, ctx.out_dtype))
-        return out
-
-
-def cross_entropy_forward(*args, **kwargs):
-    """_ops.cross_entropy_forward, through CrossEntropy where tangents may flow."""
+def call(op, *args, **kwargs):
+    """The forward op ``op`` (a key of _ops.RULES), through its autograd.Function where tangents
+    may flow."""
     if active():
-        return CrossEntropy.apply(*_positional(_ops.cross_entropy_forward, args, kwargs))
-    return _ops.cross_entropy_forward(*args, **kwargs)
-
-
-def cross_entropy_prob_forward(*args, **kwargs):
-    if active():
-        return CrossEntropyProb.apply(*_positional(_ops.cross_entropy_prob_forward, args, kwargs))
-    return _ops.cross_entropy_prob_forward(*args, **kwargs)
-
-
-def binary_cross_entropy_with_logits_forward(*args, **kwargs):
-    if active():
-        return BinaryCrossEntropy.apply(
-            *_positional(_ops.binary_cross_entropy_with_logits_forward, args, kwargs))
-    return _ops.binary_cross_entropy_with_logits_forward(*args, **kwargs)
+        return FUNCTIONS[op].apply(*_positional(op, args, kwargs))
+    return op(*args, **kwargs)
 
 
 def _positional(op, args, kwargs):

@@ -20,5 +20,6 @@ def cross_entropy(input, target, o):
     return _local.cross_entropy(input, target, *mean(o))
 
 
-def binary_cross_entropy_with_logits(input, target, o):
-    return _local.binary_cross_entropy_with_logits(input, target, *mean(o))
+def elementwise(input, target, o):
+    """The elementwise loss ``o.loss`` names (_local.elementwise)."""
+    return _local.elementwise(input, target, *mean(o))

@@ -12,9 +12,8 @@ keeps each row's log-sum-exp, and the backward computes every chunk's logits onc
 """
 import torch
 from torch import Tensor
-from torch.nn import _reduction as _Reduction
 
-from . import _composite, _forward_ad, _reweight
+from . import _composite, _forward_ad, _named, _reweight
 from . import distributed as _dist
 from ._options import CrossEntropyOptions
 
@@ -102,15 +101,16 @@ class Plan:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z, cap,
-                reduction, plan, adjust=None, v=None):
+    def forward(ctx, input, linear_weight, bias, logit_adjustment, sample_weight, target, weight,
+                options, plan):
         """The loss, and the mean's local divisor (sum of weight[target] over the rows kept, or the
-        number of rows for probabilities; not differentiable)."""
+        number of rows for probabilities; not differentiable). ``options``: the cross-entropy
+        ops' arguments by name (CrossEntropyOptions.op_kwargs), the reduction the loss's."""
         # the plan's dtypes stand for autocast's: none of this runs under it (autocast would
         # recast, and refuses mm's out=)
-        with torch.autocast(x.device.type, enabled=False):
-            loss, divisor = _forward(ctx, x, lw, bias, target, weight, ignore_index,
-                                     label_smoothing, z, cap, reduction, plan, adjust, v)
+        with torch.autocast(input.device.type, enabled=False):
+            loss, divisor = _forward(ctx, input, linear_weight, bias, logit_adjustment,
+                                     sample_weight, target, weight, options, plan)
         ctx.mark_non_differentiable(divisor)
         return loss, divisor
 
@@ -127,30 +127,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.reduction == "none":
             with torch.autocast(grad_loss.device.type, enabled=False):
                 return _backward_rows(ctx, grad_loss)
-        gx, gw, gb, ga, divisor = ctx.saved_tensors
+        s = _named.saved(ctx)
         scale = grad_loss.double()
         if ctx.reduction == "mean":
             # every target ignored (or an empty batch): the loss is NaN (0 / 0) and the
             # gradients 0, as PyTorch's; with sample weights also where the kept rows all weigh
             # 0 (the composite's gradient is NaN there: docs/semantics.md)
-            scale = torch.where(divisor == 0, torch.zeros_like(scale), scale / divisor)
-        grads = []
-        for g, dtype in zip((gx, gw, gb, ga), ctx.dtypes):
-            if g is None:
-                grads.append(None)
-                continue
-            out = torch.empty(g.shape, dtype=dtype, device=g.device)  # one rounding, no temp
-            grads.append(torch.mul(g, scale.to(g.dtype), out=out))
-        ga = grads.pop()
-        return (*grads, None, None, None, None, None, None, None, None, ga, None)
+            scale = torch.where(s.divisor == 0, torch.zeros_like(scale), scale / s.divisor)
+        grads = {}
+        for name, dtype in ctx.dtypes.items():
+            g = s[name]
+            if g is not None:
+                out = torch.empty(g.shape, dtype=dtype, device=g.device)  # one rounding, no temp
+                grads[name] = torch.mul(g, scale.to(g.dtype), out=out)
+        return _ARGS.grads(**grads)
 
 
-def _forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z, cap, reduction,
-             plan, adjust, v):
+_ARGS = _named.Signature.of_forward(_LinearCrossEntropy)
+
+
+def _needs(ctx, x, lw, bias, adjust):
+    """Which gradients autograd asks for: (input, linear_weight, bias, logit_adjustment)."""
+    return (_ARGS.needs(ctx, "input"), _ARGS.needs(ctx, "linear_weight"),
+            bias is not None and _ARGS.needs(ctx, "bias"),
+            adjust is not None and _ARGS.needs(ctx, "logit_adjustment"))
+
+
+def _forward(ctx, x, lw, bias, adjust, v, target, weight, options, plan):
     n, prob = x.shape[0], target.is_floating_point()
-    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    need_b = bias is not None and ctx.needs_input_grad[2]
-    need_a = adjust is not None and ctx.needs_input_grad[11]
+    need_x, need_w, need_b, need_a = _needs(ctx, x, lw, bias, adjust)
+    reduction = options["reduction"]
     red_none = reduction == "none"
     # under no_grad / inference_mode (an eval loop) the forward only: no gradient work
     grads_now = plan.grads and (need_x or need_w or need_b or need_a) and not red_none
@@ -165,7 +171,9 @@ def _forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z,
     # with sample weights v, each chunk's rows (in acc) weighted here, and its gradient with v as
     # the rows' upstream gradient
     rows_v = v is not None and not red_none
-    red = _Reduction.get_enum("none" if red_none or rows_v else "sum")
+    kw = dict(options, reduction="none" if red_none or rows_v else "sum")
+    if prob:
+        kw.pop("ignore_index", None)
     # per-row losses in the returned dtype; sums in acc
     out_dtype = plan.out if red_none else plan.acc
     rows_loss, lse_parts, tsum_parts = [], [], []
@@ -175,19 +183,18 @@ def _forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z,
         xc, tc = xq[a:a + plan.chunk], target[a:a + plan.chunk]
         logits = plan.chunk_logits(xc, lwq, bq)
         if prob:
-            loss, lse, tsum = _ops.cross_entropy_prob_forward(
-                logits, tc, weight, red, label_smoothing, z, cap, out_dtype=out_dtype)
+            loss, lse, tsum = _ops.cross_entropy_prob_forward(logits, tc, weight, **kw,
+                                                              out_dtype=out_dtype)
             if not rows_v:
                 divisor += tc.shape[0]
         else:
-            loss, lse, tw = _ops.cross_entropy_forward(logits, tc, weight, red, ignore_index,
-                                                       label_smoothing, z, cap,
+            loss, lse, tw = _ops.cross_entropy_forward(logits, tc, weight, **kw,
                                                        out_dtype=out_dtype)
         gl = one
         if rows_v:
             vc = v[a:a + plan.chunk]
             loss = (loss.double() * vc.double()).sum()
-            part = _reweight.divisor(vc, tc, weight, ignore_index, prob)
+            part = _reweight.divisor(vc, tc, weight, options["ignore_index"], prob)
             if prob:
                 divisor += part
             else:
@@ -204,11 +211,9 @@ def _forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z,
             divisor += tw.double()
         if grads_now:
             if prob:
-                g = _ops.cross_entropy_prob_backward(gl, logits, tc, weight, lse, tsum, red,
-                                                     label_smoothing, z, cap)
+                g = _ops.cross_entropy_prob_backward(gl, logits, tc, weight, lse, tsum, **kw)
             else:  # over the logits: a chunk holds one N x C buffer, not two
-                _ops.cross_entropy_backward_(gl, logits, tc, weight, lse, tw.to(lse.dtype), red,
-                                             ignore_index, label_smoothing, z, cap)
+                _ops.cross_entropy_backward_(gl, logits, tc, weight, lse, tw.to(lse.dtype), **kw)
                 g = logits
             del logits
             if ga is not None:
@@ -218,36 +223,40 @@ def _forward(ctx, x, lw, bias, target, weight, ignore_index, label_smoothing, z,
             del g  # before the next chunk's logits: one chunk buffer at a time
     ctx.reduction, ctx.prob, ctx.plan, ctx.weighted = reduction, prob, plan, rows_v
     if red_none:
-        ctx.args = (ignore_index, label_smoothing, z, cap)
+        ctx.options = kw
         acc = torch.float64 if plan.logits == torch.float64 else torch.float32
         lse_all = torch.cat(lse_parts, 1) if lse_parts else torch.empty((2, 0), dtype=acc,
                                                                          device=dev)
         tsum_all = torch.cat(tsum_parts) if tsum_parts else torch.empty((0,), dtype=acc,
                                                                         device=dev)
-        ctx.save_for_backward(x, lw, bias, target, weight, lse_all, tsum_all, adjust)
+        _named.save(ctx, input=x, linear_weight=lw, bias=bias, target=target, weight=weight,
+                    lse=lse_all, tsum=tsum_all, logit_adjustment=adjust)
         rows = torch.cat(rows_loss) if rows_loss else x.new_empty((0,), dtype=plan.out)
         return rows, divisor
-    ctx.save_for_backward(gx, gw, gb, ga, divisor)
-    ctx.dtypes = (x.dtype, lw.dtype, None if bias is None else bias.dtype,
-                  None if adjust is None else adjust.dtype)
+    # the gradients, named as the arguments they belong to, and their dtypes
+    _named.save(ctx, input=gx, linear_weight=gw, bias=gb, logit_adjustment=ga, divisor=divisor)
+    ctx.dtypes = {"input": x.dtype, "linear_weight": lw.dtype}
+    if bias is not None:
+        ctx.dtypes["bias"] = bias.dtype
+    if adjust is not None:
+        ctx.dtypes["logit_adjustment"] = adjust.dtype
     out = total / divisor if reduction == "mean" else total
     return (out if plan.grouped else out.to(plan.out)), divisor.clone()
 
 
 def _backward_rows(ctx, grad_rows):
     """reduction="none": the upstream gradient per row, each chunk's logits once more."""
-    x, lw, bias, target, weight, lse, tsum, adjust = ctx.saved_tensors
-    ignore_index, label_smoothing, z, cap = ctx.args
+    s = _named.saved(ctx)
+    x, lw, bias, target, weight, lse, tsum, adjust = (
+        s.input, s.linear_weight, s.bias, s.target, s.weight, s.lse, s.tsum, s.logit_adjustment)
     plan = ctx.plan
-    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    need_b = bias is not None and ctx.needs_input_grad[2]
-    need_a = adjust is not None and ctx.needs_input_grad[11]
+    need_x, need_w, need_b, need_a = _needs(ctx, x, lw, bias, adjust)
     ga = _grad_buffer(adjust.shape, plan.logits, x.device) if need_a else None
     xq, lwq, bq = plan.cast(x, lw, bias)
     gx = torch.empty(x.shape, dtype=plan.compute, device=x.device) if need_x else None
     gw = _grad_buffer(lw.shape, plan.compute, x.device) if need_w else None
     gb = _grad_buffer(bias.shape, plan.compute, x.device) if need_b else None
-    red = _Reduction.get_enum("none")
+    kw = ctx.options  # (reduction "none")
     grad_rows = grad_rows.to(plan.out).contiguous()  # the loss's dtype, as the kernels read it
     for a in range(0, x.shape[0], plan.chunk):
         xc, tc = xq[a:a + plan.chunk], target[a:a + plan.chunk]
@@ -255,12 +264,10 @@ def _backward_rows(ctx, grad_rows):
         lc = lse[:, a:a + plan.chunk].contiguous()
         if ctx.prob:
             g = _ops.cross_entropy_prob_backward(grad_rows[a:a + plan.chunk], logits, tc, weight,
-                                                 lc, tsum[a:a + plan.chunk].contiguous(), red,
-                                                 label_smoothing, z, cap)
+                                                 lc, tsum[a:a + plan.chunk].contiguous(), **kw)
         else:
             _ops.cross_entropy_backward_(grad_rows[a:a + plan.chunk], logits, tc, weight, lc,
-                                         torch.ones((), dtype=lse.dtype, device=x.device), red,
-                                         ignore_index, label_smoothing, z, cap)
+                                         torch.ones((), dtype=lse.dtype, device=x.device), **kw)
             g = logits
         del logits
         if ga is not None:
@@ -268,9 +275,10 @@ def _backward_rows(ctx, grad_rows):
         g = plan.chunk_grad(g)
         _add_chunk_grads(g, xc, lwq, None if gx is None else gx[a:a + plan.chunk], gw, gb)
         del g
-    return (None if gx is None else gx.to(x.dtype), None if gw is None else gw.to(lw.dtype),
-            None if gb is None else gb.to(bias.dtype), None, None, None, None, None, None, None,
-            None, None if ga is None else ga.to(adjust.dtype), None)
+    return _ARGS.grads(input=None if gx is None else gx.to(x.dtype),
+                       linear_weight=None if gw is None else gw.to(lw.dtype),
+                       bias=None if gb is None else gb.to(bias.dtype),
+                       logit_adjustment=None if ga is None else ga.to(adjust.dtype))
 
 
 def _composite_loss(x, lw, bias, t, o: CrossEntropyOptions, plan, mean, adjust, v):
@@ -285,12 +293,8 @@ def _composite_loss(x, lw, bias, t, o: CrossEntropyOptions, plan, mean, adjust, 
         lg = lg.to(plan.logits)
         if adjust is not None:
             lg = lg + adjust
-        if prob:
-            loss = _composite.cross_entropy_prob(lg, t, o.weight, *o.prob_args(red),
-                                                 out_dtype=rows_dtype)
-        else:
-            loss = _composite.cross_entropy(lg, t, o.weight, *o.index_args(red),
-                                            out_dtype=rows_dtype)
+        composite = _composite.cross_entropy_prob if prob else _composite.cross_entropy
+        loss = composite(lg, t, o.weight, **o.op_kwargs(prob, red), out_dtype=rows_dtype)
     if v is not None:
         divisor = _reweight.divisor(v, t, o.weight, o.ignore_index, prob)
         return _reweight.reduce(loss, v, divisor, o.reduction, plan.out, mean)
@@ -315,7 +319,6 @@ def linear_cross_entropy(x: Tensor, lw: Tensor, bias, t: Tensor, o: CrossEntropy
                                     None, plan.with_out(plan.acc))
         divisor = _reweight.divisor(v, t, o.weight, o.ignore_index, t.is_floating_point())
         return _reweight.reduce(rows, v, divisor, o.reduction, plan.out, mean)
-    loss, divisor = _LinearCrossEntropy.apply(x, lw, bias, t, o.weight, o.ignore_index,
-                                              max(o.label_smoothing, 0.0), o.z_loss, o.softcap,
-                                              o.reduction, plan, adjust, v)
+    loss, divisor = _LinearCrossEntropy.apply(x, lw, bias, adjust, v, t, o.weight,
+                                              o.op_kwargs(prob=False), plan)
     return loss if mean is None else mean(loss, divisor).to(plan.out)

@@ -11,7 +11,10 @@ import torch
 from torch import Tensor
 
 from . import _dtypes, _forward_ad, _reweight
+from . import _ops as _autograd
 from ._options import BinaryOptions, CrossEntropyOptions
+
+_ops = torch.ops.weighted_loss
 
 
 def count(n: int, device) -> Tensor:
@@ -64,11 +67,11 @@ def _focal_checks(input: Tensor, target: Tensor, o: CrossEntropyOptions) -> bool
 
 def cross_entropy(input: Tensor, target: Tensor, o: CrossEntropyOptions, mean=None,
                   out_dtype=None) -> Tensor:
-    """Cross-entropy (the softmax focal loss where ``o.gamma > 0``) of class indices, or of
+    """Cross-entropy (the softmax focal loss where ``o.gamma`` is set) of class indices, or of
     probabilities (the input's shape; for the focal loss: a floating target); with
     ``o.logit_adjustment`` and ``o.sample_weight`` as weighted_loss/_reweight.py says.
     ``out_dtype``: the loss's dtype where given (the accumulation dtype's per-item losses)."""
-    op = "focal_loss" if o.gamma else "cross_entropy"
+    op = o.loss
     a = o.logit_adjustment
     if a is not None:
         a = _reweight.check_adjustment(a, input, op)
@@ -85,21 +88,18 @@ def cross_entropy(input: Tensor, target: Tensor, o: CrossEntropyOptions, mean=No
         prob = input.shape == target.shape
     if prob:
         input, target, weight = prob_target_inputs(input, target, o.weight, o.ignore_index)
-        # (the adjustment positionally: autograd gives its gradient to positional inputs)
-        extra = (out_dtype, a) if a is not None else ()
-        loss, _, _ = _forward_ad.cross_entropy_prob_forward(
-            input, target, weight, *o.prob_args(), *extra,
-            **({} if a is not None else {"out_dtype": out_dtype}))
+        loss, _, _ = _forward_ad.call(_ops.cross_entropy_prob_forward, input, target, weight,
+                                      **o.op_kwargs(prob=True), logit_adjustment=a,
+                                      out_dtype=out_dtype)
         if mean is None:
             return loss
         rows = input.numel() // max(1, input.shape[0 if input.dim() == 1 else 1])
         return mean(loss, count(rows, input.device))
     if input.dim() == 1 and target.dim() == 1 and target.numel() == 1:
         target = target.reshape(())  # PyTorch takes a (1,) target beside (C,) logits as 0-d
-    extra = (out_dtype, a) if a is not None else ()
-    loss, _, divisor = _forward_ad.cross_entropy_forward(
-        input, target, o.weight, *o.index_args(), *extra,
-        **({} if a is not None else {"out_dtype": out_dtype}))
+    loss, _, divisor = _forward_ad.call(_ops.cross_entropy_forward, input, target, o.weight,
+                                        **o.op_kwargs(prob=False), logit_adjustment=a,
+                                        out_dtype=out_dtype)
     return loss if mean is None else mean(loss, divisor)
 
 
@@ -118,7 +118,9 @@ def _sample_weighted(input: Tensor, target: Tensor, o: CrossEntropyOptions, mean
         t = target.dtype
         if o.weight is not None and o.weight.is_floating_point():
             t = torch.promote_types(t, o.weight.dtype)
-        out = _dtypes.floating_dtypes(input.dtype, t)[1] if input.is_floating_point() else t
+        out = t
+        if input.is_floating_point():
+            _, out = _dtypes.floating_dtypes(input.dtype, t)
     if o.logit_adjustment is not None and input.is_floating_point():  # (fused: input + a's)
         out = torch.promote_types(out, o.logit_adjustment.dtype)
     acc = _reweight.acc_dtype(out)
@@ -131,9 +133,9 @@ def _sample_weighted(input: Tensor, target: Tensor, o: CrossEntropyOptions, mean
     return _reweight.reduce(rows, v, divisor, reduction, out, mean)
 
 
-def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, o: BinaryOptions,
-                                     mean=None) -> Tensor:
-    """BCE with logits (the sigmoid focal loss where ``o.focal``), elementwise."""
+def elementwise(input: Tensor, target: Tensor, o: BinaryOptions, mean=None) -> Tensor:
+    """The elementwise loss ``o.loss`` names: BCE with logits, the sigmoid focal loss or BCE of
+    probabilities (the entry point checked their dtypes)."""
     if target.size() != input.size():
         raise ValueError(
             f"Target size ({target.size()}) must be the same as input size ({input.size()})")
@@ -145,7 +147,8 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, o: BinaryOpt
     out_dtype = None if o.focal or _dtypes.autocast_on(input) else target.dtype
     if target.is_floating_point():  # the promoted dtype, 16-bit logits read in place
         input, target = _dtypes.floating_pair(input, target)
-    loss = _forward_ad.binary_cross_entropy_with_logits_forward(input, target, *o.op_args())
+    loss = _forward_ad.call(_autograd.ELEMENTWISE[o.loss].forward, input, target,
+                            **o.op_kwargs())
     if mean is not None:
         loss = mean(loss, count(input.numel(), input.device))
     return loss if out_dtype is None or loss.dtype == out_dtype else loss.to(out_dtype)
@@ -153,11 +156,10 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, o: BinaryOpt
 
 def _no_parameter_grads(o: BinaryOptions) -> None:
     if not o.focal:
-        op = "binary_cross_entropy" if o.prob_input else "binary_cross_entropy_with_logits"
         for name, w in (("weight", o.weight), ("pos_weight", o.pos_weight)):
             if w is not None and w.requires_grad:
                 raise RuntimeError(
-                    f"The function '{op}' is not differentiable with "
+                    f"The function '{o.loss}' is not differentiable with "
                     f"respect to argument '{name}'. This input cannot have requires_grad True.")
         return
     for name, t in (("weight", o.weight), ("pos_weight", o.pos_weight), ("alpha", o.alpha)):

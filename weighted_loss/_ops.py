@@ -1,17 +1,25 @@
 """Fake kernels (shapes for torch.compile / meta tensors) and autograd for the weighted_loss ops.
 
-The schemas live in csrc/ops.cpp. Each cross-entropy forward saves the per-row log-sum-exp as two
-(2, rows) planes, each row's max and the log-sum shifted by it (never an N x C tensor; a third
-plane for the focal loss); BCE saves only its inputs. Each backward is an op of its own that recomputes
-what it needs in one pass. The forwards' out_dtype (the loss's dtype; float32 under autocast for
-16-bit logits: csrc/autocast.cpp) is not an input of the backward, which reads it off grad_loss.
+The schemas live in csrc/ops.cpp; every rule here reads its arguments and returns its gradients
+by schema name (_named.Signature), never by position. Each cross-entropy forward saves the
+per-row log-sum-exp as two (2, rows) planes, each row's max and the log-sum shifted by it (never
+an N x C tensor; a third plane for the focal loss); the elementwise losses save only their
+inputs. Each backward is an op of its own that recomputes what it needs in one pass. The
+forwards' out_dtype (the loss's dtype; float32 under autocast for 16-bit logits:
+csrc/autocast.cpp) is not an input of the backward, which reads it off grad_loss.
+
+``RULES`` maps each differentiable forward op to its Rule: its signature, the tensors its
+backward needs, its options, and the composite (_composite) that a differentiable backward and
+the forward-mode path (_forward_ad) differentiate.
 """
+import dataclasses
+from typing import Callable, Optional, Tuple
+
 import torch
 
-from . import _composite, _reweight
+from . import _composite, _named, _reweight
 
 _ops = torch.ops.weighted_loss
-_NONE = 0
 
 
 def _acc_dtype(dtype):
@@ -29,54 +37,72 @@ def _row_shape(input):
     return () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
 
 
-# ---------------------------------------------------------------- class-index targets
-
-@torch.library.register_fake("weighted_loss::cross_entropy_forward")
-def _(input, target, weight, reduction, ignore_index, label_smoothing, z_loss=0.0, softcap=0.0,
-      gamma=0.0, out_dtype=None, logit_adjustment=None):
-    acc = _acc_dtype(input.dtype)
-    loss = input.new_empty(target.shape if reduction == _NONE else (),
-                           dtype=out_dtype or input.dtype)
-    planes = 3 if gamma > 0 else 2  # csrc/cross_entropy.cpp: lse_planes
-    return loss, input.new_empty((planes, _rows(input)), dtype=acc), input.new_empty((), dtype=acc)
+def _is_tensor_arg(arg) -> bool:
+    return str(arg.type) in ("Tensor", "Optional[Tensor]", "Tensor?")
 
 
-@torch.library.register_fake("weighted_loss::cross_entropy_backward")
-def _(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index,
-      label_smoothing, z_loss=0.0, softcap=0.0, gamma=0.0, logit_adjustment=None):
-    return torch.empty_like(input)
+@dataclasses.dataclass(frozen=True, eq=False)
+class Rule:
+    """What autograd needs of one forward op. ``signature``: its arguments' names; ``inputs``:
+    its tensor arguments, saved for the backward op, which takes them by the same names;
+    ``options``: the other arguments, passed on by name; ``outputs``: the names of the
+    forward's saved outputs (lse, tsum...), read by the backward op too; ``parameters``: tensor
+    arguments with no derivative (weights), whose gradient raises as PyTorch's does."""
+    forward: Callable
+    composite: Callable
+    signature: _named.Signature
+    inputs: Tuple[str, ...]
+    options: Tuple[str, ...]
+    outputs: Tuple[str, ...] = ()
+    parameters: Tuple[str, ...] = ()
+    backward: Optional[Callable] = None
 
 
-@torch.library.register_fake("weighted_loss::cross_entropy_backward_")
-def _(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index,
-      label_smoothing, z_loss=0.0, softcap=0.0, gamma=0.0, logit_adjustment=None):
-    return None
+_DIFFERENTIABLE = ("input", "target", "logit_adjustment")
 
 
-def _no_weight_grad(ctx, index):
-    if ctx.needs_input_grad[index]:
-        raise NotImplementedError(
-            "weighted_loss: the derivative for 'weight' is not implemented (as in PyTorch)")
+def _rule(op, composite, outputs=(), backward=None):
+    """A Rule read off the op's schema: every tensor argument is saved, the others are options
+    (out_dtype aside, which the backward reads off grad_loss)."""
+    args = op.default._schema.arguments
+    tensors = tuple(a.name for a in args if _is_tensor_arg(a))
+    options = tuple(a.name for a in args if not _is_tensor_arg(a) and a.name != "out_dtype")
+    return Rule(op, composite, _named.Signature.of_op(op), tensors, options, outputs,
+                tuple(t for t in tensors if t not in _DIFFERENTIABLE), backward)
 
 
-def _differentiable_grads(composite, args, grad_loss, wrt):
-    """The gradients of the loss with respect to the tensors `wrt` (a list, None where no gradient
-    is wanted), as a graph of PyTorch ops: a backward run with create_graph=True (double backward,
-    gradient penalties, torch.func.grad of grad) gets a gradient it can differentiate again. The
-    fused backward ops are first-order only."""
-    order = [next(i for i, a in enumerate(args) if a is t) for t in wrt if t is not None]
+def _setup(rule: Rule, ctx, inputs, output):
+    """Saves the rule's inputs and the forward's saved outputs by name, and its options."""
+    a = rule.signature.bind(inputs)
+    loss, *rest = output if isinstance(output, tuple) else (output,)
+    saved_outputs = dict(zip(rule.outputs, rest))
+    _named.save(ctx, **_named.tensors_of(a, rule.inputs), **saved_outputs)
+    ctx.options = {k: a[k] for k in rule.options}
+    ctx.out_dtype = loss.dtype
+    ctx.loss_shape = loss.shape
 
+
+def _no_parameter_grads(rule: Rule, ctx) -> None:
+    sig = rule.signature
+    for name in rule.parameters:
+        if sig.needs(ctx, name):
+            shown = "alpha" if name == "alpha_tensor" else name
+            raise NotImplementedError(
+                f"weighted_loss: the derivative for '{shown}' is not implemented (as in PyTorch)")
+
+
+def differentiable_grads(rule: Rule, args: dict, grad_loss, wrt):
+    """The gradients of the loss with respect to the arguments named in ``wrt``, as a graph of
+    PyTorch ops (the rule's composite, called with ``args`` by name): a backward run with
+    create_graph=True (double backward, gradient penalties, torch.func.grad of grad) gets a
+    gradient it can differentiate again. The fused backward ops are first-order only."""
     def loss_of(*tensors):
-        full = list(args)
-        for i, v in zip(order, tensors):
-            full[i] = v
-        return composite(*full)
+        return rule.composite(**dict(args, **dict(zip(wrt, tensors))))
 
     # torch.func.vjp rather than autograd.grad: it composes with the torch.func transforms that
     # call this backward (jacrev, hessian) as well as with create_graph=True
-    loss, pullback = torch.func.vjp(loss_of, *[args[i] for i in order])
-    got = iter(pullback(grad_loss.to(loss.dtype)))
-    return [None if t is None else next(got) for t in wrt]
+    loss, pullback = torch.func.vjp(loss_of, *[args[n] for n in wrt])
+    return dict(zip(wrt, pullback(grad_loss.to(loss.dtype))))
 
 
 def _adjust_grad(grad_input, input):
@@ -87,120 +113,97 @@ def _adjust_grad(grad_input, input):
     return grad_input.sum(dims) if dims else grad_input
 
 
-def _ce_setup(ctx, inputs, output):
-    # reduction, ignore_index, smoothing[, z, cap, gamma[, out_dtype[, logit_adjustment]]]
-    input, target, weight, *args = inputs
-    _, lse, total_weight = output
-    ctx.adjust = args[7] if len(args) > 7 else None
-    ctx.to_save = (input, target, weight, lse, total_weight, ctx.adjust)  # (and _forward_ad's)
-    ctx.save_for_backward(*ctx.to_save)
-    ctx.n_inputs = len(inputs)
-    ctx.args = tuple(args[:6])
-    ctx.out_dtype = output[0].dtype
-    # lse and total_weight get no gradient: without this autograd would fill a zero (2, rows)
-    # tensor for lse every backward (0.15 ms of 2.4 at (16, 19, 128, 128) float32 on the CPU)
-    ctx.set_materialize_grads(False)
+# ---------------------------------------------------------------- cross-entropy
+
+@torch.library.register_fake("weighted_loss::cross_entropy_forward")
+def _(input, target, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
+      z_loss=0.0, softcap=None, gamma=None, logit_adjustment=None, out_dtype=None):
+    acc = _acc_dtype(input.dtype)
+    loss = input.new_empty(target.shape if reduction == "none" else (),
+                           dtype=out_dtype or input.dtype)
+    planes = 3 if gamma else 2  # csrc/cross_entropy.cpp: lse_planes
+    return loss, input.new_empty((planes, _rows(input)), dtype=acc), input.new_empty((), dtype=acc)
 
 
-def _ce_backward(ctx, grad_loss, _grad_lse, _grad_total_weight):
-    input, target, weight, lse, total_weight, adjust = ctx.saved_tensors
-    _no_weight_grad(ctx, 2)
-    need_a = adjust is not None and len(ctx.needs_input_grad) > 10 and ctx.needs_input_grad[10]
-    grad_input = grad_adjust = None
-    if (ctx.needs_input_grad[0] or need_a) and grad_loss is not None:  # None: only lse was
-        if torch.is_grad_enabled():  # create_graph=True: a gradient to differentiate again
-            grad_input, grad_adjust = _differentiable_grads(
-                _composite.cross_entropy,
-                (input, target, weight, *ctx.args, ctx.out_dtype, adjust), grad_loss,
-                [input if ctx.needs_input_grad[0] else None, adjust if need_a else None])
-        else:
-            grad_input = _ops.cross_entropy_backward(grad_loss, input, target, weight, lse,
-                                                     total_weight, *ctx.args,
-                                                     logit_adjustment=adjust)
-            if need_a:
-                grad_adjust = _adjust_grad(grad_input, input).to(adjust.dtype)
-            if not ctx.needs_input_grad[0]:
-                grad_input = None
-    out = [grad_input] + [None] * (ctx.n_inputs - 1)
-    if need_a:
-        out[10] = grad_adjust
-    return tuple(out)
+@torch.library.register_fake("weighted_loss::cross_entropy_backward")
+def _(grad_loss, input, target, weight, lse, total_weight, reduction="mean", ignore_index=-100,
+      label_smoothing=0.0, z_loss=0.0, softcap=None, gamma=None, logit_adjustment=None):
+    return torch.empty_like(input)
 
 
-torch.library.register_autograd("weighted_loss::cross_entropy_forward", _ce_backward,
-                                setup_context=_ce_setup)
+@torch.library.register_fake("weighted_loss::cross_entropy_backward_")
+def _(grad_loss, input, target, weight, lse, total_weight, reduction="mean", ignore_index=-100,
+      label_smoothing=0.0, z_loss=0.0, softcap=None, gamma=None, logit_adjustment=None):
+    return None
 
-
-# ---------------------------------------------------------------- probability targets
 
 @torch.library.register_fake("weighted_loss::cross_entropy_prob_forward")
-def _(input, target, weight, reduction, label_smoothing, z_loss=0.0, softcap=0.0, gamma=0.0,
-      out_dtype=None, logit_adjustment=None):
+def _(input, target, weight=None, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+      softcap=None, gamma=None, logit_adjustment=None, out_dtype=None):
     acc = _acc_dtype(input.dtype)
-    loss = input.new_empty(_row_shape(input) if reduction == _NONE else (),
+    loss = input.new_empty(_row_shape(input) if reduction == "none" else (),
                            dtype=out_dtype or target.dtype)
     rows = _rows(input)
     return loss, input.new_empty((2, rows), dtype=acc), input.new_empty((rows,), dtype=acc)
 
 
 @torch.library.register_fake("weighted_loss::cross_entropy_prob_backward")
-def _(grad_loss, input, target, weight, lse, tsum, reduction, label_smoothing, z_loss=0.0,
-      softcap=0.0, gamma=0.0, logit_adjustment=None):
+def _(grad_loss, input, target, weight, lse, tsum, reduction="mean", label_smoothing=0.0,
+      z_loss=0.0, softcap=None, gamma=None, logit_adjustment=None):
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("weighted_loss::cross_entropy_prob_target_backward")
-def _(grad_loss, input, weight, lse, reduction, label_smoothing, z_loss=0.0, softcap=0.0,
-      gamma=0.0, target_dtype=None, logit_adjustment=None):
+def _(grad_loss, input, weight, lse, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+      softcap=None, gamma=None, logit_adjustment=None, target_dtype=None):
     return torch.empty_like(input, dtype=target_dtype or input.dtype)
 
 
-def _ce_prob_setup(ctx, inputs, output):
-    # reduction, label_smoothing[, z, softcap, gamma[, out_dtype[, logit_adjustment]]]
-    input, target, weight, *args = inputs
-    _, lse, tsum = output
-    ctx.adjust = args[6] if len(args) > 6 else None
-    ctx.to_save = (input, target, weight, lse, tsum, ctx.adjust)
-    ctx.save_for_backward(*ctx.to_save)
-    ctx.n_inputs = len(inputs)
-    ctx.args = tuple(args[:5])
-    ctx.out_dtype = output[0].dtype
-    ctx.set_materialize_grads(False)  # no zero gradients for lse and tsum (as above)
+CROSS_ENTROPY = _rule(_ops.cross_entropy_forward, _composite.cross_entropy,
+                      outputs=("lse", "total_weight"))
+CROSS_ENTROPY_PROB = _rule(_ops.cross_entropy_prob_forward, _composite.cross_entropy_prob,
+                           outputs=("lse", "tsum"))
 
 
-def _ce_prob_backward(ctx, grad_loss, _grad_lse, _grad_tsum):
-    input, target, weight, lse, tsum, adjust = ctx.saved_tensors
-    _no_weight_grad(ctx, 2)
-    need_a = adjust is not None and len(ctx.needs_input_grad) > 9 and ctx.needs_input_grad[9]
-    grad_input = grad_target = grad_adjust = None
-    if grad_loss is None:  # only lse or tsum was differentiated: they carry no gradient
-        return (None,) * ctx.n_inputs
-    out = [None] * ctx.n_inputs
+def _ce_setup(rule, ctx, inputs, output):
+    _setup(rule, ctx, inputs, output)
+    # the saved outputs get no gradient: without this autograd would fill a zero (2, rows)
+    # tensor for lse every backward (0.15 ms of 2.4 at (16, 19, 128, 128) float32 on the CPU)
+    ctx.set_materialize_grads(False)
+
+
+def _ce_backward(rule, ctx, grad_loss, *_grad_saved_outputs):
+    """Both cross-entropy rules: the logits' gradient from the backward op, the probability
+    targets' from the target-backward op, the logit adjustment's the logits' summed."""
+    sig, s = rule.signature, _named.saved(ctx)
+    _no_parameter_grads(rule, ctx)
+    prob = rule is CROSS_ENTROPY_PROB
+    adjust = s.logit_adjustment
+    need_x, need_t = sig.needs(ctx, "input"), prob and sig.needs(ctx, "target")
+    need_a = adjust is not None and sig.needs(ctx, "logit_adjustment")
+    if grad_loss is None or not (need_x or need_t or need_a):  # only lse (or tsum) was used
+        return sig.grads()
     if torch.is_grad_enabled():  # create_graph=True: gradients to differentiate again
-        out[0], out[1], grad_adjust = _differentiable_grads(
-            _composite.cross_entropy_prob,
-            (input, target, weight, *ctx.args, ctx.out_dtype, adjust), grad_loss,
-            [input if ctx.needs_input_grad[0] else None,
-             target if ctx.needs_input_grad[1] else None, adjust if need_a else None])
+        wrt = [n for n, need in (("input", need_x), ("target", need_t),
+                                 ("logit_adjustment", need_a)) if need]
+        args = dict(input=s.input, target=s.target, weight=s.weight, logit_adjustment=adjust,
+                    out_dtype=ctx.out_dtype, **ctx.options)
+        return sig.grads(**differentiable_grads(rule, args, grad_loss, wrt))
+    grads = {}
+    if need_x or need_a:
+        saved = (s.lse, s.tsum) if prob else (s.lse, s.total_weight)
+        backward = _ops.cross_entropy_prob_backward if prob else _ops.cross_entropy_backward
+        gx = backward(grad_loss, s.input, s.target, s.weight, *saved, **ctx.options,
+                      logit_adjustment=adjust)
         if need_a:
-            out[9] = grad_adjust
-        return tuple(out)
-    if ctx.needs_input_grad[0] or need_a:
-        grad_input = _ops.cross_entropy_prob_backward(grad_loss, input, target, weight, lse,
-                                                      tsum, *ctx.args, logit_adjustment=adjust)
-        if need_a:
-            out[9] = _adjust_grad(grad_input, input).to(adjust.dtype)
-        if ctx.needs_input_grad[0]:
-            out[0] = grad_input
-    if ctx.needs_input_grad[1]:
-        out[1] = _ops.cross_entropy_prob_target_backward(
-            grad_loss, input, weight, lse, *ctx.args, target_dtype=target.dtype,
-            logit_adjustment=adjust)
-    return tuple(out)
-
-
-torch.library.register_autograd("weighted_loss::cross_entropy_prob_forward", _ce_prob_backward,
-                                setup_context=_ce_prob_setup)
+            grads["logit_adjustment"] = _adjust_grad(gx, s.input).to(adjust.dtype)
+        if need_x:
+            grads["input"] = gx
+    if need_t:
+        grads["target"] = _ops.cross_entropy_prob_target_backward(
+            grad_loss, s.input, s.weight, s.lse, **ctx.options, logit_adjustment=adjust,
+            target_dtype=s.target.dtype)
+    return sig.grads(**grads)
 
 
 # ---------------------------------------------------------------- vocab-parallel shards
@@ -216,78 +219,121 @@ def _(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_ind
     return torch.empty_like(input)
 
 
-# (their autograd is weighted_loss/vocab_parallel.py's, around the merge across the group)
+# Their autograd is weighted_loss/_sharded.py's, around the merge across the group: called on
+# its own and differentiated, the forward raises rather than give a silent zero.
+def _shard_forward_backward(ctx, *grads):
+    raise NotImplementedError(
+        "weighted_loss: cross_entropy_shard_forward returns per-shard statistics; differentiate "
+        "wl.vocab_parallel_cross_entropy, which merges them across the group")
 
 
-# ---------------------------------------------------------------- BCE with logits
+torch.library.register_autograd("weighted_loss::cross_entropy_shard_forward",
+                                _shard_forward_backward)
+
+
+# ---------------------------------------------------------------- the elementwise losses
 
 @torch.library.register_fake("weighted_loss::binary_cross_entropy_with_logits_forward")
-def _(input, target, weight, pos_weight, reduction, gamma=-1.0, alpha=-1.0, alpha_tensor=None,
-      out_dtype=None, prob_input=False):
-    return input.new_empty(input.shape if reduction == _NONE else (),
-                           dtype=out_dtype or target.dtype)
+def _(input, target, weight=None, pos_weight=None, reduction="mean", out_dtype=None):
+    return _fake_elementwise_loss(input, target, reduction, out_dtype)
+
+
+@torch.library.register_fake("weighted_loss::sigmoid_focal_loss_forward")
+def _(input, target, gamma, alpha, alpha_tensor=None, weight=None, pos_weight=None,
+      reduction="none", out_dtype=None):
+    return _fake_elementwise_loss(input, target, reduction, out_dtype)
+
+
+@torch.library.register_fake("weighted_loss::binary_cross_entropy_forward")
+def _(input, target, weight=None, pos_weight=None, reduction="mean", out_dtype=None):
+    return _fake_elementwise_loss(input, target, reduction, out_dtype)
 
 
 @torch.library.register_fake("weighted_loss::binary_cross_entropy_with_logits_backward")
-def _(grad_loss, input, target, weight, pos_weight, reduction, input_grad, target_grad,
-      gamma=-1.0, alpha=-1.0, alpha_tensor=None, prob_input=False):
+def _(grad_loss, input, target, weight, pos_weight, reduction, input_grad, target_grad):
+    return _fake_elementwise_grads(input, target, input_grad, target_grad)
+
+
+@torch.library.register_fake("weighted_loss::sigmoid_focal_loss_backward")
+def _(grad_loss, input, target, gamma, alpha, alpha_tensor, weight, pos_weight, reduction,
+      input_grad, target_grad):
+    return _fake_elementwise_grads(input, target, input_grad, target_grad)
+
+
+@torch.library.register_fake("weighted_loss::binary_cross_entropy_backward")
+def _(grad_loss, input, target, weight, pos_weight, reduction, input_grad, target_grad):
+    return _fake_elementwise_grads(input, target, input_grad, target_grad)
+
+
+def _fake_elementwise_loss(input, target, reduction, out_dtype):
+    return input.new_empty(input.shape if reduction == "none" else (),
+                           dtype=out_dtype or target.dtype)
+
+
+def _fake_elementwise_grads(input, target, input_grad, target_grad):
     # contiguous, as the kernels write them; the target's in its dtype
     grad_input = input.new_empty(input.shape if input_grad else (0,))
     grad_target = target.new_empty(input.shape) if target_grad else input.new_empty((0,))
     return grad_input, grad_target
 
 
-def _bce_setup(ctx, inputs, output):
-    # [gamma, alpha, alpha_tensor, out_dtype, prob_input]
-    input, target, weight, pos_weight, reduction, *focal = inputs
-    alpha_tensor = focal[2] if len(focal) > 2 else None
-    ctx.prob_input = bool(focal[4]) if len(focal) > 4 else False
-    ctx.to_save = (input, target, weight, pos_weight, alpha_tensor)
-    ctx.save_for_backward(*ctx.to_save)
-    ctx.reduction, ctx.focal = reduction, tuple(focal[:2])
-    ctx.has_alpha_tensor = alpha_tensor is not None
-    ctx.out_dtype = output.dtype
+# by loss name (_options.BinaryOptions.loss): each forward op's rule, and its backward op
+ELEMENTWISE = {name: _rule(getattr(_ops, f"{name}_forward"), composite,
+                           backward=getattr(_ops, f"{name}_backward"))
+               for name, composite in (
+                   ("binary_cross_entropy_with_logits",
+                    _composite.binary_cross_entropy_with_logits),
+                   ("sigmoid_focal_loss", _composite.sigmoid_focal_loss),
+                   ("binary_cross_entropy", _composite.binary_cross_entropy))}
 
 
-def _bce_backward(ctx, grad_loss):
-    input, target, weight, pos_weight, alpha_tensor = ctx.saved_tensors
-    for index, name in ((2, "weight"), (3, "pos_weight"), (7, "alpha")):
-        if index < len(ctx.needs_input_grad) and ctx.needs_input_grad[index]:
-            raise NotImplementedError(
-                f"weighted_loss: the derivative for '{name}' is not implemented (as in PyTorch)")
-    need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_input = grad_target = None
-    if (need_input or need_target) and torch.is_grad_enabled():  # create_graph=True (above)
-        grad_input, grad_target = _differentiable_grads(
-            _composite.binary_cross_entropy,
-            (input, target, weight, pos_weight, ctx.reduction, *ctx.focal, alpha_tensor,
-             ctx.out_dtype, ctx.prob_input),
-            grad_loss, [input if need_input else None, target if need_target else None])
-    elif need_input or need_target:
-        gx, gt = _ops.binary_cross_entropy_with_logits_backward(
-            grad_loss, input, target, weight, pos_weight, ctx.reduction, need_input, need_target,
-            *ctx.focal, *((alpha_tensor,) if ctx.has_alpha_tensor else ()),
-            **({"prob_input": True} if ctx.prob_input else {}))
-        grad_input = gx if need_input else None
-        grad_target = gt if need_target else None
-    return (grad_input, grad_target) + (None,) * (len(ctx.needs_input_grad) - 2)
+def _elementwise_backward(rule, ctx, grad_loss):
+    sig, s = rule.signature, _named.saved(ctx)
+    _no_parameter_grads(rule, ctx)
+    need_x, need_t = sig.needs(ctx, "input"), sig.needs(ctx, "target")
+    if not (need_x or need_t):
+        return sig.grads()
+    tensors = {n: s[n] for n in rule.inputs}
+    if torch.is_grad_enabled():  # create_graph=True (above)
+        wrt = [n for n, need in (("input", need_x), ("target", need_t)) if need]
+        args = dict(tensors, out_dtype=ctx.out_dtype, **ctx.options)
+        return sig.grads(**differentiable_grads(rule, args, grad_loss, wrt))
+    gx, gt = rule.backward(grad_loss, **tensors, **ctx.options, input_grad=need_x,
+                                        target_grad=need_t)
+    return sig.grads(input=gx if need_x else None, target=gt if need_t else None)
 
 
-torch.library.register_autograd("weighted_loss::binary_cross_entropy_with_logits_forward",
-                                _bce_backward, setup_context=_bce_setup)
+# ---------------------------------------------------------------- registration
+
+def setup_of(rule: Rule):
+    return _ce_setup if rule in (CROSS_ENTROPY, CROSS_ENTROPY_PROB) else _setup
+
+
+def backward_of(rule: Rule):
+    return _ce_backward if rule in (CROSS_ENTROPY, CROSS_ENTROPY_PROB) else _elementwise_backward
+
+
+RULES = {rule.forward: rule for rule in (CROSS_ENTROPY, CROSS_ENTROPY_PROB, *ELEMENTWISE.values())}
+
+for _rule_ in RULES.values():
+    torch.library.register_autograd(
+        _rule_.forward.default._schema.name,
+        lambda ctx, *grads, rule=_rule_: backward_of(rule)(rule, ctx, *grads),
+        setup_context=lambda ctx, inputs, output, rule=_rule_: setup_of(rule)(
+            rule, ctx, inputs, output))
 
 
 # ---------------------------------------------------------------- second derivatives
 
 # The backward ops compute first-order gradients only: a backward with create_graph=True goes
-# through _differentiable_grads instead (above). Called directly and differentiated, they raise.
+# through differentiable_grads instead (above). Called directly and differentiated, they raise.
 def _no_double_backward(ctx, *grads):
     raise NotImplementedError(
         "weighted_loss: the fused backward ops are first-order; differentiate the losses "
         "(a backward with create_graph=True builds a differentiable gradient)")
 
 
-for _name in ("cross_entropy_backward", "cross_entropy_prob_backward",
-              "cross_entropy_prob_target_backward", "binary_cross_entropy_with_logits_backward",
-              "cross_entropy_shard_backward"):
-    torch.library.register_autograd(f"weighted_loss::{_name}", _no_double_backward)
+for _op in ("cross_entropy_backward", "cross_entropy_prob_backward",
+            "cross_entropy_prob_target_backward", "cross_entropy_shard_backward",
+            *(f"{name}_backward" for name in ELEMENTWISE)):
+    torch.library.register_autograd(f"weighted_loss::{_op}", _no_double_backward)

@@ -3,8 +3,8 @@
 Each entry point (functional, focal, linear, vocab_parallel, the modules) turns its keyword
 arguments into one of these, and everything below it (the DTensor and process-group paths, the
 single-device losses, the op calls) reads the fields it needs: adding an option is a field, its
-check here, and its uses. The ops' schemas stay flat (torch.library needs them so): the flat
-argument lists are made here, in ``*_args``, and nowhere else.
+check here, and its uses. The ops' schemas stay flat (torch.library needs them so): their
+arguments are made here, by schema name, in ``op_kwargs``, and nowhere else.
 
 A leaf of the package: it imports nothing of it.
 """
@@ -21,19 +21,24 @@ _REDUCTIONS = ("none", "mean", "sum")
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class CrossEntropyOptions:
-    """The options of cross-entropy and of the softmax focal loss (``gamma > 0``)."""
+    """The options of cross-entropy, and of the softmax focal loss where ``gamma`` is set."""
     weight: Optional[Tensor] = None
     ignore_index: int = -100
     reduction: str = "mean"
     label_smoothing: float = 0.0
     z_loss: float = 0.0
-    softcap: float = 0.0  # the kernels' convention: 0 is off (None at the API)
-    gamma: float = 0.0  # the focal loss's exponent; 0 is cross-entropy
+    softcap: Optional[float] = None
+    gamma: Optional[float] = None  # the focal loss's exponent (0 computes cross-entropy)
     process_group: Any = None
     total_weight: Any = None
     # (weighted_loss/_reweight.py) a (C,) tensor added to the logits; one weight per item
     logit_adjustment: Optional[Tensor] = None
     sample_weight: Optional[Tensor] = None
+
+    @property
+    def loss(self) -> str:
+        """The loss's name, as its messages say it."""
+        return "focal_loss" if self.gamma else "cross_entropy"
 
     @property
     def grouped(self) -> bool:
@@ -49,33 +54,41 @@ class CrossEntropyOptions:
         return dataclasses.replace(self, reduction=reduction, process_group=None,
                                    total_weight=None)
 
-    def index_args(self, reduction: Optional[str] = None) -> tuple:
-        """After (input, target, weight): the flat arguments of the cross_entropy_forward /
-        _backward ops (class indices), ``reduction`` overriding the options'."""
-        return (_Reduction.get_enum(reduction or self.reduction), self.ignore_index,
-                max(self.label_smoothing, 0.0), self.z_loss, self.softcap, self.gamma)
+    def op_kwargs(self, prob: bool, reduction: Optional[str] = None) -> dict:
+        """The options of the cross_entropy_* ops by schema name (csrc/ops.cpp), beside
+        (input, target, weight): class indices, or probabilities (``prob``: no ignore_index);
+        ``reduction`` overrides the options'."""
+        out = dict(reduction=reduction or self.reduction,
+                   label_smoothing=max(self.label_smoothing, 0.0), z_loss=self.z_loss,
+                   softcap=self.softcap, gamma=self.gamma)
+        if not prob:
+            out["ignore_index"] = self.ignore_index
+        return out
 
-    def prob_args(self, reduction: Optional[str] = None) -> tuple:
-        """The same for the cross_entropy_prob_* ops (probability targets: no ignore_index)."""
-        return (_Reduction.get_enum(reduction or self.reduction), max(self.label_smoothing, 0.0),
-                self.z_loss, self.softcap, self.gamma)
+
+# The elementwise losses of the BCE kernels, by the names of their ops (csrc/ops.cpp)
+WITH_LOGITS = "binary_cross_entropy_with_logits"
+SIGMOID_FOCAL = "sigmoid_focal_loss"
+PROBABILITIES = "binary_cross_entropy"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class BinaryOptions:
-    """The options of BCE with logits and of the sigmoid focal loss (``gamma >= 0``)."""
+    """The options of the elementwise losses: ``loss`` names which (BCE with logits, the sigmoid
+    focal loss, BCE of probabilities)."""
+    loss: str = WITH_LOGITS
     weight: Optional[Tensor] = None
     pos_weight: Optional[Tensor] = None
     reduction: str = "mean"
-    gamma: float = -1.0  # the sigmoid focal loss's exponent; < 0 is BCE
-    alpha: Union[float, Tensor] = -1.0  # its alpha: a float (-1: off) or a tensor per element
+    gamma: Optional[float] = None  # the sigmoid focal loss's exponent
+    # its alpha: a float, a tensor per element, or None for no alpha_t (torchvision's -1)
+    alpha: Union[None, float, Tensor] = None
     process_group: Any = None
     total_weight: Any = None
-    prob_input: bool = False  # BCE of probabilities (F.binary_cross_entropy), not of logits
 
     @property
     def focal(self) -> bool:
-        return self.gamma >= 0
+        return self.loss == SIGMOID_FOCAL
 
     @property
     def grouped(self) -> bool:
@@ -88,29 +101,25 @@ class BinaryOptions:
         return dataclasses.replace(self, reduction=reduction, process_group=None,
                                    total_weight=None)
 
-    def op_args(self) -> tuple:
-        """After (input, target): the flat arguments of binary_cross_entropy_with_logits_forward,
-        the focal ones only for the focal loss (a tensor alpha switches the kernels' per-element
-        alpha on, the float one then unused)."""
-        red = _Reduction.get_enum(self.reduction)
-        if self.prob_input:  # (gamma, alpha, alpha_tensor, out_dtype, prob_input)
-            return (self.weight, self.pos_weight, red, -1.0, -1.0, None, None, True)
-        if not self.focal:
-            return (self.weight, self.pos_weight, red)
-        tensor_alpha = isinstance(self.alpha, Tensor)
-        return (self.weight, self.pos_weight, red, self.gamma,
-                0.0 if tensor_alpha else self.alpha, self.alpha if tensor_alpha else None)
+    def op_kwargs(self) -> dict:
+        """The arguments of the loss's forward op by schema name, beside (input, target)."""
+        out = dict(weight=self.weight, pos_weight=self.pos_weight, reduction=self.reduction)
+        if self.focal:
+            tensor_alpha = isinstance(self.alpha, Tensor)
+            out.update(gamma=self.gamma, alpha=None if tensor_alpha else self.alpha,
+                       alpha_tensor=self.alpha if tensor_alpha else None)
+        return out
 
 
 # ------------------------------------------------------------------------------ the checks
 
 def row_terms(z_loss, softcap):
-    """(z_loss, softcap) as the kernels take them (softcap 0: off), checked."""
+    """(z_loss, softcap) as the ops take them, checked (softcap None: off)."""
     z = float(z_loss)
     if not z >= 0 or z == float("inf"):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     if softcap is None:
-        return z, 0.0
+        return z, None
     cap = float(softcap)
     if not cap > 0 or cap == float("inf"):
         raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap!r}")
@@ -118,8 +127,10 @@ def row_terms(z_loss, softcap):
 
 
 def check_gamma(gamma) -> float:
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or math.isnan(gamma) \
-            or gamma < 0 or math.isinf(gamma):
+    # comparisons rather than math.isnan / isinf: torch.compile(dynamic=True) traces them (a
+    # float argument is symbolic there; math.isnan broke the graph)
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or gamma != gamma \
+            or gamma < 0 or gamma == math.inf:
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
     return float(gamma)
 
@@ -155,10 +166,10 @@ def _check_grouped(reduction, process_group, total_weight, op):
 
 
 def cross_entropy(weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                  z_loss=0.0, softcap=None, gamma=0.0, process_group=None, total_weight=None,
+                  z_loss=0.0, softcap=None, gamma=None, process_group=None, total_weight=None,
                   op: Optional[str] = None, logit_adjustment=None,
                   sample_weight=None) -> CrossEntropyOptions:
-    """Checked options of cross-entropy (``gamma``: of the focal loss, checked by the caller).
+    """Checked options of cross-entropy (``gamma``: the focal loss's, checked by the caller).
     ``op`` names the entry point in the messages that name it (linear, vocab-parallel)."""
     if op is not None:  # the entry points that name themselves check the reduction first
         check_reduction(reduction, op)
@@ -177,11 +188,15 @@ def cross_entropy(weight=None, ignore_index=-100, reduction="mean", label_smooth
                                sample_weight)
 
 
-def binary(weight=None, pos_weight=None, reduction="mean", gamma=-1.0, alpha=-1.0,
-           process_group=None, total_weight=None, prob_input=False) -> BinaryOptions:
-    """Checked options of BCE with logits (gamma and alpha: the sigmoid focal loss's, checked by
-    its entry point with torchvision's messages)."""
+def binary(weight=None, pos_weight=None, reduction="mean", gamma=None, alpha=None,
+           process_group=None, total_weight=None, loss=WITH_LOGITS) -> BinaryOptions:
+    """Checked options of an elementwise loss (gamma and alpha: the sigmoid focal loss's, checked
+    by its entry point with torchvision's messages; alpha -1 is None, no alpha_t)."""
     _check_grouped(reduction, process_group, total_weight, None)
     check_reduction(reduction)
-    return BinaryOptions(weight, pos_weight, reduction, gamma, alpha, process_group,
-                         total_weight, prob_input)
+    if gamma is not None:
+        loss = SIGMOID_FOCAL
+    if not isinstance(alpha, Tensor) and alpha is not None and alpha < 0:
+        alpha = None
+    return BinaryOptions(loss, weight, pos_weight, reduction, gamma, alpha, process_group,
+                         total_weight)

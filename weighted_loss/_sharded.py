@@ -14,9 +14,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.nn import _reduction as _Reduction
 
-from . import _dtypes, _forward_ad, _reweight
+from . import _dtypes, _forward_ad, _named, _reweight
 from ._options import CrossEntropyOptions
 from .distributed import _all_gather
 
@@ -77,18 +76,18 @@ def _merge(g: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: in
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, target, weight, ignore_index, label_smoothing, reduction, group, sizes,
-                rank, out_dtype, v=None):
+    def forward(ctx, input, target, weight, sample_weight, ignore_index, label_smoothing,
+                reduction, group, sizes, rank, out_dtype):
+        """``input``: this rank's (rows, classes) shard; ``sample_weight``: per-row weights (the
+        ignored rows' 0) or None."""
         offset, total, size = sum(sizes[:rank]), sum(sizes), len(sizes)
-        stats = _ops.cross_entropy_shard_forward(x, target, weight, ignore_index, label_smoothing,
-                                                 offset, total)
+        stats = _ops.cross_entropy_shard_forward(input, target, weight, ignore_index,
+                                                 label_smoothing, offset, total)
         row, wy, planes = _merge(_gather(stats, group, size), target, weight, ignore_index,
                                  label_smoothing, sizes)
-        ctx.v = None
-        if v is not None:  # per-item weights (_reweight), the ignored items' 0
-            vd = v.double()
+        if sample_weight is not None:  # per-item weights (_reweight), the ignored items' 0
+            vd = sample_weight.double()
             row, wy = row * vd, wy * vd
-            ctx.v = v
         total_weight = wy.sum()
         if reduction == "none":
             loss = row
@@ -96,27 +95,32 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             loss = row.sum()
         else:
             loss = row.sum() / total_weight
-        ctx.save_for_backward(x, target, weight, planes, total_weight.to(planes.dtype))
-        ctx.args = (_Reduction.get_enum(reduction), ignore_index, label_smoothing, offset, total)
+        _named.save(ctx, input=input, target=target, weight=weight, sample_weight=sample_weight,
+                    lse=planes, total_weight=total_weight.to(planes.dtype))
+        ctx.options = dict(reduction=reduction, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing, class_offset=offset,
+                           total_classes=total)
         return loss.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, target, weight, planes, total_weight = ctx.saved_tensors
-        grad = None
-        if ctx.needs_input_grad[0]:
-            args = ctx.args
-            if ctx.v is not None:
-                # each item's upstream gradient, v (over the divisor for the mean), per row in
-                # the accumulation dtype
-                g = ctx.v.double() * grad_loss.double()
-                if args[0] == _Reduction.get_enum("mean"):
-                    g = g / total_weight.double()
-                grad_loss, args = g.to(planes.dtype), (_Reduction.get_enum("none"), *args[1:])
-            # grad_loss in the loss's dtype (float32 beside 16-bit logits under autocast)
-            grad = _ops.cross_entropy_shard_backward(grad_loss.contiguous(), x, target, weight,
-                                                     planes, total_weight, *args)
-        return grad, None, None, None, None, None, None, None, None, None, None
+        if not _ARGS.needs(ctx, "input"):
+            return _ARGS.grads()
+        s, options = _named.saved(ctx), ctx.options
+        if s.sample_weight is not None:
+            # each item's upstream gradient, v (over the divisor for the mean), per row in the
+            # accumulation dtype
+            g = s.sample_weight.double() * grad_loss.double()
+            if options["reduction"] == "mean":
+                g = g / s.total_weight.double()
+            grad_loss, options = g.to(s.lse.dtype), dict(options, reduction="none")
+        # grad_loss in the loss's dtype (float32 beside 16-bit logits under autocast)
+        grad = _ops.cross_entropy_shard_backward(grad_loss.contiguous(), s.input, s.target,
+                                                 s.weight, s.lse, s.total_weight, **options)
+        return _ARGS.grads(input=grad)
+
+
+_ARGS = _named.Signature.of_forward(_VocabParallelCrossEntropy)
 
 
 def cross_entropy(logits: Tensor, target: Tensor, o: CrossEntropyOptions, group, sizes,
@@ -160,7 +164,7 @@ def cross_entropy(logits: Tensor, target: Tensor, o: CrossEntropyOptions, group,
     x = logits.unsqueeze(0) if logits.dim() == 1 else logits
     if x.dim() > 2:
         x = x.movedim(1, -1).reshape(-1, shard)  # rows along the classes (a copy)
-    loss = _VocabParallelCrossEntropy.apply(x, target.reshape(-1), weight, o.ignore_index,
+    loss = _VocabParallelCrossEntropy.apply(x, target.reshape(-1), weight, v, o.ignore_index,
                                             max(o.label_smoothing, 0.0), o.reduction, group,
-                                            tuple(sizes), rank, out_dtype, v)
+                                            tuple(sizes), rank, out_dtype)
     return loss.view(want) if o.reduction == "none" else loss

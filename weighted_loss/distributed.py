@@ -111,7 +111,8 @@ def _global_mean(local_sum: Tensor, local_weight: Tensor, process_group, total_w
     if denom is None:  # the sum and the denominator in one all-reduce
         both = _all_reduce(torch.stack([s.detach().reshape(()),
                                         local_weight.detach().double().reshape(())]), process_group)
-        s_all, denom = both[0].reshape(s.shape), both[1]
+        group_sum, denom = both.unbind()
+        s_all = group_sum.reshape(s.shape)
     else:
         s_all = _all_reduce(s.detach(), process_group)
     # value: the group's sum over its denominator; gradient: size x this rank's share, which

@@ -38,8 +38,8 @@ def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: Union[float, Tensor
     o = _options.binary(weight, pos_weight, reduction, _options.check_gamma(gamma),
                         _options.check_alpha(alpha))
     if _dtensor.any_dtensor(input, target, weight, pos_weight, o.alpha):
-        return _dtensor.binary_cross_entropy_with_logits(input, target, o)
-    return _local.binary_cross_entropy_with_logits(input, target, o)
+        return _dtensor.elementwise(input, target, o)
+    return _local.elementwise(input, target, o)
 
 
 class SigmoidFocalLoss(torch.nn.Module):

@@ -98,8 +98,8 @@ def binary_cross_entropy_with_logits(
     o = _options.binary(weight, pos_weight, reduction, process_group=process_group,
                         total_weight=total_weight)
     if _dtensor.any_dtensor(input, target, weight, pos_weight):
-        return _dtensor.binary_cross_entropy_with_logits(input, target, o)
-    return _grouped.binary_cross_entropy_with_logits(input, target, o)
+        return _dtensor.elementwise(input, target, o)
+    return _grouped.elementwise(input, target, o)
 
 
 _DTYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
@@ -160,10 +160,10 @@ def binary_cross_entropy(
         raise NotImplementedError(f'"binary_cross_entropy" not implemented for '
                                   f"'{_DTYPE_NAMES.get(input.dtype, input.dtype)}'")
     o = _options.binary(weight, pos_weight, reduction, process_group=process_group,
-                        total_weight=total_weight, prob_input=True)
+                        total_weight=total_weight, loss=_options.PROBABILITIES)
     if _dtensor.any_dtensor(input, target, weight, pos_weight):
-        return _dtensor.binary_cross_entropy_with_logits(input, target, o)
-    return _grouped.binary_cross_entropy_with_logits(input, target, o)
+        return _dtensor.elementwise(input, target, o)
+    return _grouped.elementwise(input, target, o)
 
 
 # Every functional of the package, so that wl.functional holds them all as torch.nn.functional

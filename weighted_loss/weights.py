@@ -209,7 +209,8 @@ def _pos_weight(pos, total):
 def _labels_of(batch):
     """The y of an (x, y) sample or batch."""
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[1]
+        _, labels, *_ = batch
+        return labels
     if isinstance(batch, dict) and "label" in batch:
         return batch["label"]
     raise TypeError(f"expected (x, y) pairs (or dicts with 'label'), got {type(batch).__name__}")
