@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 (no torch needed: the .cu files
-# include only CUDA headers and csrc/params.h), print registers per kernel, and fail on any error
-# or register spill. Device code only (--fatbin: no host object, whose code the emulated build
+# include only CUDA headers, csrc/params.h and csrc/loss_math.h), print registers per kernel,
+# and fail on any error or register spill. Device code only (--fatbin: no host object, whose code the emulated build
 # compiles with the host compiler): 13% less work than a full compile. Each file and architecture
 # is a job of its own (cicc + ptxas), as many at once as there are cores, the longest first:
 # cross_entropy_rows.cu alone takes ~173 s per architecture on one core, which compiled for both

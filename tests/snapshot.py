@@ -11,6 +11,7 @@ Run `save` on the code before the change and `compare` after (same machine, same
 thread count): a result that differs by one bit, or an error that changed, is printed.
 """
 import argparse
+import math
 import os
 import sys
 
@@ -319,9 +320,35 @@ def main(argv=None):
     want = torch.load(a.file, weights_only=False)
     bad = [k for k in want if k not in got or not _same(want[k], got[k])]
     for k in bad:
-        print(f"DIFFERS: {k}\n  before: {_short(want[k])}\n  after:  {_short(got.get(k))}")
+        print(f"DIFFERS: {k}\n  before: {_short(want[k])}\n  after:  {_short(got.get(k))}\n"
+              f"  by:     {_ulps(want[k], got.get(k))}")
     print(f"{len(want) - len(bad)} of {len(want)} cases bit for bit the same")
     return 1 if bad else 0
+
+
+def _ulps(before, after):
+    """How far each output moved: its largest difference in ulps of its dtype at its largest
+    value ('=' where equal, '?' where not comparable)."""
+    if not isinstance(before, list) or not isinstance(after, list) or len(before) != len(after):
+        return "?"
+    out = []
+    for u, v in zip(before, after):
+        if _same([u], [v]):
+            out.append("=")
+            continue
+        if not (torch.is_tensor(u) and torch.is_tensor(v)) or u.shape != v.shape or \
+                not u.is_floating_point() or u.dtype != v.dtype:
+            out.append("?")
+            continue
+        ud, vd = u.double(), v.double()
+        both = torch.isfinite(ud) & torch.isfinite(vd)
+        if not torch.equal(ud.isnan(), vd.isnan()) or not torch.equal(ud[~both], vd[~both]):
+            out.append("NaN/inf moved")
+            continue
+        scale = max(ud[both].abs().max().item(), torch.finfo(u.dtype).tiny)
+        ulp = torch.finfo(u.dtype).eps * 2.0 ** math.floor(math.log2(scale))
+        out.append(f"{(ud - vd).abs()[both].max().item() / ulp:.3g} ulp")
+    return out
 
 
 def _short(v):

@@ -237,8 +237,8 @@ inline void forward_segment(const Cx& cx, int64_t f, int64_t n, const typename C
     if (cx.focal) {
       V av[2];
       load_alpha(cx, a, k, cnt, av);
-      l0 = l0 * cx.fl.factor(xv[0], tv[0], av[0]);
-      l1 = l1 * cx.fl.factor(xv[1], tv[1], av[1]);
+      l0 = l0 * cx.fl.factor(xv[0], tv[0], av[0], exp_neg_abs(xv[0]));
+      l1 = l1 * cx.fl.factor(xv[1], tv[1], av[1], exp_neg_abs(xv[1]));
     }
     if constexpr (Store) {
       if (cx.loss_acc) {
@@ -330,8 +330,8 @@ inline void backward_segment(const Cx& cx, int64_t f, int64_t n, const typename 
     auto grads = [&](const V& xv, const V& tv, const V& av, const V& pv, const V& gv, V& dx,
                      V& dt) {
       if constexpr (Prob) {  // probabilities (binary_cross_entropy_math.h)
-        if constexpr (GX) dx = gv * bce_prob_grad(xv, tv, pv);
-        if constexpr (GT) dt = gv * bce_prob_grad_target(xv, pv);
+        if constexpr (GX) dx = gv * math::bce_prob_grad<VecOps<acc_t>>(xv, tv, pv);
+        if constexpr (GT) dt = gv * math::bce_prob_grad_target<VecOps<acc_t>>(xv, pv);
         return;
       }
       const V e = exp_neg_abs(xv);
@@ -339,17 +339,11 @@ inline void backward_segment(const Cx& cx, int64_t f, int64_t n, const typename 
         if (cx.focal) {
           dx = gv * cx.fl.grad(xv, tv, av, pv, e, bce_loss(xv, tv, pv));
         } else {
-          const V sig = V::blendv(e, one, xv >= zero) / (one + e);
-          const V b = pv * tv;
-          dx = gv * at::vec::fmadd((one - tv) + b, sig, zero - b);
+          dx = gv * math::bce_grad<VecOps<acc_t>>(xv, tv, pv, e);
         }
       }
       if constexpr (GT) {
-        // d/dt = P softplus(-x) - softplus(x) = (P - 1) log1p(e) - (x < 0 ? P : 1) x: the large
-        // terms cancelled exactly, the small one kept (PyTorch's -P log sigmoid(x) +
-        // log sigmoid(-x) keeps it too), and at x = -inf its P inf (NaN for P = 0)
-        const V dce_t = at::vec::fmadd(pv - one, log1p_unit(e),
-                                       zero - V::blendv(one, pv, xv < zero) * xv);
+        const V dce_t = math::bce_grad_target<VecOps<acc_t>>(xv, pv, log1p_unit(e));
         dt = gv * (cx.focal ? cx.fl.grad_target(xv, tv, av, e, bce_loss(xv, tv, pv), dce_t)
                             : dce_t);
       }

@@ -101,8 +101,7 @@ struct Ctx {
   double w_sum;                 // sum of all total_classes weights (total_classes without
                                 // weight), in double: a float sum of 128k weights of thousands
                                 // cost the smoothed loss 12x PyTorch's error
-  acc_t smooth;                 // label smoothing s, 0 when off
-  acc_t t_scale, t_shift;       // t' = t * t_scale + t_shift
+  acc_t t_scale, t_shift;       // t' = t * t_scale + t_shift = (1 - s) t + s / C (loss_math.h)
   int64_t C;                    // classes of the logits (of the shard)
   int64_t C_total;              // classes of the unsharded problem (C unsharded)
   acc_t cap;                    // softcap (params.h), 0 when off
@@ -121,9 +120,8 @@ struct Ctx {
     adj = static_cast<const acc_t*>(p.logit_adjust);
     z = p.z_loss > 0 ? p.z_loss : 0.0;
     gamma = p.focal_gamma > 0 ? p.focal_gamma : 0.0;
-    smooth = p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0);
-    t_scale = acc_t(1) - smooth;
-    t_shift = C_total > 0 ? smooth / static_cast<acc_t>(C_total) : acc_t(0);
+    t_scale = static_cast<acc_t>(math::smoothing_scale(p.label_smoothing));
+    t_shift = static_cast<acc_t>(math::smoothing_shift(p.label_smoothing, C_total));
     w = nullptr;
     w_full = static_cast<const acc_t*>(p.weight);
     w_sum = static_cast<double>(C_total);
@@ -164,7 +162,9 @@ struct Ctx {
     return v;
   }
   // softcap: the logit the loss sees, cap tanh(x / cap) (x when off), right after each load
-  C10_ALWAYS_INLINE acc_t capped(acc_t v) const { return cap > 0 ? cap * std::tanh(v / cap) : v; }
+  C10_ALWAYS_INLINE acc_t capped(acc_t v) const {
+    return math::loss_logit(v, cap, static_cast<const acc_t*>(nullptr), 0);
+  }
   C10_ALWAYS_INLINE void capped(Vectorized<acc_t>& v0, Vectorized<acc_t>& v1) const {
     if (cap > 0) {
       const Vectorized<acc_t> k(cap);
@@ -172,10 +172,11 @@ struct Ctx {
       v1 = k * (v1 / k).tanh();
     }
   }
-  // The logit the loss sees, right after each load: capped, then adjusted (the two are never on
-  // together): class c's scalar, a vector of lanes of class c, a block of cnt <= B classes from c.
+  // The logit the loss sees, right after each load: capped, or adjusted (the two are never on
+  // together; loss_math.h): class c's scalar, a vector of lanes of class c, a block of cnt <= B
+  // classes from c.
   C10_ALWAYS_INLINE acc_t logit(acc_t v, int64_t c) const {
-    return adj != nullptr ? v + adj[c] : capped(v);
+    return math::loss_logit(v, cap, adj, c);
   }
   C10_ALWAYS_INLINE void lane_logits(Vectorized<acc_t>& v, int64_t c) const {
     if (adj != nullptr) {
@@ -207,9 +208,7 @@ struct Ctx {
     }
   }
   C10_ALWAYS_INLINE double cap_slope(double c) const {
-    if (cap <= 0) return 1.0;
-    const double u = c / static_cast<double>(cap);
-    return 1.0 - u * u;
+    return math::softcap_slope(c, static_cast<double>(cap));
   }
   // The focal loss (gamma > 0) saves one more value per row for its backward: class indices
   // their s_y (the gradient's factor), soft targets Q = sum_c f_c s_c (cross_entropy_focal.h),

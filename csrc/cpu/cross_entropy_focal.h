@@ -14,64 +14,41 @@ namespace {
 
 using at::vec::Vectorized;
 
-// The softmax focal loss (params.h) of a row with nll = -log p_y: the loss is the
-// cross-entropy's times m = (1 - p_y)^gamma, the gradient the cross-entropy's times
-// s = m (1 + gamma p_y nll / (1 - p_y)), with 1 - p_y = -expm1(-nll) and the ratio
-// nll / (1 - p_y) at its limit 1 where 1 - p_y = 0, so gamma < 1 gives s = 0 there, not NaN;
-// for gamma >= 1 as q^(gamma-1) (q + gamma p nll), no ratio. Per row, in double: p is 1 - q
-// (its absolute error, 1e-16, is all the term gamma p nll needs), gamma 2 and 1 are products.
-inline double pow_gamma(double q, double gamma) {
-  return gamma == 2.0 ? q * q : gamma == 1.0 ? q : gamma == 0.0 ? 1.0 : std::pow(q, gamma);
+// The softmax focal loss (params.h) of a row with nll = -log p_y, in double per row: the loss is
+// the cross-entropy's times m = (1 - p_y)^gamma, the gradient the cross-entropy's times s
+// (../loss_math.h: focal_factors, shared with the CUDA kernels).
+inline double focal_loss_factor(double gamma, double nll) {
+  double m, s;
+  math::focal_factors(gamma, nll, m, s);
+  return m;
 }
 inline void focal_factors(double gamma, double nll, double& m, double& s) {
-  const double q = -std::expm1(-nll), p = 1.0 - q;
-  if (gamma >= 1.0) {
-    const double qg1 = pow_gamma(q, gamma - 1.0);
-    m = qg1 * q;
-    s = qg1 * (q + (p > 0 ? gamma * p * nll : 0.0));
-  } else {
-    const double r = q > 0 ? nll / q : 1.0;
-    m = std::pow(q, gamma);
-    s = m * (1.0 + (p > 0 ? gamma * p * r : 0.0));
-  }
-}
-inline double focal_loss_factor(double gamma, double nll) {
-  return pow_gamma(-std::expm1(-nll), gamma);
+  math::focal_factors(gamma, nll, m, s);
 }
 inline double focal_grad_factor(double gamma, double nll) {
   double m, s;
-  focal_factors(gamma, nll, m, s);
+  math::focal_factors(gamma, nll, m, s);
   return s;
 }
 
 // Both focal factors of B terms (lanes of the lane layout, or classes of the focal loss over soft
-// targets) in acc precision, from nll = -log p >= 0, p and q = 1 - p (vexp_pq): m = q^gamma and s, for
-// gamma >= 1 as q^(gamma-1) (q + gamma p nll), which has no ratio to take a limit of (and for
-// gamma = 2 costs a few multiplies); below 1 with the ratio nll / q at its limit 1.
+// targets) in acc precision, from nll = -log p >= 0, p and q = 1 - p (vexp_pq gives both without
+// cancellation): ../loss_math.h's focal_factors on vectors.
 template <typename acc_t>
 C10_ALWAYS_INLINE void focal_factors(acc_t gamma, const Vectorized<acc_t>& nll,
                                      const Vectorized<acc_t>& p, const Vectorized<acc_t>& q,
                                      Vectorized<acc_t>& m, Vectorized<acc_t>& s) {
-  using V = Vectorized<acc_t>;
-  const V zero(0), one(1), vg(gamma);
-  if (gamma >= acc_t(1)) {
-    const V qg1 = pow_gamma(q, gamma - acc_t(1));
-    m = qg1 * q;
-    s = qg1 * (q + V::blendv(zero, vg * p * nll, p > zero));  // p = 0: nll may be inf
-  } else {
-    const V r = V::blendv(one, nll / q, q > zero);
-    m = pow_gamma(q, gamma);
-    s = m * (one + V::blendv(zero, vg * p * r, p > zero));
-  }
+  math::focal_factors<VecOps<acc_t>>(gamma, Vectorized<acc_t>(0) - nll, p, q, m, s);
 }
 
 // The per-row factors for B lanes at once (a scalar pow per row of 19 classes would cost more
 // than the row), from nll >= 0.
 template <typename acc_t>
 inline Vectorized<acc_t> focal_loss_factor(acc_t gamma, const Vectorized<acc_t>& nll) {
-  Vectorized<acc_t> p, q;
+  Vectorized<acc_t> p, q, m, s;
   vexp_pq(Vectorized<acc_t>(0) - nll, p, q);
-  return pow_gamma(q, gamma);
+  focal_factors(gamma, nll, p, q, m, s);  // (m in the form the rows and the GPU take it)
+  return m;
 }
 template <typename acc_t>
 inline Vectorized<acc_t> focal_grad_factor(acc_t gamma, const Vectorized<acc_t>& nll) {

@@ -40,7 +40,7 @@ void target_backward(const Ctx<scalar_t>& cx) {
   const acc_t gamma = static_cast<acc_t>(cx.gamma);
   auto coef = [&](int64_t r) {
     const double g = none ? cx.grad_loss(r) : g_all;
-    return static_cast<acc_t>(-g * (1.0 - (p.label_smoothing > 0 ? p.label_smoothing : 0.0)));
+    return static_cast<acc_t>(-g * math::smoothing_scale(p.label_smoothing));
   };
   if (sC == 1) {
     const Units u = row_units(p);

@@ -189,7 +189,7 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
     load_acc(kp, B, kp0, kp1);
     const Vec nll0 = (s0 - xy0) + L0, nll1 = (s1 - xy1) + L1;
     if constexpr (M == kSmooth) {
-      const Vec ks(acc_t(1) - cx.smooth), kt(cx.t_shift), kw(static_cast<acc_t>(cx.w_sum));
+      const Vec ks(cx.t_scale), kt(cx.t_shift), kw(static_cast<acc_t>(cx.w_sum));
       if (soft_focal) {
         const acc_t gamma = static_cast<acc_t>(cx.gamma);
         l0 = ks * wy0 * focal_loss_factor(gamma, nll0) * nll0 + kt * a0;

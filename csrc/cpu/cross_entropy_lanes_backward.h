@@ -70,7 +70,7 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
     Vec wy0, wy1;
     load_acc(yk, B, y0, y1);
     load_acc(wyk, B, wy0, wy1);
-    const Vec ks(acc_t(1) - cx.smooth), zero(0);
+    const Vec ks(cx.t_scale), zero(0);
     const Vec keep0 = y0 >= zero, keep1 = y1 >= zero;
     Vec f0(1), f1(1);
     if (M == kPlain && cx.gamma > 0) {  // the focal loss: the target's term times s_y (saved)

@@ -78,8 +78,8 @@ inline double row_loss(const Ctx<scalar_t>& cx, double sh, double L, double a, d
     loss = a;
     if constexpr (M == kSmooth) {
       const double nll = (sh - xy) + L, s = cx.p.label_smoothing;
-      loss = (1.0 - s) * wy * focal_loss_factor(cx.gamma, nll) * nll +
-             s / static_cast<double>(cx.C_total) * a;
+      loss = math::smoothing_scale(s) * wy * focal_loss_factor(cx.gamma, nll) * nll +
+             math::smoothing_shift(s, cx.C_total) * a;
     }
     if (L != L) loss = L;  // a row whose log_softmax is NaN (vexp does not carry NaN)
   } else if constexpr (is_prob(M)) {
@@ -87,9 +87,9 @@ inline double row_loss(const Ctx<scalar_t>& cx, double sh, double L, double a, d
   } else {
     const double nll = (sh - xy) + L;
     if constexpr (M == kSmooth) {
-      loss = (1.0 - cx.p.label_smoothing) * wy * nll +
-             cx.p.label_smoothing / static_cast<double>(cx.C_total) *
-                 (cx.w_sum * L - a);
+      const double s = cx.p.label_smoothing;
+      loss = math::smoothing_scale(s) * wy * nll +
+             math::smoothing_shift(s, cx.C_total) * (cx.w_sum * L - a);
     } else {
       loss = wy * nll;
       if (cx.gamma > 0) {
@@ -249,12 +249,12 @@ inline RowCoef<typename AccOf<scalar_t>::type> row_coef(const Ctx<scalar_t>& cx,
     const double s = M == kSmooth ? p.label_smoothing : 0.0;
     rc.wyd = wy;
     rc.y = yv >= p.class_offset && yv - p.class_offset < cx.C ? yv - p.class_offset : -1;
-    rc.gyd = g * (1.0 - s) * wy;
+    rc.gyd = g * math::smoothing_scale(s) * wy;
     if (M == kPlain && cx.gamma > 0) {  // the focal loss: the gradient times s_y (saved)
       rc.gyd *= static_cast<double>(cx.template focal_plane<M>()[r]);
     }
     if constexpr (M == kSmooth) {
-      const double ts = s / static_cast<double>(cx.C_total);
+      const double ts = math::smoothing_shift(s, cx.C_total);
       double ws = cx.w_sum;
       if (cx.gamma > 0) {  // the focal loss: s_y at the target, Q = sum_c w_c s_c for W
         ws = static_cast<double>(cx.template focal_plane<M>()[r]);
@@ -266,7 +266,7 @@ inline RowCoef<typename AccOf<scalar_t>::type> row_coef(const Ctx<scalar_t>& cx,
         }
         rc.gyd *= rc.syd;
       }
-      rc.cpd = g * ((1.0 - s) * wy * rc.syd + ts * ws);
+      rc.cpd = g * (math::smoothing_scale(s) * wy * rc.syd + ts * ws);
       rc.cwd = g * ts;
     } else {
       rc.cpd = rc.gyd;

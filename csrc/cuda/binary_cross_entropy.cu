@@ -1,4 +1,5 @@
-// CUDA kernels of the fused BCE with logits. Math as in ../cpu/binary_cross_entropy_kernel.h:
+// CUDA kernels of the fused BCE with logits (and the sigmoid focal loss, BCE of probabilities).
+// The per-element formulas are ../loss_math.h's, shared with the CPU kernels:
 //   loss     = w [ (1 + (P - 1) t) log1p(e) + (x >= 0 ? (1 - t) x : -P t x) ],  e = exp(-|x|)
 //   dloss/dx = w [ (1 + (P - 1) t) sigmoid(x) - P t ],  sigmoid(x) = (x >= 0 ? 1 : e) / (1 + e)
 //   dloss/dt = w [ (P - 1) (max(-x, 0) + log1p(e)) - x ]
@@ -43,93 +44,30 @@ __device__ __forceinline__ Offsets row_offsets(const BinaryCrossEntropyParams& p
 __device__ __forceinline__ float exp_neg_abs(float x) { return __expf(-fabsf(x)); }
 __device__ __forceinline__ double exp_neg_abs(double x) { return exp(-fabs(x)); }
 
+// The shared formulas (../loss_math.h, the CPU kernels' too) on one element, with the GPU's
+// exp: the loss, and BCE of probabilities' loss (with PyTorch's device assert on an input outside
+// [0, 1] or NaN) and gradients.
+template <typename acc_t>
+using Ops = math::Scalar<acc_t>;
 template <typename acc_t>
 __device__ __forceinline__ acc_t bce_loss(acc_t x, acc_t t, acc_t pw) {
-  const acc_t sp = log1p(exp_neg_abs(x));
-  const acc_t a = acc_t(1) - t, b = pw * t;
-  const acc_t lin = x >= acc_t(0) ? a * x : -b * x;  // NaN x: -b * NaN
-  // x = -inf: PyTorch's (1 - t) x + (1 + (P - 1) t) (-x) as IEEE arithmetic gives it (NaN where
-  // the two infinities cancel or a factor is 0; +-inf where they agree: targets outside [0, 1])
-  return x == -INFINITY ? a * x - (a + b) * x : (a + b) * sp + lin;
+  return math::bce_loss<Ops<acc_t>>(x, t, pw, log1p(exp_neg_abs(x)));
 }
-
-// BCE of probabilities (params.h: prob_input; the CPU kernel's bce_prob_*): PyTorch's loss with
-// pos_weight on the positive term, its gradients (d/dp's denominator clamped at 1e-12), and
-// PyTorch's device assert on an input outside [0, 1] or NaN.
 template <typename acc_t>
 __device__ __forceinline__ acc_t bce_prob_loss(acc_t p, acc_t t, acc_t pw) {
   assert(p >= acc_t(0) && p <= acc_t(1) && "all elements of input should be between 0 and 1");
-  const acc_t lq = fmax(log1p(-p), acc_t(-100)), lp = fmax(log(p), acc_t(-100));
-  return (t - acc_t(1)) * lq - pw * t * lp;
-}
-template <typename acc_t>
-__device__ __forceinline__ acc_t bce_prob_grad(acc_t p, acc_t t, acc_t pw) {
-  const acc_t num = (p - t) + (pw - acc_t(1)) * t * (p - acc_t(1));  // p - t at P = 1
-  return num / fmax((acc_t(1) - p) * p, acc_t(1e-12f));
-}
-template <typename acc_t>
-__device__ __forceinline__ acc_t bce_prob_grad_target(acc_t p, acc_t pw) {
-  return pw == acc_t(1) ? -log(p / (acc_t(1) - p)) : log1p(-p) - pw * log(p);
+  return math::bce_prob_loss<Ops<acc_t>>(p, t, pw);
 }
 
-// The sigmoid focal loss (params.h; the CPU kernel's Focal): q = 1 - p_t from sigmoids that do
-// not cancel, the loss factor alpha_t q^gamma, and the gradient
-// alpha_t q^gamma (dce + gamma (1 - 2 t) sigmoid(x) sigmoid(-x) / q ce), its second term 0 where
-// q = 0 (its limit), dce = (1 - t) sigmoid(x) - P t sigmoid(-x) (no cancellation).
+// The sigmoid focal loss's factors and gradients (../loss_math.h: SigmoidFocal) with the
+// params' gamma and alpha: a scalar alpha's 1 - alpha from the double, as torchvision's Python
+// float gives it.
 template <typename acc_t>
-__device__ __forceinline__ acc_t focal_q(acc_t x, acc_t t, acc_t e, acc_t& sig, acc_t& sig_neg) {
-  const acc_t inv = acc_t(1) / (acc_t(1) + e);
-  sig = (x >= acc_t(0) ? acc_t(1) : e) * inv;
-  sig_neg = (x >= acc_t(0) ? e : acc_t(1)) * inv;
-  // the smaller of q and p_t = 1 - q is exact to about an ulp of itself (the CPU's Focal)
-  const acc_t u = acc_t(1) - t, pt = t * sig + u * sig_neg;
-  return pt < acc_t(0.5) ? acc_t(1) - pt : t * sig_neg + u * sig;
-}
-// a: the element's alpha (load_weights).
-// (a scalar alpha's 1 - alpha from the double alpha, as torchvision's Python float gives it: the
-// CPU's Focal::one_minus_alpha)
-template <typename acc_t>
-__device__ __forceinline__ acc_t focal_alpha_t(const BinaryCrossEntropyParams& p, acc_t t,
-                                               acc_t a) {
-  if (p.focal_alpha < 0) return acc_t(1);
-  const acc_t am = p.alpha.data == nullptr ? static_cast<acc_t>(1.0 - p.focal_alpha) : acc_t(1) - a;
-  return a * t + am * (acc_t(1) - t);
-}
-// k y, with the term 0 where its factor k is (its limit: y may be infinite at a saturated logit)
-template <typename acc_t>
-__device__ __forceinline__ acc_t times(acc_t k, acc_t y) {
-  return k == acc_t(0) ? acc_t(0) : k * y;
-}
-template <typename acc_t>
-__device__ __forceinline__ acc_t focal_factor(const BinaryCrossEntropyParams& p, acc_t x, acc_t t,
-                                              acc_t a) {
-  acc_t sig, sig_neg;
-  const acc_t q = focal_q(x, t, exp_neg_abs(x), sig, sig_neg);
-  return focal_alpha_t(p, t, a) * pow_gamma(q, static_cast<acc_t>(p.focal_gamma));
-}
-template <typename acc_t>
-__device__ __forceinline__ acc_t focal_grad(const BinaryCrossEntropyParams& p, acc_t x, acc_t t,
-                                            acc_t a, acc_t pw, acc_t e, acc_t ce) {
-  acc_t sig, sig_neg;
-  const acc_t q = focal_q(x, t, e, sig, sig_neg);
-  const acc_t dce = (acc_t(1) - t) * sig - pw * t * sig_neg;
-  const acc_t g = static_cast<acc_t>(p.focal_gamma);
-  const acc_t r = q != acc_t(0) ? sig * sig_neg / q : acc_t(0);
-  return focal_alpha_t(p, t, a) * pow_gamma(q, g) * (dce + times(g * (acc_t(1) - t - t) * r, ce));
-}
-// d/dt of alpha_t q^gamma ce (the CPU kernel's Focal::grad_target): q = 0 contributes 0; a
-// q < 0 (a target outside [0, 1]) its term, as the composite's (1 - p_t)^gamma differentiates.
-template <typename acc_t>
-__device__ __forceinline__ acc_t focal_grad_target(const BinaryCrossEntropyParams& p, acc_t x,
-                                                   acc_t t, acc_t a, acc_t e, acc_t ce,
-                                                   acc_t dce_t) {
-  acc_t sig, sig_neg;
-  const acc_t q = focal_q(x, t, e, sig, sig_neg);
-  const acc_t g = static_cast<acc_t>(p.focal_gamma);
-  const acc_t r = q != acc_t(0) ? ce / q : acc_t(0);
-  const acc_t da = p.focal_alpha >= 0 ? a + a - acc_t(1) : acc_t(0);
-  return pow_gamma(q, g) *
-         (times(da, ce) + focal_alpha_t(p, t, a) * (times(g, r) * (sig_neg - sig) + dce_t));
+__device__ __forceinline__ math::SigmoidFocal<Ops<acc_t>, acc_t> focal_of(
+    const BinaryCrossEntropyParams& p) {
+  const bool scalar_alpha = p.focal_alpha >= 0 && p.alpha.data == nullptr;
+  return {static_cast<acc_t>(p.focal_gamma >= 0 ? p.focal_gamma : 0.0), p.focal_alpha >= 0,
+          scalar_alpha ? static_cast<acc_t>(1.0 - p.focal_alpha) : acc_t(-1)};
 }
 
 // The elements of one thread: [f0, f0 + n), n <= V (a Pack of the logits: 16 bytes of them), as
@@ -262,7 +200,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < V; ++k) {
       l[k] = k >= n ? acc_t(0)
                     : w[k] * (Prob ? bce_prob_loss(x[k], t[k], pw[k]) : bce_loss(x[k], t[k], pw[k]));
-      if (p.focal_gamma >= 0 && k < n) l[k] *= focal_factor(p, x[k], t[k], a[k]);
+      if (p.focal_gamma >= 0 && k < n) {
+        l[k] *= focal_of<acc_t>(p).factor(x[k], t[k], a[k], exp_neg_abs(x[k]));
+      }
       part += l[k];
     }
     if constexpr (Store) {
@@ -296,9 +236,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Blocks per SM the backward's register allocation must allow: without the hint ptxas spilled 8
+// bytes in the focal variants (float64; 16-bit with a scalar upstream gradient) to fit 64
+// registers, aiming at a higher occupancy than a kernel this heavy needs (as the cross-entropy
+// kernels' kMinBlocks).
+constexpr int kBackwardMinBlocks = 2;
+
 template <typename T, typename U, bool Indexed, bool GX, bool GT, bool GScalar, bool Prob>
-__global__ void __launch_bounds__(kThreads) backward_kernel(const BinaryCrossEntropyParams p,
-                                                            bool aligned) {
+__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks)
+    backward_kernel(const BinaryCrossEntropyParams p, bool aligned) {
   using acc_t = typename AccOf<T>::type;
   constexpr int V = Pack<T>::kSize;
   const int64_t f0 = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V;
@@ -324,26 +270,22 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BinaryCrossEnt
   for (int k = 0; k < V; ++k) {
     const acc_t gw = g[k] * w[k];
     if constexpr (Prob) {  // probabilities
-      if constexpr (GX) dx[k] = gw * bce_prob_grad(x[k], t[k], pw[k]);
-      if constexpr (GT) dt[k] = gw * bce_prob_grad_target(x[k], pw[k]);
+      if constexpr (GX) dx[k] = gw * math::bce_prob_grad<Ops<acc_t>>(x[k], t[k], pw[k]);
+      if constexpr (GT) dt[k] = gw * math::bce_prob_grad_target<Ops<acc_t>>(x[k], pw[k]);
       continue;
     }
     const acc_t e = exp_neg_abs(x[k]);
     if constexpr (GX) {
-      const acc_t sig = (x[k] >= acc_t(0) ? acc_t(1) : e) / (acc_t(1) + e);
-      const acc_t b = pw[k] * t[k];
       dx[k] = gw * (p.focal_gamma >= 0
-                        ? focal_grad(p, x[k], t[k], a[k], pw[k], e, bce_loss(x[k], t[k], pw[k]))
-                        : ((acc_t(1) - t[k]) + b) * sig - b);
+                        ? focal_of<acc_t>(p).grad(x[k], t[k], a[k], pw[k], e,
+                                                  bce_loss(x[k], t[k], pw[k]))
+                        : math::bce_grad<Ops<acc_t>>(x[k], t[k], pw[k], e));
     }
     if constexpr (GT) {
-      // d/dt = P softplus(-x) - softplus(x) = (P - 1) log1p(e) - (x < 0 ? P : 1) x: the large
-      // terms cancelled exactly, the small one kept (PyTorch's -P log sigmoid(x) +
-      // log sigmoid(-x) keeps it too), and at x = -inf its P inf (NaN for P = 0)
-      const acc_t dce_t = (pw[k] - acc_t(1)) * log1p(e) - (x[k] < acc_t(0) ? pw[k] : acc_t(1)) * x[k];
+      const acc_t dce_t = math::bce_grad_target<Ops<acc_t>>(x[k], pw[k], log1p(e));
       dt[k] = gw * (p.focal_gamma >= 0
-                        ? focal_grad_target(p, x[k], t[k], a[k], e, bce_loss(x[k], t[k], pw[k]),
-                                            dce_t)
+                        ? focal_of<acc_t>(p).grad_target(x[k], t[k], a[k], e,
+                                                         bce_loss(x[k], t[k], pw[k]), dce_t)
                         : dce_t);
     }
   }

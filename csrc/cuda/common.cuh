@@ -13,6 +13,7 @@
 #if !defined(__CUDACC__)
 #include "cuda_emulator.h"  // tests/emulator/, on the emulated build's include path
 #endif
+#include "../loss_math.h"
 #include "kernels.h"
 
 namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS {
@@ -45,15 +46,6 @@ template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return
 template <typename T> __device__ __forceinline__ T from_acc(double v) { return v; }
 
 // Runs f(scalar_t{}) for the storage dtype.
-// q^gamma for the focal losses: the usual gamma = 2 (and 1) as products, exact to the rounding
-// of one multiply where pow is a few ulp and some 20 instructions (the CPU's pow_gamma).
-template <typename acc_t>
-__device__ __forceinline__ acc_t pow_gamma(acc_t q, acc_t gamma) {
-  if (gamma == acc_t(2)) return q * q;
-  if (gamma == acc_t(1)) return q;
-  return pow(q, gamma);
-}
-
 template <typename F>
 inline cudaError_t dispatch_dtype(DType dt, F&& f) {
   switch (dt) {

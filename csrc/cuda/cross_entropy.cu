@@ -110,9 +110,11 @@ Plan plan_of(const CrossEntropyParams& p) {
                      aligned_to(prob_targets(p), dtype_size(p.target_dtype) * V) &&
                      aligned16(p.grad_input);
     plan.kind = Plan::kLanes;
-    // (a logit adjustment: one row a thread; the rows a thread of 16-bit logits have no
-    // register left for it: a spill on sm_90)
-    plan.lanes = vec && p.logit_adjust == nullptr ? V : 1;
+    // (a logit adjustment, and the focal loss over soft targets beside 16-bit logits: one row a
+    // thread; the eight rows a thread of 16-bit logits have no register left for them: a spill
+    // on sm_90)
+    const bool soft_focal = p.focal_gamma > 0 && (p.prob_target || p.label_smoothing > 0);
+    plan.lanes = vec && p.logit_adjust == nullptr && !(sizeof(T) == 2 && soft_focal) ? V : 1;
     plan.blocks = blocks(rows / plan.lanes);
     return plan;
   }

@@ -156,7 +156,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
         }
       }
     });
-    if (soft_focal<M>(p)) {  // the focal loss over soft targets: a second pass (row.cuh)
+    // the focal loss over soft targets: a second pass (row.cuh); not in the kernels of eight
+    // 16-bit rows a thread, which have no register for it (plan_of sends it to one row a thread)
+    constexpr bool kFocal = P == 1 || sizeof(T) >= 4;
+    assert((kFocal || !soft_focal<M>(p)) && "the focal loss's second pass at 16-bit lanes");
+    if (kFocal && soft_focal<M>(p)) {
       acc_t sh[P], L[P];
 #pragma unroll
       for (int k = 0; k < P; ++k) {

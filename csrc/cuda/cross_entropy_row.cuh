@@ -28,7 +28,6 @@
 #include <type_traits>
 
 #include "common.cuh"
-#include "cross_entropy_focal.cuh"
 
 namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS {
 namespace {
@@ -97,13 +96,11 @@ struct Lse {
 template <typename acc_t>
 struct Smoothing {
   acc_t s, t_scale, t_shift;
+  // (1 - s and s / C from the double s, each rounded once: ../loss_math.h)
   __device__ __forceinline__ explicit Smoothing(const CrossEntropyParams& p)
-      // 1 - s and s / C from the double s, each rounded once: 1 - float(0.96) is 1.5e-6 off
-      // (the target gradient's whole factor under strong smoothing)
       : s(p.label_smoothing > 0 ? static_cast<acc_t>(p.label_smoothing) : acc_t(0)),
-        t_scale(static_cast<acc_t>(1.0 - (p.label_smoothing > 0 ? p.label_smoothing : 0.0))),
-        t_shift(static_cast<acc_t>((p.label_smoothing > 0 ? p.label_smoothing : 0.0) /
-                                   static_cast<double>(p.total_classes))) {}
+        t_scale(static_cast<acc_t>(math::smoothing_scale(p.label_smoothing))),
+        t_shift(static_cast<acc_t>(math::smoothing_shift(p.label_smoothing, p.total_classes))) {}
 };
 
 // w_c of class c of these logits (1 without weight), and w_c t'_c (t' = 1 without probability
@@ -143,26 +140,38 @@ struct Sums {
   }
 };
 
-// softcap (params.h): the logit the loss sees, softcap tanh(x / softcap) (x when off); and the
-// chain rule's factor from that capped logit c, 1 - (c / softcap)^2.
+// The logit the loss sees (../loss_math.h: loss_logit): capped, softcap tanh(x / softcap) (x when
+// off), or of (local) class c with the logit adjustment added (params.h: never both, cap_slope
+// is 1 with the adjustment on); and the chain rule's factor from the capped logit c,
+// 1 - (c / softcap)^2.
+// (capped tests the double softcap as it stands in the params: converted first, it took one more
+// register in the lanes kernels of 8 rows a thread, which then spilled at their cap of 128)
 template <typename acc_t>
 __device__ __forceinline__ acc_t capped(const CrossEntropyParams& p, acc_t x) {
   if (p.softcap <= 0) return x;
-  const acc_t k = static_cast<acc_t>(p.softcap);
-  return k * tanh(x / k);
+  return math::softcapped(x, static_cast<acc_t>(p.softcap));
 }
-// The logit the loss sees of (local) class c: capped, or with the logit adjustment added
-// (params.h: never both; cap_slope is 1 with the adjustment on).
 template <typename acc_t>
 __device__ __forceinline__ acc_t logit_of(const CrossEntropyParams& p, acc_t x, int64_t c) {
-  if (p.logit_adjust != nullptr) return x + static_cast<const acc_t*>(p.logit_adjust)[c];
-  return capped(p, x);
+  return math::loss_logit(x, static_cast<acc_t>(p.softcap),
+                          static_cast<const acc_t*>(p.logit_adjust), c);
 }
 template <typename acc_t>
 __device__ __forceinline__ acc_t cap_slope(const CrossEntropyParams& p, acc_t c) {
-  if (p.softcap <= 0) return acc_t(1);
-  const acc_t u = c / static_cast<acc_t>(p.softcap);
-  return acc_t(1) - u * u;
+  return math::softcap_slope(c, static_cast<acc_t>(p.softcap));
+}
+
+// The softmax focal loss's factors m = (1 - p)^gamma and s = d(m nll)/dnll (../loss_math.h: the
+// CPU kernels' too) of a class from lp = log p and p (its fast exp), or of a row's target from
+// nll = -log p_y alone.
+template <typename acc_t>
+__device__ __forceinline__ void focal_class_factors(acc_t gamma, acc_t lp, acc_t p, acc_t& m,
+                                                    acc_t& s) {
+  math::focal_factors<math::Scalar<acc_t>>(gamma, lp, p, math::one_minus_p(lp, p), m, s);
+}
+template <typename acc_t>
+__device__ __forceinline__ void focal_factors(acc_t gamma, acc_t nll, acc_t& m, acc_t& s) {
+  math::focal_factors(gamma, nll, m, s);
 }
 
 // The shift of a row's weighted sums: its first logit, or 0 when that is -inf (a masked class),
@@ -251,10 +260,11 @@ __device__ __forceinline__ double row_loss(const CrossEntropyParams& p, int64_t 
       if (p.focal_gamma > 0) {  // sm: focal_add's
         double m, sf;
         focal_factors<double>(p.focal_gamma, nll, m, sf);
-        return (1.0 - s) * wy * m * nll + s / static_cast<double>(p.total_classes) * sm.a + wy * z;
+        return math::smoothing_scale(s) * wy * m * nll +
+               math::smoothing_shift(s, p.total_classes) * sm.a + wy * z;
       }
-      return (1.0 - s) * wy * nll +
-             s / static_cast<double>(p.total_classes) * (sm.q * lse_ref - sm.a) + wy * z;
+      return math::smoothing_scale(s) * wy * nll +
+             math::smoothing_shift(s, p.total_classes) * (sm.q * lse_ref - sm.a) + wy * z;
     } else {
       double m = 1;
       if (p.focal_gamma > 0) focal_factors<double>(p.focal_gamma, nll, m, sy);
