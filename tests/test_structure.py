@@ -1,6 +1,7 @@
-"""The package's imports run one way (docs/design.md, "Python layers"): no module of weighted_loss
-imports, directly or through others, a module that imports it back. Every import statement
-counts, those inside functions too (a lazy import is still an arrow of the graph)."""
+"""The package's structure (docs/development.md, "Python layers" and "The op layer"): imports
+run one way, so no module of weighted_loss imports, directly or through others, a module that
+imports it back (every import statement counts, those inside functions too); and no code reads
+an argument or a gradient by position."""
 import ast
 import os
 

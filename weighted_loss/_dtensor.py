@@ -20,7 +20,7 @@ and averaged over the group in the backward, as FSDP2 treats the parameters it g
 import torch
 from torch import Tensor
 
-from . import _grouped, _local, _reweight, _sharded
+from . import _grouped, _local, _named, _reweight, _sharded
 from . import distributed as _dist
 
 _DTensor = None
@@ -193,15 +193,19 @@ class _GatherRows(torch.autograd.Function):
         per = -(-rows // size)
         padded = torch.zeros((per, *local.shape[1:]), dtype=local.dtype, device=local.device)
         padded[:local.shape[0]] = local
-        ctx.args = (rows, group, size, per, local.shape[0])
+        ctx.rows, ctx.group, ctx.size, ctx.per, ctx.mine = rows, group, size, per, local.shape[0]
         return _dist._all_gather(padded, group)[:rows].clone()
 
     @staticmethod
     def backward(ctx, grad):
-        rows, group, size, per, mine = ctx.args
-        padded = torch.zeros((per * size, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-        padded[:rows] = grad
-        return _dist._reduce_scatter(padded, group)[:mine] / size, None, None, None
+        padded = torch.zeros((ctx.per * ctx.size, *grad.shape[1:]), dtype=grad.dtype,
+                             device=grad.device)
+        padded[:ctx.rows] = grad
+        local = _dist._reduce_scatter(padded, ctx.group)[:ctx.mine] / ctx.size
+        return _GATHER_ARGS.grads(local=local)
+
+
+_GATHER_ARGS = _named.Signature.of_forward(_GatherRows)
 
 
 def gathered_weight(t, op: str):

@@ -59,7 +59,9 @@ def _with_adjust(d_input, d_adjust, input):
 
 
 def _ce_jvp(ctx, d):
-    """Class indices: the logits' tangent (with the adjustment's) against their gradient."""
+    """Class indices: the logits' tangent (with the adjustment's) against their gradient. (The
+    cross-entropy jvps return the tangents of the op's outputs: the loss's, and none for the
+    saved lse and total_weight or tsum.)"""
     s = _named.saved(ctx)
     if d.input is None and d.logit_adjustment is None:
         return None, None, None
