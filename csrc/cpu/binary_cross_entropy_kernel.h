@@ -315,22 +315,23 @@ inline void backward_segment(const Cx& cx, int64_t f, int64_t n, const typename 
   const V zero(0), one(1);
   for_blocks<B>(n, [&](int64_t k, int64_t cnt, auto full) {
     constexpr bool kFull = decltype(full)::value;
-    V xv[2], tv[2], wv[2], pv[2], g0, g1;
+    V xv[2], tv[2], wv[2], pv[2], g0, g1, u0, u1;  // u: the upstream gradient, g: times w
     load_elements<scalar_t, target_t, WC, PC, kFull>(x, t, w, pw, k, cnt, xv, tv, wv, pv);
     if constexpr (GScalar) {
+      u0 = u1 = V(g_scalar);
       g0 = wv[0] * V(g_scalar);
       g1 = wv[1] * V(g_scalar);
     } else {
-      load_values<scalar_t>(p.grad_loss, cx.loss_acc, f + k, cnt, g0, g1);
-      g0 = g0 * wv[0];
-      g1 = g1 * wv[1];
+      load_values<scalar_t>(p.grad_loss, cx.loss_acc, f + k, cnt, u0, u1);
+      g0 = u0 * wv[0];
+      g1 = u1 * wv[1];
     }
     V av[2] = {V(1), V(1)};  // read by the focal gradients only
     if (cx.focal) load_alpha(cx, a, k, cnt, av);
-    auto grads = [&](const V& xv, const V& tv, const V& av, const V& pv, const V& gv, V& dx,
-                     V& dt) {
+    auto grads = [&](const V& xv, const V& tv, const V& av, const V& pv, const V& gv,
+                     const V& uv, const V& wh, V& dx, V& dt) {
       if constexpr (Prob) {  // probabilities (binary_cross_entropy_math.h)
-        if constexpr (GX) dx = gv * math::bce_prob_grad<VecOps<acc_t>>(xv, tv, pv);
+        if constexpr (GX) dx = math::bce_prob_grad<VecOps<acc_t>>(xv, tv, pv, uv, wh);
         if constexpr (GT) dt = gv * math::bce_prob_grad_target<VecOps<acc_t>>(xv, pv);
         return;
       }
@@ -349,8 +350,8 @@ inline void backward_segment(const Cx& cx, int64_t f, int64_t n, const typename 
       }
     };
     V dx0, dx1, dt0, dt1;
-    grads(xv[0], tv[0], av[0], pv[0], g0, dx0, dt0);
-    grads(xv[1], tv[1], av[1], pv[1], g1, dx1, dt1);
+    grads(xv[0], tv[0], av[0], pv[0], g0, u0, wv[0], dx0, dt0);
+    grads(xv[1], tv[1], av[1], pv[1], g1, u1, wv[1], dx1, dt1);
     if constexpr (kFull) {
       if constexpr (GX) Io::store(gx + k, dx0, dx1);
       if constexpr (GT) IO<target_t>::store(gt + k, dt0, dt1);

@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks)
   for (int k = 0; k < V; ++k) {
     const acc_t gw = g[k] * w[k];
     if constexpr (Prob) {  // probabilities
-      if constexpr (GX) dx[k] = gw * math::bce_prob_grad<Ops<acc_t>>(x[k], t[k], pw[k]);
+      if constexpr (GX) dx[k] = math::bce_prob_grad<Ops<acc_t>>(x[k], t[k], pw[k], g[k], w[k]);
       if constexpr (GT) dt[k] = gw * math::bce_prob_grad_target<Ops<acc_t>>(x[k], pw[k]);
       continue;
     }
