@@ -77,6 +77,16 @@ struct Rule {
                    z_loss, softcap, gamma, logit_adjustment,
                    autocast_loss_dtype(input, out_dtype));
   }
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> overlap_forward(
+      const Tensor& input, const Tensor& target, const OptTensor& weight, Sv reduction,
+      int64_t ignore_index, double label_smoothing, OptDouble gamma, bool squared,
+      OptDtype out_dtype) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
+    static const auto op =
+        op_of<decltype(overlap_forward)>("weighted_loss::cross_entropy_overlap_forward");
+    return op.call(input, autocast_target(target, input), weight, reduction, ignore_index,
+                   label_smoothing, gamma, squared, autocast_loss_dtype(input, out_dtype));
+  }
   // The elementwise losses: float32 for 16-bit logits; with float32 logits a 16-bit target is
   // cast, and the loss takes its new dtype.
   static Tensor bce_logits_forward(const Tensor& input, const Tensor& target,
@@ -112,6 +122,7 @@ struct Rule {
   static void register_all(torch::Library& m) {
     m.impl("cross_entropy_forward", &ce_forward);
     m.impl("cross_entropy_prob_forward", &ce_prob_forward);
+    m.impl("cross_entropy_overlap_forward", &overlap_forward);
     m.impl("binary_cross_entropy_with_logits_forward", &bce_logits_forward);
     m.impl("sigmoid_focal_loss_forward", &sigmoid_focal_forward);
     m.impl("binary_cross_entropy_forward", &bce_prob_forward);

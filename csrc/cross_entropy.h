@@ -70,6 +70,23 @@ at::Tensor cross_entropy_shard_backward_impl(
     Reduction reduction, int64_t ignore_index, double label_smoothing, int64_t class_offset,
     int64_t total_classes, const CrossEntropyBackend& backend);
 
+// Cross-entropy with the overlap sums of the Dice family beside it (params.h: overlap_sums), for
+// (N, C, d...) logits: class indices (an integer target) or probabilities (a floating one, the
+// logits' shape). Returns (loss, sums, lse, aux): sums (N, 3, C) acc, the planes I, P, T; aux the
+// mean's divisor (indices) or tsum (probabilities), as the cross-entropy ops return them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_overlap_forward_impl(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    Reduction reduction, int64_t ignore_index, double label_smoothing, RowTerms terms,
+    bool squared, std::optional<at::ScalarType> out_dtype, const CrossEntropyBackend& backend);
+
+// The logits' gradient of grad_loss * loss + sum(grad_sums * sums), grad_sums (N, 3, C) (T's
+// plane is not read: T does not depend on the logits).
+at::Tensor cross_entropy_overlap_backward_impl(
+    const at::Tensor& grad_loss, const at::Tensor& grad_sums, const at::Tensor& input,
+    const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+    const at::Tensor& aux, Reduction reduction, int64_t ignore_index, double label_smoothing,
+    RowTerms terms, bool squared, const CrossEntropyBackend& backend);
+
 // The argument checks both glue files use (cross_entropy.cpp), each naming the argument.
 namespace ce_glue {
 void check_common(const at::Tensor& input, const at::Tensor& target, const char* op);

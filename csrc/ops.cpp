@@ -69,6 +69,22 @@ TORCH_LIBRARY(weighted_loss, m) {
       "Tensor lse, str reduction=\"mean\", float label_smoothing=0., float z_loss=0., "
       "float? softcap=None, float? gamma=None, Tensor? logit_adjustment=None, "
       "ScalarType? target_dtype=None) -> Tensor");
+  // Cross-entropy (or the softmax focal loss) of (N, C, d...) logits with the Dice family's
+  // overlap sums beside it, in one pass (params.h: overlap_sums). An integer target holds class
+  // indices, a floating one probabilities (the logits' shape). Returns (loss, sums, lse, aux):
+  // sums (N, 3, C) the planes I = sum p t, P = sum p (p^2 when squared), T = sum t (t^2);
+  // aux the mean's divisor (indices) or tsum (probabilities). The backward adds the gradient of
+  // sum(grad_sums * sums), grad_sums (N, 3, C), to the loss's.
+  m.def(
+      "cross_entropy_overlap_forward(Tensor input, Tensor target, Tensor? weight=None, "
+      "str reduction=\"mean\", int ignore_index=-100, float label_smoothing=0., "
+      "float? gamma=None, bool squared=False, ScalarType? out_dtype=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cross_entropy_overlap_backward(Tensor grad_loss, Tensor grad_sums, Tensor input, "
+      "Tensor target, Tensor? weight, Tensor lse, Tensor aux, str reduction=\"mean\", "
+      "int ignore_index=-100, float label_smoothing=0., float? gamma=None, "
+      "bool squared=False) -> Tensor");
   // A vocab-parallel shard of the classes: the logits (rows, classes) hold classes
   // [class_offset, class_offset + classes) of total_classes; targets are global indices, weight
   // the full (total_classes,). The forward returns the shard's statistics (5, rows) (params.h),

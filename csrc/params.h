@@ -99,6 +99,16 @@ struct CrossEntropyParams {
                              // target is in the shard (else 0), ref, sum_c w_c (x_c - ref) (with
                              // label smoothing; else 0), ref a shift of the kernel's choice
 
+  // The overlap sums of the Dice family, beside the loss (the lane layout only; nullptr: off).
+  // Per item o and class c, over the positions not ignored, with p the softmax:
+  // I = sum p_c t_c, P = sum p_c (p_c^2 when overlap_squared), T = sum t_c (t_c^2), t the
+  // one-hot target (index targets) or the probabilities as given (no smoothing).
+  void* overlap_sums;        // forward: (outer, 3, classes) acc, the planes I, P, T
+  const void* grad_sums;     // backward: (outer, 3, classes) acc, dL/dI, dL/dP (and dL/dT,
+                             // not read), whose gradient through the softmax is added to the
+                             // loss's
+  bool overlap_squared;
+
   // backward
   const void* grad_loss;     // rows of loss_dtype (None) or 0-d loss_dtype
   void* grad_input;          // logits' shape and strides, dtype

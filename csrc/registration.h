@@ -104,6 +104,26 @@ struct CrossEntropyOps {
         terms_of(z_loss, softcap, gamma, logit_adjustment), target_dtype,
         Device::target_backward());
   }
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> overlap_forward(
+      const Tensor& input, const Tensor& target, const OptTensor& weight,
+      c10::string_view reduction, int64_t ignore_index, double label_smoothing, OptDouble gamma,
+      bool squared, OptDtype out_dtype) {
+    const typename Device::Guard guard(input.device());
+    return cross_entropy_overlap_forward_impl(
+        input, target, weight, reduction_of(reduction, kOp), ignore_index, label_smoothing,
+        terms_of(0, std::nullopt, gamma, std::nullopt), squared, out_dtype, Device::forward());
+  }
+  static Tensor overlap_backward(const Tensor& grad_loss, const Tensor& grad_sums,
+                                 const Tensor& input, const Tensor& target,
+                                 const OptTensor& weight, const Tensor& lse, const Tensor& aux,
+                                 c10::string_view reduction, int64_t ignore_index,
+                                 double label_smoothing, OptDouble gamma, bool squared) {
+    const typename Device::Guard guard(input.device());
+    return cross_entropy_overlap_backward_impl(
+        grad_loss, grad_sums, input, target, weight, lse, aux, reduction_of(reduction, kOp),
+        ignore_index, label_smoothing, terms_of(0, std::nullopt, gamma, std::nullopt), squared,
+        Device::backward());
+  }
   static Tensor shard_forward(const Tensor& input, const Tensor& target, const OptTensor& weight,
                               int64_t ignore_index, double label_smoothing, int64_t class_offset,
                               int64_t total_classes) {
@@ -135,6 +155,14 @@ void register_cross_entropy_ops(torch::Library& m) {
   m.impl("cross_entropy_prob_target_backward", &Ops::prob_target_backward);
   m.impl("cross_entropy_shard_forward", &Ops::shard_forward);
   m.impl("cross_entropy_shard_backward", &Ops::shard_backward);
+}
+
+// The cross-entropy with the overlap sums: the devices whose kernels compute them (the CPU's).
+template <typename Device>
+void register_overlap_ops(torch::Library& m) {
+  using Ops = CrossEntropyOps<Device>;
+  m.impl("cross_entropy_overlap_forward", &Ops::overlap_forward);
+  m.impl("cross_entropy_overlap_backward", &Ops::overlap_backward);
 }
 
 // Device: Guard, forward(), backward() returning BinaryCrossEntropyBackend. One pair of ops per

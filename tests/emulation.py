@@ -67,7 +67,8 @@ def _flags():
 
 
 def _sources():
-    glue = ["cross_entropy.cpp", "cross_entropy_shard.cpp", "binary_cross_entropy.cpp"]
+    glue = ["cross_entropy.cpp", "cross_entropy_layout.cpp", "cross_entropy_shard.cpp",
+            "binary_cross_entropy.cpp"]
     return ([os.path.join(ROOT, "csrc", f) for f in glue] +
             sorted(os.path.join(EMULATED, f) for f in os.listdir(EMULATED) if f.endswith(".cpp")))
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import weighted_loss as wl
-from references import (cross_entropy_terms, focal_reference, reweighted,
+from references import (cross_entropy_terms, focal_reference, overlap_reference, reweighted,
                         sigmoid_focal_composite)
 
 D = torch.float64
@@ -35,6 +35,8 @@ class Row:
     forward_ad: bool = True  # torch.func.jvp / forward_ad: tangents flow
     double_backward: bool = True  # create_graph=True gives a differentiable gradient
     compile: bool = False  # one of the rows that torch.compile(fullgraph=True) runs
+    # the devices whose kernels the loss has (conftest leaves the others uncollected)
+    devices: Tuple[str, ...] = ("cpu", "emulated", "cuda")
 
     def __str__(self):
         return self.name
@@ -53,6 +55,8 @@ def _data(device, dtype, n, seed=0):
         return (torch.randn(shape, generator=g, dtype=D) * scale).to(device, dtype)
     y = torch.randint(0, 5, (n,), generator=g)
     y[1] = 2
+    yv = torch.randint(0, 5, (2, 3, 7), generator=g)  # a volume's labels, a few ignored (2)
+    yv[0, 0, :3] = 2
     return dict(
         x=randn(n, 5, scale=2.0), xs=randn(2, 5, 3, 4, scale=2.0), x1=randn(5, scale=2.0),
         y=y.to(device), ys=torch.randint(0, 5, (2, 3, 4), generator=g).to(device),
@@ -60,7 +64,9 @@ def _data(device, dtype, n, seed=0):
         p=torch.softmax(torch.randn(n, 5, generator=g, dtype=D), 1).to(device, dtype),
         t=rand(n, 5), pw=rand(5, scale=3.0, shift=0.5), a=randn(5), v=rand(n, scale=2.0),
         prob=rand(n, 5, scale=0.9, shift=0.05),
-        h=randn(n, 8), lw=randn(5, 8, scale=0.5), b=randn(5))
+        h=randn(n, 8), lw=randn(5, 8, scale=0.5), b=randn(5),
+        xv=randn(2, 5, 3, 7, scale=2.0), yv=yv.to(device),
+        pv=torch.softmax(torch.randn(2, 5, 3, 7, generator=g, dtype=D) * 2, 1).to(device, dtype))
 
 
 def _row(name, make, **flags):
@@ -222,5 +228,55 @@ def _chunked_rows():
     ]
 
 
-LOSSES = _cross_entropy_rows() + _focal_rows() + _elementwise_rows() + _chunked_rows()
+def _overlap_rows():
+    """The overlap losses (weighted_loss/overlap.py) against MONAI's formulas written out
+    (references.overlap_reference); the fused kernels are the CPU's so far."""
+    cpu = dict(devices=("cpu",))
+    rows = []
+    for red in ("mean", "sum"):
+        kw = dict(ignore_index=2, label_smoothing=0.1, lambda_ce=1.0, reduction=red)
+        rows.append(_row(f"dice_loss-ce-{red}", lambda d, kw=kw: Sample(
+            lambda x: wl.dice_loss(x, d["yv"], weight=d["w"], **kw),
+            lambda x: overlap_reference(x, d["yv"], d["w"], **kw), (d["xv"],)),
+            compile=red == "mean", **cpu))
+    jk = dict(include_background=False, jaccard=True, batch=True, reduction="none")
+    sq = dict(squared_pred=True, lambda_ce=0.5, reduction="sum")
+    tv = dict(alpha=0.3, beta=0.7, focal_exponent=0.75, gamma=2.0, lambda_ce=1.0,
+              ignore_index=2)
+    gd = dict(w_type="simple", lambda_ce=1.0, ignore_index=2)
+    rows += [
+        _row("dice_loss-jaccard-batch-none", lambda d: Sample(
+            lambda x: wl.dice_loss(x, d["yv"], ignore_index=2, **jk),
+            lambda x: overlap_reference(x, d["yv"], ignore_index=2, **jk), (d["xv"],)), **cpu),
+        _row("dice_loss-soft-squared", lambda d: Sample(
+            lambda x, t: wl.dice_loss(x, t, weight=d["w"], **sq),
+            lambda x, t: overlap_reference(x, t, d["w"], **sq), (d["xv"], d["pv"])), **cpu),
+        _row("tversky_loss-focal", lambda d: Sample(
+            lambda x: wl.tversky_loss(x, d["yv"], weight=d["w"], **tv),
+            lambda x: overlap_reference(x, d["yv"], d["w"], kind="tversky", **tv),
+            (d["xv"],)), compile=True, **cpu),
+        _row("generalized_dice_loss-ce", lambda d: Sample(
+            lambda x: wl.generalized_dice_loss(x, d["yv"], weight=d["w"], **gd),
+            lambda x: overlap_reference(x, d["yv"], d["w"], kind="generalized", **gd),
+            (d["xv"],)), **cpu),
+        _row("overlap_sums", lambda d: Sample(
+            lambda x: torch.stack(wl.overlap_sums(x, d["yv"], ignore_index=2)),
+            lambda x: _sums_reference(x, d["yv"], ignore_index=2), (d["xv"],)), **cpu),
+        _row("DiceLoss-module", lambda d: Sample(
+            lambda x: wl.DiceLoss(d["w"], lambda_ce=1.0)(x, d["yv"]),
+            lambda x: overlap_reference(x, d["yv"], d["w"], lambda_ce=1.0), (d["xv"],)),
+            compile=True, **cpu),
+    ]
+    return rows
+
+
+def _sums_reference(x, y, ignore_index):
+    keep = (y != ignore_index).unsqueeze(1)
+    t = F.one_hot(torch.where(keep.squeeze(1), y, 0), x.shape[1]).movedim(-1, 1).to(x) * keep
+    p = torch.softmax(x, 1) * keep
+    return torch.stack([(p * t).sum((2, 3)), p.sum((2, 3)), t.sum((2, 3))])
+
+
+LOSSES = _cross_entropy_rows() + _focal_rows() + _elementwise_rows() + _chunked_rows() + \
+    _overlap_rows()
 BY_NAME = {row.name: row for row in LOSSES}

@@ -170,3 +170,96 @@ def cross_entropy_terms(x, t, weight=None, ignore_index=-100, reduction="mean",
     if reduction == "none":
         return rows
     return rows.sum() if reduction == "sum" else rows.sum() / divisor
+
+
+def _monai_tp_fp_fn(p, t, axes, squared):
+    """monai.losses.utils.compute_tp_fp_fn (1.5) for hard or soft targets: the L1 form, or with
+    squared predictions its norm form, whose tp cancels (|p|^2 + |t|^2 - |p - t|^2) / 2."""
+    if not squared:
+        tp = (p * t).sum(axes)
+        return tp, p.sum(axes) - tp, t.sum(axes) - tp
+    po, go = (p * p).sum(axes), (t * t).sum(axes)
+    tp = (po + go - ((p - t) ** 2).sum(axes)) / 2
+    return tp, po - tp, go - tp
+
+
+def overlap_reference(x, target, weight=None, *, kind="dice", include_background=True,
+                      squared_pred=False, jaccard=False, batch=False, smooth_nr=1e-5,
+                      smooth_dr=1e-5, ignore_index=-100, reduction="mean", lambda_overlap=1.0,
+                      lambda_ce=0.0, label_smoothing=0.0, gamma=None, alpha=0.5, beta=0.5,
+                      focal_exponent=1.0, w_type="square"):
+    """MONAI's DiceLoss / TverskyLoss / GeneralizedDiceLoss (softmax=True, to_onehot_y=True for
+    class indices; monai/losses 1.5) written out in PyTorch's ops, plus lambda_ce times
+    F.cross_entropy (focal_reference with gamma) with the same class weight. An ignored
+    position (ignore_index) is in neither term."""
+    C = x.shape[1]
+    p = torch.softmax(x, 1)
+    if target.shape == x.shape:
+        t = target.to(p.dtype)
+    else:
+        keep = (target != ignore_index).unsqueeze(1)
+        y = torch.where(keep.squeeze(1), target, torch.zeros_like(target)).long()
+        t = F.one_hot(y, C).movedim(-1, 1).to(p.dtype) * keep
+        p = torch.where(keep, p, torch.zeros_like(p))
+    if not include_background and C > 1:
+        p, t = p[:, 1:], t[:, 1:]
+    axes = list(range(2, x.dim()))
+    if batch:
+        axes = [0] + axes
+    tp, fp, fn = _monai_tp_fp_fn(p, t, axes, squared_pred and kind == "dice")
+    if kind == "dice":
+        if not jaccard:
+            fp, fn = 0.5 * fp, 0.5 * fn
+        f = 1.0 - (2 * tp + smooth_nr) / (2 * (tp + fp + fn) + smooth_dr)
+    elif kind == "tversky":
+        f = 1.0 - (tp + smooth_nr) / (tp + alpha * fp + beta * fn + smooth_dr)
+        if focal_exponent != 1.0:
+            f = f.clamp_min(0) ** focal_exponent
+    else:  # generalized Dice
+        ground = t.sum(axes)
+        w = {"simple": 1 / ground, "square": 1 / (ground * ground)}.get(w_type,
+                                                                       torch.ones_like(ground))
+        infs = torch.isinf(w)
+        w = torch.where(infs, torch.zeros_like(w), w)
+        w = w + infs * (w.max() if batch else w.max(1, keepdim=True).values)
+        dim = 0 if batch else 1
+        f = 1.0 - (2 * (tp * w).sum(dim, keepdim=True) + smooth_nr) / \
+            ((2 * (tp + 0.5 * fp + 0.5 * fn) * w).sum(dim, keepdim=True) + smooth_dr)
+    if weight is not None and kind != "generalized" and f.shape[-1] > 1:
+        f = f * (weight if include_background else weight[1:]).to(f)
+    f = {"mean": f.mean, "sum": f.sum}.get(reduction, lambda: f)()
+    if not lambda_ce:
+        return lambda_overlap * f
+    red = "sum" if reduction == "sum" else "mean"
+    if gamma:
+        ce = focal_reference(x, target, gamma, weight, ignore_index=ignore_index, reduction=red,
+                             label_smoothing=label_smoothing)
+    else:
+        ce = F.cross_entropy(x, target, weight, ignore_index=ignore_index, reduction=red,
+                             label_smoothing=label_smoothing)
+    return lambda_overlap * f + lambda_ce * ce
+
+
+def nnunet_reference(x, target, *, batch_dice=False, do_bg=True, smooth=1e-5, ignore_label=None,
+                     memory_efficient=False, weight_ce=1.0, weight_dice=1.0):
+    """nnU-Net v2's DC_and_CE_loss (SoftDiceLoss or MemoryEfficientSoftDiceLoss with its softmax)
+    written out in PyTorch's ops at the input's precision (nnU-Net's own sums in float32)."""
+    y = target[:, 0].long()
+    keep = torch.ones_like(y, dtype=torch.bool) if ignore_label is None else y != ignore_label
+    p = torch.softmax(x, 1)
+    t = F.one_hot(torch.where(keep, y, 0), x.shape[1]).movedim(-1, 1).to(p.dtype)
+    m = keep.unsqueeze(1).to(p.dtype)
+    axes = ([0] if batch_dice else []) + list(range(2, x.dim()))
+    tp, sp, st = (p * t * m).sum(axes), (p * m).sum(axes), (t * m).sum(axes)
+    if memory_efficient:
+        if not do_bg:
+            tp, sp, st = tp[..., 1:], sp[..., 1:], st[..., 1:]
+        dc = (2 * tp + smooth) / (st + sp + smooth).clamp_min(1e-8)
+    else:
+        dc = (2 * tp + smooth) / torch.clip(2 * tp + (sp - tp) + (st - tp) + smooth, 1e-8)
+        if not do_bg:
+            dc = dc[..., 1:]
+    ce = F.cross_entropy(x, y, ignore_index=-100 if ignore_label is None else ignore_label)
+    if ignore_label is not None and not keep.any():
+        ce = 0
+    return weight_ce * ce - weight_dice * dc.mean()

@@ -11,6 +11,8 @@ from .functional import binary_cross_entropy, binary_cross_entropy_with_logits, 
 from .focal import FocalLoss, SigmoidFocalLoss, focal_loss, sigmoid_focal_loss
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss
+from .overlap import (DiceLoss, GeneralizedDiceLoss, TverskyLoss, dice_loss, generalized_dice_loss,
+                      overlap_sums, tversky_loss)
 from .patch import is_patched, patch_torch, unpatch_torch
 from .priors import adjust_logits, logit_adjustment
 from .vocab_parallel import vocab_parallel_cross_entropy
@@ -24,7 +26,8 @@ __all__ = [
     "total_weight", "vocab_parallel", "vocab_parallel_cross_entropy", "linear_cross_entropy",
     "LinearCrossEntropyLoss", "sigmoid_focal_loss", "SigmoidFocalLoss",
     "focal_loss", "FocalLoss", "patch_torch", "unpatch_torch", "is_patched", "logit_adjustment",
-    "adjust_logits", "binary_cross_entropy", "BCELoss",
+    "adjust_logits", "binary_cross_entropy", "BCELoss", "overlap_sums", "dice_loss", "DiceLoss",
+    "tversky_loss", "TverskyLoss", "generalized_dice_loss", "GeneralizedDiceLoss",
 ]
 __version__ = "0.1.0"
 

@@ -175,3 +175,77 @@ def binary_cross_entropy(input, target, weight=None, pos_weight=None, reduction=
     dtype = _acc_dtype(torch.promote_types(input.dtype, target.dtype))
     ce = _bce_prob_terms(*_cast_all(dtype, input, target, weight, pos_weight))
     return _reduce(ce, ce.numel(), reduction).to(out_dtype or target.dtype)
+
+
+def overlap_sums(input, target, ignore_index=-100, squared=False):
+    """The overlap sums (N, 3, C) of the cross_entropy_overlap_forward op: per item and class,
+    I = sum p t, P = sum p (p^2 when squared), T = sum t (t^2) over the positions not ignored, p
+    the softmax; an integer target is one-hot, a floating one taken as it is. One precision up."""
+    x = _acc(input)
+    p = torch.softmax(x, 1)
+    if target.is_floating_point():
+        t = target.to(p.dtype)
+    else:
+        y = target.long()
+        keep = (y != ignore_index).unsqueeze(1)
+        yc = torch.where(keep.squeeze(1), y, torch.zeros_like(y))
+        t = torch.zeros_like(p).scatter_(1, yc.unsqueeze(1), 1.0) * keep
+        p = torch.where(keep, p, torch.zeros_like(p))  # an ignored position's NaN stays out
+    dims = list(range(2, x.dim()))
+    pp = p * p if squared else p
+    tt = t * t if squared else t
+    sums = [(p * t), pp, tt]
+    return torch.stack([s.sum(dims) if dims else s for s in sums], 1)
+
+
+def cross_entropy_overlap(input, target, weight=None, reduction="mean", ignore_index=-100,
+                          label_smoothing=0.0, gamma=None, squared=False, out_dtype=None):
+    """The cross_entropy_overlap_forward op's (loss, sums): the cross-entropy (or focal) loss of
+    cross_entropy / cross_entropy_prob and overlap_sums, the sums in the op's acc dtype."""
+    if target.is_floating_point():
+        loss = cross_entropy_prob(input, target, weight, reduction, label_smoothing,
+                                  gamma=gamma, out_dtype=out_dtype)
+    else:
+        loss = cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing,
+                             gamma=gamma, out_dtype=out_dtype)
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    return loss, overlap_sums(input, target, ignore_index, squared).to(acc)
+
+
+# ---------------------------------------------------------------- the overlap formulas
+# MONAI's (monai.losses 1.5) arithmetic on the sums I, P, T: tp = I, fp = P - I, fn = T - I.
+
+def dice_from_sums(i, p, t, smooth_nr, smooth_dr, jaccard=False):
+    """1 - (2 tp + smooth_nr) / (2 (tp + fp + fn) + smooth_dr), fp and fn halved for the Dice
+    (not for the Jaccard index)."""
+    fp, fn = p - i, t - i
+    if not jaccard:
+        fp, fn = 0.5 * fp, 0.5 * fn
+    return 1.0 - (2.0 * i + smooth_nr) / (2.0 * (i + fp + fn) + smooth_dr)
+
+
+def tversky_from_sums(i, p, t, alpha, beta, smooth_nr, smooth_dr):
+    """1 - (tp + smooth_nr) / (tp + alpha fp + beta fn + smooth_dr)."""
+    return 1.0 - (i + smooth_nr) / (i + alpha * (p - i) + beta * (t - i) + smooth_dr)
+
+
+def generalized_dice_from_sums(i, p, t, w_type, smooth_nr, smooth_dr, batch, volume=None):
+    """The generalized Dice over the classes (the last dim) of (N, C) sums, or of (C,) ones
+    summed over the batch: the weight 1 / V^2, 1 / V or 1 per class (V the class's volume, T
+    unless given: MONAI takes T in float32), a class with none of it (an infinite weight)
+    taking the largest finite one (of its item; of the batch)."""
+    v = t if volume is None else volume
+    if w_type == "simple":
+        w = torch.reciprocal(v)
+    elif w_type == "square":
+        w = torch.reciprocal(v * v)
+    else:
+        w = torch.ones_like(v)
+    infs = torch.isinf(w)
+    w = torch.where(infs, torch.zeros_like(w), w)
+    top = w.max() if batch else w.max(-1, keepdim=True).values
+    w = w + infs * top
+    fp, fn = 0.5 * (p - i), 0.5 * (t - i)
+    numer = 2.0 * (i * w).sum(-1, keepdim=True) + smooth_nr
+    denom = (2.0 * (i + fp + fn) * w).sum(-1, keepdim=True) + smooth_dr
+    return 1.0 - numer / denom

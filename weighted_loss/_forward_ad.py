@@ -136,7 +136,10 @@ def _function(rule) -> type:
     })
 
 
-FUNCTIONS = {op: _function(rule) for op, rule in _autograd.RULES.items()}
+# (the overlap op's sums have tangents of their own, (N, 3, C) of them: where tangents may flow,
+# its callers run its composite instead, _overlap.py)
+FUNCTIONS = {op: _function(rule) for op, rule in _autograd.RULES.items()
+             if rule is not _autograd.CROSS_ENTROPY_OVERLAP}
 
 
 def call(op, *args, **kwargs):

@@ -206,6 +206,62 @@ def _ce_backward(rule, ctx, grad_loss, *_grad_saved_outputs):
     return sig.grads(**grads)
 
 
+# ---------------------------------------------------------------- the overlap sums
+
+@torch.library.register_fake("weighted_loss::cross_entropy_overlap_forward")
+def _(input, target, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
+      gamma=None, squared=False, out_dtype=None):
+    acc = _acc_dtype(input.dtype)
+    prob = target.is_floating_point()
+    row_shape = _row_shape(input) if prob else target.shape
+    loss = input.new_empty(row_shape if reduction == "none" else (),
+                           dtype=out_dtype or (target.dtype if prob else input.dtype))
+    rows = _rows(input)
+    planes = 3 if gamma and not prob else 2  # csrc/cross_entropy.cpp: lse_planes
+    sums = input.new_empty((input.shape[0], 3, input.shape[1]), dtype=acc)
+    aux = input.new_empty((rows,) if prob else (), dtype=acc)
+    return loss, sums, input.new_empty((planes, rows), dtype=acc), aux
+
+
+@torch.library.register_fake("weighted_loss::cross_entropy_overlap_backward")
+def _(grad_loss, grad_sums, input, target, weight, lse, aux, reduction="mean",
+      ignore_index=-100, label_smoothing=0.0, gamma=None, squared=False):
+    return torch.empty_like(input)
+
+
+CROSS_ENTROPY_OVERLAP = _rule(_ops.cross_entropy_overlap_forward,
+                              _composite.cross_entropy_overlap, outputs=("sums", "lse", "aux"))
+
+
+def _overlap_backward(rule, ctx, grad_loss, grad_sums, *_grad_saved_outputs):
+    """The logits' gradient of the loss and of the sums I and P (T has none), from the
+    backward op; a probability target's, and any gradient to differentiate again, from the
+    composite."""
+    sig, s = rule.signature, _named.saved(ctx)
+    _no_parameter_grads(rule, ctx)
+    prob = s.target.is_floating_point()
+    need_x, need_t = sig.needs(ctx, "input"), prob and sig.needs(ctx, "target")
+    if (grad_loss is None and grad_sums is None) or not (need_x or need_t):
+        return sig.grads()
+    if grad_loss is None:
+        grad_loss = torch.zeros(ctx.loss_shape, dtype=ctx.out_dtype, device=s.input.device)
+    if grad_sums is None:
+        grad_sums = s.lse.new_zeros((s.input.shape[0], 3, s.input.shape[1]))
+    if torch.is_grad_enabled() or need_t:  # create_graph=True, or the target's gradient
+        wrt = [n for n, need in (("input", need_x), ("target", need_t)) if need]
+        args = dict(input=s.input, target=s.target, weight=s.weight, out_dtype=ctx.out_dtype,
+                    **ctx.options)
+
+        def of(*tensors):
+            return rule.composite(**dict(args, **dict(zip(wrt, tensors))))
+        (loss, sums), pullback = torch.func.vjp(of, *[args[n] for n in wrt])
+        grads = pullback((grad_loss.to(loss.dtype), grad_sums.to(sums.dtype)))
+        return sig.grads(**dict(zip(wrt, grads)))
+    gx = _ops.cross_entropy_overlap_backward(grad_loss, grad_sums, s.input, s.target,
+                                             s.weight, s.lse, s.aux, **ctx.options)
+    return sig.grads(input=gx)
+
+
 # ---------------------------------------------------------------- vocab-parallel shards
 
 @torch.library.register_fake("weighted_loss::cross_entropy_shard_forward")
@@ -306,14 +362,18 @@ def _elementwise_backward(rule, ctx, grad_loss):
 # ---------------------------------------------------------------- registration
 
 def setup_of(rule: Rule):
-    return _ce_setup if rule in (CROSS_ENTROPY, CROSS_ENTROPY_PROB) else _setup
+    return _ce_setup if rule in (CROSS_ENTROPY, CROSS_ENTROPY_PROB, CROSS_ENTROPY_OVERLAP) \
+        else _setup
 
 
 def backward_of(rule: Rule):
+    if rule is CROSS_ENTROPY_OVERLAP:
+        return _overlap_backward
     return _ce_backward if rule in (CROSS_ENTROPY, CROSS_ENTROPY_PROB) else _elementwise_backward
 
 
-RULES = {rule.forward: rule for rule in (CROSS_ENTROPY, CROSS_ENTROPY_PROB, *ELEMENTWISE.values())}
+RULES = {rule.forward: rule for rule in (CROSS_ENTROPY, CROSS_ENTROPY_PROB, CROSS_ENTROPY_OVERLAP,
+                                         *ELEMENTWISE.values())}
 
 for _rule_ in RULES.values():
     torch.library.register_autograd(
@@ -334,6 +394,7 @@ def _no_double_backward(ctx, *grads):
 
 
 for _op in ("cross_entropy_backward", "cross_entropy_prob_backward",
+            "cross_entropy_overlap_backward",
             "cross_entropy_prob_target_backward", "cross_entropy_shard_backward",
             *(f"{name}_backward" for name in ELEMENTWISE)):
     torch.library.register_autograd(f"weighted_loss::{_op}", _no_double_backward)

@@ -34,4 +34,5 @@ struct Cpu {
 
 TORCH_LIBRARY_IMPL(weighted_loss, CPU, m) {
   weighted_loss::register_cross_entropy_ops<weighted_loss::Cpu>(m);
+  weighted_loss::register_overlap_ops<weighted_loss::Cpu>(m);
 }

@@ -114,6 +114,8 @@ enum class Path { kRows, kSmallRows, kLanes };
 
 inline Path path_of(const CrossEntropyParams& p) {
   if (p.total_classes != p.classes) return Path::kRows;  // a vocab-parallel shard (glue: rows)
+  // the overlap sums: the lane code only (the glue gives it stride_inner == 1)
+  if (p.overlap_sums != nullptr || p.grad_sums != nullptr) return Path::kLanes;
   if (p.stride_class != 1) return Path::kLanes;
   return p.classes <= kSmallClasses ? Path::kSmallRows : Path::kRows;
 }

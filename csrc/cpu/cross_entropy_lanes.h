@@ -5,6 +5,7 @@
 #pragma once
 
 #include "cross_entropy_focal.h"
+#include "cross_entropy_overlap.h"
 
 namespace weighted_loss::cpu {
 namespace CPU_CAPABILITY {
@@ -247,9 +248,12 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
 
 template <typename scalar_t, int M, bool HasW>
 void forward_lanes(const Ctx<scalar_t>& cx) {
+  using acc_t = typename AccOf<scalar_t>::type;
   constexpr int64_t B = IO<scalar_t>::B;
   const auto& p = cx.p;
   const Units u = lane_units<scalar_t>(p);
+  const bool overlap = p.overlap_sums != nullptr;
+  std::vector<double> part(overlap ? u.count * 3 * p.classes : 0);
   forward_units(cx, u.count, [&](int64_t unit, double& sl, double& sw) {
     const LaneSpan span(p, u, unit);
     const int64_t o = span.o, i_begin = span.begin, i_end = span.end;
@@ -258,15 +262,26 @@ void forward_lanes(const Ctx<scalar_t>& cx) {
     const Target<scalar_t, M>* t = cx.template target<M>(off);
     LaneTile<scalar_t> tiles[2];
     lanes_max<scalar_t, M>(cx, x, t, p.classes, sC, std::min(B, n), tiles[0]);
+    std::optional<OverlapUnit<acc_t>> ov;
+    if (overlap) ov.emplace(p.classes, B);
     for (int64_t j = 0, k = 0; j < n; j += B, k ^= 1) {
       const bool more = j + B < n;
+      const int64_t nl = std::min(B, n - j), r0 = o * p.inner + i_begin + j;
       lanes_block_forward<scalar_t, M, HasW>(
-          cx, x + j, is_prob(M) ? t + j : nullptr, sC, std::min(B, n - j),
-          o * p.inner + i_begin + j, sl, sw, tiles[k], more ? x + j + B : nullptr,
-          more && is_prob(M) ? t + j + B : nullptr, more ? std::min(B, n - j - B) : 0,
-          tiles[k ^ 1]);
+          cx, x + j, is_prob(M) ? t + j : nullptr, sC, nl, r0, sl, sw, tiles[k],
+          more ? x + j + B : nullptr, more && is_prob(M) ? t + j + B : nullptr,
+          more ? std::min(B, n - j - B) : 0, tiles[k ^ 1]);
+      if (overlap) {  // the block's tile is still whole: the next block's went to the other
+        lanes_overlap_forward<scalar_t, M>(cx, x + j, is_prob(M) ? t + j : nullptr, sC, nl, r0,
+                                           p.classes <= kTileClasses ? tiles[k].v : nullptr, *ov);
+      }
+    }
+    if (overlap) {
+      ov->flush(B);
+      std::copy(ov->sums.begin(), ov->sums.end(), part.begin() + unit * 3 * p.classes);
     }
   });
+  if (overlap) finish_overlap<acc_t>(p, u.per_outer, part);
 }
 
 

@@ -106,6 +106,14 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
       cp1 = Vec::blendv(zero, cp1 + g1v * z2 * wy1 * (sh1 + L1), keep1);
     }
   }
+  // the overlap sums' gradient (cross_entropy_overlap.h): a_c, b_c of the lanes' item, and S
+  const acc_t* ab = p.grad_sums != nullptr
+                        ? static_cast<const acc_t*>(p.grad_sums) + (r0 / p.inner) * 3 * C
+                        : nullptr;
+  Vec S0, S1;
+  if (ab != nullptr) {
+    overlap_backward_sum<scalar_t, M>(cx, x, t, sC, nl, ab, y0, y1, sh0, sh1, L0, L1, S0, S1);
+  }
   for (int64_t c = 0; c < C; ++c) {
     const int64_t at = c * sC;
     if (pf) {
@@ -153,6 +161,9 @@ C10_ALWAYS_INLINE void lanes_block_backward(const Ctx<scalar_t>& cx, const scala
       }
       g0 = at::vec::fnmadd(cw0, w0, g0);  // one rounding: cp p - cw w t'
       g1 = at::vec::fnmadd(cw1, w1, g1);
+    }
+    if (ab != nullptr) {
+      overlap_backward_add<scalar_t, M>(cx, t, at, nl, c, ab, y0, y1, p0, p1, S0, S1, g0, g1);
     }
     cx.cap_slope(v0, v1, g0, g1);
     if (stream && nl == B) {
