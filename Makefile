@@ -5,7 +5,8 @@
 # plus the build and test tools (expecttest: torch.testing._internal, whose OpInfo and ModuleInfo
 # samples tests/test_exactness.py runs, imports it); `make test` also the frameworks its
 # integration tests train with (transformers, accelerate, lightning: pinned to the versions tested,
-# none of which asks for another torch). The extension is rebuilt when a source changed.
+# none of which asks for another torch) and MONAI's and nnU-Net's losses (their packages alone, no
+# dependencies). The extension is rebuilt when a source changed.
 
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
@@ -31,10 +32,15 @@ EMU_HEADERS := tests/emulated/headers.py
 cuda-headers:
 	@$(PYTHON) $(EMU_HEADERS) >/dev/null || $(PIP) install $$($(PYTHON) $(EMU_HEADERS) --wheels)
 
-# the training frameworks of tests/test_mixed_precision_frameworks.py (test-only)
+# the training frameworks of tests/test_mixed_precision_frameworks.py (test-only), and the
+# segmentation libraries whose losses tests/test_segmentation_integrations.py compares with:
+# their loss modules import with torch and numpy alone, so without their other dependencies
 FRAMEWORKS := transformers==5.24.0 accelerate==1.16.0 lightning==2.6.6
+SEGMENTATION := monai==1.5.0 nnunetv2==2.8.1 parameterized==0.9.0
 test-deps: deps cuda-headers
 	@$(PYTHON) -c "import transformers, accelerate, lightning" 2>/dev/null || $(PIP) install $(FRAMEWORKS)
+	@$(PYTHON) -c "import monai, nnunetv2, parameterized" 2>/dev/null || \
+		$(PIP) install --no-deps $(SEGMENTATION)
 
 # what the benchmark's table and plot use (it runs without them, plainer and with no PNG)
 bench-deps: deps
@@ -69,9 +75,8 @@ cuda-check:
 
 # The emulated CUDA kernels and the glue built with AddressSanitizer and UndefinedBehaviorSanitizer
 # (build/asan/emulated, -O0; the sanitized library loads only with the sanitizer's runtime
-# preloaded), run over the tests marked emulated but not asan_skip (tests/conftest.py says which;
-# docs/development.md why). --capture=sys: a sanitizer's report (written to fd 2 as the process
-# dies) reaches the log.
+# preloaded), run over the tests marked emulated but not asan_skip (docs/development.md, "CI").
+# --capture=sys: a sanitizer's report (written to fd 2 as the process dies) reaches the log.
 ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
 ASAN_ENV = WEIGHTED_LOSS_SANITIZE=1 LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0
 emulator-asan: build test-deps
