@@ -199,3 +199,16 @@ def test_a_weight_of_another_length_raises():
 def test_out_of_range_class_index_raises():
     with pytest.raises(IndexError, match="out of bounds"):
         wl.dice_loss(torch.randn(2, 3, 4), torch.full((2, 4), 3, dtype=torch.long))
+
+
+def test_autocast_reads_16bit_logits_in_place():
+    """Under autocast the loss is float32 (the cross-entropy's rule), the gradient the logits'
+    dtype, and the value the float32 logits' to bfloat16 rounding."""
+    x, y = _inputs((2, 4, 8, 9), True, dtype=torch.bfloat16)
+    xb = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = wl.dice_loss(xb, y, lambda_ce=1.0)
+    (g,) = torch.autograd.grad(loss, xb)
+    assert loss.dtype == torch.float32 and g.dtype == torch.bfloat16
+    ref = wl.dice_loss(x.float(), y, lambda_ce=1.0)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)

@@ -155,3 +155,13 @@ def test_patch_nnunet_swaps_and_restores():
     with wn.patch_nnunet():
         assert nnunet_losses.DC_and_CE_loss is wn.DC_and_CE_loss
     assert nnunet_losses.DC_and_CE_loss is original
+
+
+def test_monai_exports_fused():
+    """torch.export of MONAI's DiceCELoss, swapped: the graph calls the fused op."""
+    loss = wm.DiceCELoss(to_onehot_y=True, softmax=True)
+    x, y = _labels((2, 4, 8, 9))
+    x, y = x.float(), y.float()
+    ep = torch.export.export(loss, (x, y))
+    assert any("cross_entropy_overlap" in str(n.target) for n in ep.graph.nodes)
+    torch.testing.assert_close(ep.module()(x, y), loss(x, y))
