@@ -16,7 +16,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _composite, _forward_ad
+from . import _composite, _forward_ad, _reweight
+from . import distributed as _dist
 
 _ops = torch.ops.weighted_loss
 _OP = "weighted_loss::cross_entropy_overlap_forward"
@@ -42,6 +43,26 @@ def softmax_terms(input: Tensor, target: Tensor, weight: Optional[Tensor], reduc
         return _composite.cross_entropy_overlap(input, target, **kwargs)
     loss, sums, _, _ = _ops.cross_entropy_overlap_forward(input, target, **kwargs)
     return loss, sums
+
+
+def cross_entropy_divisor(input: Tensor, target: Tensor, weight: Optional[Tensor],
+                          ignore_index: int) -> Tensor:
+    """The cross-entropy term's mean divisor on this device: sum(weight[y]) over the positions
+    not ignored (class indices), or the positions' count (a target of the input's shape)."""
+    if target.is_floating_point() or target.shape == input.shape:
+        return torch.tensor(float(input.numel() // max(1, input.shape[1])), dtype=torch.float64,
+                            device=input.device)
+    return _reweight.kept_weight(target, weight, ignore_index)
+
+
+def group_sums(sums: Tensor, process_group) -> Tensor:
+    """The group's sums (all-reduced) on every rank; their gradient the rank's own times the group
+    size, which DDP's averaging of the parameters' gradients turns into one process's on the
+    whole batch (weighted_loss/distributed.py)."""
+    size = _dist._group_size(process_group)
+    total = _dist._all_reduce(sums.detach(), process_group)
+    scaled = sums * size
+    return scaled + (total - scaled).detach()
 
 
 def sigmoid_sums(input: Tensor, target: Tensor, squared: bool) -> Tensor:

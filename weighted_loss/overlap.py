@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _composite, _overlap
+from . import distributed as _dist
 from ._options import check_gamma, check_reduction
 
 __all__ = ["overlap_sums", "dice_loss", "tversky_loss", "generalized_dice_loss", "DiceLoss",
@@ -59,11 +60,13 @@ def _soft_target(input: Tensor, target: Tensor) -> Tensor:
 
 
 def _terms(input, target, *, weight, ignore_index, label_smoothing, gamma, squared, activation,
-           lambda_ce, reduction_ce, op):
-    """(cross-entropy term or None, sums (N, 3, C))."""
+           lambda_ce, reduction_ce, op, process_group=None, batch=False):
+    """(cross-entropy term or None, sums (N, 3, C); with ``batch`` summed over the items, (3, C)).
+    With a process group: the group's cross-entropy mean, and the group's batch sums."""
     index = _check(input, target, activation, op)
     if not index:
         target = _soft_target(input, target)
+    grouped = process_group is not None
     if activation == "sigmoid":
         sums = _overlap.sigmoid_sums(input, target, squared)
         ce = None
@@ -71,26 +74,37 @@ def _terms(input, target, *, weight, ignore_index, label_smoothing, gamma, squar
             from .functional import binary_cross_entropy_with_logits
             pw = None if weight is None else weight.view((-1,) + (1,) * (input.dim() - 2))
             ce = binary_cross_entropy_with_logits(input, target.to(input.dtype), pos_weight=pw,
-                                                  reduction=reduction_ce)
-        return ce, sums
-    gamma = check_gamma(gamma) if gamma is not None else None
-    loss, sums = _overlap.softmax_terms(input, target, weight, reduction_ce, ignore_index,
-                                        label_smoothing, gamma, squared)
-    return (loss if lambda_ce else None), sums
+                                                  reduction=reduction_ce,
+                                                  process_group=process_group)
+    else:
+        gamma = check_gamma(gamma) if gamma is not None else None
+        ce, sums = _overlap.softmax_terms(input, target, weight,
+                                          "sum" if grouped else reduction_ce, ignore_index,
+                                          label_smoothing, gamma, squared)
+        if not lambda_ce:
+            ce = None
+        elif grouped:
+            divisor = _overlap.cross_entropy_divisor(input, target, weight, ignore_index)
+            ce = _dist._global_mean(ce, divisor, process_group, None)
+    if batch:
+        sums = sums.sum(0)
+        if grouped:
+            sums = _overlap.group_sums(sums, process_group)
+    return ce, sums
 
 
 def overlap_sums(input: Tensor, target: Tensor, *, ignore_index: int = -100,
-                 squared_pred: bool = False, batch: bool = False,
-                 activation: str = "softmax") -> Tuple[Tensor, Tensor, Tensor]:
+                 squared_pred: bool = False, batch: bool = False, activation: str = "softmax",
+                 process_group=None) -> Tuple[Tensor, Tensor, Tensor]:
     """(I, P, T), each (N, C) (or (C,) with ``batch``): I = sum p t, P = sum p (p^2 with
     ``squared_pred``), T = sum t (t^2) over each item's positions not ignored, p the softmax
     (``activation="sigmoid"``: the sigmoid) of the logits, t the one-hot or given target.
-    Differentiable in the logits; computed in float32 (float64 for float64 logits)."""
+    Differentiable in the logits; computed in float32 (float64 for float64 logits). With
+    ``batch`` and ``process_group``: the group's batch sums on every rank."""
     _, sums = _terms(input, target, weight=None, ignore_index=ignore_index, label_smoothing=0.0,
                      gamma=None, squared=squared_pred, activation=activation, lambda_ce=0.0,
-                     reduction_ce="sum", op="overlap_sums")
-    if batch:
-        sums = sums.sum(0)
+                     reduction_ce="sum", op="overlap_sums", process_group=process_group,
+                     batch=batch)
     i, p, t = sums.unbind(-2)
     return i, p, t
 
@@ -101,7 +115,12 @@ def _classes(sums: Tensor, include_background: bool) -> Tensor:
     return sums if include_background or C == 1 else sums.narrow(-1, 1, C - 1)
 
 
-def _reduce(f: Tensor, reduction: str) -> Tensor:
+def _reduce(f: Tensor, reduction: str, process_group=None, batch=False) -> Tensor:
+    """f per item (or, with ``batch``, the batch's) and class, reduced; with a process group the
+    mean over the group's items (a batch's f is the group's already, the same on every rank)."""
+    if process_group is not None and not batch and reduction == "mean":
+        count = torch.tensor(float(f.numel()), dtype=torch.float64, device=f.device)
+        return _dist._global_mean(f.sum(), count, process_group, None)
     if reduction == "mean":
         return f.mean()
     if reduction == "sum":
@@ -137,11 +156,14 @@ def _combine(overlap: Tensor, ce: Optional[Tensor], lambda_overlap: float,
     return lambda_overlap * overlap + lambda_ce * ce.to(overlap.dtype)
 
 
-def _check_lambdas(lambda_overlap, lambda_ce, reduction, op):
+def _check_lambdas(lambda_overlap, lambda_ce, reduction, op, process_group=None):
     for name, v in (("lambda_dice", lambda_overlap), ("lambda_ce", lambda_ce)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
             raise ValueError(f"{op}: {name} must be a number >= 0, got {v!r}")
     check_reduction(reduction, op)
+    if process_group is not None and reduction != "mean":
+        raise ValueError(f"{op}: process_group= applies to reduction='mean', got "
+                         f"reduction={reduction!r}")
     if lambda_ce and reduction == "none":
         raise ValueError(f"{op}: reduction='none' with the cross-entropy term (lambda_ce > 0): "
                          "the two terms have different shapes; use 'mean' or 'sum'")
@@ -152,7 +174,7 @@ def dice_loss(input: Tensor, target: Tensor, *, weight: Optional[Tensor] = None,
               batch: bool = False, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5,
               ignore_index: int = -100, activation: str = "softmax", reduction: str = "mean",
               lambda_dice: float = 1.0, lambda_ce: float = 0.0, label_smoothing: float = 0.0,
-              gamma: Optional[float] = None) -> Tensor:
+              gamma: Optional[float] = None, process_group=None) -> Tensor:
     """The Dice loss 1 - (2 I + smooth_nr) / (P + T + smooth_dr) per item and class (the Jaccard
     loss with ``jaccard``), class-weighted by ``weight``, reduced over items and classes; plus
     ``lambda_ce`` times the cross-entropy term (the softmax focal loss with ``gamma``; BCE with
@@ -160,16 +182,17 @@ def dice_loss(input: Tensor, target: Tensor, *, weight: Optional[Tensor] = None,
     Reduction none: (N, C') per item and class ((C',) with ``batch``), C' without class 0
     unless ``include_background``."""
     op = "dice_loss"
-    _check_lambdas(lambda_dice, lambda_ce, reduction, op)
+    _check_lambdas(lambda_dice, lambda_ce, reduction, op, process_group)
     ce, sums = _terms(input, target, weight=weight, ignore_index=ignore_index,
                       label_smoothing=label_smoothing, gamma=gamma, squared=squared_pred,
                       activation=activation, lambda_ce=lambda_ce,
-                      reduction_ce="sum" if reduction == "sum" else "mean", op=op)
-    sums = _classes(sums.sum(0) if batch else sums, include_background)
+                      reduction_ce="sum" if reduction == "sum" else "mean", op=op,
+                      process_group=process_group, batch=batch)
+    sums = _classes(sums, include_background)
     i, p, t = sums.unbind(-2)
     f = _composite.dice_from_sums(i, p, t, smooth_nr, smooth_dr, jaccard)
     f = _class_weight(weight, f, include_background, op)
-    return _combine(_reduce(f, reduction), ce, lambda_dice, lambda_ce)
+    return _combine(_reduce(f, reduction, process_group, batch), ce, lambda_dice, lambda_ce)
 
 
 def tversky_loss(input: Tensor, target: Tensor, *, alpha: float = 0.5, beta: float = 0.5,
@@ -177,25 +200,27 @@ def tversky_loss(input: Tensor, target: Tensor, *, alpha: float = 0.5, beta: flo
                  include_background: bool = True, batch: bool = False, smooth_nr: float = 1e-5,
                  smooth_dr: float = 1e-5, ignore_index: int = -100, activation: str = "softmax",
                  reduction: str = "mean", lambda_tversky: float = 1.0, lambda_ce: float = 0.0,
-                 label_smoothing: float = 0.0, gamma: Optional[float] = None) -> Tensor:
+                 label_smoothing: float = 0.0, gamma: Optional[float] = None,
+                 process_group=None) -> Tensor:
     """The Tversky loss 1 - (I + smooth_nr) / (I + alpha (P - I) + beta (T - I) + smooth_dr)
     per item and class, raised to ``focal_exponent`` (the focal Tversky loss; 1: plain), class
     weighted and reduced as dice_loss, plus ``lambda_ce`` times the cross-entropy term."""
     op = "tversky_loss"
-    _check_lambdas(lambda_tversky, lambda_ce, reduction, op)
+    _check_lambdas(lambda_tversky, lambda_ce, reduction, op, process_group)
     if not focal_exponent > 0:
         raise ValueError(f"{op}: focal_exponent must be > 0, got {focal_exponent!r}")
     ce, sums = _terms(input, target, weight=weight, ignore_index=ignore_index,
                       label_smoothing=label_smoothing, gamma=gamma, squared=False,
                       activation=activation, lambda_ce=lambda_ce,
-                      reduction_ce="sum" if reduction == "sum" else "mean", op=op)
-    sums = _classes(sums.sum(0) if batch else sums, include_background)
+                      reduction_ce="sum" if reduction == "sum" else "mean", op=op,
+                      process_group=process_group, batch=batch)
+    sums = _classes(sums, include_background)
     i, p, t = sums.unbind(-2)
     f = _composite.tversky_from_sums(i, p, t, alpha, beta, smooth_nr, smooth_dr)
     if focal_exponent != 1.0:
         f = f.clamp_min(0) ** focal_exponent
     f = _class_weight(weight, f, include_background, op)
-    return _combine(_reduce(f, reduction), ce, lambda_tversky, lambda_ce)
+    return _combine(_reduce(f, reduction, process_group, batch), ce, lambda_tversky, lambda_ce)
 
 
 def generalized_dice_loss(input: Tensor, target: Tensor, *, w_type: str = "square",
@@ -204,24 +229,26 @@ def generalized_dice_loss(input: Tensor, target: Tensor, *, w_type: str = "squar
                           ignore_index: int = -100, activation: str = "softmax",
                           reduction: str = "mean", lambda_gdl: float = 1.0,
                           lambda_ce: float = 0.0, weight: Optional[Tensor] = None,
-                          label_smoothing: float = 0.0, gamma: Optional[float] = None) -> Tensor:
+                          label_smoothing: float = 0.0, gamma: Optional[float] = None,
+                 process_group=None) -> Tensor:
     """The generalized Dice loss (Sudre et al. 2017), MONAI's: class weights from each class's
     target volume T (``w_type`` "square": 1 / T^2, "simple": 1 / T, "uniform": 1), a class with
     T = 0 taking the largest weight; 1 - (2 sum_c w I + smooth_nr) / (sum_c w (P + T) +
     smooth_dr) per item (over the batch with ``batch``). ``weight`` weighs only the
     cross-entropy term (``lambda_ce``). Reduction none: (N, 1) ((1,) with ``batch``)."""
     op = "generalized_dice_loss"
-    _check_lambdas(lambda_gdl, lambda_ce, reduction, op)
+    _check_lambdas(lambda_gdl, lambda_ce, reduction, op, process_group)
     if w_type not in ("square", "simple", "uniform"):
         raise ValueError(f"{op}: w_type must be 'square', 'simple' or 'uniform', got {w_type!r}")
     ce, sums = _terms(input, target, weight=weight, ignore_index=ignore_index,
                       label_smoothing=label_smoothing, gamma=gamma, squared=False,
                       activation=activation, lambda_ce=lambda_ce,
-                      reduction_ce="sum" if reduction == "sum" else "mean", op=op)
-    sums = _classes(sums.sum(0) if batch else sums, include_background)
+                      reduction_ce="sum" if reduction == "sum" else "mean", op=op,
+                      process_group=process_group, batch=batch)
+    sums = _classes(sums, include_background)
     i, p, t = sums.unbind(-2)
     f = _composite.generalized_dice_from_sums(i, p, t, w_type, smooth_nr, smooth_dr, batch)
-    return _combine(_reduce(f, reduction), ce, lambda_gdl, lambda_ce)
+    return _combine(_reduce(f, reduction, process_group, batch), ce, lambda_gdl, lambda_ce)
 
 
 class _OverlapLoss(nn.Module):

@@ -6,8 +6,8 @@ constructor (soft_dice_kwargs, ce_kwargs, weight_ce, weight_dice, ignore_label, 
 Its forward reads the logits once for both terms (the cross_entropy_overlap op) where nnU-Net's
 own would run a softmax, a one-hot target and their products: a label map target (B, 1, ...),
 ``dice_class`` SoftDiceLoss (without ``clip_tp``) or MemoryEfficientSoftDiceLoss with nnU-Net's
-softmax, and no batch Dice gathered across processes (``ddp=True`` with a process group). Anything
-else runs nnU-Net's forward. ``wl.patch_nnunet()`` swaps it where nnU-Net's trainer finds it.
+softmax. Its ``ddp=True`` batch Dice sums over the processes as nnU-Net's AllGatherGrad does.
+Anything else runs nnU-Net's forward. ``wl.patch_nnunet()`` swaps it where nnU-Net's trainer finds it.
 """
 import importlib
 import threading
@@ -29,15 +29,16 @@ def _dice_module(dc):
     return getattr(dc, "_orig_mod", dc)
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _fusable(loss, x: Tensor, target: Tensor) -> bool:
     dc = _dice_module(loss.dc)
     if type(dc) not in (SoftDiceLoss, MemoryEfficientSoftDiceLoss):
         return False
     if dc.apply_nonlin is not softmax_helper_dim1 or getattr(dc, "clip_tp", None) is not None:
         return False
-    if dc.batch_dice and dc.ddp and torch.distributed.is_available() and \
-            torch.distributed.is_initialized():
-        return False  # (its sums gathered across processes: nnU-Net's AllGatherGrad)
     ce = loss.ce
     return (type(ce).forward is _cl.RobustCrossEntropyLoss.forward and x.dim() >= 3
             and x.is_floating_point() and x.shape[1] > 1 and target.dim() == x.dim()
@@ -50,6 +51,8 @@ def _dice_of(dc, sums: Tensor) -> Tensor:
     compute it from tp, fp, fn (in float32 as theirs, float64 for float64 logits)."""
     if dc.batch_dice:
         sums = sums.sum(0)
+        if dc.ddp and _distributed():  # nnU-Net's AllGatherGrad: the group's batch sums
+            sums = _overlap.group_sums(sums, torch.distributed.group.WORLD)
     i, p, t = sums.unbind(-2)
     if type(dc) is SoftDiceLoss:
         tp, fp, fn = i, p - i, t - i
