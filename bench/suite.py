@@ -6,6 +6,7 @@ native loss, forward, backward and total, with speed, bandwidth, memory and accu
     python bench/suite.py --shape 8192x32000 --dtype bfloat16 --loss ce bce
     python bench/suite.py --loss linear --full  fused linear + cross-entropy, large cases
     python bench/suite.py --loss focal sfocal   the focal losses vs their composites
+    python bench/suite.py --loss seg            Dice + cross-entropy vs MONAI and nnU-Net
     options: --device, --dtype, --shape (repeatable), --loss, --case, --repeat, --no-compile, --out
 
 Method. Every case first computes the loss and the logits' gradient once with each implementation
@@ -42,6 +43,7 @@ import weighted_loss as wl
 
 import suite_focal
 import suite_linear
+import suite_segmentation
 from report import COLUMNS, _Progress, environment, markdown_table, plot, print_table  # noqa: F401
 
 # name, loss, shape of the logits, dtype, extra keyword arguments
@@ -269,6 +271,19 @@ def select_linear_cases(args):
     return picked
 
 
+def select_segmentation_cases(args):
+    """The Dice + cross-entropy cases (suite_segmentation.py) the arguments ask for."""
+    if args.shape or (args.loss and "seg" not in args.loss):
+        return []
+    picked = []
+    for name, shape, dtype in (suite_segmentation.FULL if args.full else suite_segmentation.QUICK):
+        if args.case and not any(k in name for k in args.case):
+            continue
+        for d in (args.dtype or [dtype]):
+            picked.append((name if d == dtype else f"{name}-as-{dtype_name(d)}", shape, d))
+    return picked
+
+
 def run_case(name, loss, shape, dtype, kwargs, device, repeat, use_compile=True, tick=None):
     """Every figure of one case as a dict; tick() is called after each timing round."""
     x, y, kw = make_inputs(loss, shape, dtype, kwargs, device)
@@ -361,9 +376,9 @@ def main(argv=None):
                     help="a logits shape such as 8192x32000 instead of the suite (repeatable)")
     ap.add_argument("--dtype", type=parse_dtype, action="append",
                     help="float32, bfloat16, float16 or float64 (repeatable; overrides the suite's)")
-    ap.add_argument("--loss", nargs="+", choices=sorted(LOSSES) + ["linear"],
-                    help="ce, bce, focal, sfocal (suite_focal.py), linear (suite_linear.py) or "
-                         "several")
+    ap.add_argument("--loss", nargs="+", choices=sorted(LOSSES) + ["linear", "seg"],
+                    help="ce, bce, focal, sfocal (suite_focal.py), linear (suite_linear.py), seg "
+                         "(suite_segmentation.py) or several")
     ap.add_argument("--case", action="append", help="only suite cases whose name contains this")
     ap.add_argument("--repeat", type=int, default=None,
                     help="timed rounds per case (default 7 on CPU, 20 on CUDA)")
@@ -379,12 +394,13 @@ def main(argv=None):
     repeat = args.repeat or (20 if device.type == "cuda" else 7)
     cases = select_cases(args)
     linear = select_linear_cases(args)
-    if not cases and not linear:
+    seg = select_segmentation_cases(args)
+    if not cases and not linear and not seg:
         ap.error("no case matches the arguments")
 
     env = environment(device)
     print(f"weighted_loss benchmark on {env['device']} ({device.type}), torch {env['torch']}, "
-          f"{len(cases) + len(linear)} cases x {repeat} rounds", flush=True)
+          f"{len(cases) + len(linear) + len(seg)} cases x {repeat} rounds", flush=True)
     bw, rows = measure(cases, device, repeat, not args.no_compile, not args.no_progress)
     if rows:
         print_table(env, bw, rows)
@@ -393,6 +409,11 @@ def main(argv=None):
     if lin_rows:
         print("fused linear + cross-entropy (suite_linear.py)")
         print(suite_linear.markdown_table(lin_rows))
+    seg_rows = [suite_segmentation.run_case(*c, device, repeat, not args.no_compile,
+                                            sys.modules[__name__]) for c in seg]
+    if seg_rows:
+        print("Dice + cross-entropy (suite_segmentation.py)")
+        print(suite_segmentation.markdown_table(seg_rows))
 
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -400,7 +421,8 @@ def main(argv=None):
     with open(stem + ".json", "w") as f:
         json.dump({"stamp": stamp, "environment": env, "copy_bandwidth_gbs": bw, "repeat": repeat,
                    "method": __doc__.split("Method. ")[1].split("\n\n")[0].replace("\n", " "),
-                   "cases": rows, "linear_cases": lin_rows}, f, indent=2)
+                   "cases": rows, "linear_cases": lin_rows, "segmentation_cases": seg_rows}, f,
+                  indent=2)
     with open(stem + ".md", "w") as f:
         if rows:
             f.write(markdown_table(env, bw, rows) + "\n")
@@ -408,6 +430,8 @@ def main(argv=None):
             f.write(f"{env['device']}, torch {env['torch']}\n\n")
         if lin_rows:
             f.write(suite_linear.markdown_table(lin_rows))
+        if seg_rows:
+            f.write("\n" + suite_segmentation.markdown_table(seg_rows))
     wrote = [stem + ".json", stem + ".md"]
     try:
         if rows:
