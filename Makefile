@@ -42,9 +42,12 @@ test-deps: deps cuda-headers
 	@$(PYTHON) -c "import monai, nnunetv2, parameterized" 2>/dev/null || \
 		$(PIP) install --no-deps $(SEGMENTATION)
 
-# what the benchmark's table and plot use (it runs without them, plainer and with no PNG)
+# what the benchmark's table and plot use (it runs without them, plainer and with no PNG), and
+# the segmentation losses its Dice + cross-entropy cases compare with (SEGMENTATION, above)
 bench-deps: deps
 	@$(PYTHON) -c "import rich, matplotlib" 2>/dev/null || $(PIP) install rich matplotlib
+	@$(PYTHON) -c "import monai, nnunetv2, parameterized" 2>/dev/null || \
+		$(PIP) install --no-deps $(SEGMENTATION)
 
 $(STAMP): $(SOURCES) | deps
 	$(PIP) install --no-build-isolation --no-deps -e .
