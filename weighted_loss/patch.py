@@ -23,18 +23,13 @@ implementations directly, ``_composite``), so patched or not every autograd mode
 result.
 """
 import importlib
-import threading
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 from torch import Tensor
 
-from . import focal, functional, modules
+from . import _swap, focal, functional, modules
 
 __all__ = ["patch_torch", "unpatch_torch", "is_patched"]
-
-_LOCK = threading.RLock()
-_ORIGINALS: Dict[Tuple[str, str], object] = {}  # (module, name) -> PyTorch's, at the first patch
-
 
 def _tv_sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25,
                            gamma: float = 2, reduction: str = "none") -> Tensor:
@@ -63,43 +58,19 @@ def _targets(torchvision: bool) -> List[Tuple[str, str, object]]:
     return out
 
 
-class _Patch:
-    """The handle ``patch_torch()`` returns: a context manager restoring, on exit, what each name
-    held before the call."""
-
-    def __init__(self, before: List[Tuple[str, str, object]]):
-        self._before = before
-
-    def __enter__(self) -> "_Patch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        with _LOCK:
-            for module, name, value in reversed(self._before):
-                setattr(importlib.import_module(module), name, value)
+_SWAPS = _swap.Swaps()
 
 
-def patch_torch(*, torchvision: bool = True) -> _Patch:
+def patch_torch(*, torchvision: bool = True) -> _swap.Restore:
     """Swap PyTorch's cross-entropy, BCE-with-logits and BCE (functional and modules), and
     torchvision's ``sigmoid_focal_loss`` with ``torchvision=True``, for the fused ones; see the
     module's doc for the names. Returns a context manager that undoes this call on exit."""
-    with _LOCK:
-        before = []
-        for module, name, ours in _targets(torchvision):
-            mod = importlib.import_module(module)
-            current = getattr(mod, name)
-            if current is not ours:
-                _ORIGINALS.setdefault((module, name), current)
-            before.append((module, name, current))
-            setattr(mod, name, ours)
-        return _Patch(before)
+    return _SWAPS.apply(_targets(torchvision))
 
 
 def unpatch_torch() -> None:
     """Restore PyTorch's (and torchvision's) originals of every name ``patch_torch`` swapped."""
-    with _LOCK:
-        for (module, name), value in _ORIGINALS.items():
-            setattr(importlib.import_module(module), name, value)
+    _SWAPS.restore_originals()
 
 
 def is_patched() -> bool:

@@ -13,16 +13,14 @@ MONAI's own forward: never a different answer, only a slower one.
 a context manager, undone on exit or by ``wl.unpatch_monai()``.
 """
 import collections
-import importlib
-import threading
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 import torch
 from monai import losses as _ml
 from monai.losses import dice as _dice, tversky as _tversky
 from torch import Tensor
 
-from .. import _composite, _overlap
+from .. import _composite, _overlap, _swap
 
 __all__ = ["DiceLoss", "DiceCELoss", "DiceFocalLoss", "GeneralizedDiceLoss", "TverskyLoss",
            "patch_monai", "unpatch_monai"]
@@ -180,8 +178,7 @@ class TverskyLoss(_Scriptable, _tversky.TverskyLoss):
 
 # ---------------------------------------------------------------- the patch
 
-_LOCK = threading.RLock()
-_ORIGINALS: Dict[Tuple[str, str], object] = {}
+_SWAPS = _swap.Swaps()
 _OURS = {"DiceLoss": DiceLoss, "DiceCELoss": DiceCELoss, "DiceFocalLoss": DiceFocalLoss,
          "GeneralizedDiceLoss": GeneralizedDiceLoss, "TverskyLoss": TverskyLoss}
 _WHERE = {"DiceLoss": _dice.__name__, "DiceCELoss": _dice.__name__,
@@ -189,44 +186,14 @@ _WHERE = {"DiceLoss": _dice.__name__, "DiceCELoss": _dice.__name__,
           "TverskyLoss": _tversky.__name__}
 
 
-def _targets() -> List[Tuple[str, str, object]]:
-    out = []
-    for name, ours in _OURS.items():
-        out += [("monai.losses", name, ours), (_WHERE[name], name, ours)]
-    return out
-
-
-class _Patch:
-    def __init__(self, before):
-        self._before = before
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        with _LOCK:
-            for module, name, value in reversed(self._before):
-                setattr(importlib.import_module(module), name, value)
-
-
-def patch_monai() -> _Patch:
+def patch_monai() -> _swap.Restore:
     """Swap MONAI's DiceLoss, DiceCELoss, DiceFocalLoss, GeneralizedDiceLoss and TverskyLoss (in
     ``monai.losses`` and their defining modules) for these. Returns a context manager that undoes
     this call on exit. Objects made before the patch stay MONAI's."""
-    with _LOCK:
-        before = []
-        for module, name, ours in _targets():
-            mod = importlib.import_module(module)
-            current = getattr(mod, name)
-            if current is not ours:
-                _ORIGINALS.setdefault((module, name), current)
-            before.append((module, name, current))
-            setattr(mod, name, ours)
-        return _Patch(before)
+    return _SWAPS.apply([(where, name, ours) for name, ours in _OURS.items()
+                         for where in ("monai.losses", _WHERE[name])])
 
 
 def unpatch_monai() -> None:
     """Restore MONAI's originals of every name ``patch_monai`` swapped."""
-    with _LOCK:
-        for (module, name), value in _ORIGINALS.items():
-            setattr(importlib.import_module(module), name, value)
+    _SWAPS.restore_originals()

@@ -10,8 +10,6 @@ softmax. Its ``ddp=True`` batch Dice sums over the processes as nnU-Net's AllGat
 Anything else runs nnU-Net's forward. ``wl.patch_nnunet()`` swaps it where nnU-Net's trainer finds it.
 """
 import importlib
-import threading
-from typing import Dict, Tuple
 
 import torch
 from nnunetv2.training.loss import compound_losses as _cl
@@ -19,7 +17,7 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss, SoftDiceLos
 from nnunetv2.utilities.helpers import softmax_helper_dim1
 from torch import Tensor
 
-from .. import _overlap
+from .. import _overlap, _swap
 
 __all__ = ["DC_and_CE_loss", "patch_nnunet", "unpatch_nnunet"]
 
@@ -82,47 +80,28 @@ class DC_and_CE_loss(_cl.DC_and_CE_loss):
         return self.weight_ce * ce_loss + self.weight_dice * dc_loss
 
 
-_LOCK = threading.RLock()
-_ORIGINALS: Dict[Tuple[str, str], object] = {}
+_SWAPS = _swap.Swaps()
 # where nnU-Net's code finds the class: its module, and the trainer that imports it by name
 _WHERE = ("nnunetv2.training.loss.compound_losses",
           "nnunetv2.training.nnUNetTrainer.nnUNetTrainer")
 
 
-class _Patch:
-    def __init__(self, before):
-        self._before = before
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        with _LOCK:
-            for module, value in reversed(self._before):
-                setattr(importlib.import_module(module), "DC_and_CE_loss", value)
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:  # the trainer without its dependencies: nothing to swap there
+        return False
+    return True
 
 
-def patch_nnunet() -> _Patch:
+def patch_nnunet() -> _swap.Restore:
     """Swap nnU-Net's ``DC_and_CE_loss`` for this one, in its module and in the trainer's (where
     the trainer imports: it needs nnU-Net's full dependencies). Returns a context manager that
     undoes this call on exit."""
-    with _LOCK:
-        before = []
-        for module in _WHERE:
-            try:
-                mod = importlib.import_module(module)
-            except ImportError:  # the trainer without its dependencies: nothing to swap there
-                continue
-            current = mod.DC_and_CE_loss
-            if current is not DC_and_CE_loss:
-                _ORIGINALS.setdefault((module, "DC_and_CE_loss"), current)
-            before.append((module, current))
-            mod.DC_and_CE_loss = DC_and_CE_loss
-        return _Patch(before)
+    return _SWAPS.apply([(m, "DC_and_CE_loss", DC_and_CE_loss) for m in _WHERE
+                         if _importable(m)])
 
 
 def unpatch_nnunet() -> None:
     """Restore nnU-Net's ``DC_and_CE_loss`` wherever ``patch_nnunet`` swapped it."""
-    with _LOCK:
-        for (module, name), value in _ORIGINALS.items():
-            setattr(importlib.import_module(module), name, value)
+    _SWAPS.restore_originals()
