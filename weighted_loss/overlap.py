@@ -169,6 +169,24 @@ def _check_lambdas(lambda_overlap, lambda_ce, reduction, op, process_group=None)
                          "the two terms have different shapes; use 'mean' or 'sum'")
 
 
+def _overlap_loss(op, input, target, formula, *, weight, include_background, squared, batch,
+                  ignore_index, activation, reduction, lambda_overlap, lambda_ce,
+                  label_smoothing, gamma, process_group, class_weighted=True):
+    """What every loss here does around its formula: the sums (and the cross-entropy term) in
+    one pass, the background dropped, ``formula(I, P, T)`` per item and class (or over the batch),
+    the class weight, the reduction, the two terms' factors."""
+    _check_lambdas(lambda_overlap, lambda_ce, reduction, op, process_group)
+    ce, sums = _terms(input, target, weight=weight, ignore_index=ignore_index,
+                      label_smoothing=label_smoothing, gamma=gamma, squared=squared,
+                      activation=activation, lambda_ce=lambda_ce,
+                      reduction_ce="sum" if reduction == "sum" else "mean", op=op,
+                      process_group=process_group, batch=batch)
+    f = formula(*_classes(sums, include_background).unbind(-2))
+    if class_weighted:
+        f = _class_weight(weight, f, include_background, op)
+    return _combine(_reduce(f, reduction, process_group, batch), ce, lambda_overlap, lambda_ce)
+
+
 def dice_loss(input: Tensor, target: Tensor, *, weight: Optional[Tensor] = None,
               include_background: bool = True, squared_pred: bool = False, jaccard: bool = False,
               batch: bool = False, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5,
@@ -181,18 +199,13 @@ def dice_loss(input: Tensor, target: Tensor, *, weight: Optional[Tensor] = None,
     logits, ``pos_weight=weight``, for the sigmoid), whose class weight is ``weight`` too.
     Reduction none: (N, C') per item and class ((C',) with ``batch``), C' without class 0
     unless ``include_background``."""
-    op = "dice_loss"
-    _check_lambdas(lambda_dice, lambda_ce, reduction, op, process_group)
-    ce, sums = _terms(input, target, weight=weight, ignore_index=ignore_index,
-                      label_smoothing=label_smoothing, gamma=gamma, squared=squared_pred,
-                      activation=activation, lambda_ce=lambda_ce,
-                      reduction_ce="sum" if reduction == "sum" else "mean", op=op,
-                      process_group=process_group, batch=batch)
-    sums = _classes(sums, include_background)
-    i, p, t = sums.unbind(-2)
-    f = _composite.dice_from_sums(i, p, t, smooth_nr, smooth_dr, jaccard)
-    f = _class_weight(weight, f, include_background, op)
-    return _combine(_reduce(f, reduction, process_group, batch), ce, lambda_dice, lambda_ce)
+    return _overlap_loss(
+        "dice_loss", input, target,
+        lambda i, p, t: _composite.dice_from_sums(i, p, t, smooth_nr, smooth_dr, jaccard),
+        weight=weight, include_background=include_background, squared=squared_pred,
+        batch=batch, ignore_index=ignore_index, activation=activation, reduction=reduction,
+        lambda_overlap=lambda_dice, lambda_ce=lambda_ce, label_smoothing=label_smoothing,
+        gamma=gamma, process_group=process_group)
 
 
 def tversky_loss(input: Tensor, target: Tensor, *, alpha: float = 0.5, beta: float = 0.5,
@@ -206,21 +219,17 @@ def tversky_loss(input: Tensor, target: Tensor, *, alpha: float = 0.5, beta: flo
     per item and class, raised to ``focal_exponent`` (the focal Tversky loss; 1: plain), class
     weighted and reduced as dice_loss, plus ``lambda_ce`` times the cross-entropy term."""
     op = "tversky_loss"
-    _check_lambdas(lambda_tversky, lambda_ce, reduction, op, process_group)
     if not focal_exponent > 0:
         raise ValueError(f"{op}: focal_exponent must be > 0, got {focal_exponent!r}")
-    ce, sums = _terms(input, target, weight=weight, ignore_index=ignore_index,
-                      label_smoothing=label_smoothing, gamma=gamma, squared=False,
-                      activation=activation, lambda_ce=lambda_ce,
-                      reduction_ce="sum" if reduction == "sum" else "mean", op=op,
-                      process_group=process_group, batch=batch)
-    sums = _classes(sums, include_background)
-    i, p, t = sums.unbind(-2)
-    f = _composite.tversky_from_sums(i, p, t, alpha, beta, smooth_nr, smooth_dr)
-    if focal_exponent != 1.0:
-        f = f.clamp_min(0) ** focal_exponent
-    f = _class_weight(weight, f, include_background, op)
-    return _combine(_reduce(f, reduction, process_group, batch), ce, lambda_tversky, lambda_ce)
+
+    def formula(i, p, t):
+        f = _composite.tversky_from_sums(i, p, t, alpha, beta, smooth_nr, smooth_dr)
+        return f if focal_exponent == 1.0 else f.clamp_min(0) ** focal_exponent
+    return _overlap_loss(
+        op, input, target, formula, weight=weight, include_background=include_background,
+        squared=False, batch=batch, ignore_index=ignore_index, activation=activation,
+        reduction=reduction, lambda_overlap=lambda_tversky, lambda_ce=lambda_ce,
+        label_smoothing=label_smoothing, gamma=gamma, process_group=process_group)
 
 
 def generalized_dice_loss(input: Tensor, target: Tensor, *, w_type: str = "square",
@@ -230,25 +239,23 @@ def generalized_dice_loss(input: Tensor, target: Tensor, *, w_type: str = "squar
                           reduction: str = "mean", lambda_gdl: float = 1.0,
                           lambda_ce: float = 0.0, weight: Optional[Tensor] = None,
                           label_smoothing: float = 0.0, gamma: Optional[float] = None,
-                 process_group=None) -> Tensor:
+                          process_group=None) -> Tensor:
     """The generalized Dice loss (Sudre et al. 2017), MONAI's: class weights from each class's
     target volume T (``w_type`` "square": 1 / T^2, "simple": 1 / T, "uniform": 1), a class with
     T = 0 taking the largest weight; 1 - (2 sum_c w I + smooth_nr) / (sum_c w (P + T) +
     smooth_dr) per item (over the batch with ``batch``). ``weight`` weighs only the
     cross-entropy term (``lambda_ce``). Reduction none: (N, 1) ((1,) with ``batch``)."""
     op = "generalized_dice_loss"
-    _check_lambdas(lambda_gdl, lambda_ce, reduction, op, process_group)
     if w_type not in ("square", "simple", "uniform"):
         raise ValueError(f"{op}: w_type must be 'square', 'simple' or 'uniform', got {w_type!r}")
-    ce, sums = _terms(input, target, weight=weight, ignore_index=ignore_index,
-                      label_smoothing=label_smoothing, gamma=gamma, squared=False,
-                      activation=activation, lambda_ce=lambda_ce,
-                      reduction_ce="sum" if reduction == "sum" else "mean", op=op,
-                      process_group=process_group, batch=batch)
-    sums = _classes(sums, include_background)
-    i, p, t = sums.unbind(-2)
-    f = _composite.generalized_dice_from_sums(i, p, t, w_type, smooth_nr, smooth_dr, batch)
-    return _combine(_reduce(f, reduction, process_group, batch), ce, lambda_gdl, lambda_ce)
+    return _overlap_loss(
+        op, input, target,
+        lambda i, p, t: _composite.generalized_dice_from_sums(i, p, t, w_type, smooth_nr,
+                                                              smooth_dr, batch),
+        weight=weight, include_background=include_background, squared=False, batch=batch,
+        ignore_index=ignore_index, activation=activation, reduction=reduction,
+        lambda_overlap=lambda_gdl, lambda_ce=lambda_ce, label_smoothing=label_smoothing,
+        gamma=gamma, process_group=process_group, class_weighted=False)
 
 
 class _OverlapLoss(nn.Module):
