@@ -49,9 +49,13 @@ def _sums(input, target, squared, weight=None, reduction="mean", label_smoothing
                                   squared)
 
 
-def _drop_background(sums: Tensor, include_background: bool) -> Tensor:
-    C = sums.shape[-1]
-    return sums if include_background else sums.narrow(-1, 1, C - 1)
+def _tp_p_t(loss, sums: Tensor):
+    """tp, P, T as MONAI's loss reduces them: over the batch too with ``batch``, without class 0
+    unless ``include_background``."""
+    sums = sums.sum(0) if loss.batch else sums
+    if not loss.include_background:
+        sums = sums.narrow(-1, 1, sums.shape[-1] - 1)
+    return sums.unbind(-2)
 
 
 def _reduce(loss, f: Tensor, input: Tensor) -> Tensor:
@@ -83,8 +87,7 @@ class _Scriptable:
 def _dice_of(loss, sums: Tensor, input: Tensor) -> Tensor:
     """MONAI DiceLoss.forward from the sums on: tp, fp, fn, the score, the class weight, the
     reduction."""
-    sums = _drop_background(sums.sum(0) if loss.batch else sums, loss.include_background)
-    tp, p, t = sums.unbind(-2)
+    tp, p, t = _tp_p_t(loss, sums)
     f = _composite.dice_from_sums(tp, p, t, loss.smooth_nr, loss.smooth_dr, loss.jaccard)
     C = f.shape[-1]
     if loss.class_weight is not None and C != 1:
@@ -153,8 +156,7 @@ class GeneralizedDiceLoss(_Scriptable, _ml.GeneralizedDiceLoss):
         if t is None:
             return super().forward(input, target)
         _, sums = _sums(input, t, False)
-        sums = _drop_background(sums.sum(0) if self.batch else sums, self.include_background)
-        tp, p, gt = sums.unbind(-2)
+        tp, p, gt = _tp_p_t(self, sums)
         # (MONAI's weights come from the volumes in float32, w_func(ground_o.float()))
         f = _composite.generalized_dice_from_sums(tp, p, gt, str(self.w_type), self.smooth_nr,
                                                   self.smooth_dr, self.batch, gt.float())
@@ -169,8 +171,7 @@ class TverskyLoss(_Scriptable, _tversky.TverskyLoss):
         if t is None:
             return super().forward(input, target)
         _, sums = _sums(input, t, False)
-        sums = _drop_background(sums.sum(0) if self.batch else sums, self.include_background)
-        tp, p, gt = sums.unbind(-2)
+        tp, p, gt = _tp_p_t(self, sums)
         f = _composite.tversky_from_sums(tp, p, gt, self.alpha, self.beta, self.smooth_nr,
                                          self.smooth_dr).to(input.dtype)
         return f if self.reduction == "none" else _reduce(self, f, input)  # (MONAI's: unshaped)
