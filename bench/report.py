@@ -85,9 +85,9 @@ def _cpu_name():
 
 COLUMNS = [  # header, formatter
     ("case", lambda r: r["case"]),
-    ("fused ms\nfwd / bwd / total", lambda r: _t(r, "fused")),
-    ("native ms\nfwd / bwd / total", lambda r: _t(r, "native")),
-    ("compiled ms\nfwd / bwd / total", lambda r: _t(r, "compiled")),
+    ("fused ms\nfwd / bwd / total", lambda r: ms_cell(r, "fused")),
+    ("native ms\nfwd / bwd / total", lambda r: ms_cell(r, "native")),
+    ("compiled ms\nfwd / bwd / total", lambda r: ms_cell(r, "compiled")),
     ("speedup vs\nnative / compiled", lambda r: f"{r['speedup_vs_native']:.2f}x / "
      + (f"{r['speedup_vs_compiled']:.2f}x" if "speedup_vs_compiled" in r else "-")),
     ("fused GB/s\n(% of copy)", lambda r: f"{r['fused_gbs']:.1f} ({100 * r['bandwidth_fraction']:.0f}%)"),
@@ -99,10 +99,22 @@ COLUMNS = [  # header, formatter
 ]
 
 
-def _t(r, kind):
+def ms_cell(r, kind, digits=2):
+    """An implementation's forward / backward / total ms of row r, or "-" where it did not run."""
     if f"{kind}_fwd_bwd_ms" not in r:
         return "-"
-    return f"{r[kind + '_fwd_ms']:.2f} / {r[kind + '_bwd_ms']:.2f} / {r[kind + '_fwd_bwd_ms']:.2f}"
+    return " / ".join(f"{r[f'{kind}_{w}_ms']:.{digits}f}" for w in ("fwd", "bwd", "fwd_bwd"))
+
+
+def columns_markdown(columns, rows):
+    """A markdown table of (header, cell(row)) columns over rows (the linear and segmentation
+    suites' tables)."""
+    head = [h for h, _ in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(f(r) for _, f in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 
 
 def print_table(env, bw, rows):

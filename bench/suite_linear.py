@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 import weighted_loss as wl
 
+import report
+
 # name, N (rows), H (hidden), C (classes), dtype
 QUICK = [("linear-1024x512x32000-f32", 1024, 512, 32000, torch.float32)]
 FULL = [
@@ -106,9 +108,7 @@ def run_case(name, n, hidden, classes, dtype, device, repeat, use_compile, bench
 
 
 def _t(r, kind):
-    if f"{kind}_fwd_bwd_ms" not in r:
-        return "-"
-    return f"{r[kind + '_fwd_ms']:.0f} / {r[kind + '_bwd_ms']:.0f} / {r[kind + '_fwd_bwd_ms']:.0f}"
+    return report.ms_cell(r, kind, 0)
 
 
 COLUMNS = [
@@ -128,7 +128,4 @@ COLUMNS = [
 
 
 def markdown_table(rows):
-    head = [h for h, _ in COLUMNS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(f(r) for _, f in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return report.columns_markdown(COLUMNS, rows)

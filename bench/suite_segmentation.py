@@ -14,6 +14,8 @@ import torch
 
 import weighted_loss as wl
 
+import report
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests"))
 from references import overlap_reference  # noqa: E402
@@ -97,9 +99,7 @@ def run_case(name, shape, dtype, device, repeat, use_compile, bench, tick=None):
 
 
 def _t(r, kind):
-    if f"{kind}_fwd_bwd_ms" not in r:
-        return "-"
-    return f"{r[kind + '_fwd_ms']:.0f} / {r[kind + '_bwd_ms']:.0f} / {r[kind + '_fwd_bwd_ms']:.0f}"
+    return report.ms_cell(r, kind, 0)
 
 
 COLUMNS = [
@@ -118,7 +118,4 @@ COLUMNS = [
 
 
 def markdown_table(rows):
-    head = [h for h, _ in COLUMNS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(f(r) for _, f in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return report.columns_markdown(COLUMNS, rows)
