@@ -44,22 +44,44 @@ Tensor target_of(const Layout& l, const Tensor& input, const Tensor& target) {
                                     : check_index_target(input, target);
 }
 
+// What both ops build from their arguments: the checked inputs in the kernels' layout, and the
+// params over them.
+struct Call {
+  bool prob;  // probabilities (a floating target), or class indices
+  Layout l;
+  Tensor t, w;
+  RowTerms terms;  // (params_of may keep a tensor in it for the launch)
+  CrossEntropyParams p;
+};
+
+Call prepare(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+             Reduction reduction, int64_t ignore_index, double label_smoothing, RowTerms terms,
+             const char* op) {
+  check_input(input, target, label_smoothing, terms, op);
+  Call c;
+  c.prob = target.is_floating_point();
+  c.l = overlap_layout_of(input);
+  c.t = target_of(c.l, input, target);
+  c.w = check_weight(weight, input, c.l.classes, op);
+  c.terms = terms;
+  c.p = params_of(c.l, c.t, c.w, reduction, c.prob, ignore_index, label_smoothing, c.terms);
+  return c;
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> cross_entropy_overlap_forward_impl(
     const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
     Reduction reduction, int64_t ignore_index, double label_smoothing, RowTerms terms,
     bool squared, std::optional<at::ScalarType> out_dtype, const CrossEntropyBackend& backend) {
-  check_input(input, target, label_smoothing, terms, kOp);
-  const bool prob = target.is_floating_point();
-  const Layout l = overlap_layout_of(input);
-  const Tensor t = target_of(l, input, target);
-  const Tensor w = check_weight(weight, input, l.classes, kOp);
-  CrossEntropyParams p = params_of(l, t, w, reduction, prob, ignore_index, label_smoothing, terms);
+  Call c = prepare(input, target, weight, reduction, ignore_index, label_smoothing, terms, kOp);
+  const bool prob = c.prob;
+  const Layout& l = c.l;
+  CrossEntropyParams& p = c.p;
   const auto acc = input.options().dtype(acc_type(input));
   // the loss's dtype as the cross-entropy ops give it: the targets' for probabilities
   const auto lo = input.options().dtype(
-      loss_dtype_of(out_dtype, prob ? t.scalar_type() : input.scalar_type(), input, kOp));
+      loss_dtype_of(out_dtype, prob ? c.t.scalar_type() : input.scalar_type(), input, kOp));
   Tensor loss = p.reduction != Reduction::None ? at::empty({}, lo)
                 : prob                          ? at::empty(row_shape(input), lo)
                                                 : at::empty(target.sizes(), lo);
@@ -83,12 +105,10 @@ Tensor cross_entropy_overlap_backward_impl(
     Reduction reduction, int64_t ignore_index, double label_smoothing, RowTerms terms,
     bool squared, const CrossEntropyBackend& backend) {
   constexpr const char* op = "cross_entropy_overlap backward";
-  check_input(input, target, label_smoothing, terms, op);
-  const bool prob = target.is_floating_point();
-  const Layout l = overlap_layout_of(input);
-  const Tensor t = target_of(l, input, target);
-  const Tensor w = check_weight(weight, input, l.classes, op);
-  CrossEntropyParams p = params_of(l, t, w, reduction, prob, ignore_index, label_smoothing, terms);
+  Call c = prepare(input, target, weight, reduction, ignore_index, label_smoothing, terms, op);
+  const bool prob = c.prob;
+  const Layout& l = c.l;
+  CrossEntropyParams& p = c.p;
   const Tensor g = grad_of(grad_loss, input, p);
   const int64_t rows = l.outer * l.inner;
   const int64_t planes = prob ? 2 : lse_planes(terms, label_smoothing);
