@@ -157,7 +157,7 @@ void register_cross_entropy_ops(torch::Library& m) {
   m.impl("cross_entropy_shard_backward", &Ops::shard_backward);
 }
 
-// The cross-entropy with the overlap sums: the devices whose kernels compute them (the CPU's).
+// The cross-entropy with the overlap sums (the CPU's kernels and the CUDA lanes path's).
 template <typename Device>
 void register_overlap_ops(torch::Library& m) {
   using Ops = CrossEntropyOps<Device>;

@@ -31,7 +31,8 @@ import torch
 
 import weighted_loss  # noqa: F401  (defines the ops the emulated kernels are registered for)
 
-__all__ = ["build", "emulator_available", "emulated_cuda", "emulating", "emulated_launches"]
+__all__ = ["build", "emulator_available", "emulated_cuda", "emulating", "cpu_kernels",
+           "emulated_launches"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the emulator (header-only) and the .cu files built for it, beside this file
@@ -68,7 +69,7 @@ def _flags():
 
 def _sources():
     glue = ["cross_entropy.cpp", "cross_entropy_layout.cpp", "cross_entropy_shard.cpp",
-            "binary_cross_entropy.cpp"]
+            "cross_entropy_overlap.cpp", "binary_cross_entropy.cpp"]
     return ([os.path.join(ROOT, "csrc", f) for f in glue] +
             sorted(os.path.join(EMULATED, f) for f in os.listdir(EMULATED) if f.endswith(".cpp")))
 
@@ -144,6 +145,19 @@ def emulated_cuda(sm_count: int = 132, shuffle_blocks: bool = True) -> Iterator[
 def emulating() -> bool:
     """Whether an emulated_cuda() context is active."""
     return bool(_active)
+
+
+@contextlib.contextmanager
+def cpu_kernels() -> Iterator[None]:
+    """Within emulated_cuda(), the CPU kernels for the length of this context (a reference
+    computed beside the emulated kernels'); the emulation is back after it."""
+    if _active:
+        torch.ops.weighted_loss_emulated.disable()
+    try:
+        yield
+    finally:
+        if _active:
+            torch.ops.weighted_loss_emulated.enable(*_active[-1])
 
 
 def emulated_launches() -> Dict[str, int]:

@@ -117,7 +117,10 @@ def _check(case, ours, theirs, ref):
         return [f"{len(ours)} outputs, PyTorch {len(theirs)}"]
     for k, (o, t, f) in enumerate(zip(ours, theirs, ref)):
         n = names[k]
-        if o.shape != t.shape or o.dtype != t.dtype:
+        # the overlap losses of 16-bit logits are float32, from float32 sums (docs/api.md)
+        wider = case["loss"] == "overlap" and k == 0 and o.dtype == torch.float32 and \
+            t.dtype in (torch.bfloat16, torch.float16)
+        if o.shape != t.shape or (o.dtype != t.dtype and not wider):
             probs.append(f"{n}: {tuple(o.shape)} {o.dtype}, PyTorch {tuple(t.shape)} {t.dtype}")
             continue
         skip = _documented(case, k, o, t)

@@ -5,7 +5,8 @@ smoothing (strong, over a few rows of 4,097 classes), a reduction, NaN and +-inf
 in seven the gradient's gradient too, and one case in eight an invalid argument; a logit
 adjustment and per-item sample weights for the cross-entropy losses (a quarter of the cases
 each), and BCE of probabilities (F.binary_cross_entropy: 0 and 1 among them, now and then one
-outside [0, 1])."""
+outside [0, 1]); the overlap losses (Dice, Tversky, generalized Dice, with the cross-entropy or
+focal term or without) over (N, C, d...) logits, class indices or probabilities."""
 import random
 
 import torch
@@ -13,7 +14,8 @@ import torch
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 EPS = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -9,
        torch.float16: 2.0 ** -11}
-LOSSES = ["ce", "ce", "ce-prob", "bce", "bce", "focal", "sfocal", "linear", "bce-prob"]
+LOSSES = ["ce", "ce", "ce-prob", "bce", "bce", "focal", "sfocal", "linear", "bce-prob",
+          "overlap"]
 
 
 # ------------------------------------------------------------------------------ drawing a case
@@ -25,6 +27,9 @@ def _shape(r, loss):
         return 0 if u < 0.06 else 1 if u < 0.2 else r.randint(max(lo, 2), hi)
     if loss == "linear":
         return (size(1, 40), r.choice([1, 3, 7, 64, 301]))
+    if loss == "overlap":  # (N, C, d1, ..., dk), k >= 1
+        return (size(1, 5), r.choice([1, 2, 3, 5, 14]),
+                *[size(1, 9) for _ in range(r.choice([1, 1, 2, 3]))])
     if loss in ("ce", "ce-prob", "focal") and r.random() < 0.1:
         return (size(),)
     C = r.choice([size(), 1, 5, 19, 64, 65, 300, 1000, 4097])
@@ -102,6 +107,9 @@ def draw(seed, device="cpu"):
     C = shape[0] if len(shape) == 1 else shape[1]
     x = _logits(r, g, shape, dtype)
     case["layout"], case["x"] = _layout(r, x)
+    if loss == "overlap":
+        _overlap(r, g, case, C)
+        return case
     if loss == "bce-prob":  # probabilities: exact 0 and 1 among them (saturated sigmoids)
         p = torch.sigmoid(x.double().nan_to_num(0.5, 40, -40))
         if p.numel() and r.random() < 0.05:
@@ -175,6 +183,45 @@ def draw(seed, device="cpu"):
         case["order"] = 2
     _maybe_invalid(r, case)
     return case
+
+
+def _overlap(r, g, case, C):
+    """An overlap loss's target and options (tests/references.py: overlap_reference's names)."""
+    kw, shape, dtype = case["kw"], case["shape"], case["dtype"]
+    kind = kw["kind"] = r.choice(["dice", "dice", "tversky", "generalized"])
+    if r.random() < 0.35:
+        t = torch.softmax(torch.randn(shape, generator=g, dtype=torch.float64) * 2, 1)
+        case["target"] = t.to(r.choice([dtype, torch.float32]))
+    else:
+        tshape = (shape[0], *shape[2:])
+        t = torch.randint(0, C, tshape, generator=g)
+        if t.numel() and r.random() < 0.4:
+            kw["ignore_index"] = r.choice([-100, 0, C - 1])
+            t[torch.rand(tshape, generator=g) < 0.3] = kw["ignore_index"]
+        case["target"] = t
+    if r.random() < 0.5:
+        kw["weight"] = (torch.rand(C, generator=g, dtype=torch.float64) * 3 + 0.1).to(
+            r.choice([dtype, torch.float32]))
+    kw["include_background"] = r.random() < 0.7
+    kw["batch"] = r.random() < 0.4
+    if kind == "dice":
+        kw["squared_pred"] = r.random() < 0.3
+        kw["jaccard"] = r.random() < 0.3
+    elif kind == "tversky":
+        kw["alpha"], kw["beta"] = r.choice([(0.3, 0.7), (0.5, 0.5), (0.9, 0.1)])
+        kw["focal_exponent"] = r.choice([1.0, 1.0, 0.75, 2.0])
+    else:
+        kw["w_type"] = r.choice(["square", "simple", "uniform"])
+    if r.random() < 0.6:
+        kw["lambda_ce"] = r.choice([1.0, 0.5])
+        if r.random() < 0.4:
+            kw["label_smoothing"] = r.choice([0.05, 0.3])
+        if r.random() < 0.3:
+            kw["gamma"] = r.choice([1.0, 2.0])
+    if kw["reduction"] == "none" and "lambda_ce" in kw:
+        kw["reduction"] = "mean"  # the sum of two terms has no per-item form
+    if r.random() < 0.15:
+        case["order"] = 2
 
 
 def _reweight(r, g, case, C, items):

@@ -7,7 +7,18 @@ import torch.nn.functional as F
 
 import weighted_loss as wl
 
-from references import focal_reference, reweighted, sigmoid_focal_composite
+from references import focal_reference, overlap_reference, reweighted, sigmoid_focal_composite
+
+_OVERLAP = {"dice": wl.dice_loss, "tversky": wl.tversky_loss,
+            "generalized": wl.generalized_dice_loss}
+
+
+def _overlap(x, target, kind="dice", **kw):
+    return _OVERLAP[kind](x, target, **kw)
+
+
+def _overlap_reference(x, target, weight=None, **kw):
+    return overlap_reference(x, target, weight, **kw)
 
 
 def _fns(loss):
@@ -21,6 +32,8 @@ def _fns(loss):
         return wl.focal_loss, reweighted(focal_reference)
     if loss == "sfocal":
         return wl.sigmoid_focal_loss, sigmoid_focal_composite
+    if loss == "overlap":
+        return _overlap, _overlap_reference
     ref = reweighted(F.cross_entropy)
     return (wl.linear_cross_entropy,
             lambda h, lw, y, chunk_size=None, **kw: ref(F.linear(h, lw), y, **kw))

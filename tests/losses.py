@@ -230,15 +230,14 @@ def _chunked_rows():
 
 def _overlap_rows():
     """The overlap losses (weighted_loss/overlap.py) against MONAI's formulas written out
-    (references.overlap_reference); the fused kernels are the CPU's so far."""
-    cpu = dict(devices=("cpu",))
+    (references.overlap_reference), on every device."""
     rows = []
     for red in ("mean", "sum"):
         kw = dict(ignore_index=2, label_smoothing=0.1, lambda_ce=1.0, reduction=red)
         rows.append(_row(f"dice_loss-ce-{red}", lambda d, kw=kw: Sample(
             lambda x: wl.dice_loss(x, d["yv"], weight=d["w"], **kw),
             lambda x: overlap_reference(x, d["yv"], d["w"], **kw), (d["xv"],)),
-            compile=red == "mean", **cpu))
+            compile=red == "mean"))
     jk = dict(include_background=False, jaccard=True, batch=True, reduction="none")
     sq = dict(squared_pred=True, lambda_ce=0.5, reduction="sum")
     tv = dict(alpha=0.3, beta=0.7, focal_exponent=0.75, gamma=2.0, lambda_ce=1.0,
@@ -247,25 +246,25 @@ def _overlap_rows():
     rows += [
         _row("dice_loss-jaccard-batch-none", lambda d: Sample(
             lambda x: wl.dice_loss(x, d["yv"], ignore_index=2, **jk),
-            lambda x: overlap_reference(x, d["yv"], ignore_index=2, **jk), (d["xv"],)), **cpu),
+            lambda x: overlap_reference(x, d["yv"], ignore_index=2, **jk), (d["xv"],))),
         _row("dice_loss-soft-squared", lambda d: Sample(
             lambda x, t: wl.dice_loss(x, t, weight=d["w"], **sq),
-            lambda x, t: overlap_reference(x, t, d["w"], **sq), (d["xv"], d["pv"])), **cpu),
+            lambda x, t: overlap_reference(x, t, d["w"], **sq), (d["xv"], d["pv"]))),
         _row("tversky_loss-focal", lambda d: Sample(
             lambda x: wl.tversky_loss(x, d["yv"], weight=d["w"], **tv),
             lambda x: overlap_reference(x, d["yv"], d["w"], kind="tversky", **tv),
-            (d["xv"],)), compile=True, **cpu),
+            (d["xv"],)), compile=True),
         _row("generalized_dice_loss-ce", lambda d: Sample(
             lambda x: wl.generalized_dice_loss(x, d["yv"], weight=d["w"], **gd),
             lambda x: overlap_reference(x, d["yv"], d["w"], kind="generalized", **gd),
-            (d["xv"],)), **cpu),
+            (d["xv"],))),
         _row("overlap_sums", lambda d: Sample(
             lambda x: torch.stack(wl.overlap_sums(x, d["yv"], ignore_index=2)),
-            lambda x: _sums_reference(x, d["yv"], ignore_index=2), (d["xv"],)), **cpu),
+            lambda x: _sums_reference(x, d["yv"], ignore_index=2), (d["xv"],))),
         _row("DiceLoss-module", lambda d: Sample(
             lambda x: wl.DiceLoss(d["w"], lambda_ce=1.0)(x, d["yv"]),
             lambda x: overlap_reference(x, d["yv"], d["w"], lambda_ce=1.0), (d["xv"],)),
-            compile=True, **cpu),
+            compile=True),
     ]
     return rows
 

@@ -1,13 +1,14 @@
 """The overlap sums beside the cross-entropy (the cross_entropy_overlap ops) and the losses on
 them (weighted_loss/overlap.py): the fused op against its composite over the options and layouts
-the lane code has paths for, the precision bar in float32 and bfloat16, determinism, empty
-shapes and bad arguments. Every mode (gradcheck, jvp, compile, opcheck) runs on the rows of
+the lane code has paths for, on the CPU and CUDA kernels (the emulator's, a GPU's), the precision
+bar in float32 and bfloat16, determinism, empty shapes and bad arguments. Every mode (gradcheck, jvp, compile, opcheck) runs on the rows of
 tests/losses.py."""
 import pytest
 import torch
 
 import weighted_loss as wl
 from bars import assert_within_2x
+from emulation import cpu_kernels
 from references import overlap_reference
 from weighted_loss import _composite
 
@@ -34,6 +35,7 @@ OPTIONS = [
     dict(),
     dict(weight=True, reduction="sum", squared=True),
     dict(label_smoothing=0.2, reduction="none"),
+    dict(label_smoothing=0.1, weight=True),
     dict(gamma=2.0, weight=True),
     dict(gamma=1.5, label_smoothing=0.1, squared=True),
 ]
@@ -49,11 +51,11 @@ def _kwargs(opt, C):
 @pytest.mark.parametrize("index", [True, False], ids=["indices", "soft"])
 @pytest.mark.parametrize("opt", OPTIONS, ids=lambda o: "-".join(f"{k}" for k in o) or "plain")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fused_equals_composite_float64(shape, opt, index):
+def test_fused_equals_composite_float64(device, shape, opt, index):
     """The loss, the sums and the logits' gradient (of the loss and of every sum at once) agree
     with the composite to float64 rounding."""
-    x, t = _inputs(shape, index)
-    kw = _kwargs(opt, shape[1])
+    x, t = (v.to(device) for v in _inputs(shape, index))
+    kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in _kwargs(opt, shape[1]).items()}
     if index:
         kw["ignore_index"] = -100
     xf, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -63,11 +65,62 @@ def test_fused_equals_composite_float64(shape, opt, index):
     torch.testing.assert_close(loss, ref_loss, **close)
     torch.testing.assert_close(sums, ref_sums, **close)
     g = torch.Generator().manual_seed(1)
-    gl = torch.randn(loss.shape, generator=g, dtype=D)
-    gs = torch.randn(sums.shape, generator=g, dtype=D)
+    gl = torch.randn(loss.shape, generator=g, dtype=D).to(device)
+    gs = torch.randn(sums.shape, generator=g, dtype=D).to(device)
     (gx,) = torch.autograd.grad((loss * gl).sum() + (sums * gs).sum(), xf)
     (rx,) = torch.autograd.grad((ref_loss * gl).sum() + (ref_sums * gs).sum(), xc)
     torch.testing.assert_close(gx, rx, **close)
+
+
+def _cuda_case(device, dtype, target, weighted):
+    """(loss, sums, gradient) of the fused op on device, with the upstream gradients fixed."""
+    x, t = _inputs((2, 6, 9, 7), target in ("index", "smooth"), dtype=torch.float32, seed=3)
+    kw = dict(reduction="sum", squared=True)
+    if target == "prob":
+        t = t.to(dtype)
+    elif target == "float-prob":
+        pass  # float32 probabilities beside 16-bit logits
+    else:
+        kw["ignore_index"] = -100
+        if target == "smooth":
+            kw["label_smoothing"] = 0.1
+    if weighted:
+        kw["weight"] = torch.linspace(0.5, 2.0, 6, dtype=torch.float32).to(device)
+    xi = x.to(dtype).to(device).requires_grad_()
+    loss, sums, _, _ = _ops.cross_entropy_overlap_forward(xi, t.to(device), **kw)
+    g = torch.Generator().manual_seed(1)
+    gs = torch.randn(sums.shape, generator=g, dtype=sums.dtype).to(device)
+    (gx,) = torch.autograd.grad(loss * 0.5 + (sums * gs).sum(), xi)
+    return loss.cpu(), sums.cpu(), gx.cpu()
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "weighted"])
+@pytest.mark.parametrize("dtype, target", [
+    (dt, t) for dt in (torch.float32, torch.bfloat16, torch.float16)
+    for t in ("index", "smooth", "prob") + (("float-prob",) if dt.itemsize == 2 else ())])
+def test_cuda_kernels_equal_the_cpu_kernels(gpu, dtype, target, weighted):
+    """Each dtype and target kind of the CUDA kernels (16-bit logits with float probabilities
+    beside them too) against the CPU's in the same dtype."""
+    ours = _cuda_case(gpu, dtype, target, weighted)
+    with cpu_kernels():
+        cpu = _cuda_case(torch.device("cpu"), dtype, target, weighted)
+    for a, b in zip(ours, cpu):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.asan_skip
+def test_cuda_deterministic_runs(gpu):
+    """The sums' fixed order (blocks in item order, in double): the same bits on every run, the
+    emulator's blocks run in a different order each time."""
+    x, y = (v.to(gpu) for v in _inputs((2, 5, 40, 70), True, dtype=torch.float32))
+    outs = []
+    for _ in range(3):
+        xi = x.clone().requires_grad_()
+        loss = wl.dice_loss(xi, y, lambda_ce=1.0, batch=True)
+        (gx,) = torch.autograd.grad(loss, xi)
+        outs.append((loss, gx))
+    for loss, gx in outs[1:]:
+        assert torch.equal(loss, outs[0][0]) and torch.equal(gx, outs[0][1])
 
 
 def test_strided_layouts_are_read_as_contiguous():

@@ -243,6 +243,8 @@ def _overlap_backward(rule, ctx, grad_loss, grad_sums, *_grad_saved_outputs):
     need_x, need_t = sig.needs(ctx, "input"), prob and sig.needs(ctx, "target")
     if (grad_loss is None and grad_sums is None) or not (need_x or need_t):
         return sig.grads()
+    # the cross-entropy term unused (a Dice alone): no gradient of it, not 0 times its NaN
+    with_loss = grad_loss is not None
     if grad_loss is None:
         grad_loss = torch.zeros(ctx.loss_shape, dtype=ctx.out_dtype, device=s.input.device)
     if grad_sums is None:
@@ -253,9 +255,14 @@ def _overlap_backward(rule, ctx, grad_loss, grad_sums, *_grad_saved_outputs):
                     **ctx.options)
 
         def of(*tensors):
-            return rule.composite(**dict(args, **dict(zip(wrt, tensors))))
-        (loss, sums), pullback = torch.func.vjp(of, *[args[n] for n in wrt])
-        grads = pullback((grad_loss.to(loss.dtype), grad_sums.to(sums.dtype)))
+            loss, sums = rule.composite(**dict(args, **dict(zip(wrt, tensors))))
+            return (loss, sums) if with_loss else sums
+        if with_loss:
+            (loss, sums), pullback = torch.func.vjp(of, *[args[n] for n in wrt])
+            grads = pullback((grad_loss.to(loss.dtype), grad_sums.to(sums.dtype)))
+        else:
+            sums, pullback = torch.func.vjp(of, *[args[n] for n in wrt])
+            grads = pullback(grad_sums.to(sums.dtype))
         return sig.grads(**dict(zip(wrt, grads)))
     gx = _ops.cross_entropy_overlap_backward(grad_loss, grad_sums, s.input, s.target,
                                              s.weight, s.lse, s.aux, **ctx.options)

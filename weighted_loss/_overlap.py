@@ -24,7 +24,7 @@ _OP = "weighted_loss::cross_entropy_overlap_forward"
 
 
 def _fused_on(device: torch.device) -> bool:
-    """Whether the fused kernel runs on this device (the CPU's today)."""
+    """Whether the fused kernel runs on this device (the CPU's and CUDA's)."""
     if device.type == "meta" or torch.compiler.is_compiling():
         return True  # the fake kernel (torch.compile, meta tensors)
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)

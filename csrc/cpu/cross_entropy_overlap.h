@@ -106,9 +106,11 @@ C10_ALWAYS_INLINE void lanes_overlap_forward(const Ctx<scalar_t>& cx, const scal
       cx.lane_logits(v0, c);
       cx.lane_logits(v1, c);
     }
-    // blended, not multiplied: an ignored lane's p may be NaN
-    const Vec p0 = Vec::blendv(zero, vexp((v0 - sh0) - L0), keep0);
-    const Vec p1 = Vec::blendv(zero, vexp((v1 - sh1) - L1), keep1);
+    // blended, not multiplied: an ignored lane's p may be NaN. A NaN log-probability (a +inf
+    // or NaN logit) gives a NaN p, as PyTorch's softmax does (vexp would give 0).
+    const Vec a0 = (v0 - sh0) - L0, a1 = (v1 - sh1) - L1;
+    const Vec p0 = Vec::blendv(zero, Vec::blendv(vexp(a0), a0, a0 != a0), keep0);
+    const Vec p1 = Vec::blendv(zero, Vec::blendv(vexp(a1), a1, a1 != a1), keep1);
     Vec t0, t1;
     overlap_target<scalar_t, M>(t, at, nl, c, y0, y1, t0, t1);
     t0 = Vec::blendv(zero, t0, keep0);
@@ -200,8 +202,14 @@ C10_ALWAYS_INLINE void overlap_backward_add(const Ctx<scalar_t>& cx,
   const Vec a(ab[c]), b(ab[C + c]);
   const Vec d0 = at::vec::fmadd(a, t0, sq ? b * two * p0 : b) - S0;
   const Vec d1 = at::vec::fmadd(a, t1, sq ? b * two * p1 : b) - S1;
-  g0 = at::vec::fmadd(p0, d0, g0);
-  g1 = at::vec::fmadd(p1, d1, g1);
+  if constexpr (is_prob(M)) {
+    g0 = at::vec::fmadd(p0, d0, g0);
+    g1 = at::vec::fmadd(p1, d1, g1);
+  } else {  // blended: an ignored lane adds nothing, even where its item's d and S are NaN
+    const Vec zero(0);
+    g0 = Vec::blendv(g0, at::vec::fmadd(p0, d0, g0), y0 >= zero);
+    g1 = Vec::blendv(g1, at::vec::fmadd(p1, d1, g1), y1 >= zero);
+  }
 }
 
 }  // namespace

@@ -6,7 +6,8 @@
 //   few rows with many classes: each row split into chunks across blocks, merged in chunk order
 //     (cross_entropy_split.cu);
 //   (N, C, d...): lanes along the contiguous spatial axis, one thread per row (position), so
-//     neighbouring threads read neighbouring addresses (cross_entropy_lanes.cu).
+//     neighbouring threads read neighbouring addresses (cross_entropy_lanes.cu); with the
+//     overlap sums of the Dice family after it (cross_entropy_overlap.cu).
 // The per-row math is cross_entropy_row.cuh's, the reductions cross_entropy_reduce.cuh's: fixed
 // trees, per-block partial sums in float64 and a last-block-done pass in the same launch; no
 // floating-point atomics, no host synchronization. This file also holds the two small kernels
@@ -101,7 +102,9 @@ Plan plan_of(const CrossEntropyParams& p) {
     const int64_t b = (threads + kThreads - 1) / kThreads;
     return static_cast<unsigned int>(b > 0 ? b : 1);
   };
-  if (p.stride_class != 1) {
+  // the overlap sums (params.h) are the lanes path's, one position a thread
+  const bool overlap = p.overlap_sums != nullptr || p.grad_sums != nullptr;
+  if (p.stride_class != 1 || overlap) {
     // a vector of P positions per thread needs every lane group to start 16-byte aligned
     constexpr int V = Pack<T>::kSize;
     const int64_t e = sizeof(T);
@@ -114,7 +117,8 @@ Plan plan_of(const CrossEntropyParams& p) {
     // thread; the eight rows a thread of 16-bit logits have no register left for them: a spill
     // on sm_90)
     const bool soft_focal = p.focal_gamma > 0 && (p.prob_target || p.label_smoothing > 0);
-    plan.lanes = vec && p.logit_adjust == nullptr && !(sizeof(T) == 2 && soft_focal) ? V : 1;
+    plan.lanes =
+        vec && !overlap && p.logit_adjust == nullptr && !(sizeof(T) == 2 && soft_focal) ? V : 1;
     plan.blocks = blocks(rows / plan.lanes);
     return plan;
   }
@@ -158,7 +162,7 @@ Plan plan_for(const CrossEntropyParams& p) {
 }
 
 // The forward's workspace: per-block (loss, divisor) partials and the done-counter when the loss
-// is reduced, then a split row's chunk statistics.
+// is reduced, then a split row's chunk statistics, or the overlap sums' per-block partials.
 struct Workspace {
   size_t partial_bytes = 0, state_bytes = 0;
   size_t bytes() const { return partial_bytes + state_bytes; }
@@ -169,6 +173,10 @@ Workspace workspace_of(const CrossEntropyParams& p, const Plan& plan) {
   if (p.reduction != Reduction::None) w.partial_bytes = size_t(plan.blocks) * 2 * sizeof(double) + 16;
   if (plan.kind == Plan::kSplitRows) {
     w.state_bytes = size_t(p.outer * p.inner * plan.chunks) * 4 * sizeof(double);
+  }
+  if (p.overlap_sums != nullptr) {
+    w.state_bytes =
+        size_t(p.outer * ce::overlap_blocks_per_item(p) * 3 * p.classes) * sizeof(double);
   }
   return w;
 }
@@ -182,7 +190,7 @@ size_t cross_entropy_forward_workspace(const CrossEntropyParams& p) {
 cudaError_t cross_entropy_forward(const CrossEntropyParams& p, void* workspace,
                                   cudaStream_t stream) {
   const int64_t rows = p.outer * p.inner;
-  if (rows == 0 && p.reduction == Reduction::None) return cudaSuccess;
+  if (rows == 0 && p.reduction == Reduction::None && p.overlap_sums == nullptr) return cudaSuccess;
   // 16-byte loads along class-contiguous rows: the logits and the targets read with them
   // equally aligned (each row then starts with the same few elements before a boundary)
   const size_t e = dtype_size(p.dtype);
@@ -197,7 +205,16 @@ cudaError_t cross_entropy_forward(const CrossEntropyParams& p, void* workspace,
     if (err != cudaSuccess) return err;
   }
   switch (plan.kind) {
-    case Plan::kLanes: return ce::lanes_forward(p, plan, red, stream);
+    case Plan::kLanes: {
+      cudaError_t err = rows > 0 || p.reduction != Reduction::None
+                            ? ce::lanes_forward(p, plan, red, stream)
+                            : cudaSuccess;
+      if (err == cudaSuccess && p.overlap_sums != nullptr) {
+        err = ce::overlap_forward(
+            p, reinterpret_cast<double*>(static_cast<char*>(workspace) + ws.partial_bytes), stream);
+      }
+      return err;
+    }
     case Plan::kSplitRows:
       return ce::split_forward(p, plan, vector, static_cast<char*>(workspace) + ws.partial_bytes,
                                red, stream);

@@ -31,4 +31,5 @@ struct Cuda {
 
 TORCH_LIBRARY_IMPL(weighted_loss, CUDA, m) {
   weighted_loss::register_cross_entropy_ops<weighted_loss::Cuda>(m);
+  weighted_loss::register_overlap_ops<weighted_loss::Cuda>(m);
 }

@@ -200,10 +200,26 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
   finish_forward<T>(p, my_l, my_w, partial, done);
 }
 
-template <typename T, int M, bool HasW, int P>
+// The overlap sums' gradient at one position (params.h: grad_sums), added to the loss's:
+// with d_c = dL/dp_c = a_c t_c + b_c m_c (m_c = 1, or 2 p_c when squared) and
+// S = sum_k p_k d_k, class c gets p_c (d_c - S).
+template <typename acc_t>
+struct OverlapGrad {
+  const acc_t* ab = nullptr;  // the item's (dL/dI, dL/dP) planes of grad_sums
+  int64_t classes = 0;
+  bool squared = false;
+  acc_t S = 0;
+  __device__ __forceinline__ acc_t d(int64_t c, acc_t pc, acc_t tc) const {
+    const acc_t b = ab[classes + c];
+    return ab[c] * tc + (squared ? b * acc_t(2) * pc : b);
+  }
+};
+
+template <typename T, int M, bool HasW, int P, bool Overlap>
 __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     backward_lanes_kernel(const CrossEntropyParams p, const void* w_sum) {
   using acc_t = typename AccOf<T>::type;
+  static_assert(!Overlap || P == 1, "the overlap sums' gradient: one position a thread");
   const int64_t groups = p.outer * p.inner / P;
   const int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (g >= groups) return;
@@ -217,6 +233,26 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
   Coef<acc_t> c[P];
 #pragma unroll
   for (int k = 0; k < P; ++k) c[k] = row_coef<T, M, HasW>(p, r0 + k, ws);
+  // the overlap term: p_c from the saved (sh, L), none at an ignored position
+  OverlapGrad<acc_t> ov;
+  bool keep = false;
+  int64_t y = -1;
+  if constexpr (Overlap) {
+    y = is_prob(M) ? -1 : target_of(p, r0);
+    keep = is_prob(M) || y >= 0;
+    ov.ab = static_cast<const acc_t*>(p.grad_sums) + (r0 / p.inner) * 3 * p.classes;
+    ov.classes = p.classes;
+    ov.squared = p.overlap_squared;
+    if (keep) {
+      for_lanes<T, TargetOf<T, M>, 1, is_prob(M)>(
+          x, t, p.classes, p.stride_class,
+          [&](int64_t cls, const Lanes<T, 1>& xl, const Lanes<TargetOf<T, M>, 1>& tl) {
+        const acc_t pc = fast_exp((logit_of(p, to_acc(xl.v[0]), cls) - c[0].sh) - c[0].L);
+        const acc_t tc = is_prob(M) ? to_acc(tl.v[0]) : acc_t(cls == y ? 1 : 0);
+        ov.S += pc * ov.d(cls, pc, tc);
+      });
+    }
+  }
   const int64_t s = p.stride_class / P;
   for_lanes<T, TargetOf<T, M>, P, is_prob(M)>(
       x, t, p.classes, p.stride_class,
@@ -224,8 +260,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     Lanes<T, P> out;
 #pragma unroll
     for (int k = 0; k < P; ++k) {
-      out.v[k] = from_acc<T>(grad_element<T, M, HasW>(
-          p, c[k], cls, to_acc(xl.v[k]), is_prob(M) ? to_acc(tl.v[k]) : acc_t(0), smooth));
+      acc_t v = grad_element<T, M, HasW>(p, c[k], cls, to_acc(xl.v[k]),
+                                         is_prob(M) ? to_acc(tl.v[k]) : acc_t(0), smooth);
+      if constexpr (Overlap) {
+        if (keep) {
+          const acc_t pc = fast_exp((logit_of(p, to_acc(xl.v[k]), cls) - c[k].sh) - c[k].L);
+          const acc_t tc = is_prob(M) ? to_acc(tl.v[k]) : acc_t(cls == y ? 1 : 0);
+          v += pc * (ov.d(cls, pc, tc) - ov.S);
+        }
+      }
+      out.v[k] = from_acc<T>(v);
     }
     gx[cls * s] = out;
   });
@@ -255,11 +299,13 @@ cudaError_t ce::lanes_backward(const CrossEntropyParams& p, const Plan& plan, co
     using T = decltype(tag);
     constexpr int M = decltype(mode)::value;
     constexpr bool W = decltype(has_w)::value;
-    if (plan.lanes > 1) {
-      launch<backward_lanes_kernel<T, M, W, Pack<T>::kSize>>(plan.blocks, kThreads, stream, p,
-                                                             w_sum);
+    if (p.grad_sums != nullptr) {  // (plan_of: one position a thread)
+      launch<backward_lanes_kernel<T, M, W, 1, true>>(plan.blocks, kThreads, stream, p, w_sum);
+    } else if (plan.lanes > 1) {
+      launch<backward_lanes_kernel<T, M, W, Pack<T>::kSize, false>>(plan.blocks, kThreads,
+                                                                    stream, p, w_sum);
     } else {
-      launch<backward_lanes_kernel<T, M, W, 1>>(plan.blocks, kThreads, stream, p, w_sum);
+      launch<backward_lanes_kernel<T, M, W, 1, false>>(plan.blocks, kThreads, stream, p, w_sum);
     }
   });
 }

@@ -2,7 +2,8 @@
 // the same for the forward, its workspace and the backward), and the launchers of each path, one
 // file each: cross_entropy_rows.cu (class-contiguous rows: a warp or a block per row, and the
 // backward of split rows), cross_entropy_split.cu (the forward of rows split across blocks),
-// cross_entropy_lanes.cu (lanes along the contiguous spatial axis of (N, C, d...)).
+// cross_entropy_lanes.cu (lanes along the contiguous spatial axis of (N, C, d...)), and
+// cross_entropy_overlap.cu (the Dice family's sums beside the lanes' loss).
 #pragma once
 
 #include <cstdint>
@@ -77,5 +78,9 @@ cudaError_t lanes_forward(const CrossEntropyParams& p, const Plan& plan, const R
                           cudaStream_t stream);
 cudaError_t lanes_backward(const CrossEntropyParams& p, const Plan& plan, const void* w_sum,
                            cudaStream_t stream);
+// The overlap sums (cross_entropy_overlap.cu), after lanes_forward: partial holds
+// outer * overlap_blocks_per_item(p) * 3 * classes doubles.
+int64_t overlap_blocks_per_item(const CrossEntropyParams& p);
+cudaError_t overlap_forward(const CrossEntropyParams& p, double* partial, cudaStream_t stream);
 
 }  // namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS::ce

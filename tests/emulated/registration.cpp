@@ -54,6 +54,7 @@ void poison_outputs(const CrossEntropyParams& p) {
     poison(p.lse, rows * acc);
     poison(p.tsum, p.prob_target ? rows * acc : 0);
     poison(p.shard_stats, p.shard_stats != nullptr ? 3 * rows * acc : 0);
+    poison(p.overlap_sums, p.overlap_sums != nullptr ? 3 * size_t(p.outer * p.classes) * acc : 0);
   }
   // gradients are written where the logits' strides put them (the input's with its own row
   // stride); (outer, classes, inner) spans them
@@ -155,6 +156,7 @@ void enable(int64_t sm_count, bool shuffle_blocks) {
   lib = std::make_unique<torch::Library>(torch::Library::IMPL, "weighted_loss",
                                          c10::DispatchKey::CPU, __FILE__, __LINE__);
   register_cross_entropy_ops<EmulatedCrossEntropy>(*lib);
+  register_overlap_ops<EmulatedCrossEntropy>(*lib);
   register_binary_cross_entropy_ops<EmulatedBinaryCrossEntropy>(*lib);
 }
 
