@@ -9,7 +9,8 @@ from . import distributed, functional, vocab_parallel
 from .distributed import total_weight
 from .functional import binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy
 from .focal import FocalLoss, SigmoidFocalLoss, focal_loss, sigmoid_focal_loss
-from .linear import LinearCrossEntropyLoss, linear_cross_entropy
+from .linear import linear_cross_entropy
+from .linear_module import LinearCrossEntropyLoss
 from .modules import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss
 from .overlap import (DiceLoss, GeneralizedDiceLoss, TverskyLoss, dice_loss, generalized_dice_loss,
                       overlap_sums, tversky_loss)

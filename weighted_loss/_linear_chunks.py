@@ -137,13 +137,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads = {}
         for name, dtype in ctx.dtypes.items():
             g = s[name]
-            if g is not None:
-                out = torch.empty(g.shape, dtype=dtype, device=g.device)  # one rounding, no temp
+            if g is None:
+                continue
+            out = torch.empty(g.shape, dtype=dtype, device=g.device)  # one rounding, no temp
+            try:
                 grads[name] = torch.mul(g, scale.to(g.dtype), out=out)
+            except RuntimeError as e:  # a vmap batch (batched gradients): no out= there
+                if "Batching rule not implemented" not in str(e):
+                    raise
+                grads[name] = (g * scale.to(g.dtype)).to(dtype)
         return _ARGS.grads(**grads)
 
 
 _ARGS = _named.Signature.of_forward(_LinearCrossEntropy)
+
 
 
 def _needs(ctx, x, lw, bias, adjust):

@@ -1,7 +1,8 @@
 """Fused linear + cross-entropy that never holds the logits: the loss of
 ``F.cross_entropy(F.linear(input, linear_weight, bias), target, ...)`` over row chunks. The entry
 point: the arguments checked, an FSDP2-sharded head read whole (_dtensor), the dtypes and the
-chunk planned; the chunks themselves are weighted_loss/_linear_chunks.py's.
+chunk planned; the chunks themselves are weighted_loss/_linear_chunks.py's. PyTorch's own API
+(``F.linear_cross_entropy``'s keywords, ``nn.LinearCrossEntropyLoss``): linear_module.py.
 """
 from typing import Optional
 
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from . import _dtensor, _dtypes, _grouped, _linear_chunks, _options, _reweight
 
-__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
+__all__ = ["linear_cross_entropy"]
 
 _OP = "linear_cross_entropy"
 
@@ -35,13 +36,15 @@ def linear_cross_entropy(
     target: Tensor,
     bias: Optional[Tensor] = None,
     weight: Optional[Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: Optional[int] = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
     *,
+    linear_bias: Optional[Tensor] = None,
+    options=None,
     process_group=None,
     total_weight=None,
     logit_adjustment: Optional[Tensor] = None,
@@ -51,9 +54,17 @@ def linear_cross_entropy(
     without the ``(N, C)`` logits: computed over chunks of ``chunk_size`` rows (chosen from C and
     the dtype when None: 128 MiB of logits per chunk on the CPU, 256 MiB on a GPU).
 
-    ``input`` ``(N, H)`` or ``(B, T, H)`` (any leading dims); ``linear_weight`` ``(C, H)``;
-    ``bias`` ``(C,)``; ``target`` class indices of the leading shape, or class probabilities
-    ``(..., C)``; ``weight`` the ``(C,)`` class weight; ``z_loss`` and ``softcap`` as for
+    PyTorch's ``F.linear_cross_entropy`` call works as it is: ``linear_bias=`` (or ``bias``),
+    ``ignore_index=None`` (-100 for class indices; any value beside probabilities raises, as
+    PyTorch's), ``options=`` (a ``torch.nn.LinearCrossEntropyOptions``: its ``batch_chunk_size``
+    is the chunk's rows where ``chunk_size`` is None; the rest tunes PyTorch's own chunking).
+
+    ``input`` ``(N, H)``, ``(H,)`` or ``(B, T, H)`` (any leading dims); ``linear_weight``
+    ``(C, H)``, or ``(C, d1, ..., dK, H)`` for PyTorch's K-dimensional loss (its logits
+    ``(N, C, d1, ..., dK)`` are made, then the fused cross-entropy reads them: no chunking);
+    ``bias`` ``(C,)`` (``(C, d1, ..., dK)``); ``target`` class indices of the leading shape, or
+    class probabilities of the logits' shape (a target of that shape is probabilities, as in
+    PyTorch); ``weight`` the ``(C,)`` class weight; ``z_loss`` and ``softcap`` as for
     :func:`weighted_loss.cross_entropy`. Gradients flow to ``input``, ``linear_weight`` and
     ``bias``, each in its own dtype. Under ``torch.autocast`` the matmuls run in autocast's dtype
     (as ``F.linear`` would) and the loss is float32; under ``torch.no_grad()`` or
@@ -70,6 +81,32 @@ def linear_cross_entropy(
     per token) multiplies each row's loss, the mean dividing by ``sum(sample_weight *
     weight[target])`` over the rows kept, as for :func:`weighted_loss.cross_entropy`; the chunks'
     gradients take it as their rows' upstream gradient, in the same single pass."""
+    if linear_bias is not None:
+        if bias is not None:
+            raise TypeError(f"{_OP}: got both bias and linear_bias (the same argument)")
+        bias = linear_bias
+    if options is not None:
+        chunk_size = _options_chunk(options, chunk_size)
+    if linear_weight.dim() > 2:
+        return _through_logits(input, linear_weight, target, bias, weight, ignore_index,
+                               reduction, label_smoothing, z_loss, softcap, logit_adjustment,
+                               sample_weight, process_group, total_weight)
+    classes = linear_weight.shape[0] if linear_weight.dim() == 2 else None
+    prob = classes is not None and input.dim() >= 1 and \
+        tuple(target.shape) == tuple(input.shape[:-1]) + (classes,)
+    if prob and ignore_index is not None:
+        raise RuntimeError(f"{_OP}: ignore_index cannot be specified when target contains "
+                           "probabilities")
+    if prob and not target.is_floating_point():
+        raise RuntimeError(f"{_OP}: Expected floating point type for target with class "
+                           f"probabilities, got {target.dtype}")
+    if prob and target.requires_grad and torch.is_grad_enabled():
+        # probabilities with a gradient of their own: through the logits (the fused
+        # cross-entropy's target backward), which this call then holds
+        return _through_logits(input, linear_weight, target, bias, weight, None, reduction,
+                               label_smoothing, z_loss, softcap, logit_adjustment,
+                               sample_weight, process_group, total_weight)
+    ignore_index = -100 if ignore_index is None else ignore_index
     o = _options.cross_entropy(weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                                process_group=process_group, total_weight=total_weight, op=_OP,
                                logit_adjustment=logit_adjustment, sample_weight=sample_weight)
@@ -90,14 +127,15 @@ def linear_cross_entropy(
     if bias is not None and bias.shape != (classes,):
         raise ValueError(f"{_OP}: bias must be ({classes},), got {tuple(bias.shape)}")
     compute = _compute_dtype(input, linear_weight, bias)
-    prob = target.is_floating_point()
     want = lead + (classes,) if prob else lead
     if tuple(target.shape) != want:
         # the exception F.cross_entropy raises on its logits: ValueError for another batch size,
         # RuntimeError for float class indices or probabilities of the wrong shape
-        exc = ValueError if target.dim() == 0 or (lead and target.shape[0] != lead[0]) \
-            else RuntimeError
-        raise exc(f"{_OP}: target must have shape {want} ("
+        batch = bool(lead) and target.dim() > 0 and target.shape[0] != lead[0]
+        exc = ValueError if target.dim() == 0 or batch else RuntimeError
+        said = (f"Expected input batch_size ({lead[0]}) to match target batch_size "
+                f"({target.shape[0]}). ") if batch else ""
+        raise exc(f"{said}{_OP}: target must have shape {want} ("
                   f"{'class probabilities' if prob else 'class indices'}) for input of shape "
                   f"{tuple(input.shape)}, got {tuple(target.shape)}")
     if not 0.0 <= o.label_smoothing <= 1.0:  # also with no rows to compute
@@ -122,8 +160,6 @@ def linear_cross_entropy(
     if a is not None:  # the chunk's logits + a in PyTorch's promoted dtype
         logits = torch.promote_types(logits, a.dtype)
     if prob:
-        if o.ignore_index >= 0:
-            raise RuntimeError("ignore_index is not supported for floating point target")
         # F.cross_entropy promotes the logits with the targets (16-bit logits read in place)
         logits, target_dtype = _dtypes.floating_dtypes(logits, t.dtype)
         t = t.to(target_dtype)
@@ -139,31 +175,59 @@ def linear_cross_entropy(
     return loss.view(lead) if o.reduction == "none" else loss
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
-    """:func:`linear_cross_entropy` as a module: ``forward(input, linear_weight, target,
-    bias=None)`` with the class weight and the options of :class:`torch.nn.CrossEntropyLoss`
-    given at construction (``weight`` and ``logit_adjustment`` buffers, as ``weight`` is there);
-    ``process_group=`` and ``forward(..., total_weight=, sample_weight=)`` as for
-    :class:`weighted_loss.CrossEntropyLoss`."""
 
-    def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
-                 reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 softcap: Optional[float] = None, chunk_size: Optional[int] = None, *,
-                 process_group=None, logit_adjustment: Optional[Tensor] = None):
-        super().__init__()
-        self.process_group = process_group
-        _options.row_terms(z_loss, softcap)
-        self.register_buffer("weight", weight)
-        self.register_buffer("logit_adjustment", logit_adjustment)
-        self.ignore_index, self.reduction = ignore_index, reduction
-        self.label_smoothing, self.chunk_size = label_smoothing, chunk_size
-        self.z_loss, self.softcap = z_loss, softcap
+def _options_chunk(options, chunk_size):
+    """The chunk's rows a ``torch.nn.LinearCrossEntropyOptions`` asks for (its batch_chunk_size,
+    where chunk_size is None); its accumulation settings tune PyTorch's chunking alone."""
+    cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if cls is not None and not isinstance(options, cls) and \
+            type(options).__name__ != "LinearCrossEntropyOptions":
+        raise TypeError(f"{_OP}: options must be a torch.nn.LinearCrossEntropyOptions or None, "
+                        f"got {type(options).__name__}")
+    rows = getattr(options, "batch_chunk_size", None)
+    return chunk_size if chunk_size is not None or rows is None else int(rows)
 
-    def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
-                bias: Optional[Tensor] = None, total_weight=None, sample_weight=None) -> Tensor:
-        return linear_cross_entropy(input, linear_weight, target, bias, self.weight,
-                                    self.ignore_index, self.reduction, self.label_smoothing,
-                                    self.z_loss, self.softcap, self.chunk_size,
-                                    process_group=self.process_group, total_weight=total_weight,
-                                    logit_adjustment=self.logit_adjustment,
-                                    sample_weight=sample_weight)
+
+def _through_logits(input, linear_weight, target, bias, weight, ignore_index, reduction,
+                    label_smoothing, z_loss, softcap, logit_adjustment, sample_weight,
+                    process_group, total_weight):
+    """The logits made by one matmul, then the fused cross-entropy over them: PyTorch's
+    K-dimensional form (linear_weight (C, d1, ..., dK, H), logits (N, C, d1, ..., dK)), and
+    probability targets that require a gradient."""
+    def cross_entropy(logits, t, w, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                      z_loss=0.0, softcap=None, logit_adjustment=None, sample_weight=None,
+                      process_group=None, total_weight=None):  # wl.cross_entropy's, no DTensor
+        o = _options.cross_entropy(w, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                                   process_group=process_group, total_weight=total_weight,
+                                   logit_adjustment=logit_adjustment, sample_weight=sample_weight)
+        return _grouped.cross_entropy(logits, t, o)
+    C, out = linear_weight.shape[0], tuple(linear_weight.shape[1:-1])
+    H = linear_weight.shape[-1]
+    if not out:  # (..., H) rows: (rows, C) logits, the result in the target's leading shape
+        lead = tuple(input.shape[:-1])
+        logits = torch.nn.functional.linear(input.reshape(-1, H), linear_weight, bias)
+        v = None if sample_weight is None else sample_weight.reshape(-1)
+        loss = cross_entropy(logits, target.reshape(-1, C), weight, reduction=reduction,
+                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                             logit_adjustment=logit_adjustment, sample_weight=v,
+                             process_group=process_group, total_weight=total_weight)
+        return loss.reshape(lead) if reduction == "none" else loss
+    if input.dim() != 2 or input.shape[-1] != H:
+        raise RuntimeError(f"{_OP}: K-dimensional loss defined by linear_weight shape "
+                           f"{tuple(linear_weight.shape)} requires batched input, "
+                           f"(N, {H}), got {tuple(input.shape)}")
+    if bias is not None and tuple(bias.shape) != (C, *out):
+        raise RuntimeError(f"{_OP}: expected linear_bias shape {(C, *out)}, got "
+                           f"{tuple(bias.shape)}")
+    flat = linear_weight.reshape(-1, H)
+    logits = torch.nn.functional.linear(input, flat, None if bias is None else bias.reshape(-1))
+    logits = logits.reshape(input.shape[0], C, *out)
+    prob = tuple(target.shape) == tuple(logits.shape)
+    if prob and ignore_index is not None:
+        raise RuntimeError(f"{_OP}: ignore_index cannot be specified when target contains "
+                           "probabilities")
+    return cross_entropy(logits, target, weight, ignore_index=-100 if ignore_index is None
+                         else ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                         logit_adjustment=logit_adjustment, sample_weight=sample_weight,
+                         process_group=process_group, total_weight=total_weight)

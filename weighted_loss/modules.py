@@ -71,6 +71,6 @@ class BCELoss(torch.nn.BCELoss):
 
 # Every module of the package, as torch.nn holds them (each defined beside its feature).
 from .focal import FocalLoss, SigmoidFocalLoss  # noqa: E402
-from .linear import LinearCrossEntropyLoss  # noqa: E402
+from .linear_module import LinearCrossEntropyLoss  # noqa: E402
 
 __all__ += ["FocalLoss", "SigmoidFocalLoss", "LinearCrossEntropyLoss"]

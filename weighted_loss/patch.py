@@ -7,6 +7,9 @@ What it changes (and nothing else):
   - ``torch.nn.CrossEntropyLoss``, ``BCEWithLogitsLoss`` and ``BCELoss``, under each name PyTorch
     exports them
     (``torch.nn``, ``torch.nn.modules``, ``torch.nn.modules.loss``);
+  - where PyTorch has them (2.13 on): ``torch.nn.functional.linear_cross_entropy`` and
+    ``torch.nn.LinearCrossEntropyLoss`` (under the same three names), PyTorch's API computed by
+    the fused linear cross-entropy (linear_module.py);
   - with ``torchvision=True`` where torchvision is importable: ``torchvision.ops.sigmoid_focal_loss``
     (and ``torchvision.ops.focal_loss.sigmoid_focal_loss``), with torchvision's argument names.
 
@@ -25,9 +28,10 @@ result.
 import importlib
 from typing import List, Tuple
 
+import torch
 from torch import Tensor
 
-from . import _swap, focal, functional, modules
+from . import _swap, focal, functional, linear_module, modules
 
 __all__ = ["patch_torch", "unpatch_torch", "is_patched"]
 
@@ -48,6 +52,11 @@ def _targets(torchvision: bool) -> List[Tuple[str, str, object]]:
         out += [(where, "CrossEntropyLoss", modules.CrossEntropyLoss),
                 (where, "BCEWithLogitsLoss", modules.BCEWithLogitsLoss),
                 (where, "BCELoss", modules.BCELoss)]
+    if hasattr(torch.nn.functional, "linear_cross_entropy"):  # PyTorch 2.13 on
+        out.append(("torch.nn.functional", "linear_cross_entropy",
+                    linear_module.torch_linear_cross_entropy))
+        out += [(where, "LinearCrossEntropyLoss", linear_module.LinearCrossEntropyLoss)
+                for where in ("torch.nn", "torch.nn.modules", "torch.nn.modules.loss")]
     if torchvision:
         try:
             importlib.import_module("torchvision.ops")
