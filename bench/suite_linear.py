@@ -1,6 +1,8 @@
 """The linear + cross-entropy cases of ``python bench/suite.py`` (``--loss linear``):
-``wl.linear_cross_entropy`` against native ``F.cross_entropy(F.linear(h, W), y, weight=w)`` and
-``torch.compile`` of it, forward+backward to the gradients of the hidden states and of the
+``wl.linear_cross_entropy`` against native ``F.cross_entropy(F.linear(h, W), y, weight=w)`` (what
+PyTorch's ``F.linear_cross_entropy`` computes by default), PyTorch's chunked path (its
+``F.linear_cross_entropy`` with ``options=LinearCrossEntropyOptions()``, torch 2.13 on) and
+``torch.compile`` of the native one, forward+backward to the gradients of the hidden states and of the
 classifier's weight, with class weights from the batch's label counts. Peak memory is what one
 forward+backward allocates beyond its inputs (as for the other cases); the matmuls' TFLOP/s are
 6 N H C over the fused total. Same method as bench.py's run_case: correctness first, warm-up,
@@ -17,11 +19,13 @@ import report
 # name, N (rows), H (hidden), C (classes), dtype
 QUICK = [("linear-1024x512x32000-f32", 1024, 512, 32000, torch.float32)]
 FULL = [
+    ("linear-2048x1024x32000-f32", 2048, 1024, 32000, torch.float32),
+    ("linear-4096x1024x32000-bf16", 4096, 1024, 32000, torch.bfloat16),
     ("linear-8192x1024x32000-f32", 8192, 1024, 32000, torch.float32),
     ("linear-8192x1024x32000-bf16", 8192, 1024, 32000, torch.bfloat16),
     ("linear-16384x4096x128256-bf16", 16384, 4096, 128256, torch.bfloat16),
 ]
-IMPLS = ("fused", "native", "compiled")
+IMPLS = ("fused", "native", "chunked", "compiled")
 
 
 def _native(h, lw, y, weight):
@@ -30,6 +34,12 @@ def _native(h, lw, y, weight):
 
 def _fused(h, lw, y, weight):
     return wl.linear_cross_entropy(h, lw, y, weight=weight)
+
+
+def _chunked(h, lw, y, weight):
+    """PyTorch's own chunked path (it never holds the whole logits)."""
+    return F.linear_cross_entropy(h, lw, y, weight=weight,
+                                  options=torch.nn.LinearCrossEntropyOptions())
 
 
 def make_inputs(n, hidden, classes, dtype, device, seed=0):
@@ -64,6 +74,8 @@ def run_case(name, n, hidden, classes, dtype, device, repeat, use_compile, bench
     """Every figure of one case; `bench` is bench/suite.py (timing and memory helpers)."""
     h, lw, y, w = make_inputs(n, hidden, classes, dtype, device)
     fns = {"fused": _fused, "native": _native}
+    if hasattr(torch.nn, "LinearCrossEntropyOptions") and not wl.is_patched():
+        fns["chunked"] = _chunked
     if use_compile:
         torch._dynamo.reset()
         fns["compiled"] = torch.compile(_native)
@@ -102,6 +114,8 @@ def run_case(name, n, hidden, classes, dtype, device, repeat, use_compile, bench
     out["fused_vs_matmuls"] = out["fused_fwd_bwd_ms"] / out["matmuls_ms"]
     out["speedup_vs_native"] = out["native_fwd_bwd_ms"] / out["fused_fwd_bwd_ms"]
     out["memory_vs_native"] = out["peak_mem_fused_mb"] / out["peak_mem_native_mb"]
+    if "chunked" in fns:
+        out["speedup_vs_chunked"] = out["chunked_fwd_bwd_ms"] / out["fused_fwd_bwd_ms"]
     if "compiled" in fns:
         out["speedup_vs_compiled"] = out["compiled_fwd_bwd_ms"] / out["fused_fwd_bwd_ms"]
     return out
@@ -115,12 +129,14 @@ COLUMNS = [
     ("case", lambda r: r["case"]),
     ("fused ms fwd / bwd / total", lambda r: _t(r, "fused")),
     ("native ms fwd / bwd / total", lambda r: _t(r, "native")),
+    ("PyTorch chunked ms fwd / bwd / total", lambda r: _t(r, "chunked")),
     ("compiled ms fwd / bwd / total", lambda r: _t(r, "compiled")),
-    ("speedup vs native / compiled", lambda r: f"{r['speedup_vs_native']:.2f}x / " + (
-        f"{r['speedup_vs_compiled']:.2f}x" if "speedup_vs_compiled" in r else "-")),
+    ("speedup vs native / chunked / compiled", lambda r: " / ".join(
+        f"{r[k]:.2f}x" if k in r else "-"
+        for k in ("speedup_vs_native", "speedup_vs_chunked", "speedup_vs_compiled"))),
     ("fused TFLOP/s (x the 3 matmuls' time)",
      lambda r: f"{r['fused_tflops']:.2f} ({r['fused_vs_matmuls']:.2f}x)"),
-    ("peak MiB fused / native / compiled", lambda r: " / ".join(
+    ("peak MiB fused / native / chunked / compiled", lambda r: " / ".join(
         f"{r[f'peak_mem_{k}_mb']:.0f}" if f"peak_mem_{k}_mb" in r else "-" for k in IMPLS)),
     ("max abs diff vs native loss / grads", lambda r: f"{r['fused_max_loss_diff']:.1e} / "
      f"{r['fused_max_grad_diff']:.1e}"),

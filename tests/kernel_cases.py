@@ -3,7 +3,8 @@ cross-entropy over long rows, short rows (a warp or less), very long rows (a blo
 across blocks when the rows are few), (N, C, d...) lanes, probability targets, label smoothing,
 z-loss and softcap, the softmax focal loss (over class indices, and over soft targets with its
 second pass over each row: a block per row where cross-entropy would split it), the in-place backward of linear_cross_entropy, BCE
-with broadcast weights and the sigmoid focal loss with a tensor alpha and a target gradient.
+with broadcast weights, the sigmoid focal loss with a tensor alpha and a target gradient, and
+Dice + cross-entropy (the overlap sums and their gradient).
 
 Used where a whole run over the kernels matters more than any one value: the GPU runtime tests
 (no host synchronization, CUDA graph capture and replay: tests/test_cuda_runtime.py) and
@@ -97,6 +98,14 @@ def _linear(device):
         lambda: wl.linear_cross_entropy(h, lw, t, label_smoothing=0.1, chunk_size=16), (h, lw))
 
 
+def _dice_ce(device):
+    x = _logits((2, 5, 6, 7, 8), device)
+    t = _index((2, 6, 7, 8), 5, device, ignore=-100)
+    w = _weights(5, device)
+    return (x, t, w), _step(lambda: wl.dice_loss(x, t, weight=w, lambda_ce=1.0, batch=True),
+                            (x,))
+
+
 def _bce(shape, wshape, pshape):
     def case(device):
         x = _logits(shape, device)
@@ -133,4 +142,5 @@ CASES: Dict[str, Callable] = {
     "bce-64x100-rowweight": _bce((64, 100), (64, 1), (100,)),
     "bce-seg-2x5x8x8": _bce((2, 5, 8, 8), None, (5, 1, 1)),
     "sigmoid-focal-alpha-64x100": _sigmoid_focal,
+    "dice-ce-lanes-2x5x6x7x8": _dice_ce,
 }
