@@ -106,6 +106,13 @@ def ms_cell(r, kind, digits=2):
     return " / ".join(f"{r[f'{kind}_{w}_ms']:.{digits}f}" for w in ("fwd", "bwd", "fwd_bwd"))
 
 
+def speedups_cell(r, kinds):
+    """Row r's "fused is Nx faster" against each of kinds (its speedup_vs_<kind>), "-" where
+    that implementation did not run."""
+    return " / ".join(f"{r[f'speedup_vs_{k}']:.2f}x" if f"speedup_vs_{k}" in r else "-"
+                      for k in kinds)
+
+
 def columns_markdown(columns, rows):
     """A markdown table of (header, cell(row)) columns over rows (the linear and segmentation
     suites' tables)."""

@@ -108,9 +108,8 @@ COLUMNS = [
     ("MONAI DiceCELoss ms", lambda r: _t(r, "monai")),
     ("nnU-Net DC_and_CE_loss ms", lambda r: _t(r, "nnunet")),
     ("compiled composite ms", lambda r: _t(r, "compiled")),
-    ("speedup vs MONAI / nnU-Net / compiled", lambda r: " / ".join(
-        f"{r[f'speedup_vs_{k}']:.2f}x" if f"speedup_vs_{k}" in r else "-"
-        for k in ("monai", "nnunet", "compiled"))),
+    ("speedup vs MONAI / nnU-Net / compiled",
+     lambda r: report.speedups_cell(r, ("monai", "nnunet", "compiled"))),
     ("peak MiB beyond logits + gradient: fused / MONAI / nnU-Net / compiled (logits MiB)",
      lambda r: " / ".join(f"{r[f'peak_mem_{k}_mb']:.0f}" if f"peak_mem_{k}_mb" in r else "-"
                           for k in IMPLS) + f" ({r['input_mb']:.0f})"),

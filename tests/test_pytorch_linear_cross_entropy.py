@@ -18,7 +18,8 @@ import torch
 
 import weighted_loss as wl
 from bars import assert_within_2x
-from test_pytorch_loss_tests import _compare, _helper, _patched_op, _run, unpatched, with_exact
+from test_pytorch_loss_tests import (_compare, _helper, _patched_op, _run, patched,  # noqa: F401
+                                     unpatched, with_exact)
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyLoss"),
                                 reason="PyTorch before 2.13 has no linear cross-entropy API")
@@ -36,12 +37,6 @@ def _op_ids():
         return [op.variant_test_name or "default" for op in _ops()]
     except ImportError:  # the failure is the test's (expecttest missing: make test installs it)
         return ["unavailable"]
-
-
-@pytest.fixture
-def patched():
-    with wl.patch_torch():
-        yield
 
 
 @pytest.mark.parametrize("k", range(len(_op_ids())), ids=_op_ids())
