@@ -112,6 +112,7 @@ def test_the_cycle_finder_finds_a_cycle():
                                       "weighted_loss._sharded"}),
     ("weighted_loss._options", None),  # a leaf: nothing of the package
     ("weighted_loss._composite", None),  # a leaf: PyTorch's ops only (never a patched name)
+    ("weighted_loss._script", None),  # a leaf: the TorchScript stand-ins, PyTorch's ops only
     ("weighted_loss._reweight", None),  # a leaf: the arithmetic around the ops
     ("weighted_loss._ops", {"weighted_loss._forward_ad", "weighted_loss._local"}),
 ])

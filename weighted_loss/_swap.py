@@ -26,6 +26,11 @@ class Swaps:
                 setattr(mod, name, ours)
             return Restore(self._lock, before)
 
+    def original(self, module: str, name: str):
+        """What (module, name) held before the first swap, or None if never swapped."""
+        with self._lock:
+            return self._originals.get((module, name))
+
     def restore_originals(self) -> None:
         with self._lock:
             for (module, name), value in self._originals.items():

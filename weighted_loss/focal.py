@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import _dtensor, _local, _options
+from . import _dtensor, _local, _options, _script
 
 __all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss", "focal_loss", "FocalLoss"]
 
@@ -61,6 +61,14 @@ class SigmoidFocalLoss(torch.nn.Module):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return sigmoid_focal_loss(input, target, self.alpha, self.gamma, self.reduction,
                                   self.weight, self.pos_weight)
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """What ``torch.jit.script`` compiles: the composite in PyTorch's ops (_script.py)."""
+        tensor = isinstance(self.alpha, Tensor)
+        return _script.SigmoidFocalLoss(-1.0 if tensor else self.alpha,
+                                        self.alpha if tensor else None, self.gamma,
+                                        self.reduction, self.weight,
+                                        self.pos_weight).train(self.training)
 
 
 def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, weight: Optional[Tensor] = None,
@@ -111,3 +119,13 @@ class FocalLoss(torch.nn.Module):
         return focal_loss(input, target, self.gamma, self.weight, self.ignore_index,
                           self.reduction, self.label_smoothing,
                           logit_adjustment=self.logit_adjustment, sample_weight=sample_weight)
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """What ``torch.jit.script`` compiles: the composite in PyTorch's ops (_script.py)."""
+        return _script.FocalLoss(self.gamma, self.weight, self.ignore_index, self.reduction,
+                                 self.label_smoothing, self.logit_adjustment).train(self.training)
+
+
+# torch.jit.script compiles the composites in their place (_script.py)
+_script.scripts_as(sigmoid_focal_loss, _script.sigmoid_focal_loss)
+_script.scripts_as(focal_loss, _script.focal_loss)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-from . import _dtensor, _dtypes, _grouped, _options
+from . import _dtensor, _dtypes, _grouped, _options, _script
 
 __all__ = ["cross_entropy", "binary_cross_entropy_with_logits", "binary_cross_entropy"]
 
@@ -164,6 +164,11 @@ def binary_cross_entropy(
     if _dtensor.any_dtensor(input, target, weight, pos_weight):
         return _dtensor.elementwise(input, target, o)
     return _grouped.elementwise(input, target, o)
+
+
+# torch.jit.script compiles PyTorch's own in their place (_script.py says why)
+for _fn in (cross_entropy, binary_cross_entropy_with_logits, binary_cross_entropy):
+    _script.scripts_as(_fn, _script.TORCH_FUNCTIONS[_fn.__name__])
 
 
 # Every functional of the package, so that wl.functional holds them all as torch.nn.functional

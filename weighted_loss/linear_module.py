@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _options
+from . import _options, _script
 from .linear import linear_cross_entropy
 
 __all__ = ["LinearCrossEntropyLoss", "torch_linear_cross_entropy"]
@@ -36,6 +36,10 @@ def torch_linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Ten
     return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
                                 weight=weight, reduction=reduction, ignore_index=ignore_index,
                                 label_smoothing=label_smoothing, options=options)
+
+
+if "linear_cross_entropy" in _script.TORCH_FUNCTIONS:  # torch.jit.script meets PyTorch's own
+    _script.scripts_as(torch_linear_cross_entropy, _script.TORCH_FUNCTIONS["linear_cross_entropy"])
 
 
 def _check_torch_api(input, linear_weight, target, linear_bias, ignore_index):

@@ -3,10 +3,16 @@ state_dict, whose forward runs the fused kernels."""
 import torch
 from torch import Tensor
 
-from . import _options
+from . import _options, _script
 from . import functional as F
 
 __all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss", "BCELoss"]
+
+
+# PyTorch's modules, bound before any patch: the stand-ins torch.jit.script compiles (_script.py)
+_TorchCrossEntropyLoss = torch.nn.CrossEntropyLoss
+_TorchBCEWithLogitsLoss = torch.nn.BCEWithLogitsLoss
+_TorchBCELoss = torch.nn.BCELoss
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -33,6 +39,15 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
                                logit_adjustment=self.logit_adjustment,
                                sample_weight=sample_weight)
 
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """What ``torch.jit.script`` compiles: PyTorch's module with these buffers (_script.py)."""
+        _script.refuse_options(self, {"z_loss": self.z_loss, "softcap": self.softcap,
+                                      "process_group": self.process_group,
+                                      "logit_adjustment": self.logit_adjustment})
+        return _TorchCrossEntropyLoss(self.weight, ignore_index=self.ignore_index,
+                                      reduction=self.reduction,
+                                      label_smoothing=self.label_smoothing).train(self.training)
+
 
 class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
     """``torch.nn.BCEWithLogitsLoss`` computed by :func:`weighted_loss.binary_cross_entropy_with_logits`;
@@ -48,6 +63,12 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
                                                   reduction=self.reduction,
                                                   process_group=self.process_group,
                                                   total_weight=total_weight)
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """What ``torch.jit.script`` compiles: PyTorch's module with these buffers (_script.py)."""
+        _script.refuse_options(self, {"process_group": self.process_group})
+        return _TorchBCEWithLogitsLoss(self.weight, reduction=self.reduction,
+                                       pos_weight=self.pos_weight).train(self.training)
 
 
 class BCELoss(torch.nn.BCELoss):
@@ -67,6 +88,12 @@ class BCELoss(torch.nn.BCELoss):
                                       pos_weight=self.pos_weight,
                                       process_group=self.process_group,
                                       total_weight=total_weight)
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """What ``torch.jit.script`` compiles: PyTorch's module with these buffers (_script.py)."""
+        _script.refuse_options(self, {"pos_weight": self.pos_weight,
+                                      "process_group": self.process_group})
+        return _TorchBCELoss(self.weight, reduction=self.reduction).train(self.training)
 
 
 # Every module of the package, as torch.nn holds them (each defined beside its feature).
