@@ -4,7 +4,7 @@ build a gradient that is itself differentiable when the backward runs with creat
 (double backward, gradient penalties, Hessian-vector products, torch.func.grad of grad or jvp of
 grad); a first-order backward never comes here.
 
-They call PyTorch's implementations themselves (torch.log_softmax, torch.ops.aten.log_sigmoid),
+They call PyTorch's implementations themselves (torch.log_softmax, torch.log1p, torch.exp),
 never a name in torch.nn.functional: a user may have swapped those for ours (wl.patch_torch),
 which would call back here forever. They compute one precision up (float32 for 16-bit logits,
 float64 for float32 ones; _acc_dtype; the sigmoid focal loss in float64), the result cast back.
@@ -107,6 +107,17 @@ def cross_entropy_prob(input, target, weight=None, reduction="mean", label_smoot
     return out.to(out_dtype or target.dtype)
 
 
+def _log_sigmoid(x):
+    """log sigmoid(x) whose derivatives autograd forms without cancelling, to every order:
+    -log1p(e^-x) for x >= 0, x - log1p(e^x) below (NaN there too), each branch fed a finite
+    stand-in where it is not taken. Its second derivative is -e^-|x| / (1 + e^-|x|)^2 on both
+    sides; aten's log_sigmoid forms sigmoid(x) - 1 for it, which is 0 below an ulp of 1
+    (x > 37 in float64) where the exact value is e^-x."""
+    pos = x >= 0
+    xp, xn = torch.where(pos, x, 0.0), torch.where(pos, 0.0, x)
+    return torch.where(pos, -torch.log1p(torch.exp(-xp)), xn - torch.log1p(torch.exp(xn)))
+
+
 def _bce_terms(x, t, weight, pos_weight, focal=False):
     """PyTorch's BCE with logits per element, w ((1 - t) softplus(x) + P t softplus(-x)), written
     so that its derivatives are PyTorch's where the logits are infinite or NaN too, under autograd
@@ -116,7 +127,7 @@ def _bce_terms(x, t, weight, pos_weight, focal=False):
     softplus(x) - t x, whose mixed derivative is -1 also at a NaN logit, as PyTorch's; but whose
     input derivative sigmoid(x) - t cancels to 0 where the true one is -sigmoid(-x) (PyTorch's
     too): the focal loss, which multiplies it by (1 - p_t)^(gamma - 2), takes the other form."""
-    log_sigmoid = torch.ops.aten.log_sigmoid
+    log_sigmoid = _log_sigmoid
     if pos_weight is None and not focal:
         ce = -log_sigmoid(-x) - t * x
     else:
