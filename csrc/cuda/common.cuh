@@ -16,14 +16,6 @@
 #include "../loss_math.h"
 #include "kernels.h"
 
-// A device function kept out of line (nvcc's __noinline__); built by the host compiler for the
-// emulator, the compiler's choice (CUDA's headers define __noinline__ for nvcc only).
-#if defined(__CUDACC__)
-#define WEIGHTED_LOSS_NOINLINE __noinline__
-#else
-#define WEIGHTED_LOSS_NOINLINE
-#endif
-
 namespace weighted_loss::WEIGHTED_LOSS_CUDA_NS {
 
 // Kernel<<<grid, block, 0, stream>>>(args...) under nvcc; built by the host compiler, the

@@ -51,8 +51,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>) target_backward_ker
   const acc_t wk = HasW ? static_cast<const acc_t*>(p.weight)[k] : acc_t(1);
   const acc_t sh = static_cast<const acc_t*>(p.lse)[r], L = static_cast<const acc_t*>(p.lse)[rows + r];
   const acc_t lp = (logit_of(p, to_acc(static_cast<const T*>(p.input)[at]), k) - sh) - L;
-  const acc_t gamma = static_cast<acc_t>(p.focal_gamma);
-  const acc_t m = p.focal_gamma > 0 ? focal_of_nll<acc_t>(gamma, -lp).m : acc_t(1);
+  acc_t m = 1, s;
+  if (p.focal_gamma > 0) focal_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), -lp, m, s);
   static_cast<U*>(p.grad_target)[at] = from_acc<U>(-smooth.t_scale * wk * lp * m * g);
 }
 

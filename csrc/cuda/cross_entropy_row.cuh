@@ -163,24 +163,15 @@ __device__ __forceinline__ acc_t cap_slope(const CrossEntropyParams& p, acc_t c)
 
 // The softmax focal loss's factors m = (1 - p)^gamma and s = d(m nll)/dnll (../loss_math.h: the
 // CPU kernels' too) of a class from lp = log p and p (its fast exp), or of a row's target from
-// nll = -log p_y alone. Calls, not inlined: the focal loss is a runtime switch, and its pow,
-// exp and expm1 inlined at every unrolled element were 40% of the row kernels' code and of
-// their compile time. The other losses never make the call.
+// nll = -log p_y alone.
 template <typename acc_t>
-struct Focal {
-  acc_t m, s;
-};
-template <typename acc_t>
-__device__ WEIGHTED_LOSS_NOINLINE Focal<acc_t> focal_of_class(acc_t gamma, acc_t lp, acc_t p) {
-  Focal<acc_t> f;
-  math::focal_factors<math::Scalar<acc_t>>(gamma, lp, p, math::one_minus_p(lp, p), f.m, f.s);
-  return f;
+__device__ __forceinline__ void focal_class_factors(acc_t gamma, acc_t lp, acc_t p, acc_t& m,
+                                                    acc_t& s) {
+  math::focal_factors<math::Scalar<acc_t>>(gamma, lp, p, math::one_minus_p(lp, p), m, s);
 }
 template <typename acc_t>
-__device__ WEIGHTED_LOSS_NOINLINE Focal<acc_t> focal_of_nll(acc_t gamma, acc_t nll) {
-  Focal<acc_t> f;
-  math::focal_factors(gamma, nll, f.m, f.s);
-  return f;
+__device__ __forceinline__ void focal_factors(acc_t gamma, acc_t nll, acc_t& m, acc_t& s) {
+  math::focal_factors(gamma, nll, m, s);
 }
 
 // The shift of a row's weighted sums: its first logit, or 0 when that is -inf (a masked class),
@@ -228,10 +219,10 @@ template <int M, typename acc_t, bool Adj = true>
 __device__ __forceinline__ void focal_add_term(const CrossEntropyParams& p, Sums<acc_t>& sm,
                                                acc_t x, int64_t c, acc_t f, acc_t sh, acc_t L) {
   const acc_t lp = ((Adj ? logit_of(p, x, c) : capped(p, x)) - sh) - L;
-  const acc_t gamma = static_cast<acc_t>(p.focal_gamma);
-  const Focal<acc_t> fo = focal_of_class<acc_t>(gamma, lp, fast_exp(lp));
-  sm.a -= f * fo.m * lp;
-  sm.q += f * fo.s;
+  acc_t m, s;
+  focal_class_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), lp, fast_exp(lp), m, s);
+  sm.a -= f * m * lp;
+  sm.q += f * s;
 }
 
 // Adds class c's focal terms (see the top) to sm: a += f_c m_c nll_c, q += f_c s_c, from its
@@ -267,7 +258,8 @@ __device__ __forceinline__ double row_loss(const CrossEntropyParams& p, int64_t 
     if constexpr (M == kSmooth) {
       const double s = p.label_smoothing;
       if (p.focal_gamma > 0) {  // sm: focal_add's
-        const double m = focal_of_nll<double>(p.focal_gamma, nll).m;
+        double m, sf;
+        focal_factors<double>(p.focal_gamma, nll, m, sf);
         return math::smoothing_scale(s) * wy * m * nll +
                math::smoothing_shift(s, p.total_classes) * sm.a + wy * z;
       }
@@ -275,11 +267,7 @@ __device__ __forceinline__ double row_loss(const CrossEntropyParams& p, int64_t 
              math::smoothing_shift(s, p.total_classes) * (sm.q * lse_ref - sm.a) + wy * z;
     } else {
       double m = 1;
-      if (p.focal_gamma > 0) {
-        const Focal<double> fo = focal_of_nll<double>(p.focal_gamma, nll);
-        m = fo.m;
-        sy = fo.s;
-      }
+      if (p.focal_gamma > 0) focal_factors<double>(p.focal_gamma, nll, m, sy);
       return wy * (nll * m + z);
     }
   }
@@ -329,7 +317,9 @@ __device__ __forceinline__ typename AccOf<T>::type grad_element(
     if constexpr (M == kSmooth) {
       acc_t ty = c.cw * class_term<T, M, HasW>(p, k, t, sm);
       if (p.focal_gamma > 0) {  // the focal loss: times s_y (from log p_y: no register per row)
-        ty *= focal_of_nll<acc_t>(static_cast<acc_t>(p.focal_gamma), -lp).s;
+        acc_t m, s;
+        focal_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), -lp, m, s);
+        ty *= s;
       }
       v += (c.cp - c.gy) * exp(lp) - ty;
     } else if (c.cp != c.gy) {  // the z-loss
@@ -342,7 +332,9 @@ __device__ __forceinline__ typename AccOf<T>::type grad_element(
   if constexpr (M != kPlain) {
     acc_t f = c.cw * class_term<T, M, HasW>(p, k, t, sm);
     if (p.focal_gamma > 0) {  // the focal loss over soft targets: the class term times s_k
-      f *= focal_of_class<acc_t>(static_cast<acc_t>(p.focal_gamma), lp, pk).s;
+      acc_t m, s;
+      focal_class_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), lp, pk, m, s);
+      f *= s;
     }
     v -= f;
   }
@@ -416,7 +408,8 @@ __device__ __forceinline__ Coef<typename AccOf<T>::type> row_coef(const CrossEnt
         if (c.y >= 0 && c.y < p.classes) {
           const T* x = static_cast<const T*>(p.input) + row_offset<T>(p, r);
           const acc_t xy = logit_of(p, to_acc(x[c.y * p.stride_class]), c.y);
-          sy = focal_of_nll<acc_t>(static_cast<acc_t>(p.focal_gamma), (c.sh - xy) + c.L).s;
+          acc_t m;
+          focal_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), (c.sh - xy) + c.L, m, sy);
         }
       }
       c.cp = g * (s.t_scale * wy * sy + s.t_shift * ws);
