@@ -19,6 +19,7 @@ import torch
 
 import suite
 import suite_linear
+import suite_segmentation
 from suite import FULL, environment, measure
 
 
@@ -53,13 +54,19 @@ def markdown(res):
     if res.get("linear_cases"):
         lines += ["", "Fused linear + cross-entropy (bench/suite_linear.py):", "",
                   suite_linear.markdown_table(res["linear_cases"])]
+    if res.get("segmentation_cases"):
+        lines += ["", "Dice + cross-entropy (bench/suite_segmentation.py; MONAI and nnU-Net where "
+                  "their packages travelled with the tree):", "",
+                  suite_segmentation.markdown_table(res["segmentation_cases"])]
     return "\n".join(lines) + "\n"
 
 
 # the key cases of a short GPU run (bench/gpu_check.sh), as the CUDA issue names them
 KEY = ["ce-8192x128256-bf16", "ce-32768x32000-bf16", "ce-seg-16x19x512x512-bf16-ign255",
        "bce-8192x8192-bf16-posw"]
-KEY_LINEAR = ["linear-16384x4096x128256-bf16"]
+KEY_LINEAR = ["linear-16384x4096x128256-bf16"]  # with PyTorch's F.linear_cross_entropy where
+# the torch has it (2.13 on: its default path is "native", its chunked one "chunked")
+KEY_SEGMENTATION = ["dice-ce-2x14x128x128x128-bf16"]
 
 
 def main(argv=None):
@@ -80,14 +87,17 @@ def main(argv=None):
     if args.key:
         cases = [c for c in FULL if c[0] in KEY]
         linear = [c for c in suite_linear.FULL if c[0] in KEY_LINEAR]
+        segmentation = [c for c in suite_segmentation.FULL if c[0] in KEY_SEGMENTATION]
     else:
         cases = [c for c in FULL if not args.case or any(k in c[0] for k in args.case)]
         linear = [c for c in suite_linear.QUICK + suite_linear.FULL
                   if args.case and any(k in c[0] for k in args.case)]
+        segmentation = [c for c in suite_segmentation.QUICK + suite_segmentation.FULL
+                        if args.case and any(k in c[0] for k in args.case)]
     res = {"date": datetime.date.today().isoformat(), "device": env["device"], "torch": env["torch"],
            "cuda": env.get("cuda"), "tests_passed": args.tests_passed, "tests_failed": args.tests_failed,
            "sanitizers": args.sanitizers, "copy_bandwidth_gbs": None, "environment": env,
-           "cases": [], "linear_cases": []}
+           "cases": [], "linear_cases": [], "segmentation_cases": []}
     os.makedirs(args.out, exist_ok=True)
     gpu = env["device"].replace("NVIDIA ", "").replace(" ", "-").lower()
     stem = os.path.join(args.out, f"{res['date']}-{gpu}")
@@ -111,6 +121,12 @@ def main(argv=None):
     for case in linear:
         r = suite_linear.run_case(*case, device, args.repeat, True, suite)
         res["linear_cases"].append(r)
+        print(f"{r['case']:34} {json.dumps({k: v for k, v in r.items() if 'ms' in k or 'mb' in k})}",
+              flush=True)
+        write()
+    for case in segmentation:
+        r = suite_segmentation.run_case(*case, device, args.repeat, True, suite)
+        res["segmentation_cases"].append(r)
         print(f"{r['case']:34} {json.dumps({k: v for k, v in r.items() if 'ms' in k or 'mb' in k})}",
               flush=True)
         write()

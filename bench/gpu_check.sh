@@ -88,6 +88,14 @@ else
 fi
 
 phase "benchmark: key cases, fused vs native vs torch.compile, copy bandwidth"
+# MONAI's and nnU-Net's losses for the Dice + cross-entropy case, where their wheels travelled with
+# the tree (the machine has no network): `pip download --no-deps monai==1.5.0 nnunetv2==2.8.1
+# -d bench/out/wheels` here, then the run tool's carry of bench/out/wheels
+if ls bench/out/wheels/*.whl >/dev/null 2>&1; then
+  "$python" -m pip install -q --no-deps --no-index --target "$out/site" bench/out/wheels/*.whl \
+    && export PYTHONPATH="$out/site${PYTHONPATH:+:$PYTHONPATH}" \
+    && echo "segmentation baselines: $(ls bench/out/wheels)"
+fi
 if [ "$gpu" = 1 ]; then
   "$python" bench/gpu_bench.py --key --out "$out" --tests-passed "$passed" \
     --tests-failed "$failed" --sanitizers "${sanitizers# }" 2>&1 | tee "$out/bench.log"
