@@ -96,8 +96,8 @@ struct CrossEntropyParams {
                              // lse gets the shard's raw (max m, log sum_c exp(x_c - s)) with
                              // s = m (0 when m = -inf; m may be NaN or +inf, the log -inf), every
                              // row (ignored too), and shard_stats 3 x rows of acc: x_y where the
-                             // target is in the shard (else 0), ref, sum_c w_c (x_c - ref) (with
-                             // label smoothing; else 0), ref a shift of the kernel's choice
+                             // target is in the shard (else 0), ref, sum_c (s / C) w_c (x_c - ref)
+                             // (with label smoothing; else 0), ref a shift of the kernel's choice
 
   // The overlap sums of the Dice family, beside the loss (the lane layout only; nullptr: off).
   // Per item o and class c, over the positions not ignored, with p the softmax:

@@ -181,8 +181,24 @@ def draw(seed, device="cpu"):
         _reweight(r, g, case, C, items)
     if r.random() < 0.15:  # the gradient's gradient too (create_graph=True)
         case["order"] = 2
+    _near_maximum(seed, case)
     _maybe_invalid(r, case)
     return case
+
+
+def _near_maximum(seed, case):
+    """Now and then, smoothed logits whose spread reaches the dtype's maximum (the smoothing sum
+    overflowed there where the loss is finite), drawn from a stream of their own so that every
+    other draw stays the seed's. Not beside a logit adjustment, whose sum with them overflows."""
+    big = random.Random(seed * 7919 + 17)
+    kw, x = case["kw"], case["x"]
+    if big.random() >= 0.1 or not kw.get("label_smoothing") or "logit_adjustment" in kw or \
+            not x.numel():
+        return
+    finite = x[torch.isfinite(x)]
+    top = finite.abs().max().item() if finite.numel() else 0.0
+    if top > 0:
+        x.mul_(torch.finfo(x.dtype).max * big.choice([0.5, 0.3]) / top)
 
 
 def _overlap(r, g, case, C):

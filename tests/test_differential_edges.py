@@ -223,3 +223,51 @@ def test_no_classes_with_a_weight_under_double_backward(device):
     for a, b in zip(*out):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, equal_nan=True)
+
+
+# ---------------------------------------------------- label smoothing beside near-maximum logits
+
+def _smoothed_exact(x, y, s, gamma, w):
+    """The smoothed (focal) cross-entropy per row in 400-digit arithmetic."""
+    import mpmath
+    mpmath.mp.dps = 400
+    out = []
+    for row, yy in zip(x.tolist(), y.tolist()):
+        v = [mpmath.mpf(a) for a in row]
+        lse = max(v) + mpmath.log(sum(mpmath.exp(a - max(v)) for a in v))
+        C = len(v)
+        tot = 0
+        for c, a in enumerate(v):
+            lp = a - lse
+            term = -((1 - mpmath.exp(lp)) ** gamma) * lp
+            t = (1 - s) * (c == yy) + s / C
+            tot += w[c] * t * term
+        out.append(float(tot))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gamma", [0.0, 3.0])
+@pytest.mark.parametrize("layout", ["rows", "lanes"])
+def test_smoothing_stays_finite_beside_near_maximum_logits(device, dtype, gamma, layout):
+    """Logits whose spread reaches the dtype's maximum, with label smoothing: the loss is finite
+    and exact where its exact value is representable (the smoothing sum overflowed: inf)."""
+    big = torch.finfo(dtype).max
+    x = torch.tensor([[big, 0.0, 0.0, -1.0], [0.5 * big, -0.5 * big, 1.0, 0.0],
+                      [0.0, -big, 2.0, 0.0], [-0.45 * big, 0.5 * big, 0.0, 3.0]], dtype=dtype)
+    y = torch.tensor([0, 1, 2, 3])
+    w = [1.0, 0.5, 2.0, 1.5]
+    for s in (0.1, 0.9):
+        exact = torch.tensor(_smoothed_exact(x, y, s, gamma, w), dtype=torch.float64)
+        assert torch.isfinite(exact).all()
+        xin, yin = x, y
+        if layout == "lanes":  # (N, C, d): the class dim strided, the positions contiguous
+            xin = x.unsqueeze(-1).expand(4, 4, 3).contiguous()
+            yin = y.unsqueeze(-1).expand(4, 3).contiguous()
+        got = wl.focal_loss(xin.to(device), yin.to(device), gamma,
+                            torch.tensor(w, dtype=dtype, device=device), label_smoothing=s,
+                            reduction="none").double().cpu()
+        if layout == "lanes":
+            got = got[:, 0]
+        assert torch.isfinite(got).all(), (s, got)
+        torch.testing.assert_close(got, exact, rtol=4 * torch.finfo(dtype).eps, atol=0)

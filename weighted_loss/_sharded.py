@@ -37,9 +37,10 @@ def _merge(g: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: in
     rank's number of classes, as torch.chunk splits them (all equal, or the last ones fewer).
 
     Per row, with shard r's max m_r, log-sum L_r = log sum exp(x - s_r) (s_r = m_r, 0 when -inf),
-    target logit (in one shard) and smoothing sum a_r = sum w_c (x_c - ref_r) over W_r = sum of
-    its weights: lse = M + log sum_r exp(s_r - M + L_r) with M = max_r s_r, and
-      loss = (1 - s) w_y (lse - x_y) + s / C sum_r (W_r (lse - ref_r) - a_r)
+    target logit (in one shard) and smoothing sum a_r = sum (s / C) w_c (x_c - ref_r) (scaled
+    per term, so that it stays finite where the loss is) over W_r = sum of its weights:
+    lse = M + log sum_r exp(s_r - M + L_r) with M = max_r s_r, and
+      loss = (1 - s) w_y (lse - x_y) + sum_r ((s / C) W_r (lse - ref_r) - a_r)
     with every difference taken against M first, as the kernels take it against a row's max."""
     R = g.shape[0]
     d = g.double()
@@ -64,8 +65,8 @@ def _merge(g: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: in
             w = weight.detach().double()
             w = torch.nn.functional.pad(w, (0, R * sizes[0] - C))
             Wr = w.view(R, sizes[0]).sum(1, keepdim=True)
-        smooth = (Wr * ((M - ref) + Lg) - a).sum(0)
-        row = (1.0 - label_smoothing) * row + (label_smoothing / C) * smooth
+        smooth = ((label_smoothing / C) * Wr * ((M - ref) + Lg) - a).sum(0)
+        row = (1.0 - label_smoothing) * row + smooth
     row = torch.where(valid, row, torch.zeros_like(row))  # an ignored row's NaN stays out
     # ignored rows: (0, +inf), gradient 0; (0, NaN) where the unsharded log_softmax is NaN
     inf = torch.full_like(Lg, float("inf"))

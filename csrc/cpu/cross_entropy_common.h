@@ -102,6 +102,8 @@ struct Ctx {
                                 // weight), in double: a float sum of 128k weights of thousands
                                 // cost the smoothed loss 12x PyTorch's error
   acc_t t_scale, t_shift;       // t' = t * t_scale + t_shift = (1 - s) t + s / C (loss_math.h)
+  // (a smoothed row's sum a = sum_c (s / C) w_c (x_c - sh) takes t_shift in each term: unscaled,
+  // terms near the float maximum overflowed where the loss is finite)
   int64_t C;                    // classes of the logits (of the shard)
   int64_t C_total;              // classes of the unsharded problem (C unsharded)
   acc_t cap;                    // softcap (params.h), 0 when off

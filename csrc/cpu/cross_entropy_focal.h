@@ -62,7 +62,8 @@ inline Vectorized<acc_t> focal_grad_factor(acc_t gamma, const Vectorized<acc_t>&
 // known, a third pass (from cache) forms A = sum_c f_c m_c nll_c and Q = sum_c f_c s_c, with
 // f_c = class_factors (w_c t'_c; w_c with smoothing, whose target term row_loss adds),
 // nll_c = L - (x_c - sh) and m_c, s_c the focal factors of class c (focal_factors). The loss is
-// A (probabilities) or (1 - s) w_y m_y nll_y + (s / C) A (smoothing); Q is the backward's:
+// A (probabilities) or (1 - s) w_y m_y nll_y + A with A's terms times s / C (smoothing: Ctx::
+// t_shift says why); Q is the backward's:
 // dloss/dx_k = Q p_k - f_k s_k (cross-entropy: s = 1, Q = sum_c f_c).
 template <typename scalar_t, int M, bool HasW>
 inline void row_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const Target<scalar_t, M>* t,
@@ -87,8 +88,10 @@ inline void row_focal_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const Tar
     focal_factors(gamma, n0, p0, q0, m0, s0);
     focal_factors(gamma, n1, p1, q1, m1, s1);
     class_factors<scalar_t, M, HasW, decltype(full)::value>(cx, t, c, cnt, f0, f1);
-    A0 = at::vec::fmadd(f0 * m0, n0, A0);
-    A1 = at::vec::fmadd(f1 * m1, n1, A1);
+    const Vec fa0 = M == kSmooth ? f0 * Vec(cx.t_shift) : f0;  // (Ctx::t_shift)
+    const Vec fa1 = M == kSmooth ? f1 * Vec(cx.t_shift) : f1;
+    A0 = at::vec::fmadd(fa0 * m0, n0, A0);
+    A1 = at::vec::fmadd(fa1 * m1, n1, A1);
     Q0 = at::vec::fmadd(f0, s0, Q0);
     Q1 = at::vec::fmadd(f1, s1, Q1);
   }, [&] {
@@ -145,8 +148,9 @@ C10_ALWAYS_INLINE void lanes_focal_sums(const Ctx<scalar_t>& cx, const scalar_t*
       f0 = f0 * at::vec::fmadd(t0, vts, vtsh);
       f1 = f1 * at::vec::fmadd(t1, vts, vtsh);
     }
-    A0 = at::vec::fmadd(f0 * m0, n0, A0);
-    A1 = at::vec::fmadd(f1 * m1, n1, A1);
+    const Vec fa0 = M == kSmooth ? f0 * vtsh : f0, fa1 = M == kSmooth ? f1 * vtsh : f1;
+    A0 = at::vec::fmadd(fa0 * m0, n0, A0);
+    A1 = at::vec::fmadd(fa1 * m1, n1, A1);
     Q0 = at::vec::fmadd(f0, s0, Q0);
     Q1 = at::vec::fmadd(f1, s1, Q1);
     if (flushed && c % kLaneFlush == kLaneFlush - 1) {

@@ -121,7 +121,7 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
     kahan_add(e0, k0, vexp(v0 - sh0));
     kahan_add(e1, k1, vexp(v1 - sh1));
     if constexpr (M != kPlain) {
-      Vec f0(HasW ? cx.w[c] : acc_t(1)), f1 = f0;  // factor of (x - sh): w_c or w_c t'_c
+      Vec f0(HasW ? cx.w[c] : acc_t(1)), f1 = f0;  // factor of (x - sh): w_c s / C or w_c t'_c
       if constexpr (is_prob(M)) {
         Vec t0, t1;
         IO<Target<scalar_t, M>>::load(t + at, nl, t0, t1);
@@ -131,6 +131,10 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
         // float sum of 64 terms, 1.3 ulp off, made the gradient 2x PyTorch's error)
         kahan_add(q0, kq0, f0);
         kahan_add(q1, kq1, f1);
+      }
+      if constexpr (M == kSmooth) {  // a's terms times s / C (Ctx::t_shift)
+        f0 = f0 * vtsh;
+        f1 = f1 * vtsh;
       }
       a0 = at::vec::fmadd(f0, v0 - sh0, a0);
       a1 = at::vec::fmadd(f1, v1 - sh1, a1);
@@ -193,14 +197,14 @@ C10_ALWAYS_INLINE void lanes_block_forward(const Ctx<scalar_t>& cx, const scalar
       const Vec ks(cx.t_scale), kt(cx.t_shift), kw(static_cast<acc_t>(cx.w_sum));
       if (soft_focal) {
         const acc_t gamma = static_cast<acc_t>(cx.gamma);
-        l0 = ks * wy0 * focal_loss_factor(gamma, nll0) * nll0 + kt * a0;
-        l1 = ks * wy1 * focal_loss_factor(gamma, nll1) * nll1 + kt * a1;
+        l0 = ks * wy0 * focal_loss_factor(gamma, nll0) * nll0 + a0;
+        l1 = ks * wy1 * focal_loss_factor(gamma, nll1) * nll1 + a1;
         l0 = Vec::blendv(l0, L0, L0 != L0);  // NaN where the log_softmax is (as above)
         l1 = Vec::blendv(l1, L1, L1 != L1);
         store_acc(tsum_out + r0, nl, q0, q1);
       } else {
-        l0 = ks * wy0 * nll0 + kt * (kw * L0 - a0);
-        l1 = ks * wy1 * nll1 + kt * (kw * L1 - a1);
+        l0 = ks * wy0 * nll0 + (kt * kw * L0 - a0);
+        l1 = ks * wy1 * nll1 + (kt * kw * L1 - a1);
       }
     } else {
       l0 = wy0 * nll0;

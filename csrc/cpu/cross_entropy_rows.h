@@ -12,7 +12,7 @@ namespace {
 using at::vec::Vectorized;
 
 // The second pass over a row, with its shift sh (its max): e = sum_c exp(x_c - sh); with kSmooth
-// a = sum_c w_c (x_c - sh); with kProb
+// a = sum_c (s / C) w_c (x_c - sh) (Ctx::t_shift); with kProb
 // a = sum_c w_c t'_c (x_c - sh) and q = sum_c w_c t'_c. Each exp's argument is <= 0, and the
 // weighted sums are of terms <= 0 for weights and targets >= 0: nothing cancels.
 template <typename scalar_t, int M, bool HasW>
@@ -47,6 +47,10 @@ inline void row_sums(const Ctx<scalar_t>& cx, const scalar_t* x, const Target<sc
       if constexpr (!decltype(full)::value) keep_valid(cnt, vzero, d0, d1);
       Vec f0, f1;
       class_factors<scalar_t, M, HasW, decltype(full)::value>(cx, t, c, cnt, f0, f1);
+      if constexpr (M == kSmooth) {  // a's terms times s / C (Ctx::t_shift)
+        f0 = f0 * Vec(cx.t_shift);
+        f1 = f1 * Vec(cx.t_shift);
+      }
       a0 = at::vec::fmadd(f0, d0, a0);
       a1 = at::vec::fmadd(f1, d1, a1);
       if constexpr (is_prob(M)) {
@@ -78,8 +82,7 @@ inline double row_loss(const Ctx<scalar_t>& cx, double sh, double L, double a, d
     loss = a;
     if constexpr (M == kSmooth) {
       const double nll = (sh - xy) + L, s = cx.p.label_smoothing;
-      loss = math::smoothing_scale(s) * wy * focal_loss_factor(cx.gamma, nll) * nll +
-             math::smoothing_shift(s, cx.C_total) * a;
+      loss = math::smoothing_scale(s) * wy * focal_loss_factor(cx.gamma, nll) * nll + a;
     }
     if (L != L) loss = L;  // a row whose log_softmax is NaN (vexp does not carry NaN)
   } else if constexpr (is_prob(M)) {
@@ -89,7 +92,7 @@ inline double row_loss(const Ctx<scalar_t>& cx, double sh, double L, double a, d
     if constexpr (M == kSmooth) {
       const double s = cx.p.label_smoothing;
       loss = math::smoothing_scale(s) * wy * nll +
-             math::smoothing_shift(s, cx.C_total) * (cx.w_sum * L - a);
+             (math::smoothing_shift(s, cx.C_total) * cx.w_sum * L - a);
     } else {
       loss = wy * nll;
       if (cx.gamma > 0) {
@@ -178,7 +181,7 @@ void forward_rows(const Ctx<scalar_t>& cx) {
 
 // A vocab-parallel shard's forward (params.h: shard_stats): per row its raw max m and log-sum
 // log sum_c exp(x_c - sh) (sh = m, 0 when m = -inf), the target's logit where the target is in
-// the shard, and with smoothing a = sum_c w_c (x_c - sh) with ref = sh. Every row, ignored ones
+// the shard, and with smoothing a = sum_c (s / C) w_c (x_c - sh) with ref = sh. Every row, ignored ones
 // too (whether the unsharded row is NaN decides their gradient); no loss, no reduction: the
 // caller merges the shards' statistics.
 template <typename scalar_t, int M, bool HasW>

@@ -51,7 +51,8 @@ struct LaneSums {
       s = x;  // NaN in an all -inf row
     }
   }
-  __device__ __forceinline__ void add_term(acc_t tw, acc_t x, acc_t ref) {  // Sums::add_term
+  __device__ __forceinline__ void add_term(acc_t ta, acc_t tw, acc_t x,  // Sums::add_term
+                                          acc_t ref) {
     const acc_t d = x - ref;
     if constexpr (K) {
       // d's rounding error e too (TwoSum: x - ref = d + e exactly). The loss is q (lse - ref) - a
@@ -59,10 +60,10 @@ struct LaneSums {
       // below either, and a rounded d left tw's share of 0.5 ulp(d) in it (PyTorch's
       // 4d_prob_target_weights samples: 2.9x its error). A -inf logit's e is 0, d stays -inf.
       const acc_t nr = -ref, back = d - x, e = (x - (d - back)) + (nr - back);
-      kahan_add(a, ca, tw * d);
-      if (e - e == acc_t(0)) ca -= tw * e;  // (the sum is a - ca)
+      kahan_add(a, ca, ta * d);
+      if (e - e == acc_t(0)) ca -= ta * e;  // (the sum is a - ca)
     } else {
-      a += tw * d;
+      a += ta * d;
     }
     add_q(tw);
   }
@@ -162,8 +163,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
         const acc_t xk = P == 1 ? logit_of(p, to_acc(xl.v[k]), c) : capped(p, to_acc(xl.v[k]));
         ls[k].add(xk);
         if constexpr (M != kPlain) {
-          ls[k].add_term(weighted_target<M>(wc, is_prob(M) ? to_acc(tl.v[k]) : acc_t(0), smooth),
-                         xk, ref[k]);
+          const acc_t tw =
+              weighted_target<M>(wc, is_prob(M) ? to_acc(tl.v[k]) : acc_t(0), smooth);
+          ls[k].add_term(M == kSmooth ? tw * smooth.t_shift : tw, tw, xk, ref[k]);
         }
       }
     });
@@ -186,9 +188,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
 #pragma unroll
         for (int k = 0; k < P; ++k) {
           Sums<acc_t> one;  // the class's terms
+          const acc_t f =
+              weighted_target<M>(wc, is_prob(M) ? to_acc(tl.v[k]) : acc_t(0), smooth);
           focal_add_term<M, acc_t, P == 1>(p, one, to_acc(xl.v[k]), c,
-                            weighted_target<M>(wc, is_prob(M) ? to_acc(tl.v[k]) : acc_t(0), smooth),
-                            sh[k], L[k]);
+                                           M == kSmooth ? f * smooth.t_shift : f, f, sh[k], L[k]);
           ls[k].add_a(one.a);
           ls[k].add_q(one.q);
         }

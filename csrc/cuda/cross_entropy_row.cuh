@@ -91,7 +91,7 @@ struct Lse {
 };
 
 // What a row's forward gathers besides the log-sum-exp: a = sum_c w_c t'_c (x_c - ref) and
-// q = sum_c w_c t'_c (t' = 1 for kSmooth, so q = W).
+// q = sum_c w_c t'_c (t' = 1 for kSmooth, so q = W, and a's terms times s / C: add_term).
 // Label smoothing s as the kernels use it: t' = t * t_scale + t_shift = (1 - s) t + s / C.
 template <typename acc_t>
 struct Smoothing {
@@ -130,12 +130,17 @@ struct Sums {
   template <typename T, int M, bool HasW, typename acc_t>
   __device__ __forceinline__ void add(const CrossEntropyParams& p, int64_t c, acc_t x, acc_t t,
                                       acc_t ref, const Smoothing<acc_t>& smooth) {
-    if constexpr (M != kPlain) add_term(class_term<T, M, HasW>(p, c, t, smooth), x, ref);
+    if constexpr (M != kPlain) {
+      const acc_t tw = class_term<T, M, HasW>(p, c, t, smooth);
+      add_term(M == kSmooth ? tw * smooth.t_shift : tw, tw, x, ref);
+    }
   }
-  // a class's term tw = w_c t'_c (weighted_target), its logit x
+  // a class's term tw = w_c t'_c (weighted_target), its logit x; ta = tw, or with smoothing
+  // tw s / C, a's factor: a smoothed row's a is scaled per term, so that a sum of terms near the
+  // float maximum stays finite where the loss is (row_loss)
   template <typename acc_t>
-  __device__ __forceinline__ void add_term(acc_t tw, acc_t x, acc_t ref) {
-    a += tw * (x - ref);
+  __device__ __forceinline__ void add_term(acc_t ta, acc_t tw, acc_t x, acc_t ref) {
+    a += ta * (x - ref);
     q += tw;
   }
 };
@@ -213,15 +218,17 @@ __device__ __forceinline__ bool soft_focal(const CrossEntropyParams& p) {
   return M != kPlain && p.focal_gamma > 0;
 }
 
-// A class's focal terms (see the top) with its term f = w_c t'_c given (weighted_target).
+// A class's focal terms (see the top) with its term f = w_c t'_c given (weighted_target), and
+// a's factor fa: f, or with smoothing f s / C (Sums::add_term says why).
 // (Adj false: the logit adjustment is off at compile time, for kernels that never see it)
 template <int M, typename acc_t, bool Adj = true>
 __device__ __forceinline__ void focal_add_term(const CrossEntropyParams& p, Sums<acc_t>& sm,
-                                               acc_t x, int64_t c, acc_t f, acc_t sh, acc_t L) {
+                                               acc_t x, int64_t c, acc_t fa, acc_t f, acc_t sh,
+                                               acc_t L) {
   const acc_t lp = ((Adj ? logit_of(p, x, c) : capped(p, x)) - sh) - L;
   acc_t m, s;
   focal_class_factors<acc_t>(static_cast<acc_t>(p.focal_gamma), lp, fast_exp(lp), m, s);
-  sm.a -= f * m * lp;
+  sm.a -= fa * m * lp;
   sm.q += f * s;
 }
 
@@ -233,7 +240,8 @@ __device__ __forceinline__ void focal_add(const CrossEntropyParams& p, Sums<type
                                           typename AccOf<T>::type t, typename AccOf<T>::type sh,
                                           typename AccOf<T>::type L,
                                           const Smoothing<typename AccOf<T>::type>& smooth) {
-  focal_add_term<M>(p, sm, x, c, class_term<T, M, HasW>(p, c, t, smooth), sh, L);
+  const typename AccOf<T>::type f = class_term<T, M, HasW>(p, c, t, smooth);
+  focal_add_term<M>(p, sm, x, c, M == kSmooth ? f * smooth.t_shift : f, f, sh, L);
 }
 
 // The loss of row r from its statistics, in double (each float statistic rounded once, nothing
@@ -260,11 +268,14 @@ __device__ __forceinline__ double row_loss(const CrossEntropyParams& p, int64_t 
       if (p.focal_gamma > 0) {  // sm: focal_add's
         double m, sf;
         focal_factors<double>(p.focal_gamma, nll, m, sf);
-        return math::smoothing_scale(s) * wy * m * nll +
-               math::smoothing_shift(s, p.total_classes) * sm.a + wy * z;
+        return math::smoothing_scale(s) * wy * m * nll + sm.a + wy * z;  // (a: times s / C)
       }
-      return math::smoothing_scale(s) * wy * nll +
-             math::smoothing_shift(s, p.total_classes) * (sm.q * lse_ref - sm.a) + wy * z;
+      // s / C (W (lse - ref) - sum_c w_c (x_c - ref)) scaled by 2^-64 and back (exact for
+      // normal numbers): ref, the first logit, can put the two terms beyond the double maximum
+      // where their difference is not (float64 logits near it)
+      constexpr double kDown = 0x1p-64, kUp = 0x1p64;
+      const double sw = math::smoothing_shift(s, p.total_classes) * sm.q * kDown;
+      return math::smoothing_scale(s) * wy * nll + (sw * lse_ref - sm.a * kDown) * kUp + wy * z;
     } else {
       double m = 1;
       if (p.focal_gamma > 0) focal_factors<double>(p.focal_gamma, nll, m, sy);
