@@ -216,6 +216,7 @@ def test_moduleinfo_samples(device, k, patched):
 
 @pytest.mark.parametrize("desc", ["4d_prob_target_weights_sum", "4d_prob_target_weights_mean",
                                   "4d_prob_target_weights_none"])
+@pytest.mark.asan_skip
 def test_4d_prob_target_weights_within_2x(device, desc):
     """CrossEntropyLoss's (5, 3, 4, 2) samples with probability targets and a (3,) weight of
     mixed signs, whose loss cancels to far below its terms; the issue's measure: the largest
