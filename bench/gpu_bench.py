@@ -118,18 +118,14 @@ def main(argv=None):
               f"{r.get('compiled_fwd_bwd_ms', float('nan')):8.3f}  "
               f"{100 * r['bandwidth_fraction']:5.1f}% of copy bw ({bw:.0f} GB/s)", flush=True)
         write()
-    for case in linear:
-        r = suite_linear.run_case(*case, device, args.repeat, True, suite)
-        res["linear_cases"].append(r)
-        print(f"{r['case']:34} {json.dumps({k: v for k, v in r.items() if 'ms' in k or 'mb' in k})}",
-              flush=True)
-        write()
-    for case in segmentation:
-        r = suite_segmentation.run_case(*case, device, args.repeat, True, suite)
-        res["segmentation_cases"].append(r)
-        print(f"{r['case']:34} {json.dumps({k: v for k, v in r.items() if 'ms' in k or 'mb' in k})}",
-              flush=True)
-        write()
+    for key, module, chosen in (("linear_cases", suite_linear, linear),
+                                ("segmentation_cases", suite_segmentation, segmentation)):
+        for case in chosen:
+            r = module.run_case(*case, device, args.repeat, True, suite)
+            res[key].append(r)
+            figures = {k: v for k, v in r.items() if "ms" in k or "mb" in k}
+            print(f"{r['case']:34} {json.dumps(figures)}", flush=True)
+            write()
     write()
     print(f"wrote {stem}.json and {stem}.md")
 
