@@ -71,8 +71,8 @@ test: build bench-deps test-deps emulator
 bench: build bench-deps
 	$(PYTHON) bench/suite.py $(ARGS)
 
-# Compiles every CUDA kernel with nvcc for sm_80 and sm_90 without torch; fails on an error or a
-# register spill and prints registers per kernel.
+# Compiles every CUDA kernel with nvcc for sm_80 and sm_90 (or CUDA_CHECK_ARCHS) without torch;
+# fails on an error or a register spill and prints registers per kernel.
 cuda-check:
 	@bash bench/cuda_check.sh "$(NVCC)"
 

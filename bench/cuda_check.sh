@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Compile every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 (no torch needed: the .cu files
+# Compile every csrc/cuda/*.cu with nvcc for sm_80 and sm_90, or the architectures in
+# CUDA_CHECK_ARCHS (CI gives "90": docs/development.md, "CI"), without torch (the .cu files
 # include only CUDA headers, csrc/params.h and csrc/loss_math.h), print registers per kernel,
-# and fail on any error or register spill. Device code only (--fatbin: no host object, whose code the emulated build
-# compiles with the host compiler): 13% less work than a full compile. Each file and architecture
-# is a job of its own (cicc + ptxas), as many at once as there are cores, the longest first:
-# cross_entropy_rows.cu alone takes ~173 s per architecture on one core, which compiled for both
-# in one nvcc (one after the other) was a 350-s tail that one core ran while the other idled.
+# and fail on any error or register spill. Device code only (--fatbin: no host object, which the
+# emulated build compiles with the host compiler): 13% less work than a full compile. Each file
+# and architecture is a job of its own (cicc + ptxas), as many at once as there are cores, the
+# longest first, so that no long file runs alone at the end while the other core idles.
 # Then check that every csrc/cuda/*.cpp glue file compiles (syntax and types) against the
 # installed torch's headers and the CUDA toolkit's, which works with a CPU-only torch: its wheel
 # ships the c10/cuda headers but not the generated cuda_cmake_macros.h, stubbed here.
@@ -22,9 +22,9 @@ fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 status=0
-ARCHS=(80 90)
-# the files that take longest (cicc + ptxas per architecture on one idle core, 2026-12-06: rows 173 s,
-# lanes 108 s, binary 37 s, the others under 11 s) first, the others after in name order
+read -r -a ARCHS <<<"${CUDA_CHECK_ARCHS:-80 90}"
+# the files that take longest (cicc + ptxas per architecture on one idle core, 2026-12-08: rows
+# ~284 s, lanes ~134 s, binary 88 s, of which ptxas is two thirds) first, the others in name order
 LONGEST=(cross_entropy_rows.cu cross_entropy_lanes.cu binary_cross_entropy.cu)
 ordered=()
 for n in "${LONGEST[@]}"; do [ -f "csrc/cuda/$n" ] && ordered+=("csrc/cuda/$n"); done
