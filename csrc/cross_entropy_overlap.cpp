@@ -39,6 +39,11 @@ void check_input(const Tensor& input, const Tensor& target, double label_smoothi
                     ": z_loss, softcap and logit_adjustment are not read beside the sums");
 }
 
+// Whether the forward hands its per-position planes (lse; tsum for probabilities) to the
+// backward. Only the focal term's are kept: without it the backward recomputes (sh, L, q) from
+// the logits per block, so that nothing of the logits' size lives between the two passes.
+bool keeps_planes(RowTerms terms) { return terms.focal_gamma > 0; }
+
 Tensor target_of(const Layout& l, const Tensor& input, const Tensor& target) {
   return target.is_floating_point() ? check_prob_target(l, input, target)
                                     : check_index_target(input, target);
@@ -96,6 +101,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cross_entropy_overlap_forward_impl(
   p.overlap_sums = sums.data_ptr();
   p.overlap_squared = squared;
   backend.launch(p);
+  if (!keeps_planes(terms)) {  // scratch: the backward recomputes them
+    return {loss, sums, at::empty({0}, acc), prob ? at::empty({0}, acc) : aux};
+  }
   return {loss, sums, lse, aux};
 }
 
@@ -111,17 +119,21 @@ Tensor cross_entropy_overlap_backward_impl(
   CrossEntropyParams& p = c.p;
   const Tensor g = grad_of(grad_loss, input, p);
   const int64_t rows = l.outer * l.inner;
-  const int64_t planes = prob ? 2 : lse_planes(terms, label_smoothing);
+  const bool kept = keeps_planes(terms);
+  const int64_t planes = !kept ? 0 : prob ? 2 : lse_planes(terms, label_smoothing);
   TORCH_CHECK(lse.numel() == planes * rows && lse.scalar_type() == acc_type(input) &&
-                  aux.numel() == (prob ? rows : 1) && aux.scalar_type() == acc_type(input),
+                  aux.numel() == (!prob ? 1 : kept ? rows : 0) &&
+                  aux.scalar_type() == acc_type(input),
               op, ": lse and aux do not match the input");
   TORCH_CHECK(grad_sums.sizes() == at::IntArrayRef({l.outer, 3, l.classes}), op,
               ": grad_sums must have shape (", l.outer, ", 3, ", l.classes, "), got ",
               grad_sums.sizes());
   const Tensor gs = grad_sums.to(acc_type(input)).contiguous();
   const Tensor lse_c = lse.contiguous(), aux_c = aux.contiguous();
-  p.lse = const_cast<void*>(lse_c.const_data_ptr());  // read by the backward
-  (prob ? p.tsum : p.total_weight) = const_cast<void*>(aux_c.const_data_ptr());
+  // read by the backward; null where it recomputes them
+  p.lse = kept ? const_cast<void*>(lse_c.const_data_ptr()) : nullptr;
+  (prob ? p.tsum : p.total_weight) =
+      kept || !prob ? const_cast<void*>(aux_c.const_data_ptr()) : nullptr;
   p.grad_loss = g.const_data_ptr();
   p.grad_sums = gs.const_data_ptr();
   p.overlap_squared = squared;

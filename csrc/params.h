@@ -106,7 +106,8 @@ struct CrossEntropyParams {
   void* overlap_sums;        // forward: (outer, 3, classes) acc, the planes I, P, T
   const void* grad_sums;     // backward: (outer, 3, classes) acc, dL/dI, dL/dP (and dL/dT,
                              // not read), whose gradient through the softmax is added to the
-                             // loss's
+                             // loss's. There lse (and tsum) may be null: the kernel recomputes
+                             // each row's (sh, L, tsum) from the logits (no focal term)
   bool overlap_squared;
 
   // backward

@@ -254,6 +254,37 @@ def test_out_of_range_class_index_raises():
         wl.dice_loss(torch.randn(2, 3, 4), torch.full((2, 4), 3, dtype=torch.long))
 
 
+@pytest.mark.parametrize("index", [True, False], ids=["indices", "soft"])
+@pytest.mark.parametrize("opt", [dict(), dict(label_smoothing=0.1, weight=True, squared_pred=True),
+                                 dict(gamma=2.0)], ids=["plain", "smoothed", "focal"])
+def test_nothing_of_the_logits_size_lives_between_the_passes(device, opt, index):
+    """Between the forward and the backward the fused loss keeps its inputs and the (N, 3, C)
+    sums: the backward recomputes each position's log-sum-exp. Only the focal term keeps its
+    per-position planes (two or three floats a position)."""
+    shape = (2, 5, 33, 7)
+    x, t = (v.to(device) for v in _inputs(shape, index))
+    kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in _kwargs(opt, shape[1]).items()}
+    x.requires_grad_()
+    saved = []
+
+    def pack(v):
+        saved.append(v)
+        return v
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+        loss = wl.dice_loss(x, t, lambda_ce=1.0, **kw)
+    own = {v.data_ptr() for v in (x, t, kw.get("weight")) if v is not None}
+    positions = x.numel() // shape[1]
+    big = sorted(tuple(v.shape) for v in saved if v.data_ptr() not in own and v.numel() >= positions)
+    if "gamma" in opt:
+        assert big, "the focal term's planes"
+        assert all(v.numel() <= 3 * positions for v in saved if v.data_ptr() not in own)
+    else:
+        assert big == []
+    # the gradient from the recomputed planes: test_fused_equals_composite_float64 checks it
+    (g,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(g).all()
+
+
 def test_autocast_reads_16bit_logits_in_place():
     """Under autocast the loss is float32 (the cross-entropy's rule), the gradient the logits'
     dtype, and the value the float32 logits' to bfloat16 rounding."""

@@ -216,9 +216,12 @@ def _(input, target, weight=None, reduction="mean", ignore_index=-100, label_smo
     row_shape = _row_shape(input) if prob else target.shape
     loss = input.new_empty(row_shape if reduction == "none" else (),
                            dtype=out_dtype or (target.dtype if prob else input.dtype))
-    rows = _rows(input)
-    planes = 3 if gamma and not prob else 2  # csrc/cross_entropy.cpp: lse_planes
     sums = input.new_empty((input.shape[0], 3, input.shape[1]), dtype=acc)
+    if not gamma:  # nothing per position: the backward recomputes it (cross_entropy_overlap.cpp)
+        return (loss, sums, input.new_empty((0,), dtype=acc),
+                input.new_empty((0,) if prob else (), dtype=acc))
+    rows = _rows(input)
+    planes = 2 if prob else 3  # the focal term's (csrc/cross_entropy.cpp: lse_planes)
     aux = input.new_empty((rows,) if prob else (), dtype=acc)
     return loss, sums, input.new_empty((planes, rows), dtype=acc), aux
 

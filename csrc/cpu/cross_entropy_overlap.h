@@ -144,7 +144,8 @@ void finish_overlap(const CrossEntropyParams& p, int64_t per_outer,
 }
 
 // The backward's per-lane S = sum_k p_k (a_k t_k + b_k m_k) of one block, p from the saved
-// (sh, L) (zero on ignored lanes, whose L is +inf).
+// (sh, L) (zero on ignored lanes, whose L is +inf): the focal term's path. Without it the
+// backward recomputes (sh, L) and S in one pass (cross_entropy_lanes_backward.h).
 template <typename scalar_t, int M>
 C10_ALWAYS_INLINE void overlap_backward_sum(const Ctx<scalar_t>& cx, const scalar_t* x,
                                             const Target<scalar_t, M>* t, int64_t sC, int64_t nl,

@@ -229,6 +229,31 @@ struct OverlapGrad {
   }
 };
 
+// The (sh, L, q) the forward would have saved for row r, recomputed as forward_lanes_kernel
+// computes them at one row a thread (p.lse null: the overlap backward keeps nothing of the
+// logits' size). No focal term: the glue saves the planes for it.
+template <typename T, int M, bool HasW>
+__device__ __forceinline__ void recompute_row(const CrossEntropyParams& p, const T* x,
+                                              const TargetOf<T, M>* t, int64_t r,
+                                              const Smoothing<typename AccOf<T>::type>& smooth,
+                                              typename AccOf<T>::type* out) {
+  using acc_t = typename AccOf<T>::type;
+  LaneSums<acc_t, true> ls;
+  for_lanes<T, TargetOf<T, M>, 1, is_prob(M)>(
+      x, t, p.classes, p.stride_class,
+      [&](int64_t c, const Lanes<T, 1>& xl, const Lanes<TargetOf<T, M>, 1>& tl) {
+    ls.add(logit_of(p, to_acc(xl.v[0]), c));
+    if constexpr (is_prob(M)) {
+      ls.add_q(weighted_target<M>(class_weight<HasW, acc_t>(p, c), to_acc(tl.v[0]), smooth));
+    }
+  });
+  const Lse<acc_t> l = ls.lse();
+  const bool active = is_prob(M) || target_of(p, r) >= 0;
+  out[0] = active ? l.shift() : acc_t(0);
+  out[1] = active ? l.log_sum() : l.ignored();
+  out[2] = is_prob(M) ? static_cast<acc_t>(ls.sums().q) : acc_t(0);
+}
+
 template <typename T, int M, bool HasW, int P, bool Overlap>
 __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     backward_lanes_kernel(const CrossEntropyParams p, const void* w_sum) {
@@ -245,9 +270,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
   auto* gx = vector_ptr<Lanes<T, P>>(static_cast<T*>(p.grad_input) + off);
   const acc_t ws = weight_sum<T, M, HasW>(p, w_sum);
   Coef<acc_t> c[P];
+  if constexpr (Overlap) {  // (sh, L, q) recomputed where the forward saved none
+    acc_t given[3];
+    const bool recompute = p.lse == nullptr;
+    if (recompute) recompute_row<T, M, HasW>(p, x, t, r0, smooth, given);
+    c[0] = row_coef<T, M, HasW>(p, r0, ws, recompute ? given : nullptr);
+  } else {
 #pragma unroll
-  for (int k = 0; k < P; ++k) c[k] = row_coef<T, M, HasW>(p, r0 + k, ws);
-  // the overlap term: p_c from the saved (sh, L), none at an ignored position
+    for (int k = 0; k < P; ++k) c[k] = row_coef<T, M, HasW>(p, r0 + k, ws);
+  }
+  // the overlap term: p_c from (sh, L), none at an ignored position
   OverlapGrad<acc_t> ov;
   bool keep = false;
   int64_t y = -1;

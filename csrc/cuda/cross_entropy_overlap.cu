@@ -4,7 +4,9 @@
 // A block takes kTiles * kThreads positions of one item; each thread adds its kTiles positions of
 // kClasses classes at a time in registers, then a warp's threads add by shuffles, the block's
 // warps in double, and a second kernel adds the blocks' partials in block order: deterministic,
-// no atomics. The backward is the lanes backward's (cross_entropy_lanes.cu, Overlap).
+// no atomics. The backward is the lanes backward's (cross_entropy_lanes.cu, Overlap), which
+// recomputes each position's (sh, L) rather than reading them: the glue frees them after the
+// forward (cross_entropy_overlap.cpp, keeps_planes).
 // The logits are read a second time here, after the loss's pass (fusing the two waits for a GPU
 // measurement: docs/segmentation.md).
 #include "cross_entropy_launch.cuh"

@@ -381,10 +381,12 @@ __device__ __forceinline__ void finish_row(const CrossEntropyParams& p, int64_t 
   store_row<T, M>(p, r, sh, L, loss, wy, static_cast<acc_t>(M == kPlain ? sy : sm.q), my_l, my_w);
 }
 
+// `given`, when not null, holds the row's (sh, L, q) recomputed (p.lse null: the overlap
+// backward's, cross_entropy_lanes.cu), read in place of the forward's saved planes.
 template <typename T, int M, bool HasW>
-__device__ __forceinline__ Coef<typename AccOf<T>::type> row_coef(const CrossEntropyParams& p,
-                                                                  int64_t r,
-                                                                  typename AccOf<T>::type w_sum) {
+__device__ __forceinline__ Coef<typename AccOf<T>::type> row_coef(
+    const CrossEntropyParams& p, int64_t r, typename AccOf<T>::type w_sum,
+    const typename AccOf<T>::type* given = nullptr) {
   using acc_t = typename AccOf<T>::type;
   Coef<acc_t> c;
   acc_t g;
@@ -397,12 +399,13 @@ __device__ __forceinline__ Coef<typename AccOf<T>::type> row_coef(const CrossEnt
                          : *static_cast<const acc_t*>(p.total_weight);
     }
   }
-  c.sh = static_cast<const acc_t*>(p.lse)[r];
-  c.L = static_cast<const acc_t*>(p.lse)[p.outer * p.inner + r];
+  const auto* lse = static_cast<const acc_t*>(p.lse);
+  c.sh = given != nullptr ? given[0] : lse[r];
+  c.L = given != nullptr ? given[1] : lse[p.outer * p.inner + r];
   // the z-loss's gradient 2 z w_y lse p_k joins the softmax coefficient
   const acc_t zl = p.z_loss > 0 ? static_cast<acc_t>(2 * p.z_loss) * (c.sh + c.L) : acc_t(0);
   if constexpr (is_prob(M)) {
-    c.cp = g * (static_cast<const acc_t*>(p.tsum)[r] + zl);
+    c.cp = g * ((given != nullptr ? given[2] : static_cast<const acc_t*>(p.tsum)[r]) + zl);
     c.cw = g;
     c.zero = false;
   } else {
