@@ -210,3 +210,25 @@ def test_default_chunk_bounds_small_batches():
     assert _chunk_rows(100, 32000, torch.float32, cpu) == 100
     assert _chunk_rows(8192, 32000, torch.float32, cpu) == (128 << 20) // (32000 * 4)
     assert _chunk_rows(4000, 1000, torch.bfloat16, cpu) == 1000
+
+
+@pytest.mark.parametrize("prob", [False, True], ids=["indices", "probabilities"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_second_derivatives_through_the_fused_path(reduction, prob):
+    """gradgradcheck of the fused path (create_graph=True forms the loss again through the
+    composite): input, weight, bias and the logit adjustment, with smoothing, z-loss and sample
+    weights."""
+    g = torch.Generator().manual_seed(3)
+    x, lw = (torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
+             for s in ((6, 5), (7, 5)))
+    b, a = (torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True) for _ in "ba")
+    t = torch.softmax(torch.randn(6, 7, generator=g, dtype=torch.float64), 1) if prob else \
+        torch.tensor([0, 3, -100, 6, 2, 3])
+    w = torch.rand(7, generator=g, dtype=torch.float64) + 0.5
+    v = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+
+    def f(x, lw, b, a):
+        return wl.linear_cross_entropy(x, lw, t, bias=b, weight=w, reduction=reduction,
+                                       label_smoothing=0.1, z_loss=1e-3, logit_adjustment=a,
+                                       sample_weight=v)
+    assert torch.autograd.gradgradcheck(f, (x, lw, b, a))

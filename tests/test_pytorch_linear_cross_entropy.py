@@ -3,14 +3,15 @@ under wl.patch_torch(), as tests/test_pytorch_loss_tests.py runs those of the ot
 
 - the OpInfo samples of the three nn.functional.linear_cross_entropy entries (default, chunked,
   chunked_none): float64 parity with PyTorch, float32 and bfloat16 within 2x of PyTorch's own
-  error against float64, gradcheck and gradgradcheck in float64 (test_fn_grad, test_fn_gradgrad),
-  and their error inputs (the same exception, the same message);
+  error against float64, gradcheck, gradgradcheck and forward-over-reverse in float64 where
+  PyTorch runs them (test_fn_grad, test_fn_gradgrad, test_fn_fwgrad_bwgrad), and their error
+  inputs (the same exception, the same message);
 - the ModuleInfo samples of nn.LinearCrossEntropyLoss, built from the patched class (ours) with
-  PyTorch's module's parameters loaded into it: forward against PyTorch's in each dtype, gradcheck
-  in float64, and the module error inputs at the same stage (construction or forward).
+  PyTorch's module's parameters loaded into it: forward against PyTorch's in each dtype,
+  gradcheck and gradgradcheck in float64, and the module error inputs at the same stage
+  (construction or forward).
 PyTorch's side runs with its own names back (unpatched): its function and module call
-F.cross_entropy and F.linear_cross_entropy by name. Second derivatives of the fused linear
-cross-entropy are not supported (docs/api.md), so gradgradcheck is not run on it."""
+F.cross_entropy and F.linear_cross_entropy by name."""
 import copy
 
 import pytest
@@ -115,15 +116,32 @@ def test_opinfo_samples_within_2x(k, dtype, patched):
     print(f"{op.variant_test_name or 'default'} {dtype}: {counts}")
 
 
-@pytest.mark.parametrize("k", range(len(_op_ids())), ids=_op_ids())
+def _gradient_checks():
+    """(k, check) for the checks PyTorch runs on each entry (forward-over-reverse: the default)."""
+    try:
+        ops = _ops()
+    except ImportError:
+        return [(0, "unavailable")]
+    return [(k, c) for k, op in enumerate(ops) for c in ("gradcheck", "bwgrad_bwgrad",
+                                                         "fwgrad_bwgrad")
+            if c != "fwgrad_bwgrad" or op.supports_fwgrad_bwgrad]
+
+
+@pytest.mark.parametrize("k,check", _gradient_checks(),
+                         ids=lambda v: v if isinstance(v, str) else _op_ids()[v])
 @pytest.mark.asan_skip
-def test_opinfo_gradcheck(k, patched):
-    """test_fn_grad's gradcheck, without its batched gradients: vmap over the fused linear
-    path's in-place backward op is not supported (docs/api.md)."""
+def test_opinfo_gradcheck(k, check, patched):
+    """test_fn_grad's gradcheck, test_fn_gradgrad's gradgradcheck and test_fn_fwgrad_bwgrad's
+    forward-over-reverse, where PyTorch runs them, without batched gradients: vmap over the fused
+    linear path's in-place backward op is not supported (docs/api.md)."""
     op = _ops()[k]
     h, patched_op = _helper(), _patched_op(op)
-    patched_op.check_batched_grad = False
-    h._grad_test_helper("cpu", D, patched_op, patched_op.get_op(), check_forward_ad=False)
+    patched_op.check_batched_grad = patched_op.check_batched_gradgrad = False
+    patched_op.check_batched_forward_grad = False
+    if check == "gradcheck":
+        h._grad_test_helper("cpu", D, patched_op, patched_op.get_op(), check_forward_ad=False)
+    else:
+        h._check_helper("cpu", D, patched_op, patched_op.get_op(), check)
 
 
 def _module_cases():
@@ -170,8 +188,9 @@ def test_moduleinfo_samples(k, patched):
                 with torch.nn.utils.stateless._reparametrize_module(
                         mod, dict(zip([name for name, _ in mod.named_parameters()], d[n:]))):
                     return mod(*[swap.get(id(a), a) for a in fa], **fk)
-            # first order only: the fused path keeps no graph for a second (docs/api.md)
+            # test_grad and test_gradgrad (the second order formed again through the composite)
             assert torch.autograd.gradcheck(call, diff, fast_mode=True)
+            assert torch.autograd.gradgradcheck(call, diff, fast_mode=True)
         else:  # in dtype against PyTorch's in dtype, both against PyTorch's in float64
             default = None
             if ck.get("options") is not None:

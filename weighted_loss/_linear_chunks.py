@@ -8,7 +8,8 @@ of the gradients of ``input``, ``linear_weight`` and ``bias``, and the chunk's l
 Peak extra memory is a chunk of logits and its gradient, plus the gradients themselves; the
 backward only scales those by the upstream gradient (divided by the mean's divisor). With
 ``reduction="none"`` the upstream gradient is per row and unknown in the forward: the forward
-keeps each row's log-sum-exp, and the backward computes every chunk's logits once more.
+keeps each row's log-sum-exp, and the backward computes every chunk's logits once more. The
+inputs are kept (not copied) for a second derivative, formed again through the composite.
 """
 import torch
 from torch import Tensor
@@ -78,6 +79,9 @@ class Plan:
         # a sum for the group's mean (process_group= / total_weight=): returned in float64, so
         # that it is rounded once, after the division
         self.grouped = grouped
+        # the call's loss through the composite, of (input, linear_weight, bias, adjustment): what
+        # a second derivative differentiates (set by linear_cross_entropy)
+        self.composite = None
         self.acc = torch.float32 if logits in (torch.bfloat16, torch.float16) else logits
 
     def with_out(self, out):
@@ -117,13 +121,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_divisor):
         if torch.is_grad_enabled():
-            # create_graph=True: the gradients were formed in the forward, from the chunks'
-            # logits, and hold no graph; keeping what a second derivative needs (the hidden
-            # states) would cost every first-order step their memory
-            raise NotImplementedError(
-                f"{_OP}: second derivatives (a backward with create_graph=True) are not "
-                "supported; use F.cross_entropy(F.linear(input, linear_weight, bias), ...) or "
-                "wl.cross_entropy on the logits")
+            return _second_order(ctx, grad_loss)
         if ctx.reduction == "none":
             with torch.autocast(grad_loss.device.type, enabled=False):
                 return _backward_rows(ctx, grad_loss)
@@ -150,6 +148,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 _ARGS = _named.Signature.of_forward(_LinearCrossEntropy)
+_DIFFERENTIABLE = ("input", "linear_weight", "bias", "logit_adjustment")
+
+
+def _second_order(ctx, grad_loss):
+    """A backward with create_graph=True: the gradients formed in the forward hold no graph, so
+    the loss is formed again through the composite (its logits held, as F.linear's would be) from
+    the inputs the forward kept, and differentiated with its graph."""
+    s = _named.saved(ctx)
+    held = {n: s[f"held_{n}"] for n in _DIFFERENTIABLE}
+    wrt = [n for n in _DIFFERENTIABLE if held[n] is not None and _ARGS.needs(ctx, n)]
+    if not wrt:
+        return _ARGS.grads()
+    with torch.enable_grad():
+        loss = ctx.plan.composite(*held.values())
+        grads = torch.autograd.grad(loss, [held[n] for n in wrt], grad_loss.to(loss.dtype),
+                                    create_graph=True, allow_unused=True)
+    return _ARGS.grads(**{n: g for n, g in zip(wrt, grads) if g is not None})
 
 
 
@@ -237,11 +252,13 @@ def _forward(ctx, x, lw, bias, adjust, v, target, weight, options, plan):
         tsum_all = torch.cat(tsum_parts) if tsum_parts else torch.empty((0,), dtype=acc,
                                                                         device=dev)
         _named.save(ctx, input=x, linear_weight=lw, bias=bias, target=target, weight=weight,
-                    lse=lse_all, tsum=tsum_all, logit_adjustment=adjust)
+                    lse=lse_all, tsum=tsum_all, logit_adjustment=adjust, **_held(x, lw, bias,
+                                                                                  adjust))
         rows = torch.cat(rows_loss) if rows_loss else x.new_empty((0,), dtype=plan.out)
         return rows, divisor
     # the gradients, named as the arguments they belong to, and their dtypes
-    _named.save(ctx, input=gx, linear_weight=gw, bias=gb, logit_adjustment=ga, divisor=divisor)
+    _named.save(ctx, input=gx, linear_weight=gw, bias=gb, logit_adjustment=ga, divisor=divisor,
+                **_held(x, lw, bias, adjust))
     ctx.dtypes = {"input": x.dtype, "linear_weight": lw.dtype}
     if bias is not None:
         ctx.dtypes["bias"] = bias.dtype
@@ -249,6 +266,12 @@ def _forward(ctx, x, lw, bias, adjust, v, target, weight, options, plan):
         ctx.dtypes["logit_adjustment"] = adjust.dtype
     out = total / divisor if reduction == "mean" else total
     return (out if plan.grouped else out.to(plan.out)), divisor.clone()
+
+
+def _held(x, lw, bias, adjust) -> dict:
+    """The inputs a second derivative forms the loss again from (_second_order). They are the
+    caller's tensors, held as F.linear holds its input: nothing is copied."""
+    return dict(zip((f"held_{n}" for n in _DIFFERENTIABLE), (x, lw, bias, adjust)))
 
 
 def _backward_rows(ctx, grad_rows):
@@ -326,6 +349,9 @@ def linear_cross_entropy(x: Tensor, lw: Tensor, bias, t: Tensor, o: CrossEntropy
                                     None, plan.with_out(plan.acc))
         divisor = _reweight.divisor(v, t, o.weight, o.ignore_index, t.is_floating_point())
         return _reweight.reduce(rows, v, divisor, o.reduction, plan.out, mean)
+    # what a second derivative differentiates: the Function's loss through the composite
+    plan.composite = lambda x_, lw_, bias_, adjust_: _composite_loss(x_, lw_, bias_, t, o, plan,
+                                                                     None, adjust_, v)
     loss, divisor = _LinearCrossEntropy.apply(x, lw, bias, adjust, v, t, o.weight,
                                               o.op_kwargs(prob=False), plan)
     return loss if mean is None else mean(loss, divisor).to(plan.out)
