@@ -9,6 +9,12 @@ import torch
 import weighted_loss  # noqa: F401  (loads the ops once for every test module)
 from emulation import emulated_cuda
 
+# torch.compile's caches in this clone (build/inductor), not the user's shared one: a cached graph
+# keeps the output shapes an op's fake kernel gave when it was compiled, so after a fake kernel
+# changed (the overlap op's, 2026-12-08) a cache from an older tree failed its stride checks.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "inductor"))
+
 
 # "emulated": CPU tensors under emulation.emulated_cuda() (tests/emulation.py, an extension of its
 # own), so the CUDA kernels run in the emulator, on every machine (without the CUDA headers to

@@ -208,17 +208,18 @@ def _linear(h, lw, b, y, **kw):
 def _chunked_rows():
     kw = dict(ignore_index=2, label_smoothing=0.1)
     return [
-        # the chunks' gradients are formed in the forward: no second derivative (it raises)
+        # the chunks' gradients are formed in the forward; a second derivative forms the loss
+        # again through the composite (weighted_loss/_linear_chunks.py: _second_order)
         _row("linear_cross_entropy", lambda d: Sample(
             lambda h, lw, b: wl.linear_cross_entropy(h, lw, d["y"], b, d["w"], chunk_size=4,
                                                      **kw),
             lambda h, lw, b: _linear(h, lw, b, d["y"], weight=d["w"], **kw),
-            (d["h"], d["lw"], d["b"])), double_backward=False, compile=True),
+            (d["h"], d["lw"], d["b"])), compile=True),
         # (probability targets get no gradient here yet: issue 48)
         _row("linear_cross_entropy-prob-none", lambda d: Sample(
             lambda h, lw: wl.linear_cross_entropy(h, lw, d["p"], reduction="none", chunk_size=4),
             lambda h, lw: _linear(h, lw, None, d["p"], reduction="none"),
-            (d["h"], d["lw"])), double_backward=False),
+            (d["h"], d["lw"]))),
         # one shard: the statistics gathered across ranks carry no tangents (forward AD raises)
         # and its backward is first-order
         _row("vocab_parallel_cross_entropy", lambda d: Sample(
